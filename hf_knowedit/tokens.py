@@ -1,0 +1,149 @@
+"""Where is the subject, where is the target: token positions from offset mappings.
+
+All positions come from the tokenizer's ``offset_mapping`` (fast tokenizers), never
+from decoding and re-joining strings. Token spans are half-open ``(start, end)``
+indices into the ids the model actually sees, special tokens (e.g. Llama's BOS)
+included.
+
+Which occurrence? A prompt *template* (``"{} is located in"``) marks the subject's
+place with ``{}`` and that place is used. In an already filled prompt the **first**
+occurrence of the subject is used (the reference ROME code does the same); pass
+``occurrence=-1`` for the last one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Sequence, Tuple
+
+from .errors import InvalidRequestError, MissingTokenizerError, SubjectNotFoundError
+
+Span = Tuple[int, int]
+
+
+def _require_fast(tokenizer: Any) -> None:
+    if tokenizer is None:
+        raise MissingTokenizerError(
+            "This call needs a tokenizer: pass tokenizer=... or attach one with "
+            "hf_knowedit.attach(model, tokenizer)."
+        )
+    if not getattr(tokenizer, "is_fast", False):
+        raise MissingTokenizerError(
+            f"{type(tokenizer).__name__} is a slow tokenizer without offset mappings; "
+            "load a fast one (AutoTokenizer.from_pretrained(..., use_fast=True))."
+        )
+
+
+def subject_char_span(prompt: str, subject: str, occurrence: int = 0) -> Span:
+    """Character span of ``subject`` in ``prompt`` (surrounding whitespace of the
+    subject is ignored). Raises :class:`SubjectNotFoundError`."""
+    needle = subject.strip() if isinstance(subject, str) else ""
+    if not needle:
+        raise SubjectNotFoundError("The subject is empty; give the entity whose fact you mean, e.g. subject='Paris'.")
+    starts, i = [], prompt.find(needle)
+    while i != -1:
+        starts.append(i)
+        i = prompt.find(needle, i + 1)
+    if not starts:
+        raise SubjectNotFoundError(
+            f"Subject {needle!r} does not occur in prompt {prompt!r}; check its spelling and case, "
+            "or pass a template with '{}' where the subject goes."
+        )
+    try:
+        start = starts[occurrence]
+    except IndexError:
+        raise SubjectNotFoundError(
+            f"Subject {needle!r} occurs {len(starts)} time(s) in {prompt!r}; occurrence={occurrence} is out of range."
+        ) from None
+    return start, start + len(needle)
+
+
+def chars_to_tokens(offsets: Sequence[Tuple[int, int]], char_span: Span) -> Span:
+    """Tokens whose characters overlap ``char_span`` (zero-width special tokens never do)."""
+    cs, ce = char_span
+    hits = [i for i, (s, e) in enumerate(offsets) if e > s and s < ce and e > cs]
+    if not hits:
+        raise SubjectNotFoundError(f"No token covers characters {cs}..{ce}.")
+    return hits[0], hits[-1] + 1
+
+
+def encode(tokenizer: Any, text: str) -> dict:
+    """Tokenize one string the way the model will see it, with offsets."""
+    _require_fast(tokenizer)
+    return tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+
+
+def subject_token_span(tokenizer: Any, prompt: str, subject: str, occurrence: int = 0) -> Span:
+    """Token span of ``subject`` in a filled ``prompt`` (see module doc for occurrences).
+
+    >>> subject_token_span(tok, "The Eiffel Tower is in", "Eiffel Tower")
+    (1, 4)
+    """
+    char_span = subject_char_span(prompt, subject, occurrence)
+    return chars_to_tokens(encode(tokenizer, prompt)["offset_mapping"], char_span)
+
+
+def fill_template(template: str, subject: str) -> Tuple[str, Span]:
+    """Fill the first ``{}`` of ``template``; return the prompt and the subject's char span."""
+    if "{}" not in template:
+        raise InvalidRequestError(f"Prompt {template!r} has no '{{}}' placeholder for the subject; write e.g. '{{}} is located in'.")
+    head, tail = template.split("{}", 1)
+    subject = subject.strip()
+    if not subject:
+        raise SubjectNotFoundError("The subject is empty; give the entity whose fact you mean.")
+    return head + subject + tail.replace("{}", subject), (len(head), len(head) + len(subject))
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A filled prompt, its ids, and the subject's token span within them."""
+
+    text: str
+    input_ids: List[int]
+    subject_span: Span
+
+    @property
+    def subject_last(self) -> int:
+        """Index of the subject's last token (ROME's lookup position)."""
+        return self.subject_span[1] - 1
+
+
+def encode_template(tokenizer: Any, template: str, subject: str, prefix: str = "") -> EncodedPrompt:
+    """``prefix + template.format(subject)`` with the subject's token span."""
+    text, (cs, ce) = fill_template(template, subject)
+    text = prefix + text
+    enc = encode(tokenizer, text)
+    span = chars_to_tokens(enc["offset_mapping"], (cs + len(prefix), ce + len(prefix)))
+    return EncodedPrompt(text, list(enc["input_ids"]), span)
+
+
+def target_separator(prompt: str) -> str:
+    """The text put between a prompt and its target: one space unless the prompt already ends in whitespace."""
+    return "" if not prompt or prompt[-1].isspace() else " "
+
+
+def split_prompt_target(tokenizer: Any, prompt: str, target: str) -> Tuple[List[int], List[int]]:
+    """Ids of ``prompt`` and of ``target`` as they appear in ``prompt + " " + target``.
+
+    The target is tokenized in context (after the separating space), so it matches
+    what the model would generate, for byte-level BPE and SentencePiece alike.
+    Raises :class:`InvalidRequestError` when the target yields no tokens.
+    """
+    target = target.strip()
+    if not target:
+        raise InvalidRequestError(f"Empty target for prompt {prompt!r}; give the object as text, e.g. 'Paris'.")
+    full = prompt + target_separator(prompt) + target
+    enc = encode(tokenizer, full)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    cut = len(prompt)
+    # first token that carries target characters (the separator space may be fused into it)
+    first = next((i for i, (s, e) in enumerate(offsets) if e > s and e > cut and full[max(s, cut):e].strip()), None)
+    if first is None:
+        raise InvalidRequestError(f"Target {target!r} tokenizes to nothing after prompt {prompt!r}.")
+    end = len(ids)
+    # drop trailing zero-width special tokens (e.g. an EOS some tokenizers append)
+    while end > first and offsets[end - 1][1] <= offsets[end - 1][0]:
+        end -= 1
+    if end == first:
+        raise InvalidRequestError(f"Target {target!r} tokenizes to nothing after prompt {prompt!r}.")
+    return ids[:first], ids[first:end]

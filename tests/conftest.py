@@ -1,0 +1,37 @@
+"""Shared fixtures. Environment first: huggingface_hub reads its constants at import time."""
+
+import os
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def data_dir() -> Path:
+    """Benchmark data: $HF_KNOWEDIT_DATA, else ../shared/data beside the checkout."""
+    env = os.environ.get("HF_KNOWEDIT_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_path() -> Path:
+    path = data_dir()
+    if not (path / "counterfact_500.json").exists():
+        pytest.fail(f"Benchmark data not found at {path}; set HF_KNOWEDIT_DATA to the shared data folder.")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled real model (float32), loaded once per session. Tests must leave it unedited."""
+    from hf_knowedit.bundled import load_smollm2
+
+    model, tok = load_smollm2()
+    return model, tok
