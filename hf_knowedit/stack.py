@@ -26,8 +26,8 @@ from torch import nn
 
 from .architectures import get_module
 from .editset import EditSet, fingerprint, fingerprints_match
-from .errors import (BaseModelMismatchError, EditConflictError, EditSetNotFoundError, KnowEditError,
-                     NonFiniteUpdateError)
+from .errors import (BaseModelMismatchError, EditConflictError, EditSetNotFoundError, InvalidConfigError,
+                     KnowEditError, NonFiniteUpdateError)
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def check_compatible(model: nn.Module, es: EditSet, force: bool = False) -> None
     for path, d in es.deltas.items():
         try:
             w = _weight(model, path)
-        except (AttributeError, KeyError, IndexError) as err:
+        except (AttributeError, KeyError, IndexError, InvalidConfigError) as err:
             raise BaseModelMismatchError(f"The edit set touches {path!r}, which this model does not have; "
                                          "it was made for another architecture.") from err
         layout = es.layouts.get(path, "linear")
