@@ -12,6 +12,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+from tests.hub_fixtures import hub  # noqa: E402,F401  (the loopback Hub, for every test module)
+
 
 def data_dir() -> Path:
     """Benchmark data: $HF_KNOWEDIT_DATA, else ../shared/data beside the checkout."""
