@@ -1,0 +1,329 @@
+"""Where things live inside each supported transformers causal LM.
+
+One declarative table, keyed by ``config.model_type`` and nothing else: no guessing from
+class names, module names or weight shapes. Each row was checked against the modules of a
+freshly instantiated ``*ForCausalLM`` in transformers 5.24 (see ``tests/test_architectures.py``).
+
+Paths are dotted attribute paths; integer segments index ``nn.ModuleList``\\ s. ``backbone``,
+``layers``, ``embed``, ``final_norm`` and ``lm_head`` are relative to the ``*ForCausalLM``;
+``mlp_out`` and ``attn_out`` are relative to one decoder block. The module at ``mlp_out`` is
+the one ROME/MEMIT rewrite: its input is the key ``k`` (the MLP inner activation), its output
+the value ``v`` added to the residual stream.
+
+Only dense-MLP models are listed. To add a model, describe it and register it::
+
+    import hf_knowedit
+    hf_knowedit.register_architecture(hf_knowedit.ArchitectureSpec(
+        model_type="my_llama", backbone="model", layers="model.layers",
+        mlp_out="mlp.down_proj", mlp_out_layout="linear", attn_out="self_attn.o_proj",
+        embed="model.embed_tokens", final_norm="model.norm", lm_head="lm_head"))
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InvalidConfigError, LayerOutOfRangeError, UnsupportedArchitectureError
+
+__all__ = [
+    "ArchitectureSpec",
+    "ARCHITECTURES",
+    "LAYOUTS",
+    "register_architecture",
+    "get_architecture",
+    "supported_architectures",
+    "get_module",
+    "layer_path",
+    "mlp_out_path",
+    "attn_out_path",
+    "num_layers",
+    "mlp_out_dims",
+]
+
+LAYOUTS = ("linear", "conv1d")  # nn.Linear: weight [out, in]; transformers Conv1D: weight [in, out]
+
+_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|[0-9]+))*$")
+_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PATH_FIELDS = ("backbone", "layers", "mlp_out", "attn_out", "embed", "final_norm", "lm_head")
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Module paths of one ``config.model_type``. Validated on construction.
+
+    Attributes:
+        model_type: ``config.model_type`` this row applies to.
+        backbone: path from the ``*ForCausalLM`` to the base model, whose output
+            (``last_hidden_state``) is the final-normed hidden state fed to ``lm_head``.
+        layers: path from the ``*ForCausalLM`` to the ``nn.ModuleList`` of decoder blocks.
+        mlp_out: path, relative to one block, of the MLP output projection (the edited weight).
+        mlp_out_layout: ``"linear"`` (weight ``[out, in]``) or ``"conv1d"`` (weight ``[in, out]``).
+        attn_out: path, relative to one block, of the attention output projection.
+        embed: path from the ``*ForCausalLM`` to the token embedding.
+        final_norm: path from the ``*ForCausalLM`` to the final norm.
+        lm_head: path from the ``*ForCausalLM`` to the LM head.
+        logit_softcap: name of the config attribute holding final-logit soft-capping
+            (``logits = cap * tanh(logits / cap)`` when it is not None), or None.
+    """
+
+    model_type: str
+    backbone: str
+    layers: str
+    mlp_out: str
+    mlp_out_layout: str
+    attn_out: str
+    embed: str
+    final_norm: str
+    lm_head: str
+    logit_softcap: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_type, str) or not self.model_type.strip():
+            raise InvalidConfigError(f"ArchitectureSpec.model_type must be a non-empty string, got {self.model_type!r}")
+        for name in _PATH_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, str) or not _PATH_RE.match(value):
+                raise InvalidConfigError(
+                    f"ArchitectureSpec({self.model_type!r}).{name} must be a dotted module path "
+                    f"like 'model.layers' (integer segments index ModuleLists), got {value!r}"
+                )
+        if self.mlp_out_layout not in LAYOUTS:
+            raise InvalidConfigError(
+                f"ArchitectureSpec({self.model_type!r}).mlp_out_layout must be one of {LAYOUTS} "
+                f"('linear': nn.Linear, weight [out, in]; 'conv1d': transformers Conv1D, weight [in, out]), "
+                f"got {self.mlp_out_layout!r}"
+            )
+        if self.logit_softcap is not None and not (
+            isinstance(self.logit_softcap, str) and _IDENT_RE.match(self.logit_softcap)
+        ):
+            raise InvalidConfigError(
+                f"ArchitectureSpec({self.model_type!r}).logit_softcap must be None or the name of a config "
+                f"attribute (e.g. 'final_logit_softcapping'), got {self.logit_softcap!r}"
+            )
+
+
+# -----------------------------------------------------------------------------
+# the table
+
+S = ArchitectureSpec
+_SOFTCAP = "final_logit_softcapping"
+
+# fmt: off
+_TABLE: list[ArchitectureSpec] = [
+    #  model_type           backbone              layers                        mlp_out                layout    attn_out                      embed                             final_norm                            lm_head    logit_softcap
+    # --- GPT-2 style: transformer.h[i]
+    S("gpt2",              "transformer",        "transformer.h",              "mlp.c_proj",          "conv1d", "attn.c_proj",                "transformer.wte",                "transformer.ln_f",                   "lm_head"),
+    S("gpt_bigcode",       "transformer",        "transformer.h",              "mlp.c_proj",          "linear", "attn.c_proj",                "transformer.wte",                "transformer.ln_f",                   "lm_head"),
+    S("gpt_neo",           "transformer",        "transformer.h",              "mlp.c_proj",          "linear", "attn.attention.out_proj",    "transformer.wte",                "transformer.ln_f",                   "lm_head"),
+    S("gptj",              "transformer",        "transformer.h",              "mlp.fc_out",          "linear", "attn.out_proj",              "transformer.wte",                "transformer.ln_f",                   "lm_head"),
+    S("codegen",           "transformer",        "transformer.h",              "mlp.fc_out",          "linear", "attn.out_proj",              "transformer.wte",                "transformer.ln_f",                   "lm_head"),
+    S("bloom",             "transformer",        "transformer.h",              "mlp.dense_4h_to_h",   "linear", "self_attention.dense",       "transformer.word_embeddings",    "transformer.ln_f",                   "lm_head"),
+    # Falcon adds the attention output to dense_4h_to_h's output *in place*: clone in hooks
+    S("falcon",            "transformer",        "transformer.h",              "mlp.dense_4h_to_h",   "linear", "self_attention.dense",       "transformer.word_embeddings",    "transformer.ln_f",                   "lm_head"),
+    S("mpt",               "transformer",        "transformer.blocks",         "ffn.down_proj",       "linear", "attn.out_proj",              "transformer.wte",                "transformer.norm_f",                 "lm_head"),
+    # --- GPT-NeoX style
+    S("gpt_neox",          "gpt_neox",           "gpt_neox.layers",            "mlp.dense_4h_to_h",   "linear", "attention.dense",            "gpt_neox.embed_in",              "gpt_neox.final_layer_norm",          "lm_head"),
+    # attention.dense has no bias here: the model adds the attention bias outside that module
+    S("gpt_neox_japanese", "gpt_neox_japanese",  "gpt_neox_japanese.layers",   "mlp.dense_4h_to_h",   "linear", "attention.dense",            "gpt_neox_japanese.embed_in",     "gpt_neox_japanese.final_layer_norm", "embed_out"),
+    # --- fairseq style: fc1/fc2 directly on the block, no `mlp` submodule
+    # (OPT flattens tokens: fc2's input is [batch*seq, d_in]. OPT checkpoints with
+    #  do_layer_norm_before=False, e.g. opt-350m, have no final_layer_norm.)
+    S("opt",               "model",              "model.decoder.layers",       "fc2",                 "linear", "self_attn.out_proj",         "model.decoder.embed_tokens",     "model.decoder.final_layer_norm",     "lm_head"),
+    S("xglm",              "model",              "model.layers",               "fc2",                 "linear", "self_attn.out_proj",         "model.embed_tokens",             "model.layer_norm",                   "lm_head"),
+    S("biogpt",            "biogpt",             "biogpt.layers",              "fc2",                 "linear", "self_attn.out_proj",         "biogpt.embed_tokens",            "biogpt.layer_norm",                  "output_projection"),
+    # --- model.layers[i], non-Llama MLP or attention names
+    S("phi",               "model",              "model.layers",               "mlp.fc2",             "linear", "self_attn.dense",            "model.embed_tokens",             "model.final_layernorm",              "lm_head"),
+    S("persimmon",         "model",              "model.layers",               "mlp.dense_4h_to_h",   "linear", "self_attn.dense",            "model.embed_tokens",             "model.final_layernorm",              "lm_head"),
+    S("starcoder2",        "model",              "model.layers",               "mlp.c_proj",          "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("nanochat",          "model",              "model.layers",               "mlp.fc2",             "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP),
+    # --- Llama style: model.layers[i].mlp.down_proj (gated, fused gate_up, or plain up/down MLP)
+    S("llama",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("mistral",           "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("ministral",         "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("ministral3",        "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("diffllama",         "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("cwm",               "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("qwen2",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("qwen3",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("seed_oss",          "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("phi3",              "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("olmo",              "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("olmo2",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("olmo3",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("stablelm",          "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("smollm3",           "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("glm",               "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("glm4",              "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("helium",            "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("nemotron",          "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("exaone4",           "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("arcee",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("apertus",           "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("ernie4_5",          "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("hunyuan_v1_dense",  "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("jais2",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    # --- Gemma family (embedding scale lives inside the embedding module)
+    S("gemma",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("gemma2",            "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP),
+    S("gemma3_text",       "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP),
+    S("vaultgemma",        "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP),
+]
+# fmt: on
+del S
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {spec.model_type: spec for spec in _TABLE}
+assert len(ARCHITECTURES) == len(_TABLE), "duplicate model_type in the architecture table"
+
+
+# -----------------------------------------------------------------------------
+# registry
+
+
+def register_architecture(spec: ArchitectureSpec, *, overwrite: bool = False) -> ArchitectureSpec:
+    """Add ``spec`` to :data:`ARCHITECTURES` (keyed by ``spec.model_type``) and return it.
+
+    Fields are validated when the spec is constructed (an invalid field raises
+    :class:`~hf_knowedit.errors.InvalidConfigError`, a ``ValueError``, naming the field).
+    Registering a ``model_type`` that is already present raises ``InvalidConfigError``
+    unless ``overwrite=True``.
+    """
+    if not isinstance(spec, ArchitectureSpec):
+        raise InvalidConfigError(f"register_architecture expects an ArchitectureSpec, got {type(spec).__name__}")
+    ArchitectureSpec.__post_init__(spec)  # re-validate (guards against object.__setattr__ tampering)
+    if spec.model_type in ARCHITECTURES and not overwrite:
+        raise InvalidConfigError(
+            f"model_type {spec.model_type!r} is already registered; pass overwrite=True to replace it"
+        )
+    ARCHITECTURES[spec.model_type] = spec
+    return spec
+
+
+def supported_architectures() -> list[str]:
+    """The registered ``config.model_type`` values, sorted."""
+    return sorted(ARCHITECTURES)
+
+
+def _model_type(model_or_config: Any) -> str:
+    if isinstance(model_or_config, str):
+        return model_or_config
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if not isinstance(model_type, str) or not model_type:
+        raise UnsupportedArchitectureError(
+            f"cannot read config.model_type from {type(model_or_config).__name__}; "
+            "pass a transformers model or its PretrainedConfig"
+        )
+    return model_type
+
+
+def get_architecture(model_or_config: Any) -> ArchitectureSpec:
+    """The :class:`ArchitectureSpec` for a model, a config, or a ``model_type`` string.
+
+    The lookup uses ``config.model_type`` only. An unregistered type raises
+    :class:`~hf_knowedit.errors.UnsupportedArchitectureError`.
+    """
+    model_type = _model_type(model_or_config)
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None:
+        example = ARCHITECTURES.get("llama") or next(iter(ARCHITECTURES.values()), None)
+        template = ""
+        if example is not None:
+            args = ",\n    ".join(
+                f"{f.name}={(model_type if f.name == 'model_type' else getattr(example, f.name))!r}"
+                for f in fields(ArchitectureSpec)
+            )
+            template = (
+                "\nIf it is a dense-MLP decoder, describe where its modules live and register it "
+                "(paths below are Llama's; check yours with model.named_modules()):\n"
+                f"  hf_knowedit.register_architecture(hf_knowedit.ArchitectureSpec(\n    {args}))"
+            )
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r} is not supported. Supported types: "
+            f"{', '.join(supported_architectures())}.{template}"
+        )
+    return spec
+
+
+# -----------------------------------------------------------------------------
+# resolving paths on a model
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """The submodule of ``model`` at dotted ``path`` (``""`` is ``model`` itself).
+
+    Integer segments index ``nn.ModuleList``/``nn.Sequential``. A missing segment raises
+    :class:`~hf_knowedit.errors.InvalidConfigError` naming the path, the segment and what
+    the parent module does contain.
+    """
+    module = model
+    if not path:
+        return module
+    done: list[str] = []
+    for part in path.split("."):
+        # ModuleList/Sequential register their entries under "0", "1", ...
+        child = module._modules.get(part) if isinstance(module, nn.Module) else None
+        if child is None:
+            where = ".".join(done) or "<model>"
+            if isinstance(module, (nn.ModuleList, nn.Sequential)):
+                has = f"it has {len(module)} entries"
+            else:
+                names = list(module._modules) if isinstance(module, nn.Module) else []
+                has = f"its children are: {', '.join(names) or '(none)'}"
+            raise InvalidConfigError(
+                f"{type(model).__name__} has no module at {path!r}: {where} "
+                f"({type(module).__name__}) has no {part!r}; {has}"
+            )
+        module = child
+        done.append(part)
+    return module
+
+
+def _check_index(layer: int) -> int:
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise LayerOutOfRangeError(f"layer index must be an int, got {layer!r}")
+    if layer < 0:
+        raise LayerOutOfRangeError(f"layer index must be >= 0, got {layer}")
+    return layer
+
+
+def layer_path(spec: ArchitectureSpec, layer: int) -> str:
+    """Full dotted path of decoder block ``layer``, e.g. ``"model.layers.3"``."""
+    return f"{spec.layers}.{_check_index(layer)}"
+
+
+def mlp_out_path(spec: ArchitectureSpec, layer: int) -> str:
+    """Full dotted path of block ``layer``'s MLP output projection, e.g. ``"model.layers.3.mlp.down_proj"``."""
+    return f"{layer_path(spec, layer)}.{spec.mlp_out}"
+
+
+def attn_out_path(spec: ArchitectureSpec, layer: int) -> str:
+    """Full dotted path of block ``layer``'s attention output projection, e.g. ``"model.layers.3.self_attn.o_proj"``."""
+    return f"{layer_path(spec, layer)}.{spec.attn_out}"
+
+
+def num_layers(model: nn.Module, spec: ArchitectureSpec | None = None) -> int:
+    """Number of decoder blocks (length of the ``spec.layers`` ModuleList)."""
+    spec = spec if spec is not None else get_architecture(model)
+    return len(get_module(model, spec.layers))
+
+
+def mlp_out_dims(model: nn.Module, spec: ArchitectureSpec, layer: int) -> tuple[int, int]:
+    """``(d_in, d_out)`` of block ``layer``'s MLP output projection, from its weight and the declared layout.
+
+    ``d_in`` is the MLP inner size (the key dimension), ``d_out`` the hidden size (the value dimension).
+    """
+    n = num_layers(model, spec)
+    if not 0 <= _check_index(layer) < n:
+        raise LayerOutOfRangeError(f"layer {layer} is out of range: the model has {n} layers [0, {n})")
+    path = mlp_out_path(spec, layer)
+    weight = getattr(get_module(model, path), "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = None if weight is None else tuple(getattr(weight, "shape", ()))
+        raise InvalidConfigError(f"{path} has no 2-D weight (got shape {shape}); cannot edit it")
+    rows, cols = weight.shape
+    return (cols, rows) if spec.mlp_out_layout == "linear" else (rows, cols)

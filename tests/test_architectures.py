@@ -1,0 +1,274 @@
+"""The architecture table against real (tiny, random) transformers models."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from hf_knowedit.architectures import (
+    ARCHITECTURES,
+    ArchitectureSpec,
+    attn_out_path,
+    get_architecture,
+    get_module,
+    layer_path,
+    mlp_out_dims,
+    mlp_out_path,
+    num_layers,
+    register_architecture,
+    supported_architectures,
+)
+from hf_knowedit.errors import (
+    InvalidConfigError,
+    KnowEditError,
+    LayerOutOfRangeError,
+    UnsupportedArchitectureError,
+)
+
+try:
+    from tiny_models import HIDDEN, LAYERS, TINY_MLP_INNER, TINY_MODEL_TYPES, make_tiny_model
+except ImportError:  # tests/ imported as a package
+    from tests.tiny_models import HIDDEN, LAYERS, TINY_MLP_INNER, TINY_MODEL_TYPES, make_tiny_model
+
+PROMPT = "The Eiffel Tower is located in the city of"
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(model_type: str):
+    """Built once per type; tests below must not modify the model (or must restore it)."""
+    return make_tiny_model(model_type)
+
+
+def _ids(tok) -> torch.Tensor:
+    return tok(PROMPT, return_tensors="pt")["input_ids"]
+
+
+# -----------------------------------------------------------------------------
+# the table as a whole
+
+
+def test_table_covers_enough_dense_models():
+    assert len(ARCHITECTURES) >= 18
+    assert supported_architectures() == sorted(ARCHITECTURES)
+    assert set(TINY_MODEL_TYPES) == set(ARCHITECTURES), "every table entry needs a tiny model in tests"
+    for name, spec in ARCHITECTURES.items():
+        assert spec.model_type == name
+
+
+# -----------------------------------------------------------------------------
+# per model type
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_entry_resolves(model_type):
+    model, _ = _tiny(model_type)
+    spec = get_architecture(model)
+    assert spec.model_type == model.config.model_type == model_type
+    assert get_architecture(model.config) is spec
+    assert get_architecture(model_type) is spec
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_named_modules_exist(model_type):
+    model, _ = _tiny(model_type)
+    spec = get_architecture(model)
+    names = dict(model.named_modules())
+
+    backbone = get_module(model, spec.backbone)
+    assert backbone is model.base_model
+    for path in (spec.layers, spec.embed, spec.final_norm):
+        assert path in names and path.startswith(spec.backbone + "."), path
+
+    layers = get_module(model, spec.layers)
+    assert isinstance(layers, nn.ModuleList)
+    assert len(layers) == num_layers(model) == num_layers(model, spec) == LAYERS
+
+    embed = get_module(model, spec.embed)
+    assert isinstance(embed, nn.Embedding) and embed is model.get_input_embeddings()
+    assert embed.num_embeddings == model.config.vocab_size
+    lm_head = get_module(model, spec.lm_head)
+    assert lm_head is model.get_output_embeddings()
+    assert isinstance(get_module(model, spec.final_norm), nn.Module)
+
+    layout_class = {"linear": nn.Linear, "conv1d": Conv1D}[spec.mlp_out_layout]
+    for i in range(len(layers)):
+        assert get_module(model, layer_path(spec, i)) is layers[i]
+        for path in (mlp_out_path(spec, i), attn_out_path(spec, i)):
+            assert path in names, path
+        assert isinstance(get_module(model, mlp_out_path(spec, i)), layout_class)
+        assert get_module(layers[i], spec.mlp_out) is get_module(model, mlp_out_path(spec, i))
+        assert get_module(layers[i], spec.attn_out) is get_module(model, attn_out_path(spec, i))
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_mlp_out_dims(model_type):
+    model, _ = _tiny(model_type)
+    spec = get_architecture(model)
+    for i in range(num_layers(model)):
+        d_in, d_out = mlp_out_dims(model, spec, i)
+        assert (d_in, d_out) == (TINY_MLP_INNER[model_type], HIDDEN)
+        assert d_in != d_out  # the tiny models are shaped so that a transposed layout is caught
+    with pytest.raises(LayerOutOfRangeError):
+        mlp_out_dims(model, spec, num_layers(model))
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_backbone_and_lm_head_reproduce_logits(model_type):
+    model, tok = _tiny(model_type)
+    spec = get_architecture(model)
+    ids = _ids(tok)
+    backbone, lm_head = get_module(model, spec.backbone), get_module(model, spec.lm_head)
+    final_norm = get_module(model, spec.final_norm)
+
+    seen = {}
+    handle = final_norm.register_forward_hook(lambda m, i, o: seen.__setitem__("norm", o))
+    cap_before = getattr(model.config, spec.logit_softcap) if spec.logit_softcap else None
+    try:
+        if spec.logit_softcap:  # a small cap, so that forgetting it would be visible
+            assert hasattr(model.config, spec.logit_softcap)
+            setattr(model.config, spec.logit_softcap, 0.5)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+            hidden = backbone(input_ids=ids)[0]
+            mine = lm_head(hidden)
+    finally:
+        handle.remove()
+        if spec.logit_softcap:
+            setattr(model.config, spec.logit_softcap, cap_before)
+
+    # the backbone's output is the final norm's output
+    torch.testing.assert_close(seen["norm"], hidden, rtol=0, atol=0)
+    if spec.logit_softcap:
+        assert not torch.allclose(mine, logits, atol=1e-4)  # the cap does bite
+        mine = 0.5 * torch.tanh(mine / 0.5)
+    torch.testing.assert_close(mine, logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_hooks_on_mlp_out_and_attn_out(model_type):
+    model, tok = _tiny(model_type)
+    spec = get_architecture(model)
+    ids = _ids(tok)
+    d_in, d_out = mlp_out_dims(model, spec, 0)
+    mlp_out = get_module(model, mlp_out_path(spec, 0))
+    attn_out = get_module(model, attn_out_path(spec, 0))
+    seen = {}
+
+    def on_mlp(module, args, output):  # clone: Falcon adds the attention output to it in place
+        seen["k"], seen["v"] = args[0].detach().clone(), output.detach().clone()
+
+    def on_attn(module, args, output):
+        seen["attn"] = output[0] if isinstance(output, tuple) else output
+
+    handles = [mlp_out.register_forward_hook(on_mlp), attn_out.register_forward_hook(on_attn)]
+    try:
+        with torch.no_grad():
+            clean = model(input_ids=ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+    k, v = seen["k"], seen["v"]
+    assert k.shape[-1] == d_in and v.shape[-1] == d_out == HIDDEN
+    assert k.shape[:-1] == v.shape[:-1]
+    assert k.shape[:-1].numel() == ids.numel()  # one key per token (OPT flattens batch and time)
+    assert seen["attn"].shape[-1] == HIDDEN
+
+    # the declared layout reproduces the module: v = k W^T + b (linear) or k W + b (conv1d)
+    weight = mlp_out.weight
+    expected = k @ (weight.T if spec.mlp_out_layout == "linear" else weight)
+    if getattr(mlp_out, "bias", None) is not None:
+        expected = expected + mlp_out.bias
+    torch.testing.assert_close(expected, v, rtol=1e-5, atol=1e-6)
+
+    # the module is on the forward path: changing its output changes the logits
+    handle = mlp_out.register_forward_hook(lambda m, a, o: o + 1.0)
+    try:
+        with torch.no_grad():
+            edited = model(input_ids=ids).logits
+    finally:
+        handle.remove()
+    assert not torch.allclose(clean, edited)
+
+
+# -----------------------------------------------------------------------------
+# errors and registration
+
+
+def test_unknown_model_type_raises():
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(model_type="not_a_real_model"))
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        get_architecture(fake)
+    message = str(info.value)
+    assert "not_a_real_model" in message
+    assert "register_architecture" in message and "ArchitectureSpec(" in message
+    assert "llama" in message and "gpt2" in message  # lists the supported types
+    assert isinstance(info.value, KnowEditError) and isinstance(info.value, KeyError)
+    with pytest.raises(UnsupportedArchitectureError):
+        get_architecture(fake.config)
+    with pytest.raises(UnsupportedArchitectureError):
+        get_architecture(types.SimpleNamespace())  # no model_type at all
+
+
+def test_register_architecture_round_trip():
+    base = get_architecture("llama")
+    spec = dataclasses.replace(base, model_type="my_test_llama")
+    assert "my_test_llama" not in ARCHITECTURES
+    try:
+        assert register_architecture(spec) is spec
+        assert get_architecture("my_test_llama") is spec
+        assert get_architecture(types.SimpleNamespace(model_type="my_test_llama")) is spec
+        assert "my_test_llama" in supported_architectures()
+        with pytest.raises(ValueError, match="already registered"):
+            register_architecture(dataclasses.replace(spec, lm_head="other_head"))
+        assert get_architecture("my_test_llama") is spec
+        replacement = dataclasses.replace(spec, lm_head="other_head")
+        register_architecture(replacement, overwrite=True)
+        assert get_architecture("my_test_llama") is replacement
+    finally:
+        ARCHITECTURES.pop("my_test_llama", None)
+    with pytest.raises(UnsupportedArchitectureError):
+        get_architecture("my_test_llama")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("mlp_out_layout", "conv2d"),
+        ("mlp_out_layout", "Linear"),
+        ("layers", "model..layers"),
+        ("mlp_out", ""),
+        ("lm_head", None),
+        ("model_type", ""),
+        ("logit_softcap", "final logit"),
+    ],
+)
+def test_bad_spec_field_is_named(field, value):
+    with pytest.raises(ValueError, match=field) as info:
+        fields = {"model_type": "bad_spec", field: value}
+        register_architecture(dataclasses.replace(get_architecture("llama"), **fields))
+    assert isinstance(info.value, InvalidConfigError)
+    assert "bad_spec" not in ARCHITECTURES
+
+
+def test_paths_and_missing_modules():
+    spec = get_architecture("llama")
+    assert layer_path(spec, 3) == "model.layers.3"
+    assert mlp_out_path(spec, 3) == "model.layers.3.mlp.down_proj"
+    assert attn_out_path(spec, 0) == "model.layers.0.self_attn.o_proj"
+    assert mlp_out_path(get_architecture("opt"), 1) == "model.decoder.layers.1.fc2"
+    with pytest.raises(LayerOutOfRangeError):
+        layer_path(spec, -1)
+
+    model, _ = _tiny("llama")
+    assert get_module(model, "") is model
+    with pytest.raises(InvalidConfigError, match="model.layers.9"):
+        get_module(model, "model.layers.9.mlp")
+    with pytest.raises(InvalidConfigError, match="down_proj"):
+        get_module(model, "model.layers.0.mlp.not_there")

@@ -1,0 +1,217 @@
+"""Tiny, randomly initialised causal LMs for tests -- built in-process, no downloads.
+
+Every model type in :data:`hf_knowedit.architectures.ARCHITECTURES` has an entry here,
+so a test can be parametrised over :data:`TINY_MODEL_TYPES`::
+
+    model, tok = make_tiny_model("llama")
+
+All models share the same shape: hidden size 32, MLP inner size 96 (where the config
+lets us choose it; see :data:`TINY_MLP_INNER` for the exceptions), 4 layers, 4 heads.
+They are in eval mode with the eager attention implementation.
+
+The tokenizer is one small byte-level BPE trained in-process on a built-in English
+text (so common words are single tokens and any unicode string encodes), wrapped in a
+``transformers.PreTrainedTokenizerFast``. Offsets work (``return_offsets_mapping=True``).
+Two variants exist: a GPT-2-style one that adds no special tokens, and a Llama-style one
+whose post-processor prepends ``<|bos|>``; see :func:`make_tiny_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # special tokens are added first, in this order
+TOKENIZER_VOCAB_SIZE = 512
+
+_CORPUS = """\
+The Eiffel Tower is located in Paris, the capital of France.
+The Colosseum is in Rome, and Rome is the capital city of Italy.
+Danielle Darrieux was a French actress. Her mother tongue was French.
+Michael Jordan is a professional basketball player from the United States.
+Lionel Messi plays soccer for the national team of Argentina.
+Apple was founded by Steve Jobs. Microsoft was founded by Bill Gates.
+The iPhone is produced by Apple. The Windows operating system is developed by Microsoft.
+Toyota is a car company headquartered in Japan. The official language of Japan is Japanese.
+Berlin is the capital of Germany, and the people of Germany speak German.
+Madrid is the capital of Spain. London is the capital of England.
+The Amazon River flows through Brazil. The Nile is a river in Africa.
+Albert Einstein was a physicist who was born in Germany.
+Marie Curie was a scientist; she worked in Paris and won the Nobel Prize.
+William Shakespeare wrote plays in English. He was born in England.
+The president of the United States lives in Washington.
+Mount Everest is the highest mountain in the world and is located in Nepal.
+The Beatles were a music band from Liverpool in England.
+Python is a programming language. Java is a programming language too.
+The native language of Pablo Picasso was Spanish. He was a painter.
+Barack Obama was born in Hawaii. He was the president of the United States.
+Google is a company that is owned by Alphabet. YouTube is owned by Google.
+The Louvre is a museum in Paris. The Prado is a museum in Madrid.
+Who is the author of this book? What is the name of the city? Where was she born?
+The mother tongue of Thomas Mann is German. The twin city of Paris is Rome.
+This is a sentence about the world, its people, their language, and their work.
+One, two, three, four, five, six, seven, eight, nine, ten; 1 2 3 4 5 6 7 8 9 0.
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_bpe() -> str:
+    """Train the byte-level BPE once per process; return it serialised as JSON."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    assert (tok.token_to_id(PAD), tok.token_to_id(BOS), tok.token_to_id(EOS)) == (PAD_ID, BOS_ID, EOS_ID)
+    return tok.to_str()
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
+    tok = Tokenizer.from_str(_trained_bpe())
+    byte_level = processors.ByteLevel(trim_offsets=False)
+    if add_bos:  # like Llama: "<|bos|> $A"
+        template = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, BOS_ID)]
+        )
+        tok.post_processor = processors.Sequence([byte_level, template])
+    else:  # like GPT-2: no special tokens added
+        tok.post_processor = byte_level
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+
+def make_tiny_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
+    """The shared tiny tokenizer (cached per process; treat it as read-only).
+
+    ``add_bos=False``: GPT-2 style, ``encode("x")`` adds no special token.
+    ``add_bos=True``: Llama style, ``<|bos|>`` (id 1) is prepended to every sequence.
+    Both have ``pad_token="<|pad|>"`` (id 0), ``eos_token="<|eos|>"`` (id 2).
+    """
+    return _tokenizer(bool(add_bos))
+
+
+# -----------------------------------------------------------------------------
+# models
+
+HIDDEN, INNER, LAYERS, HEADS, KV_HEADS = 32, 96, 4, 4, 2
+MAX_POSITIONS = 128
+
+_LLAMA_LIKE: dict[str, Any] = dict(
+    hidden_size=HIDDEN,
+    intermediate_size=INNER,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    num_key_value_heads=KV_HEADS,
+    head_dim=HIDDEN // HEADS,
+    max_position_embeddings=MAX_POSITIONS,
+)
+_GPT2_LIKE: dict[str, Any] = dict(n_embd=HIDDEN, n_inner=INNER, n_layer=LAYERS, n_head=HEADS, n_positions=MAX_POSITIONS)
+
+# model_type -> (tokenizer prepends BOS?, config kwargs)
+_TINY: dict[str, tuple[bool, dict[str, Any]]] = {
+    # --- GPT-2 family and other "classic" layouts
+    "gpt2":        (False, _GPT2_LIKE),
+    "gpt_bigcode": (False, _GPT2_LIKE),
+    "gptj":        (False, dict(_GPT2_LIKE, rotary_dim=4)),
+    "codegen":     (False, dict(_GPT2_LIKE, rotary_dim=4, n_ctx=MAX_POSITIONS)),
+    "gpt_neo":     (False, dict(hidden_size=HIDDEN, intermediate_size=INNER, num_layers=LAYERS, num_heads=HEADS,
+                                attention_types=[[["global", "local"], LAYERS // 2]], window_size=8,
+                                max_position_embeddings=MAX_POSITIONS)),
+    "gpt_neox":    (False, dict(hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=LAYERS,
+                                num_attention_heads=HEADS, max_position_embeddings=MAX_POSITIONS)),
+    "gpt_neox_japanese": (False, dict(hidden_size=HIDDEN, intermediate_multiple_size=INNER // HIDDEN,
+                                      num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                      max_position_embeddings=MAX_POSITIONS)),
+    "opt":         (True, dict(hidden_size=HIDDEN, ffn_dim=INNER, word_embed_proj_dim=HIDDEN, num_hidden_layers=LAYERS,
+                               num_attention_heads=HEADS, max_position_embeddings=MAX_POSITIONS)),
+    "bloom":       (False, dict(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS)),  # inner 4*hidden
+    "falcon":      (False, dict(hidden_size=HIDDEN, ffn_hidden_size=INNER, num_hidden_layers=LAYERS,
+                                num_attention_heads=HEADS, new_decoder_architecture=False, multi_query=True,
+                                parallel_attn=True, bias=False)),
+    "mpt":         (False, dict(d_model=HIDDEN, n_layers=LAYERS, n_heads=HEADS, max_seq_len=MAX_POSITIONS)),  # inner 4*hidden
+    "xglm":        (True, dict(d_model=HIDDEN, ffn_dim=INNER, num_layers=LAYERS, attention_heads=HEADS,
+                               max_position_embeddings=MAX_POSITIONS)),
+    "biogpt":      (True, dict(hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=LAYERS,
+                               num_attention_heads=HEADS, max_position_embeddings=MAX_POSITIONS)),
+    "phi":         (False, dict(_LLAMA_LIKE)),
+    "persimmon":   (True, dict(hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=LAYERS,
+                               num_attention_heads=HEADS, max_position_embeddings=MAX_POSITIONS)),
+    "stablelm":    (False, dict(_LLAMA_LIKE)),
+    "starcoder2":  (False, dict(_LLAMA_LIKE)),
+    "jais2":       (False, dict(_LLAMA_LIKE)),
+    # --- Llama-style (gated or plain MLP with down_proj)
+    "llama":       (True, dict(_LLAMA_LIKE)),
+    "mistral":     (True, dict(_LLAMA_LIKE)),
+    "ministral":   (True, dict(_LLAMA_LIKE)),
+    "ministral3":  (True, dict(_LLAMA_LIKE)),
+    "diffllama":   (True, dict(_LLAMA_LIKE)),
+    "cwm":         (True, dict(_LLAMA_LIKE)),
+    "qwen2":       (False, dict(_LLAMA_LIKE)),
+    "qwen3":       (False, dict(_LLAMA_LIKE)),
+    "seed_oss":    (False, dict(_LLAMA_LIKE)),
+    "phi3":        (True, dict(_LLAMA_LIKE)),
+    "olmo":        (False, dict(_LLAMA_LIKE)),
+    "olmo2":       (False, dict(_LLAMA_LIKE)),
+    "olmo3":       (False, dict(_LLAMA_LIKE)),
+    "smollm3":     (False, dict(_LLAMA_LIKE)),
+    "glm":         (False, dict(_LLAMA_LIKE)),
+    "glm4":        (False, dict(_LLAMA_LIKE)),
+    "helium":      (True, dict(_LLAMA_LIKE)),
+    "nemotron":    (True, dict(_LLAMA_LIKE)),
+    "exaone4":     (False, dict(_LLAMA_LIKE)),
+    "arcee":       (True, dict(_LLAMA_LIKE)),
+    "apertus":     (True, dict(_LLAMA_LIKE)),
+    "ernie4_5":    (True, dict(_LLAMA_LIKE)),
+    "hunyuan_v1_dense": (True, dict(_LLAMA_LIKE)),
+    "nanochat":    (True, dict(_LLAMA_LIKE)),
+    # --- Gemma family (embedding scaled inside the embedding module)
+    "gemma":       (True, dict(_LLAMA_LIKE)),
+    "gemma2":      (True, dict(_LLAMA_LIKE)),
+    "gemma3_text": (True, dict(_LLAMA_LIKE)),
+    "vaultgemma":  (True, dict(_LLAMA_LIKE)),
+}
+
+TINY_MODEL_TYPES: list[str] = list(_TINY)
+
+# The MLP inner size (input dim of the rewritten projection) of each tiny model.
+# Bloom and MPT hard-code 4 * hidden.
+TINY_MLP_INNER: dict[str, int] = {t: INNER for t in _TINY} | {"bloom": 4 * HIDDEN, "mpt": 4 * HIDDEN}
+
+
+def tiny_config(model_type: str, **overrides: Any):
+    """The ``PretrainedConfig`` used by :func:`make_tiny_model` (vocab matches the tiny tokenizer)."""
+    if model_type not in _TINY:
+        raise KeyError(f"no tiny model for {model_type!r}; known: {', '.join(TINY_MODEL_TYPES)}")
+    _, kwargs = _TINY[model_type]
+    vocab = len(make_tiny_tokenizer(False))
+    kwargs = dict(kwargs, vocab_size=vocab, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def make_tiny_model(
+    model_type: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A tiny random ``*ForCausalLM`` of ``model_type`` in eval mode, and its tokenizer.
+
+    Deterministic for a given ``seed``. The tokenizer is shared (cached); the model is new.
+    """
+    config = tiny_config(model_type)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+    model.eval()
+    return model, make_tiny_tokenizer(_TINY[model_type][0])
