@@ -1,0 +1,178 @@
+"""The linear algebra of the MEMIT family, as exact low-rank factors.
+
+Every MEMIT-style method writes, at each edited layer, an update ``ΔW`` (``[d_out, d_in]``,
+Linear orientation) that maps the edited keys onto a residual. All of them have the form
+``ΔW = B @ A`` with ``B: [d_out, n]`` and ``A: [n, d_in]`` for a batch of ``n`` edits, so the
+functions here return ``(B, A)`` — the factors :class:`hf_knowedit.editset.ModuleDelta` stores.
+
+Conventions (rows are vectors, as the rest of the library produces them):
+
+* ``keys``: ``[n, d_in]`` — the key of each edit at this layer (``K`` below is ``keysᵀ``, ``[d_in, n]``).
+* ``resid``: ``[n, d_out]`` — what each key's output should change by (``R = residᵀ``).
+* ``cov``: ``[d_in, d_in]`` — the uncentered second moment ``C = E[k kᵀ]`` of the preserved keys.
+
+All solves run in float64; factors are returned in ``dtype`` (float32 by default). A system
+that is singular (or numerically so) raises :class:`~hf_knowedit.errors.SingularSystemError`
+with a hint about which regulariser to raise; nothing is silently pseudo-inverted.
+
+Formulas (paper notation, columns are vectors):
+
+* MEMIT (Meng et al. 2023, eq. 14): ``ΔW = R Kᵀ (λC + K Kᵀ)⁻¹`` → ``B = R``, ``A = ((λC + KKᵀ)⁻¹ K)ᵀ``.
+* AlphaEdit (Fang et al. 2025): ``ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹`` with the null-space
+  projector ``P`` of ``C`` and the earlier edits' keys ``K_p`` → ``B = R``,
+  ``A = ((P (KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K)ᵀ``.
+* EMMET (Gupta et al. 2024): ``ΔW = R D⁻¹ Kᵀ C⁻¹``, ``D = Kᵀ C⁻¹ K (+ λ_E I)`` → ``B = R D⁻¹``,
+  ``A = (C⁻¹ K)ᵀ``; with ``λ_E = 0`` the edits hold exactly: ``ΔW K = R``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .errors import SingularSystemError
+
+__all__ = [
+    "alphaedit_factors",
+    "emmet_factors",
+    "memit_factors",
+    "nullspace_projector",
+    "spread_residual",
+]
+
+#: a symmetric system whose Cholesky pivots spread more than this (≈ condition number) counts as singular
+MAX_CONDITION = 1e13
+
+
+def _check_shapes(keys: torch.Tensor, resid: torch.Tensor, square: Optional[torch.Tensor] = None) -> None:
+    if keys.dim() != 2 or resid.dim() != 2 or keys.shape[0] != resid.shape[0]:
+        raise ValueError(f"keys [n, d_in] and resid [n, d_out] must agree on n; got {tuple(keys.shape)} "
+                         f"and {tuple(resid.shape)}")
+    if keys.shape[0] == 0:
+        raise ValueError("No keys: a layer update needs at least one edit.")
+    if square is not None and tuple(square.shape) != (keys.shape[1], keys.shape[1]):
+        raise ValueError(f"Expected a [{keys.shape[1]}, {keys.shape[1]}] matrix, got {tuple(square.shape)}")
+
+
+def _spd_solve(matrix: torch.Tensor, rhs: torch.Tensor, what: str, hint: str) -> torch.Tensor:
+    """``matrix⁻¹ rhs`` for a symmetric positive definite ``matrix`` (float64, Cholesky)."""
+    L, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        raise SingularSystemError(f"{what} is singular (not positive definite); {hint}")
+    pivots = L.diagonal().abs()
+    if float(pivots.min()) == 0.0 or float((pivots.max() / pivots.min()) ** 2) > MAX_CONDITION:
+        raise SingularSystemError(f"{what} is numerically singular (condition number above {MAX_CONDITION:.0e}); "
+                                  f"{hint}")
+    out = torch.cholesky_solve(rhs, L)
+    if not torch.isfinite(out).all():
+        raise SingularSystemError(f"Solving {what} gave NaN/Inf; {hint}")
+    return out
+
+
+def spread_residual(resid: torch.Tensor, index: int, num_layers: int) -> torch.Tensor:
+    """MEMIT's residual spreading: layer ``index`` (0-based, ascending) of ``num_layers`` takes
+    ``resid / (num_layers - index)`` — the remaining error shared equally by the layers left."""
+    if not 0 <= index < num_layers:
+        raise ValueError(f"index {index} is outside 0..{num_layers - 1}")
+    return resid / (num_layers - index)
+
+
+def memit_factors(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mom2_weight: float,
+                  *, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT's layer update ``ΔW = R Kᵀ (λC + K Kᵀ)⁻¹`` as factors ``(B [d_out, n], A [n, d_in])``.
+
+    Args:
+        keys: ``[n, d_in]`` keys of the edits at this layer.
+        resid: ``[n, d_out]`` residuals this layer must write (already spread over the layers).
+        cov: ``[d_in, d_in]`` second moment ``C`` of the preserved keys.
+        mom2_weight: ``λ``, the weight of preservation against memorisation.
+
+    Raises :class:`SingularSystemError` when ``λC + K Kᵀ`` is singular.
+    """
+    _check_shapes(keys, resid, cov)
+    K = keys.double().t()  # [d_in, n]
+    system = mom2_weight * cov.double() + K @ K.t()
+    adj = _spd_solve(system, K, "MEMIT's system λC + KKᵀ",
+                     "raise mom2_update_weight, or collect statistics from more tokens")
+    return resid.double().t().to(dtype), adj.t().to(dtype)
+
+
+def nullspace_projector(cov: torch.Tensor, threshold: float = 2e-2, *, relative: bool = False) -> torch.Tensor:
+    """AlphaEdit's projector ``P = Û Ûᵀ`` onto the span of ``C``'s singular vectors whose singular
+    value is below ``threshold`` (float64, ``[d, d]``).
+
+    Like the reference (``AlphaEdit/experiments/evaluate.py::get_project``) the threshold is
+    absolute: ``σ < threshold``. With ``relative=True`` it is ``σ < threshold · σ_max`` instead,
+    for models whose activations live on another scale. ``C`` is symmetric PSD, so its singular
+    values/vectors are the absolute eigenvalues / eigenvectors of ``eigh``.
+    """
+    C = cov.double()
+    C = (C + C.t()) / 2
+    evals, evecs = torch.linalg.eigh(C)
+    sigma = evals.abs()
+    cut = threshold * float(sigma.max()) if relative else threshold
+    U = evecs[:, sigma < cut]
+    return U @ U.t()
+
+
+def alphaedit_factors(keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor,
+                      prior: Optional[torch.Tensor] = None, l2: float = 10.0,
+                      *, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit's null-space update ``ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹`` as factors.
+
+    Args:
+        keys, resid: this batch's ``[n, d_in]`` keys and ``[n, d_out]`` residuals.
+        projector: ``P`` from :func:`nullspace_projector`.
+        prior: ``K_p K_pᵀ`` (``[d_in, d_in]``), the summed outer products of earlier sequential edits'
+            keys at this layer, or None.
+        l2: ``α`` (the reference's ``L2``), a ridge that keeps the system invertible; must be > 0.
+
+    The update vanishes on every key ``k₀`` with ``P k₀ = 0``: preserved knowledge is untouched.
+    """
+    _check_shapes(keys, resid, projector)
+    if not l2 > 0:
+        raise SingularSystemError(f"AlphaEdit's system P(KKᵀ + K_pK_pᵀ) + αI is singular for α = {l2}; "
+                                  "use a positive L2 (the reference uses 10).")
+    P = projector.double()
+    K = keys.double().t()
+    S = K @ K.t()
+    if prior is not None:
+        if tuple(prior.shape) != tuple(S.shape):
+            raise ValueError(f"prior must be [{S.shape[0]}, {S.shape[0]}], got {tuple(prior.shape)}")
+        S = S + prior.double()
+    system = P @ S + l2 * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+    rhs = P @ K
+    adj, info = torch.linalg.solve_ex(system, rhs)
+    if int(info) != 0 or not torch.isfinite(adj).all():
+        raise SingularSystemError("AlphaEdit's system P(KKᵀ + K_pK_pᵀ) + αI is singular; raise L2.")
+    return resid.double().t().to(dtype), adj.t().to(dtype)
+
+
+def emmet_factors(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mom2_weight: float = 1.0,
+                  *, emmet_lambda: float = 0.1, update_norm_lambda: float = 0.0,
+                  dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """EMMET's equality-constrained update ``ΔW = R D⁻¹ Kᵀ C⁻¹`` as factors ``(R D⁻¹, (C⁻¹K)ᵀ)``.
+
+    ``C = λ₀ C₀ + μ I`` (``mom2_weight``, ``update_norm_lambda``) and ``D = Kᵀ C⁻¹ K``, plus
+    ``emmet_lambda · I`` when the batch has more than one edit (the reference's guard against
+    ill-conditioned ``D``). With ``emmet_lambda = 0``, ``ΔW K = R`` exactly.
+
+    Raises :class:`SingularSystemError` if ``C`` or ``D`` is singular (e.g. two edits sharing a
+    key with ``emmet_lambda = 0``, or more edits than key dimensions).
+    """
+    _check_shapes(keys, resid, cov)
+    K = keys.double().t()
+    C = mom2_weight * cov.double()
+    if update_norm_lambda:
+        C = C + update_norm_lambda * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    CinvK = _spd_solve(C, K, "EMMET's preservation matrix λ₀C₀ + μI",
+                       "raise update_norm_lambda or collect statistics from more tokens")
+    D = K.t() @ CinvK
+    D = (D + D.t()) / 2
+    if D.shape[0] > 1 and emmet_lambda:
+        D = D + emmet_lambda * torch.eye(D.shape[0], dtype=D.dtype, device=D.device)
+    DinvR = _spd_solve(D, resid.double(), "EMMET's constraint matrix D = KᵀC⁻¹K",
+                       "two edits have (nearly) the same key or the batch exceeds the key dimension; "
+                       "raise emmet_lambda (the reference uses 0.1)")
+    return DinvR.t().to(dtype), CinvK.t().to(dtype)
