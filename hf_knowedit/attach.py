@@ -29,6 +29,7 @@ MODEL_METHODS: Dict[str, Tuple[str, bool]] = {
     "unmerge_edits": ("hf_knowedit.stack:unmerge_edits", False),
     "disable_edits": ("hf_knowedit.stack:disable_edits", False),
     "list_edits": ("hf_knowedit.stack:list_edits", False),
+    "load_edits": ("hf_knowedit.adapters:load_edits", False),
 }
 
 

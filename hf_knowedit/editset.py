@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
 
 import torch
+from huggingface_hub import ModelCard, ModelHubMixin
+from huggingface_hub.utils import validate_hf_hub_args
 
 from .requests import EditRequest
 
@@ -100,8 +103,15 @@ def fingerprints_match(a: Dict[str, Any], b: Dict[str, Any], rtol: float = 2e-2)
 
 
 @dataclass
-class EditSet:
+class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editing"], pipeline_tag="text-generation"):
     """The result of one ``apply_edits`` call (or one loaded adapter).
+
+    Saved, loaded and shared as a PEFT-compatible LoRA adapter through huggingface_hub's
+    ``ModelHubMixin`` (see :mod:`hf_knowedit.adapters` for the format)::
+
+        es.save_pretrained("angola-edit")                       # atomic
+        es.push_to_hub("me/angola-edit")                        # every standard Hub argument
+        es = EditSet.from_pretrained("me/angola-edit", revision="v1")
 
     Attributes:
         deltas: module path -> :class:`ModuleDelta`.
@@ -138,3 +148,73 @@ class EditSet:
 
     def __len__(self) -> int:
         return len(self.requests)
+
+    # -- Hub / disk (ModelHubMixin); the format lives in hf_knowedit.adapters ------------------
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "EditSet":
+        # ModelHubMixin.__new__ would capture the JSON-able init arguments as a config and write
+        # them to config.json, which transformers would take for a model config. An edit set's
+        # configuration is its adapter files, so that machinery is skipped.
+        return object.__new__(cls)
+
+    def save_pretrained(self, save_directory: Union[str, Path], *, config: Optional[dict] = None,
+                        repo_id: Optional[str] = None, push_to_hub: bool = False,
+                        model_card_kwargs: Optional[Dict[str, Any]] = None, **push_to_hub_kwargs: Any) -> Optional[str]:
+        """Write the adapter into ``save_directory`` atomically (a temporary directory beside it, then
+        a rename: a failure leaves no half-written adapter), and push it if ``push_to_hub``.
+
+        Arguments as in :meth:`huggingface_hub.ModelHubMixin.save_pretrained`.
+        """
+        from .adapters import atomic_directory
+
+        with atomic_directory(save_directory) as tmp:
+            super().save_pretrained(tmp, config=config, model_card_kwargs=model_card_kwargs)
+        if push_to_hub:
+            return self.push_to_hub(repo_id=repo_id or Path(save_directory).name, config=config,
+                                    model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
+        return None
+
+    def push_to_hub(self, repo_id: str, *, model_card_kwargs: Optional[Dict[str, Any]] = None,
+                    **kwargs: Any) -> str:
+        """Save into a temporary directory and upload it as one commit (arguments as in
+        :meth:`huggingface_hub.ModelHubMixin.push_to_hub`); the model card names ``repo_id``."""
+        card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
+        return super().push_to_hub(repo_id, model_card_kwargs=card_kwargs, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from .adapters import write_adapter
+
+        write_adapter(self, save_directory)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        from .adapters import model_card
+
+        return model_card(self, *args, **kwargs)
+
+    @classmethod
+    @validate_hf_hub_args
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *, force_download: bool = False,
+                        token: Union[str, bool, None] = None, cache_dir: Union[str, Path, None] = None,
+                        local_files_only: bool = False, revision: Optional[str] = None,
+                        **model_kwargs: Any) -> "EditSet":
+        """Read an edit set from a directory or a Hub repo (arguments as in
+        :meth:`huggingface_hub.ModelHubMixin.from_pretrained`). Safetensors and JSON only.
+
+        Unlike the mixin's default this does not look for a ``config.json`` first (an adapter has
+        none, and the lookup fails offline); everything else is the mixin's contract.
+        """
+        return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), revision=revision,
+                                    cache_dir=cache_dir, force_download=force_download,
+                                    local_files_only=local_files_only, token=token, **model_kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: Optional[str], cache_dir: Union[str, Path, None],
+                         force_download: bool, local_files_only: bool, token: Union[str, bool, None],
+                         **model_kwargs: Any) -> "EditSet":
+        from .adapters import fetch_adapter, read_adapter
+
+        if model_kwargs:
+            raise TypeError(f"EditSet.from_pretrained() got unexpected keyword arguments {sorted(model_kwargs)}.")
+        return read_adapter(fetch_adapter(model_id, revision=revision, cache_dir=cache_dir,
+                                          force_download=force_download, local_files_only=local_files_only,
+                                          token=token))

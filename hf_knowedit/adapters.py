@@ -1,0 +1,514 @@
+"""Edit sets as adapters: PEFT LoRA files that PEFT and transformers load as they are, plus what
+only hf_knowedit knows, on disk and on the Hub.
+
+A saved edit set is a directory (or a Hub repo) with these files::
+
+    adapter_model.safetensors   PEFT LoRA weights: base_model.model.<module>.lora_A.weight  [r, in]
+                                                   base_model.model.<module>.lora_B.weight  [out, r]
+    adapter_config.json         PEFT LoraConfig: peft_type LORA, exact target_modules, rank_pattern,
+                                alpha_pattern (alpha = rank, so the scaling is 1), fan_in_fan_out
+                                (GPT-2's Conv1D), base_model_name_or_path, revision
+    knowedit_config.json        library version, method and its config, layers, the requests,
+                                statistics key, per-module layout / dense flag / base-weight
+                                fingerprint, metrics, sha256 of the safetensors files
+    knowedit_state.safetensors  method state that travels with the set (only when there is some)
+    README.md                   model card
+
+:class:`~hf_knowedit.editset.ModuleDelta` factors map onto PEFT's exactly, no SVD: ``lora_A = A``,
+``lora_B = B``. PEFT's LoRA computes ``x @ Aᵀ @ Bᵀ`` whatever the layout and, with
+``fan_in_fan_out``, merges ``(B @ A)ᵀ`` into a Conv1D ``[in, out]`` weight, which is our ``conv1d``
+layout. A *dense* delta (``ModuleDelta.dense``, stored when a rank would exceed half the matrix
+size) is exact full-rank factors with one identity factor, so it is an ordinary LoRA of rank
+``min(in, out)`` that PEFT loads too; ``knowedit_config.json`` flags it.
+
+Loading reads JSON and safetensors only: no pickle, no code from a repo, no ``trust_remote_code``.
+The Hub token is passed to ``huggingface_hub`` and never written to a file or a log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Union
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .editset import EditSet, ModuleDelta
+from .errors import AdapterFormatError
+from .requests import EditRequest, validate
+from .stack import push_edit_set
+from .version import __version__
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+KNOWEDIT_CONFIG = "knowedit_config.json"
+STATE_WEIGHTS = "knowedit_state.safetensors"
+MODEL_CARD = "README.md"
+#: version of the knowedit_config.json layout; a newer one still loads (with a warning)
+FORMAT_VERSION = 1
+_PREFIX = "base_model.model."
+_KNOWN_KEYS = {"format", "format_version", "library", "library_version", "name", "method", "config", "layers",
+               "requests", "stats_key", "base_model", "revision", "modules", "metrics", "state", "files"}
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+#: facts listed in the model card's table (all of them are in knowedit_config.json)
+CARD_MAX_FACTS = 50
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def adapter_config(es: EditSet) -> Dict[str, Any]:
+    """PEFT's ``adapter_config.json`` for ``es``: one rank and ``lora_alpha = rank`` per module."""
+    layouts = {es.layouts.get(p, "linear") for p in es.deltas}
+    if len(layouts) > 1:
+        raise AdapterFormatError("This edit set mixes Linear and Conv1D modules, which one PEFT adapter cannot express "
+                                 "(fan_in_fan_out is global); save the modules of each layout as separate edit sets.")
+    ranks = {p: d.rank for p, d in es.deltas.items()}
+    r = max(ranks.values(), default=1)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": es.base_model,
+        "revision": es.revision,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": r,
+        "target_modules": sorted(es.deltas),
+        "rank_pattern": dict(sorted(ranks.items())),
+        "alpha_pattern": dict(sorted(ranks.items())),
+        "fan_in_fan_out": layouts == {"conv1d"},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def adapter_tensors(es: EditSet) -> Dict[str, torch.Tensor]:
+    """PEFT state-dict keys -> float32 CPU factors (``lora_A = A``, ``lora_B = B``)."""
+    out = {}
+    for path, d in sorted(es.deltas.items()):
+        out[f"{_PREFIX}{path}.lora_A.weight"] = d.A.detach().float().cpu().contiguous().clone()
+        out[f"{_PREFIX}{path}.lora_B.weight"] = d.B.detach().float().cpu().contiguous().clone()
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    elif hasattr(value, "to_dict") and callable(value.to_dict):
+        value = value.to_dict()
+    return json.loads(json.dumps(value, default=str))
+
+
+def knowedit_config(es: EditSet, files: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """What only hf_knowedit knows about ``es`` (the content of ``knowedit_config.json``)."""
+    return {
+        "format": "hf_knowedit-adapter",
+        "format_version": FORMAT_VERSION,
+        "library": "hf_knowedit",
+        "library_version": __version__,
+        "name": es.name,
+        "method": es.method,
+        "config": _jsonable(es.config),
+        "layers": [int(x) for x in es.layers],
+        "requests": [_jsonable(r.to_dict()) for r in es.requests],
+        "stats_key": _jsonable(es.stats_key),
+        "base_model": es.base_model,
+        "revision": es.revision,
+        "modules": {
+            p: {"layout": es.layouts.get(p, "linear"), "dense": bool(d.dense), "rank": d.rank,
+                "shape": list(d.shape), "fingerprint": es.fingerprints.get(p)}
+            for p, d in sorted(es.deltas.items())
+        },
+        "metrics": _jsonable(es.metrics),
+        "state": STATE_WEIGHTS if es.state else None,
+        "files": files or {},
+    }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def write_adapter(es: EditSet, directory: Union[str, Path]) -> None:
+    """Write the adapter files (not the model card) into an existing directory.
+
+    Not atomic by itself: :meth:`EditSet.save_pretrained` calls it inside :func:`atomic_directory`.
+    """
+    directory = Path(directory)
+    peft_config = adapter_config(es)  # validates before anything is written
+    save_file(adapter_tensors(es), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    files = {ADAPTER_WEIGHTS: {"sha256": _sha256(directory / ADAPTER_WEIGHTS)}}
+    if es.state:
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in es.state.items()}
+        save_file(state, str(directory / STATE_WEIGHTS), metadata={"format": "pt"})
+        files[STATE_WEIGHTS] = {"sha256": _sha256(directory / STATE_WEIGHTS)}
+    _write_json(directory / ADAPTER_CONFIG, peft_config)
+    _write_json(directory / KNOWEDIT_CONFIG, knowedit_config(es, files))
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).exists() or (path / KNOWEDIT_CONFIG).exists()
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Union[str, Path]) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``target``; on success it replaces ``target`` by
+    rename, on failure it is deleted and ``target`` is left as it was.
+
+    ``target`` may be absent, empty, or an earlier adapter (replaced whole). A non-empty directory
+    that is not an adapter is refused: replacing it would delete its files.
+    """
+    target = Path(target).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise AdapterFormatError(f"{target} is a file; pass a directory to save the adapter into.")
+    if target.is_dir() and any(target.iterdir()) and not _is_adapter_dir(target):
+        raise AdapterFormatError(f"{target} is a non-empty directory that holds no adapter; saving would replace its "
+                                 "files. Pass a new or empty directory, or an earlier adapter's directory.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.is_dir() and any(target.iterdir()):
+            old = target.parent / f".{target.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)  # onto nothing or an empty directory
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_adapter(es: EditSet, directory: Union[str, Path], **model_card_kwargs: Any) -> Path:
+    """``es.save_pretrained(directory)``; returns the directory."""
+    es.save_pretrained(directory, model_card_kwargs=model_card_kwargs or None)
+    return Path(directory)
+
+
+# --------------------------------------------------------------------------------------------
+# model card
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None else " ".join(str(value).split())
+    return text.replace("|", "\\|") or "–"
+
+
+def _is_repo_id(name: Optional[str]) -> bool:
+    return bool(name) and not os.path.isabs(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+
+
+def model_card(es: EditSet, *, repo_id: Optional[str] = None, title: Optional[str] = None,
+               description: Optional[str] = None, license: Optional[str] = None) -> ModelCard:
+    """The ``README.md`` of a saved edit set: metadata (``base_model``, ``library_name: hf_knowedit``,
+    tags), the edited facts, evaluation results and how to load it. Keyword arguments come from
+    ``save_pretrained(..., model_card_kwargs=...)``."""
+    base = es.base_model if _is_repo_id(es.base_model) else None
+    tags = sorted({"knowledge-editing", es.method, "lora", "peft", *(EditSet._hub_mixin_info.model_card_data.tags or [])})
+    data = ModelCardData(base_model=base, library_name="hf_knowedit", tags=tags, license=license,
+                         pipeline_tag="text-generation")
+    n = len(es.requests)
+    where = repo_id or "path/or/repo-id"
+    base_name = es.base_model or "the base model"
+    default_title = f"{es.method.upper()} edit of {es.base_model or 'a causal LM'}: {n} fact(s)"
+    revision = f" (revision `{es.revision}`)" if es.revision else ""
+    ranks = ", ".join(f"`{p}`: {d.rank}{' (dense)' if d.dense else ''}" for p, d in sorted(es.deltas.items()))
+    lines = [
+        f"# {title or default_title}",
+        "",
+        description or (f"A knowledge edit made with hf_knowedit: "
+                        f"`{es.method}` rewrote {n} fact(s) in `{base_name}`{revision} by changing layer(s) "
+                        f"{', '.join(map(str, es.layers)) or '–'}."),
+        "",
+        "It is a PEFT LoRA adapter (scaling 1, ranks: " + (ranks or "–") + ") plus `knowedit_config.json`, which "
+        "records the edited facts, the method's configuration and fingerprints of the base weights the edit was "
+        "computed on: hf_knowedit refuses to apply it to other weights. Dense updates are stored exactly as "
+        "full-rank factors (one of them the identity).",
+        "",
+        "## Edited facts",
+        "",
+        "| # | Subject | Prompt | Old object | New object |",
+        "|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(es.requests[:CARD_MAX_FACTS]):
+        lines.append(f"| {i + 1} | {_cell(r.subject)} | {_cell(r.prompt)} | {_cell(r.target_true)} | "
+                     f"{_cell(r.target_new)} |")
+    if n > CARD_MAX_FACTS:
+        lines.append(f"\n… and {n - CARD_MAX_FACTS} more; `knowedit_config.json` lists all of them.")
+    if es.metrics:
+        lines += ["", "## Evaluation", "", "| Metric | Value |", "|---|---|"]
+        lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in sorted(_flat(es.metrics).items())]
+    lines += [
+        "", "## How to load", "",
+        "With hf_knowedit (checks the base weights, merges; `revert_edits()` restores them bit for bit):", "",
+        "```python",
+        "import hf_knowedit",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"model = AutoModelForCausalLM.from_pretrained({repr(es.base_model or 'base_model_id')})",
+        "model = hf_knowedit.attach(model, AutoTokenizer.from_pretrained(model.name_or_path))",
+        f"model.load_edits({where!r})",
+        "model.revert_edits()",
+        "```", "",
+        "With PEFT or transformers:", "",
+        "```python",
+        "from peft import PeftModel",
+        "",
+        f"peft_model = PeftModel.from_pretrained(model, {where!r})  # or model.load_adapter({where!r})",
+        "```", "",
+        "## Files", "",
+        "| File | Content |", "|---|---|",
+        f"| `{ADAPTER_WEIGHTS}` | LoRA factors (`lora_A` = key side, `lora_B` = value side), float32 |",
+        f"| `{ADAPTER_CONFIG}` | PEFT `LoraConfig` |",
+        f"| `{KNOWEDIT_CONFIG}` | method, config, layers, requests, statistics key, fingerprints, metrics |",
+    ]
+    if es.state:
+        lines.append(f"| `{STATE_WEIGHTS}` | method state carried with the edit set |")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = round(v, 4) if isinstance(v, float) else v
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFormatError(f"{path} is not valid JSON ({err}); save or download the adapter again.") from err
+    if not isinstance(obj, dict):
+        raise AdapterFormatError(f"{path} should hold a JSON object; save or download the adapter again.")
+    return obj
+
+
+def _read_safetensors(path: Path, sha256: Optional[str]) -> Dict[str, torch.Tensor]:
+    if sha256 is not None and _sha256(path) != sha256:
+        raise AdapterFormatError(f"{path} is corrupted or truncated: its sha256 differs from the one recorded in "
+                                 f"{KNOWEDIT_CONFIG}. Save or download the adapter again.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFormatError(f"{path} is not a readable safetensors file ({err}); it may be corrupted or "
+                                 "truncated. Save or download the adapter again.") from err
+
+
+def _check_files(directory: Path) -> None:
+    if not directory.is_dir():
+        raise AdapterFormatError(f"No adapter directory at {directory}. Pass a directory written by "
+                                 "EditSet.save_pretrained, or a Hub repo id.")
+    if not _is_adapter_dir(directory):
+        raise AdapterFormatError(f"{directory} is not an adapter directory (it has neither {ADAPTER_CONFIG} nor "
+                                 f"{KNOWEDIT_CONFIG}). Pass a directory written by EditSet.save_pretrained.")
+    if not (directory / ADAPTER_WEIGHTS).is_file() and (directory / "adapter_model.bin").is_file():
+        raise AdapterFormatError(f"{directory} holds its weights as a pickle (adapter_model.bin), which hf_knowedit "
+                                 "never loads; re-save the adapter with safetensors.")
+    if (directory / ADAPTER_CONFIG).is_file() and not (directory / KNOWEDIT_CONFIG).is_file():
+        raise AdapterFormatError(f"{directory} is a PEFT adapter without {KNOWEDIT_CONFIG}, so not an hf_knowedit "
+                                 "edit set (no fingerprints to check it against the base model). Load it with "
+                                 "peft.PeftModel.from_pretrained instead.")
+    missing = [n for n in (ADAPTER_CONFIG, KNOWEDIT_CONFIG, ADAPTER_WEIGHTS) if not (directory / n).is_file()]
+    if missing:
+        raise AdapterFormatError(f"{directory} is missing {', '.join(missing)}; save or download the adapter again.")
+
+
+def _pattern_value(patterns: Dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's lookup of ``rank_pattern`` / ``alpha_pattern`` (``peft.utils.other.get_pattern_key``)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_adapter(directory: Union[str, Path]) -> EditSet:
+    """The :class:`EditSet` saved in ``directory``; typed errors for anything that is not one.
+
+    Raises :class:`~hf_knowedit.errors.AdapterFormatError` for a directory that is not an adapter,
+    a missing file, invalid JSON, a corrupted or truncated safetensors file, or factors whose
+    shapes disagree with the configs. A ``knowedit_config.json`` from a newer hf_knowedit (unknown
+    keys) loads with a warning.
+    """
+    directory = Path(directory)
+    _check_files(directory)
+    peft = _read_json(directory / ADAPTER_CONFIG)
+    meta = _read_json(directory / KNOWEDIT_CONFIG)
+    if peft.get("peft_type") != "LORA" or peft.get("use_dora") or peft.get("use_rslora"):
+        raise AdapterFormatError(f"{directory / ADAPTER_CONFIG} is not a plain LoRA config (peft_type "
+                                 f"{peft.get('peft_type')!r}, use_dora/use_rslora); hf_knowedit cannot read it.")
+    unknown = sorted(set(meta) - _KNOWN_KEYS)
+    version = meta.get("format_version", FORMAT_VERSION)
+    if unknown or (isinstance(version, int) and version > FORMAT_VERSION):
+        logger.warning("%s was written by a newer hf_knowedit (%s, format %s); this version (%s) ignores %s. "
+                       "Upgrade hf_knowedit to use them.", directory / KNOWEDIT_CONFIG, meta.get("library_version"),
+                       version, __version__, unknown or "nothing it knows of")
+    files = meta.get("files") or {}
+    tensors = _read_safetensors(directory / ADAPTER_WEIGHTS, (files.get(ADAPTER_WEIGHTS) or {}).get("sha256"))
+    modules = meta.get("modules") or {}
+    targets = peft.get("target_modules")
+    if not isinstance(targets, list) or sorted(targets) != sorted(modules):
+        raise AdapterFormatError(f"target_modules in {ADAPTER_CONFIG} ({targets}) and the modules in "
+                                 f"{KNOWEDIT_CONFIG} ({sorted(modules)}) differ; save the adapter again.")
+    expected = {f"{_PREFIX}{p}.lora_{ab}.weight" for p in modules for ab in "AB"}
+    if set(tensors) != expected:
+        raise AdapterFormatError(f"{ADAPTER_WEIGHTS} holds {sorted(set(tensors) - expected) or 'no extra'} keys and "
+                                 f"lacks {sorted(expected - set(tensors)) or 'none'}; save the adapter again.")
+    deltas, fingerprints, layouts = {}, {}, {}
+    for path, info in modules.items():
+        A, B = tensors[f"{_PREFIX}{path}.lora_A.weight"], tensors[f"{_PREFIX}{path}.lora_B.weight"]
+        r = _pattern_value(peft.get("rank_pattern"), path, peft.get("r"))
+        alpha = _pattern_value(peft.get("alpha_pattern"), path, peft.get("lora_alpha", r))
+        shape = info.get("shape")
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r or (
+                shape is not None and [B.shape[0], A.shape[1]] != list(shape)):
+            raise AdapterFormatError(f"{path}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form a rank-{r} "
+                                     f"update of shape {shape}; the adapter files are inconsistent. Save it again.")
+        layout = info.get("layout", "linear")
+        if layout not in ("linear", "conv1d") or bool(peft.get("fan_in_fan_out")) != (layout == "conv1d"):
+            raise AdapterFormatError(f"{path}: layout {layout!r} disagrees with fan_in_fan_out="
+                                     f"{peft.get('fan_in_fan_out')} in {ADAPTER_CONFIG}; save the adapter again.")
+        if alpha != r:  # not written by us, but PEFT would scale by alpha / r
+            B = (B.double() * (alpha / r)).float()
+        if not math.isfinite(float(alpha)):
+            raise AdapterFormatError(f"{path}: lora_alpha {alpha!r} is not finite.")
+        deltas[path] = ModuleDelta(A=A, B=B, dense=bool(info.get("dense", False)))
+        layouts[path] = layout
+        if info.get("fingerprint") is not None:
+            fingerprints[path] = info["fingerprint"]
+    state: Dict[str, torch.Tensor] = {}
+    if meta.get("state"):
+        state_path = directory / STATE_WEIGHTS
+        if not state_path.is_file():
+            raise AdapterFormatError(f"{directory} is missing {STATE_WEIGHTS}; save or download the adapter again.")
+        state = _read_safetensors(state_path, (files.get(STATE_WEIGHTS) or {}).get("sha256"))
+    return EditSet(
+        deltas=deltas, requests=_requests(meta.get("requests") or []), method=str(meta.get("method") or "unknown"),
+        config=dict(meta.get("config") or {}), layers=[int(x) for x in meta.get("layers") or []],
+        fingerprints=fingerprints, layouts=layouts,
+        base_model=meta.get("base_model", peft.get("base_model_name_or_path")),
+        revision=meta.get("revision", peft.get("revision")), stats_key=meta.get("stats_key"),
+        metrics=dict(meta.get("metrics") or {}), state=state, name=meta.get("name"),
+    )
+
+
+def _requests(items: List[Dict[str, Any]]) -> List[EditRequest]:
+    names = {f.name for f in dataclasses.fields(EditRequest)}
+    out = []
+    for item in items:
+        try:
+            req = EditRequest(**{k: v for k, v in item.items() if k in names})
+            req = dataclasses.replace(req, paraphrases=tuple(req.paraphrases), neighborhood=tuple(req.neighborhood))
+            validate(req)
+        except Exception as err:
+            raise AdapterFormatError(f"A request in {KNOWEDIT_CONFIG} is malformed ({err}); save the adapter again.") from err
+        out.append(req)
+    return out
+
+
+def _looks_local(source: str) -> bool:
+    return (os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1
+            or (os.sep != "/" and os.sep in source))
+
+
+def fetch_adapter(source: Union[str, Path], *, revision: Optional[str] = None, cache_dir: Union[str, Path, None] = None,
+                  force_download: bool = False, local_files_only: bool = False,
+                  token: Union[str, bool, None] = None) -> Path:
+    """A local directory holding the adapter: ``source`` itself, or the Hub snapshot it names.
+
+    Downloads exactly the adapter's files (never code, never pickles) with ``hf_hub_download``, all at
+    the commit the first one resolved to; missing repos, revisions and files raise huggingface_hub's
+    own errors (``RepositoryNotFoundError``, ``RevisionNotFoundError``, ``EntryNotFoundError``).
+    """
+    source = str(source)
+    if os.path.isdir(source):
+        return Path(source)
+    if os.path.exists(source) or _looks_local(source):
+        raise AdapterFormatError(f"No adapter directory at {source!r}. Pass a directory written by "
+                                 "EditSet.save_pretrained, or a Hub repo id such as 'user/my-edit'.")
+    kw = dict(repo_id=source, cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only,
+              token=token)
+    first = Path(hf_hub_download(filename=ADAPTER_CONFIG, revision=revision, **kw))
+    commit = first.parent.name if _COMMIT.fullmatch(first.parent.name) else revision
+    meta_path = Path(hf_hub_download(filename=KNOWEDIT_CONFIG, revision=commit, **kw))
+    hf_hub_download(filename=ADAPTER_WEIGHTS, revision=commit, **kw)
+    try:
+        has_state = bool(json.loads(meta_path.read_text(encoding="utf-8")).get("state"))
+    except (ValueError, AttributeError):
+        has_state = False  # read_adapter reports the broken config
+    if has_state:
+        hf_hub_download(filename=STATE_WEIGHTS, revision=commit, **kw)
+    logger.info("Fetched edit set %s at commit %s.", source, commit)
+    return first.parent
+
+
+# --------------------------------------------------------------------------------------------
+# loading into a model
+
+
+def load_edits(model: nn.Module, source: Union[EditSet, str, Path], name: Optional[str] = None, merge: bool = True,
+               force: bool = False, allow_conflicts: bool = False, **hub_kwargs: Any) -> EditSet:
+    """Apply a saved edit set: an :class:`EditSet`, an adapter directory, or a Hub repo id.
+
+    Shapes and base-weight fingerprints of every touched module are checked first; a mismatch
+    raises :class:`~hf_knowedit.errors.BaseModelMismatchError` (``force=True`` applies anyway, with
+    a warning). All modules are applied or none; on any error the model is untouched. The loaded
+    set then behaves exactly like a freshly applied one (merge, unmerge, disable, revert).
+
+    Args:
+        source: an ``EditSet``, a directory written by ``save_pretrained``, or a Hub repo id.
+        name: the name under which the set is active (default: the saved name, made unique).
+        merge: write into the weights (default) or apply through forward hooks.
+        **hub_kwargs: ``revision``, ``token``, ``cache_dir``, ``force_download``, ``local_files_only``.
+
+    >>> model.load_edits("me/angola-edit", revision="v1")
+    """
+    if isinstance(source, EditSet):
+        if hub_kwargs:
+            raise TypeError(f"Hub arguments {sorted(hub_kwargs)} make no sense with an EditSet source.")
+        es = dataclasses.replace(source)  # the stack names its own copy; the caller's set stays as it is
+    else:
+        es = EditSet.from_pretrained(source, **hub_kwargs)
+    return push_edit_set(model, es, merge=merge, name=name, allow_conflicts=allow_conflicts, force=force)
