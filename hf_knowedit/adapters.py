@@ -512,3 +512,63 @@ def load_edits(model: nn.Module, source: Union[EditSet, str, Path], name: Option
     else:
         es = EditSet.from_pretrained(source, **hub_kwargs)
     return push_edit_set(model, es, merge=merge, name=name, allow_conflicts=allow_conflicts, force=force)
+
+
+# --------------------------------------------------------------------------------------------
+# second-moment statistics on the Hub
+
+#: folder of a Hub repo that holds second-moment files, one per StatsKey (``StatsKey.filename()``)
+STATS_FOLDER = "second_moments"
+
+
+def push_statistics(entry_or_path: Any, repo_id: str, *, repo_type: str = "model", revision: Optional[str] = None,
+                    token: Union[str, bool, None] = None, private: Optional[bool] = None,
+                    commit_message: Optional[str] = None, create_pr: Optional[bool] = None) -> Any:
+    """Upload one second-moment cache entry (a :class:`~hf_knowedit.stats.SecondMoment` or a file
+    written by ``SecondMoment.save``) to ``repo_id`` under ``second_moments/<StatsKey.filename()>``.
+
+    The file is read (and so validated) before anything is sent. Returns huggingface_hub's ``CommitInfo``.
+    """
+    from huggingface_hub import HfApi
+
+    from .stats import SecondMoment
+
+    with tempfile.TemporaryDirectory(prefix="hf_knowedit-stats-") as tmp:
+        if isinstance(entry_or_path, SecondMoment):
+            entry = entry_or_path
+            path = entry.save(Path(tmp) / entry.key.filename())
+        else:
+            path = Path(entry_or_path)
+            entry = SecondMoment.load(path)
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True).repo_id
+        return api.upload_file(path_or_fileobj=str(path), path_in_repo=f"{STATS_FOLDER}/{entry.key.filename()}",
+                               repo_id=repo_id, repo_type=repo_type, revision=revision, create_pr=create_pr,
+                               commit_message=commit_message or f"Second moment of {entry.key.module} "
+                                                                f"({entry.key.n_tokens} tokens, {entry.key.corpus})")
+
+
+def pull_statistics(repo_id: str, key_or_filename: Any, *, repo_type: str = "model", revision: Optional[str] = None,
+                    cache_dir: Union[str, Path, None] = None, token: Union[str, bool, None] = None,
+                    force_download: bool = False, local_files_only: bool = False, device: Any = None,
+                    stats_cache: Any = None) -> Any:
+    """Download a second-moment entry pushed by :func:`push_statistics` and return the
+    :class:`~hf_knowedit.stats.SecondMoment`.
+
+    ``key_or_filename`` is a :class:`~hf_knowedit.stats.StatsKey` (the file must have been computed
+    for exactly that key, else :class:`~hf_knowedit.errors.StatisticsMismatchError`) or a file name
+    in the repo's ``second_moments/`` folder. With ``stats_cache`` (a ``StatsCache``) the entry is also
+    stored there, so editing methods find it without recomputing.
+    """
+    from .stats import SecondMoment, StatsKey
+
+    expected = key_or_filename if isinstance(key_or_filename, StatsKey) else None
+    filename = expected.filename() if expected is not None else str(key_or_filename)
+    if "/" not in filename:
+        filename = f"{STATS_FOLDER}/{filename}"
+    path = hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision, cache_dir=cache_dir,
+                           token=token, force_download=force_download, local_files_only=local_files_only)
+    entry = SecondMoment.load(path, expected=expected, device=device)
+    if stats_cache is not None:
+        stats_cache.put(entry)
+    return entry

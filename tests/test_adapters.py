@@ -1,0 +1,458 @@
+"""Edit sets as adapters on disk: the PEFT format, round trips, PEFT / transformers interop,
+bad input (typed errors, model untouched) and atomic saves."""
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors import safe_open
+
+import hf_knowedit
+from hf_knowedit import adapters
+from hf_knowedit.architectures import get_architecture, get_module, mlp_out_dims, mlp_out_path
+from hf_knowedit.editing import MethodResult, register_method
+from hf_knowedit.editset import EditSet, ModuleDelta, fingerprint
+from hf_knowedit.errors import AdapterFormatError, BaseModelMismatchError
+from hf_knowedit.hooks import count_forward_hooks
+from hf_knowedit.requests import EditRequest
+from tests.test_stack import random_set
+from tests.tiny_models import make_tiny_model
+
+ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "knowedit_config.json"]
+
+
+# -- a registered test method: random low-rank deltas at the MLP output of chosen layers -----------
+
+@dataclass
+class RandomConfig:
+    rank: int = 2
+    scale: float = 0.5
+    dense_layer: int = -1  # this layer's delta is stored dense
+
+
+def _random_compute(ctx):
+    g = torch.Generator().manual_seed(len(ctx.requests) + 7 * ctx.config.rank)
+    layers = ctx.layers if isinstance(ctx.layers, list) else [1, 2]
+    deltas = {}
+    for layer in layers:
+        path = mlp_out_path(ctx.arch, layer)
+        d_in, d_out = mlp_out_dims(ctx.model, ctx.arch, layer)
+        A = torch.randn(ctx.config.rank, d_in, generator=g) * ctx.config.scale
+        B = torch.randn(d_out, ctx.config.rank, generator=g) * ctx.config.scale
+        deltas[path] = ModuleDelta.from_dense(B @ A) if layer == ctx.config.dense_layer else ModuleDelta(A=A, B=B)
+    state = {"keys": torch.arange(6, dtype=torch.float64).reshape(2, 3)}
+    return MethodResult(deltas=deltas, layers=list(layers), stats_key={"model": "tiny", "layer": layers[0]},
+                        state=state)
+
+
+register_method("adaptertest", _random_compute, RandomConfig, overwrite=True)
+
+FACTS = [
+    {"prompt": "{} is located in", "subject": "Angola", "target_new": "Antarctica", "target_true": "Africa"},
+    {"prompt": "The mother tongue of {} is", "subject": "Thomas Mann", "target_new": "Spanish | Catalan"},
+]
+
+
+def edited(model_type="gpt2", dtype=torch.float32, seed=0, **kw):
+    """A tiny model with one adaptertest edit set applied, and that set."""
+    model, tok = make_tiny_model(model_type, seed=seed, dtype=dtype)
+    hf_knowedit.attach(model, tok)
+    es = model.apply_edits(FACTS, method="adaptertest", **kw)
+    return model, tok, es
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def logits(model, tok, text="Angola is located in"):
+    ids = tok(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits.float()
+
+
+def assert_untouched(model, w0):
+    assert_same(weights(model), w0)
+    assert model.list_edits() == [] and count_forward_hooks(model) == 0
+
+
+# -- format ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])  # Conv1D and Linear layouts
+def test_format_is_what_peft_writes(model_type, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok, es = edited(model_type, layers=[0, 2], rank=3)
+    model.revert_edits()
+    es.save_pretrained(tmp_path / "ours")
+    assert sorted(os.listdir(tmp_path / "ours")) == sorted(ADAPTER_FILES + ["knowedit_state.safetensors"])
+
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    paths = sorted(es.deltas)
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["target_modules"] == paths
+    assert cfg["rank_pattern"] == cfg["alpha_pattern"] == {p: 3 for p in paths}
+    assert cfg["r"] == cfg["lora_alpha"] == 3
+    assert cfg["fan_in_fan_out"] == (model_type == "gpt2")
+
+    # The same adapter written by PEFT itself has the same keys, shapes and dtype.
+    peft_cfg = LoraConfig(r=3, lora_alpha=3, target_modules=paths, fan_in_fan_out=model_type == "gpt2",
+                          task_type="CAUSAL_LM")
+    fresh, _ = make_tiny_model(model_type)
+    get_peft_model(fresh, peft_cfg).save_pretrained(tmp_path / "peft")
+
+    def shapes(d):
+        with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
+            return {k: (tuple(f.get_tensor(k).shape), f.get_tensor(k).dtype) for k in f.keys()}
+
+    assert shapes(tmp_path / "ours") == shapes(tmp_path / "peft")
+    # ... and PEFT parses our config into the same LoRA settings.
+    ours = LoraConfig.from_pretrained(tmp_path / "ours")
+    assert (set(ours.target_modules), ours.r, ours.lora_alpha, ours.fan_in_fan_out, ours.rank_pattern) == (
+        set(paths), 3, 3, model_type == "gpt2", {p: 3 for p in paths})
+
+    # lora_A / lora_B are A / B exactly (no SVD, float32).
+    with safe_open(str(tmp_path / "ours" / "adapter_model.safetensors"), "pt") as f:
+        for p, d in es.deltas.items():
+            assert torch.equal(f.get_tensor(f"base_model.model.{p}.lora_A.weight"), d.A)
+            assert torch.equal(f.get_tensor(f"base_model.model.{p}.lora_B.weight"), d.B)
+
+
+def test_sidecar_and_round_trip(tmp_path):
+    model, tok, es = edited("llama", layers=[1, 3], dense_layer=3)
+    es.metrics = {"efficacy": 1.0, "paraphrase": {"score": 0.5}}
+    es.save_pretrained(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "knowedit_config.json").read_text())
+    assert meta["library_version"] == hf_knowedit.__version__ and meta["method"] == "adaptertest"
+    assert meta["config"] == {"rank": 2, "scale": 0.5, "dense_layer": 3}
+    assert meta["layers"] == [1, 3] and meta["stats_key"] == {"model": "tiny", "layer": 1}
+    assert [r["subject"] for r in meta["requests"]] == ["Angola", "Thomas Mann"]
+    assert {p: m["dense"] for p, m in meta["modules"].items()} == {p: d.dense for p, d in es.deltas.items()}
+    assert sum(m["dense"] for m in meta["modules"].values()) == 1
+
+    back = EditSet.from_pretrained(tmp_path / "a")
+    for field in ("requests", "method", "config", "layers", "fingerprints", "layouts", "base_model", "revision",
+                  "stats_key", "metrics", "name"):
+        assert getattr(back, field) == getattr(es, field), field
+    assert back.deltas.keys() == es.deltas.keys()
+    for p, d in es.deltas.items():
+        assert torch.equal(back.deltas[p].A, d.A) and torch.equal(back.deltas[p].B, d.B)
+        assert back.deltas[p].dense == d.dense
+    assert back.state.keys() == {"keys"} and torch.equal(back.state["keys"], es.state["keys"])
+    assert back.state["keys"].dtype == torch.float64
+    assert not (tmp_path / "a" / "config.json").exists()  # no ModelHubMixin config: not a model repo
+    model.revert_edits()
+
+
+def test_model_card(tmp_path):
+    model, tok, es = edited("gpt2")
+    model.revert_edits()
+    es.base_model, es.metrics = "HuggingFaceTB/SmolLM2-135M-Instruct", {"efficacy": 0.75}
+    es.save_pretrained(tmp_path / "a", model_card_kwargs={"repo_id": "me/angola"})
+    card = ModelCard.load(tmp_path / "a" / "README.md")
+    assert card.data.library_name == "hf_knowedit"
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert {"knowledge-editing", "adaptertest"} <= set(card.data.tags)
+    assert "| 1 | Angola | {} is located in | Africa | Antarctica |" in card.text
+    assert "| 2 | Thomas Mann | The mother tongue of {} is | – | Spanish \\| Catalan |" in card.text
+    assert "| efficacy | 0.75 |" in card.text
+    assert "model.load_edits('me/angola')" in card.text and "PeftModel.from_pretrained(model, 'me/angola')" in card.text
+    # a local path is no Hub base_model
+    es.base_model = str(tmp_path / "somewhere")
+    es.save_pretrained(tmp_path / "b")
+    assert ModelCard.load(tmp_path / "b" / "README.md").data.base_model is None
+
+
+# -- loading behaves like applying ----------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loaded_set_is_bit_exact_like_a_fresh_one(model_type, dtype, tmp_path):
+    model, tok, es = edited(model_type, dtype=dtype, dense_layer=2)
+    w_edit = weights(model)
+    es.save_pretrained(tmp_path / "a")
+    model.revert_edits()
+    w0 = weights(model)
+
+    fresh, _ = make_tiny_model(model_type, dtype=dtype)
+    hf_knowedit.attach(fresh, tok)
+    loaded = fresh.load_edits(tmp_path / "a")
+    assert loaded.name == es.name and [e["name"] for e in fresh.list_edits()] == [es.name]
+    assert_same(weights(fresh), w_edit)
+    merged = logits(fresh, tok)
+    fresh.unmerge_edits()
+    assert_same(weights(fresh), w0)
+    torch.testing.assert_close(logits(fresh, tok), merged, atol=0.05 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+    with fresh.disable_edits():
+        assert torch.equal(logits(fresh, tok), logits(model, tok))
+    fresh.merge_edits()
+    assert_same(weights(fresh), w_edit)
+    fresh.revert_edits()
+    assert_same(weights(fresh), w0)
+
+    hooked = fresh.load_edits(tmp_path / "a", merge=False, name="hooked")
+    assert hooked.name == "hooked" and fresh.list_edits()[0]["merged"] is False
+    assert_same(weights(fresh), w0)
+    fresh.revert_edits()
+
+
+def test_load_edits_from_an_edit_set_and_functional_form(tmp_path):
+    model, tok, es = edited("llama")
+    w_edit = weights(model)
+    model.revert_edits()
+    other, _ = make_tiny_model("llama")
+    loaded = adapters.load_edits(other, es, name="copy")  # works without attach too
+    assert loaded is not es and es.name != "copy" and loaded.name == "copy"
+    assert_same(weights(other), w_edit)
+    with pytest.raises(TypeError, match="revision"):
+        adapters.load_edits(other, es, revision="main")
+
+
+# -- PEFT and transformers interop ------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_peft_and_transformers_give_the_same_logits(model_type, tmp_path):
+    from peft import PeftModel
+
+    model, tok, es = edited(model_type, dense_layer=1, layers=[1, 3])
+    ours = logits(model, tok)
+    es.save_pretrained(tmp_path / "a")
+    with model.disable_edits():
+        base = logits(model, tok)
+    assert not torch.allclose(ours, base, atol=1e-3)
+    model.revert_edits()
+
+    fresh, _ = make_tiny_model(model_type)
+    hf_knowedit.attach(fresh, tok).load_edits(str(tmp_path / "a"))
+    torch.testing.assert_close(logits(fresh, tok), ours, atol=1e-5, rtol=1e-5)
+
+    peft_model = PeftModel.from_pretrained(make_tiny_model(model_type)[0], str(tmp_path / "a"))
+    torch.testing.assert_close(logits(peft_model, tok), ours, atol=1e-5, rtol=1e-5)
+    # merging in PEFT gives the same weights we compute (up to float rounding)
+    merged = peft_model.merge_and_unload()
+    for p in es.deltas:
+        torch.testing.assert_close(get_module(merged, p).weight, get_module(fresh, p).weight, atol=1e-6, rtol=1e-6)
+
+    tf_model, _ = make_tiny_model(model_type)
+    tf_model.load_adapter(str(tmp_path / "a"))
+    torch.testing.assert_close(logits(tf_model, tok), ours, atol=1e-5, rtol=1e-5)
+
+
+# -- bad input: typed errors, model untouched -------------------------------------------------------
+
+@pytest.fixture
+def saved(tmp_path):
+    model, tok, es = edited("llama")
+    es.save_pretrained(tmp_path / "good")
+    model.revert_edits()
+    return model, tmp_path / "good"
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _rewrite_json(path: Path, **changes):
+    obj = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is None:
+            obj.pop(k, None)
+        else:
+            obj[k] = v
+    path.write_text(json.dumps(obj))
+
+
+def test_not_an_adapter_and_missing_files(saved, tmp_path):
+    model, good = saved
+    w0 = weights(model)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("hello")
+    for bad, match in [(tmp_path / "empty", "not an adapter"), (tmp_path / "other", "not an adapter"),
+                       (tmp_path / "nope", "No adapter directory"), (good / "adapter_config.json", "No adapter dir"),
+                       ("./relative/missing/dir", "No adapter directory")]:
+        with pytest.raises(AdapterFormatError, match=match):
+            model.load_edits(bad)
+    for name in ("adapter_model.safetensors", "knowedit_config.json", "adapter_config.json"):
+        d = _copy(good, tmp_path / f"no-{name}")
+        (d / name).unlink()
+        with pytest.raises(AdapterFormatError, match=name if name != "knowedit_config.json" else "PEFT adapter"):
+            model.load_edits(d)
+    pickled = _copy(good, tmp_path / "pickled")
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    with pytest.raises(AdapterFormatError, match="pickle"):
+        model.load_edits(pickled)
+    assert_untouched(model, w0)
+
+
+def test_corrupted_truncated_and_inconsistent_files(saved, tmp_path):
+    model, good = saved
+    w0 = weights(model)
+    size = (good / "adapter_model.safetensors").stat().st_size
+
+    flipped = _copy(good, tmp_path / "flipped")
+    data = bytearray((flipped / "adapter_model.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (flipped / "adapter_model.safetensors").write_bytes(bytes(data))
+    truncated = _copy(good, tmp_path / "truncated")
+    (truncated / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes()[: size // 2])
+    for d in (flipped, truncated):
+        with pytest.raises(AdapterFormatError, match="corrupted or truncated"):
+            model.load_edits(d)
+    # without the recorded checksum, safetensors itself refuses the truncated file
+    _rewrite_json(truncated / "knowedit_config.json", files=None)
+    with pytest.raises(AdapterFormatError, match="not a readable safetensors"):
+        model.load_edits(truncated)
+    garbage = _copy(good, tmp_path / "garbage")
+    (garbage / "knowedit_config.json").write_text("{not json")
+    with pytest.raises(AdapterFormatError, match="not valid JSON"):
+        model.load_edits(garbage)
+
+    # factors whose shapes disagree with the configs
+    reshaped = _copy(good, tmp_path / "reshaped")
+    cfg = json.loads((reshaped / "adapter_config.json").read_text())
+    _rewrite_json(reshaped / "adapter_config.json", rank_pattern={p: 5 for p in cfg["target_modules"]})
+    with pytest.raises(AdapterFormatError, match="rank-5"):
+        model.load_edits(reshaped)
+    retargeted = _copy(good, tmp_path / "retargeted")
+    _rewrite_json(retargeted / "adapter_config.json", target_modules=["model.layers.0.mlp.down_proj"])
+    with pytest.raises(AdapterFormatError, match="target_modules"):
+        model.load_edits(retargeted)
+    assert_untouched(model, w0)
+
+
+def test_newer_version_loads_with_a_warning(saved, tmp_path, caplog):
+    model, good = saved
+    newer = _copy(good, tmp_path / "newer")
+    _rewrite_json(newer / "knowedit_config.json", format_version=99, hologram={"x": 1}, library_version="9.0")
+    with caplog.at_level(logging.WARNING, logger="hf_knowedit.adapters"):
+        es = model.load_edits(newer)
+    assert "newer hf_knowedit" in caplog.text and "hologram" in caplog.text
+    assert es.method == "adaptertest" and len(model.list_edits()) == 1
+    model.revert_edits()
+
+
+def test_other_base_model_and_shape_mismatch(saved, tmp_path, caplog):
+    model, good = saved
+    other, tok = make_tiny_model("llama", seed=1)  # same shapes, other weights
+    hf_knowedit.attach(other, tok)
+    w_other = weights(other)
+    with pytest.raises(BaseModelMismatchError, match="fingerprint"):
+        other.load_edits(good)
+    assert_untouched(other, w_other)
+    with caplog.at_level(logging.WARNING):
+        other.load_edits(good, force=True)
+    assert "force=True" in caplog.text
+    other.revert_edits()
+    assert_same(weights(other), w_other)
+
+    gpt2, tok2 = make_tiny_model("gpt2")  # other architecture: modules that do not exist
+    hf_knowedit.attach(gpt2, tok2)
+    w_gpt2 = weights(gpt2)
+    with pytest.raises(BaseModelMismatchError, match="does not have"):
+        gpt2.load_edits(good)
+    assert_untouched(gpt2, w_gpt2)
+
+    # same module names, other shape: a llama with a wider MLP
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import tiny_config
+    wide = AutoModelForCausalLM.from_config(tiny_config("llama", intermediate_size=64))
+    hf_knowedit.attach(wide, tok)
+    w_wide = weights(wide)
+    with pytest.raises(BaseModelMismatchError, match="shape"):
+        wide.load_edits(good, force=True)
+    assert_untouched(wide, w_wide)
+
+
+def test_mixed_layouts_cannot_be_one_peft_adapter(tmp_path):
+    model, _ = make_tiny_model("llama")
+    es = random_set(model, [1, 2])
+    es.layouts[next(iter(es.layouts))] = "conv1d"
+    with pytest.raises(AdapterFormatError, match="fan_in_fan_out"):
+        es.save_pretrained(tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()
+
+
+# -- atomic saves ----------------------------------------------------------------------------------
+
+def _leftovers(parent: Path, name: str):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+@pytest.mark.parametrize("where", ["sidecar", "model_card"])
+def test_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch, where):
+    model, _ = make_tiny_model("gpt2")
+    es = random_set(model, [1, 2])
+    calls = []
+
+    def boom(*args, **kwargs):
+        calls.append(args)
+        raise OSError("disk full (injected)")
+
+    if where == "sidecar":  # after adapter_model.safetensors and adapter_config.json are written
+        real = adapters._write_json
+        monkeypatch.setattr(adapters, "_write_json",
+                            lambda path, obj: boom() if path.name == "knowedit_config.json" else real(path, obj))
+    else:  # after every adapter file is written
+        monkeypatch.setattr(adapters, "model_card", boom)
+    with pytest.raises(OSError, match="injected"):
+        es.save_pretrained(tmp_path / "new")
+    assert not (tmp_path / "new").exists() and _leftovers(tmp_path, "new") == []
+
+    # an existing adapter survives a failed re-save byte for byte
+    monkeypatch.undo()
+    es.save_pretrained(tmp_path / "old")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "old").iterdir()}
+    monkeypatch.setattr(adapters, "model_card", boom)
+    with pytest.raises(OSError, match="injected"):
+        random_set(model, [3], seed=5).save_pretrained(tmp_path / "old")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "old").iterdir()} == before
+    assert _leftovers(tmp_path, "old") == [] and calls
+
+
+def test_resave_replaces_whole_and_refuses_foreign_directories(tmp_path):
+    model, _ = make_tiny_model("llama")
+    es = random_set(model, [1, 2])
+    es.state = {"k": torch.ones(2)}
+    es.save_pretrained(tmp_path / "a")
+    assert (tmp_path / "a" / "knowedit_state.safetensors").exists()
+    small = random_set(model, [3], seed=4)
+    small.save_pretrained(tmp_path / "a")
+    assert sorted(os.listdir(tmp_path / "a")) == ADAPTER_FILES  # the stale state file is gone
+    assert list(EditSet.from_pretrained(tmp_path / "a").deltas) == list(small.deltas)
+    assert _leftovers(tmp_path, "a") == []
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(AdapterFormatError, match="non-empty directory"):
+        es.save_pretrained(tmp_path / "mine")
+    assert os.listdir(tmp_path / "mine") == ["thesis.tex"]
+    (tmp_path / "empty").mkdir()
+    es.save_pretrained(tmp_path / "empty")
+    assert sorted(os.listdir(tmp_path / "empty"))[0] == "README.md"
+
+
+def test_edit_set_keeps_dataclass_behaviour():
+    model, _ = make_tiny_model("llama")
+    es = random_set(model, [1])
+    assert es._hub_mixin_config is None  # ModelHubMixin's init-kwargs capture is off
+    req = EditRequest("{} is in", "X", "Y")
+    es2 = EditSet(deltas={}, requests=[req], method="m", config={"a": 1})
+    assert es2.config == {"a": 1} and es2._hub_mixin_config is None and len(es2) == 1
+    assert fingerprint(get_module(model, mlp_out_path(get_architecture(model), 1)).weight) == \
+        es.fingerprints[mlp_out_path(get_architecture(model), 1)]
