@@ -464,6 +464,8 @@ def fetch_adapter(source: Union[str, Path], *, revision: Optional[str] = None, c
     """
     source = str(source)
     if os.path.isdir(source):
+        if revision is not None:
+            logger.warning("revision=%r is ignored: %s is a local directory.", revision, source)
         return Path(source)
     if os.path.exists(source) or _looks_local(source):
         raise AdapterFormatError(f"No adapter directory at {source!r}. Pass a directory written by "
