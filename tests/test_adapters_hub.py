@@ -180,3 +180,32 @@ def test_statistics_push_and_pull(hub, tmp_path):
         push_statistics(tmp_path / "junk.safetensors", repo_id)
     with pytest.raises(EntryNotFoundError):
         pull_statistics(repo_id, StatsKey("tiny@abc", 9, "m", "test", 5, "float32"))
+
+
+class _Bomb:
+    """Unpickling this would create a marker file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_only_json_and_safetensors_are_fetched(hub, tmp_path):
+    import pickle
+
+    model, tok = make_tiny_model("llama")
+    hf_knowedit.attach(model, tok)
+    random_set(model, [1]).push_to_hub("booby")
+    repo_id = f"{hub.user}/booby"
+    marker = tmp_path / "pwned"
+    api = HfApi()
+    api.upload_file(path_or_fileobj=pickle.dumps(_Bomb(marker)), path_in_repo="adapter_model.bin", repo_id=repo_id)
+    api.upload_file(path_or_fileobj=f"open({str(marker)!r}, 'w')".encode(), path_in_repo="modeling_evil.py",
+                    repo_id=repo_id)
+    model.load_edits(repo_id)
+    model.revert_edits()
+    fetched = {path.rsplit("/", 1)[-1] for m, path in hub.requests if "/resolve/" in path}
+    assert fetched == {"adapter_config.json", "knowedit_config.json", "adapter_model.safetensors"}
+    assert not marker.exists()
