@@ -410,10 +410,11 @@ def read_adapter(directory: Union[str, Path]) -> EditSet:
         if layout not in ("linear", "conv1d") or bool(peft.get("fan_in_fan_out")) != (layout == "conv1d"):
             raise AdapterFormatError(f"{path}: layout {layout!r} disagrees with fan_in_fan_out="
                                      f"{peft.get('fan_in_fan_out')} in {ADAPTER_CONFIG}; save the adapter again.")
+        if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise AdapterFormatError(f"{path}: rank {r!r} / lora_alpha {alpha!r} in {ADAPTER_CONFIG} are invalid; "
+                                     "save the adapter again.")
         if alpha != r:  # not written by us, but PEFT would scale by alpha / r
             B = (B.double() * (alpha / r)).float()
-        if not math.isfinite(float(alpha)):
-            raise AdapterFormatError(f"{path}: lora_alpha {alpha!r} is not finite.")
         deltas[path] = ModuleDelta(A=A, B=B, dense=bool(info.get("dense", False)))
         layouts[path] = layout
         if info.get("fingerprint") is not None:

@@ -456,3 +456,17 @@ def test_edit_set_keeps_dataclass_behaviour():
     assert es2.config == {"a": 1} and es2._hub_mixin_config is None and len(es2) == 1
     assert fingerprint(get_module(model, mlp_out_path(get_architecture(model), 1)).weight) == \
         es.fingerprints[mlp_out_path(get_architecture(model), 1)]
+
+
+def test_lora_alpha_other_than_rank_is_honoured_like_peft(saved, tmp_path):
+    model, good = saved
+    scaled = _copy(good, tmp_path / "scaled")
+    cfg = json.loads((scaled / "adapter_config.json").read_text())
+    _rewrite_json(scaled / "adapter_config.json", alpha_pattern={p: 3 * r for p, r in cfg["rank_pattern"].items()})
+    plain, tripled = EditSet.from_pretrained(good), EditSet.from_pretrained(scaled)
+    for p, d in plain.deltas.items():
+        assert torch.equal(tripled.deltas[p].A, d.A)
+        torch.testing.assert_close(tripled.deltas[p].B, 3 * d.B)
+    _rewrite_json(scaled / "adapter_config.json", alpha_pattern={p: float("inf") for p in cfg["rank_pattern"]})
+    with pytest.raises(AdapterFormatError, match="invalid"):
+        EditSet.from_pretrained(scaled)
