@@ -113,12 +113,35 @@ def adapter_tensors(es: EditSet) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _encode(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if callable(getattr(obj, "to_dict", None)):
+        return obj.to_dict()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    return str(obj)
+
+
 def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    elif hasattr(value, "to_dict") and callable(value.to_dict):
-        value = value.to_dict()
-    return json.loads(json.dumps(value, default=str))
+    """``value`` as plain JSON data (dataclasses such as ``StatsKey`` become dicts, at any depth)."""
+    return json.loads(json.dumps(_encode(value) if dataclasses.is_dataclass(value) else value, default=_encode))
+
+
+def _stats_key(value: Any) -> Any:
+    """Saved statistics keys back as :class:`~hf_knowedit.stats.StatsKey` (one, or a dict of them)."""
+    try:
+        from .stats import StatsKey
+    except ImportError:  # pragma: no cover - a build without the statistics module
+        return value
+    names = {f.name for f in dataclasses.fields(StatsKey)}
+    if isinstance(value, dict) and set(value) == names:
+        return StatsKey(**value)
+    if isinstance(value, dict) and value and all(isinstance(v, dict) and set(v) == names for v in value.values()):
+        return {int(k) if k.isdigit() else k: StatsKey(**v) for k, v in value.items()}  # JSON keys are strings
+    return value
 
 
 def knowedit_config(es: EditSet, files: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
@@ -430,7 +453,7 @@ def read_adapter(directory: Union[str, Path]) -> EditSet:
         config=dict(meta.get("config") or {}), layers=[int(x) for x in meta.get("layers") or []],
         fingerprints=fingerprints, layouts=layouts,
         base_model=meta.get("base_model", peft.get("base_model_name_or_path")),
-        revision=meta.get("revision", peft.get("revision")), stats_key=meta.get("stats_key"),
+        revision=meta.get("revision", peft.get("revision")), stats_key=_stats_key(meta.get("stats_key")),
         metrics=dict(meta.get("metrics") or {}), state=state, name=meta.get("name"),
     )
 

@@ -470,3 +470,15 @@ def test_lora_alpha_other_than_rank_is_honoured_like_peft(saved, tmp_path):
     _rewrite_json(scaled / "adapter_config.json", alpha_pattern={p: float("inf") for p in cfg["rank_pattern"]})
     with pytest.raises(AdapterFormatError, match="invalid"):
         EditSet.from_pretrained(scaled)
+
+
+def test_statistics_keys_round_trip(tmp_path):
+    from hf_knowedit.stats import StatsKey
+
+    model, _ = make_tiny_model("llama")
+    es = random_set(model, [1, 2])
+    keys = {layer: StatsKey("tiny@abc", layer, p, "wikitext", 1000, "float32") for layer, p in zip([1, 2], es.deltas)}
+    for i, stats_key in enumerate((keys[1], keys)):
+        es.stats_key = stats_key
+        es.save_pretrained(tmp_path / str(i))
+        assert EditSet.from_pretrained(tmp_path / str(i)).stats_key == stats_key
