@@ -13,8 +13,11 @@ from .architectures import (ARCHITECTURES, ArchitectureSpec, get_architecture, r
 from .attach import KnowEditMixin, attach, detach
 from .editing import apply_edits, available_methods, register_method
 from .editset import EditSet, ModuleDelta
+from .context import context_templates
 from .requests import EditRequest
+from .rome import ROMEConfig
 from .stack import disable_edits, list_edits, merge_edits, revert_edits, unmerge_edits
+from .stats import StatsCache, compute_second_moment
 from .version import __version__
 
 __all__ = [
@@ -22,4 +25,5 @@ __all__ = [
     "apply_edits", "attach", "available_methods", "detach", "disable_edits", "errors", "get_architecture",
     "list_edits", "merge_edits", "register_architecture", "register_method", "revert_edits",
     "supported_architectures", "unmerge_edits",
+    "ROMEConfig", "StatsCache", "compute_second_moment", "context_templates",
 ]
