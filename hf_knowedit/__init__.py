@@ -13,6 +13,7 @@ from .architectures import (ARCHITECTURES, ArchitectureSpec, get_architecture, r
 from .attach import KnowEditMixin, attach, detach
 from .editing import apply_edits, available_methods, register_method
 from .editset import EditSet, ModuleDelta
+from .evaluation import EvalResult, evaluate, load_records
 from .context import context_templates
 from .requests import EditRequest
 from .rome import ROMEConfig

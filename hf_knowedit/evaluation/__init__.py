@@ -1,0 +1,95 @@
+"""Evaluation: the papers' knowledge-editing metrics in one call.
+
+    >>> import hf_knowedit
+    >>> records = hf_knowedit.load_records("counterfact_500.json", limit=100)
+    >>> result = hf_knowedit.evaluate(model, tok, records)                        # unedited model
+    >>> result = hf_knowedit.evaluate(model, tok, records, method="rome")         # ROME, one edit at a time
+    >>> result = hf_knowedit.evaluate(model, tok, records, method="memit", protocol="batch")
+    >>> result = hf_knowedit.evaluate(model, tok, records, method="alphaedit", protocol="sequential",
+    ...                               batch_size=10, curve_every=1)
+    >>> print(result.to_markdown()); result.to_dict(); result.plot()
+
+Metrics (see :mod:`hf_knowedit.evaluation.metrics` for the exact definitions):
+
+* CounterFact (full or flat schema), ROME's protocol: ``S, ES, EM, PS, PM, NS, NM`` and ``GE`` (fluency);
+  probabilities of whole multi-token targets as mean NLL per token, as in ROME's reference code.
+* zsRE, MEMIT's protocol: ``Score, Efficacy, Paraphrase, Specificity`` (token-level top-1 accuracy).
+* Both datasets, the *other* family: EasyEdit's teacher-forced ``rewrite_acc, rephrase_acc, locality``.
+
+Modules: :mod:`.scoring` (batched, padding-side-exact target scoring), :mod:`.datasets` (loaders),
+:mod:`.metrics`, :mod:`.protocols` (single / batch / sequential), :mod:`.results` (:class:`EvalResult`).
+The guide is ``docs/evaluation.md``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, Optional, Union
+
+from torch import nn
+
+from ..errors import InvalidConfigError
+from . import metrics
+from .datasets import SCHEMAS, EvalRecord, load_records
+from .metrics import aggregate
+from .protocols import PROTOCOLS, Scorer, encode_record, run_protocol
+from .results import EvalResult
+from .scoring import TargetScore, generate_texts, score_targets
+
+
+def evaluate(model: nn.Module, tokenizer: Any, records: Union[str, Iterable[Any]], *, method: Optional[str] = None,
+             protocol: str = "single", schema: Optional[str] = None, limit: Optional[int] = None,
+             batch_size: int = 10, curve_every: Optional[int] = None, fluency: bool = True,
+             seed: Optional[int] = 0, max_new_tokens: int = 90, score_batch_size: int = 32,
+             on_error: str = "record", zsre_target: str = "answers", progress: bool = True,
+             **edit_kwargs: Any) -> EvalResult:
+    """Score ``model`` on benchmark records, before and (with ``method``) after editing.
+
+    Args:
+        records: a JSON file, a list of raw CounterFact / flat CounterFact / zsRE records, or
+            :class:`EvalRecord` objects (:func:`load_records`).
+        method: ``None`` (score the model as it is), or a registered editing method (``"rome"``, ``"memit"``, ...).
+        protocol: ``"single"`` (edit, score, revert, next), ``"batch"`` (edit all, score all) or
+            ``"sequential"`` (consecutive batches of ``batch_size`` edits, scored after the last one).
+        schema: ``"counterfact"``, ``"counterfact_flat"`` or ``"zsre"``; ``None`` detects it.
+        limit: use only the first ``limit`` records.
+        batch_size: edits per batch in the sequential protocol.
+        curve_every: sequential protocol: also score the records edited so far every this many batches.
+        fluency: compute ``GE`` from ``generation_prompts`` (CounterFact full schema; ~10 generations per record).
+        seed: seed of the top-5 sampling used for ``GE`` (per record ``seed + index``); ``None`` = greedy.
+        max_new_tokens: tokens generated per generation prompt.
+        score_batch_size: sequences per forward pass when scoring.
+        on_error: ``"record"`` (a failed edit counts as failed, see :mod:`.protocols`) or ``"raise"``.
+        zsre_target: ``"answers"`` (MEMIT: edit to ``answers[0]``) or ``"alt"`` (EasyEdit).
+        **edit_kwargs: passed to :func:`hf_knowedit.apply_edits` (``config=``, ``layers=``, method options).
+
+    Returns an :class:`EvalResult`; the model is left as it was (edits reverted, method history restored).
+    Bad records raise :class:`~hf_knowedit.errors.InvalidDataError` naming the record and field, before
+    anything is edited.
+    """
+    if protocol not in PROTOCOLS:
+        raise InvalidConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
+    start = time.perf_counter()
+    recs = load_records(records, schema, limit=limit, zsre_target=zsre_target)
+    encoded = [encode_record(tokenizer, r) for r in recs]
+    scorer = Scorer(model, tokenizer, encoded, batch_size=score_batch_size, fluency=fluency, seed=seed,
+                    max_new_tokens=max_new_tokens)
+    parts = run_protocol(model, tokenizer, scorer, method=method, protocol=protocol, batch_size=batch_size,
+                         curve_every=curve_every, on_error=on_error, edit_kwargs=edit_kwargs, progress=progress)
+    post_cases = parts["post_cases"]
+    per_record = [{"index": r.index, "case_id": r.case_id, "pre": parts["pre_cases"][i],
+                   "post": None if post_cases is None else post_cases[i]} for i, r in enumerate(recs)]
+    timing = dict(parts["timing"], total_s=time.perf_counter() - start)
+    settings = {"seed": seed, "fluency": fluency, "max_new_tokens": max_new_tokens,
+                "score_batch_size": score_batch_size, "padding_side": getattr(tokenizer, "padding_side", None),
+                "edit_kwargs": {k: repr(v) for k, v in edit_kwargs.items()}}
+    if protocol == "sequential":
+        settings.update(batch_size=batch_size, curve_every=curve_every)
+    return EvalResult(method=method, protocol=protocol, schema=recs[0].schema, n_records=len(recs),
+                      pre=aggregate(parts["pre_cases"]),
+                      post=None if post_cases is None else aggregate(post_cases), curve=parts["curve"],
+                      records=per_record, failed=parts["failed"], settings=settings, timing=timing)
+
+
+__all__ = ["EvalRecord", "EvalResult", "PROTOCOLS", "SCHEMAS", "TargetScore", "aggregate", "evaluate",
+           "generate_texts", "load_records", "metrics", "score_targets"]

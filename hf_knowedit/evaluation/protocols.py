@@ -1,0 +1,242 @@
+"""Editing protocols: when edits are applied, when the model is scored, what is reverted.
+
+* ``"single"`` (ROME's CounterFact protocol): for each record, edit, score that record, revert, next.
+* ``"batch"`` (MEMIT's): edit all records in one call, score all, revert.
+* ``"sequential"`` (AlphaEdit's): edit in consecutive batches of ``batch_size`` without reverting;
+  score all records after the last batch, and, every ``curve_every`` batches, the records edited so far
+  (the curve of metrics against the number of edits).
+
+Every protocol first scores the unedited model on all records ("pre"), so each result holds pre-edit
+and post-edit numbers side by side. Edits go through :func:`hf_knowedit.editing.apply_edits` under
+names starting with ``"eval-"`` and are reverted with :func:`hf_knowedit.stack.revert_edits` (bit-exact);
+method history (``model._hf_knowedit.history``, e.g. AlphaEdit's accumulated keys) is restored to what it was.
+
+An edit that raises a :class:`~hf_knowedit.errors.KnowEditError` (singular system, non-finite update, ...)
+counts as a failed edit: the model is unchanged, so its records are scored as they are (an edit that
+changed nothing gets the unedited model's numbers, never success by default), and the error is listed in
+``EvalResult.failed``. Pass ``on_error="raise"`` to stop instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from huggingface_hub.utils import tqdm
+from torch import nn
+
+from ..editing import apply_edits, get_method
+from ..errors import InvalidConfigError, InvalidDataError, KnowEditError
+from ..stack import get_state, revert_edits
+from . import metrics as M
+from .datasets import PROMPT_FIELDS, TARGET_FIELDS, EvalRecord, check_distinct
+from .scoring import Encoded, TargetScore, generate_texts, score_encoded, split_prompt_target
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("single", "batch", "sequential")
+GROUPS = ("rewrite", "paraphrase", "neighborhood")
+
+
+@dataclass
+class EncodedRecord:
+    """A record's scoring pairs, tokenized once. ``slots[group]`` lists, per prompt, the indices in
+    ``pairs`` of (target_new, the target that should keep winning) — ``None`` where a schema has none."""
+
+    record: EvalRecord
+    pairs: List[Encoded]
+    slots: Dict[str, List[Tuple[Optional[int], Optional[int]]]]
+
+
+RecordScores = Dict[str, List[Tuple[Optional[TargetScore], Optional[TargetScore]]]]
+
+
+def encode_record(tokenizer: Any, rec: EvalRecord) -> EncodedRecord:
+    """Tokenize every (prompt, target) pair of ``rec``; typed errors name the record and field."""
+    pairs: List[Encoded] = []
+
+    def add(prompt: str, target: Optional[str], group: str, which: str, j: int) -> Optional[int]:
+        if target is None:
+            return None
+        try:
+            pairs.append(split_prompt_target(tokenizer, prompt, target))
+        except KnowEditError as err:
+            field = TARGET_FIELDS[rec.schema][which]
+            raise InvalidDataError(f"{rec.where}: field {field!r} ({target!r}) cannot be scored after "
+                                   f"{PROMPT_FIELDS[rec.schema][group]}[{j}]: {err}") from None
+        if not pairs[-1][0]:
+            raise InvalidDataError(f"{rec.where}: field {PROMPT_FIELDS[rec.schema][group]!r}[{j}] gives no "
+                                   f"prompt tokens before the target; use a non-empty prompt.")
+        return len(pairs) - 1
+
+    slots: Dict[str, List[Tuple[Optional[int], Optional[int]]]] = {}
+    for group, prompts in (("rewrite", rec.rewrite_prompts), ("paraphrase", rec.paraphrase_prompts)):
+        slots[group] = [(add(p, rec.target_new, group, "target_new", j),
+                         add(p, rec.target_true, group, "target_true", j)) for j, p in enumerate(prompts)]
+    slots["neighborhood"] = [
+        (add(p, rec.target_new if rec.target_true is not None else None, "neighborhood", "target_new", j),
+         add(p, rec.neighborhood_target, "neighborhood", "neighborhood_target", j))
+        for j, p in enumerate(rec.neighborhood_prompts)]
+    return EncodedRecord(rec, pairs, slots)
+
+
+def score_records(model: nn.Module, tokenizer: Any, encoded: Sequence[EncodedRecord], *,
+                  batch_size: int = 32) -> List[RecordScores]:
+    """Score all pairs of all records in shared batches; regroup per record."""
+    flat = [p for e in encoded for p in e.pairs]
+    scores = score_encoded(model, flat, tokenizer=tokenizer, batch_size=batch_size)
+    out, k = [], 0
+    for e in encoded:
+        mine = scores[k:k + len(e.pairs)]
+        k += len(e.pairs)
+        out.append({g: [(None if a is None else mine[a], None if b is None else mine[b]) for a, b in e.slots[g]]
+                    for g in GROUPS})
+    return out
+
+
+def case_metrics(rec: EvalRecord, post: RecordScores, pre: RecordScores, ge: Optional[float] = None) -> Dict[str, float]:
+    """All per-record metrics (fractions; GE as is) of one family set: ROME's (CounterFact) or MEMIT's zsRE,
+    plus the teacher-forced token-accuracy family."""
+    new = {g: [n for n, _ in post[g]] for g in GROUPS}
+    keep = {g: [k for _, k in post[g]] for g in GROUPS}
+    out: Dict[str, float] = {}
+    if rec.target_true is not None:
+        out.update(M.counterfact_case(post["rewrite"], post["paraphrase"], post["neighborhood"]))
+    else:
+        out.update(M.zsre_case(new["rewrite"], new["paraphrase"], keep["neighborhood"]))
+    out.update(M.token_accuracy_case(new["rewrite"], new["paraphrase"], keep["neighborhood"],
+                                     [k for _, k in pre["neighborhood"]]))
+    if ge is not None:
+        out["GE"] = ge
+    return out
+
+
+@dataclass
+class Scorer:
+    """Scores records on the model as it is now (see :func:`score_records`), plus fluency."""
+
+    model: nn.Module
+    tokenizer: Any
+    encoded: List[EncodedRecord]
+    batch_size: int = 32
+    fluency: bool = True
+    seed: Optional[int] = 0
+    max_new_tokens: int = 90
+
+    def scores(self, idx: Sequence[int]) -> List[RecordScores]:
+        return score_records(self.model, self.tokenizer, [self.encoded[i] for i in idx], batch_size=self.batch_size)
+
+    def ge(self, i: int) -> Optional[float]:
+        rec = self.encoded[i].record
+        if not self.fluency or not rec.generation_prompts:
+            return None
+        seed = None if self.seed is None else self.seed + rec.index
+        texts = generate_texts(self.model, self.tokenizer, rec.generation_prompts,
+                               max_new_tokens=self.max_new_tokens, seed=seed)
+        return M.ngram_entropy(texts)
+
+
+def _restore_history(model: nn.Module, saved: Dict[str, Any]) -> None:
+    history = get_state(model).history
+    history.clear()
+    history.update(saved)
+
+
+def run_protocol(model: nn.Module, tokenizer: Any, scorer: Scorer, *, method: Optional[str], protocol: str,
+                 batch_size: int = 1, curve_every: Optional[int] = None, on_error: str = "record",
+                 edit_kwargs: Optional[Dict[str, Any]] = None, progress: bool = True) -> Dict[str, Any]:
+    """Run one protocol; returns the pieces of an :class:`~hf_knowedit.evaluation.results.EvalResult`."""
+    if protocol not in PROTOCOLS:
+        raise InvalidConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
+    if on_error not in ("record", "raise"):
+        raise InvalidConfigError(f"on_error must be 'record' or 'raise', got {on_error!r}.")
+    if method is not None:
+        get_method(method)  # unknown names fail before any work
+    if protocol == "sequential" and (not isinstance(batch_size, int) or batch_size < 1):
+        raise InvalidConfigError(f"batch_size must be a positive int for the sequential protocol, got {batch_size!r}.")
+    if curve_every is not None and (not isinstance(curve_every, int) or curve_every < 1):
+        raise InvalidConfigError(f"curve_every must be None or a positive int, got {curve_every!r}.")
+    records = [e.record for e in scorer.encoded]
+    if method is not None and protocol != "single":
+        check_distinct(records)
+    edit_kwargs = dict(edit_kwargs or {})
+    n = len(records)
+    timing = {"pre_s": 0.0, "edit_s": 0.0, "post_s": 0.0}
+
+    t0 = time.perf_counter()
+    pre = scorer.scores(range(n))
+    pre_ge = [scorer.ge(i) for i in range(n)]
+    pre_cases = [case_metrics(records[i], pre[i], pre[i], pre_ge[i]) for i in range(n)]
+    timing["pre_s"] = time.perf_counter() - t0
+    out: Dict[str, Any] = {"pre_cases": pre_cases, "post_cases": None, "curve": [], "failed": [],
+                           "timing": timing}
+    if method is None:
+        return out
+
+    state = get_state(model)
+    saved_history = dict(state.history)
+    applied: List[str] = []
+
+    def edit(idx: Sequence[int], name: str) -> bool:
+        t = time.perf_counter()
+        try:
+            es = apply_edits(model, tokenizer, [records[i].request for i in idx], method=method, name=name,
+                             **edit_kwargs)
+            applied.append(es.name)
+            return True
+        except KnowEditError as err:
+            if on_error == "raise":
+                raise
+            where = ", ".join(records[i].where for i in idx[:3]) + (" ..." if len(idx) > 3 else "")
+            logger.warning("Edit of %s failed (%s: %s); counted as failed.", where, type(err).__name__, err)
+            out["failed"].append({"records": list(idx), "case_ids": [records[i].case_id for i in idx],
+                                  "error": f"{type(err).__name__}: {err}"})
+            return False
+        finally:
+            timing["edit_s"] += time.perf_counter() - t
+
+    def score(idx: Sequence[int]) -> List[Dict[str, float]]:
+        t = time.perf_counter()
+        post = scorer.scores(idx)
+        cases = [case_metrics(records[i], p, pre[i], scorer.ge(i)) for i, p in zip(idx, post)]
+        timing["post_s"] += time.perf_counter() - t
+        return cases
+
+    def revert_all() -> None:
+        for name in reversed(applied):
+            revert_edits(model, name)
+        applied.clear()
+        _restore_history(model, saved_history)
+
+    try:
+        if protocol == "single":
+            post_cases = []
+            for i in tqdm(range(n), desc="single edits", disable=not progress):
+                if edit([i], f"eval-single-{i}"):
+                    post_cases.extend(score([i]))
+                    revert_all()
+                else:
+                    post_cases.append(pre_cases[i])
+            out["post_cases"] = post_cases
+        elif protocol == "batch":
+            edit(list(range(n)), "eval-batch")
+            out["post_cases"] = score(range(n))
+        else:
+            chunks = [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
+            done: List[int] = []
+            for step, chunk in enumerate(tqdm(chunks, desc="sequential batches", disable=not progress), 1):
+                edit(chunk, f"eval-seq-{step}")
+                done += chunk
+                last = step == len(chunks)
+                if curve_every and (step % curve_every == 0 or last):
+                    cases = score(done)
+                    out["curve"].append({"n_edits": len(done), **M.aggregate(cases)})
+                    if last:
+                        out["post_cases"] = cases
+            if out["post_cases"] is None:
+                out["post_cases"] = score(range(n))
+    finally:
+        revert_all()
+    return out
