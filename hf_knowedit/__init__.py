@@ -27,4 +27,5 @@ __all__ = [
     "list_edits", "merge_edits", "register_architecture", "register_method", "revert_edits",
     "supported_architectures", "unmerge_edits",
     "ROMEConfig", "StatsCache", "compute_second_moment", "context_templates",
+    "EvalResult", "evaluate", "load_records",
 ]
