@@ -19,6 +19,7 @@ from .requests import EditRequest
 from .rome import ROMEConfig
 from .stack import disable_edits, list_edits, merge_edits, revert_edits, unmerge_edits
 from .stats import StatsCache, compute_second_moment
+from .tracing import TraceResult, suggest_layers, trace_fact, trace_facts
 from .version import __version__
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "supported_architectures", "unmerge_edits",
     "ROMEConfig", "StatsCache", "compute_second_moment", "context_templates",
     "EvalResult", "evaluate", "load_records",
+    "TraceResult", "suggest_layers", "trace_fact", "trace_facts",
 ]
