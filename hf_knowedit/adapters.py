@@ -279,8 +279,9 @@ def model_card(es: EditSet, *, repo_id: Optional[str] = None, title: Optional[st
         "",
         "It is a PEFT LoRA adapter (scaling 1, ranks: " + (ranks or "–") + ") plus `knowedit_config.json`, which "
         "records the edited facts, the method's configuration and fingerprints of the base weights the edit was "
-        "computed on: hf_knowedit refuses to apply it to other weights. Dense updates are stored exactly as "
-        "full-rank factors (one of them the identity).",
+        "computed on: hf_knowedit refuses to apply it to other weights."
+        + (" Modules marked dense hold their update exactly as full-rank factors (one of them the identity)."
+           if any(d.dense for d in es.deltas.values()) else ""),
         "",
         "## Edited facts",
         "",

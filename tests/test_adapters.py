@@ -140,6 +140,8 @@ def test_sidecar_and_round_trip(tmp_path):
     assert [r["subject"] for r in meta["requests"]] == ["Angola", "Thomas Mann"]
     assert {p: m["dense"] for p, m in meta["modules"].items()} == {p: d.dense for p, d in es.deltas.items()}
     assert sum(m["dense"] for m in meta["modules"].values()) == 1
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "3.mlp.down_proj`: 32 (dense)" in card and "marked dense" in card
 
     back = EditSet.from_pretrained(tmp_path / "a")
     for field in ("requests", "method", "config", "layers", "fingerprints", "layouts", "base_model", "revision",
@@ -166,7 +168,7 @@ def test_model_card(tmp_path):
     assert {"knowledge-editing", "adaptertest"} <= set(card.data.tags)
     assert "| 1 | Angola | {} is located in | Africa | Antarctica |" in card.text
     assert "| 2 | Thomas Mann | The mother tongue of {} is | – | Spanish \\| Catalan |" in card.text
-    assert "| efficacy | 0.75 |" in card.text
+    assert "| efficacy | 0.75 |" in card.text and "dense" not in card.text
     assert "model.load_edits('me/angola')" in card.text and "PeftModel.from_pretrained(model, 'me/angola')" in card.text
     # a local path is no Hub base_model
     es.base_model = str(tmp_path / "somewhere")
