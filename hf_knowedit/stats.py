@@ -278,18 +278,18 @@ def _param_digest(history: Dict[str, Any], name: str, t: torch.Tensor) -> str:
     return digest
 
 
-def model_identity(model: nn.Module, layer: int, *, revision: Optional[str] = None) -> str:
+def model_identity(model: nn.Module, layer: int, *, revision: Optional[str] = None, whole: bool = False) -> str:
     """``"name@revision"`` when a revision is given, else ``"weights:<sha256[:32]>"``: a fingerprint of the
     base weights (pristine copies where edits are merged) that the input of ``layer``'s ``mlp_out`` depends on
-    (everything but later blocks, the final norm and the LM head). Per-tensor digests are memoised
-    per model until the tensor changes."""
+    (everything but later blocks, the final norm and the LM head; ``whole=True``: every weight).
+    Per-tensor digests are memoised per model until the tensor changes."""
     if revision:
         name = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", "") or "model"
         return f"{name}@{revision}"
     spec = get_architecture(model)
     state = get_state(model)
     later = tuple(f"{spec.layers}.{i}." for i in range(layer + 1, len(get_module(model, spec.layers))))
-    skip = later + (spec.final_norm + ".", spec.lm_head + ".")
+    skip = () if whole else later + (spec.final_norm + ".", spec.lm_head + ".")
     h = hashlib.sha256()
     seen = set()
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -357,9 +357,13 @@ SAMPLED_STARTS = ("The", "In", "A", "It", "This", "He", "She", "After", "There",
 
 
 def sampled_corpus(model: nn.Module, tokenizer: Any, n_tokens: int, *, seed: int = 0,
-                   length: int = SAMPLED_LENGTH) -> List[str]:
+                   length: int = SAMPLED_LENGTH, directory: Union[str, Path, None] = None) -> List[str]:
     """Texts sampled from the base model itself (top-k 50, seeded), about ``n_tokens`` tokens in all.
-    Cached per model in ``get_state(model).history``."""
+
+    Cached per model in ``get_state(model).history`` and, with ``directory``, as a JSON file there
+    (``corpus--<weights fingerprint>--seed<seed>-len<length>-n<texts>.json``) so other layers and
+    later sessions reuse it (sampling is the slow part on a CPU).
+    """
     from .context import generate_texts, max_positions
 
     length = max(8, min(length, max_positions(model) - 8))
@@ -367,13 +371,31 @@ def sampled_corpus(model: nn.Module, tokenizer: Any, n_tokens: int, *, seed: int
     per_start = math.ceil(n_texts / len(SAMPLED_STARTS))
     cache = get_state(model).history.setdefault(_CORPUS_KEY, {})
     key = (seed, length, per_start)
-    if key not in cache:
-        logger.warning("No Wikipedia-like corpus available (needs the 'datasets' package and the Hub): sampling "
-                       "%d texts of %d tokens from the model itself (seed %d) for the second-moment statistics.",
-                       per_start * len(SAMPLED_STARTS), length, seed)
-        cache[key] = generate_texts(model, tokenizer, SAMPLED_STARTS, length=length, seed=seed,
-                                    per_start=per_start, top_k=50)
+    if key in cache:
+        return cache[key]
+    path = None
+    if directory is not None:
+        ident = model_identity(model, num_layers_of(model) - 1, whole=True).split(":")[-1]
+        path = Path(directory) / f"corpus--{ident}--seed{seed}-len{length}-n{per_start * len(SAMPLED_STARTS)}.json"
+        if path.exists():
+            cache[key] = json.loads(path.read_text())
+            logger.info("Model-sampled statistics corpus loaded from %s.", path)
+            return cache[key]
+    logger.warning("No Wikipedia-like corpus available (needs the 'datasets' package and the Hub): sampling "
+                   "%d texts of %d tokens from the model itself (seed %d) for the second-moment statistics.",
+                   per_start * len(SAMPLED_STARTS), length, seed)
+    cache[key] = generate_texts(model, tokenizer, SAMPLED_STARTS, length=length, seed=seed, per_start=per_start,
+                                top_k=50)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache[key]))
+        os.replace(tmp, path)
     return cache[key]
+
+
+def num_layers_of(model: nn.Module) -> int:
+    return len(get_module(model, get_architecture(model).layers))
 
 
 def resolve_corpus(model: nn.Module, tokenizer: Any, corpus: Corpus, n_tokens: int, max_length: int,
@@ -461,7 +483,8 @@ def compute_second_moment(model: nn.Module, tokenizer: Any, layer: int, *, corpu
             return hit
 
     if source is None:
-        source = sampled_corpus(model, tokenizer, n_tokens, seed=seed)
+        source = sampled_corpus(model, tokenizer, n_tokens, seed=seed,
+                                directory=disk.directory if disk is not None else None)
     entry = _accumulate(model, tokenizer, layer, module, d_in, source, n_tokens, _DTYPES[dtype_name],
                         batch_tokens, max_length, key)
     if disk is not None:

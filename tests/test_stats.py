@@ -1,0 +1,186 @@
+"""Second-moment statistics: the value, the keyed cache (hits, misses, mismatches), the solve."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from hf_knowedit.architectures import get_architecture, get_module, mlp_out_path
+from hf_knowedit.errors import InvalidConfigError, LayerOutOfRangeError, StatisticsMismatchError
+from hf_knowedit.hooks import Trace
+from hf_knowedit.stats import (TENSOR_NAME, SecondMoment, StatsCache, StatsKey, compute_second_moment,
+                               identity_moment, model_identity)
+from tests.tiny_models import _CORPUS, make_tiny_model
+
+CORPUS = [line for line in _CORPUS.splitlines() if line.strip()]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two OpenMP threads on a busy 2-core machine are ~50x slower than one for these tiny models."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _keys_by_hand(model, tok, layer, texts, n):
+    """The first ``n`` keys of the corpus, one text at a time (no batching, no padding)."""
+    path = mlp_out_path(get_architecture(model), layer)
+    rows = []
+    for text in texts:
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad(), Trace(model, path, retain_input=True, retain_output=False) as tr:
+            model(input_ids=ids)
+        rows.append(tr.input.reshape(-1, tr.input.shape[-1]))
+    keys = torch.cat(rows)[:n].double()
+    return keys.t() @ keys / keys.shape[0]
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "opt"])
+def test_matches_keys_collected_by_hand(model_type, tmp_path):
+    model, tok = make_tiny_model(model_type)
+    sm = compute_second_moment(model, tok, 1, corpus=CORPUS, n_tokens=200, cache=StatsCache(tmp_path),
+                               batch_tokens=64)
+    assert sm.n_tokens == 200 and sm.matrix.dtype == torch.float32
+    torch.testing.assert_close(sm.matrix.double(), _keys_by_hand(model, tok, 1, CORPUS, 200), rtol=1e-4, atol=1e-7)
+    assert sm.key.layer == 1 and sm.key.module.endswith(get_architecture(model).mlp_out)
+    assert sm.key.corpus.startswith("texts:") and sm.key.model.startswith("weights:")
+
+
+def test_cache_hit_never_recomputes_and_changed_key_never_reuses(tmp_path):
+    cache = StatsCache(tmp_path)
+    model, tok = make_tiny_model("llama")
+    first = compute_second_moment(model, tok, 1, corpus=CORPUS, n_tokens=150, cache=cache)
+    assert cache.path(first.key).exists() and len(list(tmp_path.iterdir())) == 1
+
+    fresh, _ = make_tiny_model("llama")  # same weights, new object: only the disk cache can answer
+    module = get_module(fresh, mlp_out_path(get_architecture(fresh), 1))
+    calls = []
+    module.register_forward_hook(lambda *a: calls.append(1))
+    hit = compute_second_moment(fresh, tok, 1, corpus=CORPUS, n_tokens=150, cache=cache)
+    assert calls == [] and torch.equal(hit.matrix, first.matrix) and hit.key == first.key
+    assert compute_second_moment(fresh, tok, 1, corpus=CORPUS, n_tokens=150, cache=cache) is hit  # in memory
+
+    misses = [
+        dict(corpus=CORPUS, n_tokens=151),
+        dict(corpus=CORPUS[:-1], n_tokens=150),
+        dict(corpus=CORPUS, n_tokens=150, dtype=torch.float64),
+        dict(corpus=CORPUS, n_tokens=150, max_length=16),
+    ]
+    for kwargs in misses:
+        calls.clear()
+        entry = compute_second_moment(fresh, tok, 1, cache=cache, **kwargs)
+        assert calls and entry.key != first.key
+    calls.clear()
+    other_layer = compute_second_moment(fresh, tok, 2, corpus=CORPUS, n_tokens=150, cache=cache)
+    assert other_layer.key.layer == 2 and other_layer.key.module != first.key.module
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1 + len(misses) + 1
+
+    with torch.no_grad():  # other weights feeding layer 1: another model identity, recomputed
+        get_module(fresh, "model.layers.0.mlp.up_proj").weight.add_(0.01)
+    changed = compute_second_moment(fresh, tok, 1, corpus=CORPUS, n_tokens=150, cache=cache)
+    assert changed.key.model != first.key.model and not torch.equal(changed.matrix, first.matrix)
+
+
+def test_statistics_ignore_active_edits(tmp_path):
+    import hf_knowedit
+    from hf_knowedit.editset import ModuleDelta
+
+    model, tok = make_tiny_model("llama")
+    before = compute_second_moment(model, tok, 2, corpus=CORPUS, n_tokens=100, cache=False)
+    identity = model_identity(model, 2)
+    path = mlp_out_path(get_architecture(model), 1)
+    es = hf_knowedit.EditSet(deltas={path: ModuleDelta(torch.randn(1, 96), torch.randn(32, 1))}, requests=[],
+                             method="test")
+    hf_knowedit.stack.push_edit_set(model, es)
+    assert model_identity(model, 2) == identity  # fingerprint of the base weights
+    get_state = hf_knowedit.stack.get_state
+    get_state(model).history.clear()  # force a recomputation
+    after = compute_second_moment(model, tok, 2, corpus=CORPUS, n_tokens=100, cache=False)
+    torch.testing.assert_close(after.matrix, before.matrix)
+    hf_knowedit.revert_edits(model)
+
+
+def test_file_format_and_mismatch(tmp_path):
+    model, tok = make_tiny_model("gpt2")
+    cache = StatsCache(tmp_path)
+    l1 = compute_second_moment(model, tok, 1, corpus=CORPUS, n_tokens=100, cache=cache)
+    l2 = compute_second_moment(model, tok, 2, corpus=CORPUS, n_tokens=100, cache=cache)
+    with safe_open(str(cache.path(l1.key)), framework="pt") as f:
+        meta = f.metadata()
+        assert list(f.keys()) == [TENSOR_NAME]
+    assert meta["format"] == "hf_knowedit.second_moment" and meta["layer"] == "1"
+    assert {"model", "layer", "module", "corpus", "n_tokens", "dtype", "n_tokens_used", "d_in"} <= set(meta)
+    assert StatsKey.from_metadata(meta) == l1.key
+
+    with pytest.raises(StatisticsMismatchError, match="layer"):
+        SecondMoment.load(cache.path(l2.key), expected=l1.key)
+    other_model, _ = make_tiny_model("gpt2", seed=1)
+    other_key = compute_second_moment(other_model, tok, 1, corpus=CORPUS, n_tokens=100, cache=False).key
+    with pytest.raises(StatisticsMismatchError, match="model"):
+        SecondMoment.load(cache.path(l1.key), expected=other_key)
+    # a file under this key's name but written for another layer: refused, never used
+    cache.path(l1.key).write_bytes(cache.path(l2.key).read_bytes())
+    fresh, _ = make_tiny_model("gpt2")
+    with pytest.raises(StatisticsMismatchError):
+        compute_second_moment(fresh, tok, 1, corpus=CORPUS, n_tokens=100, cache=cache)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(StatisticsMismatchError):
+        SecondMoment.load(tmp_path / "junk.safetensors")
+
+    loaded = SecondMoment.load(l2.save(tmp_path / "copy" / "entry.safetensors"), expected=l2.key)
+    assert torch.equal(loaded.matrix, l2.matrix) and loaded.n_tokens == l2.n_tokens
+
+
+def test_solve_uses_cached_factor_and_identity():
+    torch.manual_seed(0)
+    x = torch.randn(50, 8, dtype=torch.float64)
+    key = StatsKey("m", 0, "mod", "texts", 50, "float64")
+    sm = SecondMoment(x.t() @ x / 50, 50, key)
+    rhs = torch.randn(8, 3)
+    sol = sm.solve(rhs)
+    assert sol.dtype == torch.float32
+    torch.testing.assert_close(sm.matrix.float() @ sol, rhs, rtol=1e-4, atol=1e-4)
+    factor = sm.cholesky()
+    sm.solve(rhs[:, 0])
+    assert sm.cholesky() is factor  # factorised once
+    with pytest.raises(InvalidConfigError):
+        sm.solve(torch.randn(7))
+
+    model, _ = make_tiny_model("llama")
+    eye = identity_moment(model, 1)
+    assert eye.is_identity and eye.key.corpus == "identity" and eye.matrix.shape == (96, 96)
+    v = torch.randn(96)
+    assert torch.equal(eye.solve(v), v)
+
+
+def test_singular_moment_is_regularised(caplog):
+    x = torch.randn(3, 8, dtype=torch.float64)  # rank 3 < 8
+    sm = SecondMoment(x.t() @ x / 3, 3, StatsKey("m", 0, "mod", "texts", 3, "float64"))
+    with caplog.at_level(logging.WARNING, logger="hf_knowedit.stats"):
+        out = sm.solve(torch.randn(8, dtype=torch.float64))
+    assert torch.isfinite(out).all() and "singular" in caplog.text
+
+
+def test_default_corpus_is_sampled_from_the_model_and_labelled(tmp_path, caplog):
+    model, tok = make_tiny_model("llama")
+    with caplog.at_level(logging.WARNING, logger="hf_knowedit.stats"):
+        sm = compute_second_moment(model, tok, 0, n_tokens=120, cache=StatsCache(tmp_path))
+    assert sm.key.corpus.startswith("model-sampled:seed=0") and "sampling" in caplog.text
+    assert sm.n_tokens == 120 and torch.isfinite(sm.matrix).all()
+    again, _ = make_tiny_model("llama")
+    assert torch.equal(compute_second_moment(again, tok, 0, n_tokens=120, cache=False).matrix, sm.matrix)  # seeded
+
+
+def test_bad_arguments():
+    model, tok = make_tiny_model("llama")
+    with pytest.raises(LayerOutOfRangeError):
+        compute_second_moment(model, tok, 4, corpus=CORPUS, cache=False)
+    for kwargs in (dict(n_tokens=0), dict(dtype=torch.float16), dict(batch_tokens=0), dict(corpus="one string"),
+                   dict(corpus=[])):
+        with pytest.raises(InvalidConfigError):
+            compute_second_moment(model, tok, 1, cache=False, **({"corpus": CORPUS} | kwargs))
