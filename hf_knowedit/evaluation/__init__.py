@@ -63,7 +63,7 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Union[str, Iterable[Any]
         zsre_target: ``"answers"`` (MEMIT: edit to ``answers[0]``) or ``"alt"`` (EasyEdit).
         **edit_kwargs: passed to :func:`hf_knowedit.apply_edits` (``config=``, ``layers=``, method options).
 
-    Returns an :class:`EvalResult`; the model is left as it was (edits reverted, method history restored).
+    Returns an :class:`EvalResult`; the model is left as it was (edits reverted; method history is left to the methods, see :mod:`.protocols`).
     Bad records raise :class:`~hf_knowedit.errors.InvalidDataError` naming the record and field, before
     anything is edited.
     """

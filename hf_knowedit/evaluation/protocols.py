@@ -8,8 +8,10 @@
 
 Every protocol first scores the unedited model on all records ("pre"), so each result holds pre-edit
 and post-edit numbers side by side. Edits go through :func:`hf_knowedit.editing.apply_edits` under
-names starting with ``"eval-"`` and are reverted with :func:`hf_knowedit.stack.revert_edits` (bit-exact);
-method history (``model._hf_knowedit.history``, e.g. AlphaEdit's accumulated keys) is restored to what it was.
+names starting with ``"eval-"`` and are reverted with :func:`hf_knowedit.stack.revert_edits` (bit-exact).
+Like ``revert_edits``, the evaluation leaves method history (``model._hf_knowedit.history``: caches such as
+context templates, and state such as AlphaEdit's accumulated keys) to the methods: reset it yourself
+(e.g. ``hf_knowedit.alphaedit.reset_history(model)``) where edits must start from a clean history.
 
 An edit that raises a :class:`~hf_knowedit.errors.KnowEditError` (singular system, non-finite update, ...)
 counts as a failed edit: the model is unchanged, so its records are scored as they are (an edit that
@@ -29,7 +31,7 @@ from torch import nn
 
 from ..editing import apply_edits, get_method
 from ..errors import InvalidConfigError, InvalidDataError, KnowEditError
-from ..stack import get_state, revert_edits
+from ..stack import revert_edits
 from . import metrics as M
 from .datasets import PROMPT_FIELDS, TARGET_FIELDS, EvalRecord, check_distinct
 from .scoring import Encoded, TargetScore, generate_texts, score_encoded, split_prompt_target
@@ -138,12 +140,6 @@ class Scorer:
         return M.ngram_entropy(texts)
 
 
-def _restore_history(model: nn.Module, saved: Dict[str, Any]) -> None:
-    history = get_state(model).history
-    history.clear()
-    history.update(saved)
-
-
 def run_protocol(model: nn.Module, tokenizer: Any, scorer: Scorer, *, method: Optional[str], protocol: str,
                  batch_size: int = 1, curve_every: Optional[int] = None, on_error: str = "record",
                  edit_kwargs: Optional[Dict[str, Any]] = None, progress: bool = True) -> Dict[str, Any]:
@@ -175,8 +171,6 @@ def run_protocol(model: nn.Module, tokenizer: Any, scorer: Scorer, *, method: Op
     if method is None:
         return out
 
-    state = get_state(model)
-    saved_history = dict(state.history)
     applied: List[str] = []
 
     def edit(idx: Sequence[int], name: str) -> bool:
@@ -208,7 +202,6 @@ def run_protocol(model: nn.Module, tokenizer: Any, scorer: Scorer, *, method: Op
         for name in reversed(applied):
             revert_edits(model, name)
         applied.clear()
-        _restore_history(model, saved_history)
 
     try:
         if protocol == "single":
