@@ -30,6 +30,7 @@ MODEL_METHODS: Dict[str, Tuple[str, bool]] = {
     "disable_edits": ("hf_knowedit.stack:disable_edits", False),
     "list_edits": ("hf_knowedit.stack:list_edits", False),
     "load_edits": ("hf_knowedit.adapters:load_edits", False),
+    "trace_fact": ("hf_knowedit.tracing:trace_fact", True),
 }
 
 
