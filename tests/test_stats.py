@@ -166,11 +166,15 @@ def test_singular_moment_is_regularised(caplog):
     assert torch.isfinite(out).all() and "singular" in caplog.text
 
 
-def test_default_corpus_is_sampled_from_the_model_and_labelled(tmp_path, caplog):
+def test_default_corpus_is_sampled_from_the_model_and_labelled(tmp_path, caplog, monkeypatch):
+    import hf_knowedit.stats as stats
+
+    monkeypatch.setattr(stats, "SAMPLED_LENGTH", 24)  # short samples keep the test fast
     model, tok = make_tiny_model("llama")
     with caplog.at_level(logging.WARNING, logger="hf_knowedit.stats"):
         sm = compute_second_moment(model, tok, 0, n_tokens=120, cache=StatsCache(tmp_path))
-    assert sm.key.corpus.startswith("model-sampled:seed=0") and "sampling" in caplog.text
+    assert sm.key.corpus.startswith("model-sampled:seed=0;length=24") and "sampling" in caplog.text
+    assert len(list(tmp_path.glob("corpus--*.json"))) == 1  # the sampled texts are cached too
     assert sm.n_tokens == 120 and torch.isfinite(sm.matrix).all()
     again, _ = make_tiny_model("llama")
     assert torch.equal(compute_second_moment(again, tok, 0, n_tokens=120, cache=False).matrix, sm.matrix)  # seeded

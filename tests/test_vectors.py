@@ -32,7 +32,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama", "opt"])
+@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
 def test_keys_are_module_inputs_at_the_subject_last_token(model_type):
     model, tok = make_tiny_model(model_type)
     path = mlp_out_path(get_architecture(model), 2)
@@ -48,13 +48,13 @@ def test_keys_are_module_inputs_at_the_subject_last_token(model_type):
     torch.testing.assert_close(compute_keys(model, tok, REQUESTS, 2, TEMPLATES), keys.mean(1))
 
 
-@pytest.mark.parametrize("model_type,site", [("llama", "mlp"), ("gpt2", "mlp"), ("opt", "mlp"), ("gemma2", "mlp"),
-                                             ("llama", "residual"), ("falcon", "residual")])
+@pytest.mark.parametrize("model_type,site", [("llama", "mlp"), ("gpt2", "mlp"), ("opt", "mlp"), ("gemma2", "residual"),
+                                             ("falcon", "residual")])
 def test_batched_serial_chunked_and_full_forward_agree(model_type, site):
     model, tok = make_tiny_model(model_type)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     hooks = count_forward_hooks(model)
-    kw = dict(site=site, templates=TEMPLATES, steps=8, **FREE)
+    kw = dict(site=site, templates=TEMPLATES, steps=6, **FREE)
     batched = optimize_targets(model, tok, REQUESTS, 2, **kw)
     serial = optimize_targets(model, tok, REQUESTS, 2, batched=False, **kw)
     chunked = optimize_targets(model, tok, REQUESTS, 2, batch_tokens=40, **kw)
@@ -63,7 +63,7 @@ def test_batched_serial_chunked_and_full_forward_agree(model_type, site):
     for other in (serial, chunked, full):
         torch.testing.assert_close(other.init, batched.init, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(other.targets, batched.targets, rtol=1e-4, atol=1e-5)
-        assert other.steps_taken == batched.steps_taken == [7, 7, 7]
+        assert other.steps_taken == batched.steps_taken == [5, 5, 5]
     assert batched.losses[0] < optimize_targets(model, tok, REQUESTS[:1], 2, **dict(kw, steps=1)).losses[0]
     # the model is exactly as before: weights, hooks, blocks
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
