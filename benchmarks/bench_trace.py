@@ -1,0 +1,154 @@
+"""Causal tracing on SmolLM2-135M: batched ``trace_fact`` vs one forward pass per cell, and the average
+indirect effect over known facts (ROME Figure 2) with the suggested edit layers.
+
+The baseline is the reference protocol (kmeng01/rome ``trace_with_patch``): for every (kind, token, layer)
+cell, one forward pass of ``samples + 1`` rows (row 0 clean, the others corrupted with the same noise),
+clean states copied from row 0 into the corrupted rows by forward hooks, full logits at every position.
+Both use the same noise, so their scores must agree.
+
+    python benchmarks/bench_trace.py [--quick] [--data ../shared/data] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from hf_knowedit.architectures import get_module, num_layers
+from hf_knowedit.hooks import TraceDict, hidden, replace_hidden
+from hf_knowedit.tracing import (KINDS, CausalTracer, _module_path, _window_layers, suggest_layers, trace_fact,
+                                 trace_facts)
+
+IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
+FACT = ("Vinson Massif is located in the continent of", "Vinson Massif")
+
+
+def _data_dir(data: Optional[Path]) -> Path:
+    if data is not None:
+        return Path(data)
+    env = os.environ.get("HF_KNOWEDIT_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def naive_trace(model, tok, tracer: CausalTracer, kinds=KINDS, window: int = 10) -> Dict[str, torch.Tensor]:
+    """One forward pass per cell, as the reference code does (same noise as ``tracer``)."""
+    spec = tracer.spec
+    L, T, S = tracer.n_layers, tracer.n_tokens, tracer.samples
+    s0, s1 = tracer.subject_range
+    ids = torch.tensor([tracer.input_ids] * (S + 1))
+    answer = tracer.answer_ids[0]
+
+    def corrupt(out, path):
+        out = out.clone()
+        out[1:, s0:s1] += tracer._noise.to(out.dtype)
+        return out
+
+    scores = {k: torch.zeros(T, L) for k in kinds}
+    with torch.no_grad():
+        for kind in kinds:
+            for t in range(T):
+                for l in range(L):
+                    layers = [l] if kind == "hidden" else _window_layers(l, window, L)
+                    paths = [_module_path(spec, kind, j) for j in layers]
+
+                    def patch(out, path, t=t):
+                        h = hidden(out)
+                        h3 = h if h.dim() == 3 else h.view(S + 1, T, -1)
+                        h3 = h3.clone()
+                        h3[1:, t] = h3[0, t]
+                        return replace_hidden(out, h3.view(h.shape))
+
+                    with TraceDict(model, [spec.embed], retain_output=False, edit_output=corrupt), \
+                            TraceDict(model, paths, retain_output=False, edit_output=patch):
+                        logits = model(input_ids=ids, use_cache=False).logits
+                    scores[kind][t, l] = torch.softmax(logits[1:, -1].float(), -1)[:, answer].mean()
+    return scores
+
+
+def known_facts(model, tok, data: Path, want: int) -> List[Dict[str, Any]]:
+    """The first ``want`` records of known_1000.json whose attribute's first token is the model's top-1."""
+    from hf_knowedit.tokens import split_prompt_target
+
+    records = json.loads((data / "known_1000.json").read_text())
+    good = []
+    with torch.no_grad():
+        for r in records:
+            ids = tok(r["prompt"])["input_ids"]
+            first = split_prompt_target(tok, r["prompt"], r["attribute"])[1][0]
+            if int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()) == first:
+                good.append(r)
+                if len(good) == want:
+                    break
+    return good
+
+
+def run(quick: bool = True, data: Optional[Path] = None) -> Dict[str, Any]:
+    from hf_knowedit.bundled import load_smollm2
+
+    model, tok = load_smollm2()
+    samples = 3 if quick else 10
+    n_facts = 100 if quick else 200
+    rows: List[Dict[str, Any]] = []
+
+    # 1. one fact, all three kinds: batched vs one forward per cell
+    prompt, subject = FACT
+    t0 = time.perf_counter()
+    result = trace_fact(model, tok, prompt, subject, samples=samples, progress=False)
+    t_batched = time.perf_counter() - t0
+    tracer = CausalTracer(model, tok, prompt, subject, samples=samples)
+    t0 = time.perf_counter()
+    ref = naive_trace(model, tok, tracer)
+    t_naive = time.perf_counter() - t0
+    diff = max((result.scores[k] - ref[k]).abs().max().item() for k in KINDS)
+    cells = sum(v.numel() for v in ref.values())
+    rows.append(dict(case=f"one fact, {len(KINDS)} kinds, {cells} cells, samples={samples}",
+                     naive_s=round(t_naive, 2), batched_s=round(t_batched, 2),
+                     ratio=round(t_batched / t_naive, 3), max_abs_diff=float(f"{diff:.2e}")))
+    IMG.mkdir(parents=True, exist_ok=True)
+    result.plot(IMG / "smollm2_trace.png")
+
+    # 2. average indirect effect over known facts
+    facts = known_facts(model, tok, _data_dir(data), n_facts)
+    t0 = time.perf_counter()
+    summary = trace_facts(model, tok, facts, samples=samples, require_correct=False, progress=True)
+    t_aie = time.perf_counter() - t0
+    summary.plot(IMG / "smollm2_aie.png")
+    layers1, layers5 = suggest_layers(summary), suggest_layers(summary, count=5)
+    peak = {k: int(summary.aie["last_subject"][k].argmax()) for k in summary.aie["last_subject"]}
+    rows.append(dict(case=f"AIE over {summary.n_facts} known facts, samples={samples}", seconds=round(t_aie, 1),
+                     mean_clean=round(summary.mean_clean, 3), mean_corrupted=round(summary.mean_corrupted, 3),
+                     mlp_peak_last_subject=peak.get("mlp"), hidden_peak_last_subject=peak.get("hidden"),
+                     attn_peak_last_token=int(summary.aie["last"]["attn"].argmax()),
+                     suggest_layers=layers1, suggest_layers_5=layers5))
+    aie = {p: {k: [round(x, 4) for x in v.tolist()] for k, v in d.items()} for p, d in summary.aie.items()}
+
+    table = ["| case | naive (s) | batched (s) | batched / naive | max abs diff |", "|---|---|---|---|---|",
+             f"| {rows[0]['case']} | {rows[0]['naive_s']} | {rows[0]['batched_s']} | {rows[0]['ratio']} | "
+             f"{rows[0]['max_abs_diff']} |", "",
+             "| case | time (s) | mean clean p | mean corrupted p | MLP AIE peak (last subj.) | "
+             "suggest_layers() | suggest_layers(count=5) |", "|---|---|---|---|---|---|---|",
+             f"| {rows[1]['case']} | {rows[1]['seconds']} | {rows[1]['mean_clean']} | {rows[1]['mean_corrupted']} | "
+             f"{peak.get('mlp')} | {layers1} | {layers5} |"]
+    return {"rows": rows, "table": "\n".join(table), "aie": aie, "threads": torch.get_num_threads(),
+            "layers": num_layers(model)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="samples=3 and 100 facts (default: samples=10, 200)")
+    parser.add_argument("--data", type=Path, default=None, help="folder with known_1000.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = run(quick=args.quick, data=args.data)
+    print(out["table"])
+    print(f"\ntorch threads: {out['threads']}; layers: {out['layers']}")
+    print("AIE at the last subject token (mlp):", out["aie"]["last_subject"].get("mlp"))
+    print("suggest_layers:", out["rows"][1]["suggest_layers"], " count=5:", out["rows"][1]["suggest_layers_5"])
