@@ -17,6 +17,9 @@ from .evaluation import EvalResult, evaluate, load_records
 from .context import context_templates
 from .requests import EditRequest
 from .rome import ROMEConfig
+from .memit import MEMITConfig
+from .alphaedit import AlphaEditConfig
+from .emmet import EMMETConfig
 from .stack import disable_edits, list_edits, merge_edits, revert_edits, unmerge_edits
 from .stats import StatsCache, compute_second_moment
 from .tracing import TraceResult, suggest_layers, trace_fact, trace_facts
@@ -30,4 +33,5 @@ __all__ = [
     "ROMEConfig", "StatsCache", "compute_second_moment", "context_templates",
     "EvalResult", "evaluate", "load_records",
     "TraceResult", "suggest_layers", "trace_fact", "trace_facts",
+    "MEMITConfig", "AlphaEditConfig", "EMMETConfig",
 ]

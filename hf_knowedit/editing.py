@@ -88,7 +88,7 @@ def get_method(name: str) -> MethodSpec:
     return _METHODS[key]
 
 
-_BUILTIN = ("rome", "memit")
+_BUILTIN = ("rome", "memit", "alphaedit", "emmet")
 
 
 def _load_builtin_methods() -> None:

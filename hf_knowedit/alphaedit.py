@@ -1,0 +1,176 @@
+"""AlphaEdit: null-space constrained knowledge editing (Fang et al., ICLR 2025).
+
+MEMIT with two changes that keep many sequential batches from eroding the model:
+
+1. **Null-space projection.** The update is confined to directions that the preserved
+   knowledge does not use: ``P = Û Ûᵀ``, with ``Û`` the singular vectors of the key second moment
+   ``C`` whose singular value is below ``nullspace_threshold`` (2e-2, absolute, as the reference's
+   ``get_project``). Keys ``k₀`` of ordinary text (``P k₀ ≈ 0``) see no change: ``ΔW k₀ ≈ 0``. The
+   projection replaces MEMIT's ``λC`` preservation term.
+2. **Earlier edits stay put.** The keys of earlier sequential batches ``K_p`` enter the solve, so
+   a new batch does not overwrite them:
+
+       ΔW = R K₁ᵀ P (K_p K_pᵀ P + K₁ K₁ᵀ P + α I)⁻¹          (α = ``l2``; "one line" vs MEMIT)
+
+Everything else — target vectors ``z``, keys, the residual spread over the layer band, chunking,
+exact low-rank storage — is MEMIT's (:mod:`hf_knowedit.memit`).
+
+**State.** ``K_p K_pᵀ`` per layer is the model's AlphaEdit history, kept in
+``get_state(model).history`` (no globals). It grows only after an edit set has been activated
+(``MethodResult.commit``), so a failed call leaves it untouched. Each edit set also carries its
+own keys in ``EditSet.state`` (``"alphaedit.keys.<layer>"``), so a saved sequence can rebuild the
+history on another model with :func:`restore_history`. Reverting an edit set does not remove its
+keys from the history (they only make later edits more conservative); :func:`reset_history`
+starts afresh explicitly.
+
+    >>> for batch in batches:
+    ...     model.apply_edits(batch, method="alphaedit")
+    >>> hf_knowedit.alphaedit.history_size(model)      # edits remembered so far
+    >>> hf_knowedit.alphaedit.reset_history(model)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .editing import EditContext, MethodResult, register_method
+from .editset import EditSet
+from .errors import InvalidConfigError
+from .memit import (Factors, MassEditConfig, PendingDeltas, check_batch, deltas_from, edit_templates,
+                    resolve_layers, second_moments, spread_updates)
+from .solvers import alphaedit_factors, nullspace_projector
+from .stack import get_state
+
+logger = logging.getLogger(__name__)
+
+HISTORY_KEY = "alphaedit"
+STATE_PREFIX = "alphaedit.keys."
+
+
+@dataclass
+class AlphaEditConfig(MassEditConfig):
+    """AlphaEdit hyper-parameters: MEMIT's (:class:`~hf_knowedit.memit.MassEditConfig`) plus the
+    null-space threshold and the ridge ``α`` (reference ``hparams/AlphaEdit``: 2e-2 and 10)."""
+
+    nullspace_threshold: float = field(default=2e-2, metadata={"help": "singular values of C below this span P"})
+    nullspace_relative: bool = field(default=False,
+                                     metadata={"help": "threshold relative to C's largest singular value"})
+    l2: float = field(default=10.0, metadata={"help": "α: ridge keeping the system invertible (reference 'L2')"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("nullspace_threshold", "l2"):
+            if not getattr(self, name) > 0:
+                raise InvalidConfigError(f"AlphaEditConfig.{name} must be > 0, got {getattr(self, name)!r}")
+
+
+@dataclass
+class AlphaEditHistory:
+    """What AlphaEdit remembers on one model.
+
+    Attributes:
+        prior: layer -> ``Σ K_p K_pᵀ`` over the keys of all committed AlphaEdit batches (float64).
+        edits: number of edits committed.
+        projectors: ``(layer, stats key, threshold, relative)`` -> ``P`` (float32), a cache.
+    """
+
+    prior: Dict[int, torch.Tensor] = field(default_factory=dict)
+    edits: int = 0
+    projectors: Dict[Tuple, torch.Tensor] = field(default_factory=dict)
+
+
+def get_history(model: nn.Module) -> AlphaEditHistory:
+    """The AlphaEdit history of ``model`` (empty if it has none)."""
+    return get_state(model).history.get(HISTORY_KEY) or AlphaEditHistory()
+
+
+def history_size(model: nn.Module) -> int:
+    """How many edits the AlphaEdit history of ``model`` holds."""
+    return get_history(model).edits
+
+
+def reset_history(model: nn.Module) -> None:
+    """Forget the keys of earlier AlphaEdit batches (and cached projectors) on ``model``.
+
+    Active edit sets stay active; the next AlphaEdit call simply no longer protects their keys."""
+    get_state(model).history.pop(HISTORY_KEY, None)
+
+
+def restore_history(model: nn.Module, edit_sets: Iterable[EditSet]) -> int:
+    """Add the keys stored in AlphaEdit ``edit_sets`` (e.g. loaded from disk, in order) to the
+    history of ``model``. Returns the number of edits added. Use it on a model whose history was
+    reset (or never written), or keys are counted twice."""
+    history = get_state(model).history.setdefault(HISTORY_KEY, AlphaEditHistory())
+    added = 0
+    for es in edit_sets:
+        keys = {int(k[len(STATE_PREFIX):]): v for k, v in es.state.items() if k.startswith(STATE_PREFIX)}
+        if not keys:
+            raise InvalidConfigError(f"Edit set {es.name!r} ({es.method}) carries no AlphaEdit keys; "
+                                     "only sets made with method='alphaedit' can restore the history.")
+        for layer, K in keys.items():
+            K = K.double()
+            history.prior[layer] = history.prior.get(layer, 0) + K.t() @ K
+        added += len(es.requests)
+    history.edits += added
+    return added
+
+
+def compute(ctx: EditContext) -> MethodResult:
+    """AlphaEdit for ``ctx.requests`` on top of the model's AlphaEdit history."""
+    cfg: AlphaEditConfig = ctx.config
+    chunks = check_batch(ctx.requests, cfg)
+    layers = resolve_layers(ctx, cfg.band_size)
+    stats = second_moments(ctx, layers)
+    templates = edit_templates(ctx)
+    history: Optional[AlphaEditHistory] = ctx.history.get(HISTORY_KEY)
+    old_prior = dict(history.prior) if history else {}
+    cached = dict(history.projectors) if history else {}
+
+    projectors: Dict[Tuple, torch.Tensor] = {}
+    for layer in layers:
+        key = (layer, stats[layer].key, cfg.nullspace_threshold, cfg.nullspace_relative)
+        P = cached.get(key)
+        if P is None:
+            P = nullspace_projector(stats[layer].matrix, cfg.nullspace_threshold,
+                                    relative=cfg.nullspace_relative).float()
+        rank = int(round(float(P.diagonal().sum())))
+        if rank == 0:
+            raise InvalidConfigError(
+                f"AlphaEdit: the null space of layer {layer}'s statistics is empty (no singular value below "
+                f"{cfg.nullspace_threshold:g}), so every update would be zero. Raise nullspace_threshold, or "
+                "set nullspace_relative=True to scale it by the largest singular value.")
+        logger.info("AlphaEdit layer %d: null space of dimension %d / %d", layer, rank, P.shape[0])
+        projectors[key] = P
+    P_of = {key[0]: P for key, P in projectors.items()}
+    prior = dict(old_prior)  # updated per chunk here; written to the history only on commit
+
+    def solve(i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> Factors:
+        return alphaedit_factors(keys, resid, P_of[layer], prior.get(layer), l2=cfg.l2)
+
+    new_keys: Dict[int, list] = {layer: [] for layer in layers}
+    with PendingDeltas(ctx.model) as pending:
+        for chunk in chunks:
+            keys = spread_updates(ctx, chunk, layers, templates, solve, pending)
+            for layer, K in keys.items():
+                K64 = K.double()
+                prior[layer] = prior.get(layer, 0) + K64.t() @ K64
+                new_keys[layer].append(K)
+    deltas = deltas_from(pending, layers, cfg.dense_fraction)
+    state = {f"{STATE_PREFIX}{layer}": torch.cat(ks).float() for layer, ks in new_keys.items()}
+
+    def commit() -> None:
+        hist = ctx.history.setdefault(HISTORY_KEY, AlphaEditHistory())
+        hist.prior.update(prior)
+        hist.edits += len(ctx.requests)
+        hist.projectors.update(projectors)
+
+    return MethodResult(deltas=deltas, layers=layers, stats_key={l: s.key for l, s in stats.items()},
+                        state=state, commit=commit)
+
+
+register_method("alphaedit", compute, AlphaEditConfig)

@@ -1,0 +1,72 @@
+"""EMMET: Equality-constrained Mass Model Editing (Gupta, Sajnani & Anumanchipalli, 2024).
+
+MEMIT memorises the edits in the least-squares sense (``λC + KKᵀ``); EMMET makes them hard
+constraints — the layer maps every edited key exactly onto its target — while preserving the
+other keys as well as possible under ``C``. The closed form is a batched ROME:
+
+    ΔW = R D⁻¹ Kᵀ C⁻¹,    D = Kᵀ C⁻¹ K  (+ emmet_lambda · I when the batch has > 1 edit)
+
+with ``C = λ₀ C₀ (+ update_norm_lambda · I)`` (``scalable-model-editing/unified-model-editing:
+emmet/emmet_main.py``). A batch of one is exactly ROME's rank-one update. ``emmet_lambda`` guards
+against an ill-conditioned ``D`` (e.g. two requests about the same subject share a key); with
+``emmet_lambda = 0`` a singular ``D`` raises :class:`~hf_knowedit.errors.SingularSystemError`
+instead of the reference's silent pseudo-inverse.
+
+Target vectors, keys, the residual spread over layers, chunking and exact low-rank storage are
+MEMIT's (:mod:`hf_knowedit.memit`). Note that ``λ₀`` cancels out of ``ΔW`` except through the two
+regularisers: it sets the scale ``emmet_lambda`` and ``update_norm_lambda`` act on.
+
+    >>> es = model.apply_edits(facts, method="emmet")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .editing import EditContext, MethodResult, register_method
+from .errors import InvalidConfigError
+from .memit import (Factors, MassEditConfig, PendingDeltas, check_batch, deltas_from, edit_templates,
+                    resolve_layers, second_moments, spread_updates)
+from .solvers import emmet_factors
+
+
+@dataclass
+class EMMETConfig(MassEditConfig):
+    """EMMET hyper-parameters: MEMIT's (:class:`~hf_knowedit.memit.MassEditConfig`) plus λ₀,
+    ``emmet_lambda`` (reference 0.1) and ``update_norm_lambda`` (reference 0)."""
+
+    mom2_update_weight: float = field(default=15000.0, metadata={"help": "λ₀: scale of C = λ₀ C₀"})
+    emmet_lambda: float = field(default=0.1, metadata={"help": "ridge on D = KᵀC⁻¹K for batches > 1"})
+    update_norm_lambda: float = field(default=0.0, metadata={"help": "ridge on C (penalises ‖ΔW‖)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.mom2_update_weight > 0:
+            raise InvalidConfigError(f"EMMETConfig.mom2_update_weight must be > 0, got {self.mom2_update_weight!r}")
+        for name in ("emmet_lambda", "update_norm_lambda"):
+            if not getattr(self, name) >= 0:
+                raise InvalidConfigError(f"EMMETConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+def compute(ctx: EditContext) -> MethodResult:
+    """EMMET for ``ctx.requests`` (see the module docstring)."""
+    cfg: EMMETConfig = ctx.config
+    chunks = check_batch(ctx.requests, cfg)
+    layers = resolve_layers(ctx, cfg.band_size)
+    stats = second_moments(ctx, layers)
+    templates = edit_templates(ctx)
+
+    def solve(i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> Factors:
+        return emmet_factors(keys, resid, stats[layer].matrix, cfg.mom2_update_weight,
+                             emmet_lambda=cfg.emmet_lambda, update_norm_lambda=cfg.update_norm_lambda)
+
+    with PendingDeltas(ctx.model) as pending:
+        for chunk in chunks:
+            spread_updates(ctx, chunk, layers, templates, solve, pending)
+    return MethodResult(deltas=deltas_from(pending, layers, cfg.dense_fraction), layers=layers,
+                        stats_key={l: s.key for l, s in stats.items()})
+
+
+register_method("emmet", compute, EMMETConfig)
