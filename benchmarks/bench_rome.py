@@ -12,7 +12,7 @@ for the unedited model and after the edit. Time: seconds per edit with the stati
 records, the same ROME update computed with the savings of ``hf_knowedit.vectors`` (lower blocks
 cached, logits only where the loss reads them) vs the full forward (all logits) at every step.
 
-    python benchmarks/bench_rome.py [--quick] [--data DIR] [--records N] [--layer L]
+    python benchmarks/bench_rome.py [--quick] [--data DIR] [--records N] [--layer L] [--speed-records K]
 """
 
 from __future__ import annotations
@@ -161,9 +161,10 @@ if __name__ == "__main__":
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--records", type=int, default=None)
     parser.add_argument("--layer", type=int, default=None)
+    parser.add_argument("--speed-records", type=int, default=None, help="records timed fast vs full (default 5; quick 2)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for name in ("transformers", "httpx", "urllib3", "hf_knowedit"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    result = run(args.quick, args.data, records=args.records, layer=args.layer)
+    result = run(args.quick, args.data, records=args.records, layer=args.layer, speed_records=args.speed_records)
     print(result["table"])
