@@ -76,7 +76,8 @@ from .architectures import (ArchitectureSpec, attn_out_path, get_architecture, g
 from .errors import InvalidRequestError, KnowEditError, TraceError
 from .hooks import TraceDict, hidden, replace_hidden
 from .stack import get_state
-from .tokens import chars_to_tokens, encode, split_prompt_target, subject_char_span, target_separator
+from .tokens import (chars_to_tokens, encode, split_prompt_target, subject_char_span, subject_token_span,
+                     target_separator)
 
 logger = logging.getLogger(__name__)
 
@@ -783,9 +784,7 @@ def trace_facts(
             if int(logits[0, -1].argmax()) != want:
                 skipped += 1
                 continue
-        span_end = None
         try:
-            from .tokens import subject_token_span
             span_end = subject_token_span(tokenizer, prompt, subject)[1]
         except KnowEditError:
             skipped += 1
@@ -825,7 +824,7 @@ def suggest_layers(
     layers with the largest summed effect (MEMIT's range). ``trace`` is a :class:`TraceSummary`, one or
     more :class:`TraceResult` (averaged), or a model on which :func:`trace_facts` has run.
     """
-    kind = _check_kinds(kind)[0] if isinstance(kind, str) else _check_kinds(kind)[0]
+    kind = _check_kinds(kind)[0]
     count = _check_positive_int("count", count)
     if isinstance(trace, nn.Module):
         state = get_state(trace, create=False)
