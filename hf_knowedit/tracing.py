@@ -43,17 +43,20 @@ i.e. the probability of the whole string); the token grid then also covers the t
   attention those states are identical in the clean and the corrupted runs and restoring them is a
   no-op; their score is the corrupted probability;
 * logits are computed at the scored position(s) only: the backbone runs, its last position goes through
-  the LM head (the head alone is about a fifth of a forward pass on a 49k-vocabulary model).
+  the LM head (the head alone is about a fifth of a forward pass on a 49k-vocabulary model);
+* a cell restored at token ``t`` leaves every position before ``t`` as in the corrupted run (causal
+  attention), so those positions are not recomputed: one corrupted forward over them builds a KV cache
+  (the model's own ``Cache``), repeated over the batch, and only positions ``t..`` are run. Whether the
+  model's cache reproduces a full forward exactly is checked once per trace on a probe cell; if not (or
+  if the model has no cache), full-length forwards are used.
 
-Keys and values of positions before the restored token are *not* taken from a KV cache (they would be
-the corrupted run's): cache layouts differ across architectures and the saving is small on short prompts;
-those positions are recomputed.
+Both reuses are exact (equal to a plain forward up to float rounding; ``reuse_lower_layers=False`` turns
+them off). The tests check them on every architecture of the table.
 
     >>> result = hf_knowedit.tracing.trace_fact(model, tok, "The Eiffel Tower is located in", "Eiffel Tower")
     >>> result.scores["mlp"].shape          # [n_tokens, n_layers]
     >>> result.plot("eiffel.png")
     >>> hf_knowedit.suggest_layers(hf_knowedit.trace_facts(model, tok, known_facts[:100]))
-    [4]
 """
 
 from __future__ import annotations
