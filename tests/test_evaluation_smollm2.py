@@ -47,8 +47,8 @@ def test_rome_single_edit_succeeds_and_is_reverted(smollm2, data_path):
     model, tok = smollm2
     before = {k: v.clone() for k, v in model.state_dict().items() if "mlp.down_proj" in k}
     # C = I and two context templates keep this test to seconds; the benchmark uses corpus statistics
-    res = hf_knowedit.evaluate(model, tok, data_path / "counterfact_500.json", limit=2, method="rome",
-                               max_new_tokens=20, progress=False, mom2="identity", context_templates=2)
+    res = hf_knowedit.evaluate(model, tok, data_path / "counterfact_500.json", limit=1, method="rome",
+                               max_new_tokens=10, progress=False, mom2="identity", context_templates=2)
     print("\n" + res.to_markdown())
     assert res.post["ES"] == 100.0 and res.pre["ES"] < 100.0 and not res.failed
     assert "GE" in res.post and res.post["GE"] > 0
