@@ -1,0 +1,235 @@
+"""Mass and sequential editing on SmolLM2-135M: MEMIT, AlphaEdit, batched vs serial target vectors.
+
+Experiments (CounterFact, EasyEdit's flat split ``counterfact_flat_edit_10000.json``: efficacy on ``prompt``,
+paraphrase on ``rephrase_prompt``, neighbourhood on ``locality_prompt``; ROME's ES/PS/NS, mean NLL per token):
+
+1. **batch** — MEMIT, ``n_batch`` edits in one call: ES/PS/NS beside the unedited model's, seconds.
+2. **sequential** — ``n_seq`` edits as ``seq_batches`` consecutive calls, with MEMIT and with AlphaEdit:
+   ES/PS/NS after the last batch, and fluency (``GE``: ROME's n-gram entropy of sampled generations from
+   CounterFact ``generation_prompts``) before and after.
+3. **targets** — the z vectors of ``n_z`` requests optimised together (batched) and one after another
+   (serial, the reference's way), in the same run: seconds of each, their ratio, and how far apart they are.
+
+Sizes: ``--quick`` (minutes on a GPU, tens of minutes on 2 busy CPU cores) or the issue's numbers (default:
+1,000 edits in one call; 10 x 100 sequential; 100 requests for batched vs serial z), overridable by flags.
+The statistics ``C`` use the default corpus (sampled from the model when no Wikipedia-like dataset is
+reachable) with ``N_TOKENS`` tokens, cached on disk after the first run.
+
+    python benchmarks/bench_memit.py --quick [--data DIR] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+logger = logging.getLogger("bench_memit")
+#: tokens of the second-moment statistics (model-sampled default corpus; cached after the first run)
+N_TOKENS = 20_000
+FLAT = "counterfact_flat_edit_10000.json"
+FULL = "counterfact_500.json"
+SIZES = {  # n_batch, n_seq, seq_batches, n_z, fluency prompts, context templates
+    True: dict(n_batch=30, n_seq=30, seq_batches=2, n_z=10, n_fluency=10, context_templates=2),
+    False: dict(n_batch=1000, n_seq=1000, seq_batches=10, n_z=100, n_fluency=50, context_templates=5),
+}
+
+
+def _data_dir(data: Optional[Path]) -> Path:
+    if data is not None:
+        return Path(data)
+    env = os.environ.get("HF_KNOWEDIT_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def scores(model: Any, tok: Any, records: Sequence[dict]) -> Dict[str, float]:
+    """ES, PS, NS (percent) of ``records`` on the model as it is."""
+    import hf_knowedit
+
+    result = hf_knowedit.evaluate(model, tok, list(records), fluency=False, progress=False)
+    return {k: result.pre[k] for k in ("ES", "PS", "NS")}
+
+
+def fluency(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int) -> float:
+    """ROME's GE: 100 x mean n-gram entropy of top-5 samples (seeded) continuing ``prompts``."""
+    from hf_knowedit.evaluation import generate_texts
+    from hf_knowedit.evaluation.metrics import ngram_entropy
+
+    texts: List[str] = []
+    for i in range(0, len(prompts), 10):
+        texts += generate_texts(model, tok, prompts[i:i + 10], max_new_tokens=max_new_tokens, seed=i)
+    return ngram_entropy(texts)
+
+
+def _row(experiment: str, method: str, edits: int, pre: Dict[str, float], post: Dict[str, float],
+         seconds: float, **extra: Any) -> Dict[str, Any]:
+    row = {"experiment": experiment, "method": method, "edits": edits}
+    for k in ("ES", "PS", "NS"):
+        row[f"{k} pre"], row[k] = round(pre[k], 1), round(post[k], 1)
+    row["seconds"] = round(seconds, 1)
+    row.update(extra)
+    return row
+
+
+def _targets(model: Any, tok: Any, requests: Sequence[Any], config: Any, layer: int, templates: Sequence[str],
+             serial: bool) -> tuple:
+    from hf_knowedit.editing import frozen
+    from hf_knowedit.vectors import optimize_targets
+
+    start = time.perf_counter()
+    with frozen(model):
+        result = optimize_targets(
+            model, tok, list(requests), layer, site="residual", templates=templates, steps=config.v_num_grad_steps,
+            lr=config.v_lr, kl_factor=config.kl_factor, weight_decay=config.v_weight_decay,
+            clamp_factor=config.clamp_norm_factor, early_stop=config.early_stop, batched=not serial,
+            batch_tokens=config.target_batch_tokens)
+    return result, time.perf_counter() - start
+
+
+def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[str] = None,
+        n_batch: Optional[int] = None, n_seq: Optional[int] = None, seq_batches: Optional[int] = None,
+        n_z: Optional[int] = None, experiments: Sequence[str] = ("targets", "batch", "sequential")) -> Dict[str, Any]:
+    """Run the experiments; returns ``{"rows": [...], "table": markdown, "settings": {...}}``."""
+    import hf_knowedit
+    from hf_knowedit import alphaedit
+    from hf_knowedit.bundled import load_smollm2
+    from hf_knowedit.context import context_templates
+    from hf_knowedit.architectures import num_layers
+    from hf_knowedit.memit import default_band
+    from hf_knowedit.requests import to_request
+
+    size = dict(SIZES[bool(quick)])
+    size.update({k: v for k, v in dict(n_batch=n_batch, n_seq=n_seq, seq_batches=seq_batches, n_z=n_z).items()
+                 if v is not None})
+    folder = _data_dir(data)
+    flat = json.loads((folder / FLAT).read_text())
+    gen_prompts = [p for r in json.loads((folder / FULL).read_text()) for p in r["generation_prompts"]]
+    gen_prompts = gen_prompts[: size["n_fluency"]]
+    max_new = 30 if quick else 90
+    model, tok = load_smollm2()
+    if device:
+        model.to(device)
+    common = dict(mom2_n_tokens=N_TOKENS, context_templates=size["context_templates"])
+    memit_cfg = hf_knowedit.MEMITConfig(**common)
+    alpha_cfg = hf_knowedit.AlphaEditConfig(**common)
+    layers = default_band(num_layers(model), memit_cfg.band_size)
+    rows: List[Dict[str, Any]] = []
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    t0 = time.perf_counter()
+    templates = context_templates(model, tok, n=memit_cfg.context_templates, length=memit_cfg.context_length)
+    for layer in layers:  # statistics once (cached in memory and on disk), outside the timed calls
+        hf_knowedit.compute_second_moment(model, tok, layer, n_tokens=N_TOKENS)
+    setup_s = time.perf_counter() - t0
+
+    if "targets" in experiments:
+        reqs = [to_request(r) for r in flat[: size["n_z"]]]
+        batched, tb = _targets(model, tok, reqs, memit_cfg, layers[-1], templates, serial=False)
+        serial, ts = _targets(model, tok, reqs, memit_cfg, layers[-1], templates, serial=True)
+        moved = (serial.targets - serial.init).norm(dim=1).clamp_min(1e-12)
+        gap = float(((batched.targets - serial.targets).norm(dim=1) / moved).max())
+        rows.append({"experiment": "targets", "method": "z batched vs serial", "edits": len(reqs),
+                     "seconds": round(tb, 1), "serial seconds": round(ts, 1), "ratio": round(tb / ts, 3),
+                     "max relative gap": f"{gap:.1e}"})
+        logger.info("z: batched %.1f s, serial %.1f s, ratio %.3f, gap %.1e", tb, ts, tb / ts, gap)
+
+    if "batch" in experiments:
+        records = flat[: size["n_batch"]]
+        pre = scores(model, tok, records)
+        t = time.perf_counter()
+        es = hf_knowedit.apply_edits(model, tok, records, "memit", config=memit_cfg)
+        seconds = time.perf_counter() - t
+        post = scores(model, tok, records)
+        hf_knowedit.revert_edits(model)
+        rows.append(_row("batch", "memit", len(records), pre, post, seconds,
+                         ranks=sorted({d.rank for d in es.deltas.values()})))
+        logger.info("batch: %s", rows[-1])
+
+    if "sequential" in experiments:
+        records = flat[size["n_batch"]: size["n_batch"] + size["n_seq"]] if "batch" in experiments else \
+            flat[: size["n_seq"]]
+        per = max(1, len(records) // size["seq_batches"])
+        pre = scores(model, tok, records)
+        ge_pre = fluency(model, tok, gen_prompts, max_new)
+        for method, cfg in (("memit", memit_cfg), ("alphaedit", alpha_cfg)):
+            alphaedit.reset_history(model)
+            t = time.perf_counter()
+            for i in range(0, len(records), per):
+                hf_knowedit.apply_edits(model, tok, records[i:i + per], method, config=cfg)
+            seconds = time.perf_counter() - t
+            post = scores(model, tok, records)
+            ge_post = fluency(model, tok, gen_prompts, max_new)
+            hf_knowedit.revert_edits(model)
+            alphaedit.reset_history(model)
+            rows.append(_row("sequential", method, len(records), pre, post, seconds, batches=f"{len(records) // per} x {per}",
+                             **{"GE pre": round(ge_pre, 1), "GE": round(ge_post, 1),
+                                "GE change %": round(100 * (ge_post - ge_pre) / ge_pre, 1)}))
+            logger.info("sequential: %s", rows[-1])
+
+    state = model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in base.items()), "the model was not restored exactly"
+    settings = {"model": "SmolLM2-135M-Instruct (bundled, float32)", "device": str(next(model.parameters()).device),
+                "threads": torch.get_num_threads(), "layers": layers, "stats tokens": N_TOKENS,
+                "context templates": size["context_templates"], "setup seconds (C + templates)": round(setup_s, 1),
+                "data": FLAT, "quick": bool(quick)}
+    return {"rows": rows, "table": table(rows, settings), "settings": settings}
+
+
+def demo(model: Any, tok: Any, data: Optional[Path] = None, n: int = 20) -> Dict[str, Any]:
+    """For the demo: ``n`` CounterFact facts in one MEMIT call, their ES/PS/NS before and after, then revert.
+
+    >>> print(demo(model, tok)["line"])
+    MEMIT, 20 facts in one call (layers [4, 5, 6, 7, 8], 41.2 s): ES 30 -> 100, PS 25 -> 70, NS 80 -> 78
+    """
+    import hf_knowedit
+
+    records = json.loads((_data_dir(data) / FULL).read_text())[:n]
+    pre = scores(model, tok, records)
+    t = time.perf_counter()
+    es = hf_knowedit.apply_edits(model, tok, records, "memit", mom2_n_tokens=N_TOKENS, context_templates=2)
+    seconds = time.perf_counter() - t
+    post = scores(model, tok, records)
+    hf_knowedit.revert_edits(model, es.name)
+    line = (f"MEMIT, {n} facts in one call (layers {es.layers}, {seconds:.1f} s): "
+            + ", ".join(f"{k} {pre[k]:.0f} -> {post[k]:.0f}" for k in ("ES", "PS", "NS")))
+    return {"pre": pre, "post": post, "seconds": seconds, "layers": es.layers, "line": line}
+
+
+def table(rows: List[Dict[str, Any]], settings: Dict[str, Any]) -> str:
+    """One markdown table per experiment."""
+    out = [f"SmolLM2 MEMIT-family benchmark — {json.dumps(settings)}", ""]
+    for experiment in ("targets", "batch", "sequential"):
+        part = [r for r in rows if r["experiment"] == experiment]
+        if not part:
+            continue
+        cols = [c for c in part[0] if c != "experiment"]
+        out += [f"### {experiment}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in part]
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--device", default=None, help="e.g. cuda (default: where the model loads, CPU)")
+    parser.add_argument("--n-batch", type=int, default=None)
+    parser.add_argument("--n-seq", type=int, default=None)
+    parser.add_argument("--seq-batches", type=int, default=None)
+    parser.add_argument("--n-z", type=int, default=None)
+    parser.add_argument("--experiments", default="targets,batch,sequential")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args()
+    result = run(args.quick, args.data, device=args.device, n_batch=args.n_batch, n_seq=args.n_seq,
+                 seq_batches=args.seq_batches, n_z=args.n_z, experiments=tuple(args.experiments.split(",")))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    print(result["table"])
