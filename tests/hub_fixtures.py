@@ -87,6 +87,10 @@ def hub(request, tmp_path, monkeypatch) -> Iterator[HubServer]:
     for name, value in patches.items():
         monkeypatch.setattr(constants, name, value)
     monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", server.url)
+    # transformers keeps one shared HfApi built with the endpoint of the first call: start afresh.
+    import transformers.utils.hub as transformers_hub
+
+    monkeypatch.setattr(transformers_hub, "_hf_api", None, raising=False)
 
     # A fresh HTTP client: no pooled connection to an earlier test's server, and today's proxy env.
     _http.close_session()
