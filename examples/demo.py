@@ -24,7 +24,7 @@ import hf_knowedit
 from hf_knowedit.bundled import load_smollm2
 from hf_knowedit.tokens import subject_token_span
 
-N_TOKENS = 20_000  # tokens of statistics corpus
+N_TOKENS = 5_000  # tokens of statistics corpus (a demo: small, so the first run is quick on a CPU)
 
 FALLBACK = {
     "case_id": "builtin",
@@ -46,6 +46,17 @@ def load_record(data: str | None, index: int) -> dict:
     return records[index]
 
 
+def stats_options(data: str | None) -> dict:
+    """Second-moment statistics corpus for the demo. With data: the attribute and generation prompts of
+    CounterFact records 100-499 (records the demo does not edit). Without: the library's offline default,
+    text sampled from the model itself (slow on a CPU the first time, then cached on disk)."""
+    if not data:
+        return {"mom2_n_tokens": N_TOKENS}
+    records = json.loads((Path(data) / "counterfact_500.json").read_text())[100:]
+    corpus = [p for r in records for p in r["attribute_prompts"] + r["generation_prompts"]]
+    return {"mom2_corpus": corpus, "mom2_n_tokens": N_TOKENS}
+
+
 def top_k(model, tok, prompt: str, k: int = 5) -> list[tuple[str, float]]:
     ids = tok(prompt, return_tensors="pt").to(model.device)
     with torch.no_grad():
@@ -63,7 +74,7 @@ def main() -> None:
     ap.add_argument("--data", default=os.environ.get("HF_KNOWEDIT_DATA"), help="folder with counterfact_500.json")
     ap.add_argument("--record", type=int, default=0, help="index of the CounterFact record")
     ap.add_argument("--out", default="out/demo", help="where to write plots and adapters")
-    ap.add_argument("--batch", type=int, default=20, help="facts in the MEMIT batch (needs --data)")
+    ap.add_argument("--batch", type=int, default=10, help="facts in the MEMIT batch (needs --data)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
@@ -103,9 +114,7 @@ def main() -> None:
     print(f"  heatmaps written to {out / 'trace.png'}")
 
     print("\n5. ROME edit")
-    # offline, the second-moment statistics come from text sampled from the model itself (cached on disk);
-    # 20k tokens keep the first run to a minute or two on a laptop CPU
-    edit = model.apply_edits(record, method="rome", mom2_n_tokens=N_TOKENS)
+    edit = model.apply_edits(record, method="rome", **stats_options(args.data))
     print(f"  {edit!r}")
     show_top("edited  ", top_k(model, tok, prompt))
     for para in record.get("paraphrase_prompts", [])[:1]:
@@ -131,7 +140,7 @@ def main() -> None:
         print(f"\n7. MEMIT: {args.batch} facts in one call")
         records = hf_knowedit.load_records(Path(args.data) / "counterfact_500.json", limit=args.batch)
         result = hf_knowedit.evaluate(model, tok, records, method="memit", protocol="batch", fluency=False,
-                                      progress=False, mom2_n_tokens=N_TOKENS)
+                                      progress=False, **stats_options(args.data))
         print(f"  efficacy ES {result.pre['ES']:.0f} -> {result.post['ES']:.0f}, paraphrase PS {result.pre['PS']:.0f} "
               f"-> {result.post['PS']:.0f}, neighbourhood NS {result.pre['NS']:.0f} -> {result.post['NS']:.0f} "
               f"({result.timing.get('edit_s', float('nan')):.0f}s editing; reverted afterwards)")
