@@ -125,6 +125,19 @@ def _encode(obj: Any) -> Any:
     return str(obj)
 
 
+def _portable_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The method config as saved: a corpus given as texts is described, not copied (the statistics key
+    already identifies it), so a sidecar stays small."""
+    out = dict(config)
+    corpus = out.get("mom2_corpus")
+    if corpus is not None and not isinstance(corpus, str):
+        try:
+            out["mom2_corpus"] = f"<{type(corpus).__name__} of {len(corpus)} texts; see stats_key>"
+        except TypeError:
+            out["mom2_corpus"] = f"<{type(corpus).__name__}; see stats_key>"
+    return out
+
+
 def _jsonable(value: Any) -> Any:
     """``value`` as plain JSON data (dataclasses such as ``StatsKey`` become dicts, at any depth)."""
     return json.loads(json.dumps(_encode(value) if dataclasses.is_dataclass(value) else value, default=_encode))
@@ -153,7 +166,7 @@ def knowedit_config(es: EditSet, files: Optional[Dict[str, Dict[str, Any]]] = No
         "library_version": __version__,
         "name": es.name,
         "method": es.method,
-        "config": _jsonable(es.config),
+        "config": _jsonable(_portable_config(es.config)),
         "layers": [int(x) for x in es.layers],
         "requests": [_jsonable(r.to_dict()) for r in es.requests],
         "stats_key": _jsonable(es.stats_key),

@@ -484,3 +484,17 @@ def test_statistics_keys_round_trip(tmp_path):
         es.stats_key = stats_key
         es.save_pretrained(tmp_path / str(i))
         assert EditSet.from_pretrained(tmp_path / str(i)).stats_key == stats_key
+
+
+def test_corpus_texts_are_described_not_copied(tmp_path):
+    from tests.test_stack import random_set
+    from tests.tiny_models import make_tiny_model
+
+    model, _ = make_tiny_model("llama")
+    es = random_set(model, [1])
+    es.config = {"mom2_corpus": ["a long text"] * 1000, "steps": 20}
+    es.save_pretrained(tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "knowedit_config.json").read_text())["config"]
+    assert saved["steps"] == 20
+    assert saved["mom2_corpus"] == "<list of 1000 texts; see stats_key>"
+    assert (tmp_path / "a" / "knowedit_config.json").stat().st_size < 20_000
