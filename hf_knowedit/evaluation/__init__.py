@@ -7,7 +7,7 @@
     >>> result = hf_knowedit.evaluate(model, tok, records, method="memit", protocol="batch")
     >>> result = hf_knowedit.evaluate(model, tok, records, method="alphaedit", protocol="sequential",
     ...                               batch_size=10, curve_every=1)
-    >>> print(result.to_markdown()); result.to_dict(); result.plot()
+    >>> table = result.to_markdown(); result.to_dict(); result.plot()
 
 Metrics (see :mod:`hf_knowedit.evaluation.metrics` for the exact definitions):
 
