@@ -422,18 +422,40 @@ def identity_moment(model: nn.Module, layer: int) -> SecondMoment:
     return SecondMoment(torch.eye(d_in, dtype=torch.float64), 0, key)
 
 
-def _batches(tokenizer: Any, texts: Iterable[str], max_length: int, batch_tokens: int) -> Iterable[List[List[int]]]:
-    batch: List[List[int]] = []
-    width = 0
+#: texts are read ahead this many batches at a time and grouped by length, so padding stays small
+READ_AHEAD_BATCHES = 32
+
+
+def _batches(tokenizer: Any, texts: Iterable[str], max_length: int, batch_tokens: int,
+             n_tokens: int) -> Iterable[List[List[int]]]:
+    """The corpus's first ``n_tokens`` tokens, in text order (the last text cut short), as batches of
+    token-id rows of at most ``batch_tokens`` padded tokens. Each text stays its own row (no
+    cross-document attention); rows read ahead together are sorted by length, which changes which
+    batch a row lands in but not the sum of ``k kᵀ``."""
+    buffer: List[List[int]] = []
+    held, remaining = 0, n_tokens
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"][:remaining]
         if not ids:
             continue
-        if batch and max(width, len(ids)) * (len(batch) + 1) > batch_tokens:
+        buffer.append(ids)
+        held += len(ids)
+        remaining -= len(ids)
+        if remaining == 0 or held >= READ_AHEAD_BATCHES * batch_tokens:
+            yield from _by_length(buffer, batch_tokens)
+            buffer, held = [], 0
+        if remaining == 0:
+            return
+    yield from _by_length(buffer, batch_tokens)
+
+
+def _by_length(rows: List[List[int]], batch_tokens: int) -> Iterable[List[List[int]]]:
+    batch: List[List[int]] = []
+    for ids in sorted(rows, key=len):  # ascending: the batch's last row is its widest
+        if batch and len(ids) * (len(batch) + 1) > batch_tokens:
             yield batch
-            batch, width = [], 0
+            batch = []
         batch.append(ids)
-        width = max(width, len(ids))
     if batch:
         yield batch
 
@@ -505,7 +527,7 @@ def _accumulate(model: nn.Module, tokenizer: Any, layer: int, module: str, d_in:
     count = 0
     with frozen(model), disable_edits(model), torch.no_grad(), \
             tqdm(total=n_tokens, desc=f"second moment L{layer}", unit="tok", leave=False) as bar:
-        for batch in _batches(tokenizer, _texts(corpus), max_length, batch_tokens):
+        for batch in _batches(tokenizer, _texts(corpus), max_length, batch_tokens, n_tokens):
             width = max(len(ids) for ids in batch)
             ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
             mask = torch.zeros(len(batch), width, dtype=torch.long, device=device)
@@ -514,13 +536,10 @@ def _accumulate(model: nn.Module, tokenizer: Any, layer: int, module: str, d_in:
                 mask[i, : len(row)] = 1
             with Trace(model, module, retain_input=True, retain_output=False, stop=True) as tr:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
-            keys = tr.input.reshape(-1, d_in)[mask.reshape(-1).bool()]  # right padding: rows in text order
-            keys = keys[: n_tokens - count].to(dtype)
+            keys = tr.input.reshape(-1, d_in)[mask.reshape(-1).bool()].to(dtype)  # right padding
             total += keys.t() @ keys
             count += keys.shape[0]
             bar.update(keys.shape[0])
-            if count >= n_tokens:
-                break
     if count == 0:
         raise InvalidConfigError("The statistics corpus produced no tokens; pass a non-empty corpus.")
     if count < n_tokens:
