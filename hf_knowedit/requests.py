@@ -16,7 +16,7 @@ replaced by ``{}`` (first occurrence).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable, List, Mapping, Optional, Tuple
 
 from .errors import EditConflictError, InvalidRequestError, SubjectNotFoundError

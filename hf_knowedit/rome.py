@@ -28,11 +28,10 @@ effect, :func:`hf_knowedit.tracing.suggest_layers`; run ``trace_facts`` first) o
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -43,7 +42,7 @@ from .editing import EditContext, MethodResult, register_method
 from .editset import ModuleDelta
 from .errors import InvalidConfigError, LayerOutOfRangeError, NonFiniteUpdateError
 from .requests import EditRequest
-from .stats import DEFAULT_N_TOKENS, SecondMoment, StatsKey, compute_second_moment, identity_moment
+from .stats import DEFAULT_N_TOKENS, SecondMoment, compute_second_moment, identity_moment
 from .vectors import compute_keys, optimize_targets
 
 logger = logging.getLogger(__name__)

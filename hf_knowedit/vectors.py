@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .architectures import ArchitectureSpec, get_architecture, get_module, layer_path, mlp_out_dims, mlp_out_path
@@ -444,7 +443,6 @@ class _Chunk:
             self.init = self._seen.pop("init")[self.first_row]
             self.kl_init = torch.log_softmax(kl_logits.detach(), dim=-1)
         keep = row_mask[self.tgt_row]
-        owner_t = self.owner[self.tgt_row[keep]]
         logp = torch.log_softmax(tgt_logits, dim=-1).gather(1, self.tgt_tok[keep].unsqueeze(1)).squeeze(1)
         # token-averaged NLL per prompt, then mean over the request's prompts
         row_of_t = self.tgt_row[keep]

@@ -278,3 +278,22 @@ def test_emmet_batch_rewrites_facts_and_reverts(model_type):
     assert es.method == "emmet" and all(efficacy(model, tok, reqs))
     hf_knowedit.revert_edits(model)
     assert_same(weights(model), w0)
+
+
+@pytest.mark.parametrize("method", ["memit", "emmet"])
+def test_default_lambda_is_the_reference_value_scaled_to_the_key_dimension(method):
+    from hf_knowedit.solvers import scaled_mom2_weight
+
+    model, tok = tiny("llama")
+    hf_knowedit.attach(model, tok)
+    settings = {k: v for k, v in FAST.items() if k != "mom2_update_weight"}
+    d_in = get_module(model, mlp_out_path(get_architecture(model), 1)).weight.shape[1]
+    default = model.apply_edits(facts(3), method=method, merge=False, **settings)
+    model.revert_edits()
+    explicit = model.apply_edits(facts(3), method=method, merge=False,
+                                 mom2_update_weight=scaled_mom2_weight(d_in), **settings)
+    model.revert_edits()
+    other = model.apply_edits(facts(3), method=method, merge=False, mom2_update_weight=15000.0, **settings)
+    for path, delta in default.deltas.items():
+        torch.testing.assert_close(delta.delta(), explicit.deltas[path].delta())
+        assert not torch.allclose(delta.delta(), other.deltas[path].delta())

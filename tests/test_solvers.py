@@ -169,3 +169,13 @@ def test_emmet_more_edits_than_dims_singular():
     K, R = _batch(D_IN + 4)
     with pytest.raises(SingularSystemError):
         emmet_factors(K, R, _spd(D_IN), 1.0, emmet_lambda=0.0)
+
+
+def test_scaled_mom2_weight_keeps_gptj_lambda_per_key_dimension():
+    from hf_knowedit.solvers import scaled_mom2_weight
+
+    assert scaled_mom2_weight(16384) == 15000.0  # GPT-J: the reference value
+    assert scaled_mom2_weight(1536) == pytest.approx(1406.25)  # SmolLM2-135M
+    assert scaled_mom2_weight(1536, 2e4) == 2e4  # an explicit λ is used as is
+    from hf_knowedit.memit import MEMITConfig
+    assert MEMITConfig().mom2_update_weight is None
