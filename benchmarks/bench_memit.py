@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+
+from benchlib import data_dir, machine_info, write_markdown
 
 logger = logging.getLogger("bench_memit")
 #: tokens of the second-moment statistics (model-sampled default corpus; cached after the first run)
@@ -36,16 +37,9 @@ N_TOKENS = 20_000
 FLAT = "counterfact_flat_edit_10000.json"
 FULL = "counterfact_500.json"
 SIZES = {  # n_batch, n_seq, seq_batches, n_z, fluency prompts, context templates
-    True: dict(n_batch=30, n_seq=30, seq_batches=2, n_z=10, n_fluency=10, context_templates=2),
+    True: dict(n_batch=10, n_seq=10, seq_batches=2, n_z=6, n_fluency=5, context_templates=2),
     False: dict(n_batch=1000, n_seq=1000, seq_batches=10, n_z=100, n_fluency=50, context_templates=5),
 }
-
-
-def _data_dir(data: Optional[Path]) -> Path:
-    if data is not None:
-        return Path(data)
-    env = os.environ.get("HF_KNOWEDIT_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def scores(model: Any, tok: Any, records: Sequence[dict]) -> Dict[str, float]:
@@ -94,8 +88,12 @@ def _targets(model: Any, tok: Any, requests: Sequence[Any], config: Any, layer: 
 
 def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[str] = None,
         n_batch: Optional[int] = None, n_seq: Optional[int] = None, seq_batches: Optional[int] = None,
-        n_z: Optional[int] = None, experiments: Sequence[str] = ("targets", "batch", "sequential")) -> Dict[str, Any]:
-    """Run the experiments; returns ``{"rows": [...], "table": markdown, "settings": {...}}``."""
+        n_z: Optional[int] = None, experiments: Optional[Sequence[str]] = None,
+        context_templates: Optional[int] = None) -> Dict[str, Any]:
+    """Run the experiments (default: all three; ``quick``: only "targets", since ``make bench`` scores MEMIT
+    batches and sequences in its quality section); returns ``{"rows": [...], "table": markdown, "settings": {...}}``."""
+    if experiments is None:
+        experiments = ("targets",) if quick else ("targets", "batch", "sequential")
     import hf_knowedit
     from hf_knowedit import alphaedit
     from hf_knowedit.bundled import load_smollm2
@@ -105,9 +103,9 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
     from hf_knowedit.requests import to_request
 
     size = dict(SIZES[bool(quick)])
-    size.update({k: v for k, v in dict(n_batch=n_batch, n_seq=n_seq, seq_batches=seq_batches, n_z=n_z).items()
-                 if v is not None})
-    folder = _data_dir(data)
+    size.update({k: v for k, v in dict(n_batch=n_batch, n_seq=n_seq, seq_batches=seq_batches, n_z=n_z,
+                                       context_templates=context_templates).items() if v is not None})
+    folder = data_dir(data)
     flat = json.loads((folder / FLAT).read_text())
     gen_prompts = [p for r in json.loads((folder / FULL).read_text()) for p in r["generation_prompts"]]
     gen_prompts = gen_prompts[: size["n_fluency"]]
@@ -181,26 +179,6 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
     return {"rows": rows, "table": table(rows, settings), "settings": settings}
 
 
-def demo(model: Any, tok: Any, data: Optional[Path] = None, n: int = 20) -> Dict[str, Any]:
-    """For the demo: ``n`` CounterFact facts in one MEMIT call, their ES/PS/NS before and after, then revert.
-
-    >>> print(demo(model, tok)["line"])
-    MEMIT, 20 facts in one call (layers [4, 5, 6, 7, 8], 41.2 s): ES 30 -> 100, PS 25 -> 70, NS 80 -> 78
-    """
-    import hf_knowedit
-
-    records = json.loads((_data_dir(data) / FULL).read_text())[:n]
-    pre = scores(model, tok, records)
-    t = time.perf_counter()
-    es = hf_knowedit.apply_edits(model, tok, records, "memit", mom2_n_tokens=N_TOKENS, context_templates=2)
-    seconds = time.perf_counter() - t
-    post = scores(model, tok, records)
-    hf_knowedit.revert_edits(model, es.name)
-    line = (f"MEMIT, {n} facts in one call (layers {es.layers}, {seconds:.1f} s): "
-            + ", ".join(f"{k} {pre[k]:.0f} -> {post[k]:.0f}" for k in ("ES", "PS", "NS")))
-    return {"pre": pre, "post": post, "seconds": seconds, "layers": es.layers, "line": line}
-
-
 def table(rows: List[Dict[str, Any]], settings: Dict[str, Any]) -> str:
     """One markdown table per experiment."""
     out = [f"SmolLM2 MEMIT-family benchmark — {json.dumps(settings)}", ""]
@@ -225,11 +203,18 @@ if __name__ == "__main__":
     parser.add_argument("--n-seq", type=int, default=None)
     parser.add_argument("--seq-batches", type=int, default=None)
     parser.add_argument("--n-z", type=int, default=None)
+    parser.add_argument("--context-templates", type=int, default=None, help="default 5 (quick: 2)")
     parser.add_argument("--experiments", default="targets,batch,sequential")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--out", type=Path, default=None, help="also write the tables as markdown here")
     args = parser.parse_args()
+    machine, start = machine_info(), time.perf_counter()
     result = run(args.quick, args.data, device=args.device, n_batch=args.n_batch, n_seq=args.n_seq,
-                 seq_batches=args.seq_batches, n_z=args.n_z, experiments=tuple(args.experiments.split(",")))
+                 seq_batches=args.seq_batches, n_z=args.n_z, experiments=tuple(args.experiments.split(",")),
+                 context_templates=args.context_templates)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
     print(result["table"])
+    if args.out:
+        write_markdown(args.out, "MEMIT family on SmolLM2-135M-Instruct", result["table"], machine,
+                       time.perf_counter() - start)

@@ -15,23 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
+from benchlib import data_dir, machine_info, write_markdown
+
 logger = logging.getLogger("bench_rome")
 #: tokens of the second-moment statistics (model-sampled default corpus; cached after the first run)
 N_TOKENS = 20_000
-
-
-def _data_dir(data: Optional[Path]) -> Path:
-    if data is not None:
-        return Path(data)
-    env = os.environ.get("HF_KNOWEDIT_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def run(quick: bool = False, data: Optional[Path] = None, *, records: Optional[int] = None,
@@ -42,9 +36,9 @@ def run(quick: bool = False, data: Optional[Path] = None, *, records: Optional[i
     from hf_knowedit.requests import to_request
     from hf_knowedit.rome import ROMEConfig, default_layer, rank_one_update, second_moment
 
-    n = records or (10 if quick else 50)
-    n_speed = speed_records or (2 if quick else 5)
-    cases = json.loads((_data_dir(data) / "counterfact_500.json").read_text())[:n]
+    n = records or (5 if quick else 50)
+    n_speed = speed_records or (1 if quick else 5)
+    cases = json.loads((data_dir(data) / "counterfact_500.json").read_text())[:n]
     model, tok = load_smollm2()
     layer = default_layer(model) if layer is None else layer
     config = ROMEConfig(mom2_n_tokens=N_TOKENS)
@@ -108,10 +102,14 @@ if __name__ == "__main__":
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--records", type=int, default=None)
     parser.add_argument("--layer", type=int, default=None)
-    parser.add_argument("--speed-records", type=int, default=None, help="records timed fast vs full (default 5; quick 2)")
+    parser.add_argument("--speed-records", type=int, default=None, help="records timed fast vs full (default 5; quick 1)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table as markdown here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for name in ("transformers", "httpx", "urllib3", "hf_knowedit"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    machine, start = machine_info(), time.perf_counter()
     result = run(args.quick, args.data, records=args.records, layer=args.layer, speed_records=args.speed_records)
     print(result["table"])
+    if args.out:
+        write_markdown(args.out, "ROME on SmolLM2-135M-Instruct", result["table"], machine, time.perf_counter() - start)

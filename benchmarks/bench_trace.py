@@ -13,27 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from hf_knowedit.architectures import get_module, num_layers
+from benchlib import data_dir, machine_info, write_markdown
+
+from hf_knowedit.architectures import num_layers
 from hf_knowedit.hooks import TraceDict, hidden, replace_hidden
 from hf_knowedit.tracing import (KINDS, CausalTracer, _module_path, _window_layers, suggest_layers, trace_fact,
                                  trace_facts)
 
 IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
 FACT = ("Vinson Massif is located in the continent of", "Vinson Massif")
-
-
-def _data_dir(data: Optional[Path]) -> Path:
-    if data is not None:
-        return Path(data)
-    env = os.environ.get("HF_KNOWEDIT_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def naive_trace(model, tok, tracer: CausalTracer, kinds=KINDS, window: int = 10) -> Dict[str, torch.Tensor]:
@@ -93,7 +87,7 @@ def run(quick: bool = True, data: Optional[Path] = None) -> Dict[str, Any]:
 
     model, tok = load_smollm2()
     samples = 3 if quick else 10
-    n_facts = 100 if quick else 200
+    n_facts = 10 if quick else 200
     rows: List[Dict[str, Any]] = []
 
     # 1. one fact, all three kinds: batched vs one forward per cell
@@ -110,15 +104,17 @@ def run(quick: bool = True, data: Optional[Path] = None) -> Dict[str, Any]:
     rows.append(dict(case=f"one fact, {len(KINDS)} kinds, {cells} cells, samples={samples}",
                      naive_s=round(t_naive, 2), batched_s=round(t_batched, 2),
                      ratio=round(t_batched / t_naive, 3), max_abs_diff=float(f"{diff:.2e}")))
-    IMG.mkdir(parents=True, exist_ok=True)
-    result.plot(IMG / "smollm2_trace.png")
+    if not quick:  # the figures in docs/ come from the full run
+        IMG.mkdir(parents=True, exist_ok=True)
+        result.plot(IMG / "smollm2_trace.png")
 
     # 2. average indirect effect over known facts
-    facts = known_facts(model, tok, _data_dir(data), n_facts)
+    facts = known_facts(model, tok, data_dir(data), n_facts)
     t0 = time.perf_counter()
     summary = trace_facts(model, tok, facts, samples=samples, require_correct=False, progress=True)
     t_aie = time.perf_counter() - t0
-    summary.plot(IMG / "smollm2_aie.png")
+    if not quick:
+        summary.plot(IMG / "smollm2_aie.png")
     layers1, layers5 = suggest_layers(summary), suggest_layers(summary, count=5)
     peak = {k: int(summary.aie["last_subject"][k].argmax()) for k in summary.aie["last_subject"]}
     rows.append(dict(case=f"AIE over {summary.n_facts} known facts, samples={samples}", seconds=round(t_aie, 1),
@@ -141,14 +137,19 @@ def run(quick: bool = True, data: Optional[Path] = None) -> Dict[str, Any]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="samples=3 and 100 facts (default: samples=10, 200)")
+    parser.add_argument("--quick", action="store_true", help="samples=3 and 10 facts, no figures (default: samples=10, 200 facts, docs/img/*.png)")
     parser.add_argument("--data", type=Path, default=None, help="folder with known_1000.json")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table as markdown here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    machine, start = machine_info(), time.perf_counter()
     out = run(quick=args.quick, data=args.data)
     print(out["table"])
+    if args.out:
+        write_markdown(args.out, "Causal tracing on SmolLM2-135M-Instruct", out["table"], machine,
+                       time.perf_counter() - start)
     print(f"\ntorch threads: {out['threads']}; layers: {out['layers']}")
     print("AIE at the last subject token (mlp):", out["aie"]["last_subject"].get("mlp"))
     print("suggest_layers:", out["rows"][1]["suggest_layers"], " count=5:", out["rows"][1]["suggest_layers_5"])

@@ -20,8 +20,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -29,6 +27,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+
+from benchlib import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_MODULES = ("bench_trace", "bench_rome", "bench_memit")
@@ -40,35 +40,6 @@ MODES = {
     "full": dict(unedited=500, zsre=500, rome=100, memit=100, sequential=100, seq_batch=10, fluency=1,
                  speed_pairs=256, mom2_n_tokens=100_000),
 }
-
-
-def machine_info(threads: int) -> Dict[str, Any]:
-    import transformers
-
-    import hf_knowedit
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=False).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "platform": platform.platform(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "hf_knowedit": hf_knowedit.__version__, "git_commit": commit,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
 
 
 # ----------------------------------------------------------------------------- quality
@@ -314,6 +285,13 @@ def write_report(out: Path, report: Dict[str, Any]) -> None:
             lines.append(f"\n({entry['seconds']:.0f} s)")
         else:
             lines.append(entry["status"])
+    heavy = sorted((ROOT / "docs" / "results").glob("*.md"))
+    if heavy:
+        lines += ["", "## Heavier runs", "",
+                  "Larger settings, run by hand with the command at the top of each file (not part of `make bench`):", ""]
+        for f in heavy:
+            title = f.read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()
+            lines.append(f"- [{title}]({os.path.relpath(f, out.parent.resolve())})")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")

@@ -297,3 +297,21 @@ def test_default_lambda_is_the_reference_value_scaled_to_the_key_dimension(metho
     for path, delta in default.deltas.items():
         torch.testing.assert_close(delta.delta(), explicit.deltas[path].delta())
         assert not torch.allclose(delta.delta(), other.deltas[path].delta())
+
+
+@pytest.mark.parametrize("method", ["memit", "emmet", "rome"])
+def test_layers_auto_follows_the_traced_peak_end_to_end(method):
+    from hf_knowedit.tracing import suggest_layers, trace_facts
+
+    model, tok = tiny("llama")
+    hf_knowedit.attach(model, tok)
+    settings = dict(FAST, band_size=3) if method != "rome" else {"mom2_n_tokens": 2000, "mom2_corpus": FAST["mom2_corpus"]}
+    with pytest.raises(hf_knowedit.errors.TraceError):  # "auto" without a trace says what to run first
+        model.apply_edits(facts(2), method=method, layers="auto", **settings)
+    assert model.list_edits() == []
+    trace_facts(model, tok, [(r.text, r.subject) for r in facts(4)], kinds=("mlp",), samples=2, window=2,
+                require_correct=False, progress=False)
+    peak = suggest_layers(model)[0]
+    es = model.apply_edits(facts(2), method=method, layers="auto", **settings)
+    assert es.layers == ([peak] if method == "rome" else band_around(peak, 4, 3))
+    assert all(efficacy(model, tok, facts(2))) or method == "rome"  # ROME's defaults are for real models
