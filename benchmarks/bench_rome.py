@@ -92,6 +92,8 @@ def run(quick: bool = False, data: Optional[Path] = None, *, records: Optional[i
         f"| lower blocks cached, logits only where read | {speed['fast_s']:.2f} | {speed['ratio']:.2f}x |",
         "",
         f"max relative difference of the update between the two: {speed['max_rel_diff_B']:.1e}",
+        "records whose edit failed efficacy (case_id): "
+        + (", ".join(str(r["case_id"]) for r in result.records if r["post"] and r["post"]["ES"] < 1) or "none"),
     ]
     return {"rows": rows, "speed": speed, "table": "\n".join(table)}
 

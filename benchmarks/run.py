@@ -4,7 +4,7 @@
                              [--out docs/benchmarks.md]
 
 Quality (through :func:`hf_knowedit.evaluate`, CounterFact ``counterfact_500.json``, the first N records):
-the unedited model (plus zsRE), ROME single edits, MEMIT as one batch, MEMIT and AlphaEdit in sequential
+the unedited model (plus zsRE), ROME single edits, MEMIT and EMMET as one batch, MEMIT and AlphaEdit in sequential
 batches -- each for the methods registered in this build (``hf_knowedit.available_methods()``).
 Speed: the evaluation's batched scoring against one-sequence-at-a-time scoring, plus the tables of the
 other benchmark modules (``benchmarks/bench_trace.py``, ``bench_rome.py``, ``bench_memit.py``), each run in
@@ -56,6 +56,8 @@ def quality_runs(mode: Dict[str, int]) -> List[Dict[str, Any]]:
         dict(title="ROME, single edits", method="rome", protocol="single", file="counterfact_500.json",
              n=mode["rome"], kw={}),
         dict(title="MEMIT, one batch", method="memit", protocol="batch", file="counterfact_500.json",
+             n=mode["memit"], kw={}),
+        dict(title="EMMET, one batch", method="emmet", protocol="batch", file="counterfact_500.json",
              n=mode["memit"], kw={}),
         dict(title="MEMIT, sequential batches", method="memit", protocol="sequential", file="counterfact_500.json",
              n=mode["sequential"], kw=seq),
