@@ -89,7 +89,7 @@ def _targets(model: Any, tok: Any, requests: Sequence[Any], config: Any, layer: 
 def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[str] = None,
         n_batch: Optional[int] = None, n_seq: Optional[int] = None, seq_batches: Optional[int] = None,
         n_z: Optional[int] = None, experiments: Optional[Sequence[str]] = None,
-        context_templates: Optional[int] = None) -> Dict[str, Any]:
+        n_templates: Optional[int] = None) -> Dict[str, Any]:
     """Run the experiments (default: all three; ``quick``: only "targets", since ``make bench`` scores MEMIT
     batches and sequences in its quality section); returns ``{"rows": [...], "table": markdown, "settings": {...}}``."""
     if experiments is None:
@@ -104,7 +104,7 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
 
     size = dict(SIZES[bool(quick)])
     size.update({k: v for k, v in dict(n_batch=n_batch, n_seq=n_seq, seq_batches=seq_batches, n_z=n_z,
-                                       context_templates=context_templates).items() if v is not None})
+                                       context_templates=n_templates).items() if v is not None})
     folder = data_dir(data)
     flat = json.loads((folder / FLAT).read_text())
     gen_prompts = [p for r in json.loads((folder / FULL).read_text()) for p in r["generation_prompts"]]
@@ -211,7 +211,7 @@ if __name__ == "__main__":
     machine, start = machine_info(), time.perf_counter()
     result = run(args.quick, args.data, device=args.device, n_batch=args.n_batch, n_seq=args.n_seq,
                  seq_batches=args.seq_batches, n_z=args.n_z, experiments=tuple(args.experiments.split(",")),
-                 context_templates=args.context_templates)
+                 n_templates=args.context_templates)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
     print(result["table"])
