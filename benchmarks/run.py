@@ -36,9 +36,9 @@ BENCH_MODULES = ("bench_trace", "bench_rome", "bench_memit")
 #: settings per mode: records per quality table
 MODES = {
     "quick": dict(unedited=100, zsre=50, rome=5, memit=10, sequential=10, seq_batch=5, fluency=0, speed_pairs=64,
-                  mom2_n_tokens=10_000),
+                  mom2_n_tokens=10_000, context_templates=2),
     "full": dict(unedited=500, zsre=500, rome=100, memit=100, sequential=100, seq_batch=10, fluency=1,
-                 speed_pairs=256, mom2_n_tokens=100_000),
+                 speed_pairs=256, mom2_n_tokens=100_000, context_templates=None),
 }
 
 
@@ -98,6 +98,8 @@ def run_quality(model: Any, tok: Any, data: Path, mode: Dict[str, int], seed: in
         kw = dict(spec["kw"])
         if spec["method"] is not None:
             kw["mom2_n_tokens"] = mode["mom2_n_tokens"]  # second-moment statistics: tokens of model-sampled text
+            if mode["context_templates"] is not None:
+                kw["context_templates"] = mode["context_templates"]
         t0 = time.perf_counter()
         try:
             res = hf_knowedit.evaluate(model, tok, data / spec["file"], method=spec["method"],
@@ -269,7 +271,9 @@ def write_report(out: Path, report: Dict[str, Any]) -> None:
         "token accuracies, a different family (not comparable with ES/PS/NS). Percent; GE (fluency) in ROME's "
         "units, computed with `--full` only ('–' otherwise). Methods run with their default configs except "
         f"`mom2_n_tokens={a['settings']['mom2_n_tokens']}` (tokens of model-sampled text for the second-moment "
-        "statistics; no Wikipedia offline). Sequential runs: batches of "
+        "statistics; no Wikipedia offline)"
+        + (f" and `context_templates={a['settings']['context_templates']}`"
+           if a['settings'].get('context_templates') is not None else "") + ". Sequential runs: batches of "
         f"{a['settings']['seq_batch']} edits, curve after every batch; AlphaEdit history reset before each run.",
         "",
         quality_markdown(report["quality"]),

@@ -2,8 +2,8 @@
 
     python examples/demo.py [--data ../shared/data] [--out out/demo]
 
-Takes one CounterFact record (the first of counterfact_500.json, or a built-in fact when
-no data path is given) and shows: the architecture entry, the subject's token span, the
+Takes one CounterFact record (the first of counterfact_500.json's records 0-99 that the model
+predicts correctly, or a built-in fact when no data path is given) and shows: the architecture entry, the subject's token span, the
 model's top-5 next tokens; a causal trace of the fact (heatmap PNG); a ROME edit, its new
 prediction, revert and the old one; the edit saved as a PEFT-compatible adapter, reloaded into
 a fresh model, and its model card; a MEMIT batch of 20 facts and their efficacy.
@@ -39,11 +39,20 @@ FALLBACK = {
 }
 
 
-def load_record(data: str | None, index: int) -> dict:
+def load_record(model, tok, data: str | None, index: int | None) -> dict:
+    """Record ``index`` of counterfact_500.json; by default the first of records 0-99 whose true object is
+    the model's top-1 next token (a fact the model knows, so the causal trace has something to find)."""
     if not data:
         return FALLBACK
     records = json.loads((Path(data) / "counterfact_500.json").read_text())
-    return records[index]
+    if index is not None:
+        return records[index]
+    for record in records[:100]:
+        rw = record["requested_rewrite"]
+        first = tok(" " + rw["target_true"]["str"])["input_ids"][0]
+        if top_k(model, tok, rw["prompt"].format(rw["subject"]), 1)[0][0] == tok.decode(first):
+            return record
+    return records[0]
 
 
 def stats_options(data: str | None) -> dict:
@@ -72,7 +81,8 @@ def show_top(title: str, rows: list[tuple[str, float]]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.environ.get("HF_KNOWEDIT_DATA"), help="folder with counterfact_500.json")
-    ap.add_argument("--record", type=int, default=0, help="index of the CounterFact record")
+    ap.add_argument("--record", type=int, default=None,
+                    help="index of the CounterFact record (default: the first of 0-99 the model gets right)")
     ap.add_argument("--out", default="out/demo", help="where to write plots and adapters")
     ap.add_argument("--batch", type=int, default=10, help="facts in the MEMIT batch (needs --data)")
     args = ap.parse_args()
@@ -86,7 +96,7 @@ def main() -> None:
     print(f"Loaded {model.name_or_path} ({model.config.model_type}, {sum(p.numel() for p in model.parameters())/1e6:.0f}M "
           f"params, {model.dtype}) in {time.time() - t0:.1f}s")
 
-    record = load_record(args.data, args.record)
+    record = load_record(model, tok, args.data, args.record)
     rw = record["requested_rewrite"]
     prompt = rw["prompt"].format(rw["subject"])
     print(f"\nFact (case {record.get('case_id')}): {prompt!r} -> true {rw['target_true']['str']!r}, "
