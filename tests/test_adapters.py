@@ -21,7 +21,7 @@ from hf_knowedit.errors import AdapterFormatError, BaseModelMismatchError
 from hf_knowedit.hooks import count_forward_hooks
 from hf_knowedit.requests import EditRequest
 from tests.test_stack import random_set
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import assert_same, make_tiny_model, weights
 
 ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "knowedit_config.json"]
 
@@ -64,16 +64,6 @@ def edited(model_type="gpt2", dtype=torch.float32, seed=0, **kw):
     hf_knowedit.attach(model, tok)
     es = model.apply_edits(FACTS, method="adaptertest", **kw)
     return model, tok, es
-
-
-def weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def logits(model, tok, text="Angola is located in"):

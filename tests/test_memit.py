@@ -14,7 +14,7 @@ from hf_knowedit.errors import (BatchTooLargeError, EditConflictError, InvalidCo
 from hf_knowedit.memit import MEMITConfig, band_around, default_band, optimize_z
 from hf_knowedit.requests import EditRequest, normalize_requests
 from hf_knowedit.tokens import split_prompt_target
-from tests.tiny_models import _CORPUS, make_tiny_model
+from tests.tiny_models import _CORPUS, assert_same, make_tiny_model, weights
 
 SUBJECTS = ["Eiffel Tower", "Colosseum", "Danielle Darrieux", "Michael Jordan", "Lionel Messi", "Apple", "Microsoft",
             "Toyota", "Berlin", "Madrid", "London", "Amazon River", "Albert Einstein", "Marie Curie",
@@ -73,16 +73,6 @@ def logprob(model, tok, prompt, target):
 
 def efficacy(model, tok, reqs):
     return [logprob(model, tok, r.text, r.target_new) > logprob(model, tok, r.text, r.target_true) for r in reqs]
-
-
-def weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def context(model, tok, reqs, method="memit", layers=None, **overrides):

@@ -11,7 +11,7 @@ from hf_knowedit.errors import (BaseModelMismatchError, EditConflictError, EditS
 from hf_knowedit.hooks import count_forward_hooks
 from hf_knowedit.requests import EditRequest
 from hf_knowedit.stack import push_edit_set
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import assert_same, make_tiny_model, weights
 
 
 def random_set(model, layers, rank=2, seed=0, scale=0.5, subject="Angola", target="Antarctica"):
@@ -28,16 +28,6 @@ def random_set(model, layers, rank=2, seed=0, scale=0.5, subject="Angola", targe
     req = EditRequest("{} is located in", subject, target, "Africa")
     return EditSet(deltas=deltas, requests=[req], method="test", layers=list(layers), fingerprints=fps,
                    layouts=layouts)
-
-
-def weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def logits(model, tok):

@@ -215,3 +215,15 @@ def make_tiny_model(
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
     model.eval()
     return model, make_tiny_tokenizer(_TINY[model_type][0])
+
+
+def weights(model):
+    """A detached copy of every tensor in ``model.state_dict()`` (to check later that nothing moved)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a, b):
+    """Two :func:`weights` snapshots are bit-identical."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
