@@ -39,8 +39,8 @@ edits ``max_batch`` requests at a time, each chunk on top of the previous ones, 
 **λ.** ``mom2_update_weight=None`` (default) scales GPT-J's 15,000 by the key dimension
 (:func:`hf_knowedit.solvers.scaled_mom2_weight`: λ ≈ 1,406 on SmolLM2-135M); a number is used as is.
 
-AlphaEdit (``alphaedit.py``) and EMMET (``emmet.py``) reuse :func:`spread_updates` with their
-own per-layer solver.
+AlphaEdit (``alphaedit.py``) and EMMET (``emmet.py``) reuse :func:`prepare` and :func:`mass_edit`
+with their own per-layer solver.
 """
 
 from __future__ import annotations

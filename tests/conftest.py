@@ -31,6 +31,16 @@ def data_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def stats_corpus(data_path) -> list:
+    """Second-moment corpus for real-model tests: the attribute and generation prompts of CounterFact
+    records 100-499 (text the tests never edit; no dataset download in CI)."""
+    import json
+
+    records = json.loads((data_path / "counterfact_500.json").read_text())[100:]
+    return [p for r in records for p in r["attribute_prompts"] + r["generation_prompts"]]
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The bundled real model (float32), loaded once per session. Tests must leave it unedited."""
     from hf_knowedit.bundled import load_smollm2

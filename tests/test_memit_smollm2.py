@@ -24,15 +24,14 @@ def efficacy(model, tok, records):
 
 
 @pytest.mark.slow
-def test_memit_twenty_counterfact_edits_in_one_call(smollm2, data_path, tmp_path, monkeypatch):
+def test_memit_twenty_counterfact_edits_in_one_call(smollm2, data_path, stats_corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_KNOWEDIT_STATS_CACHE", str(tmp_path))
     model, tok = smollm2
     records = json.loads((data_path / "counterfact_500.json").read_text())
     cases = records[:20]
     # statistics from the text of *other* records (no dataset download in CI), 10k tokens; two context
     # templates keep the call within the slow-test budget on CPU
-    corpus = [p for r in records[100:] for p in r["attribute_prompts"] + r["generation_prompts"]]
-    config = hf_knowedit.MEMITConfig(mom2_corpus=corpus, mom2_n_tokens=10_000, context_templates=2)
+    config = hf_knowedit.MEMITConfig(mom2_corpus=stats_corpus, mom2_n_tokens=10_000, context_templates=2)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     before = efficacy(model, tok, cases)

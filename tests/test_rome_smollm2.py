@@ -10,32 +10,17 @@ import torch
 
 import hf_knowedit
 from hf_knowedit import ROMEConfig
-from hf_knowedit.tokens import split_prompt_target
+from hf_knowedit.evaluation import score_targets
 
 logger = logging.getLogger(__name__)
-
-
-def mean_logprob(model, tok, pairs):
-    """Mean token log-probability of each (prompt, target), ROME's comparison (right-padded batch)."""
-    enc = [split_prompt_target(tok, p, t) for p, t in pairs]
-    width = max(len(p) + len(t) for p, t in enc)
-    ids = torch.zeros(len(enc), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for j, (p, t) in enumerate(enc):
-        ids[j, : len(p) + len(t)] = torch.tensor(p + t)
-        mask[j, : len(p) + len(t)] = 1
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-    return [float(logp[j, torch.arange(len(p) - 1, len(p) + len(t) - 1), torch.tensor(t)].mean())
-            for j, (p, t) in enumerate(enc)]
 
 
 def scores(model, tok, record):
     rw = record["requested_rewrite"]
     new, true = rw["target_new"]["str"], rw["target_true"]["str"]
     prompts = [rw["prompt"].format(rw["subject"])] + record["paraphrase_prompts"] + record["neighborhood_prompts"]
-    lp = mean_logprob(model, tok, [(p, t) for p in prompts for t in (new, true)])
-    wins = [lp[2 * i] > lp[2 * i + 1] for i in range(len(prompts))]
+    nll = [s.mean_nll for s in score_targets(model, tok, [(p, t) for p in prompts for t in (new, true)])]
+    wins = [nll[2 * i] < nll[2 * i + 1] for i in range(len(prompts))]
     return {"ES": wins[0], "PS": sum(wins[1:3]) / 2, "NS": sum(not w for w in wins[3:]) / len(wins[3:])}
 
 
@@ -50,7 +35,7 @@ def one_thread():
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
-def test_ten_counterfact_edits_one_at_a_time(smollm2, data_path, tmp_path, monkeypatch):
+def test_ten_counterfact_edits_one_at_a_time(smollm2, data_path, stats_corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_KNOWEDIT_STATS_CACHE", str(tmp_path))
     model, tok = smollm2
     records = json.loads((data_path / "counterfact_500.json").read_text())
@@ -58,8 +43,7 @@ def test_ten_counterfact_edits_one_at_a_time(smollm2, data_path, tmp_path, monke
     # statistics corpus: text of *other* records (no dataset download in CI), 5k tokens; two context
     # templates instead of five keep ten edits within the slow-test budget (a CPU edit costs ~20 forward
     # and backward passes through the upper 24 layers)
-    corpus = [p for r in records[100:] for p in r["attribute_prompts"] + r["generation_prompts"]]
-    config = ROMEConfig(mom2_corpus=corpus, mom2_n_tokens=5_000, context_templates=2)
+    config = ROMEConfig(mom2_corpus=stats_corpus, mom2_n_tokens=5_000, context_templates=2)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     before, after = [], []
