@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -89,9 +89,11 @@ def _targets(model: Any, tok: Any, requests: Sequence[Any], config: Any, layer: 
 def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[str] = None,
         n_batch: Optional[int] = None, n_seq: Optional[int] = None, seq_batches: Optional[int] = None,
         n_z: Optional[int] = None, experiments: Optional[Sequence[str]] = None,
-        n_templates: Optional[int] = None) -> Dict[str, Any]:
+        n_templates: Optional[int] = None, seq_methods: Sequence[str] = ("memit", "alphaedit"),
+        on_row: Optional[Callable[[List[Dict[str, Any]], Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Run the experiments (default: all three; ``quick``: only "targets", since ``make bench`` scores MEMIT
-    batches and sequences in its quality section); returns ``{"rows": [...], "table": markdown, "settings": {...}}``."""
+    batches and sequences in its quality section); returns ``{"rows": [...], "table": markdown, "settings": {...}}``.
+    ``on_row(rows, settings)`` is called after each finished row (e.g. to write partial results of a long run)."""
     if experiments is None:
         experiments = ("targets",) if quick else ("targets", "batch", "sequential")
     import hf_knowedit
@@ -125,6 +127,16 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
     for layer in layers:  # statistics once (cached in memory and on disk), outside the timed calls
         hf_knowedit.compute_second_moment(model, tok, layer, n_tokens=N_TOKENS)
     setup_s = time.perf_counter() - t0
+    settings = {"model": "SmolLM2-135M-Instruct (bundled, float32)", "device": str(next(model.parameters()).device),
+                "threads": torch.get_num_threads(), "layers": layers, "stats tokens": N_TOKENS,
+                "context templates": size["context_templates"], "setup seconds (C + templates)": round(setup_s, 1),
+                "data": FLAT, "quick": bool(quick)}
+
+    def done(row: Dict[str, Any]) -> None:
+        rows.append(row)
+        logger.info("%s: %s", row["experiment"], row)
+        if on_row is not None:
+            on_row(rows, settings)
 
     if "targets" in experiments:
         reqs = [to_request(r) for r in flat[: size["n_z"]]]
@@ -132,10 +144,9 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
         serial, ts = _targets(model, tok, reqs, memit_cfg, layers[-1], templates, serial=True)
         moved = (serial.targets - serial.init).norm(dim=1).clamp_min(1e-12)
         gap = float(((batched.targets - serial.targets).norm(dim=1) / moved).max())
-        rows.append({"experiment": "targets", "method": "z batched vs serial", "edits": len(reqs),
-                     "seconds": round(tb, 1), "serial seconds": round(ts, 1), "ratio": round(tb / ts, 3),
-                     "max relative gap": f"{gap:.1e}"})
-        logger.info("z: batched %.1f s, serial %.1f s, ratio %.3f, gap %.1e", tb, ts, tb / ts, gap)
+        done({"experiment": "targets", "method": "z batched vs serial", "edits": len(reqs),
+              "seconds": round(tb, 1), "serial seconds": round(ts, 1), "ratio": round(tb / ts, 3),
+              "max relative gap": f"{gap:.1e}"})
 
     if "batch" in experiments:
         records = flat[: size["n_batch"]]
@@ -145,9 +156,8 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
         seconds = time.perf_counter() - t
         post = scores(model, tok, records)
         hf_knowedit.revert_edits(model)
-        rows.append(_row("batch", "memit", len(records), pre, post, seconds,
-                         ranks=sorted({d.rank for d in es.deltas.values()})))
-        logger.info("batch: %s", rows[-1])
+        done(_row("batch", "memit", len(records), pre, post, seconds,
+                  ranks=sorted({d.rank for d in es.deltas.values()})))
 
     if "sequential" in experiments:
         records = flat[size["n_batch"]: size["n_batch"] + size["n_seq"]] if "batch" in experiments else \
@@ -155,7 +165,9 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
         per = max(1, len(records) // size["seq_batches"])
         pre = scores(model, tok, records)
         ge_pre = fluency(model, tok, gen_prompts, max_new)
-        for method, cfg in (("memit", memit_cfg), ("alphaedit", alpha_cfg)):
+        configs = {"memit": memit_cfg, "alphaedit": alpha_cfg}
+        for method in seq_methods:
+            cfg = configs[method]
             alphaedit.reset_history(model)
             t = time.perf_counter()
             for i in range(0, len(records), per):
@@ -165,17 +177,12 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
             ge_post = fluency(model, tok, gen_prompts, max_new)
             hf_knowedit.revert_edits(model)
             alphaedit.reset_history(model)
-            rows.append(_row("sequential", method, len(records), pre, post, seconds, batches=f"{len(records) // per} x {per}",
-                             **{"GE pre": round(ge_pre, 1), "GE": round(ge_post, 1),
-                                "GE change %": round(100 * (ge_post - ge_pre) / ge_pre, 1)}))
-            logger.info("sequential: %s", rows[-1])
+            done(_row("sequential", method, len(records), pre, post, seconds, batches=f"{len(records) // per} x {per}",
+                      **{"GE pre": round(ge_pre, 1), "GE": round(ge_post, 1),
+                         "GE change %": round(100 * (ge_post - ge_pre) / ge_pre, 1)}))
 
     state = model.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in base.items()), "the model was not restored exactly"
-    settings = {"model": "SmolLM2-135M-Instruct (bundled, float32)", "device": str(next(model.parameters()).device),
-                "threads": torch.get_num_threads(), "layers": layers, "stats tokens": N_TOKENS,
-                "context templates": size["context_templates"], "setup seconds (C + templates)": round(setup_s, 1),
-                "data": FLAT, "quick": bool(quick)}
     return {"rows": rows, "table": table(rows, settings), "settings": settings}
 
 
@@ -205,16 +212,21 @@ if __name__ == "__main__":
     parser.add_argument("--n-z", type=int, default=None)
     parser.add_argument("--context-templates", type=int, default=None, help="default 5 (quick: 2)")
     parser.add_argument("--experiments", default="targets,batch,sequential")
+    parser.add_argument("--seq-methods", default="memit,alphaedit", help="methods of the sequential experiment")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables as markdown here")
     args = parser.parse_args()
     machine, start = machine_info(), time.perf_counter()
+
+    def save(rows: List[Dict[str, Any]], settings: Dict[str, Any]) -> None:  # after every row: a cut run keeps its rows
+        if args.json:
+            args.json.write_text(json.dumps({"rows": rows, "settings": settings}, indent=1, default=str))
+        if args.out:
+            write_markdown(args.out, "MEMIT family on SmolLM2-135M-Instruct", table(rows, settings), machine,
+                           time.perf_counter() - start)
+
     result = run(args.quick, args.data, device=args.device, n_batch=args.n_batch, n_seq=args.n_seq,
                  seq_batches=args.seq_batches, n_z=args.n_z, experiments=tuple(args.experiments.split(",")),
-                 n_templates=args.context_templates)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1, default=str))
+                 n_templates=args.context_templates, seq_methods=tuple(args.seq_methods.split(",")), on_row=save)
+    save(result["rows"], result["settings"])
     print(result["table"])
-    if args.out:
-        write_markdown(args.out, "MEMIT family on SmolLM2-135M-Instruct", result["table"], machine,
-                       time.perf_counter() - start)
