@@ -7,7 +7,11 @@ paraphrase on ``rephrase_prompt``, neighbourhood on ``locality_prompt``; ROME's 
 2. **sequential** — ``n_seq`` edits as ``seq_batches`` consecutive calls, with MEMIT and with AlphaEdit:
    ES/PS/NS after the last batch, and fluency (``GE``: ROME's n-gram entropy of sampled generations from
    CounterFact ``generation_prompts``) before and after.
-3. **targets** — the z vectors of ``n_z`` requests optimised together (batched) and one after another
+3. **counterfact** — MEMIT, ``n_cf`` records of ``counterfact_500.json`` in one call, scored by
+   :func:`hf_knowedit.evaluate` with the full CounterFact prompts (two paraphrases and about ten
+   neighbourhood prompts per record; S, ES, PS, NS and EasyEdit's token accuracies; fluency is left out: ten
+   90-token generations per record are too slow on a CPU).
+4. **targets** — the z vectors of ``n_z`` requests optimised together (batched) and one after another
    (serial, the reference's way), in the same run: seconds of each, their ratio, and how far apart they are.
 
 Sizes: ``--quick`` (minutes on a GPU, tens of minutes on 2 busy CPU cores) or the issue's numbers (default:
@@ -36,9 +40,9 @@ logger = logging.getLogger("bench_memit")
 N_TOKENS = 20_000
 FLAT = "counterfact_flat_edit_10000.json"
 FULL = "counterfact_500.json"
-SIZES = {  # n_batch, n_seq, seq_batches, n_z, fluency prompts, context templates
-    True: dict(n_batch=10, n_seq=10, seq_batches=2, n_z=6, n_fluency=5, context_templates=2),
-    False: dict(n_batch=1000, n_seq=1000, seq_batches=10, n_z=100, n_fluency=50, context_templates=5),
+SIZES = {  # n_batch, n_seq, seq_batches, n_z, n_cf, fluency prompts, context templates
+    True: dict(n_batch=10, n_seq=10, seq_batches=2, n_z=6, n_cf=10, n_fluency=5, context_templates=2),
+    False: dict(n_batch=1000, n_seq=1000, seq_batches=10, n_z=100, n_cf=500, n_fluency=50, context_templates=5),
 }
 
 
@@ -88,14 +92,14 @@ def _targets(model: Any, tok: Any, requests: Sequence[Any], config: Any, layer: 
 
 def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[str] = None,
         n_batch: Optional[int] = None, n_seq: Optional[int] = None, seq_batches: Optional[int] = None,
-        n_z: Optional[int] = None, experiments: Optional[Sequence[str]] = None,
+        n_z: Optional[int] = None, n_cf: Optional[int] = None, experiments: Optional[Sequence[str]] = None,
         n_templates: Optional[int] = None, seq_methods: Sequence[str] = ("memit", "alphaedit"),
         on_row: Optional[Callable[[List[Dict[str, Any]], Dict[str, Any]], None]] = None) -> Dict[str, Any]:
-    """Run the experiments (default: all three; ``quick``: only "targets", since ``make bench`` scores MEMIT
+    """Run the experiments (default: all four; ``quick``: only "targets", since ``make bench`` scores MEMIT
     batches and sequences in its quality section); returns ``{"rows": [...], "table": markdown, "settings": {...}}``.
     ``on_row(rows, settings)`` is called after each finished row (e.g. to write partial results of a long run)."""
     if experiments is None:
-        experiments = ("targets",) if quick else ("targets", "batch", "sequential")
+        experiments = ("targets",) if quick else ("targets", "batch", "sequential", "counterfact")
     import hf_knowedit
     from hf_knowedit import alphaedit
     from hf_knowedit.bundled import load_smollm2
@@ -105,11 +109,12 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
     from hf_knowedit.requests import to_request
 
     size = dict(SIZES[bool(quick)])
-    size.update({k: v for k, v in dict(n_batch=n_batch, n_seq=n_seq, seq_batches=seq_batches, n_z=n_z,
+    size.update({k: v for k, v in dict(n_batch=n_batch, n_seq=n_seq, seq_batches=seq_batches, n_z=n_z, n_cf=n_cf,
                                        context_templates=n_templates).items() if v is not None})
     folder = data_dir(data)
     flat = json.loads((folder / FLAT).read_text())
-    gen_prompts = [p for r in json.loads((folder / FULL).read_text()) for p in r["generation_prompts"]]
+    full = json.loads((folder / FULL).read_text())
+    gen_prompts = [p for r in full for p in r["generation_prompts"]]
     gen_prompts = gen_prompts[: size["n_fluency"]]
     max_new = 30 if quick else 90
     model, tok = load_smollm2()
@@ -130,7 +135,7 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
     settings = {"model": "SmolLM2-135M-Instruct (bundled, float32)", "device": str(next(model.parameters()).device),
                 "threads": torch.get_num_threads(), "layers": layers, "stats tokens": N_TOKENS,
                 "context templates": size["context_templates"], "setup seconds (C + templates)": round(setup_s, 1),
-                "data": FLAT, "quick": bool(quick)}
+                "data": f"{FLAT}; counterfact experiment: {FULL}", "quick": bool(quick)}
 
     def done(row: Dict[str, Any]) -> None:
         rows.append(row)
@@ -181,6 +186,15 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
                       **{"GE pre": round(ge_pre, 1), "GE": round(ge_post, 1),
                          "GE change %": round(100 * (ge_post - ge_pre) / ge_pre, 1)}))
 
+    if "counterfact" in experiments:
+        t = time.perf_counter()
+        result = hf_knowedit.evaluate(model, tok, full[: size["n_cf"]], method="memit", protocol="batch",
+                                      fluency=False, progress=False, config=memit_cfg)
+        keys = ("S", "ES", "PS", "NS", "rewrite_acc", "rephrase_acc", "locality")
+        done({"experiment": "counterfact", "method": "memit", "edits": result.n_records, "failed": len(result.failed),
+              **{f"{k} pre → post": f"{result.pre[k]:.1f} → {result.post[k]:.1f}" for k in keys},
+              "seconds (edit + scoring)": round(time.perf_counter() - t, 1)})
+
     state = model.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in base.items()), "the model was not restored exactly"
     return {"rows": rows, "table": table(rows, settings), "settings": settings}
@@ -189,7 +203,7 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
 def table(rows: List[Dict[str, Any]], settings: Dict[str, Any]) -> str:
     """One markdown table per experiment."""
     out = [f"SmolLM2 MEMIT-family benchmark — {json.dumps(settings)}", ""]
-    for experiment in ("targets", "batch", "sequential"):
+    for experiment in ("targets", "batch", "sequential", "counterfact"):
         part = [r for r in rows if r["experiment"] == experiment]
         if not part:
             continue
@@ -210,8 +224,9 @@ if __name__ == "__main__":
     parser.add_argument("--n-seq", type=int, default=None)
     parser.add_argument("--seq-batches", type=int, default=None)
     parser.add_argument("--n-z", type=int, default=None)
+    parser.add_argument("--n-cf", type=int, default=None, help="counterfact_500 records (default 500, quick 10)")
     parser.add_argument("--context-templates", type=int, default=None, help="default 5 (quick: 2)")
-    parser.add_argument("--experiments", default="targets,batch,sequential")
+    parser.add_argument("--experiments", default="targets,batch,sequential,counterfact")
     parser.add_argument("--seq-methods", default="memit,alphaedit", help="methods of the sequential experiment")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables as markdown here")
@@ -226,7 +241,7 @@ if __name__ == "__main__":
                            time.perf_counter() - start)
 
     result = run(args.quick, args.data, device=args.device, n_batch=args.n_batch, n_seq=args.n_seq,
-                 seq_batches=args.seq_batches, n_z=args.n_z, experiments=tuple(args.experiments.split(",")),
+                 seq_batches=args.seq_batches, n_z=args.n_z, n_cf=args.n_cf, experiments=tuple(args.experiments.split(",")),
                  n_templates=args.context_templates, seq_methods=tuple(args.seq_methods.split(",")), on_row=save)
     save(result["rows"], result["settings"])
     print(result["table"])
