@@ -200,6 +200,21 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
     return {"rows": rows, "table": table(rows, settings), "settings": settings}
 
 
+def title(rows: List[Dict[str, Any]]) -> str:
+    """What was run, e.g. "MEMIT family on SmolLM2-135M-Instruct: 1000 edits in one call"."""
+    parts = []
+    for r in rows:
+        if r["experiment"] == "targets":
+            parts.append(f"z for {r['edits']} requests, batched vs serial")
+        elif r["experiment"] == "batch":
+            parts.append(f"{r['edits']} edits in one call")
+        elif r["experiment"] == "sequential":
+            parts.append(f"{r['method']}, {r['edits']} edits in sequential batches ({r['batches']})")
+        else:
+            parts.append(f"{r['edits']} counterfact_500 records in one call")
+    return "MEMIT family on SmolLM2-135M-Instruct" + (": " + "; ".join(parts) if parts else "")
+
+
 def table(rows: List[Dict[str, Any]], settings: Dict[str, Any]) -> str:
     """One markdown table per experiment."""
     out = [f"SmolLM2 MEMIT-family benchmark — {json.dumps(settings)}", ""]
@@ -237,7 +252,7 @@ if __name__ == "__main__":
         if args.json:
             args.json.write_text(json.dumps({"rows": rows, "settings": settings}, indent=1, default=str))
         if args.out:
-            write_markdown(args.out, "MEMIT family on SmolLM2-135M-Instruct", table(rows, settings), machine,
+            write_markdown(args.out, title(rows), table(rows, settings), machine,
                            time.perf_counter() - start)
 
     result = run(args.quick, args.data, device=args.device, n_batch=args.n_batch, n_seq=args.n_seq,
