@@ -253,12 +253,26 @@ def optimize_z(ctx: EditContext, requests: Sequence[EditRequest], layer: int, te
     """MEMIT's target vectors ``z`` at the block output of ``layer``: ``[n, d_model]`` float32."""
     from .vectors import optimize_targets
 
+    from huggingface_hub.utils import tqdm
+
     cfg = ctx.config
-    result = optimize_targets(
-        ctx.model, ctx.tokenizer, list(requests), layer, site="residual", templates=templates,
-        steps=cfg.v_num_grad_steps, lr=cfg.v_lr, kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay,
-        clamp_factor=cfg.clamp_norm_factor, early_stop=cfg.early_stop, batched=not cfg.serial_targets,
-        batch_tokens=cfg.target_batch_tokens)
+    n = len(requests)
+    with tqdm(total=cfg.v_num_grad_steps, desc=f"z for {n} requests", unit="step", leave=False,
+              disable=cfg.serial_targets) as bar:
+
+        def progress(step: int, losses: torch.Tensor) -> None:
+            bar.update(1)
+            bar.set_postfix(above_stop=int((losses >= cfg.early_stop).sum()), mean_loss=f"{float(losses.mean()):.3f}")
+
+        result = optimize_targets(
+            ctx.model, ctx.tokenizer, list(requests), layer, site="residual", templates=templates,
+            steps=cfg.v_num_grad_steps, lr=cfg.v_lr, kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay,
+            clamp_factor=cfg.clamp_norm_factor, early_stop=cfg.early_stop, batched=not cfg.serial_targets,
+            batch_tokens=cfg.target_batch_tokens, progress=progress)
+    losses = torch.tensor(result.losses)
+    logger.info("z for %d requests at layer %d: mean %.1f steps, mean final loss %.3f, %d still above early_stop=%g",
+                n, layer, sum(result.steps_taken) / max(n, 1), float(losses.mean()),
+                int((losses >= cfg.early_stop).sum()), cfg.early_stop)
     return result.targets.float().cpu()
 
 

@@ -1,6 +1,7 @@
 """MEMIT, AlphaEdit and EMMET on tiny models: efficacy, batched vs serial targets, exact revert,
 sequential AlphaEdit history, low-rank storage, bad input."""
 
+import logging
 import pytest
 import torch
 
@@ -305,3 +306,14 @@ def test_layers_auto_follows_the_traced_peak_end_to_end(method):
     es = model.apply_edits(facts(2), method=method, layers="auto", **settings)
     assert es.layers == ([peak] if method == "rome" else band_around(peak, 4, 3))
     assert all(efficacy(model, tok, facts(2))) or method == "rome"  # ROME's defaults are for real models
+
+
+def test_z_optimisation_reports_progress_and_a_summary(capsys, caplog):
+    """Long z optimisations show a step bar (huggingface_hub's tqdm, on stderr) and log how many requests converged."""
+    model, tok = tiny("llama")
+    with caplog.at_level(logging.INFO, logger="hf_knowedit.memit"):
+        hf_knowedit.apply_edits(model, tok, facts(4), "memit", **FAST)
+    err = capsys.readouterr().err
+    assert "z for 4 requests" in err and "/25 [" in err and "above_stop=" in err
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("z for 4 requests at layer")]
+    assert len(summary) == 1 and "still above early_stop" in summary[0]
