@@ -200,8 +200,8 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
     return {"rows": rows, "table": table(rows, settings), "settings": settings}
 
 
-def title(rows: List[Dict[str, Any]]) -> str:
-    """What was run, e.g. "MEMIT family on SmolLM2-135M-Instruct: 1000 edits in one call"."""
+def title(rows: List[Dict[str, Any]], settings: Dict[str, Any]) -> str:
+    """What was run, e.g. "MEMIT family on SmolLM2-135M-Instruct: 1000 edits in one call (0 context templates)"."""
     parts = []
     for r in rows:
         if r["experiment"] == "targets":
@@ -212,7 +212,8 @@ def title(rows: List[Dict[str, Any]]) -> str:
             parts.append(f"{r['method']}, {r['edits']} edits in sequential batches ({r['batches']})")
         else:
             parts.append(f"{r['edits']} counterfact_500 records in one call")
-    return "MEMIT family on SmolLM2-135M-Instruct" + (": " + "; ".join(parts) if parts else "")
+    return ("MEMIT family on SmolLM2-135M-Instruct" + (": " + "; ".join(parts) if parts else "")
+            + f" ({settings['context templates']} context templates)")
 
 
 def table(rows: List[Dict[str, Any]], settings: Dict[str, Any]) -> str:
@@ -252,7 +253,7 @@ if __name__ == "__main__":
         if args.json:
             args.json.write_text(json.dumps({"rows": rows, "settings": settings}, indent=1, default=str))
         if args.out:
-            write_markdown(args.out, title(rows), table(rows, settings), machine,
+            write_markdown(args.out, title(rows, settings), table(rows, settings), machine,
                            time.perf_counter() - start)
 
     result = run(args.quick, args.data, device=args.device, n_batch=args.n_batch, n_seq=args.n_seq,
