@@ -114,4 +114,5 @@ if __name__ == "__main__":
     result = run(args.quick, args.data, records=args.records, layer=args.layer, speed_records=args.speed_records)
     print(result["table"])
     if args.out:
-        write_markdown(args.out, "ROME on SmolLM2-135M-Instruct", result["table"], machine, time.perf_counter() - start)
+        title = f"ROME on SmolLM2-135M-Instruct ({result['rows'][0]['records']} CounterFact records)"
+        write_markdown(args.out, title, result["table"], machine, time.perf_counter() - start)
