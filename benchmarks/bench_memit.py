@@ -148,10 +148,13 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
         batched, tb = _targets(model, tok, reqs, memit_cfg, layers[-1], templates, serial=False)
         serial, ts = _targets(model, tok, reqs, memit_cfg, layers[-1], templates, serial=True)
         moved = (serial.targets - serial.init).norm(dim=1).clamp_min(1e-12)
-        gap = float(((batched.targets - serial.targets).norm(dim=1) / moved).max())
+        gaps = (batched.targets - serial.targets).norm(dim=1) / moved
+        # requests that do not converge within the step budget can amplify floating-point noise (padded
+        # batches change matmul shapes) along their Adam path; the median shows the typical agreement
         done({"experiment": "targets", "method": "z batched vs serial", "edits": len(reqs),
               "seconds": round(tb, 1), "serial seconds": round(ts, 1), "ratio": round(tb / ts, 3),
-              "max relative gap": f"{gap:.1e}"})
+              "median relative gap": f"{float(gaps.median()):.1e}", "max relative gap": f"{float(gaps.max()):.1e}",
+              "requests with gap > 1e-3": int((gaps > 1e-3).sum())})
 
     if "batch" in experiments:
         records = flat[: size["n_batch"]]
