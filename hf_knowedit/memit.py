@@ -251,9 +251,9 @@ def block_output_at_subject(model: nn.Module, tokenizer: Any, requests: Sequence
 
 def optimize_z(ctx: EditContext, requests: Sequence[EditRequest], layer: int, templates: Sequence[str]) -> torch.Tensor:
     """MEMIT's target vectors ``z`` at the block output of ``layer``: ``[n, d_model]`` float32."""
-    from .vectors import optimize_targets
-
     from huggingface_hub.utils import tqdm
+
+    from .vectors import optimize_targets
 
     cfg = ctx.config
     n = len(requests)
