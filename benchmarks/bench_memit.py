@@ -77,16 +77,13 @@ def _row(experiment: str, method: str, edits: int, pre: Dict[str, float], post: 
 
 def _targets(model: Any, tok: Any, requests: Sequence[Any], config: Any, layer: int, templates: Sequence[str],
              serial: bool) -> tuple:
-    from hf_knowedit.editing import frozen
-    from hf_knowedit.vectors import optimize_targets
+    from hf_knowedit.hooks import frozen
+    from hf_knowedit.methods.targets import optimize_targets
 
     start = time.perf_counter()
     with frozen(model):
-        result = optimize_targets(
-            model, tok, list(requests), layer, site="residual", templates=templates, steps=config.v_num_grad_steps,
-            lr=config.v_lr, kl_factor=config.kl_factor, weight_decay=config.v_weight_decay,
-            clamp_factor=config.clamp_norm_factor, early_stop=config.early_stop, batched=not serial,
-            batch_tokens=config.target_batch_tokens)
+        result = optimize_targets(model, tok, list(requests), layer, config, site="residual", templates=templates,
+                                  batched=not serial, batch_tokens=config.target_batch_tokens)
     return result, time.perf_counter() - start
 
 
@@ -101,11 +98,11 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
     if experiments is None:
         experiments = ("targets",) if quick else ("targets", "batch", "sequential", "counterfact")
     import hf_knowedit
-    from hf_knowedit import alphaedit
-    from hf_knowedit.bundled import load_smollm2
-    from hf_knowedit.context import context_templates
+    from hf_knowedit.methods import alphaedit
+    from hf_knowedit._bundled import load_smollm2
+    from hf_knowedit.methods.context import context_templates
     from hf_knowedit.architectures import num_layers
-    from hf_knowedit.memit import default_band
+    from hf_knowedit.methods.memit import default_band
     from hf_knowedit.requests import to_request
 
     size = dict(SIZES[bool(quick)])

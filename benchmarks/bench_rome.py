@@ -31,10 +31,11 @@ N_TOKENS = 20_000
 def run(quick: bool = False, data: Optional[Path] = None, *, records: Optional[int] = None,
         layer: Optional[int] = None, speed_records: Optional[int] = None) -> Dict[str, Any]:
     import hf_knowedit
-    from hf_knowedit.bundled import load_smollm2
-    from hf_knowedit.context import context_templates
+    from hf_knowedit._bundled import load_smollm2
+    from hf_knowedit.methods.context import context_templates
     from hf_knowedit.requests import to_request
-    from hf_knowedit.rome import ROMEConfig, default_layer, rank_one_update, second_moment
+    from hf_knowedit.methods.rome import ROMEConfig, default_layer, rank_one_update
+    from hf_knowedit.methods.statistics import second_moment_for as second_moment
 
     n = records or (5 if quick else 50)
     n_speed = speed_records or (1 if quick else 5)
@@ -53,7 +54,7 @@ def run(quick: bool = False, data: Optional[Path] = None, *, records: Optional[i
     seconds_per_edit = result.timing["edit_s"] / n
 
     fast_s, full_s, diffs = [], [], []
-    with hf_knowedit.editing.frozen(model):
+    with hf_knowedit.hooks.frozen(model):
         for c in cases[:n_speed]:
             req = to_request(c)
             t = time.perf_counter()

@@ -23,7 +23,8 @@ from benchlib import data_dir, machine_info, write_markdown
 
 from hf_knowedit.architectures import num_layers
 from hf_knowedit.hooks import TraceDict, hidden, replace_hidden
-from hf_knowedit.tracing import (KINDS, CausalTracer, _module_path, _window_layers, suggest_layers, trace_fact,
+from hf_knowedit.tracing.engine import module_path as _module_path
+from hf_knowedit.tracing import (KINDS, CausalTracer, suggest_layers, trace_fact,
                                  trace_facts)
 
 IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
@@ -83,7 +84,7 @@ def known_facts(model, tok, data: Path, want: int) -> List[Dict[str, Any]]:
 
 
 def run(quick: bool = True, data: Optional[Path] = None) -> Dict[str, Any]:
-    from hf_knowedit.bundled import load_smollm2
+    from hf_knowedit._bundled import load_smollm2
 
     model, tok = load_smollm2()
     samples = 3 if quick else 10

@@ -69,7 +69,7 @@ def quality_runs(mode: Dict[str, int]) -> List[Dict[str, Any]]:
 def _reset_method_history(model: Any) -> None:
     """Start each quality run from an empty AlphaEdit history (method state survives revert_edits)."""
     try:
-        from hf_knowedit import alphaedit
+        from hf_knowedit.methods import alphaedit
     except ImportError:
         return
     alphaedit.reset_history(model)
@@ -324,7 +324,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     start = time.perf_counter()
-    from hf_knowedit.bundled import load_smollm2
+    from hf_knowedit._bundled import load_smollm2
 
     model, tok = load_smollm2()
     mode = MODES[args.mode]

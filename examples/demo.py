@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import hf_knowedit
-from hf_knowedit.bundled import load_smollm2
+from hf_knowedit._bundled import load_smollm2
 from hf_knowedit.tokens import subject_token_span
 
 N_TOKENS = 5_000  # tokens of statistics corpus (a demo: small, so the first run is quick on a CPU)

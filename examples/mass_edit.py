@@ -37,7 +37,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     if args.model is None:
-        from hf_knowedit.bundled import converted_dir, load_smollm2
+        from hf_knowedit._bundled import converted_dir, load_smollm2
 
         load_smollm2()  # converts the bundled GGUF once
         args.model = str(converted_dir())

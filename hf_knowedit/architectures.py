@@ -43,6 +43,8 @@ __all__ = [
     "attn_out_path",
     "num_layers",
     "mlp_out_dims",
+    "model_device",
+    "lm_logits",
 ]
 
 LAYOUTS = ("linear", "conv1d")  # nn.Linear: weight [out, in]; transformers Conv1D: weight [in, out]
@@ -327,3 +329,22 @@ def mlp_out_dims(model: nn.Module, spec: ArchitectureSpec, layer: int) -> tuple[
         raise InvalidConfigError(f"{path} has no 2-D weight (got shape {shape}); cannot edit it")
     rows, cols = weight.shape
     return (cols, rows) if spec.mlp_out_layout == "linear" else (rows, cols)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (where inputs go)."""
+    return next(model.parameters()).device
+
+
+def lm_logits(model: nn.Module, spec: ArchitectureSpec, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Next-token logits from final hidden states: the table's ``lm_head``, then the logit soft-cap
+    ``cap · tanh(logits / cap)`` where ``spec.logit_softcap`` names a set config attribute (Gemma 2).
+
+    The one place logits are made from hidden states, so callers can run the backbone alone and
+    apply the head only at the positions they read.
+    """
+    logits = get_module(model, spec.lm_head)(hidden_states)
+    cap = getattr(model.config, spec.logit_softcap, None) if spec.logit_softcap else None
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return logits

@@ -18,7 +18,7 @@ from torch import nn
 
 from .architectures import get_architecture
 from .errors import KnowEditError, MissingTokenizerError
-from .stack import STATE_ATTR, get_state, merge_edits
+from .stack import STATE_ATTR, get_state, merge_and_unload
 
 #: method name -> ("module:function", needs_tokenizer). The function's first argument is the
 #: model; when ``needs_tokenizer`` the second is the tokenizer.
@@ -29,8 +29,9 @@ MODEL_METHODS: Dict[str, Tuple[str, bool]] = {
     "unmerge_edits": ("hf_knowedit.stack:unmerge_edits", False),
     "disable_edits": ("hf_knowedit.stack:disable_edits", False),
     "list_edits": ("hf_knowedit.stack:list_edits", False),
-    "load_edits": ("hf_knowedit.adapters:load_edits", False),
+    "load_edits": ("hf_knowedit.stack:load_edits", False),
     "trace_fact": ("hf_knowedit.tracing:trace_fact", True),
+    "merge_and_unload": ("hf_knowedit.stack:merge_and_unload", False),
 }
 
 
@@ -93,14 +94,15 @@ def detach(model: nn.Module, *, keep_edits: bool = False) -> nn.Module:
     """Undo :func:`attach` exactly.
 
     With active edit sets this refuses (their history would be lost) unless ``keep_edits=True``,
-    which merges every set into the weights for good and forgets how to revert them.
+    which merges every set into the weights for good and forgets how to revert them
+    (:func:`~hf_knowedit.stack.merge_and_unload`).
     """
     state = get_state(model, create=False)
     if state is not None and state.sets:
         if not keep_edits:
             raise KnowEditError(f"Edit sets {list(state.sets)} are active: revert them first "
                                 "(model.revert_edits()), or detach(model, keep_edits=True) to bake them in.")
-        merge_edits(model)
+        merge_and_unload(model)
     for name in MODEL_METHODS:
         model.__dict__.pop(name, None)
     model.__dict__.pop(STATE_ATTR, None)

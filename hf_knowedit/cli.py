@@ -22,7 +22,7 @@ def _load(name: str, dtype: str) -> Tuple[Any, Any]:
 
     torch_dtype = getattr(torch, dtype)
     if name == "bundled":
-        from .bundled import load_smollm2
+        from ._bundled import load_smollm2
 
         return load_smollm2(dtype=torch_dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer

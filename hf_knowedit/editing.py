@@ -1,7 +1,7 @@
 """``apply_edits``: the one entry point of every editing method.
 
-A method is a function ``compute(ctx) -> EditSet-ready pieces`` registered with
-:func:`register_method` (ROME in ``rome.py``, MEMIT in ``memit.py``, ...). This module
+A method is a function ``compute(ctx) -> MethodResult`` registered with
+:func:`~hf_knowedit.methods.registry.register_method` (``hf_knowedit/methods/``). This module
 does what all methods share: normalising requests, resolving the config and layers,
 freezing the model while a method computes, fingerprinting the weights the deltas are
 computed on, and activating the result all-or-nothing.
@@ -9,115 +9,22 @@ computed on, and activating the result all-or-nothing.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence
 
-import torch
 from torch import nn
 
-from .architectures import ArchitectureSpec, get_architecture, num_layers
-from .editset import EditSet, ModuleDelta, fingerprint
-from .errors import EditConflictError, InvalidConfigError, LayerOutOfRangeError, UnknownMethodError
-from .requests import EditRequest, normalize_requests
-from .stack import find_conflicts, get_state, push_edit_set
+from .architectures import get_architecture, get_module, num_layers
+from .deltas import fingerprint
+from .editset import EditSet
+from .errors import InvalidConfigError, LayerOutOfRangeError
+from .hooks import frozen
+from .methods.registry import EditContext, Layers, get_method, resolve_config
+from .requests import normalize_requests
+from .stack import conflict_error, find_conflicts, get_state, push_edit_set
 
 logger = logging.getLogger(__name__)
-
-Layers = Union[None, str, int, Sequence[int]]
-
-
-@dataclass
-class EditContext:
-    """What a method's ``compute`` receives."""
-
-    model: nn.Module
-    tokenizer: Any
-    requests: List[EditRequest]
-    config: Any
-    layers: Layers
-    arch: ArchitectureSpec
-    history: Dict[str, Any]  # per-model method state (see KnowEditState.history)
-    options: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class MethodResult:
-    """What a method's ``compute`` returns: per-module deltas and the layers it edited."""
-
-    deltas: Dict[str, ModuleDelta]
-    layers: List[int]
-    stats_key: Any = None
-    state: Dict[str, torch.Tensor] = field(default_factory=dict)
-    commit: Optional[Callable[[], None]] = None  # run only once the set is active (e.g. update history)
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    compute: Callable[[EditContext], MethodResult]
-    config_cls: type
-
-
-_METHODS: Dict[str, MethodSpec] = {}
-
-
-def register_method(name: str, compute: Callable[[EditContext], MethodResult], config_cls: type,
-                    *, overwrite: bool = False) -> None:
-    """Register an editing method under ``name`` (lower case)."""
-    if not name or name != name.lower():
-        raise ValueError(f"Method names are non-empty lower case strings, got {name!r}.")
-    if name in _METHODS and not overwrite:
-        raise ValueError(f"Method {name!r} is already registered; pass overwrite=True to replace it.")
-    _METHODS[name] = MethodSpec(name, compute, config_cls)
-
-
-def available_methods() -> List[str]:
-    _load_builtin_methods()
-    return sorted(_METHODS)
-
-
-def get_method(name: str) -> MethodSpec:
-    _load_builtin_methods()
-    key = str(name).lower()
-    if key not in _METHODS:
-        raise UnknownMethodError(f"Unknown editing method {name!r}. Please pass one of {sorted(_METHODS)}, "
-                                 "or register your own with hf_knowedit.register_method(...).")
-    return _METHODS[key]
-
-
-_BUILTIN = ("rome", "memit", "alphaedit", "emmet")
-
-
-def _load_builtin_methods() -> None:
-    import importlib
-
-    for mod in _BUILTIN:
-        try:
-            importlib.import_module(f"hf_knowedit.{mod}")
-        except ModuleNotFoundError as err:  # a method module not shipped in this build
-            if err.name != f"hf_knowedit.{mod}":
-                raise
-
-
-def resolve_config(spec: MethodSpec, config: Any, overrides: Dict[str, Any]) -> Any:
-    """A ``spec.config_cls`` instance from ``None``, a dict, or an instance, plus keyword overrides."""
-    if config is None:
-        config = spec.config_cls()
-    elif isinstance(config, dict):
-        config = spec.config_cls(**config)
-    elif not isinstance(config, spec.config_cls):
-        raise InvalidConfigError(f"config for {spec.name!r} must be a {spec.config_cls.__name__} or a dict, "
-                                 f"got {type(config).__name__}.")
-    if overrides:
-        names = {f.name for f in dataclasses.fields(config)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise InvalidConfigError(f"Unknown option(s) {unknown} for {spec.name!r}; valid: {sorted(names)}.")
-        config = dataclasses.replace(config, **overrides)
-    return config
 
 
 def check_layers(model: nn.Module, layers: Sequence[int]) -> List[int]:
@@ -131,22 +38,6 @@ def check_layers(model: nn.Module, layers: Sequence[int]) -> List[int]:
     if len(set(out)) != len(out):
         raise LayerOutOfRangeError(f"Layers {list(layers)} repeat an index.")
     return sorted(out)
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients while a method computes; restored afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        model.eval()
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(training)
 
 
 def apply_edits(model: nn.Module, tokenizer: Any, requests: Any, method: str = "rome", *, config: Any = None,
@@ -180,8 +71,7 @@ def apply_edits(model: nn.Module, tokenizer: Any, requests: Any, method: str = "
     probe = EditSet(deltas={}, requests=reqs, method=spec.name)
     conflicts = find_conflicts(model, probe)
     if conflicts and not allow_conflicts:  # fail before the expensive part
-        raise EditConflictError("This edit rewrites facts an active edit set already rewrote: " + "; ".join(conflicts)
-                                + ". Revert the earlier set, or pass allow_conflicts=True to stack anyway.")
+        raise conflict_error(conflicts)
     state = get_state(model)
     ctx = EditContext(model, tokenizer, reqs, config, layers, arch, state.history)
     with frozen(model):
@@ -192,7 +82,7 @@ def apply_edits(model: nn.Module, tokenizer: Any, requests: Any, method: str = "
         method=spec.name,
         config=dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
         layers=list(result.layers),
-        fingerprints={p: fingerprint(_module_weight(model, p)) for p in result.deltas},
+        fingerprints={p: fingerprint(get_module(model, p).weight) for p in result.deltas},
         layouts={p: arch.mlp_out_layout for p in result.deltas},
         base_model=getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
         revision=getattr(model.config, "_commit_hash", None),
@@ -203,9 +93,3 @@ def apply_edits(model: nn.Module, tokenizer: Any, requests: Any, method: str = "
     if result.commit is not None:
         result.commit()
     return es
-
-
-def _module_weight(model: nn.Module, path: str) -> torch.Tensor:
-    from .architectures import get_module
-
-    return get_module(model, path).weight

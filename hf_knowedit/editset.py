@@ -1,4 +1,5 @@
-"""Edit sets: what an editing call produced, as exact low-rank factors per module.
+"""Edit sets: what an editing call produced, as exact low-rank factors per module
+(:class:`~hf_knowedit.deltas.ModuleDelta`), with the facts, the method and its config.
 
 A module's update is ``ΔW = B @ A`` in the ``[out, in]`` orientation of ``nn.Linear``,
 with ``A: [r, in]`` and ``B: [out, r]`` (PEFT's ``lora_A`` / ``lora_B`` with scaling 1).
@@ -12,7 +13,6 @@ written into weights.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -21,93 +21,16 @@ import torch
 from huggingface_hub import ModelCard, ModelHubMixin
 from huggingface_hub.utils import validate_hf_hub_args
 
+from . import adapter_files
+from .deltas import ModuleDelta
 from .requests import EditRequest
-
-#: sketch length of a weight fingerprint
-_SKETCH = 16
-
-
-@dataclass
-class ModuleDelta:
-    """``ΔW = B @ A`` for one module (``A: [r, in]``, ``B: [out, r]``, float32)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    dense: bool = False
-
-    def __post_init__(self) -> None:
-        if self.A.dim() != 2 or self.B.dim() != 2 or self.A.shape[0] != self.B.shape[1]:
-            raise ValueError(f"ModuleDelta needs A [r, in] and B [out, r]; got {tuple(self.A.shape)} and {tuple(self.B.shape)}")
-        self.A = self.A.detach().float()
-        self.B = self.B.detach().float()
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def shape(self) -> tuple:
-        """Shape of ``ΔW`` as ``(out, in)``."""
-        return (self.B.shape[0], self.A.shape[1])
-
-    def delta(self, device: Any = None) -> torch.Tensor:
-        """``B @ A`` in float32, ``[out, in]``."""
-        A, B = self.A.to(device), self.B.to(device)
-        return B @ A
-
-    def is_finite(self) -> bool:
-        return bool(torch.isfinite(self.A).all() and torch.isfinite(self.B).all())
-
-    @classmethod
-    def from_dense(cls, delta: torch.Tensor) -> "ModuleDelta":
-        """Exact full-rank factors of a dense ``[out, in]`` delta (one factor is the identity)."""
-        out_dim, in_dim = delta.shape
-        delta = delta.detach().float()
-        if in_dim <= out_dim:
-            return cls(A=torch.eye(in_dim, device=delta.device), B=delta, dense=True)
-        return cls(A=delta, B=torch.eye(out_dim, device=delta.device), dense=True)
-
-    @classmethod
-    def from_factors(cls, B: torch.Tensor, A: torch.Tensor, dense_fraction: float = 0.5) -> "ModuleDelta":
-        """``B @ A``; stored dense when the rank exceeds ``dense_fraction * min(in, out)``
-        (then the factors would be larger than the matrix they describe)."""
-        r, (out_dim, in_dim) = A.shape[0], (B.shape[0], A.shape[1])
-        if r > dense_fraction * min(in_dim, out_dim):
-            return cls.from_dense(B.double() @ A.double())
-        return cls(A=A, B=B)
-
-
-def fingerprint(weight: torch.Tensor) -> Dict[str, Any]:
-    """Identify a base weight: exact sha256 of its float32 bytes plus a small numeric sketch
-    (projections on fixed pseudo-random vectors), which still matches the same weights in
-    another dtype. See :func:`fingerprints_match`."""
-    w = weight.detach().float().cpu().contiguous()
-    gen = torch.Generator().manual_seed(0)
-    probe = torch.randn(w.shape[-1], _SKETCH, generator=gen)
-    sketch = (w.reshape(-1, w.shape[-1]) @ probe).sum(0) / max(1, w.numel()) ** 0.5
-    return {
-        "shape": list(weight.shape),
-        "sha256": hashlib.sha256(w.numpy().tobytes()).hexdigest(),
-        "sketch": [round(float(x), 6) for x in sketch],
-    }
-
-
-def fingerprints_match(a: Dict[str, Any], b: Dict[str, Any], rtol: float = 2e-2) -> bool:
-    """Same shape and either the exact hash or the sketch agrees (same weights, other dtype)."""
-    if list(a["shape"]) != list(b["shape"]):
-        return False
-    if a["sha256"] == b["sha256"]:
-        return True
-    sa, sb = torch.tensor(a["sketch"]), torch.tensor(b["sketch"])
-    return bool((sa - sb).norm() <= rtol * max(float(sa.norm()), 1e-12))
-
 
 @dataclass
 class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editing"], pipeline_tag="text-generation"):
     """The result of one ``apply_edits`` call (or one loaded adapter).
 
     Saved, loaded and shared as a PEFT-compatible LoRA adapter through huggingface_hub's
-    ``ModelHubMixin`` (see :mod:`hf_knowedit.adapters` for the format)::
+    ``ModelHubMixin`` (see :mod:`hf_knowedit.adapter_files` for the format)::
 
         es.save_pretrained("angola-edit")                       # atomic
         es.push_to_hub("me/angola-edit")                        # every standard Hub argument
@@ -149,7 +72,7 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
     def __len__(self) -> int:
         return len(self.requests)
 
-    # -- Hub / disk (ModelHubMixin); the format lives in hf_knowedit.adapters ------------------
+    # -- Hub / disk (ModelHubMixin); the format lives in hf_knowedit.adapter_files ------------
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "EditSet":
         # ModelHubMixin.__new__ would capture the JSON-able init arguments as a config and write
@@ -165,9 +88,7 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
 
         Arguments as in :meth:`huggingface_hub.ModelHubMixin.save_pretrained`.
         """
-        from .adapters import atomic_directory
-
-        with atomic_directory(save_directory) as tmp:
+        with adapter_files.atomic_directory(save_directory) as tmp:
             super().save_pretrained(tmp, config=config, model_card_kwargs=model_card_kwargs)
         if push_to_hub:
             return self.push_to_hub(repo_id=repo_id or Path(save_directory).name, config=config,
@@ -182,14 +103,11 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
         return super().push_to_hub(repo_id, model_card_kwargs=card_kwargs, **kwargs)
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        from .adapters import write_adapter
-
-        write_adapter(self, save_directory)
+        adapter_files.write_adapter(self, save_directory)
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
-        from .adapters import model_card
-
-        return model_card(self, *args, **kwargs)
+        tags = self._hub_mixin_info.model_card_data.tags or []
+        return adapter_files.model_card(self, *args, tags=tags, **kwargs)
 
     @classmethod
     @validate_hf_hub_args
@@ -211,10 +129,9 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
     def _from_pretrained(cls, *, model_id: str, revision: Optional[str], cache_dir: Union[str, Path, None],
                          force_download: bool, local_files_only: bool, token: Union[str, bool, None],
                          **model_kwargs: Any) -> "EditSet":
-        from .adapters import fetch_adapter, read_adapter
-
         if model_kwargs:
             raise TypeError(f"EditSet.from_pretrained() got unexpected keyword arguments {sorted(model_kwargs)}.")
-        return read_adapter(fetch_adapter(model_id, revision=revision, cache_dir=cache_dir,
-                                          force_download=force_download, local_files_only=local_files_only,
-                                          token=token))
+        directory = adapter_files.fetch_adapter(model_id, revision=revision, cache_dir=cache_dir,
+                                                force_download=force_download, local_files_only=local_files_only,
+                                                token=token)
+        return cls(**adapter_files.read_adapter(directory))

@@ -11,18 +11,27 @@ block exits, also after an exception.
 ``edit_output=fn`` replaces a module's output with ``fn(output, path)``; ``stop=True``
 ends the forward pass right after the (last) traced module, which makes partial
 forwards (statistics, cached prefixes) cheap.
+
+Also here, because they are hooks or hook-like scopes too:
+
+* :class:`LowRankHook`: adds ``x Aᵀ Bᵀ`` to a module's output (hooked edit sets, updates in
+  progress inside ROME and MEMIT);
+* :func:`frozen`: eval mode (each module's own flag restored) and no parameter gradients;
+* :class:`ReplayBlock` and :func:`replaced_blocks`: stand-ins for decoder blocks whose output is
+  already known (lower layers during tracing and target optimisation), swapped into the
+  ``layers`` ModuleList for one forward and always put back.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .architectures import get_module
+from .architectures import ArchitectureSpec, get_module
 
 EditFn = Callable[[Any, str], Any]
 
@@ -45,7 +54,7 @@ def replace_hidden(output: Any, new: torch.Tensor) -> Any:
     return new
 
 
-def _first_input(args: tuple, kwargs: dict) -> Any:
+def first_input(args: tuple, kwargs: dict) -> Any:
     if args:
         return args[0]
     for key in ("hidden_states", "input", "x", "input_ids"):
@@ -92,7 +101,7 @@ class Trace(contextlib.AbstractContextManager):
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if retain_input:
-                self.input = _keep(_first_input(args, kwargs), clone, detach)
+                self.input = _keep(first_input(args, kwargs), clone, detach)
             if edit_output is not None:
                 output = edit_output(output, name)
             if retain_output:
@@ -162,3 +171,103 @@ def count_forward_hooks(model: nn.Module) -> int:
     return sum(
         len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()
     )
+
+
+# -----------------------------------------------------------------------------
+# low-rank deltas through hooks
+
+
+class LowRankHook:
+    """A forward hook adding ``Σ x Aᵢᵀ Bᵢᵀ`` over its ``factors`` ``[(B [out, r], A [r, in]), ...]`` to a
+    module's output, computed in float32 and cast to the output's dtype; factors are copied to the
+    input's device once. ``active()`` (if given) is asked on every call; False leaves the output alone.
+
+    ``factors`` may grow while the hook is registered (MEMIT adds each layer's update as it goes).
+
+        >>> handle = module.register_forward_hook(LowRankHook([(B, A)]))
+    """
+
+    def __init__(self, factors: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+                 active: Optional[Callable[[], bool]] = None) -> None:
+        self.factors: List[Tuple[torch.Tensor, torch.Tensor]] = list(factors)
+        self.active = active
+        self._on: Dict[Any, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def _factors_on(self, device: torch.device) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        cached = self._on.setdefault(device, [])
+        for B, A in self.factors[len(cached):]:
+            cached.append((B.to(device), A.to(device)))
+        return cached
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.active is not None and not self.active():
+            return None
+        x = args[0].float()
+        extra = sum((x @ A.t()) @ B.t() for B, A in self._factors_on(x.device))
+        return output + extra.to(output.dtype)
+
+
+# -----------------------------------------------------------------------------
+# eval-mode scope
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module, *, params: bool = True) -> Iterator[nn.Module]:
+    """Eval mode (no dropout) and, with ``params``, no parameter gradients, for the duration; afterwards
+    every module gets back its own ``training`` flag and every parameter its ``requires_grad``."""
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()] if params else []
+    try:
+        for p, _ in grads:
+            p.requires_grad_(False)
+        model.eval()
+        yield model
+    finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for m, flag in modes:
+            m.training = flag
+
+
+# -----------------------------------------------------------------------------
+# replaying blocks whose output is known
+
+
+class ReplayBlock(nn.Module):
+    """Stands in for a decoder block: returns ``output(*args, **kwargs)`` instead of computing.
+
+    Attribute lookups it cannot answer go to the original block (models read e.g. ``layer_idx`` or
+    ``attention_type`` off their blocks); the original is not registered as a submodule.
+    """
+
+    def __init__(self, original: nn.Module, output: Callable[..., Any]) -> None:
+        super().__init__()
+        self.__dict__["_original"] = original
+        self.__dict__["_output"] = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._output(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_original"], name)
+
+
+@contextlib.contextmanager
+def replaced_blocks(model: nn.Module, spec: ArchitectureSpec, stubs: Dict[int, nn.Module]) -> Iterator[None]:
+    """Put ``stubs[i]`` in place of decoder block ``i`` (in the ``spec.layers`` ModuleList) for the
+    duration; the original blocks are always put back. No ``forward`` is replaced."""
+    if not stubs:
+        yield
+        return
+    blocks = get_module(model, spec.layers)
+    originals = {i: blocks[i] for i in stubs}
+    try:
+        for i, stub in stubs.items():
+            blocks[i] = stub
+        yield
+    finally:
+        for i, block in originals.items():
+            blocks[i] = block

@@ -10,22 +10,30 @@ The price is one copy of each touched weight (only touched modules; one copy no 
 how many sets are stacked), kept on the weight's own device.
 
 Sets applied with ``merge=False`` leave the weight alone and add ``x @ Aᵀ @ Bᵀ`` to the
-module's output through an ordinary forward hook.
+module's output through an ordinary forward hook (:class:`~hf_knowedit.hooks.LowRankHook`).
+
+Also here: :func:`load_edits` (a saved set onto the stack) and :func:`merge_and_unload` (bake every
+active set into the weights for good, PEFT's name for it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .architectures import get_module
-from .editset import EditSet, fingerprint, fingerprints_match
+from .deltas import fingerprint, fingerprints_match
+from .editset import EditSet
+from .hooks import LowRankHook
 from .errors import (BaseModelMismatchError, EditConflictError, EditSetNotFoundError, InvalidConfigError,
                      KnowEditError, NonFiniteUpdateError)
 
@@ -88,22 +96,6 @@ def _recompute(model: nn.Module, state: KnowEditState, path: str, skip_merged: b
         weight.copy_(total.to(weight.dtype))
 
 
-def _hook_for(state: KnowEditState, delta_A: torch.Tensor, delta_B: torch.Tensor):
-    cache: Dict[Any, tuple] = {}
-
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
-        if state.disabled:
-            return None
-        x = args[0]
-        key = x.device
-        if key not in cache:
-            cache[key] = (delta_A.to(x.device), delta_B.to(x.device))
-        A, B = cache[key]
-        return output + ((x.float() @ A.t()) @ B.t()).to(output.dtype)
-
-    return hook
-
-
 def _check_finite_merge(model: nn.Module, state: KnowEditState, es: EditSet) -> None:
     for path, d in es.deltas.items():
         if not d.is_finite():
@@ -138,6 +130,12 @@ def check_compatible(model: nn.Module, es: EditSet, force: bool = False) -> None
             logger.warning("Applying edit set to %s despite a base-weight fingerprint mismatch (force=True).", path)
 
 
+def conflict_error(conflicts: List[str]) -> EditConflictError:
+    """The error for requests that rewrite facts an active set already rewrote (see :func:`find_conflicts`)."""
+    return EditConflictError("This edit rewrites facts an active edit set already rewrote: " + "; ".join(conflicts)
+                             + ". Revert the earlier set, or pass allow_conflicts=True to stack anyway.")
+
+
 def find_conflicts(model: nn.Module, es: EditSet) -> List[str]:
     """Requests of ``es`` that rewrite a fact an active set already rewrote to another target."""
     state = get_state(model, create=False)
@@ -167,10 +165,10 @@ def push_edit_set(model: nn.Module, es: EditSet, *, merge: bool = True, name: Op
                             f"Active: {list(state.sets)}")
     conflicts = find_conflicts(model, es)
     if conflicts:
-        msg = "This edit rewrites facts an active edit set already rewrote: " + "; ".join(conflicts)
         if not allow_conflicts:
-            raise EditConflictError(msg + ". Revert the earlier set, or pass allow_conflicts=True to stack anyway.")
-        logger.warning(msg)
+            raise conflict_error(conflicts)
+        logger.warning("This edit rewrites facts an active edit set already rewrote (allow_conflicts=True): %s",
+                       "; ".join(conflicts))
     check_compatible(model, es, force=force)
     if merge:
         _check_finite_merge(model, state, es)
@@ -201,7 +199,8 @@ def _snapshot(model: nn.Module, state: KnowEditState, path: str) -> None:
 
 def _install_hooks(model: nn.Module, state: KnowEditState, active: _Active, path: str) -> None:
     d = active.edit_set.deltas[path]
-    active.hooks.append(get_module(model, path).register_forward_hook(_hook_for(state, d.A, d.B)))
+    hook = LowRankHook([(d.B, d.A)], active=lambda: not state.disabled)
+    active.hooks.append(get_module(model, path).register_forward_hook(hook))
 
 
 def _remove_hooks(active: _Active) -> None:
@@ -292,16 +291,85 @@ def disable_edits(model: nn.Module) -> Iterator[nn.Module]:
                 _recompute(model, state, path)
 
 
-def list_edits(model: nn.Module) -> List[Dict[str, Any]]:
-    """The active edit sets, oldest first: name, method, number of edits, layers, mode."""
+@dataclass(frozen=True)
+class ActiveEdit:
+    """One active edit set as :func:`list_edits` reports it."""
+
+    name: str
+    method: str
+    edits: int
+    layers: Tuple[int, ...]
+    merged: bool
+    modules: Tuple[str, ...]
+
+    def __str__(self) -> str:
+        return (f"{self.name}: {self.method}, {self.edits} edit(s) at layer(s) {list(self.layers)}, "
+                f"{'merged' if self.merged else 'hooked'}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {**dataclasses.asdict(self), "layers": list(self.layers), "modules": list(self.modules)}
+
+    def __getitem__(self, key: str) -> Any:  # list_edits returned dicts before 0.2
+        warnings.warn("list_edits() entries are ActiveEdit objects now: use edit.name instead of edit['name'] "
+                      "(or edit.to_dict()); item access goes away in the next release.", FutureWarning, stacklevel=2)
+        return self.to_dict()[key]
+
+
+def list_edits(model: nn.Module) -> List[ActiveEdit]:
+    """The active edit sets, oldest first (name, method, number of edits, layers, mode, modules)."""
     state = get_state(model, create=False)
     if state is None:
         return []
-    return [
-        {"name": n, "method": a.edit_set.method, "edits": len(a.edit_set.requests), "layers": list(a.edit_set.layers),
-         "merged": a.merged, "modules": list(a.edit_set.deltas)}
-        for n, a in state.sets.items()
-    ]
+    return [ActiveEdit(name=n, method=a.edit_set.method, edits=len(a.edit_set.requests),
+                       layers=tuple(a.edit_set.layers), merged=a.merged, modules=tuple(a.edit_set.deltas))
+            for n, a in state.sets.items()]
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Write every active edit set into the weights for good and forget them (PEFT's
+    ``merge_and_unload``): the model then is a plain model with the edits baked in, e.g. to save
+    with ``save_pretrained`` and serve anywhere. The edit stack, hooks and pristine copies are
+    dropped, so the edits can no longer be reverted; other hf_knowedit state (the tokenizer, method
+    history) stays. Returns ``model``."""
+    state = get_state(model, create=False)
+    if state is None or not state.sets:
+        return model
+    if state.disabled:
+        raise KnowEditError("merge_and_unload() inside disable_edits(): leave the block first.")
+    merge_edits(model)
+    names = list(state.sets)
+    for active in state.sets.values():
+        _remove_hooks(active)
+    state.sets.clear()
+    state.base.clear()
+    logger.info("Merged and unloaded edit sets %s: they are now part of the weights.", names)
+    return model
+
+
+def load_edits(model: nn.Module, source: Union[EditSet, str, Path], name: Optional[str] = None, merge: bool = True,
+               force: bool = False, allow_conflicts: bool = False, **hub_kwargs: Any) -> EditSet:
+    """Apply a saved edit set: an :class:`EditSet`, an adapter directory, or a Hub repo id.
+
+    Shapes and base-weight fingerprints of every touched module are checked first; a mismatch
+    raises :class:`~hf_knowedit.errors.BaseModelMismatchError` (``force=True`` applies anyway, with
+    a warning). All modules are applied or none; on any error the model is untouched. The loaded
+    set then behaves exactly like a freshly applied one (merge, unmerge, disable, revert).
+
+    Args:
+        source: an ``EditSet``, a directory written by ``save_pretrained``, or a Hub repo id.
+        name: the name under which the set is active (default: the saved name, made unique).
+        merge: write into the weights (default) or apply through forward hooks.
+        **hub_kwargs: ``revision``, ``token``, ``cache_dir``, ``force_download``, ``local_files_only``.
+
+    >>> model.load_edits("me/angola-edit", revision="v1")
+    """
+    if isinstance(source, EditSet):
+        if hub_kwargs:
+            raise TypeError(f"Hub arguments {sorted(hub_kwargs)} make no sense with an EditSet source.")
+        es = dataclasses.replace(source)  # the stack names its own copy; the caller's set stays as it is
+    else:
+        es = EditSet.from_pretrained(source, **hub_kwargs)
+    return push_edit_set(model, es, merge=merge, name=name, allow_conflicts=allow_conflicts, force=force)
 
 
 def get_edit_set(model: nn.Module, name: str) -> EditSet:

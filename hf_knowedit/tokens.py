@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Sequence, Tuple
 
+import torch
+
 from .errors import InvalidRequestError, MissingTokenizerError, SubjectNotFoundError
 
 Span = Tuple[int, int]
@@ -147,3 +149,41 @@ def split_prompt_target(tokenizer: Any, prompt: str, target: str) -> Tuple[List[
     if end == first:
         raise InvalidRequestError(f"Target {target!r} tokenizes to nothing after prompt {prompt!r}.")
     return ids[:first], ids[first:end]
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id that fills padded positions: the tokenizer's pad token, else its EOS, else 0.
+
+    Padded positions are always masked out, so the choice never changes a result; it only has
+    to be a valid id. Tokenizers without a pad token (GPT-2, GPT-J, Llama base) need no change.
+    """
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None) if tokenizer is not None else None
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad: int = 0, padding_side: str = "right",
+              device: Any = None, width: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
+    """``(input_ids, attention_mask, position_ids, offsets)`` of token-id rows padded to one width.
+
+    Rows are padded to the longest row (or to ``width`` if larger). ``offsets[i]`` is the index of
+    row ``i``'s first real token. ``position_ids = cumsum(mask) - 1``
+    puts every real token at the position it has without padding, so left and right padding give
+    the same numbers; right padding also leaves positions unchanged for models that derive them
+    themselves.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    width = max(width, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    offsets = []
+    for i, s in enumerate(seqs):
+        start = width - len(s) if padding_side == "left" else 0
+        ids[i, start:start + len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, start:start + len(s)] = 1
+        offsets.append(start)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), position_ids.to(device), offsets

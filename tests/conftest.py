@@ -43,7 +43,7 @@ def stats_corpus(data_path) -> list:
 @pytest.fixture(scope="session")
 def smollm2():
     """The bundled real model (float32), loaded once per session. Tests must leave it unedited."""
-    from hf_knowedit.bundled import load_smollm2
+    from hf_knowedit._bundled import load_smollm2
 
     model, tok = load_smollm2()
     return model, tok

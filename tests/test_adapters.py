@@ -13,10 +13,11 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 import hf_knowedit
-from hf_knowedit import adapters
+from hf_knowedit import adapter_files as adapters
 from hf_knowedit.architectures import get_architecture, get_module, mlp_out_dims, mlp_out_path
-from hf_knowedit.editing import MethodResult, register_method
-from hf_knowedit.editset import EditSet, ModuleDelta, fingerprint
+from hf_knowedit.methods.registry import MethodResult, register_method
+from hf_knowedit.deltas import ModuleDelta, fingerprint
+from hf_knowedit.editset import EditSet
 from hf_knowedit.errors import AdapterFormatError, BaseModelMismatchError
 from hf_knowedit.hooks import count_forward_hooks
 from hf_knowedit.requests import EditRequest
@@ -180,7 +181,7 @@ def test_loaded_set_is_bit_exact_like_a_fresh_one(model_type, dtype, tmp_path):
     fresh, _ = make_tiny_model(model_type, dtype=dtype)
     hf_knowedit.attach(fresh, tok)
     loaded = fresh.load_edits(tmp_path / "a")
-    assert loaded.name == es.name and [e["name"] for e in fresh.list_edits()] == [es.name]
+    assert loaded.name == es.name and [e.name for e in fresh.list_edits()] == [es.name]
     assert_same(weights(fresh), w_edit)
     merged = logits(fresh, tok)
     fresh.unmerge_edits()
@@ -194,7 +195,7 @@ def test_loaded_set_is_bit_exact_like_a_fresh_one(model_type, dtype, tmp_path):
     assert_same(weights(fresh), w0)
 
     hooked = fresh.load_edits(tmp_path / "a", merge=False, name="hooked")
-    assert hooked.name == "hooked" and fresh.list_edits()[0]["merged"] is False
+    assert hooked.name == "hooked" and fresh.list_edits()[0].merged is False
     assert_same(weights(fresh), w0)
     fresh.revert_edits()
 
@@ -204,11 +205,11 @@ def test_load_edits_from_an_edit_set_and_functional_form(tmp_path):
     w_edit = weights(model)
     model.revert_edits()
     other, _ = make_tiny_model("llama")
-    loaded = adapters.load_edits(other, es, name="copy")  # works without attach too
+    loaded = hf_knowedit.load_edits(other, es, name="copy")  # works without attach too
     assert loaded is not es and es.name != "copy" and loaded.name == "copy"
     assert_same(weights(other), w_edit)
     with pytest.raises(TypeError, match="revision"):
-        adapters.load_edits(other, es, revision="main")
+        hf_knowedit.load_edits(other, es, revision="main")
 
 
 # -- PEFT and transformers interop ------------------------------------------------------------------
@@ -331,7 +332,7 @@ def test_newer_version_loads_with_a_warning(saved, tmp_path, caplog):
     model, good = saved
     newer = _copy(good, tmp_path / "newer")
     _rewrite_json(newer / "knowedit_config.json", format_version=99, hologram={"x": 1}, library_version="9.0")
-    with caplog.at_level(logging.WARNING, logger="hf_knowedit.adapters"):
+    with caplog.at_level(logging.WARNING, logger="hf_knowedit.adapter_files"):
         es = model.load_edits(newer)
     assert "newer hf_knowedit" in caplog.text and "hologram" in caplog.text
     assert es.method == "adaptertest" and len(model.list_edits()) == 1
@@ -465,7 +466,7 @@ def test_lora_alpha_other_than_rank_is_honoured_like_peft(saved, tmp_path):
 
 
 def test_statistics_keys_round_trip(tmp_path):
-    from hf_knowedit.stats import StatsKey
+    from hf_knowedit.moments import StatsKey
 
     model, _ = make_tiny_model("llama")
     es = random_set(model, [1, 2])

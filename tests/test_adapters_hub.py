@@ -12,7 +12,7 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
 import hf_knowedit
-from hf_knowedit.adapters import STATS_FOLDER, pull_statistics, push_statistics
+from hf_knowedit.moments import STATS_FOLDER, pull_statistics, push_statistics
 from hf_knowedit.editset import EditSet
 from tests.hub_fixtures import HUB_UPLOAD_MODES, offline
 from tests.test_adapters import assert_same, assert_untouched, edited, logits, weights
@@ -154,7 +154,7 @@ def test_token_is_never_written(hub, tmp_path, caplog):
 @pytest.mark.parametrize("hub", HUB_UPLOAD_MODES, indirect=True)
 def test_statistics_push_and_pull(hub, tmp_path):
     from hf_knowedit.errors import StatisticsMismatchError
-    from hf_knowedit.stats import SecondMoment, StatsCache, StatsKey
+    from hf_knowedit.moments import SecondMoment, StatsCache, StatsKey
 
     key = StatsKey(model="tiny@abc", layer=2, module="model.layers.2.mlp.down_proj", corpus="test", n_tokens=100,
                    dtype="float32")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hf_knowedit
-from hf_knowedit.bundled import load_smollm2
+from hf_knowedit._bundled import load_smollm2
 from hf_knowedit.editset import EditSet
 
 FACT = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",

@@ -16,13 +16,14 @@ from transformers import PreTrainedTokenizerFast
 
 import hf_knowedit
 from hf_knowedit.architectures import get_architecture, mlp_out_dims, mlp_out_path, num_layers
-from hf_knowedit.editing import MethodResult, register_method
-from hf_knowedit.editset import ModuleDelta
+from hf_knowedit.methods.registry import MethodResult, register_method
+from hf_knowedit.deltas import ModuleDelta
 from hf_knowedit.errors import InvalidConfigError, InvalidDataError, SingularSystemError, UnknownMethodError
 from hf_knowedit.evaluation import metrics as M
 from hf_knowedit.evaluation import protocols
 from hf_knowedit.evaluation.datasets import detect_schema, load_records
-from hf_knowedit.evaluation.scoring import TargetScore, generate_texts, score_targets
+from hf_knowedit.evaluation.scoring import TargetScore, score_targets
+from hf_knowedit.generation import generate_texts
 from hf_knowedit.tokens import split_prompt_target
 
 from .tiny_models import make_tiny_model, make_tiny_tokenizer
@@ -151,7 +152,7 @@ def test_crafted_logits_give_known_counterfact_numbers():
     p_hi, p_lo = math.exp(10) / (math.exp(10) + v - 1), 1 / (math.exp(10) + v - 1)
     assert res.pre["ES"] == 100.0 and res.pre["EM"] == pytest.approx(100 * (p_hi - p_lo), rel=1e-4)
     assert res.pre["PS"] == 0.0 and res.pre["PM"] == pytest.approx(100 * (p_lo - p_hi), rel=1e-4)
-    assert res.pre["NS"] == 50.0 and res.pre["NM"] == pytest.approx(0.0, abs=1e-6)
+    assert res.pre["NS"] == 50.0 and res.pre["NM"] == pytest.approx(0.0, abs=1e-4)  # float32 softmax, in percent
     assert res.pre["S"] == 0.0  # harmonic mean with PS = 0
     assert res.pre["rewrite_acc"] == 100.0 and res.pre["rephrase_acc"] == 0.0 and res.pre["locality"] == 100.0
     assert res.post is None

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import hf_knowedit
-from hf_knowedit import alphaedit
-from hf_knowedit.editset import ModuleDelta
+from hf_knowedit.methods import alphaedit
+from hf_knowedit.deltas import ModuleDelta
 from hf_knowedit.architectures import get_architecture, get_module, mlp_out_path
-from hf_knowedit.editing import EditContext, get_method, resolve_config
+from hf_knowedit.methods.registry import EditContext, get_method, resolve_config
 from hf_knowedit.errors import (BatchTooLargeError, EditConflictError, InvalidConfigError, InvalidRequestError,
                                 KnowEditError, SingularSystemError)
-from hf_knowedit.memit import MEMITConfig, band_around, default_band, optimize_z
+from hf_knowedit.methods.memit import MEMITConfig, band_around, default_band, optimize_z
 from hf_knowedit.requests import EditRequest, normalize_requests
 from hf_knowedit.tokens import split_prompt_target
 from tests.tiny_models import _CORPUS, assert_same, make_tiny_model, weights
@@ -122,7 +122,7 @@ def test_low_rank_storage_is_exact_and_dense_above_half_rank():
 
 def test_batched_targets_equal_serial_targets():
     model, tok = tiny("llama")
-    from hf_knowedit.context import context_templates
+    from hf_knowedit.methods.context import context_templates
 
     templates = context_templates(model, tok)
     reqs = facts(6)
@@ -273,7 +273,7 @@ def test_emmet_batch_rewrites_facts_and_reverts(model_type):
 
 @pytest.mark.parametrize("method", ["memit", "emmet"])
 def test_default_lambda_is_the_reference_value_scaled_to_the_key_dimension(method):
-    from hf_knowedit.solvers import scaled_mom2_weight
+    from hf_knowedit.methods.solvers import scaled_mom2_weight
 
     model, tok = tiny("llama")
     hf_knowedit.attach(model, tok)
@@ -311,7 +311,7 @@ def test_layers_auto_follows_the_traced_peak_end_to_end(method):
 def test_z_optimisation_reports_progress_and_a_summary(capsys, caplog):
     """Long z optimisations show a step bar (huggingface_hub's tqdm, on stderr) and log how many requests converged."""
     model, tok = tiny("llama")
-    with caplog.at_level(logging.INFO, logger="hf_knowedit.memit"):
+    with caplog.at_level(logging.INFO, logger="hf_knowedit.methods.memit"):
         hf_knowedit.apply_edits(model, tok, facts(4), "memit", **FAST)
     err = capsys.readouterr().err
     assert "z for 4 requests" in err and "/25 [" in err and "above_stop=" in err

@@ -15,7 +15,8 @@ from hf_knowedit.errors import (EditConflictError, InvalidConfigError, InvalidRe
                                 NonFiniteUpdateError, StatisticsMismatchError, SubjectNotFoundError, TraceError,
                                 UnknownMethodError)
 from hf_knowedit.hooks import count_forward_hooks
-from hf_knowedit.stats import StatsCache, compute_second_moment
+from hf_knowedit.methods.statistics import compute_second_moment
+from hf_knowedit.moments import StatsCache
 from hf_knowedit.tokens import split_prompt_target
 from tests.tiny_models import _CORPUS, make_tiny_model
 
@@ -24,7 +25,7 @@ FACT = {"prompt": "The capital city of {}", "subject": "Italy", "target_new": "P
 OTHER = {"prompt": "The official language of {}", "subject": "Japan", "target_new": "German", "target_true": "Japanese"}
 # Tiny random models have MLP outputs of norm ~0.01, so the reference regulariser (||δ|| / ||v_init||²,
 # clamp at 4 ||v_init||) pins v* to v_init; everything else is the reference default.
-TINY = dict(weight_decay=0.0, clamp_factor=1e4, context_templates=2, mom2_corpus=CORPUS, mom2_n_tokens=600)
+TINY = dict(v_weight_decay=0.0, clamp_norm_factor=1e4, context_templates=2, mom2_corpus=CORPUS, mom2_n_tokens=600)
 
 
 @pytest.fixture(autouse=True)
@@ -73,9 +74,10 @@ def test_edit_prefers_new_target_and_reverts_exactly(model_type):
 
 def test_update_writes_v_star_for_k_star():
     """r-ROME: Ŵ k* = v* exactly (up to float32), and Ŵ = W + Λ uᵀ with unit u."""
-    from hf_knowedit.context import context_templates
+    from hf_knowedit.methods.context import context_templates
     from hf_knowedit.requests import to_request
-    from hf_knowedit.rome import rank_one_update, second_moment
+    from hf_knowedit.methods.rome import rank_one_update
+    from hf_knowedit.methods.statistics import second_moment_for as second_moment
 
     model, tok = make_tiny_model("llama")
     config = ROMEConfig(**TINY)
@@ -117,7 +119,7 @@ def test_hooked_equals_merged_and_modes_switch():
     torch.testing.assert_close(hooked, merged, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(again, merged, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(base, merged)
-    assert hf_knowedit.list_edits(model)[0]["name"] == es.name
+    assert hf_knowedit.list_edits(model)[0].name == es.name
     hf_knowedit.revert_edits(model)
 
 
@@ -129,7 +131,7 @@ def test_stacked_sets_revert_bit_exactly(dtype):
     hf_knowedit.apply_edits(model, tok, OTHER, "rome", layers=[1], name="second", **TINY)
     hf_knowedit.apply_edits(model, tok, dict(OTHER, subject="Spain", target_true="Spanish"), "rome", layers=[2],
                             merge=False, **TINY)
-    assert [e["name"] for e in hf_knowedit.list_edits(model)] == ["first", "second", "rome-1"]
+    assert [e.name for e in hf_knowedit.list_edits(model)] == ["first", "second", "rome-1"]
     path = next(iter(first.deltas))
     assert not torch.equal(model.state_dict()[path + ".weight"], before[path + ".weight"])
     hf_knowedit.revert_edits(model, "first")
@@ -166,7 +168,7 @@ def test_statistics_are_computed_once_and_identity_is_labelled(tmp_path):
 
 
 def test_layers_default_and_auto():
-    from hf_knowedit.rome import default_layer
+    from hf_knowedit.methods.rome import default_layer
 
     model, tok = make_tiny_model("llama")
     assert default_layer(model) == 1  # round(0.2 * 3)
@@ -193,8 +195,8 @@ def test_conflicting_edit_is_reported():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("steps", 0), ("lr", 0.0), ("lr", float("nan")), ("kl_factor", -1.0), ("weight_decay", -0.1),
-    ("clamp_factor", 0), ("early_stop", -1), ("original_implementation", "yes"), ("context_templates", -1),
+    ("v_num_grad_steps", 0), ("v_lr", 0.0), ("v_lr", float("nan")), ("kl_factor", -1.0), ("v_weight_decay", -0.1),
+    ("clamp_norm_factor", 0), ("early_stop", -1), ("original_implementation", "yes"), ("context_templates", -1),
     ("context_length", 0), ("mom2", "diagonal"), ("mom2_n_tokens", 0), ("mom2_dtype", "float16"),
     ("mom2_corpus", "a single string"),
 ])
@@ -202,9 +204,19 @@ def test_config_validation_names_the_field(field, value):
     with pytest.raises(InvalidConfigError, match=f"ROMEConfig.{field}"):
         ROMEConfig(**{field: value})
     defaults = ROMEConfig()
-    assert (defaults.steps, defaults.lr, defaults.kl_factor, defaults.weight_decay, defaults.clamp_factor,
-            defaults.early_stop) == (20, 0.5, 0.0625, 0.5, 4.0, 0.05)
+    assert (defaults.v_num_grad_steps, defaults.v_lr, defaults.kl_factor, defaults.v_weight_decay,
+            defaults.clamp_norm_factor, defaults.early_stop) == (20, 0.5, 0.0625, 0.5, 4.0, 0.05)
     assert all("help" in f.metadata for f in dataclasses.fields(ROMEConfig))
+
+
+def test_old_field_names_still_work_for_one_release_with_a_warning():
+    with pytest.warns(FutureWarning, match="v_num_grad_steps"):
+        cfg = ROMEConfig(steps=3)
+    assert cfg.v_num_grad_steps == 3
+    with pytest.warns(FutureWarning, match="clamp_norm_factor"):
+        assert cfg.clamp_factor == cfg.clamp_norm_factor == 4.0
+    with pytest.raises(InvalidConfigError, match="v_lr only"):
+        ROMEConfig(lr=0.1, v_lr=0.2)
 
 
 BAD = [
@@ -252,7 +264,7 @@ def test_statistics_file_for_another_layer_is_refused(tmp_path):
 
 
 def test_non_finite_update_is_refused(monkeypatch):
-    import hf_knowedit.rome as rome
+    import hf_knowedit.methods.rome as rome
 
     real = rome.optimize_targets
 

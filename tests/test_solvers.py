@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_knowedit.errors import SingularSystemError
-from hf_knowedit.solvers import (alphaedit_factors, emmet_factors, memit_factors, nullspace_projector,
+from hf_knowedit.methods.solvers import (alphaedit_factors, emmet_factors, memit_factors, nullspace_projector,
                                  spread_residual)
 
 D_IN, D_OUT = 24, 16
@@ -172,10 +172,10 @@ def test_emmet_more_edits_than_dims_singular():
 
 
 def test_scaled_mom2_weight_keeps_gptj_lambda_per_key_dimension():
-    from hf_knowedit.solvers import scaled_mom2_weight
+    from hf_knowedit.methods.solvers import scaled_mom2_weight
 
     assert scaled_mom2_weight(16384) == 15000.0  # GPT-J: the reference value
     assert scaled_mom2_weight(1536) == pytest.approx(1406.25)  # SmolLM2-135M
     assert scaled_mom2_weight(1536, 2e4) == 2e4  # an explicit λ is used as is
-    from hf_knowedit.memit import MEMITConfig
+    from hf_knowedit.methods.memit import MEMITConfig
     assert MEMITConfig().mom2_update_weight is None

@@ -5,7 +5,8 @@ import torch
 
 import hf_knowedit
 from hf_knowedit.architectures import get_architecture, get_module, mlp_out_dims, mlp_out_path
-from hf_knowedit.editset import EditSet, ModuleDelta, fingerprint
+from hf_knowedit.deltas import ModuleDelta, fingerprint
+from hf_knowedit.editset import EditSet
 from hf_knowedit.errors import (BaseModelMismatchError, EditConflictError, EditSetNotFoundError, KnowEditError,
                                 NonFiniteUpdateError)
 from hf_knowedit.hooks import count_forward_hooks
@@ -46,7 +47,7 @@ def test_stacked_revert_is_bit_exact(model_type, dtype):
     w1 = weights(model)
     push_edit_set(model, random_set(model, [2, 3], seed=2, subject="Bob"), name="b")
     push_edit_set(model, random_set(model, [1], seed=3, subject="Carl"), name="c")
-    assert [e["name"] for e in model.list_edits()] == ["a", "b", "c"]
+    assert [e.name for e in model.list_edits()] == ["a", "b", "c"]
     model.revert_edits("c")
     model.revert_edits("b")
     assert_same(weights(model), w1)

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from hf_knowedit.architectures import get_architecture, get_module, mlp_out_path
 from hf_knowedit.errors import InvalidConfigError, LayerOutOfRangeError, StatisticsMismatchError
 from hf_knowedit.hooks import Trace
-from hf_knowedit.stats import (TENSOR_NAME, SecondMoment, StatsCache, StatsKey, compute_second_moment,
-                               identity_moment, model_identity)
+from hf_knowedit.methods.statistics import compute_second_moment, model_identity
+from hf_knowedit.moments import TENSOR_NAME, SecondMoment, StatsCache, StatsKey, identity_moment
 from tests.tiny_models import _CORPUS, make_tiny_model
 
 CORPUS = [line for line in _CORPUS.splitlines() if line.strip()]
@@ -88,7 +88,7 @@ def test_cache_hit_never_recomputes_and_changed_key_never_reuses(tmp_path):
 
 def test_statistics_ignore_active_edits(tmp_path):
     import hf_knowedit
-    from hf_knowedit.editset import ModuleDelta
+    from hf_knowedit.deltas import ModuleDelta
 
     model, tok = make_tiny_model("llama")
     before = compute_second_moment(model, tok, 2, corpus=CORPUS, n_tokens=100, cache=False)
@@ -161,17 +161,17 @@ def test_solve_uses_cached_factor_and_identity():
 def test_singular_moment_is_regularised(caplog):
     x = torch.randn(3, 8, dtype=torch.float64)  # rank 3 < 8
     sm = SecondMoment(x.t() @ x / 3, 3, StatsKey("m", 0, "mod", "texts", 3, "float64"))
-    with caplog.at_level(logging.WARNING, logger="hf_knowedit.stats"):
+    with caplog.at_level(logging.WARNING, logger="hf_knowedit.methods.statistics"):
         out = sm.solve(torch.randn(8, dtype=torch.float64))
     assert torch.isfinite(out).all() and "singular" in caplog.text
 
 
 def test_default_corpus_is_sampled_from_the_model_and_labelled(tmp_path, caplog, monkeypatch):
-    import hf_knowedit.stats as stats
+    import hf_knowedit.methods.statistics as stats
 
     monkeypatch.setattr(stats, "SAMPLED_LENGTH", 24)  # short samples keep the test fast
     model, tok = make_tiny_model("llama")
-    with caplog.at_level(logging.WARNING, logger="hf_knowedit.stats"):
+    with caplog.at_level(logging.WARNING, logger="hf_knowedit.methods.statistics"):
         sm = compute_second_moment(model, tok, 0, n_tokens=120, cache=StatsCache(tmp_path))
     assert sm.key.corpus.startswith("model-sampled:seed=0;length=24") and "sampling" in caplog.text
     assert len(list(tmp_path.glob("corpus--*.json"))) == 1  # the sampled texts are cached too
@@ -191,7 +191,7 @@ def test_bad_arguments():
 
 
 def test_batches_take_the_first_tokens_in_order_and_group_rows_by_length():
-    from hf_knowedit.stats import _batches
+    from hf_knowedit.methods.statistics import _batches
 
     _, tok = make_tiny_model("llama")
     texts = [" ".join(["word"] * n) for n in (1, 40, 2, 38) * 8]

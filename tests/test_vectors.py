@@ -10,7 +10,8 @@ from hf_knowedit.errors import InvalidConfigError, LayerOutOfRangeError
 from hf_knowedit.hooks import Trace, count_forward_hooks, hidden
 from hf_knowedit.requests import EditRequest
 from hf_knowedit.tokens import encode_template
-from hf_knowedit.vectors import compute_keys, optimize_targets
+from hf_knowedit.methods.keys import compute_keys
+from hf_knowedit.methods.targets import optimize_targets
 from tests.tiny_models import make_tiny_model
 
 REQUESTS = [
@@ -21,7 +22,7 @@ REQUESTS = [
 TEMPLATES = ["{}", "The world is big. {}", "Who is the author? {}"]
 # tiny random models have MLP outputs of norm ~0.01, which makes the reference regulariser
 # (||δ|| / ||init||², clamp 4 ||init||) freeze δ; these settings let δ move
-FREE = dict(weight_decay=0.0, clamp_factor=1e4)
+FREE = dict(v_weight_decay=0.0, clamp_norm_factor=1e4)
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +55,7 @@ def test_batched_serial_chunked_and_full_forward_agree(model_type, site):
     model, tok = make_tiny_model(model_type)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     hooks = count_forward_hooks(model)
-    kw = dict(site=site, templates=TEMPLATES, steps=6, **FREE)
+    kw = dict(site=site, templates=TEMPLATES, v_num_grad_steps=6, **FREE)
     batched = optimize_targets(model, tok, REQUESTS, 2, **kw)
     serial = optimize_targets(model, tok, REQUESTS, 2, batched=False, **kw)
     chunked = optimize_targets(model, tok, REQUESTS, 2, batch_tokens=40, **kw)
@@ -64,7 +65,7 @@ def test_batched_serial_chunked_and_full_forward_agree(model_type, site):
         torch.testing.assert_close(other.init, batched.init, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(other.targets, batched.targets, rtol=1e-4, atol=1e-5)
         assert other.steps_taken == batched.steps_taken == [5, 5, 5]
-    assert batched.losses[0] < optimize_targets(model, tok, REQUESTS[:1], 2, **dict(kw, steps=1)).losses[0]
+    assert batched.losses[0] < optimize_targets(model, tok, REQUESTS[:1], 2, **dict(kw, v_num_grad_steps=1)).losses[0]
     # the model is exactly as before: weights, hooks, blocks
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     assert count_forward_hooks(model) == hooks
@@ -76,7 +77,7 @@ def test_init_is_the_unedited_site_value():
     req = REQUESTS[1]
     enc = encode_template(tok, req.prompt, req.subject)
     for site, path in (("mlp", mlp_out_path(get_architecture(model), 1)), ("residual", layer_path(get_architecture(model), 1))):
-        res = optimize_targets(model, tok, [req], 1, site=site, templates=TEMPLATES, steps=1)
+        res = optimize_targets(model, tok, [req], 1, site=site, templates=TEMPLATES, v_num_grad_steps=1)
         with torch.no_grad(), Trace(model, path) as tr:
             model(input_ids=torch.tensor([enc.input_ids]))
         torch.testing.assert_close(res.init[0], hidden(tr.output)[0, enc.subject_last], rtol=1e-5, atol=1e-6)
@@ -89,18 +90,18 @@ def test_fast_path_runs_lower_blocks_once():
     get_module(model, "model.layers.0").register_forward_hook(lambda *a: calls.__setitem__("block0", calls["block0"] + 1))
     get_module(model, "model.layers.3").register_forward_hook(lambda *a: calls.__setitem__("block3", calls["block3"] + 1))
     get_module(model, "lm_head").register_forward_hook(lambda m, a, o: calls["head_rows"].append(a[0].shape[:-1].numel()))
-    optimize_targets(model, tok, REQUESTS[:1], 2, templates=TEMPLATES, steps=5, early_stop=0.0)
+    optimize_targets(model, tok, REQUESTS[:1], 2, templates=TEMPLATES, v_num_grad_steps=5, early_stop=0.0)
     assert calls["block0"] == 1 and calls["block3"] == 5
     n_targets = 3 * 1 + 1  # one target token per rewriting prompt + one essence position
     assert calls["head_rows"] == [n_targets] * 5
     calls.update(block0=0, block3=0, head_rows=[])
-    optimize_targets(model, tok, REQUESTS[:1], 2, templates=TEMPLATES, steps=5, early_stop=0.0, fast=False)
+    optimize_targets(model, tok, REQUESTS[:1], 2, templates=TEMPLATES, v_num_grad_steps=5, early_stop=0.0, fast=False)
     assert calls["block0"] == 5 and calls["head_rows"][0] > n_targets
 
 
 def test_early_stopped_requests_are_frozen_exactly():
     model, tok = make_tiny_model("llama")
-    kw = dict(templates=TEMPLATES, steps=12, **FREE)
+    kw = dict(templates=TEMPLATES, v_num_grad_steps=12, **FREE)
     trace = []
     optimize_targets(model, tok, REQUESTS, 2, early_stop=0.0, progress=lambda it, l: trace.append(l.tolist()), **kw)
     # a threshold some requests cross before others
@@ -121,7 +122,7 @@ def test_bad_arguments():
     with pytest.raises(InvalidConfigError):
         optimize_targets(model, tok, REQUESTS, 1, site="attention", templates=TEMPLATES)
     with pytest.raises(InvalidConfigError):
-        optimize_targets(model, tok, REQUESTS, 1, steps=0, templates=TEMPLATES)
+        optimize_targets(model, tok, REQUESTS, 1, v_num_grad_steps=0, templates=TEMPLATES)
     with pytest.raises(InvalidConfigError):
         compute_keys(model, tok, REQUESTS, 1, [])
     with pytest.raises(LayerOutOfRangeError):

@@ -34,7 +34,8 @@ from .datasets import SCHEMAS, EvalRecord, load_records
 from .metrics import aggregate
 from .protocols import PROTOCOLS, Scorer, encode_record, run_protocol
 from .results import EvalResult
-from .scoring import TargetScore, generate_texts, score_targets
+from ..generation import generate_texts
+from .scoring import TargetScore, score_targets
 
 
 def evaluate(model: nn.Module, tokenizer: Any, records: Union[str, Iterable[Any]], *, method: Optional[str] = None,

@@ -34,7 +34,8 @@ from ..errors import InvalidConfigError, InvalidDataError, KnowEditError
 from ..stack import revert_edits
 from . import metrics as M
 from .datasets import PROMPT_FIELDS, TARGET_FIELDS, EvalRecord, check_distinct
-from .scoring import Encoded, TargetScore, generate_texts, score_encoded, split_prompt_target
+from ..generation import generate_texts
+from .scoring import Encoded, TargetScore, score_encoded, split_prompt_target
 
 logger = logging.getLogger(__name__)
 

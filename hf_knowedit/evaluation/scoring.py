@@ -28,9 +28,10 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..architectures import get_architecture, get_module
+from ..architectures import get_architecture, get_module, lm_logits, model_device
 from ..errors import UnsupportedArchitectureError
-from ..tokens import split_prompt_target
+from ..hooks import frozen
+from ..tokens import pad_batch, pad_id, split_prompt_target
 
 Encoded = Tuple[Sequence[int], Sequence[int]]  # (prompt_ids, target_ids)
 
@@ -110,35 +111,7 @@ def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits[rows, cols].float()
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    logits = get_module(model, spec.lm_head)(hidden[rows, cols]).float()
-    cap = getattr(model.config, spec.logit_softcap, None) if spec.logit_softcap else None
-    if cap:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, padding_side: str,
-              device: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
-    """``(input_ids, attention_mask, position_ids, offsets)``; ``offsets[i]`` = index of row i's first real token."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    offsets = []
-    for i, s in enumerate(seqs):
-        start = width - len(s) if padding_side == "left" else 0
-        ids[i, start:start + len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, start:start + len(s)] = 1
-        offsets.append(start)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), position_ids.to(device), offsets
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None) if tokenizer is not None else None
-        if isinstance(value, int):
-            return value
-    return 0
+    return lm_logits(model, spec, hidden[rows, cols]).float()
 
 
 @torch.no_grad()
@@ -156,17 +129,15 @@ def score_encoded(model: nn.Module, encoded: Sequence[Encoded], *, tokenizer: An
         if len(p) == 0 or len(t) == 0:
             raise ValueError(f"pair {i}: prompt and target need at least one token each "
                              f"(got {len(p)} and {len(t)}).")
-    device = next(model.parameters()).device
-    pad_id = _pad_id(tokenizer)
+    device = model_device(model)
+    pad = pad_id(tokenizer)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
     out: List[Optional[TargetScore]] = [None] * len(encoded)
-    training = model.training
-    model.eval()
-    try:
+    with frozen(model, params=False):
         for b in range(0, len(order), max(1, int(batch_size))):
             idx = order[b:b + batch_size]
             seqs = [list(encoded[i][0]) + list(encoded[i][1]) for i in idx]
-            ids, mask, pos, offsets = pad_batch(seqs, pad_id, side, device)
+            ids, mask, pos, offsets = pad_batch(seqs, pad, side, device)
             rows, cols, targets = [], [], []
             for r, i in enumerate(idx):
                 p_len, t_ids = len(encoded[i][0]), list(encoded[i][1])
@@ -186,8 +157,6 @@ def score_encoded(model: nn.Module, encoded: Sequence[Encoded], *, tokenizer: An
                 n = len(encoded[i][1])
                 out[i] = TargetScore(tuple(tok_lp[k:k + n]), tuple(pred[k:k + n]), tuple(encoded[i][1]))
                 k += n
-    finally:
-        model.train(training)
     return out  # type: ignore[return-value]
 
 
@@ -200,34 +169,3 @@ def score_targets(model: nn.Module, tokenizer: Any, pairs: Sequence[Tuple[str, s
     """
     return score_encoded(model, encode_pairs(tokenizer, pairs), tokenizer=tokenizer, batch_size=batch_size,
                          padding_side=padding_side)
-
-
-@torch.no_grad()
-def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 90,
-                   top_k: Optional[int] = 5, seed: Optional[int] = 0) -> List[str]:
-    """Continue each prompt (one left-padded batch); return prompt + continuation as text.
-
-    ``seed`` set: top-``k`` sampling (ROME's ``generate_fast`` samples with k=5) with the global RNG
-    seeded inside :func:`torch.random.fork_rng`, so the caller's random state is untouched.
-    ``seed=None``: greedy decoding. Generation runs to ``max_new_tokens`` (ROME's 100 tokens in total
-    with ~10-token prompts) without stopping at EOS, as ROME's does.
-    """
-    if not prompts:
-        return []
-    device = next(model.parameters()).device
-    enc = tokenizer(list(prompts), padding=True, padding_side="left", return_tensors="pt")
-    pad_id = _pad_id(tokenizer)
-    sample = seed is not None
-    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=sample,
-                  pad_token_id=pad_id, top_k=top_k if sample else None, top_p=None, temperature=None)
-    training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if sample:
-                torch.manual_seed(int(seed))
-            out = model.generate(input_ids=enc["input_ids"].to(device),
-                                 attention_mask=enc["attention_mask"].to(device), **kwargs)
-    finally:
-        model.train(training)
-    return tokenizer.batch_decode(out, skip_special_tokens=True)

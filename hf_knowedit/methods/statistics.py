@@ -15,22 +15,10 @@ package is importable and the Hub reachable, else a corpus *sampled from the mod
 with a fixed seed (logged; the identity string says which). ``mom2="identity"`` in the
 method configs uses ``C = I`` instead (:func:`identity_moment`), labelled ``corpus="identity"``.
 
-Caching. Every result is identified by a :class:`StatsKey`: the model (``name@revision``
-when the caller gives a revision, else a sha256 fingerprint of the base weights the layer's
-input depends on), layer, module path, corpus identity, requested token count and dtype.
-Results are kept (with their factorisation) per model in ``get_state(model).history`` and on
-disk by :class:`StatsCache` (``$HF_KNOWEDIT_STATS_CACHE``, else ``$HF_KNOWEDIT_CACHE/stats``,
-else ``~/.cache/hf_knowedit/stats``), one file per key. A hit never recomputes; a different key
-never reuses a file; a file whose metadata does not match the key it is loaded for raises
-:class:`~hf_knowedit.errors.StatisticsMismatchError`.
-
-File format (one ``.safetensors`` file per entry, :meth:`SecondMoment.save` / :meth:`SecondMoment.load`):
-
-* tensor ``"mom2"``: ``C``, shape ``[d_in, d_in]``, dtype = the key's dtype (float32/float64).
-* metadata (all strings): ``format = "hf_knowedit.second_moment"``, ``format_version = "1"``,
-  ``model``, ``layer``, ``module``, ``corpus``, ``n_tokens`` (the key's, requested), ``dtype``
-  (``"float32"``/``"float64"``), ``n_tokens_used`` (tokens actually averaged), ``d_in``.
-* file name: :meth:`StatsKey.filename` (``<model slug>--L<layer>--<sha256 of the key, 16 hex>.safetensors``).
+Caching. Results are identified by a :class:`~hf_knowedit.moments.StatsKey` and kept (with their
+factorisation) per model in ``get_state(model).history`` and on disk by
+:class:`~hf_knowedit.moments.StatsCache`; the key, the file format and Hub sharing are in
+:mod:`hf_knowedit.moments`.
 """
 
 from __future__ import annotations
@@ -49,22 +37,23 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .architectures import get_architecture, get_module, mlp_out_dims, mlp_out_path
-from .errors import InvalidConfigError, SingularSystemError, StatisticsMismatchError
-from .hooks import Trace
-from .stack import disable_edits, get_state
+from huggingface_hub.utils import tqdm
+
+from ..architectures import get_architecture, get_module, mlp_out_dims, mlp_out_path, num_layers
+from ..errors import InvalidConfigError
+from ..generation import generate_texts, max_positions
+from ..hooks import Trace, frozen
+from ..moments import DTYPES, SecondMoment, StatsCache, StatsKey, identity_moment
+from ..stack import disable_edits, get_state
+from ..tokens import pad_batch
+from .config import DEFAULT_N_TOKENS
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "hf_knowedit.second_moment"
-FORMAT_VERSION = "1"
-TENSOR_NAME = "mom2"
-DEFAULT_N_TOKENS = 100_000
 DEFAULT_MAX_LENGTH = 128
 DEFAULT_BATCH_TOKENS = 4096
 #: the default corpus when ``datasets`` and the Hub are available
 WIKI = ("wikitext", "wikitext-103-raw-v1", "train")
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _MEM_KEY = "stats.moments"
 _DIGEST_KEY = "stats.digests"
 _CORPUS_KEY = "stats.sampled_corpus"
@@ -73,193 +62,11 @@ Corpus = Union[None, Sequence[str], Any]
 
 
 # -----------------------------------------------------------------------------
-# key and entry
-
-
-@dataclass(frozen=True)
-class StatsKey:
-    """Everything a second-moment matrix depends on."""
-
-    model: str
-    layer: int
-    module: str
-    corpus: str
-    n_tokens: int
-    dtype: str
-
-    def metadata(self) -> Dict[str, str]:
-        return {k: str(v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_metadata(cls, meta: Dict[str, str]) -> "StatsKey":
-        try:
-            return cls(meta["model"], int(meta["layer"]), meta["module"], meta["corpus"], int(meta["n_tokens"]),
-                       meta["dtype"])
-        except (KeyError, ValueError) as err:
-            raise StatisticsMismatchError(f"Statistics metadata is incomplete ({err}); expected the keys "
-                                          "model, layer, module, corpus, n_tokens, dtype. Recompute the file.") from err
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
-
-    def filename(self) -> str:
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model.split(":")[-1] if self.model.startswith("weights:")
-                      else self.model)[:60]
-        return f"{slug}--L{self.layer}--{self.digest()[:16]}.safetensors"
-
-
-@dataclass
-class SecondMoment:
-    """``C = E[k kᵀ]`` at one layer, with a cached factorisation for repeated solves.
-
-    Attributes:
-        matrix: ``[d_in, d_in]`` (float32/float64).
-        n_tokens: number of key vectors averaged (``0`` for the identity).
-        key: the :class:`StatsKey` the matrix was computed for.
-    """
-
-    matrix: torch.Tensor
-    n_tokens: int
-    key: StatsKey
-    _factor: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
-
-    @property
-    def is_identity(self) -> bool:
-        """True for the ``mom2="identity"`` stand-in ``C = I``."""
-        return self.key.corpus == "identity"
-
-    @property
-    def d_in(self) -> int:
-        return self.matrix.shape[0]
-
-    def cholesky(self) -> torch.Tensor:
-        """Lower Cholesky factor of ``C`` in float64 (computed once). Adds a small diagonal jitter,
-        with a warning, when ``C`` is singular (too few tokens for the key dimension)."""
-        if self._factor is None:
-            c = self.matrix.double()
-            scale = float(c.diagonal().mean().clamp_min(1e-30))
-            eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-            for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
-                factor, info = torch.linalg.cholesky_ex(c + jitter * scale * eye)
-                if int(info) == 0 and torch.isfinite(factor).all():
-                    if jitter:
-                        logger.warning("Second moment at %s is singular; added %.0e * mean(diag) to its diagonal. "
-                                       "Use more tokens (n_tokens >> %d) for a better estimate.",
-                                       self.key.module, jitter, c.shape[0])
-                    self._factor = factor
-                    break
-            else:
-                raise SingularSystemError(f"The second moment at {self.key.module} is not positive definite even "
-                                          "after regularisation; recompute it with more tokens or use mom2='identity'.")
-        return self._factor
-
-    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        """``C⁻¹ rhs`` for ``rhs`` of shape ``[d_in]`` or ``[d_in, m]``, in float64 via the cached Cholesky
-        factor; returned in ``rhs``'s dtype and device."""
-        if rhs.shape[0] != self.d_in:
-            raise InvalidConfigError(f"solve: rhs has {rhs.shape[0]} rows, the second moment is {self.d_in}x{self.d_in}.")
-        if self.is_identity:
-            return rhs.clone()
-        factor = self.cholesky()
-        x = torch.cholesky_solve(rhs.to(factor.device, torch.float64).reshape(self.d_in, -1), factor)
-        return x.reshape(rhs.shape).to(rhs.device, rhs.dtype)
-
-    # -- files ---------------------------------------------------------------
-
-    def save(self, path: Union[str, Path]) -> Path:
-        """Write this entry as one safetensors file (format in the module docstring), atomically."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.key.metadata(),
-                "n_tokens_used": str(self.n_tokens), "d_in": str(self.d_in)}
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({TENSOR_NAME: self.matrix.detach().to("cpu", _DTYPES[self.key.dtype]).contiguous()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
-
-    @classmethod
-    def load(cls, path: Union[str, Path], expected: Optional[StatsKey] = None, *,
-             device: Any = None) -> "SecondMoment":
-        """Read a file written by :meth:`save`. With ``expected``, every key field must match, else
-        :class:`StatisticsMismatchError` says which (another model, layer, module, corpus, ...)."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != FORMAT:
-                    raise StatisticsMismatchError(f"{path} is not an hf_knowedit second-moment file "
-                                                  f"(metadata format={meta.get('format')!r}).")
-                matrix = f.get_tensor(TENSOR_NAME)
-        except StatisticsMismatchError:
-            raise
-        except Exception as err:  # unreadable / not safetensors
-            raise StatisticsMismatchError(f"Cannot read statistics file {path}: {err}. Delete it to recompute.") from err
-        key = StatsKey.from_metadata(meta)
-        if expected is not None and key != expected:
-            diff = [f"{k}: file has {getattr(key, k)!r}, expected {getattr(expected, k)!r}"
-                    for k in ("model", "layer", "module", "corpus", "n_tokens", "dtype")
-                    if getattr(key, k) != getattr(expected, k)]
-            raise StatisticsMismatchError(f"Statistics file {path} was computed for something else ("
-                                          + "; ".join(diff) + "). Use the file made for this model and layer, "
-                                          "or delete it to recompute.")
-        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or str(matrix.shape[0]) != meta.get("d_in", str(matrix.shape[0])):
-            raise StatisticsMismatchError(f"Statistics file {path} holds a {tuple(matrix.shape)} matrix, not [d_in, d_in].")
-        if device is not None:
-            matrix = matrix.to(device)
-        return cls(matrix, int(meta.get("n_tokens_used", key.n_tokens)), key)
-
-
-def default_cache_dir() -> Path:
-    """``$HF_KNOWEDIT_STATS_CACHE``, else ``$HF_KNOWEDIT_CACHE/stats``, else ``~/.cache/hf_knowedit/stats``."""
-    env = os.environ.get("HF_KNOWEDIT_STATS_CACHE")
-    if env:
-        return Path(env)
-    root = os.environ.get("HF_KNOWEDIT_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "hf_knowedit") / "stats"
-
-
-class StatsCache:
-    """A directory of second-moment files, one per :class:`StatsKey` (see module docstring)."""
-
-    def __init__(self, directory: Union[str, Path, None] = None) -> None:
-        self.directory = Path(directory) if directory is not None else default_cache_dir()
-
-    def path(self, key: StatsKey) -> Path:
-        return self.directory / key.filename()
-
-    def get(self, key: StatsKey, device: Any = None) -> Optional[SecondMoment]:
-        """The entry for ``key``, or None. A file under the key's name with other metadata raises
-        :class:`StatisticsMismatchError`."""
-        path = self.path(key)
-        if not path.exists():
-            return None
-        return SecondMoment.load(path, expected=key, device=device)
-
-    def put(self, entry: SecondMoment) -> Path:
-        return entry.save(self.path(entry.key))
-
-    def __contains__(self, key: StatsKey) -> bool:
-        return self.path(key).exists()
-
-    def __repr__(self) -> str:
-        return f"StatsCache({str(self.directory)!r})"
-
-
-# -----------------------------------------------------------------------------
 # identities
 
 
 def _dtype_name(dtype: Any) -> str:
-    for name, dt in _DTYPES.items():
+    for name, dt in DTYPES.items():
         if dtype in (dt, name):
             return name
     raise InvalidConfigError(f"Statistics dtype must be torch.float32 or torch.float64, got {dtype!r}.")
@@ -364,8 +171,6 @@ def sampled_corpus(model: nn.Module, tokenizer: Any, n_tokens: int, *, seed: int
     (``corpus--<weights fingerprint>--seed<seed>-len<length>-n<texts>.json``) so other layers and
     later sessions reuse it (sampling is the slow part on a CPU).
     """
-    from .context import generate_texts, max_positions
-
     length = max(8, min(length, max_positions(model) - 8))
     n_texts = max(1, math.ceil(1.1 * n_tokens / length))
     per_start = math.ceil(n_texts / len(SAMPLED_STARTS))
@@ -375,7 +180,7 @@ def sampled_corpus(model: nn.Module, tokenizer: Any, n_tokens: int, *, seed: int
         return cache[key]
     path = None
     if directory is not None:
-        ident = model_identity(model, num_layers_of(model) - 1, whole=True).split(":")[-1]
+        ident = model_identity(model, num_layers(model) - 1, whole=True).split(":")[-1]
         path = Path(directory) / f"corpus--{ident}--seed{seed}-len{length}-n{per_start * len(SAMPLED_STARTS)}.json"
         if path.exists():
             cache[key] = json.loads(path.read_text())
@@ -384,18 +189,15 @@ def sampled_corpus(model: nn.Module, tokenizer: Any, n_tokens: int, *, seed: int
     logger.warning("No Wikipedia-like corpus available (needs the 'datasets' package and the Hub): sampling "
                    "%d texts of %d tokens from the model itself (seed %d) for the second-moment statistics.",
                    per_start * len(SAMPLED_STARTS), length, seed)
-    cache[key] = generate_texts(model, tokenizer, SAMPLED_STARTS, length=length, seed=seed, per_start=per_start,
-                                top_k=50)
+    with disable_edits(model):
+        cache[key] = generate_texts(model, tokenizer, SAMPLED_STARTS, max_new_tokens=length, seed=seed,
+                                    per_prompt=per_start, top_k=50)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cache[key]))
         os.replace(tmp, path)
     return cache[key]
-
-
-def num_layers_of(model: nn.Module) -> int:
-    return len(get_module(model, get_architecture(model).layers))
 
 
 def resolve_corpus(model: nn.Module, tokenizer: Any, corpus: Corpus, n_tokens: int, max_length: int,
@@ -412,14 +214,6 @@ def resolve_corpus(model: nn.Module, tokenizer: Any, corpus: Corpus, n_tokens: i
 
 # -----------------------------------------------------------------------------
 # computing
-
-
-def identity_moment(model: nn.Module, layer: int) -> SecondMoment:
-    """``C = I`` (``mom2="identity"``): ROME without the covariance adjustment, labelled ``corpus="identity"``."""
-    spec = get_architecture(model)
-    d_in, _ = mlp_out_dims(model, spec, layer)
-    key = StatsKey("any", layer, mlp_out_path(spec, layer), "identity", 0, "float64")
-    return SecondMoment(torch.eye(d_in, dtype=torch.float64), 0, key)
 
 
 #: texts are read ahead this many batches at a time and grouped by length, so padding stays small
@@ -507,7 +301,7 @@ def compute_second_moment(model: nn.Module, tokenizer: Any, layer: int, *, corpu
     if source is None:
         source = sampled_corpus(model, tokenizer, n_tokens, seed=seed,
                                 directory=disk.directory if disk is not None else None)
-    entry = _accumulate(model, tokenizer, layer, module, d_in, source, n_tokens, _DTYPES[dtype_name],
+    entry = _accumulate(model, tokenizer, layer, module, d_in, source, n_tokens, DTYPES[dtype_name],
                         batch_tokens, max_length, key)
     if disk is not None:
         path = disk.put(entry)
@@ -518,22 +312,13 @@ def compute_second_moment(model: nn.Module, tokenizer: Any, layer: int, *, corpu
 
 def _accumulate(model: nn.Module, tokenizer: Any, layer: int, module: str, d_in: int, corpus: Any, n_tokens: int,
                 dtype: torch.dtype, batch_tokens: int, max_length: int, key: StatsKey) -> SecondMoment:
-    from huggingface_hub.utils import tqdm
-
-    from .editing import frozen
-
     device = next(model.parameters()).device
     total = torch.zeros(d_in, d_in, dtype=dtype, device=device)
     count = 0
     with frozen(model), disable_edits(model), torch.no_grad(), \
             tqdm(total=n_tokens, desc=f"second moment L{layer}", unit="tok", leave=False) as bar:
         for batch in _batches(tokenizer, _texts(corpus), max_length, batch_tokens, n_tokens):
-            width = max(len(ids) for ids in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
-            mask = torch.zeros(len(batch), width, dtype=torch.long, device=device)
-            for i, row in enumerate(batch):
-                ids[i, : len(row)] = torch.tensor(row, device=device)
-                mask[i, : len(row)] = 1
+            ids, mask, _, _ = pad_batch(batch, 0, "right", device)
             with Trace(model, module, retain_input=True, retain_output=False, stop=True) as tr:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
             keys = tr.input.reshape(-1, d_in)[mask.reshape(-1).bool()].to(dtype)  # right padding
@@ -546,3 +331,12 @@ def _accumulate(model: nn.Module, tokenizer: Any, layer: int, module: str, d_in:
         logger.warning("The statistics corpus ran out after %d of %d tokens; C is averaged over %d.",
                        count, n_tokens, count)
     return SecondMoment(total / count, count, key)
+
+
+def second_moment_for(model: nn.Module, tokenizer: Any, layer: int, config: Any) -> SecondMoment:
+    """``C`` at ``layer`` as a method config asks (``mom2``, ``mom2_corpus``, ``mom2_n_tokens``, ``mom2_dtype``):
+    from a corpus (cached in memory and on disk) or the identity."""
+    if config.mom2 == "identity":
+        return identity_moment(model, layer)
+    return compute_second_moment(model, tokenizer, layer, corpus=config.mom2_corpus, n_tokens=config.mom2_n_tokens,
+                                 dtype=getattr(torch, config.mom2_dtype))

@@ -1,5 +1,9 @@
-"""Edit sets as adapters: PEFT LoRA files that PEFT and transformers load as they are, plus what
+"""The adapter file format: PEFT LoRA files that PEFT and transformers load as they are, plus what
 only hf_knowedit knows, on disk and on the Hub.
+
+This module works on plain fields (peft keeps its format below the model class the same way): it
+writes any object with an edit set's attributes and reads back a dict of them; :class:`EditSet`
+builds itself from that dict (:mod:`hf_knowedit.editset`).
 
 A saved edit set is a directory (or a Hub repo) with these files::
 
@@ -14,7 +18,7 @@ A saved edit set is a directory (or a Hub repo) with these files::
     knowedit_state.safetensors  method state that travels with the set (only when there is some)
     README.md                   model card
 
-:class:`~hf_knowedit.editset.ModuleDelta` factors map onto PEFT's exactly, no SVD: ``lora_A = A``,
+:class:`~hf_knowedit.deltas.ModuleDelta` factors map onto PEFT's exactly, no SVD: ``lora_A = A``,
 ``lora_B = B``. PEFT's LoRA computes ``x @ Aᵀ @ Bᵀ`` whatever the layout and, with
 ``fan_in_fan_out``, merges ``(B @ A)ᵀ`` into a Conv1D ``[in, out]`` weight, which is our ``conv1d``
 layout. A *dense* delta (``ModuleDelta.dense``, stored when a rank would exceed half the matrix
@@ -38,18 +42,16 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import nn
-
-from .editset import EditSet, ModuleDelta
+from .deltas import ModuleDelta
 from .errors import AdapterFormatError
+from .moments import StatsKey
 from .requests import EditRequest, validate
-from .stack import push_edit_set
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ CARD_MAX_FACTS = 50
 # writing
 
 
-def adapter_config(es: EditSet) -> Dict[str, Any]:
+def adapter_config(es: Any) -> Dict[str, Any]:
     """PEFT's ``adapter_config.json`` for ``es``: one rank and ``lora_alpha = rank`` per module."""
     layouts = {es.layouts.get(p, "linear") for p in es.deltas}
     if len(layouts) > 1:
@@ -104,7 +106,7 @@ def adapter_config(es: EditSet) -> Dict[str, Any]:
     }
 
 
-def adapter_tensors(es: EditSet) -> Dict[str, torch.Tensor]:
+def adapter_tensors(es: Any) -> Dict[str, torch.Tensor]:
     """PEFT state-dict keys -> float32 CPU factors (``lora_A = A``, ``lora_B = B``)."""
     out = {}
     for path, d in sorted(es.deltas.items()):
@@ -144,11 +146,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _stats_key(value: Any) -> Any:
-    """Saved statistics keys back as :class:`~hf_knowedit.stats.StatsKey` (one, or a dict of them)."""
-    try:
-        from .stats import StatsKey
-    except ImportError:  # pragma: no cover - a build without the statistics module
-        return value
+    """Saved statistics keys back as :class:`~hf_knowedit.moments.StatsKey` (one, or a dict of them)."""
     names = {f.name for f in dataclasses.fields(StatsKey)}
     if isinstance(value, dict) and set(value) == names:
         return StatsKey(**value)
@@ -157,7 +155,7 @@ def _stats_key(value: Any) -> Any:
     return value
 
 
-def knowedit_config(es: EditSet, files: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
+def knowedit_config(es: Any, files: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
     """What only hf_knowedit knows about ``es`` (the content of ``knowedit_config.json``)."""
     return {
         "format": "hf_knowedit-adapter",
@@ -195,7 +193,7 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def write_adapter(es: EditSet, directory: Union[str, Path]) -> None:
+def write_adapter(es: Any, directory: Union[str, Path]) -> None:
     """Write the adapter files (not the model card) into an existing directory.
 
     Not atomic by itself: :meth:`EditSet.save_pretrained` calls it inside :func:`atomic_directory`.
@@ -249,7 +247,7 @@ def atomic_directory(target: Union[str, Path]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_adapter(es: EditSet, directory: Union[str, Path], **model_card_kwargs: Any) -> Path:
+def save_adapter(es: Any, directory: Union[str, Path], **model_card_kwargs: Any) -> Path:
     """``es.save_pretrained(directory)``; returns the directory."""
     es.save_pretrained(directory, model_card_kwargs=model_card_kwargs or None)
     return Path(directory)
@@ -268,13 +266,13 @@ def _is_repo_id(name: Optional[str]) -> bool:
     return bool(name) and not os.path.isabs(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
 
 
-def model_card(es: EditSet, *, repo_id: Optional[str] = None, title: Optional[str] = None,
+def model_card(es: Any, *, tags: Sequence[str] = (), repo_id: Optional[str] = None, title: Optional[str] = None,
                description: Optional[str] = None, license: Optional[str] = None) -> ModelCard:
     """The ``README.md`` of a saved edit set: metadata (``base_model``, ``library_name: hf_knowedit``,
     tags), the edited facts, evaluation results and how to load it. Keyword arguments come from
     ``save_pretrained(..., model_card_kwargs=...)``."""
     base = es.base_model if _is_repo_id(es.base_model) else None
-    tags = sorted({"knowledge-editing", es.method, "lora", "peft", *(EditSet._hub_mixin_info.model_card_data.tags or [])})
+    tags = sorted({"knowledge-editing", es.method, "lora", "peft", *tags})
     data = ModelCardData(base_model=base, library_name="hf_knowedit", tags=tags, license=license,
                          pipeline_tag="text-generation")
     n = len(es.requests)
@@ -401,8 +399,9 @@ def _pattern_value(patterns: Dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def read_adapter(directory: Union[str, Path]) -> EditSet:
-    """The :class:`EditSet` saved in ``directory``; typed errors for anything that is not one.
+def read_adapter(directory: Union[str, Path]) -> Dict[str, Any]:
+    """The fields of the edit set saved in ``directory`` (``EditSet(**fields)`` rebuilds it); typed
+    errors for anything that is not one.
 
     Raises :class:`~hf_knowedit.errors.AdapterFormatError` for a directory that is not an adapter,
     a missing file, invalid JSON, a corrupted or truncated safetensors file, or factors whose
@@ -462,7 +461,7 @@ def read_adapter(directory: Union[str, Path]) -> EditSet:
         if not state_path.is_file():
             raise AdapterFormatError(f"{directory} is missing {STATE_WEIGHTS}; save or download the adapter again.")
         state = _read_safetensors(state_path, (files.get(STATE_WEIGHTS) or {}).get("sha256"))
-    return EditSet(
+    return dict(
         deltas=deltas, requests=_requests(meta.get("requests") or []), method=str(meta.get("method") or "unknown"),
         config=dict(meta.get("config") or {}), layers=[int(x) for x in meta.get("layers") or []],
         fingerprints=fingerprints, layouts=layouts,
@@ -522,93 +521,3 @@ def fetch_adapter(source: Union[str, Path], *, revision: Optional[str] = None, c
         hf_hub_download(filename=STATE_WEIGHTS, revision=commit, **kw)
     logger.info("Fetched edit set %s at commit %s.", source, commit)
     return first.parent
-
-
-# --------------------------------------------------------------------------------------------
-# loading into a model
-
-
-def load_edits(model: nn.Module, source: Union[EditSet, str, Path], name: Optional[str] = None, merge: bool = True,
-               force: bool = False, allow_conflicts: bool = False, **hub_kwargs: Any) -> EditSet:
-    """Apply a saved edit set: an :class:`EditSet`, an adapter directory, or a Hub repo id.
-
-    Shapes and base-weight fingerprints of every touched module are checked first; a mismatch
-    raises :class:`~hf_knowedit.errors.BaseModelMismatchError` (``force=True`` applies anyway, with
-    a warning). All modules are applied or none; on any error the model is untouched. The loaded
-    set then behaves exactly like a freshly applied one (merge, unmerge, disable, revert).
-
-    Args:
-        source: an ``EditSet``, a directory written by ``save_pretrained``, or a Hub repo id.
-        name: the name under which the set is active (default: the saved name, made unique).
-        merge: write into the weights (default) or apply through forward hooks.
-        **hub_kwargs: ``revision``, ``token``, ``cache_dir``, ``force_download``, ``local_files_only``.
-
-    >>> model.load_edits("me/angola-edit", revision="v1")
-    """
-    if isinstance(source, EditSet):
-        if hub_kwargs:
-            raise TypeError(f"Hub arguments {sorted(hub_kwargs)} make no sense with an EditSet source.")
-        es = dataclasses.replace(source)  # the stack names its own copy; the caller's set stays as it is
-    else:
-        es = EditSet.from_pretrained(source, **hub_kwargs)
-    return push_edit_set(model, es, merge=merge, name=name, allow_conflicts=allow_conflicts, force=force)
-
-
-# --------------------------------------------------------------------------------------------
-# second-moment statistics on the Hub
-
-#: folder of a Hub repo that holds second-moment files, one per StatsKey (``StatsKey.filename()``)
-STATS_FOLDER = "second_moments"
-
-
-def push_statistics(entry_or_path: Any, repo_id: str, *, repo_type: str = "model", revision: Optional[str] = None,
-                    token: Union[str, bool, None] = None, private: Optional[bool] = None,
-                    commit_message: Optional[str] = None, create_pr: Optional[bool] = None) -> Any:
-    """Upload one second-moment cache entry (a :class:`~hf_knowedit.stats.SecondMoment` or a file
-    written by ``SecondMoment.save``) to ``repo_id`` under ``second_moments/<StatsKey.filename()>``.
-
-    The file is read (and so validated) before anything is sent. Returns huggingface_hub's ``CommitInfo``.
-    """
-    from huggingface_hub import HfApi
-
-    from .stats import SecondMoment
-
-    with tempfile.TemporaryDirectory(prefix="hf_knowedit-stats-") as tmp:
-        if isinstance(entry_or_path, SecondMoment):
-            entry = entry_or_path
-            path = entry.save(Path(tmp) / entry.key.filename())
-        else:
-            path = Path(entry_or_path)
-            entry = SecondMoment.load(path)
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True).repo_id
-        return api.upload_file(path_or_fileobj=str(path), path_in_repo=f"{STATS_FOLDER}/{entry.key.filename()}",
-                               repo_id=repo_id, repo_type=repo_type, revision=revision, create_pr=create_pr,
-                               commit_message=commit_message or f"Second moment of {entry.key.module} "
-                                                                f"({entry.key.n_tokens} tokens, {entry.key.corpus})")
-
-
-def pull_statistics(repo_id: str, key_or_filename: Any, *, repo_type: str = "model", revision: Optional[str] = None,
-                    cache_dir: Union[str, Path, None] = None, token: Union[str, bool, None] = None,
-                    force_download: bool = False, local_files_only: bool = False, device: Any = None,
-                    stats_cache: Any = None) -> Any:
-    """Download a second-moment entry pushed by :func:`push_statistics` and return the
-    :class:`~hf_knowedit.stats.SecondMoment`.
-
-    ``key_or_filename`` is a :class:`~hf_knowedit.stats.StatsKey` (the file must have been computed
-    for exactly that key, else :class:`~hf_knowedit.errors.StatisticsMismatchError`) or a file name
-    in the repo's ``second_moments/`` folder. With ``stats_cache`` (a ``StatsCache``) the entry is also
-    stored there, so editing methods find it without recomputing.
-    """
-    from .stats import SecondMoment, StatsKey
-
-    expected = key_or_filename if isinstance(key_or_filename, StatsKey) else None
-    filename = expected.filename() if expected is not None else str(key_or_filename)
-    if "/" not in filename:
-        filename = f"{STATS_FOLDER}/{filename}"
-    path = hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision, cache_dir=cache_dir,
-                           token=token, force_download=force_download, local_files_only=local_files_only)
-    entry = SecondMoment.load(path, expected=expected, device=device)
-    if stats_cache is not None:
-        stats_cache.put(entry)
-    return entry

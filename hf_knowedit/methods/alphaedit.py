@@ -13,7 +13,7 @@ MEMIT with two changes that keep many sequential batches from eroding the model:
        ΔW = R K₁ᵀ P (K_p K_pᵀ P + K₁ K₁ᵀ P + α I)⁻¹          (α = ``l2``; "one line" vs MEMIT)
 
 Everything else — target vectors ``z``, keys, the residual spread over the layer band, chunking,
-exact low-rank storage — is MEMIT's (:mod:`hf_knowedit.memit`).
+exact low-rank storage — is MEMIT's (:mod:`hf_knowedit.methods.memit`).
 
 **State.** ``K_p K_pᵀ`` per layer is the model's AlphaEdit history, kept in
 ``get_state(model).history`` (no globals). It grows only after an edit set has been activated
@@ -25,8 +25,8 @@ starts afresh explicitly.
 
     >>> for batch in batches:
     ...     model.apply_edits(batch, method="alphaedit")
-    >>> hf_knowedit.alphaedit.history_size(model)      # edits remembered so far
-    >>> hf_knowedit.alphaedit.reset_history(model)
+    >>> hf_knowedit.methods.alphaedit.history_size(model)      # edits remembered so far
+    >>> hf_knowedit.methods.alphaedit.reset_history(model)
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-from .editing import EditContext, MethodResult, register_method
-from .editset import EditSet
-from .errors import InvalidConfigError
+from ..editset import EditSet
+from ..errors import InvalidConfigError
+from ..stack import get_state
+from .config import option, with_aliases
 from .memit import Factors, MassEditConfig, mass_edit, prepare
+from .registry import EditContext, MethodResult, register_method
 from .solvers import alphaedit_factors, nullspace_projector
-from .stack import get_state
 
 logger = logging.getLogger(__name__)
 
@@ -51,21 +52,15 @@ HISTORY_KEY = "alphaedit"
 STATE_PREFIX = "alphaedit.keys."
 
 
+@with_aliases
 @dataclass
 class AlphaEditConfig(MassEditConfig):
-    """AlphaEdit hyper-parameters: MEMIT's (:class:`~hf_knowedit.memit.MassEditConfig`) plus the
+    """AlphaEdit hyper-parameters: MEMIT's (:class:`~hf_knowedit.methods.memit.MassEditConfig`) plus the
     null-space threshold and the ridge ``α`` (reference ``hparams/AlphaEdit``: 2e-2 and 10)."""
 
-    nullspace_threshold: float = field(default=2e-2, metadata={"help": "singular values of C below this span P"})
-    nullspace_relative: bool = field(default=False,
-                                     metadata={"help": "threshold relative to C's largest singular value"})
-    l2: float = field(default=10.0, metadata={"help": "α: ridge keeping the system invertible (reference 'L2')"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("nullspace_threshold", "l2"):
-            if not getattr(self, name) > 0:
-                raise InvalidConfigError(f"AlphaEditConfig.{name} must be > 0, got {getattr(self, name)!r}")
+    nullspace_threshold: float = option(2e-2, "singular values of C below this span P", "num>0")
+    nullspace_relative: bool = option(False, "threshold relative to C's largest singular value", "bool")
+    l2: float = option(10.0, "α: ridge keeping the system invertible (reference 'L2')", "num>0")
 
 
 @dataclass

@@ -4,7 +4,7 @@ Thousands of facts in one call. For a band of critical MLP layers ``R = [l_1 < .
 
 1. **Targets.** For every request, a vector ``z_i`` at the residual stream (block output) of
    the last critical layer ``l_L``, at the subject's last token, that makes the model say the new
-   object (:func:`hf_knowedit.vectors.optimize_targets` with ``site="residual"``). All requests are
+   object (:func:`hf_knowedit.methods.targets.optimize_targets` with ``site="residual"``). All requests are
    optimised together in batched forward passes, with per-request early stopping and norm clamps
    (``serial_targets=True`` optimises them one after another, as the reference does).
 2. **Spread.** For each critical layer ``l`` in ascending order, with the updates of the earlier
@@ -20,7 +20,7 @@ Thousands of facts in one call. For a band of critical MLP layers ``R = [l_1 < .
 ``A = ((λC + KKᵀ)⁻¹ K)ᵀ`` (``[n, d_in]``): a LoRA of rank ``n``. When ``n`` exceeds
 ``dense_fraction · min(d_in, d_out)`` (default one half), the factors would be larger than the
 matrix, so the delta is stored dense instead — still exact, no truncation
-(:meth:`hf_knowedit.editset.ModuleDelta.from_factors`).
+(:meth:`hf_knowedit.deltas.ModuleDelta.from_factors`).
 
 **Layers.** Explicit indices; ``None`` for the default band (``band_size`` consecutive layers,
 5 by default, starting at ``round(num_layers / 8)`` and ending before the last layer — for
@@ -37,7 +37,7 @@ edits ``max_batch`` requests at a time, each chunk on top of the previous ones, 
     >>> es = model.apply_edits(facts, method="memit", layers=[3, 4, 5], mom2_update_weight=2e4)
 
 **λ.** ``mom2_update_weight=None`` (default) scales GPT-J's 15,000 by the key dimension
-(:func:`hf_knowedit.solvers.scaled_mom2_weight`: λ ≈ 1,406 on SmolLM2-135M); a number is used as is.
+(:func:`hf_knowedit.methods.solvers.scaled_mom2_weight`: λ ≈ 1,406 on SmolLM2-135M); a number is used as is.
 
 AlphaEdit (``alphaedit.py``) and EMMET (``emmet.py``) reuse :func:`prepare` and :func:`mass_edit`
 with their own per-layer solver.
@@ -45,131 +45,95 @@ with their own per-layer solver.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from huggingface_hub.utils import tqdm
 from torch import nn
 
-from .architectures import get_architecture, get_module, layer_path, mlp_out_path, num_layers
-from .editing import EditContext, MethodResult, register_method
-from .editset import ModuleDelta
-from .errors import BatchTooLargeError, InvalidConfigError
-from .hooks import Trace, hidden
-from .requests import EditRequest
+from ..architectures import get_architecture, get_module, layer_path, mlp_out_path, model_device, num_layers
+from ..deltas import ModuleDelta
+from ..errors import BatchTooLargeError, InvalidConfigError
+from ..hooks import LowRankHook, Trace, hidden
+from ..requests import EditRequest
+from ..tokens import encode_template, pad_batch, pad_id
+from ..tracing import suggest_layers
+from .config import EditConfig, option, with_aliases
+from .context import context_templates
+from .keys import compute_keys
+from .registry import EditContext, MethodResult, register_method
 from .solvers import memit_factors, scaled_mom2_weight, spread_residual
-from .tokens import encode_template
+from .statistics import second_moment_for
+from .targets import optimize_targets
 
 logger = logging.getLogger(__name__)
 
-Factors = Tuple[torch.Tensor, torch.Tensor]  # (B [d_out, n], A [n, d_in])
+Factors = tuple[torch.Tensor, torch.Tensor]  # (B [d_out, n], A [n, d_in])
 #: ``solve(index, layer, keys [n, d_in], resid [n, d_out]) -> (B, A)`` for one critical layer
 LayerSolver = Callable[[int, int, torch.Tensor, torch.Tensor], Factors]
 
 
+@with_aliases
 @dataclass
-class MassEditConfig:
-    """Hyper-parameters every MEMIT-family method shares: the layer band, the target vectors ``z``,
-    the statistics and the batch limits (defaults: the reference's GPT-J / Llama-3 settings)."""
+class MassEditConfig(EditConfig):
+    """Hyper-parameters every MEMIT-family method shares: :class:`~hf_knowedit.methods.config.EditConfig`
+    (target vectors ``z``, context templates, statistics) with the reference's GPT-J / Llama-3 defaults,
+    plus the layer band and the batch limits."""
 
-    band_size: int = field(default=5, metadata={"help": "number of critical layers when layers is None or 'auto'"})
-    mom2: str = field(default="corpus", metadata={
-        "help": "'corpus': C = E[k kᵀ] over mom2_corpus; 'identity': C = I (no covariance adjustment)"})
-    mom2_corpus: Any = field(default=None, metadata={
-        "help": "None (default corpus, see hf_knowedit.stats), a list of texts, or a datasets dataset"})
-    mom2_n_tokens: int = field(default=100_000, metadata={"help": "tokens of generic text for the second moment C"})
-    mom2_dtype: str = field(default="float32", metadata={"help": "precision of the second-moment accumulation"})
-    context_templates: int = field(default=5, metadata={
-        "help": "model-generated prefixes averaged over for keys and z (plus the bare prompt)"})
-    context_length: int = field(default=10, metadata={"help": "tokens per generated prefix"})
-    v_num_grad_steps: int = field(default=25, metadata={"help": "max optimisation steps for the target vectors z"})
-    v_lr: float = field(default=0.5, metadata={"help": "Adam learning rate for z"})
-    v_weight_decay: float = field(default=0.5, metadata={"help": "weight of the ‖δ‖ penalty"})
-    kl_factor: float = field(default=0.0625, metadata={"help": "weight of the KL 'essence' term"})
-    clamp_norm_factor: float = field(default=0.75, metadata={"help": "‖δ‖ ≤ clamp · ‖h‖ (residual-stream norm)"})
-    early_stop: float = field(default=5e-2, metadata={"help": "stop optimising a request's z below this loss"})
-    serial_targets: bool = field(default=False,
-                                 metadata={"help": "optimise z one request at a time (reference behaviour)"})
-    target_batch_tokens: int = field(default=2048,
-                                     metadata={"help": "memory budget of z optimisation: padded tokens per pass"})
-    max_batch: int = field(default=10_000, metadata={"help": "most requests in one solve"})
-    chunk: bool = field(default=False, metadata={"help": "edit batches above max_batch in chunks instead of refusing"})
-    dense_fraction: float = field(default=0.5,
-                                  metadata={"help": "store ΔW dense when its rank > this · min(d_in, d_out)"})
-
-    def __post_init__(self) -> None:
-        _validate(self)
+    v_num_grad_steps: int = option(25, "forward passes of the z optimisation at most", "int>=1")
+    clamp_norm_factor: float = option(0.75, "‖δ‖ ≤ clamp_norm_factor · ‖h‖ (residual-stream norm)", "num>0")
+    band_size: int = option(5, "number of critical layers when layers is None or 'auto'", "int>=1")
+    serial_targets: bool = option(False, "optimise z one request at a time (reference behaviour)", "bool")
+    target_batch_tokens: int = option(2048, "memory budget of z optimisation: padded tokens per pass", "int>=1")
+    max_batch: int = option(10_000, "most requests in one solve", "int>=1")
+    chunk: bool = option(False, "edit batches above max_batch in chunks instead of refusing", "bool")
+    dense_fraction: float = option(0.5, "store ΔW dense when its rank > this · min(d_in, d_out)", "(0,1]")
 
 
+@with_aliases
 @dataclass
 class MEMITConfig(MassEditConfig):
     """MEMIT hyper-parameters: :class:`MassEditConfig` plus λ. The reference uses 15,000 for GPT-J and
     Llama-3-8B and 20,000 for GPT-2 XL; λ's effect depends on the key dimension, so the default
-    (``None``) scales GPT-J's value to the model (:func:`hf_knowedit.solvers.scaled_mom2_weight`)."""
+    (``None``) scales GPT-J's value to the model (:func:`hf_knowedit.methods.solvers.scaled_mom2_weight`)."""
 
-    mom2_update_weight: Optional[float] = field(default=None, metadata={
-        "help": "λ: weight of preserving C against writing the edits (None: 15000 * d_in / 16384)"})
-
-
-def _validate(cfg: Any) -> None:
-    positive = ("band_size", "mom2_n_tokens", "v_num_grad_steps", "v_lr", "max_batch", "clamp_norm_factor",
-                "target_batch_tokens", "context_length")
-    for name in positive:
-        value = getattr(cfg, name, None)
-        if value is not None and not (isinstance(value, (int, float)) and value > 0):
-            raise InvalidConfigError(f"{type(cfg).__name__}.{name} must be > 0, got {value!r}")
-    for name in ("mom2_update_weight", "v_weight_decay", "kl_factor", "early_stop"):
-        value = getattr(cfg, name, None)
-        if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-            raise InvalidConfigError(f"{type(cfg).__name__}.{name} must be >= 0, got {value!r}")
-    if not 0 < getattr(cfg, "dense_fraction", 0.5) <= 1:
-        raise InvalidConfigError(f"{type(cfg).__name__}.dense_fraction must be in (0, 1], got {cfg.dense_fraction!r}")
-    if cfg.mom2 not in ("corpus", "identity"):
-        raise InvalidConfigError(f"{type(cfg).__name__}.mom2 must be 'corpus' or 'identity', got {cfg.mom2!r}")
-    if isinstance(cfg.mom2_corpus, str):
-        raise InvalidConfigError(f"{type(cfg).__name__}.mom2_corpus must be None, a list of texts or a datasets "
-                                 "dataset (not one string)")
-    if not isinstance(cfg.context_templates, int) or cfg.context_templates < 0:
-        raise InvalidConfigError(f"{type(cfg).__name__}.context_templates must be an int >= 0, "
-                                 f"got {cfg.context_templates!r}")
-    if getattr(cfg, "mom2_dtype", "float32") not in ("float32", "float64"):
-        raise InvalidConfigError(f"{type(cfg).__name__}.mom2_dtype must be 'float32' or 'float64', got {cfg.mom2_dtype!r}")
+    mom2_update_weight: float | None = option(None, "λ: weight of preserving C against writing the edits "
+                                                    "(None: 15000 * d_in / 16384)", "?num>=0")
 
 
 # -----------------------------------------------------------------------------
 # which layers
 
 
-def default_band(n_layers: int, size: int = 5) -> List[int]:
+def default_band(n_layers: int, size: int = 5) -> list[int]:
     """``size`` consecutive layers from ``round(n_layers / 8)``, ending before the last layer."""
     size = max(1, min(size, n_layers - 1 if n_layers > 1 else 1))
     start = max(0, min(int(round(n_layers / 8)), n_layers - 1 - size))
     return list(range(start, start + size))
 
 
-def band_around(peak: int, n_layers: int, size: int) -> List[int]:
+def band_around(peak: int, n_layers: int, size: int) -> list[int]:
     """``size`` consecutive layers centred on ``peak``, shifted to fit inside the model."""
     size = max(1, min(size, n_layers))
     start = min(max(0, peak - size // 2), n_layers - size)
     return list(range(start, start + size))
 
 
-def resolve_layers(ctx: EditContext, band_size: int) -> List[int]:
+def resolve_layers(ctx: EditContext, band_size: int) -> list[int]:
     """Explicit layers as given; ``None`` → :func:`default_band`; ``"auto"`` → a band at the traced peak."""
     n = num_layers(ctx.model)
     if ctx.layers is None:
         return default_band(n, band_size)
     if ctx.layers == "auto":
-        from .tracing import suggest_layers  # lazily: tracing is optional for editing
-
         peak = int(suggest_layers(ctx.model, kind="mlp", count=1)[0])
         return band_around(peak, n, band_size)
     return list(ctx.layers)
 
 
-def check_batch(requests: Sequence[EditRequest], cfg: Any) -> List[List[EditRequest]]:
+def check_batch(requests: Sequence[EditRequest], cfg: Any) -> list[list[EditRequest]]:
     """The batch as chunks of at most ``cfg.max_batch`` requests (one chunk unless ``cfg.chunk``)."""
     if not requests:
         raise InvalidConfigError("No edit requests given: pass at least one.")
@@ -184,39 +148,36 @@ def check_batch(requests: Sequence[EditRequest], cfg: Any) -> List[List[EditRequ
 # updates in place while computing: forward hooks, never the weights
 
 
-class PendingDeltas(contextlib.AbstractContextManager):
+class PendingDeltas:
     """Adds ``x Aᵀ Bᵀ`` to the MLP output projection of each layer that has factors, through
-    ordinary forward hooks (removed on exit), so later layers' keys and residuals see the
-    earlier layers' updates while the weights stay untouched."""
+    :class:`~hf_knowedit.hooks.LowRankHook` forward hooks (removed on exit), so later layers' keys
+    and residuals see the earlier layers' updates while the weights stay untouched."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.arch = get_architecture(model)
-        self.factors: Dict[int, List[Factors]] = {}
-        self._handles: Dict[int, Any] = {}
+        self.hooks: dict[int, LowRankHook] = {}
+        self._handles: list[Any] = []
 
     def add(self, layer: int, B: torch.Tensor, A: torch.Tensor) -> None:
-        self.factors.setdefault(layer, []).append((B.float(), A.float()))
-        if layer not in self._handles:
+        if layer not in self.hooks:
+            self.hooks[layer] = LowRankHook([])
             module = get_module(self.model, mlp_out_path(self.arch, layer))
-            self._handles[layer] = module.register_forward_hook(self._hook(layer))
-
-    def _hook(self, layer: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = args[0].float()
-            extra = sum((x @ A.to(x.device).t()) @ B.to(x.device).t() for B, A in self.factors[layer])
-            return output + extra.to(output.dtype)
-        return hook
+            self._handles.append(module.register_forward_hook(self.hooks[layer]))
+        self.hooks[layer].factors.append((B.float(), A.float()))
 
     def merged(self, layer: int) -> Factors:
         """All factors of ``layer`` concatenated: ``B = [B_1 ... B_c]``, ``A = [A_1; ...; A_c]``."""
-        Bs, As = zip(*self.factors[layer])
+        Bs, As = zip(*self.hooks[layer].factors)
         return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
 
     def close(self) -> None:
-        for handle in self._handles.values():
+        for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def __enter__(self) -> PendingDeltas:
+        return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
@@ -231,19 +192,14 @@ def block_output_at_subject(model: nn.Module, tokenizer: Any, requests: Sequence
                             batch_size: int = 64) -> torch.Tensor:
     """``h_layer`` (block output) at the subject's last token of each request's plain prompt, ``[n, d_model]`` float32."""
     arch = get_architecture(model)
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    device = model_device(model)
     out = []
     for b in range(0, len(requests), batch_size):
         encs = [encode_template(tokenizer, r.prompt, r.subject) for r in requests[b:b + batch_size]]
-        width = max(len(e.input_ids) for e in encs)
-        ids = torch.full((len(encs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(encs), width), dtype=torch.long)
-        for i, e in enumerate(encs):  # right padding: real tokens keep their positions
-            ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
-            mask[i, :len(e.input_ids)] = 1
+        # right padding: real tokens keep their positions
+        ids, mask, _, _ = pad_batch([e.input_ids for e in encs], pad_id(tokenizer), "right", device)
         with Trace(model, layer_path(arch, layer), retain_output=True, stop=True) as tr:
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
         h = hidden(tr.output)
         out.append(h[torch.arange(len(encs)), torch.tensor([e.subject_last for e in encs])].float().cpu())
     return torch.cat(out)
@@ -251,10 +207,6 @@ def block_output_at_subject(model: nn.Module, tokenizer: Any, requests: Sequence
 
 def optimize_z(ctx: EditContext, requests: Sequence[EditRequest], layer: int, templates: Sequence[str]) -> torch.Tensor:
     """MEMIT's target vectors ``z`` at the block output of ``layer``: ``[n, d_model]`` float32."""
-    from huggingface_hub.utils import tqdm
-
-    from .vectors import optimize_targets
-
     cfg = ctx.config
     n = len(requests)
     with tqdm(total=cfg.v_num_grad_steps, desc=f"z for {n} requests", unit="step", leave=False,
@@ -264,11 +216,9 @@ def optimize_z(ctx: EditContext, requests: Sequence[EditRequest], layer: int, te
             bar.update(1)
             bar.set_postfix(above_stop=int((losses >= cfg.early_stop).sum()), mean_loss=f"{float(losses.mean()):.3f}")
 
-        result = optimize_targets(
-            ctx.model, ctx.tokenizer, list(requests), layer, site="residual", templates=templates,
-            steps=cfg.v_num_grad_steps, lr=cfg.v_lr, kl_factor=cfg.kl_factor, weight_decay=cfg.v_weight_decay,
-            clamp_factor=cfg.clamp_norm_factor, early_stop=cfg.early_stop, batched=not cfg.serial_targets,
-            batch_tokens=cfg.target_batch_tokens, progress=progress)
+        result = optimize_targets(ctx.model, ctx.tokenizer, list(requests), layer, cfg, site="residual",
+                                  templates=templates, batched=not cfg.serial_targets,
+                                  batch_tokens=cfg.target_batch_tokens, progress=progress)
     losses = torch.tensor(result.losses)
     logger.info("z for %d requests at layer %d: mean %.1f steps, mean final loss %.3f, %d still above early_stop=%g",
                 n, layer, sum(result.steps_taken) / max(n, 1), float(losses.mean()),
@@ -278,15 +228,13 @@ def optimize_z(ctx: EditContext, requests: Sequence[EditRequest], layer: int, te
 
 def spread_updates(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
                    templates: Sequence[str], solve: LayerSolver, pending: PendingDeltas,
-                   ) -> Dict[int, torch.Tensor]:
+                   ) -> dict[int, torch.Tensor]:
     """Steps 1-2 of MEMIT for one batch: optimise ``z`` at the last layer, then write the residual
     into the layers in ascending order with ``solve``. Each layer's factors are added to
     ``pending`` (so the next layer sees them). Returns each layer's keys ``[n, d_in]``."""
-    from .vectors import compute_keys
-
     z_layer = layers[-1]
     z = optimize_z(ctx, requests, z_layer, templates)
-    all_keys: Dict[int, torch.Tensor] = {}
+    all_keys: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(layers):
         keys = compute_keys(ctx.model, ctx.tokenizer, list(requests), layer, templates).float().cpu()
         current = block_output_at_subject(ctx.model, ctx.tokenizer, requests, z_layer)
@@ -299,18 +247,14 @@ def spread_updates(ctx: EditContext, requests: Sequence[EditRequest], layers: Se
     return all_keys
 
 
-def second_moments(ctx: EditContext, layers: Sequence[int]) -> Dict[int, Any]:
+def second_moments(ctx: EditContext, layers: Sequence[int]) -> dict[int, Any]:
     """The second moment ``C_l`` of each layer's keys, as ROME computes it (``mom2``, ``mom2_corpus``,
-    ``mom2_n_tokens``, ``mom2_dtype``; cached per model and on disk by :mod:`hf_knowedit.stats`)."""
-    from .rome import second_moment
-
-    return {layer: second_moment(ctx.model, ctx.tokenizer, layer, ctx.config) for layer in layers}
+    ``mom2_n_tokens``, ``mom2_dtype``; cached per model and on disk by :mod:`hf_knowedit.methods.statistics`)."""
+    return {layer: second_moment_for(ctx.model, ctx.tokenizer, layer, ctx.config) for layer in layers}
 
 
-def edit_templates(ctx: EditContext) -> List[str]:
+def edit_templates(ctx: EditContext) -> list[str]:
     """MEMIT's context templates: ``"{}"`` plus five short generated prefixes (cached per model)."""
-    from .context import context_templates
-
     return context_templates(ctx.model, ctx.tokenizer, n=ctx.config.context_templates,
                              length=ctx.config.context_length)
 
@@ -319,7 +263,7 @@ def edit_templates(ctx: EditContext) -> List[str]:
 # MEMIT
 
 
-def prepare(ctx: EditContext) -> Tuple[List[List[EditRequest]], List[int], Dict[int, Any], List[str]]:
+def prepare(ctx: EditContext) -> tuple[list[list[EditRequest]], list[int], dict[int, Any], list[str]]:
     """What every MEMIT-family call needs first: the request chunks, the layers, each layer's
     second moment and the context templates."""
     cfg = ctx.config
@@ -330,7 +274,7 @@ def prepare(ctx: EditContext) -> Tuple[List[List[EditRequest]], List[int], Dict[
 
 def mass_edit(ctx: EditContext, chunks: Sequence[Sequence[EditRequest]], layers: Sequence[int],
               templates: Sequence[str], solve: LayerSolver,
-              on_keys: Optional[Callable[[Dict[int, torch.Tensor]], None]] = None) -> Dict[str, ModuleDelta]:
+              on_keys: Callable[[dict[int, torch.Tensor]], None] | None = None) -> dict[str, ModuleDelta]:
     """Edit the chunks one after another (each on top of the previous ones, through hooks) with the
     layer solver ``solve``; ``on_keys(keys per layer)`` after each chunk. Returns one
     :class:`ModuleDelta` per layer, exact factors or dense above ``dense_fraction`` of full rank."""

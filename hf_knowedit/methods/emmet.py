@@ -13,7 +13,7 @@ against an ill-conditioned ``D`` (e.g. two requests about the same subject share
 instead of the reference's silent pseudo-inverse.
 
 Target vectors, keys, the residual spread over layers, chunking and exact low-rank storage are
-MEMIT's (:mod:`hf_knowedit.memit`). Note that ``λ₀`` cancels out of ``ΔW`` except through the two
+MEMIT's (:mod:`hf_knowedit.methods.memit`). Note that ``λ₀`` cancels out of ``ΔW`` except through the two
 regularisers: it sets the scale ``emmet_lambda`` and ``update_norm_lambda`` act on.
 
     >>> es = model.apply_edits(facts, method="emmet")
@@ -21,34 +21,26 @@ regularisers: it sets the scale ``emmet_lambda`` and ``update_norm_lambda`` act 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
 import torch
 
-from .editing import EditContext, MethodResult, register_method
-from .errors import InvalidConfigError
+from .config import option, with_aliases
 from .memit import Factors, MassEditConfig, mass_edit, prepare
+from .registry import EditContext, MethodResult, register_method
 from .solvers import emmet_factors, scaled_mom2_weight
 
 
+@with_aliases
 @dataclass
 class EMMETConfig(MassEditConfig):
-    """EMMET hyper-parameters: MEMIT's (:class:`~hf_knowedit.memit.MassEditConfig`) plus λ₀,
+    """EMMET hyper-parameters: MEMIT's (:class:`~hf_knowedit.methods.memit.MassEditConfig`) plus λ₀,
     ``emmet_lambda`` (reference 0.1) and ``update_norm_lambda`` (reference 0)."""
 
-    mom2_update_weight: Optional[float] = field(default=None, metadata={
-        "help": "λ₀: scale of C = λ₀ C₀ (None: 15000 * d_in / 16384, as MEMIT's λ)"})
-    emmet_lambda: float = field(default=0.1, metadata={"help": "ridge on D = KᵀC⁻¹K for batches > 1"})
-    update_norm_lambda: float = field(default=0.0, metadata={"help": "ridge on C (penalises ‖ΔW‖)"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.mom2_update_weight is not None and not self.mom2_update_weight > 0:
-            raise InvalidConfigError(f"EMMETConfig.mom2_update_weight must be > 0, got {self.mom2_update_weight!r}")
-        for name in ("emmet_lambda", "update_norm_lambda"):
-            if not getattr(self, name) >= 0:
-                raise InvalidConfigError(f"EMMETConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+    mom2_update_weight: float | None = option(None, "λ₀: scale of C = λ₀ C₀ (None: 15000 * d_in / 16384, "
+                                                    "as MEMIT's λ)", "?num>0")
+    emmet_lambda: float = option(0.1, "ridge on D = KᵀC⁻¹K for batches > 1", "num>=0")
+    update_norm_lambda: float = option(0.0, "ridge on C (penalises ‖ΔW‖)", "num>=0")
 
 
 def compute(ctx: EditContext) -> MethodResult:

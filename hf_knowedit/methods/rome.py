@@ -5,11 +5,11 @@ pair: the key ``k`` is the projection's input at the subject's last token, the v
 its output. ROME writes a new value ``v*`` for the key ``k*`` with the smallest change that
 disturbs other keys least (in the metric of their second moment ``C = E[k kᵀ]``):
 
-1. ``k*``: the key averaged over context templates (:func:`~hf_knowedit.vectors.compute_keys`).
-2. ``u = C⁻¹ k*`` (solved with the cached Cholesky factor of ``C``; :mod:`~hf_knowedit.stats`),
+1. ``k*``: the key averaged over context templates (:func:`~hf_knowedit.methods.keys.compute_keys`).
+2. ``u = C⁻¹ k*`` (solved with the cached Cholesky factor of ``C``; :mod:`~hf_knowedit.moments`),
    normalised to unit length as in the reference code.
 3. ``v*``: the projection's output plus a vector ``δ`` optimised so that the model says ``o*``
-   (:func:`~hf_knowedit.vectors.optimize_targets`, ``site="mlp"``).
+   (:func:`~hf_knowedit.methods.targets.optimize_targets`, ``site="mlp"``).
 4. ``Λ = (v* − W k) / (uᵀ k)`` and ``Ŵ = W + Λ uᵀ``, a rank-one update: ``A = uᵀ`` (``[1, d_in]``),
    ``B = Λ`` (``[d_out, 1]``), so that ``Ŵ k = v*``.
 
@@ -29,21 +29,26 @@ effect, :func:`hf_knowedit.tracing.suggest_layers`; run ``trace_facts`` first) o
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, field
-from typing import Any, List, Sequence, Tuple
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from .architectures import get_architecture, get_module, mlp_out_path, num_layers
+from ..architectures import get_architecture, get_module, mlp_out_path, num_layers
+from ..deltas import ModuleDelta
+from ..errors import LayerOutOfRangeError, NonFiniteUpdateError
+from ..hooks import LowRankHook
+from ..moments import SecondMoment
+from ..requests import EditRequest
+from ..tracing import suggest_layers
+from .config import EditConfig, option, with_aliases
 from .context import context_templates
-from .editing import EditContext, MethodResult, register_method
-from .editset import ModuleDelta
-from .errors import InvalidConfigError, LayerOutOfRangeError, NonFiniteUpdateError
-from .requests import EditRequest
-from .stats import DEFAULT_N_TOKENS, SecondMoment, compute_second_moment, identity_moment
-from .vectors import compute_keys, optimize_targets
+from .keys import compute_keys
+from .registry import EditContext, MethodResult, register_method
+from .statistics import second_moment_for
+from .targets import optimize_targets
 
 logger = logging.getLogger(__name__)
 
@@ -51,59 +56,15 @@ logger = logging.getLogger(__name__)
 DEFAULT_LAYER_FRACTION = 0.2
 
 
+@with_aliases
 @dataclass
-class ROMEConfig:
-    """ROME / r-ROME hyper-parameters (defaults: the reference ``hparams/ROME/*.json``)."""
+class ROMEConfig(EditConfig):
+    """ROME / r-ROME hyper-parameters (defaults: the reference ``hparams/ROME/*.json``); the shared
+    fields (``v_num_grad_steps``, ``v_lr``, ``clamp_norm_factor``, ``mom2_*``, ...) are
+    :class:`~hf_knowedit.methods.config.EditConfig`'s."""
 
-    steps: int = field(default=20, metadata={"help": "Forward passes of the v* optimisation at most (v_num_grad_steps)."})
-    lr: float = field(default=0.5, metadata={"help": "Adam learning rate of the v* optimisation (v_lr)."})
-    kl_factor: float = field(default=0.0625, metadata={
-        "help": "Weight of KL(current || initial) at the essence prompt '{} is a' (kl_factor)."})
-    weight_decay: float = field(default=0.5, metadata={
-        "help": "Weight of ||delta|| / ||v_init||^2 in the v* loss (v_weight_decay)."})
-    clamp_factor: float = field(default=4.0, metadata={
-        "help": "delta is kept in the ball of radius clamp_factor * ||v_init|| (clamp_norm_factor)."})
-    early_stop: float = field(default=0.05, metadata={"help": "Stop optimising once the loss is below this."})
-    original_implementation: bool = field(default=False, metadata={
-        "help": "False: r-ROME (k* in the denominator and in W k). True: the original ROME code (un-prefixed k)."})
-    context_templates: int = field(default=5, metadata={
-        "help": "Model-generated prefixes averaged over for k* and v* (plus the bare prompt)."})
-    context_length: int = field(default=10, metadata={"help": "Tokens per generated prefix."})
-    mom2: str = field(default="corpus", metadata={
-        "help": "'corpus': C = E[k k^T] over mom2_corpus; 'identity': C = I (no covariance adjustment)."})
-    mom2_corpus: Any = field(default=None, metadata={
-        "help": "None (default corpus: Wikipedia-like via `datasets` if reachable, else sampled from the model), "
-                "a list of texts, or a `datasets` dataset with a 'text' column."})
-    mom2_n_tokens: int = field(default=DEFAULT_N_TOKENS, metadata={"help": "Tokens averaged into C."})
-    mom2_dtype: str = field(default="float32", metadata={"help": "Accumulation dtype of C: 'float32' or 'float64'."})
-
-    def __post_init__(self) -> None:
-        def bad(name: str, want: str) -> InvalidConfigError:
-            return InvalidConfigError(f"ROMEConfig.{name} must be {want}, got {getattr(self, name)!r}.")
-
-        for name in ("steps", "context_length", "mom2_n_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(name, "an int >= 1")
-        if isinstance(self.context_templates, bool) or not isinstance(self.context_templates, int) \
-                or self.context_templates < 0:
-            raise bad("context_templates", "an int >= 0")
-        for name in ("lr", "clamp_factor"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise bad(name, "a finite number > 0")
-        for name in ("kl_factor", "weight_decay", "early_stop"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise bad(name, "a finite number >= 0")
-        if not isinstance(self.original_implementation, bool):
-            raise bad("original_implementation", "True or False")
-        if self.mom2 not in ("corpus", "identity"):
-            raise bad("mom2", "'corpus' or 'identity'")
-        if self.mom2_dtype not in ("float32", "float64"):
-            raise bad("mom2_dtype", "'float32' or 'float64'")
-        if isinstance(self.mom2_corpus, str):
-            raise bad("mom2_corpus", "None, a list of texts or a datasets dataset (not one string)")
+    original_implementation: bool = option(False, "False: r-ROME (k* in the denominator and in W k). "
+                                                  "True: the original ROME code (un-prefixed k).", "bool")
 
 
 def default_layer(model: nn.Module) -> int:
@@ -118,22 +79,12 @@ def resolve_layer(model: nn.Module, layers: Any) -> int:
     if layers is None:
         return default_layer(model)
     if layers == "auto":
-        from .tracing import suggest_layers  # lazily: tracing is optional for editing
-
         return int(suggest_layers(model, kind="mlp", count=1)[0])
     layers = list(layers)
     if len(layers) != 1:
         raise LayerOutOfRangeError(f"ROME edits exactly one layer, got {layers}; pass one index (e.g. layers=[5]) "
                                    "or use method='memit' to spread edits over several layers.")
     return int(layers[0])
-
-
-def second_moment(model: nn.Module, tokenizer: Any, layer: int, config: ROMEConfig) -> SecondMoment:
-    """``C`` at ``layer`` as ``config`` asks: from a corpus (cached) or the identity."""
-    if config.mom2 == "identity":
-        return identity_moment(model, layer)
-    return compute_second_moment(model, tokenizer, layer, corpus=config.mom2_corpus, n_tokens=config.mom2_n_tokens,
-                                 dtype=getattr(torch, config.mom2_dtype))
 
 
 @dataclass
@@ -160,10 +111,7 @@ def rank_one_update(model: nn.Module, tokenizer: Any, request: EditRequest, laye
     u = mom2.solve(k_star.double())
     u = u / u.norm()
     # 3. v* = v_init + δ
-    target = optimize_targets(
-        model, tokenizer, [request], layer, site="mlp", templates=templates, steps=config.steps, lr=config.lr,
-        kl_factor=config.kl_factor, weight_decay=config.weight_decay, clamp_factor=config.clamp_factor,
-        early_stop=config.early_stop, fast=fast)
+    target = optimize_targets(model, tokenizer, [request], layer, config, site="mlp", templates=templates, fast=fast)
     v_star = target.targets[0].double()
     # 4. Λ = (v* − W k) / (uᵀ k)
     k = keys[0] if config.original_implementation else k_star
@@ -183,14 +131,6 @@ def rank_one_update(model: nn.Module, tokenizer: Any, request: EditRequest, laye
     return RankOneUpdate(A, B, k_star, v_star.float(), target.steps_taken[0], target.losses[0])
 
 
-def _delta_hook(A: torch.Tensor, B: torch.Tensor):
-    def hook(module: nn.Module, args: Tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        return output + ((x.float() @ A.to(x.device).t()) @ B.to(x.device).t()).to(output.dtype)
-
-    return hook
-
-
 def compute(ctx: EditContext) -> MethodResult:
     """ROME for ``apply_edits``: one rank-one update per request, applied one after another."""
     model, tok, config = ctx.model, ctx.tokenizer, ctx.config
@@ -201,9 +141,9 @@ def compute(ctx: EditContext) -> MethodResult:
     spec = ctx.arch
     path = mlp_out_path(spec, layer)
     templates = context_templates(model, tok, n=config.context_templates, length=config.context_length)
-    mom2 = second_moment(model, tok, layer, config)
-    As: List[torch.Tensor] = []
-    Bs: List[torch.Tensor] = []
+    mom2 = second_moment_for(model, tok, layer, config)
+    As: list[torch.Tensor] = []
+    Bs: list[torch.Tensor] = []
     handles = []
     try:
         for request in ctx.requests:
@@ -211,7 +151,7 @@ def compute(ctx: EditContext) -> MethodResult:
             As.append(update.A)
             Bs.append(update.B)
             # the next request sees this edit (hooked, the weights stay untouched until the set is pushed)
-            handles.append(get_module(model, path).register_forward_hook(_delta_hook(update.A, update.B)))
+            handles.append(get_module(model, path).register_forward_hook(LowRankHook([(update.B, update.A)])))
     finally:
         for h in handles:
             h.remove()

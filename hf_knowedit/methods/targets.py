@@ -1,137 +1,66 @@
-"""Keys ``k*`` and target vectors ``v*`` / ``z``: the two vectors every locate-and-edit method needs.
+"""Target vectors ``v*`` / ``z``: what the edited site should output so the model says the new object
+(ROME ``compute_v``, MEMIT ``compute_z``).
 
-**Keys** (ROME ``compute_u``, MEMIT ``compute_ks``): the input of ``mlp_out`` at the subject's
-last token, averaged over context templates (:func:`compute_keys`).
+One free vector ``δ`` per request is added at the subject's last token of every rewriting prompt
+(each context template + the prompt + all but the last target token, teacher forcing) and of one
+"essence" prompt ``"{} is a"``; ``δ`` minimises :func:`objective`. Adam (``v_lr``) takes the steps;
+after each one ``δ`` is projected into the ball of radius ``clamp_norm_factor · ‖init‖``; a request
+stops once its loss is below ``early_stop``. ``site="mlp"`` adds ``δ`` to the output of ``mlp_out``
+(ROME's v*), ``site="residual"`` to the block output (MEMIT's z); ``init`` is the unedited value there.
 
-**Targets** (ROME ``compute_v``, MEMIT ``compute_z``): one free vector ``δ`` per request is added
-at the subject's last token of every rewriting prompt (each context template + the prompt +
-all but the last target token, teacher forcing) and of one "essence" prompt ``"{} is a"``;
-``δ`` minimises
-
-    mean over prompts of the token-averaged NLL of the target
-    + kl_factor · KL(current ‖ initial) of the next-token distribution at the essence prompt
-    + weight_decay · ‖δ‖ / ‖init‖²
-
-with Adam(lr); after each step ``δ`` is projected into the ball of radius
-``clamp_factor · ‖init‖``; a request stops early once its loss is below ``early_stop``
-(:func:`optimize_targets`). ``site="mlp"`` adds ``δ`` to the output of ``mlp_out`` (ROME's v*),
-``site="residual"`` to the block output (MEMIT's z); ``init`` is the unedited value there.
-
-Speed (``fast=True``, the default): ``δ`` enters at the edited layer, so the blocks below it
-run once per optimisation: their output is cached and, during the steps, each block below is
-swapped in its ``ModuleList`` for a stub returning that cached output (restored in ``finally``;
-no ``forward`` is replaced). The loss reads logits only at the target positions and one position
-per essence prompt, so the backbone runs without the LM head, the positions are gathered, and
-the head (plus soft-capping) is applied to those rows only. ``fast=False`` runs the whole model
+Speed (``fast=True``, the default): ``δ`` enters at the edited layer, so the blocks below it run
+once per optimisation: their output is recorded and, during the steps, replayed by stand-in blocks
+(:func:`hf_knowedit.hooks.replaced_blocks`). The loss reads logits only at the target positions and
+one position per essence prompt, so the backbone runs without the LM head and the head is applied to
+those rows only (:func:`hf_knowedit.architectures.lm_logits`). ``fast=False`` runs the whole model
 with full logits at every step (the reference's cost; for benchmarks).
 
 Batching (``batched=True``): all requests are optimised together, in chunks of at most
 ``batch_tokens`` padded tokens. Losses of different requests are independent and Adam is
-element-wise, so this equals one-by-one optimisation up to floating-point noise; a request
-that stops early is frozen exactly (Adam is applied per request row, with its own moments).
+element-wise, so this is one-by-one optimisation up to floating-point noise; a request that stops
+early is frozen exactly (Adam is applied per request row, with its own moments). Noise can still
+grow along an optimisation that does not converge (a request that runs all its steps far above
+``early_stop``): there batched and serial ``z`` may differ by more than rounding.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .architectures import ArchitectureSpec, get_architecture, get_module, layer_path, mlp_out_dims, mlp_out_path
-from .errors import InvalidConfigError
-from .hooks import Trace, _first_input, hidden, replace_hidden
-from .requests import EditRequest
-from .tokens import encode_template, split_prompt_target
+from ..architectures import (ArchitectureSpec, get_architecture, get_module, layer_path, lm_logits, mlp_out_dims,
+                             mlp_out_path, model_device)
+from ..errors import InvalidConfigError
+from ..hooks import ReplayBlock, Trace, first_input, hidden, replace_hidden, replaced_blocks
+from ..requests import EditRequest
+from ..tokens import encode_template, pad_batch, split_prompt_target
+from .config import EditConfig, make_config
+from .keys import DEFAULT_BATCH_TOKENS, group_by_size, prefixed
 
 logger = logging.getLogger(__name__)
 
 #: ROME's essence prompt (the KL term keeps the subject's other properties)
 KL_PROMPT = "{} is a"
-DEFAULT_BATCH_TOKENS = 2048
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def objective(nll: torch.Tensor, kl: torch.Tensor, delta: torch.Tensor, init: torch.Tensor,
+              kl_factor: float, weight_decay: float) -> torch.Tensor:
+    """The loss of each request's ``δ`` (ROME eq. 4 with the reference code's terms)::
 
+        L(δ) = NLL(δ) + kl_factor · KL(δ) + weight_decay · ‖δ‖ / ‖init‖²
 
-def _check_layer(model: nn.Module, spec: ArchitectureSpec, layer: int) -> Tuple[int, int]:
-    return mlp_out_dims(model, spec, layer)  # raises LayerOutOfRangeError
-
-
-def _pad(rows: Sequence[Sequence[int]], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (pad id 0, masked out) and the attention mask. Right padding leaves every
-    real token's position and attention exactly as without padding."""
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _prefixed(template: str, request: EditRequest) -> str:
-    """A context template with the request's prompt in place of its ``{}``."""
-    return template.replace("{}", request.prompt, 1)
-
-
-def _chunks(sizes: Sequence[int], budget: int) -> List[List[int]]:
-    """Group item indices (sorted by size) so that ``len(group) * max size <= budget`` where possible."""
-    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
-    groups: List[List[int]] = []
-    current: List[int] = []
-    for i in order:
-        if current and (len(current) + 1) * sizes[i] > budget:
-            groups.append(current)
-            current = []
-        current.append(i)
-    if current:
-        groups.append(current)
-    return groups
-
-
-# -----------------------------------------------------------------------------
-# keys
-
-
-def compute_keys(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], layer: int,
-                 templates: Sequence[str], *, average: bool = True,
-                 batch_tokens: int = DEFAULT_BATCH_TOKENS) -> torch.Tensor:
-    """Input of ``mlp_out`` at ``layer`` at the subject's last token of each template-prefixed prompt.
-
-    Returns float32 ``[n_requests, d_in]`` averaged over ``templates`` (``k*``), or
-    ``[n_requests, n_templates, d_in]`` with ``average=False``. Runs on the model as it is (active
-    edits included), in batched forward passes stopped right after the module.
+    Args:
+        nll: ``[n]`` mean over the request's rewriting prompts of the token-averaged negative
+            log-likelihood of the new object, with ``δ`` added at the site.
+        kl: ``[n]`` mean over the essence prompts of ``KL(p_δ ‖ p_0)`` of the next-token distribution.
+        delta: ``[n, d]`` the vectors being optimised; ``init``: ``[n, d]`` the unedited site values.
     """
-    if not templates:
-        raise InvalidConfigError("compute_keys needs at least one template, e.g. ['{}'].")
-    spec = get_architecture(model)
-    d_in, _ = _check_layer(model, spec, layer)
-    path = mlp_out_path(spec, layer)
-    device = _device(model)
-    prompts = []
-    for req in requests:
-        for t in templates:
-            enc = encode_template(tokenizer, _prefixed(t, req), req.subject)
-            prompts.append(enc.input_ids[: enc.subject_last + 1])  # later tokens cannot change the key
-    keys = torch.empty(len(prompts), d_in, dtype=torch.float32, device=device)
-    with torch.no_grad():
-        for group in _chunks([len(p) for p in prompts], batch_tokens):
-            ids, mask = _pad([prompts[i] for i in group], device)
-            with Trace(model, path, retain_input=True, retain_output=False, stop=True) as tr:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            x = tr.input.reshape(ids.shape[0], ids.shape[1], d_in)  # OPT flattens tokens
-            last = mask.sum(1) - 1
-            keys[torch.tensor(group, device=device)] = x[torch.arange(len(group), device=device), last].float()
-    keys = keys.reshape(len(requests), len(templates), d_in)
-    return keys.mean(1) if average else keys
-
-
-# -----------------------------------------------------------------------------
-# targets
+    return nll + kl_factor * kl + weight_decay * delta.norm(dim=1) / init.norm(dim=1) ** 2
 
 
 @dataclass
@@ -147,8 +76,8 @@ class TargetResult:
 
     targets: torch.Tensor
     init: torch.Tensor
-    steps_taken: List[int]
-    losses: List[float]
+    steps_taken: list[int]
+    losses: list[float]
 
     @property
     def deltas(self) -> torch.Tensor:
@@ -157,16 +86,16 @@ class TargetResult:
 
 @dataclass
 class _Request:
-    rows: List[List[int]]  # rewriting rows, then the essence row(s)
-    lookups: List[int]
+    rows: list[list[int]]  # rewriting rows, then the essence row(s)
+    lookups: list[int]
     n_rewrite: int
-    targets: List[Tuple[int, int, int]] = field(default_factory=list)  # (row, position, token id)
+    targets: list[tuple[int, int, int]] = field(default_factory=list)  # (row, position, token id)
 
 
 def _build(tokenizer: Any, req: EditRequest, templates: Sequence[str], kl_prompts: Sequence[str]) -> _Request:
     rows, lookups, targets = [], [], []
     for t in templates:
-        text = _prefixed(t, req)
+        text = prefixed(t, req)
         enc = encode_template(tokenizer, text, req.subject)
         prompt_ids, target_ids = split_prompt_target(tokenizer, enc.text, req.target_new)
         row = len(rows)
@@ -180,31 +109,6 @@ def _build(tokenizer: Any, req: EditRequest, templates: Sequence[str], kl_prompt
     return _Request(rows, lookups, len(templates), targets)
 
 
-class _CachedBlock(nn.Module):
-    """Stands in for a decoder block below the edited layer: returns the block's output recorded
-    once (``value``, for the selected ``rows``) or passes its input through. Attribute lookups it
-    cannot answer go to the original block (e.g. ``attention_type``)."""
-
-    def __init__(self, original: nn.Module, structure: Any, value: Optional[torch.Tensor]) -> None:
-        super().__init__()
-        self.__dict__["_original"] = original
-        self.__dict__["_structure"] = structure
-        self.__dict__["_value"] = value
-        self.__dict__["rows"] = None
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._value is None:
-            return replace_hidden(self._structure, _first_input(args, kwargs))
-        value = self._value if self.rows is None else self._value[self.rows]
-        return replace_hidden(self._structure, value.clone())
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_original"], name)
-
-
 def _structure(output: Any) -> Any:
     """The block output with its hidden tensor dropped (kept: tuple shape and the other entries)."""
     if isinstance(output, (tuple, list)):
@@ -212,16 +116,8 @@ def _structure(output: Any) -> Any:
     return None
 
 
-def _logits(model: nn.Module, spec: ArchitectureSpec, hidden_states: torch.Tensor) -> torch.Tensor:
-    logits = get_module(model, spec.lm_head)(hidden_states)
-    cap = getattr(model.config, spec.logit_softcap, None) if spec.logit_softcap else None
-    if cap:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
-
-
 def _adam(delta: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: torch.Tensor,
-          rows: torch.Tensor, lr: float, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+          rows: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
     """``torch.optim.Adam`` (same formulas) applied to the selected request rows only."""
     b1, b2 = betas
     g = grad[rows]
@@ -234,48 +130,50 @@ def _adam(delta: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Ten
     delta[rows] -= (lr / bc1) * m[rows] / denom
 
 
-def optimize_targets(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], layer: int, *,
-                     site: Literal["mlp", "residual"] = "mlp", templates: Sequence[str] = ("{}",),
-                     steps: int = 20, lr: float = 0.5, kl_factor: float = 0.0625, weight_decay: float = 0.5,
-                     clamp_factor: float = 4.0, early_stop: float = 0.05, batched: bool = True, fast: bool = True,
+def optimize_targets(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], layer: int,
+                     hparams: EditConfig | None = None, *, site: Literal["mlp", "residual"] = "mlp",
+                     templates: Sequence[str] = ("{}",), batched: bool = True, fast: bool = True,
                      kl_prompts: Sequence[str] = (KL_PROMPT,), batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                     progress: Optional[Callable[[int, torch.Tensor], None]] = None) -> TargetResult:
+                     progress: Callable[[int, torch.Tensor], None] | None = None, **overrides: Any) -> TargetResult:
     """Optimise one vector per request so the model predicts ``target_new`` (see module docstring).
 
     Args:
+        hparams: the method's config (any :class:`~hf_knowedit.methods.config.EditConfig`): its
+            ``v_num_grad_steps``, ``v_lr``, ``kl_factor``, ``v_weight_decay``, ``clamp_norm_factor`` and
+            ``early_stop`` are used; ``**overrides`` replace single fields (default: ``EditConfig()``).
         site: ``"mlp"`` adds δ to the output of ``mlp_out`` at ``layer`` (ROME's v*), ``"residual"`` to
             the output of block ``layer`` (MEMIT's z).
         templates: context templates with ``{}`` where the request's prompt goes (``"{}"`` first:
             ``init`` is read on the first template's prompt).
-        steps: forward passes at most (Adam updates at most ``steps - 1``, as the reference).
         batched: optimise all requests together (``False``: one request at a time).
-        fast: cache the blocks below ``layer`` and compute logits only where the loss reads them.
+        fast: replay the blocks below ``layer`` and compute logits only where the loss reads them.
         batch_tokens: padded tokens per forward pass (lower it when memory is short).
         progress: called as ``progress(step, per_request_losses)`` after every forward step.
 
+    ``v_num_grad_steps`` counts forward passes (Adam updates at most one fewer, as the reference).
     Returns a :class:`TargetResult`. The model is not modified (gradients flow only into δ).
     """
+    hp = make_config(type(hparams) if hparams is not None else EditConfig, hparams, overrides, "optimize_targets")
     if site not in ("mlp", "residual"):
         raise InvalidConfigError(f"site must be 'mlp' or 'residual', got {site!r}.")
-    for name, value in (("steps", steps), ("batch_tokens", batch_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidConfigError(f"{name} must be an int >= 1, got {value!r}.")
+    if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
+        raise InvalidConfigError(f"batch_tokens must be an int >= 1, got {batch_tokens!r}.")
     if not templates:
         raise InvalidConfigError("optimize_targets needs at least one template, e.g. ['{}'].")
     requests = list(requests)
     if not batched and len(requests) > 1:
-        parts = [optimize_targets(model, tokenizer, [r], layer, site=site, templates=templates, steps=steps, lr=lr,
-                                  kl_factor=kl_factor, weight_decay=weight_decay, clamp_factor=clamp_factor,
-                                  early_stop=early_stop, batched=True, fast=fast, kl_prompts=kl_prompts,
-                                  batch_tokens=batch_tokens, progress=progress) for r in requests]
+        parts = [optimize_targets(model, tokenizer, [r], layer, hp, site=site, templates=templates, fast=fast,
+                                  kl_prompts=kl_prompts, batch_tokens=batch_tokens, progress=progress)
+                 for r in requests]
         return TargetResult(torch.cat([p.targets for p in parts]), torch.cat([p.init for p in parts]),
                             sum((p.steps_taken for p in parts), []), sum((p.losses for p in parts), []))
     spec = get_architecture(model)
-    _, d_out = _check_layer(model, spec, layer)
+    _, d_out = mlp_out_dims(model, spec, layer)  # raises LayerOutOfRangeError
     built = [_build(tokenizer, r, templates, kl_prompts) for r in requests]
     sizes = [len(b.rows) * max(len(row) for row in b.rows) for b in built]
-    chunks = [_Chunk(model, spec, layer, site, [(i, built[i]) for i in group]) for group in _chunks(sizes, batch_tokens)]
-    n, device = len(requests), _device(model)
+    chunks = [_Chunk(model, spec, layer, site, [(i, built[i]) for i in group])
+              for group in group_by_size(sizes, batch_tokens)]
+    n, device = len(requests), model_device(model)
     delta = torch.zeros(n, d_out, device=device, requires_grad=True)
     init = torch.zeros(n, d_out, device=device)
     m, v = torch.zeros_like(init), torch.zeros_like(init)
@@ -288,14 +186,14 @@ def optimize_targets(model: nn.Module, tokenizer: Any, requests: Sequence[EditRe
             if fast and layer > 0:
                 for c in chunks:
                     c.record_prefix()
-            for it in range(steps):
-                last = it == steps - 1
+            for it in range(hp.v_num_grad_steps):
+                last = it == hp.v_num_grad_steps - 1
                 grad = torch.zeros_like(init)
                 for c in chunks:
                     local = [j for j, (i, _) in enumerate(c.items) if bool(active[i])]
                     if not local:
                         continue
-                    loss_i = c.loss(delta, local, kl_factor, weight_decay, fast)  # iteration 0 records init
+                    loss_i = c.loss(delta, local, hp.kl_factor, hp.v_weight_decay, fast)  # iteration 0 records init
                     if it == 0:
                         init[c.index] = c.init
                     losses[c.index[local]] = loss_i.detach().double()
@@ -303,14 +201,14 @@ def optimize_targets(model: nn.Module, tokenizer: Any, requests: Sequence[EditRe
                         grad += torch.autograd.grad(loss_i.sum(), delta)[0]
                 if progress is not None:
                     progress(it, losses.detach().cpu().clone())
-                active &= ~(losses < early_stop)  # stopped requests are frozen from here on
+                active &= ~(losses < hp.early_stop)  # stopped requests are frozen from here on
                 if last or not bool(active.any()):
                     break
                 rows = active.nonzero().squeeze(1)
                 with torch.no_grad():
-                    _adam(delta.data, grad, m, v, t, rows, lr)
+                    _adam(delta.data, grad, m, v, t, rows, hp.v_lr)
                     norms = delta.data[rows].norm(dim=1)
-                    limit = clamp_factor * init[rows].norm(dim=1)
+                    limit = hp.clamp_norm_factor * init[rows].norm(dim=1)
                     scale = torch.where(norms > limit, limit / norms.clamp_min(1e-30), torch.ones_like(norms))
                     delta.data[rows] *= scale.unsqueeze(1)
                 for i in rows.tolist():
@@ -326,9 +224,9 @@ class _Chunk:
     """A group of requests optimised in the same forward passes."""
 
     def __init__(self, model: nn.Module, spec: ArchitectureSpec, layer: int, site: str,
-                 items: List[Tuple[int, _Request]]) -> None:
+                 items: list[tuple[int, _Request]]) -> None:
         self.model, self.spec, self.layer, self.site, self.items = model, spec, layer, site, items
-        device = _device(model)
+        device = model_device(model)
         rows, owner, lookups, kind = [], [], [], []
         tgt_row, tgt_pos, tgt_tok = [], [], []
         for j, (_, req) in enumerate(items):
@@ -341,7 +239,7 @@ class _Chunk:
                 tgt_row.append(base + r)
                 tgt_pos.append(p)
                 tgt_tok.append(tok)
-        self.ids, self.mask = _pad(rows, device)
+        self.ids, self.mask, _, _ = pad_batch(rows, 0, "right", device)
         self.owner = torch.tensor(owner, device=device)
         self.lookups = torch.tensor(lookups, device=device)
         self.is_kl = torch.tensor(kind, device=device).bool()
@@ -354,10 +252,10 @@ class _Chunk:
         self.n_kl = torch.tensor([len(req.rows) - req.n_rewrite for _, req in items], device=device)
         self.index = torch.tensor([i for i, _ in items], device=device)
         self.site_path = mlp_out_path(spec, layer) if site == "mlp" else layer_path(spec, layer)
-        self.prefix: Optional[torch.Tensor] = None
+        self.prefix: torch.Tensor | None = None
         self.structure: Any = None
-        self.init: Optional[torch.Tensor] = None
-        self.kl_init: Optional[torch.Tensor] = None
+        self.init: torch.Tensor | None = None
+        self.kl_init: torch.Tensor | None = None
 
     # -- the blocks below the edited layer, once ------------------------------
 
@@ -368,28 +266,28 @@ class _Chunk:
         self.prefix = hidden(tr.output)
         self.structure = _structure(tr.output)
 
-    def _swap(self, rows: torch.Tensor) -> List[nn.Module]:
+    def _stubs(self, rows: torch.Tensor) -> dict[int, nn.Module]:
+        """Stand-ins for the blocks below the edited layer: the top one replays the recorded output of
+        the selected rows, the others pass their input through (their output is never read)."""
         blocks = get_module(self.model, self.spec.layers)
-        originals = [blocks[j] for j in range(self.layer)]
-        for j, block in enumerate(originals):
-            stub = _CachedBlock(block, self.structure, self.prefix if j == self.layer - 1 else None)
-            stub.__dict__["rows"] = rows
-            blocks[j] = stub
-        return originals
+        structure, value = self.structure, self.prefix[rows]
 
-    def _restore(self, originals: List[nn.Module]) -> None:
-        blocks = get_module(self.model, self.spec.layers)
-        for j, block in enumerate(originals):
-            blocks[j] = block
+        def passthrough(*args: Any, **kwargs: Any) -> Any:
+            return replace_hidden(structure, first_input(args, kwargs))
+
+        def replay(*args: Any, **kwargs: Any) -> Any:
+            return replace_hidden(structure, value.clone())
+
+        return {j: ReplayBlock(blocks[j], replay if j == self.layer - 1 else passthrough) for j in range(self.layer)}
 
     # -- one forward pass --------------------------------------------------------
 
     def _forward(self, rows: torch.Tensor, delta_rows: torch.Tensor, fast: bool,
-                 record_init: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                 record_init: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the target positions and at the essence positions of the selected rows."""
         ids, mask, lookups = self.ids[rows], self.mask[rows], self.lookups[rows]
         width = ids.shape[1]
-        seen: Dict[str, torch.Tensor] = {}
+        seen: dict[str, torch.Tensor] = {}
 
         def edit(output: Any, _path: str) -> Any:
             h = hidden(output)
@@ -400,18 +298,15 @@ class _Chunk:
                 seen["init"] = h[index].detach().float().clone()
             return replace_hidden(output, h.index_put(index, delta_rows.to(h.dtype), accumulate=True))
 
-        originals = self._swap(rows) if fast and self.prefix is not None else None
-        try:
-            with Trace(self.model, self.site_path, retain_output=False, edit_output=edit):
-                if fast:
-                    out = get_module(self.model, self.spec.backbone)(input_ids=ids, attention_mask=mask, use_cache=False)
-                    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-                else:
-                    h = None
-                    logits_full = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        finally:
-            if originals is not None:
-                self._restore(originals)
+        stubs = self._stubs(rows) if fast and self.prefix is not None else {}
+        with replaced_blocks(self.model, self.spec, stubs), \
+                Trace(self.model, self.site_path, retain_output=False, edit_output=edit):
+            if fast:
+                out = get_module(self.model, self.spec.backbone)(input_ids=ids, attention_mask=mask, use_cache=False)
+                h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            else:
+                h = None
+                logits_full = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         local = torch.full((len(self.ids),), -1, dtype=torch.long, device=ids.device)
         local[rows] = torch.arange(len(rows), device=ids.device)
         keep = local[self.tgt_row] >= 0
@@ -422,12 +317,12 @@ class _Chunk:
             self._seen = seen
         if fast:
             sel = torch.cat([h[t_rows, t_pos], h[kl_rows, kl_pos]])
-            logits = _logits(self.model, self.spec, sel).float()
+            logits = lm_logits(self.model, self.spec, sel).float()
         else:
             logits = torch.cat([logits_full[t_rows, t_pos], logits_full[kl_rows, kl_pos]]).float()
         return logits[: len(t_rows)], logits[len(t_rows):]
 
-    def loss(self, delta: torch.Tensor, active: List[int], kl_factor: float, weight_decay: float,
+    def loss(self, delta: torch.Tensor, active: list[int], kl_factor: float, weight_decay: float,
              fast: bool) -> torch.Tensor:
         """Per-request loss ``[len(active)]`` for the chunk's requests at local indices ``active``."""
         device = self.ids.device
@@ -461,9 +356,7 @@ class _Chunk:
         kl_each = (cur.exp() * (cur - init)).sum(-1)
         kl = torch.zeros(len(self.items), device=device).index_add(0, self.owner[kl_rows_all[kl_sel]], kl_each)
         kl = kl / self.n_kl.clamp_min(1)
-        d = delta[self.index]
-        decay = weight_decay * d.norm(dim=1) / self.init.norm(dim=1) ** 2
-        total = nll + kl_factor * kl + decay
+        total = objective(nll, kl, delta[self.index], self.init, kl_factor, weight_decay)
         return total[active_t]
 
     def close(self) -> None:

@@ -31,7 +31,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .errors import SingularSystemError
+from ..errors import SingularSystemError
 
 __all__ = [
     "alphaedit_factors",
