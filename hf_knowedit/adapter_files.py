@@ -41,13 +41,15 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
 from .deltas import ModuleDelta
 from .errors import AdapterFormatError
 from .moments import StatsKey
@@ -64,8 +66,24 @@ MODEL_CARD = "README.md"
 #: version of the knowedit_config.json layout; a newer one still loads (with a warning)
 FORMAT_VERSION = 1
 _PREFIX = "base_model.model."
-_KNOWN_KEYS = {"format", "format_version", "library", "library_version", "name", "method", "config", "layers",
-               "requests", "stats_key", "base_model", "revision", "modules", "metrics", "state", "files"}
+_KNOWN_KEYS = {
+    "format",
+    "format_version",
+    "library",
+    "library_version",
+    "name",
+    "method",
+    "config",
+    "layers",
+    "requests",
+    "stats_key",
+    "base_model",
+    "revision",
+    "modules",
+    "metrics",
+    "state",
+    "files",
+}
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 #: facts listed in the model card's table (all of them are in knowedit_config.json)
 CARD_MAX_FACTS = 50
@@ -75,12 +93,14 @@ CARD_MAX_FACTS = 50
 # writing
 
 
-def adapter_config(es: Any) -> Dict[str, Any]:
+def adapter_config(es: Any) -> dict[str, Any]:
     """PEFT's ``adapter_config.json`` for ``es``: one rank and ``lora_alpha = rank`` per module."""
     layouts = {es.layouts.get(p, "linear") for p in es.deltas}
     if len(layouts) > 1:
-        raise AdapterFormatError("This edit set mixes Linear and Conv1D modules, which one PEFT adapter cannot express "
-                                 "(fan_in_fan_out is global); save the modules of each layout as separate edit sets.")
+        raise AdapterFormatError(
+            "This edit set mixes Linear and Conv1D modules, which one PEFT adapter cannot express "
+            "(fan_in_fan_out is global); save the modules of each layout as separate edit sets."
+        )
     ranks = {p: d.rank for p, d in es.deltas.items()}
     r = max(ranks.values(), default=1)
     return {
@@ -106,7 +126,7 @@ def adapter_config(es: Any) -> Dict[str, Any]:
     }
 
 
-def adapter_tensors(es: Any) -> Dict[str, torch.Tensor]:
+def adapter_tensors(es: Any) -> dict[str, torch.Tensor]:
     """PEFT state-dict keys -> float32 CPU factors (``lora_A = A``, ``lora_B = B``)."""
     out = {}
     for path, d in sorted(es.deltas.items()):
@@ -127,7 +147,7 @@ def _encode(obj: Any) -> Any:
     return str(obj)
 
 
-def _portable_config(config: Dict[str, Any]) -> Dict[str, Any]:
+def _portable_config(config: dict[str, Any]) -> dict[str, Any]:
     """The method config as saved: a corpus given as texts is described, not copied (the statistics key
     already identifies it), so a sidecar stays small."""
     out = dict(config)
@@ -155,7 +175,7 @@ def _stats_key(value: Any) -> Any:
     return value
 
 
-def knowedit_config(es: Any, files: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
+def knowedit_config(es: Any, files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """What only hf_knowedit knows about ``es`` (the content of ``knowedit_config.json``)."""
     return {
         "format": "hf_knowedit-adapter",
@@ -171,8 +191,13 @@ def knowedit_config(es: Any, files: Optional[Dict[str, Dict[str, Any]]] = None) 
         "base_model": es.base_model,
         "revision": es.revision,
         "modules": {
-            p: {"layout": es.layouts.get(p, "linear"), "dense": bool(d.dense), "rank": d.rank,
-                "shape": list(d.shape), "fingerprint": es.fingerprints.get(p)}
+            p: {
+                "layout": es.layouts.get(p, "linear"),
+                "dense": bool(d.dense),
+                "rank": d.rank,
+                "shape": list(d.shape),
+                "fingerprint": es.fingerprints.get(p),
+            }
             for p, d in sorted(es.deltas.items())
         },
         "metrics": _jsonable(es.metrics),
@@ -193,7 +218,7 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def write_adapter(es: Any, directory: Union[str, Path]) -> None:
+def write_adapter(es: Any, directory: str | Path) -> None:
     """Write the adapter files (not the model card) into an existing directory.
 
     Not atomic by itself: :meth:`EditSet.save_pretrained` calls it inside :func:`atomic_directory`.
@@ -215,7 +240,7 @@ def _is_adapter_dir(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Union[str, Path]) -> Iterator[Path]:
+def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``target``; on success it replaces ``target`` by
     rename, on failure it is deleted and ``target`` is left as it was.
 
@@ -226,8 +251,10 @@ def atomic_directory(target: Union[str, Path]) -> Iterator[Path]:
     if target.exists() and not target.is_dir():
         raise AdapterFormatError(f"{target} is a file; pass a directory to save the adapter into.")
     if target.is_dir() and any(target.iterdir()) and not _is_adapter_dir(target):
-        raise AdapterFormatError(f"{target} is a non-empty directory that holds no adapter; saving would replace its "
-                                 "files. Pass a new or empty directory, or an earlier adapter's directory.")
+        raise AdapterFormatError(
+            f"{target} is a non-empty directory that holds no adapter; saving would replace its "
+            "files. Pass a new or empty directory, or an earlier adapter's directory."
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -247,7 +274,7 @@ def atomic_directory(target: Union[str, Path]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_adapter(es: Any, directory: Union[str, Path], **model_card_kwargs: Any) -> Path:
+def save_adapter(es: Any, directory: str | Path, **model_card_kwargs: Any) -> Path:
     """``es.save_pretrained(directory)``; returns the directory."""
     es.save_pretrained(directory, model_card_kwargs=model_card_kwargs or None)
     return Path(directory)
@@ -262,19 +289,27 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|") or "–"
 
 
-def _is_repo_id(name: Optional[str]) -> bool:
+def _is_repo_id(name: str | None) -> bool:
     return bool(name) and not os.path.isabs(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
 
 
-def model_card(es: Any, *, tags: Sequence[str] = (), repo_id: Optional[str] = None, title: Optional[str] = None,
-               description: Optional[str] = None, license: Optional[str] = None) -> ModelCard:
+def model_card(
+    es: Any,
+    *,
+    tags: Sequence[str] = (),
+    repo_id: str | None = None,
+    title: str | None = None,
+    description: str | None = None,
+    license: str | None = None,
+) -> ModelCard:
     """The ``README.md`` of a saved edit set: metadata (``base_model``, ``library_name: hf_knowedit``,
     tags), the edited facts, evaluation results and how to load it. Keyword arguments come from
     ``save_pretrained(..., model_card_kwargs=...)``."""
     base = es.base_model if _is_repo_id(es.base_model) else None
     tags = sorted({"knowledge-editing", es.method, "lora", "peft", *tags})
-    data = ModelCardData(base_model=base, library_name="hf_knowedit", tags=tags, license=license,
-                         pipeline_tag="text-generation")
+    data = ModelCardData(
+        base_model=base, library_name="hf_knowedit", tags=tags, license=license, pipeline_tag="text-generation"
+    )
     n = len(es.requests)
     where = repo_id or "path/or/repo-id"
     base_name = es.base_model or "the base model"
@@ -284,15 +319,21 @@ def model_card(es: Any, *, tags: Sequence[str] = (), repo_id: Optional[str] = No
     lines = [
         f"# {title or default_title}",
         "",
-        description or (f"A knowledge edit made with hf_knowedit: "
-                        f"`{es.method}` rewrote {n} fact(s) in `{base_name}`{revision} by changing layer(s) "
-                        f"{', '.join(map(str, es.layers)) or '–'}."),
+        description
+        or (
+            f"A knowledge edit made with hf_knowedit: "
+            f"`{es.method}` rewrote {n} fact(s) in `{base_name}`{revision} by changing layer(s) "
+            f"{', '.join(map(str, es.layers)) or '–'}."
+        ),
         "",
         "It is a PEFT LoRA adapter (scaling 1, ranks: " + (ranks or "–") + ") plus `knowedit_config.json`, which "
         "records the edited facts, the method's configuration and fingerprints of the base weights the edit was "
         "computed on: hf_knowedit refuses to apply it to other weights."
-        + (" Modules marked dense hold their update exactly as full-rank factors (one of them the identity)."
-           if any(d.dense for d in es.deltas.values()) else ""),
+        + (
+            " Modules marked dense hold their update exactly as full-rank factors (one of them the identity)."
+            if any(d.dense for d in es.deltas.values())
+            else ""
+        ),
         "",
         "## Edited facts",
         "",
@@ -300,16 +341,20 @@ def model_card(es: Any, *, tags: Sequence[str] = (), repo_id: Optional[str] = No
         "|---|---|---|---|---|",
     ]
     for i, r in enumerate(es.requests[:CARD_MAX_FACTS]):
-        lines.append(f"| {i + 1} | {_cell(r.subject)} | {_cell(r.prompt)} | {_cell(r.target_true)} | "
-                     f"{_cell(r.target_new)} |")
+        lines.append(
+            f"| {i + 1} | {_cell(r.subject)} | {_cell(r.prompt)} | {_cell(r.target_true)} | {_cell(r.target_new)} |"
+        )
     if n > CARD_MAX_FACTS:
         lines.append(f"\n… and {n - CARD_MAX_FACTS} more; `knowedit_config.json` lists all of them.")
     if es.metrics:
         lines += ["", "## Evaluation", "", "| Metric | Value |", "|---|---|"]
         lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in sorted(_flat(es.metrics).items())]
     lines += [
-        "", "## How to load", "",
-        "With hf_knowedit (checks the base weights, merges; `revert_edits()` restores them bit for bit):", "",
+        "",
+        "## How to load",
+        "",
+        "With hf_knowedit (checks the base weights, merges; `revert_edits()` restores them bit for bit):",
+        "",
         "```python",
         "import hf_knowedit",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -318,15 +363,20 @@ def model_card(es: Any, *, tags: Sequence[str] = (), repo_id: Optional[str] = No
         "model = hf_knowedit.attach(model, AutoTokenizer.from_pretrained(model.name_or_path))",
         f"model.load_edits({where!r})",
         "model.revert_edits()",
-        "```", "",
-        "With PEFT or transformers:", "",
+        "```",
+        "",
+        "With PEFT or transformers:",
+        "",
         "```python",
         "from peft import PeftModel",
         "",
         f"peft_model = PeftModel.from_pretrained(model, {where!r})  # or model.load_adapter({where!r})",
-        "```", "",
-        "## Files", "",
-        "| File | Content |", "|---|---|",
+        "```",
+        "",
+        "## Files",
+        "",
+        "| File | Content |",
+        "|---|---|",
         f"| `{ADAPTER_WEIGHTS}` | LoRA factors (`lora_A` = key side, `lora_B` = value side), float32 |",
         f"| `{ADAPTER_CONFIG}` | PEFT `LoraConfig` |",
         f"| `{KNOWEDIT_CONFIG}` | method, config, layers, requests, statistics key, fingerprints, metrics |",
@@ -336,8 +386,8 @@ def model_card(es: Any, *, tags: Sequence[str] = (), repo_id: Optional[str] = No
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
-def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
             out.update(_flat(v, f"{prefix}{k}."))
@@ -350,7 +400,7 @@ def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 # reading
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -360,38 +410,50 @@ def _read_json(path: Path) -> Dict[str, Any]:
     return obj
 
 
-def _read_safetensors(path: Path, sha256: Optional[str]) -> Dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
     if sha256 is not None and _sha256(path) != sha256:
-        raise AdapterFormatError(f"{path} is corrupted or truncated: its sha256 differs from the one recorded in "
-                                 f"{KNOWEDIT_CONFIG}. Save or download the adapter again.")
+        raise AdapterFormatError(
+            f"{path} is corrupted or truncated: its sha256 differs from the one recorded in "
+            f"{KNOWEDIT_CONFIG}. Save or download the adapter again."
+        )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterFormatError(f"{path} is not a readable safetensors file ({err}); it may be corrupted or "
-                                 "truncated. Save or download the adapter again.") from err
+        raise AdapterFormatError(
+            f"{path} is not a readable safetensors file ({err}); it may be corrupted or "
+            "truncated. Save or download the adapter again."
+        ) from err
 
 
 def _check_files(directory: Path) -> None:
     if not directory.is_dir():
-        raise AdapterFormatError(f"No adapter directory at {directory}. Pass a directory written by "
-                                 "EditSet.save_pretrained, or a Hub repo id.")
+        raise AdapterFormatError(
+            f"No adapter directory at {directory}. Pass a directory written by "
+            "EditSet.save_pretrained, or a Hub repo id."
+        )
     if not _is_adapter_dir(directory):
-        raise AdapterFormatError(f"{directory} is not an adapter directory (it has neither {ADAPTER_CONFIG} nor "
-                                 f"{KNOWEDIT_CONFIG}). Pass a directory written by EditSet.save_pretrained.")
+        raise AdapterFormatError(
+            f"{directory} is not an adapter directory (it has neither {ADAPTER_CONFIG} nor "
+            f"{KNOWEDIT_CONFIG}). Pass a directory written by EditSet.save_pretrained."
+        )
     if not (directory / ADAPTER_WEIGHTS).is_file() and (directory / "adapter_model.bin").is_file():
-        raise AdapterFormatError(f"{directory} holds its weights as a pickle (adapter_model.bin), which hf_knowedit "
-                                 "never loads; re-save the adapter with safetensors.")
+        raise AdapterFormatError(
+            f"{directory} holds its weights as a pickle (adapter_model.bin), which hf_knowedit "
+            "never loads; re-save the adapter with safetensors."
+        )
     if (directory / ADAPTER_CONFIG).is_file() and not (directory / KNOWEDIT_CONFIG).is_file():
-        raise AdapterFormatError(f"{directory} is a PEFT adapter without {KNOWEDIT_CONFIG}, so not an hf_knowedit "
-                                 "edit set (no fingerprints to check it against the base model). Load it with "
-                                 "peft.PeftModel.from_pretrained instead.")
+        raise AdapterFormatError(
+            f"{directory} is a PEFT adapter without {KNOWEDIT_CONFIG}, so not an hf_knowedit "
+            "edit set (no fingerprints to check it against the base model). Load it with "
+            "peft.PeftModel.from_pretrained instead."
+        )
     missing = [n for n in (ADAPTER_CONFIG, KNOWEDIT_CONFIG, ADAPTER_WEIGHTS) if not (directory / n).is_file()]
     if missing:
         raise AdapterFormatError(f"{directory} is missing {', '.join(missing)}; save or download the adapter again.")
 
 
-def _pattern_value(patterns: Dict[str, Any], module: str, default: Any) -> Any:
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's lookup of ``rank_pattern`` / ``alpha_pattern`` (``peft.utils.other.get_pattern_key``)."""
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", module):
@@ -399,7 +461,7 @@ def _pattern_value(patterns: Dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def read_adapter(directory: Union[str, Path]) -> Dict[str, Any]:
+def read_adapter(directory: str | Path) -> dict[str, Any]:
     """The fields of the edit set saved in ``directory`` (``EditSet(**fields)`` rebuilds it); typed
     errors for anything that is not one.
 
@@ -413,65 +475,94 @@ def read_adapter(directory: Union[str, Path]) -> Dict[str, Any]:
     peft = _read_json(directory / ADAPTER_CONFIG)
     meta = _read_json(directory / KNOWEDIT_CONFIG)
     if peft.get("peft_type") != "LORA" or peft.get("use_dora") or peft.get("use_rslora"):
-        raise AdapterFormatError(f"{directory / ADAPTER_CONFIG} is not a plain LoRA config (peft_type "
-                                 f"{peft.get('peft_type')!r}, use_dora/use_rslora); hf_knowedit cannot read it.")
+        raise AdapterFormatError(
+            f"{directory / ADAPTER_CONFIG} is not a plain LoRA config (peft_type "
+            f"{peft.get('peft_type')!r}, use_dora/use_rslora); hf_knowedit cannot read it."
+        )
     unknown = sorted(set(meta) - _KNOWN_KEYS)
     version = meta.get("format_version", FORMAT_VERSION)
     if unknown or (isinstance(version, int) and version > FORMAT_VERSION):
-        logger.warning("%s was written by a newer hf_knowedit (%s, format %s); this version (%s) ignores %s. "
-                       "Upgrade hf_knowedit to use them.", directory / KNOWEDIT_CONFIG, meta.get("library_version"),
-                       version, __version__, unknown or "nothing it knows of")
+        logger.warning(
+            "%s was written by a newer hf_knowedit (%s, format %s); this version (%s) ignores %s. "
+            "Upgrade hf_knowedit to use them.",
+            directory / KNOWEDIT_CONFIG,
+            meta.get("library_version"),
+            version,
+            __version__,
+            unknown or "nothing it knows of",
+        )
     files = meta.get("files") or {}
     tensors = _read_safetensors(directory / ADAPTER_WEIGHTS, (files.get(ADAPTER_WEIGHTS) or {}).get("sha256"))
     modules = meta.get("modules") or {}
     targets = peft.get("target_modules")
     if not isinstance(targets, list) or sorted(targets) != sorted(modules):
-        raise AdapterFormatError(f"target_modules in {ADAPTER_CONFIG} ({targets}) and the modules in "
-                                 f"{KNOWEDIT_CONFIG} ({sorted(modules)}) differ; save the adapter again.")
+        raise AdapterFormatError(
+            f"target_modules in {ADAPTER_CONFIG} ({targets}) and the modules in "
+            f"{KNOWEDIT_CONFIG} ({sorted(modules)}) differ; save the adapter again."
+        )
     expected = {f"{_PREFIX}{p}.lora_{ab}.weight" for p in modules for ab in "AB"}
     if set(tensors) != expected:
-        raise AdapterFormatError(f"{ADAPTER_WEIGHTS} holds {sorted(set(tensors) - expected) or 'no extra'} keys and "
-                                 f"lacks {sorted(expected - set(tensors)) or 'none'}; save the adapter again.")
+        raise AdapterFormatError(
+            f"{ADAPTER_WEIGHTS} holds {sorted(set(tensors) - expected) or 'no extra'} keys and "
+            f"lacks {sorted(expected - set(tensors)) or 'none'}; save the adapter again."
+        )
     deltas, fingerprints, layouts = {}, {}, {}
     for path, info in modules.items():
         A, B = tensors[f"{_PREFIX}{path}.lora_A.weight"], tensors[f"{_PREFIX}{path}.lora_B.weight"]
         r = _pattern_value(peft.get("rank_pattern"), path, peft.get("r"))
         alpha = _pattern_value(peft.get("alpha_pattern"), path, peft.get("lora_alpha", r))
         shape = info.get("shape")
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r or (
-                shape is not None and [B.shape[0], A.shape[1]] != list(shape)):
-            raise AdapterFormatError(f"{path}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form a rank-{r} "
-                                     f"update of shape {shape}; the adapter files are inconsistent. Save it again.")
+        if (
+            A.dim() != 2
+            or B.dim() != 2
+            or A.shape[0] != r
+            or B.shape[1] != r
+            or (shape is not None and [B.shape[0], A.shape[1]] != list(shape))
+        ):
+            raise AdapterFormatError(
+                f"{path}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form a rank-{r} "
+                f"update of shape {shape}; the adapter files are inconsistent. Save it again."
+            )
         layout = info.get("layout", "linear")
         if layout not in ("linear", "conv1d") or bool(peft.get("fan_in_fan_out")) != (layout == "conv1d"):
-            raise AdapterFormatError(f"{path}: layout {layout!r} disagrees with fan_in_fan_out="
-                                     f"{peft.get('fan_in_fan_out')} in {ADAPTER_CONFIG}; save the adapter again.")
+            raise AdapterFormatError(
+                f"{path}: layout {layout!r} disagrees with fan_in_fan_out="
+                f"{peft.get('fan_in_fan_out')} in {ADAPTER_CONFIG}; save the adapter again."
+            )
         if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise AdapterFormatError(f"{path}: rank {r!r} / lora_alpha {alpha!r} in {ADAPTER_CONFIG} are invalid; "
-                                     "save the adapter again.")
+            raise AdapterFormatError(
+                f"{path}: rank {r!r} / lora_alpha {alpha!r} in {ADAPTER_CONFIG} are invalid; save the adapter again."
+            )
         if alpha != r:  # not written by us, but PEFT would scale by alpha / r
             B = (B.double() * (alpha / r)).float()
         deltas[path] = ModuleDelta(A=A, B=B, dense=bool(info.get("dense", False)))
         layouts[path] = layout
         if info.get("fingerprint") is not None:
             fingerprints[path] = info["fingerprint"]
-    state: Dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
     if meta.get("state"):
         state_path = directory / STATE_WEIGHTS
         if not state_path.is_file():
             raise AdapterFormatError(f"{directory} is missing {STATE_WEIGHTS}; save or download the adapter again.")
         state = _read_safetensors(state_path, (files.get(STATE_WEIGHTS) or {}).get("sha256"))
     return dict(
-        deltas=deltas, requests=_requests(meta.get("requests") or []), method=str(meta.get("method") or "unknown"),
-        config=dict(meta.get("config") or {}), layers=[int(x) for x in meta.get("layers") or []],
-        fingerprints=fingerprints, layouts=layouts,
+        deltas=deltas,
+        requests=_requests(meta.get("requests") or []),
+        method=str(meta.get("method") or "unknown"),
+        config=dict(meta.get("config") or {}),
+        layers=[int(x) for x in meta.get("layers") or []],
+        fingerprints=fingerprints,
+        layouts=layouts,
         base_model=meta.get("base_model", peft.get("base_model_name_or_path")),
-        revision=meta.get("revision", peft.get("revision")), stats_key=_stats_key(meta.get("stats_key")),
-        metrics=dict(meta.get("metrics") or {}), state=state, name=meta.get("name"),
+        revision=meta.get("revision", peft.get("revision")),
+        stats_key=_stats_key(meta.get("stats_key")),
+        metrics=dict(meta.get("metrics") or {}),
+        state=state,
+        name=meta.get("name"),
     )
 
 
-def _requests(items: List[Dict[str, Any]]) -> List[EditRequest]:
+def _requests(items: list[dict[str, Any]]) -> list[EditRequest]:
     names = {f.name for f in dataclasses.fields(EditRequest)}
     out = []
     for item in items:
@@ -480,19 +571,31 @@ def _requests(items: List[Dict[str, Any]]) -> List[EditRequest]:
             req = dataclasses.replace(req, paraphrases=tuple(req.paraphrases), neighborhood=tuple(req.neighborhood))
             validate(req)
         except Exception as err:
-            raise AdapterFormatError(f"A request in {KNOWEDIT_CONFIG} is malformed ({err}); save the adapter again.") from err
+            raise AdapterFormatError(
+                f"A request in {KNOWEDIT_CONFIG} is malformed ({err}); save the adapter again."
+            ) from err
         out.append(req)
     return out
 
 
 def _looks_local(source: str) -> bool:
-    return (os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1
-            or (os.sep != "/" and os.sep in source))
+    return (
+        os.path.isabs(source)
+        or source.startswith((".", "~"))
+        or source.count("/") > 1
+        or (os.sep != "/" and os.sep in source)
+    )
 
 
-def fetch_adapter(source: Union[str, Path], *, revision: Optional[str] = None, cache_dir: Union[str, Path, None] = None,
-                  force_download: bool = False, local_files_only: bool = False,
-                  token: Union[str, bool, None] = None) -> Path:
+def fetch_adapter(
+    source: str | Path,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> Path:
     """A local directory holding the adapter: ``source`` itself, or the Hub snapshot it names.
 
     Downloads exactly the adapter's files (never code, never pickles) with ``hf_hub_download``, all at
@@ -505,10 +608,17 @@ def fetch_adapter(source: Union[str, Path], *, revision: Optional[str] = None, c
             logger.warning("revision=%r is ignored: %s is a local directory.", revision, source)
         return Path(source)
     if os.path.exists(source) or _looks_local(source):
-        raise AdapterFormatError(f"No adapter directory at {source!r}. Pass a directory written by "
-                                 "EditSet.save_pretrained, or a Hub repo id such as 'user/my-edit'.")
-    kw = dict(repo_id=source, cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only,
-              token=token)
+        raise AdapterFormatError(
+            f"No adapter directory at {source!r}. Pass a directory written by "
+            "EditSet.save_pretrained, or a Hub repo id such as 'user/my-edit'."
+        )
+    kw = dict(
+        repo_id=source,
+        cache_dir=cache_dir,
+        force_download=force_download,
+        local_files_only=local_files_only,
+        token=token,
+    )
     first = Path(hf_hub_download(filename=ADAPTER_CONFIG, revision=revision, **kw))
     commit = first.parent.name if _COMMIT.fullmatch(first.parent.name) else revision
     meta_path = Path(hf_hub_download(filename=KNOWEDIT_CONFIG, revision=commit, **kw))

@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import importlib
 import types
-from typing import Any, Callable, Dict, Tuple
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -22,7 +23,7 @@ from .stack import STATE_ATTR, get_state, merge_and_unload
 
 #: method name -> ("module:function", needs_tokenizer). The function's first argument is the
 #: model; when ``needs_tokenizer`` the second is the tokenizer.
-MODEL_METHODS: Dict[str, Tuple[str, bool]] = {
+MODEL_METHODS: dict[str, tuple[str, bool]] = {
     "apply_edits": ("hf_knowedit.editing:apply_edits", True),
     "revert_edits": ("hf_knowedit.stack:revert_edits", False),
     "merge_edits": ("hf_knowedit.stack:merge_edits", False),
@@ -44,8 +45,10 @@ def _tokenizer(model: nn.Module) -> Any:
     state = get_state(model, create=False)
     tok = state.tokenizer if state is not None else None
     if tok is None:
-        raise MissingTokenizerError("This model has no tokenizer attached: call hf_knowedit.attach(model, tokenizer) "
-                                    "(or model.set_edit_tokenizer(tokenizer) with KnowEditMixin).")
+        raise MissingTokenizerError(
+            "This model has no tokenizer attached: call hf_knowedit.attach(model, tokenizer) "
+            "(or model.set_edit_tokenizer(tokenizer) with KnowEditMixin)."
+        )
     return tok
 
 
@@ -100,8 +103,10 @@ def detach(model: nn.Module, *, keep_edits: bool = False) -> nn.Module:
     state = get_state(model, create=False)
     if state is not None and state.sets:
         if not keep_edits:
-            raise KnowEditError(f"Edit sets {list(state.sets)} are active: revert them first "
-                                "(model.revert_edits()), or detach(model, keep_edits=True) to bake them in.")
+            raise KnowEditError(
+                f"Edit sets {list(state.sets)} are active: revert them first "
+                "(model.revert_edits()), or detach(model, keep_edits=True) to bake them in."
+            )
         merge_and_unload(model)
     for name in MODEL_METHODS:
         model.__dict__.pop(name, None)
@@ -129,6 +134,7 @@ class KnowEditMixin:
 
 def _install_mixin_methods() -> None:
     for name in MODEL_METHODS:
+
         def lazy(self: Any, *args: Any, __name: str = name, **kwargs: Any) -> Any:
             return _make_method(__name)(self, *args, **kwargs)
 

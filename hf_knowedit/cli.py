@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 
-def _load(name: str, dtype: str) -> Tuple[Any, Any]:
+def _load(name: str, dtype: str) -> tuple[Any, Any]:
     import torch
 
     torch_dtype = getattr(torch, dtype)
@@ -32,7 +32,7 @@ def _load(name: str, dtype: str) -> Tuple[Any, Any]:
     return model.eval(), tok
 
 
-def _top(model: Any, tok: Any, prompt: str, k: int = 5) -> List[Tuple[str, float]]:
+def _top(model: Any, tok: Any, prompt: str, k: int = 5) -> list[tuple[str, float]]:
     import torch
 
     ids = tok(prompt, return_tensors="pt").to(model.device)
@@ -134,10 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     from .errors import KnowEditError
 
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any
 
 import torch
 
@@ -32,7 +32,9 @@ class ModuleDelta:
 
     def __post_init__(self) -> None:
         if self.A.dim() != 2 or self.B.dim() != 2 or self.A.shape[0] != self.B.shape[1]:
-            raise ValueError(f"ModuleDelta needs A [r, in] and B [out, r]; got {tuple(self.A.shape)} and {tuple(self.B.shape)}")
+            raise ValueError(
+                f"ModuleDelta needs A [r, in] and B [out, r]; got {tuple(self.A.shape)} and {tuple(self.B.shape)}"
+            )
         self.A = self.A.detach().float()
         self.B = self.B.detach().float()
 
@@ -54,7 +56,7 @@ class ModuleDelta:
         return bool(torch.isfinite(self.A).all() and torch.isfinite(self.B).all())
 
     @classmethod
-    def from_dense(cls, delta: torch.Tensor) -> "ModuleDelta":
+    def from_dense(cls, delta: torch.Tensor) -> ModuleDelta:
         """Exact full-rank factors of a dense ``[out, in]`` delta (one factor is the identity)."""
         out_dim, in_dim = delta.shape
         delta = delta.detach().float()
@@ -63,7 +65,7 @@ class ModuleDelta:
         return cls(A=delta, B=torch.eye(out_dim, device=delta.device), dense=True)
 
     @classmethod
-    def from_factors(cls, B: torch.Tensor, A: torch.Tensor, dense_fraction: float = 0.5) -> "ModuleDelta":
+    def from_factors(cls, B: torch.Tensor, A: torch.Tensor, dense_fraction: float = 0.5) -> ModuleDelta:
         """``B @ A``; stored dense when the rank exceeds ``dense_fraction * min(in, out)``
         (then the factors would be larger than the matrix they describe)."""
         r, (out_dim, in_dim) = A.shape[0], (B.shape[0], A.shape[1])
@@ -72,7 +74,7 @@ class ModuleDelta:
         return cls(A=A, B=B)
 
 
-def fingerprint(weight: torch.Tensor) -> Dict[str, Any]:
+def fingerprint(weight: torch.Tensor) -> dict[str, Any]:
     """Identify a base weight: exact sha256 of its float32 bytes plus a small numeric sketch
     (projections on fixed pseudo-random vectors), which still matches the same weights in
     another dtype. See :func:`fingerprints_match`."""
@@ -87,7 +89,7 @@ def fingerprint(weight: torch.Tensor) -> Dict[str, Any]:
     }
 
 
-def fingerprints_match(a: Dict[str, Any], b: Dict[str, Any], rtol: float = 2e-2) -> bool:
+def fingerprints_match(a: dict[str, Any], b: dict[str, Any], rtol: float = 2e-2) -> bool:
     """Same shape and either the exact hash or the sketch agrees (same weights, other dtype)."""
     if list(a["shape"]) != list(b["shape"]):
         return False

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -27,7 +28,7 @@ from .stack import conflict_error, find_conflicts, get_state, push_edit_set
 logger = logging.getLogger(__name__)
 
 
-def check_layers(model: nn.Module, layers: Sequence[int]) -> List[int]:
+def check_layers(model: nn.Module, layers: Sequence[int]) -> list[int]:
     """Validate explicit layer indices (negative ones count from the end)."""
     n = num_layers(model)
     out = []
@@ -40,9 +41,19 @@ def check_layers(model: nn.Module, layers: Sequence[int]) -> List[int]:
     return sorted(out)
 
 
-def apply_edits(model: nn.Module, tokenizer: Any, requests: Any, method: str = "rome", *, config: Any = None,
-                layers: Layers = None, merge: bool = True, name: Optional[str] = None,
-                allow_conflicts: bool = False, **overrides: Any) -> EditSet:
+def apply_edits(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Any,
+    method: str = "rome",
+    *,
+    config: Any = None,
+    layers: Layers = None,
+    merge: bool = True,
+    name: str | None = None,
+    allow_conflicts: bool = False,
+    **overrides: Any,
+) -> EditSet:
     """Rewrite facts in ``model`` and return the :class:`EditSet` that did it.
 
     Args:

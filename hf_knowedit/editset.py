@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 import torch
 from huggingface_hub import ModelCard, ModelHubMixin
@@ -24,6 +24,7 @@ from huggingface_hub.utils import validate_hf_hub_args
 from . import adapter_files
 from .deltas import ModuleDelta
 from .requests import EditRequest
+
 
 @dataclass
 class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editing"], pipeline_tag="text-generation"):
@@ -50,39 +51,48 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
         name: the name under which the set is active on a model.
     """
 
-    deltas: Dict[str, ModuleDelta]
-    requests: List[EditRequest]
+    deltas: dict[str, ModuleDelta]
+    requests: list[EditRequest]
     method: str
-    config: Dict[str, Any] = field(default_factory=dict)
-    layers: List[int] = field(default_factory=list)
-    fingerprints: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    layouts: Dict[str, str] = field(default_factory=dict)
-    base_model: Optional[str] = None
-    revision: Optional[str] = None
-    stats_key: Optional[Any] = None
-    metrics: Dict[str, Any] = field(default_factory=dict)
-    state: Dict[str, torch.Tensor] = field(default_factory=dict)
-    name: Optional[str] = None
+    config: dict[str, Any] = field(default_factory=dict)
+    layers: list[int] = field(default_factory=list)
+    fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    layouts: dict[str, str] = field(default_factory=dict)
+    base_model: str | None = None
+    revision: str | None = None
+    stats_key: Any | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    name: str | None = None
 
     def __repr__(self) -> str:
         ranks = {m.split(".")[-3] if m.count(".") >= 3 else m: d.rank for m, d in self.deltas.items()}
-        return (f"EditSet(name={self.name!r}, method={self.method!r}, edits={len(self.requests)}, "
-                f"layers={self.layers}, ranks={ranks})")
+        return (
+            f"EditSet(name={self.name!r}, method={self.method!r}, edits={len(self.requests)}, "
+            f"layers={self.layers}, ranks={ranks})"
+        )
 
     def __len__(self) -> int:
         return len(self.requests)
 
     # -- Hub / disk (ModelHubMixin); the format lives in hf_knowedit.adapter_files ------------
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "EditSet":
+    def __new__(cls, *args: Any, **kwargs: Any) -> EditSet:
         # ModelHubMixin.__new__ would capture the JSON-able init arguments as a config and write
         # them to config.json, which transformers would take for a model config. An edit set's
         # configuration is its adapter files, so that machinery is skipped.
         return object.__new__(cls)
 
-    def save_pretrained(self, save_directory: Union[str, Path], *, config: Optional[dict] = None,
-                        repo_id: Optional[str] = None, push_to_hub: bool = False,
-                        model_card_kwargs: Optional[Dict[str, Any]] = None, **push_to_hub_kwargs: Any) -> Optional[str]:
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        config: dict | None = None,
+        repo_id: str | None = None,
+        push_to_hub: bool = False,
+        model_card_kwargs: dict[str, Any] | None = None,
+        **push_to_hub_kwargs: Any,
+    ) -> str | None:
         """Write the adapter into ``save_directory`` atomically (a temporary directory beside it, then
         a rename: a failure leaves no half-written adapter), and push it if ``push_to_hub``.
 
@@ -91,12 +101,15 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
         with adapter_files.atomic_directory(save_directory) as tmp:
             super().save_pretrained(tmp, config=config, model_card_kwargs=model_card_kwargs)
         if push_to_hub:
-            return self.push_to_hub(repo_id=repo_id or Path(save_directory).name, config=config,
-                                    model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
+            return self.push_to_hub(
+                repo_id=repo_id or Path(save_directory).name,
+                config=config,
+                model_card_kwargs=model_card_kwargs,
+                **push_to_hub_kwargs,
+            )
         return None
 
-    def push_to_hub(self, repo_id: str, *, model_card_kwargs: Optional[Dict[str, Any]] = None,
-                    **kwargs: Any) -> str:
+    def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> str:
         """Save into a temporary directory and upload it as one commit (arguments as in
         :meth:`huggingface_hub.ModelHubMixin.push_to_hub`); the model card names ``repo_id``."""
         card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
@@ -111,27 +124,53 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
 
     @classmethod
     @validate_hf_hub_args
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *, force_download: bool = False,
-                        token: Union[str, bool, None] = None, cache_dir: Union[str, Path, None] = None,
-                        local_files_only: bool = False, revision: Optional[str] = None,
-                        **model_kwargs: Any) -> "EditSet":
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+        **model_kwargs: Any,
+    ) -> EditSet:
         """Read an edit set from a directory or a Hub repo (arguments as in
         :meth:`huggingface_hub.ModelHubMixin.from_pretrained`). Safetensors and JSON only.
 
         Unlike the mixin's default this does not look for a ``config.json`` first (an adapter has
         none, and the lookup fails offline); everything else is the mixin's contract.
         """
-        return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), revision=revision,
-                                    cache_dir=cache_dir, force_download=force_download,
-                                    local_files_only=local_files_only, token=token, **model_kwargs)
+        return cls._from_pretrained(
+            model_id=str(pretrained_model_name_or_path),
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            **model_kwargs,
+        )
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision: Optional[str], cache_dir: Union[str, Path, None],
-                         force_download: bool, local_files_only: bool, token: Union[str, bool, None],
-                         **model_kwargs: Any) -> "EditSet":
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        **model_kwargs: Any,
+    ) -> EditSet:
         if model_kwargs:
             raise TypeError(f"EditSet.from_pretrained() got unexpected keyword arguments {sorted(model_kwargs)}.")
-        directory = adapter_files.fetch_adapter(model_id, revision=revision, cache_dir=cache_dir,
-                                                force_download=force_download, local_files_only=local_files_only,
-                                                token=token)
+        directory = adapter_files.fetch_adapter(
+            model_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+        )
         return cls(**adapter_files.read_adapter(directory))

@@ -38,9 +38,17 @@ def _join(start: str, new: str) -> str:
 
 
 @torch.no_grad()
-def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
-                   seed: int | None = 0, top_k: int | None = 5, per_prompt: int = 1,
-                   batch_size: int = 64) -> list[str]:
+def generate_texts(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    seed: int | None = 0,
+    top_k: int | None = 5,
+    per_prompt: int = 1,
+    batch_size: int = 64,
+) -> list[str]:
     """``prompt + continuation`` for each prompt, ``per_prompt`` times each, in the order of ``prompts``.
 
     Exactly ``max_new_tokens`` tokens are generated (fewer only where the model's positions run out),
@@ -55,18 +63,30 @@ def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, 
     width = max(len(ids) for _, ids in rows)
     new_tokens = max(1, min(max_new_tokens, max_positions(model) - width))
     sample = seed is not None
-    options = dict(do_sample=sample, top_k=top_k if sample else None, top_p=1.0 if sample else None,
-                   temperature=1.0 if sample else None)
+    options = dict(
+        do_sample=sample,
+        top_k=top_k if sample else None,
+        top_p=1.0 if sample else None,
+        temperature=1.0 if sample else None,
+    )
     rng_devices = [] if device.type == "cpu" else [device.index or 0]
     out: list[str] = []
     with torch.random.fork_rng(devices=rng_devices, device_type=device.type), frozen(model, params=False):
         if sample:
             torch.manual_seed(int(seed))
         for i in range(0, len(rows), max(1, int(batch_size))):
-            chunk = rows[i:i + batch_size]
+            chunk = rows[i : i + batch_size]
             ids, mask, _, _ = pad_batch([r for _, r in chunk], pad, "left", device, width=width)
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, pad_token_id=pad, num_beams=1, use_cache=True, **options)
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=pad,
+                num_beams=1,
+                use_cache=True,
+                **options,
+            )
             for (start, _), row in zip(chunk, gen):
-                out.append(_join(start, tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True)))
+                out.append(_join(start, tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True)))
     return out

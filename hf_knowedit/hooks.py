@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,7 +92,7 @@ class Trace(contextlib.AbstractContextManager):
         retain_output: bool = True,
         clone: bool = False,
         detach: bool = False,
-        edit_output: Optional[EditFn] = None,
+        edit_output: EditFn | None = None,
         stop: bool = False,
     ) -> None:
         module = path if isinstance(path, nn.Module) else get_module(model, path)
@@ -136,7 +137,7 @@ class TraceDict(OrderedDict, contextlib.AbstractContextManager):
         retain_output: bool = True,
         clone: bool = False,
         detach: bool = False,
-        edit_output: Optional[EditFn] = None,
+        edit_output: EditFn | None = None,
         stop: bool = False,
     ) -> None:
         super().__init__()
@@ -168,9 +169,7 @@ class TraceDict(OrderedDict, contextlib.AbstractContextManager):
 
 def count_forward_hooks(model: nn.Module) -> int:
     """Number of forward (pre-)hooks registered on any submodule (for tests)."""
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()
-    )
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 # -----------------------------------------------------------------------------
@@ -187,19 +186,20 @@ class LowRankHook:
         >>> handle = module.register_forward_hook(LowRankHook([(B, A)]))
     """
 
-    def __init__(self, factors: Sequence[Tuple[torch.Tensor, torch.Tensor]],
-                 active: Optional[Callable[[], bool]] = None) -> None:
-        self.factors: List[Tuple[torch.Tensor, torch.Tensor]] = list(factors)
+    def __init__(
+        self, factors: Sequence[tuple[torch.Tensor, torch.Tensor]], active: Callable[[], bool] | None = None
+    ) -> None:
+        self.factors: list[tuple[torch.Tensor, torch.Tensor]] = list(factors)
         self.active = active
-        self._on: Dict[Any, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._on: dict[Any, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def _factors_on(self, device: torch.device) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    def _factors_on(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cached = self._on.setdefault(device, [])
-        for B, A in self.factors[len(cached):]:
+        for B, A in self.factors[len(cached) :]:
             cached.append((B.to(device), A.to(device)))
         return cached
 
-    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if self.active is not None and not self.active():
             return None
         x = args[0].float()
@@ -256,7 +256,7 @@ class ReplayBlock(nn.Module):
 
 
 @contextlib.contextmanager
-def replaced_blocks(model: nn.Module, spec: ArchitectureSpec, stubs: Dict[int, nn.Module]) -> Iterator[None]:
+def replaced_blocks(model: nn.Module, spec: ArchitectureSpec, stubs: dict[int, nn.Module]) -> Iterator[None]:
     """Put ``stubs[i]`` in place of decoder block ``i`` (in the ``spec.layers`` ModuleList) for the
     duration; the original blocks are always put back. No ``forward`` is replaced."""
     if not stubs:

@@ -32,7 +32,7 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any
 
 import torch
 from huggingface_hub import HfApi, hf_hub_download
@@ -66,24 +66,28 @@ class StatsKey:
     n_tokens: int
     dtype: str
 
-    def metadata(self) -> Dict[str, str]:
+    def metadata(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_metadata(cls, meta: Dict[str, str]) -> "StatsKey":
+    def from_metadata(cls, meta: dict[str, str]) -> StatsKey:
         try:
-            return cls(meta["model"], int(meta["layer"]), meta["module"], meta["corpus"], int(meta["n_tokens"]),
-                       meta["dtype"])
+            return cls(
+                meta["model"], int(meta["layer"]), meta["module"], meta["corpus"], int(meta["n_tokens"]), meta["dtype"]
+            )
         except (KeyError, ValueError) as err:
-            raise StatisticsMismatchError(f"Statistics metadata is incomplete ({err}); expected the keys "
-                                          "model, layer, module, corpus, n_tokens, dtype. Recompute the file.") from err
+            raise StatisticsMismatchError(
+                f"Statistics metadata is incomplete ({err}); expected the keys "
+                "model, layer, module, corpus, n_tokens, dtype. Recompute the file."
+            ) from err
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
 
     def filename(self) -> str:
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model.split(":")[-1] if self.model.startswith("weights:")
-                      else self.model)[:60]
+        slug = re.sub(
+            r"[^A-Za-z0-9._-]+", "_", self.model.split(":")[-1] if self.model.startswith("weights:") else self.model
+        )[:60]
         return f"{slug}--L{self.layer}--{self.digest()[:16]}.safetensors"
 
 
@@ -100,7 +104,7 @@ class SecondMoment:
     matrix: torch.Tensor
     n_tokens: int
     key: StatsKey
-    _factor: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    _factor: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_identity(self) -> bool:
@@ -122,21 +126,29 @@ class SecondMoment:
                 factor, info = torch.linalg.cholesky_ex(c + jitter * scale * eye)
                 if int(info) == 0 and torch.isfinite(factor).all():
                     if jitter:
-                        logger.warning("Second moment at %s is singular; added %.0e * mean(diag) to its diagonal. "
-                                       "Use more tokens (n_tokens >> %d) for a better estimate.",
-                                       self.key.module, jitter, c.shape[0])
+                        logger.warning(
+                            "Second moment at %s is singular; added %.0e * mean(diag) to its diagonal. "
+                            "Use more tokens (n_tokens >> %d) for a better estimate.",
+                            self.key.module,
+                            jitter,
+                            c.shape[0],
+                        )
                     self._factor = factor
                     break
             else:
-                raise SingularSystemError(f"The second moment at {self.key.module} is not positive definite even "
-                                          "after regularisation; recompute it with more tokens or use mom2='identity'.")
+                raise SingularSystemError(
+                    f"The second moment at {self.key.module} is not positive definite even "
+                    "after regularisation; recompute it with more tokens or use mom2='identity'."
+                )
         return self._factor
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """``C⁻¹ rhs`` for ``rhs`` of shape ``[d_in]`` or ``[d_in, m]``, in float64 via the cached Cholesky
         factor; returned in ``rhs``'s dtype and device."""
         if rhs.shape[0] != self.d_in:
-            raise InvalidConfigError(f"solve: rhs has {rhs.shape[0]} rows, the second moment is {self.d_in}x{self.d_in}.")
+            raise InvalidConfigError(
+                f"solve: rhs has {rhs.shape[0]} rows, the second moment is {self.d_in}x{self.d_in}."
+            )
         if self.is_identity:
             return rhs.clone()
         factor = self.cholesky()
@@ -145,16 +157,23 @@ class SecondMoment:
 
     # -- files ---------------------------------------------------------------
 
-    def save(self, path: Union[str, Path]) -> Path:
+    def save(self, path: str | Path) -> Path:
         """Write this entry as one safetensors file (format in the module docstring), atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.key.metadata(),
-                "n_tokens_used": str(self.n_tokens), "d_in": str(self.d_in)}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **self.key.metadata(),
+            "n_tokens_used": str(self.n_tokens),
+            "d_in": str(self.d_in),
+        }
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
         os.close(fd)
         try:
-            save_file({TENSOR_NAME: self.matrix.detach().to("cpu", DTYPES[self.key.dtype]).contiguous()}, tmp, metadata=meta)
+            save_file(
+                {TENSOR_NAME: self.matrix.detach().to("cpu", DTYPES[self.key.dtype]).contiguous()}, tmp, metadata=meta
+            )
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -162,8 +181,7 @@ class SecondMoment:
         return path
 
     @classmethod
-    def load(cls, path: Union[str, Path], expected: Optional[StatsKey] = None, *,
-             device: Any = None) -> "SecondMoment":
+    def load(cls, path: str | Path, expected: StatsKey | None = None, *, device: Any = None) -> SecondMoment:
         """Read a file written by :meth:`save`. With ``expected``, every key field must match, else
         :class:`StatisticsMismatchError` says which (another model, layer, module, corpus, ...)."""
         path = Path(path)
@@ -171,23 +189,37 @@ class SecondMoment:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != FORMAT:
-                    raise StatisticsMismatchError(f"{path} is not an hf_knowedit second-moment file "
-                                                  f"(metadata format={meta.get('format')!r}).")
+                    raise StatisticsMismatchError(
+                        f"{path} is not an hf_knowedit second-moment file (metadata format={meta.get('format')!r})."
+                    )
                 matrix = f.get_tensor(TENSOR_NAME)
         except StatisticsMismatchError:
             raise
         except Exception as err:  # unreadable / not safetensors
-            raise StatisticsMismatchError(f"Cannot read statistics file {path}: {err}. Delete it to recompute.") from err
+            raise StatisticsMismatchError(
+                f"Cannot read statistics file {path}: {err}. Delete it to recompute."
+            ) from err
         key = StatsKey.from_metadata(meta)
         if expected is not None and key != expected:
-            diff = [f"{k}: file has {getattr(key, k)!r}, expected {getattr(expected, k)!r}"
-                    for k in ("model", "layer", "module", "corpus", "n_tokens", "dtype")
-                    if getattr(key, k) != getattr(expected, k)]
-            raise StatisticsMismatchError(f"Statistics file {path} was computed for something else ("
-                                          + "; ".join(diff) + "). Use the file made for this model and layer, "
-                                          "or delete it to recompute.")
-        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or str(matrix.shape[0]) != meta.get("d_in", str(matrix.shape[0])):
-            raise StatisticsMismatchError(f"Statistics file {path} holds a {tuple(matrix.shape)} matrix, not [d_in, d_in].")
+            diff = [
+                f"{k}: file has {getattr(key, k)!r}, expected {getattr(expected, k)!r}"
+                for k in ("model", "layer", "module", "corpus", "n_tokens", "dtype")
+                if getattr(key, k) != getattr(expected, k)
+            ]
+            raise StatisticsMismatchError(
+                f"Statistics file {path} was computed for something else ("
+                + "; ".join(diff)
+                + "). Use the file made for this model and layer, "
+                "or delete it to recompute."
+            )
+        if (
+            matrix.dim() != 2
+            or matrix.shape[0] != matrix.shape[1]
+            or str(matrix.shape[0]) != meta.get("d_in", str(matrix.shape[0]))
+        ):
+            raise StatisticsMismatchError(
+                f"Statistics file {path} holds a {tuple(matrix.shape)} matrix, not [d_in, d_in]."
+            )
         if device is not None:
             matrix = matrix.to(device)
         return cls(matrix, int(meta.get("n_tokens_used", key.n_tokens)), key)
@@ -205,13 +237,13 @@ def default_cache_dir() -> Path:
 class StatsCache:
     """A directory of second-moment files, one per :class:`StatsKey` (see module docstring)."""
 
-    def __init__(self, directory: Union[str, Path, None] = None) -> None:
+    def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory) if directory is not None else default_cache_dir()
 
     def path(self, key: StatsKey) -> Path:
         return self.directory / key.filename()
 
-    def get(self, key: StatsKey, device: Any = None) -> Optional[SecondMoment]:
+    def get(self, key: StatsKey, device: Any = None) -> SecondMoment | None:
         """The entry for ``key``, or None. A file under the key's name with other metadata raises
         :class:`StatisticsMismatchError`."""
         path = self.path(key)
@@ -229,7 +261,6 @@ class StatsCache:
         return f"StatsCache({str(self.directory)!r})"
 
 
-
 def identity_moment(model: nn.Module, layer: int) -> SecondMoment:
     """``C = I`` (``mom2="identity"``): ROME without the covariance adjustment, labelled ``corpus="identity"``."""
     spec = get_architecture(model)
@@ -245,9 +276,17 @@ def identity_moment(model: nn.Module, layer: int) -> SecondMoment:
 STATS_FOLDER = "second_moments"
 
 
-def push_statistics(entry_or_path: Any, repo_id: str, *, repo_type: str = "model", revision: Optional[str] = None,
-                    token: Union[str, bool, None] = None, private: Optional[bool] = None,
-                    commit_message: Optional[str] = None, create_pr: Optional[bool] = None) -> Any:
+def push_statistics(
+    entry_or_path: Any,
+    repo_id: str,
+    *,
+    repo_type: str = "model",
+    revision: str | None = None,
+    token: str | bool | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    create_pr: bool | None = None,
+) -> Any:
     """Upload one second-moment cache entry (a :class:`SecondMoment` or a file
     written by ``SecondMoment.save``) to ``repo_id`` under ``second_moments/<StatsKey.filename()>``.
 
@@ -262,16 +301,31 @@ def push_statistics(entry_or_path: Any, repo_id: str, *, repo_type: str = "model
             entry = SecondMoment.load(path)
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True).repo_id
-        return api.upload_file(path_or_fileobj=str(path), path_in_repo=f"{STATS_FOLDER}/{entry.key.filename()}",
-                               repo_id=repo_id, repo_type=repo_type, revision=revision, create_pr=create_pr,
-                               commit_message=commit_message or f"Second moment of {entry.key.module} "
-                                                                f"({entry.key.n_tokens} tokens, {entry.key.corpus})")
+        return api.upload_file(
+            path_or_fileobj=str(path),
+            path_in_repo=f"{STATS_FOLDER}/{entry.key.filename()}",
+            repo_id=repo_id,
+            repo_type=repo_type,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message
+            or f"Second moment of {entry.key.module} ({entry.key.n_tokens} tokens, {entry.key.corpus})",
+        )
 
 
-def pull_statistics(repo_id: str, key_or_filename: Any, *, repo_type: str = "model", revision: Optional[str] = None,
-                    cache_dir: Union[str, Path, None] = None, token: Union[str, bool, None] = None,
-                    force_download: bool = False, local_files_only: bool = False, device: Any = None,
-                    stats_cache: Any = None) -> Any:
+def pull_statistics(
+    repo_id: str,
+    key_or_filename: Any,
+    *,
+    repo_type: str = "model",
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    device: Any = None,
+    stats_cache: Any = None,
+) -> Any:
     """Download a second-moment entry pushed by :func:`push_statistics` and return the
     :class:`SecondMoment`.
 
@@ -284,8 +338,16 @@ def pull_statistics(repo_id: str, key_or_filename: Any, *, repo_type: str = "mod
     filename = expected.filename() if expected is not None else str(key_or_filename)
     if "/" not in filename:
         filename = f"{STATS_FOLDER}/{filename}"
-    path = hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision, cache_dir=cache_dir,
-                           token=token, force_download=force_download, local_files_only=local_files_only)
+    path = hf_hub_download(
+        repo_id,
+        filename,
+        repo_type=repo_type,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        force_download=force_download,
+        local_files_only=local_files_only,
+    )
     entry = SecondMoment.load(path, expected=expected, device=device)
     if stats_cache is not None:
         stats_cache.put(entry)

@@ -16,8 +16,9 @@ replaced by ``{}`` (first occurrence).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, List, Mapping, Optional, Tuple
+from typing import Any
 
 from .errors import EditConflictError, InvalidRequestError, SubjectNotFoundError
 
@@ -38,10 +39,10 @@ class EditRequest:
     prompt: str
     subject: str
     target_new: str
-    target_true: Optional[str] = None
-    paraphrases: Tuple[str, ...] = ()
-    neighborhood: Tuple[str, ...] = ()
-    case_id: Optional[Any] = None
+    target_true: str | None = None
+    paraphrases: tuple[str, ...] = ()
+    neighborhood: tuple[str, ...] = ()
+    case_id: Any | None = None
 
     @property
     def text(self) -> str:
@@ -49,7 +50,7 @@ class EditRequest:
         return self.prompt.replace("{}", self.subject, 1)
 
     @property
-    def relation_key(self) -> Tuple[str, str]:
+    def relation_key(self) -> tuple[str, str]:
         """What two requests must share to rewrite the same fact: (subject, relation template)."""
         return (self.subject.casefold(), self.prompt.strip().casefold())
 
@@ -59,11 +60,11 @@ class EditRequest:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "EditRequest":
+    def from_dict(cls, d: Mapping[str, Any]) -> EditRequest:
         return to_request(d)
 
 
-def _text(value: Any) -> Optional[str]:
+def _text(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, Mapping):
@@ -76,8 +77,10 @@ def _templatize(prompt: str, subject: str) -> str:
         return prompt
     i = prompt.find(subject)
     if i < 0:
-        raise SubjectNotFoundError(f"Subject {subject!r} does not occur in prompt {prompt!r}; use a template with '{{}}'.")
-    return prompt[:i] + "{}" + prompt[i + len(subject):]
+        raise SubjectNotFoundError(
+            f"Subject {subject!r} does not occur in prompt {prompt!r}; use a template with '{{}}'."
+        )
+    return prompt[:i] + "{}" + prompt[i + len(subject) :]
 
 
 def to_request(item: Any) -> EditRequest:
@@ -88,10 +91,13 @@ def to_request(item: Any) -> EditRequest:
         if "requested_rewrite" in item:  # CounterFact, full schema
             rw = item["requested_rewrite"]
             req = EditRequest(
-                prompt=rw.get("prompt", ""), subject=_text(rw.get("subject")) or "",
-                target_new=_text(rw.get("target_new")) or "", target_true=_text(rw.get("target_true")),
+                prompt=rw.get("prompt", ""),
+                subject=_text(rw.get("subject")) or "",
+                target_new=_text(rw.get("target_new")) or "",
+                target_true=_text(rw.get("target_true")),
                 paraphrases=tuple(item.get("paraphrase_prompts", ())),
-                neighborhood=tuple(item.get("neighborhood_prompts", ())), case_id=item.get("case_id"),
+                neighborhood=tuple(item.get("neighborhood_prompts", ())),
+                case_id=item.get("case_id"),
             )
         else:  # our own keys, or EasyEdit's flat records
             subject = _text(item.get("subject")) or ""
@@ -99,7 +105,8 @@ def to_request(item: Any) -> EditRequest:
             locality = item.get("locality_prompt") or item.get("neighborhood") or ()
             req = EditRequest(
                 prompt=_templatize(item.get("prompt", ""), subject) if subject else item.get("prompt", ""),
-                subject=subject, target_new=_text(item.get("target_new")) or "",
+                subject=subject,
+                target_new=_text(item.get("target_new")) or "",
                 target_true=_text(item.get("target_true", item.get("ground_truth"))),
                 paraphrases=tuple([rephrase] if isinstance(rephrase, str) else rephrase),
                 neighborhood=tuple([locality] if isinstance(locality, str) else locality),
@@ -110,9 +117,15 @@ def to_request(item: Any) -> EditRequest:
             f"Cannot read an edit request from {type(item).__name__}; pass hf_knowedit.EditRequest(...), "
             "a dict with prompt/subject/target_new, or a CounterFact record."
         )
-    req = EditRequest(req.prompt, req.subject.strip(), req.target_new.strip(),
-                      req.target_true.strip() if req.target_true else req.target_true,
-                      tuple(req.paraphrases), tuple(req.neighborhood), req.case_id)
+    req = EditRequest(
+        req.prompt,
+        req.subject.strip(),
+        req.target_new.strip(),
+        req.target_true.strip() if req.target_true else req.target_true,
+        tuple(req.paraphrases),
+        tuple(req.neighborhood),
+        req.case_id,
+    )
     validate(req)
     return req
 
@@ -120,7 +133,9 @@ def to_request(item: Any) -> EditRequest:
 def validate(req: EditRequest) -> None:
     """Raise a typed error for a malformed request."""
     if not isinstance(req.prompt, str) or "{}" not in req.prompt:
-        raise InvalidRequestError(f"Prompt {req.prompt!r} has no '{{}}' placeholder for the subject; write e.g. '{{}} is located in'.")
+        raise InvalidRequestError(
+            f"Prompt {req.prompt!r} has no '{{}}' placeholder for the subject; write e.g. '{{}} is located in'."
+        )
     if not req.subject:
         raise SubjectNotFoundError("The subject is empty; give the entity whose fact you mean, e.g. subject='Angola'.")
     if not req.target_new:
@@ -131,7 +146,7 @@ def validate(req: EditRequest) -> None:
         )
 
 
-def normalize_requests(requests: Any) -> List[EditRequest]:
+def normalize_requests(requests: Any) -> list[EditRequest]:
     """A list of validated :class:`EditRequest` from one request or an iterable of them.
 
     Exact duplicates inside the batch are an error, and so are two requests that send the
@@ -149,8 +164,6 @@ def normalize_requests(requests: Any) -> List[EditRequest]:
         prev = seen.get(r.relation_key)
         if prev is not None:
             what = "twice" if prev.target_new == r.target_new else f"to both {prev.target_new!r} and {r.target_new!r}"
-            raise EditConflictError(
-                f"The batch rewrites {r.text!r} {what}; keep one request per subject and relation."
-            )
+            raise EditConflictError(f"The batch rewrites {r.text!r} {what}; keep one request per subject and relation.")
         seen[r.relation_key] = r
     return out

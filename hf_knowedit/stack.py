@@ -23,9 +23,10 @@ import dataclasses
 import logging
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,9 +34,15 @@ from torch import nn
 from .architectures import get_module
 from .deltas import fingerprint, fingerprints_match
 from .editset import EditSet
+from .errors import (
+    BaseModelMismatchError,
+    EditConflictError,
+    EditSetNotFoundError,
+    InvalidConfigError,
+    KnowEditError,
+    NonFiniteUpdateError,
+)
 from .hooks import LowRankHook
-from .errors import (BaseModelMismatchError, EditConflictError, EditSetNotFoundError, InvalidConfigError,
-                     KnowEditError, NonFiniteUpdateError)
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +53,7 @@ STATE_ATTR = "_hf_knowedit"
 class _Active:
     edit_set: EditSet
     merged: bool
-    hooks: List[Any] = field(default_factory=list)
+    hooks: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -54,14 +61,14 @@ class KnowEditState:
     """Everything hf_knowedit keeps on a model instance (one attribute, no globals)."""
 
     tokenizer: Any = None
-    sets: "OrderedDict[str, _Active]" = field(default_factory=OrderedDict)
-    base: Dict[str, torch.Tensor] = field(default_factory=dict)
+    sets: OrderedDict[str, _Active] = field(default_factory=OrderedDict)
+    base: dict[str, torch.Tensor] = field(default_factory=dict)
     disabled: int = 0
-    history: Dict[str, Any] = field(default_factory=dict)  # method state across calls (e.g. AlphaEdit keys)
+    history: dict[str, Any] = field(default_factory=dict)  # method state across calls (e.g. AlphaEdit keys)
     counter: int = 0
 
 
-def get_state(model: nn.Module, create: bool = True) -> Optional[KnowEditState]:
+def get_state(model: nn.Module, create: bool = True) -> KnowEditState | None:
     state = model.__dict__.get(STATE_ATTR)
     if state is None and create:
         state = KnowEditState()
@@ -99,8 +106,10 @@ def _recompute(model: nn.Module, state: KnowEditState, path: str, skip_merged: b
 def _check_finite_merge(model: nn.Module, state: KnowEditState, es: EditSet) -> None:
     for path, d in es.deltas.items():
         if not d.is_finite():
-            raise NonFiniteUpdateError(f"The update for {path} contains NaN/Inf; nothing was written. "
-                                       "Lower the learning rate or clamp, or check the statistics.")
+            raise NonFiniteUpdateError(
+                f"The update for {path} contains NaN/Inf; nothing was written. "
+                "Lower the learning rate or clamp, or check the statistics."
+            )
         w = _weight(model, path)
         base = state.base.get(path, w)
         if not torch.isfinite(base.float() + _layout_delta(d.delta(w.device), es.layouts.get(path, "linear"))).all():
@@ -113,30 +122,37 @@ def check_compatible(model: nn.Module, es: EditSet, force: bool = False) -> None
         try:
             w = _weight(model, path)
         except (AttributeError, KeyError, IndexError, InvalidConfigError) as err:
-            raise BaseModelMismatchError(f"The edit set touches {path!r}, which this model does not have; "
-                                         "it was made for another architecture.") from err
+            raise BaseModelMismatchError(
+                f"The edit set touches {path!r}, which this model does not have; it was made for another architecture."
+            ) from err
         layout = es.layouts.get(path, "linear")
         want = tuple(_layout_delta(torch.empty(d.shape, device="meta"), layout).shape)
         if tuple(w.shape) != want:
-            raise BaseModelMismatchError(f"{path}: the edit set expects a weight of shape {want}, the model has "
-                                         f"{tuple(w.shape)}; it was made for another model.")
+            raise BaseModelMismatchError(
+                f"{path}: the edit set expects a weight of shape {want}, the model has "
+                f"{tuple(w.shape)}; it was made for another model."
+            )
         fp = es.fingerprints.get(path)
         if fp is not None and not fingerprints_match(fp, fingerprint(w)):
             if not force:
                 raise BaseModelMismatchError(
                     f"{path}: the base weights differ from those the edit set was computed on (fingerprint "
                     "mismatch). Load it into the base model it was made for (and any edit sets it was stacked "
-                    "on, in order), or pass force=True to apply it anyway.")
+                    "on, in order), or pass force=True to apply it anyway."
+                )
             logger.warning("Applying edit set to %s despite a base-weight fingerprint mismatch (force=True).", path)
 
 
-def conflict_error(conflicts: List[str]) -> EditConflictError:
+def conflict_error(conflicts: list[str]) -> EditConflictError:
     """The error for requests that rewrite facts an active set already rewrote (see :func:`find_conflicts`)."""
-    return EditConflictError("This edit rewrites facts an active edit set already rewrote: " + "; ".join(conflicts)
-                             + ". Revert the earlier set, or pass allow_conflicts=True to stack anyway.")
+    return EditConflictError(
+        "This edit rewrites facts an active edit set already rewrote: "
+        + "; ".join(conflicts)
+        + ". Revert the earlier set, or pass allow_conflicts=True to stack anyway."
+    )
 
 
-def find_conflicts(model: nn.Module, es: EditSet) -> List[str]:
+def find_conflicts(model: nn.Module, es: EditSet) -> list[str]:
     """Requests of ``es`` that rewrite a fact an active set already rewrote to another target."""
     state = get_state(model, create=False)
     if state is None:
@@ -150,8 +166,15 @@ def find_conflicts(model: nn.Module, es: EditSet) -> List[str]:
     return out
 
 
-def push_edit_set(model: nn.Module, es: EditSet, *, merge: bool = True, name: Optional[str] = None,
-                  allow_conflicts: bool = False, force: bool = False) -> EditSet:
+def push_edit_set(
+    model: nn.Module,
+    es: EditSet,
+    *,
+    merge: bool = True,
+    name: str | None = None,
+    allow_conflicts: bool = False,
+    force: bool = False,
+) -> EditSet:
     """Activate ``es`` on ``model``: all modules or none. Returns the set with its name."""
     state = get_state(model)
     if name is None:
@@ -161,14 +184,18 @@ def push_edit_set(model: nn.Module, es: EditSet, *, merge: bool = True, name: Op
             state.counter += 1
             name = f"{es.method}-{state.counter}"
     elif name in state.sets:
-        raise KnowEditError(f"An edit set named {name!r} is already active; pick another name or revert it first. "
-                            f"Active: {list(state.sets)}")
+        raise KnowEditError(
+            f"An edit set named {name!r} is already active; pick another name or revert it first. "
+            f"Active: {list(state.sets)}"
+        )
     conflicts = find_conflicts(model, es)
     if conflicts:
         if not allow_conflicts:
             raise conflict_error(conflicts)
-        logger.warning("This edit rewrites facts an active edit set already rewrote (allow_conflicts=True): %s",
-                       "; ".join(conflicts))
+        logger.warning(
+            "This edit rewrites facts an active edit set already rewrote (allow_conflicts=True): %s",
+            "; ".join(conflicts),
+        )
     check_compatible(model, es, force=force)
     if merge:
         _check_finite_merge(model, state, es)
@@ -187,8 +214,9 @@ def push_edit_set(model: nn.Module, es: EditSet, *, merge: bool = True, name: Op
     except BaseException:
         _drop(model, state, name)
         raise
-    logger.info("Applied edit set %r (%s, %d edits, %s).", name, es.method, len(es.requests),
-                "merged" if merge else "hooked")
+    logger.info(
+        "Applied edit set %r (%s, %d edits, %s).", name, es.method, len(es.requests), "merged" if merge else "hooked"
+    )
     return es
 
 
@@ -216,7 +244,7 @@ def _drop(model: nn.Module, state: KnowEditState, name: str) -> None:
         _recompute(model, state, path)
 
 
-def _names(state: Optional[KnowEditState], name: Optional[str]) -> List[str]:
+def _names(state: KnowEditState | None, name: str | None) -> list[str]:
     if state is None or not state.sets:
         if name is None:
             return []
@@ -228,7 +256,7 @@ def _names(state: Optional[KnowEditState], name: Optional[str]) -> List[str]:
     return [name]
 
 
-def revert_edits(model: nn.Module, name: Optional[str] = None) -> List[str]:
+def revert_edits(model: nn.Module, name: str | None = None) -> list[str]:
     """Remove one edit set (``name``) or all of them, restoring weights bit-exactly.
 
     Returns the names removed.
@@ -242,7 +270,7 @@ def revert_edits(model: nn.Module, name: Optional[str] = None) -> List[str]:
     return names
 
 
-def merge_edits(model: nn.Module, name: Optional[str] = None) -> None:
+def merge_edits(model: nn.Module, name: str | None = None) -> None:
     """Move hooked edit sets into the weights (float32 math, finiteness checked)."""
     state = get_state(model, create=False)
     for n in _names(state, name):
@@ -257,7 +285,7 @@ def merge_edits(model: nn.Module, name: Optional[str] = None) -> None:
             _recompute(model, state, path)
 
 
-def unmerge_edits(model: nn.Module, name: Optional[str] = None) -> None:
+def unmerge_edits(model: nn.Module, name: str | None = None) -> None:
     """Take merged edit sets out of the weights and apply them through hooks instead."""
     state = get_state(model, create=False)
     for n in _names(state, name):
@@ -298,31 +326,45 @@ class ActiveEdit:
     name: str
     method: str
     edits: int
-    layers: Tuple[int, ...]
+    layers: tuple[int, ...]
     merged: bool
-    modules: Tuple[str, ...]
+    modules: tuple[str, ...]
 
     def __str__(self) -> str:
-        return (f"{self.name}: {self.method}, {self.edits} edit(s) at layer(s) {list(self.layers)}, "
-                f"{'merged' if self.merged else 'hooked'}")
+        return (
+            f"{self.name}: {self.method}, {self.edits} edit(s) at layer(s) {list(self.layers)}, "
+            f"{'merged' if self.merged else 'hooked'}"
+        )
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "layers": list(self.layers), "modules": list(self.modules)}
 
     def __getitem__(self, key: str) -> Any:  # list_edits returned dicts before 0.2
-        warnings.warn("list_edits() entries are ActiveEdit objects now: use edit.name instead of edit['name'] "
-                      "(or edit.to_dict()); item access goes away in the next release.", FutureWarning, stacklevel=2)
+        warnings.warn(
+            "list_edits() entries are ActiveEdit objects now: use edit.name instead of edit['name'] "
+            "(or edit.to_dict()); item access goes away in the next release.",
+            FutureWarning,
+            stacklevel=2,
+        )
         return self.to_dict()[key]
 
 
-def list_edits(model: nn.Module) -> List[ActiveEdit]:
+def list_edits(model: nn.Module) -> list[ActiveEdit]:
     """The active edit sets, oldest first (name, method, number of edits, layers, mode, modules)."""
     state = get_state(model, create=False)
     if state is None:
         return []
-    return [ActiveEdit(name=n, method=a.edit_set.method, edits=len(a.edit_set.requests),
-                       layers=tuple(a.edit_set.layers), merged=a.merged, modules=tuple(a.edit_set.deltas))
-            for n, a in state.sets.items()]
+    return [
+        ActiveEdit(
+            name=n,
+            method=a.edit_set.method,
+            edits=len(a.edit_set.requests),
+            layers=tuple(a.edit_set.layers),
+            merged=a.merged,
+            modules=tuple(a.edit_set.deltas),
+        )
+        for n, a in state.sets.items()
+    ]
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -346,8 +388,15 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_edits(model: nn.Module, source: Union[EditSet, str, Path], name: Optional[str] = None, merge: bool = True,
-               force: bool = False, allow_conflicts: bool = False, **hub_kwargs: Any) -> EditSet:
+def load_edits(
+    model: nn.Module,
+    source: EditSet | str | Path,
+    name: str | None = None,
+    merge: bool = True,
+    force: bool = False,
+    allow_conflicts: bool = False,
+    **hub_kwargs: Any,
+) -> EditSet:
     """Apply a saved edit set: an :class:`EditSet`, an adapter directory, or a Hub repo id.
 
     Shapes and base-weight fingerprints of every touched module are checked first; a mismatch

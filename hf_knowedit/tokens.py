@@ -13,21 +13,21 @@ occurrence of the subject is used (the reference ROME code does the same); pass
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, List, Sequence, Tuple
+from typing import Any
 
 import torch
 
 from .errors import InvalidRequestError, MissingTokenizerError, SubjectNotFoundError
 
-Span = Tuple[int, int]
+Span = tuple[int, int]
 
 
 def _require_fast(tokenizer: Any) -> None:
     if tokenizer is None:
         raise MissingTokenizerError(
-            "This call needs a tokenizer: pass tokenizer=... or attach one with "
-            "hf_knowedit.attach(model, tokenizer)."
+            "This call needs a tokenizer: pass tokenizer=... or attach one with hf_knowedit.attach(model, tokenizer)."
         )
     if not getattr(tokenizer, "is_fast", False):
         raise MissingTokenizerError(
@@ -60,7 +60,7 @@ def subject_char_span(prompt: str, subject: str, occurrence: int = 0) -> Span:
     return start, start + len(needle)
 
 
-def chars_to_tokens(offsets: Sequence[Tuple[int, int]], char_span: Span) -> Span:
+def chars_to_tokens(offsets: Sequence[tuple[int, int]], char_span: Span) -> Span:
     """Tokens whose characters overlap ``char_span`` (zero-width special tokens never do)."""
     cs, ce = char_span
     hits = [i for i, (s, e) in enumerate(offsets) if e > s and s < ce and e > cs]
@@ -85,10 +85,12 @@ def subject_token_span(tokenizer: Any, prompt: str, subject: str, occurrence: in
     return chars_to_tokens(encode(tokenizer, prompt)["offset_mapping"], char_span)
 
 
-def fill_template(template: str, subject: str) -> Tuple[str, Span]:
+def fill_template(template: str, subject: str) -> tuple[str, Span]:
     """Fill the first ``{}`` of ``template``; return the prompt and the subject's char span."""
     if "{}" not in template:
-        raise InvalidRequestError(f"Prompt {template!r} has no '{{}}' placeholder for the subject; write e.g. '{{}} is located in'.")
+        raise InvalidRequestError(
+            f"Prompt {template!r} has no '{{}}' placeholder for the subject; write e.g. '{{}} is located in'."
+        )
     head, tail = template.split("{}", 1)
     subject = subject.strip()
     if not subject:
@@ -101,7 +103,7 @@ class EncodedPrompt:
     """A filled prompt, its ids, and the subject's token span within them."""
 
     text: str
-    input_ids: List[int]
+    input_ids: list[int]
     subject_span: Span
 
     @property
@@ -124,7 +126,7 @@ def target_separator(prompt: str) -> str:
     return "" if not prompt or prompt[-1].isspace() else " "
 
 
-def split_prompt_target(tokenizer: Any, prompt: str, target: str) -> Tuple[List[int], List[int]]:
+def split_prompt_target(tokenizer: Any, prompt: str, target: str) -> tuple[list[int], list[int]]:
     """Ids of ``prompt`` and of ``target`` as they appear in ``prompt + " " + target``.
 
     The target is tokenized in context (after the separating space), so it matches
@@ -139,7 +141,7 @@ def split_prompt_target(tokenizer: Any, prompt: str, target: str) -> Tuple[List[
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     cut = len(prompt)
     # first token that carries target characters (the separator space may be fused into it)
-    first = next((i for i, (s, e) in enumerate(offsets) if e > s and e > cut and full[max(s, cut):e].strip()), None)
+    first = next((i for i, (s, e) in enumerate(offsets) if e > s and e > cut and full[max(s, cut) : e].strip()), None)
     if first is None:
         raise InvalidRequestError(f"Target {target!r} tokenizes to nothing after prompt {prompt!r}.")
     end = len(ids)
@@ -164,8 +166,9 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad: int = 0, padding_side: str = "right",
-              device: Any = None, width: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
+def pad_batch(
+    seqs: Sequence[Sequence[int]], pad: int = 0, padding_side: str = "right", device: Any = None, width: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """``(input_ids, attention_mask, position_ids, offsets)`` of token-id rows padded to one width.
 
     Rows are padded to the longest row (or to ``width`` if larger). ``offsets[i]`` is the index of
@@ -182,8 +185,8 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad: int = 0, padding_side: str = "
     offsets = []
     for i, s in enumerate(seqs):
         start = width - len(s) if padding_side == "left" else 0
-        ids[i, start:start + len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, start:start + len(s)] = 1
+        ids[i, start : start + len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, start : start + len(s)] = 1
         offsets.append(start)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), position_ids.to(device), offsets

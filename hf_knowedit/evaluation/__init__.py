@@ -24,26 +24,41 @@ The guide is ``docs/evaluation.md``.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
 from ..errors import InvalidConfigError
+from ..generation import generate_texts
 from . import metrics
 from .datasets import SCHEMAS, EvalRecord, load_records
 from .metrics import aggregate
 from .protocols import PROTOCOLS, Scorer, encode_record, run_protocol
 from .results import EvalResult
-from ..generation import generate_texts
 from .scoring import TargetScore, score_targets
 
 
-def evaluate(model: nn.Module, tokenizer: Any, records: Union[str, Iterable[Any]], *, method: Optional[str] = None,
-             protocol: str = "single", schema: Optional[str] = None, limit: Optional[int] = None,
-             batch_size: int = 10, curve_every: Optional[int] = None, fluency: bool = True,
-             seed: Optional[int] = 0, max_new_tokens: int = 90, score_batch_size: int = 32,
-             on_error: str = "record", zsre_target: str = "answers", progress: bool = True,
-             **edit_kwargs: Any) -> EvalResult:
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    records: str | Iterable[Any],
+    *,
+    method: str | None = None,
+    protocol: str = "single",
+    schema: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 10,
+    curve_every: int | None = None,
+    fluency: bool = True,
+    seed: int | None = 0,
+    max_new_tokens: int = 90,
+    score_batch_size: int = 32,
+    on_error: str = "record",
+    zsre_target: str = "answers",
+    progress: bool = True,
+    **edit_kwargs: Any,
+) -> EvalResult:
     """Score ``model`` on benchmark records, before and (with ``method``) after editing.
 
     Args:
@@ -64,7 +79,8 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Union[str, Iterable[Any]
         zsre_target: ``"answers"`` (MEMIT: edit to ``answers[0]``) or ``"alt"`` (EasyEdit).
         **edit_kwargs: passed to :func:`hf_knowedit.apply_edits` (``config=``, ``layers=``, method options).
 
-    Returns an :class:`EvalResult`; the model is left as it was (edits reverted; method history is left to the methods, see :mod:`.protocols`).
+    Returns an :class:`EvalResult`; the model is left as it was (edits reverted; method history is left
+    to the methods, see :mod:`.protocols`).
     Bad records raise :class:`~hf_knowedit.errors.InvalidDataError` naming the record and field, before
     anything is edited.
     """
@@ -73,24 +89,73 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Union[str, Iterable[Any]
     start = time.perf_counter()
     recs = load_records(records, schema, limit=limit, zsre_target=zsre_target)
     encoded = [encode_record(tokenizer, r) for r in recs]
-    scorer = Scorer(model, tokenizer, encoded, batch_size=score_batch_size, fluency=fluency, seed=seed,
-                    max_new_tokens=max_new_tokens)
-    parts = run_protocol(model, tokenizer, scorer, method=method, protocol=protocol, batch_size=batch_size,
-                         curve_every=curve_every, on_error=on_error, edit_kwargs=edit_kwargs, progress=progress)
+    scorer = Scorer(
+        model,
+        tokenizer,
+        encoded,
+        batch_size=score_batch_size,
+        fluency=fluency,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+    )
+    parts = run_protocol(
+        model,
+        tokenizer,
+        scorer,
+        method=method,
+        protocol=protocol,
+        batch_size=batch_size,
+        curve_every=curve_every,
+        on_error=on_error,
+        edit_kwargs=edit_kwargs,
+        progress=progress,
+    )
     post_cases = parts["post_cases"]
-    per_record = [{"index": r.index, "case_id": r.case_id, "pre": parts["pre_cases"][i],
-                   "post": None if post_cases is None else post_cases[i]} for i, r in enumerate(recs)]
+    per_record = [
+        {
+            "index": r.index,
+            "case_id": r.case_id,
+            "pre": parts["pre_cases"][i],
+            "post": None if post_cases is None else post_cases[i],
+        }
+        for i, r in enumerate(recs)
+    ]
     timing = dict(parts["timing"], total_s=time.perf_counter() - start)
-    settings = {"seed": seed, "fluency": fluency, "max_new_tokens": max_new_tokens,
-                "score_batch_size": score_batch_size, "padding_side": getattr(tokenizer, "padding_side", None),
-                "edit_kwargs": {k: repr(v) for k, v in edit_kwargs.items()}}
+    settings = {
+        "seed": seed,
+        "fluency": fluency,
+        "max_new_tokens": max_new_tokens,
+        "score_batch_size": score_batch_size,
+        "padding_side": getattr(tokenizer, "padding_side", None),
+        "edit_kwargs": {k: repr(v) for k, v in edit_kwargs.items()},
+    }
     if protocol == "sequential":
         settings.update(batch_size=batch_size, curve_every=curve_every)
-    return EvalResult(method=method, protocol=protocol, schema=recs[0].schema, n_records=len(recs),
-                      pre=aggregate(parts["pre_cases"]),
-                      post=None if post_cases is None else aggregate(post_cases), curve=parts["curve"],
-                      records=per_record, failed=parts["failed"], settings=settings, timing=timing)
+    return EvalResult(
+        method=method,
+        protocol=protocol,
+        schema=recs[0].schema,
+        n_records=len(recs),
+        pre=aggregate(parts["pre_cases"]),
+        post=None if post_cases is None else aggregate(post_cases),
+        curve=parts["curve"],
+        records=per_record,
+        failed=parts["failed"],
+        settings=settings,
+        timing=timing,
+    )
 
 
-__all__ = ["EvalRecord", "EvalResult", "PROTOCOLS", "SCHEMAS", "TargetScore", "aggregate", "evaluate",
-           "generate_texts", "load_records", "metrics", "score_targets"]
+__all__ = [
+    "EvalRecord",
+    "EvalResult",
+    "PROTOCOLS",
+    "SCHEMAS",
+    "TargetScore",
+    "aggregate",
+    "evaluate",
+    "generate_texts",
+    "load_records",
+    "metrics",
+    "score_targets",
+]

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
 
 from ..errors import InvalidDataError, KnowEditError
 from ..requests import EditRequest, to_request
@@ -31,22 +32,35 @@ from ..requests import EditRequest, to_request
 SCHEMAS = ("counterfact", "counterfact_flat", "zsre")
 
 #: file names of the shared benchmark data
-FILES = {"counterfact": "counterfact_500.json", "counterfact_flat": "counterfact_flat_edit_10000.json",
-         "zsre": "zsre_eval_1037.json"}
+FILES = {
+    "counterfact": "counterfact_500.json",
+    "counterfact_flat": "counterfact_flat_edit_10000.json",
+    "zsre": "zsre_eval_1037.json",
+}
 
 
 #: schema -> the source field of EvalRecord.target_new / target_true / neighborhood_target (for error messages)
 TARGET_FIELDS = {
-    "counterfact": {"target_new": "requested_rewrite.target_new.str", "target_true": "requested_rewrite.target_true.str",
-                    "neighborhood_target": "requested_rewrite.target_true.str"},
-    "counterfact_flat": {"target_new": "target_new", "target_true": "ground_truth",
-                         "neighborhood_target": "locality_ground_truth"},
+    "counterfact": {
+        "target_new": "requested_rewrite.target_new.str",
+        "target_true": "requested_rewrite.target_true.str",
+        "neighborhood_target": "requested_rewrite.target_true.str",
+    },
+    "counterfact_flat": {
+        "target_new": "target_new",
+        "target_true": "ground_truth",
+        "neighborhood_target": "locality_ground_truth",
+    },
     "zsre": {"target_new": "answers", "target_true": "-", "neighborhood_target": "loc_ans"},
 }
 #: schema -> the source field of the rewrite / paraphrase / neighbourhood prompts
 PROMPT_FIELDS = {
-    "counterfact": {"rewrite": "requested_rewrite.prompt", "paraphrase": "paraphrase_prompts",
-                    "neighborhood": "neighborhood_prompts", "generation": "generation_prompts"},
+    "counterfact": {
+        "rewrite": "requested_rewrite.prompt",
+        "paraphrase": "paraphrase_prompts",
+        "neighborhood": "neighborhood_prompts",
+        "generation": "generation_prompts",
+    },
     "counterfact_flat": {"rewrite": "prompt", "paraphrase": "rephrase_prompt", "neighborhood": "locality_prompt"},
     "zsre": {"rewrite": "src", "paraphrase": "rephrase", "neighborhood": "loc"},
 }
@@ -70,12 +84,12 @@ class EvalRecord:
     request: EditRequest
     schema: str
     target_new: str
-    target_true: Optional[str]
-    rewrite_prompts: Tuple[str, ...]
-    paraphrase_prompts: Tuple[str, ...]
-    neighborhood_prompts: Tuple[str, ...]
+    target_true: str | None
+    rewrite_prompts: tuple[str, ...]
+    paraphrase_prompts: tuple[str, ...]
+    neighborhood_prompts: tuple[str, ...]
     neighborhood_target: str
-    generation_prompts: Tuple[str, ...] = ()
+    generation_prompts: tuple[str, ...] = ()
     index: int = 0
     case_id: Any = None
 
@@ -104,7 +118,8 @@ def detect_schema(record: Any, index: int = 0) -> str:
     raise InvalidDataError(
         f"{record_label(index)}: unknown schema (keys {shown}). Expected CounterFact "
         "('requested_rewrite', ...), flat CounterFact ('prompt', 'ground_truth', 'rephrase_prompt', ...) or zsRE "
-        f"('src', 'loc', 'answers', ...); or pass schema= one of {SCHEMAS}.")
+        f"('src', 'loc', 'answers', ...); or pass schema= one of {SCHEMAS}."
+    )
 
 
 def _get(record: Mapping, path: str, where: str) -> Any:
@@ -123,7 +138,7 @@ def _text(record: Mapping, path: str, where: str) -> str:
     return value.strip() if not path.endswith("prompt") else value
 
 
-def _prompts(record: Mapping, path: str, where: str) -> Tuple[str, ...]:
+def _prompts(record: Mapping, path: str, where: str) -> tuple[str, ...]:
     value = _get(record, path, where)
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items:
@@ -141,8 +156,7 @@ def _request(raw: Mapping, where: str, field_hint: str) -> EditRequest:
         raise InvalidDataError(f"{where}: field {field_hint!r}: {err}") from None
 
 
-def parse_record(record: Any, index: int = 0, schema: Optional[str] = None, *,
-                 zsre_target: str = "answers") -> EvalRecord:
+def parse_record(record: Any, index: int = 0, schema: str | None = None, *, zsre_target: str = "answers") -> EvalRecord:
     """One raw record -> :class:`EvalRecord` (validated)."""
     schema = schema or detect_schema(record, index)
     if schema not in SCHEMAS:
@@ -157,21 +171,50 @@ def parse_record(record: Any, index: int = 0, schema: Optional[str] = None, *,
         new = _text(record, "requested_rewrite.target_new.str", where)
         true = _text(record, "requested_rewrite.target_true.str", where)
         if "{}" not in template:
-            raise InvalidDataError(f"{where}: field 'requested_rewrite.prompt' has no '{{}}' for the subject: {template!r}.")
+            raise InvalidDataError(
+                f"{where}: field 'requested_rewrite.prompt' has no '{{}}' for the subject: {template!r}."
+            )
         gen = record.get("generation_prompts") or ()
-        req = _request({"prompt": template, "subject": subject, "target_new": new, "target_true": true,
-                        "case_id": case_id}, where, "requested_rewrite")
-        return EvalRecord(req, schema, new, true, (req.text,), _prompts(record, "paraphrase_prompts", where),
-                          _prompts(record, "neighborhood_prompts", where), true,
-                          _prompts(record, "generation_prompts", where) if gen else (), index, case_id)
+        req = _request(
+            {"prompt": template, "subject": subject, "target_new": new, "target_true": true, "case_id": case_id},
+            where,
+            "requested_rewrite",
+        )
+        return EvalRecord(
+            req,
+            schema,
+            new,
+            true,
+            (req.text,),
+            _prompts(record, "paraphrase_prompts", where),
+            _prompts(record, "neighborhood_prompts", where),
+            true,
+            _prompts(record, "generation_prompts", where) if gen else (),
+            index,
+            case_id,
+        )
     if schema == "counterfact_flat":
         subject, prompt = _text(record, "subject", where), _text(record, "prompt", where)
         new, true = _text(record, "target_new", where), _text(record, "ground_truth", where)
         loc_true = _text(record, "locality_ground_truth", where)
-        req = _request({"prompt": prompt, "subject": subject, "target_new": new, "target_true": true,
-                        "case_id": case_id}, where, "prompt")
-        return EvalRecord(req, schema, new, true, (prompt,), _prompts(record, "rephrase_prompt", where),
-                          _prompts(record, "locality_prompt", where), loc_true, (), index, case_id)
+        req = _request(
+            {"prompt": prompt, "subject": subject, "target_new": new, "target_true": true, "case_id": case_id},
+            where,
+            "prompt",
+        )
+        return EvalRecord(
+            req,
+            schema,
+            new,
+            true,
+            (prompt,),
+            _prompts(record, "rephrase_prompt", where),
+            _prompts(record, "locality_prompt", where),
+            loc_true,
+            (),
+            index,
+            case_id,
+        )
     # zsRE
     subject, src = _text(record, "subject", where), _text(record, "src", where)
     if zsre_target == "answers":
@@ -186,11 +229,12 @@ def parse_record(record: Any, index: int = 0, schema: Optional[str] = None, *,
     loc = _text(record, "loc", where)
     loc_ans = _text(record, "loc_ans", where)
     req = _request({"prompt": src, "subject": subject, "target_new": new, "case_id": case_id}, where, "src")
-    return EvalRecord(req, schema, new, None, (src,), _prompts(record, "rephrase", where), (loc + "?",),
-                      loc_ans, (), index, case_id)
+    return EvalRecord(
+        req, schema, new, None, (src,), _prompts(record, "rephrase", where), (loc + "?",), loc_ans, (), index, case_id
+    )
 
 
-def data_dir(data: Union[str, os.PathLike, None] = None) -> Path:
+def data_dir(data: str | os.PathLike | None = None) -> Path:
     """``data``, else ``$HF_KNOWEDIT_DATA``; raises :class:`InvalidDataError` when neither is set."""
     if data is None:
         data = os.environ.get("HF_KNOWEDIT_DATA")
@@ -199,8 +243,13 @@ def data_dir(data: Union[str, os.PathLike, None] = None) -> Path:
     return Path(data)
 
 
-def load_records(source: Union[str, os.PathLike, Iterable[Any]], schema: Optional[str] = None, *,
-                 limit: Optional[int] = None, zsre_target: str = "answers") -> List[EvalRecord]:
+def load_records(
+    source: str | os.PathLike | Iterable[Any],
+    schema: str | None = None,
+    *,
+    limit: int | None = None,
+    zsre_target: str = "answers",
+) -> list[EvalRecord]:
     """Read and validate benchmark records.
 
     Args:
@@ -238,4 +287,5 @@ def check_distinct(records: Sequence[EvalRecord]) -> None:
         if j != i:
             raise InvalidDataError(
                 f"{r.where}: fields 'subject' and 'prompt' repeat the fact of {records[j].where} "
-                f"({r.request.text!r}); batch protocols need one record per fact: drop one of them.")
+                f"({r.request.text!r}); batch protocols need one record per fact: drop one of them."
+            )

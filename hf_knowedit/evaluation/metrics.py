@@ -36,12 +36,12 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from statistics import fmean
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .scoring import TargetScore
 
-Pair = Tuple[TargetScore, TargetScore]  # (score of target_new, score of target_true)
+Pair = tuple[TargetScore, TargetScore]  # (score of target_new, score of target_true)
 
 #: metric names per family, in display order
 ROME_METRICS = ("S", "ES", "EM", "PS", "PM", "NS", "NM", "GE")
@@ -65,21 +65,29 @@ def magnitude(pairs: Sequence[Pair], new_should_win: bool = True) -> float:
     return fmean(sign * (n.mean_prob - t.mean_prob) for n, t in pairs)
 
 
-def counterfact_case(rewrite: Sequence[Pair], paraphrase: Sequence[Pair], neighborhood: Sequence[Pair]) -> Dict[str, float]:
+def counterfact_case(
+    rewrite: Sequence[Pair], paraphrase: Sequence[Pair], neighborhood: Sequence[Pair]
+) -> dict[str, float]:
     """ROME's per-record numbers (fractions): ES, EM, PS, PM, NS, NM."""
     return {
-        "ES": success_rate(rewrite), "EM": magnitude(rewrite),
-        "PS": success_rate(paraphrase), "PM": magnitude(paraphrase),
-        "NS": success_rate(neighborhood, new_should_win=False), "NM": magnitude(neighborhood, new_should_win=False),
+        "ES": success_rate(rewrite),
+        "EM": magnitude(rewrite),
+        "PS": success_rate(paraphrase),
+        "PM": magnitude(paraphrase),
+        "NS": success_rate(neighborhood, new_should_win=False),
+        "NM": magnitude(neighborhood, new_should_win=False),
     }
 
 
-def zsre_case(rewrite: Sequence[TargetScore], paraphrase: Sequence[TargetScore],
-              neighborhood: Sequence[TargetScore]) -> Dict[str, float]:
+def zsre_case(
+    rewrite: Sequence[TargetScore], paraphrase: Sequence[TargetScore], neighborhood: Sequence[TargetScore]
+) -> dict[str, float]:
     """MEMIT's per-record zsRE numbers (fractions): token-level top-1 accuracy."""
-    return {"Efficacy": fmean(s.token_accuracy for s in rewrite),
-            "Paraphrase": fmean(s.token_accuracy for s in paraphrase),
-            "Specificity": fmean(s.token_accuracy for s in neighborhood)}
+    return {
+        "Efficacy": fmean(s.token_accuracy for s in rewrite),
+        "Paraphrase": fmean(s.token_accuracy for s in paraphrase),
+        "Specificity": fmean(s.token_accuracy for s in neighborhood),
+    }
 
 
 def agreement(post: TargetScore, pre: TargetScore) -> float:
@@ -87,12 +95,18 @@ def agreement(post: TargetScore, pre: TargetScore) -> float:
     return fmean(a == b for a, b in zip(post.predicted, pre.predicted))
 
 
-def token_accuracy_case(rewrite: Sequence[TargetScore], paraphrase: Sequence[TargetScore],
-                        neighborhood: Sequence[TargetScore], neighborhood_pre: Sequence[TargetScore]) -> Dict[str, float]:
+def token_accuracy_case(
+    rewrite: Sequence[TargetScore],
+    paraphrase: Sequence[TargetScore],
+    neighborhood: Sequence[TargetScore],
+    neighborhood_pre: Sequence[TargetScore],
+) -> dict[str, float]:
     """EasyEdit's per-record numbers (fractions): rewrite_acc, rephrase_acc, locality."""
-    return {"rewrite_acc": fmean(s.token_accuracy for s in rewrite),
-            "rephrase_acc": fmean(s.token_accuracy for s in paraphrase),
-            "locality": fmean(agreement(a, b) for a, b in zip(neighborhood, neighborhood_pre))}
+    return {
+        "rewrite_acc": fmean(s.token_accuracy for s in rewrite),
+        "rephrase_acc": fmean(s.token_accuracy for s in paraphrase),
+        "locality": fmean(agreement(a, b) for a, b in zip(neighborhood, neighborhood_pre)),
+    }
 
 
 def harmonic_mean(values: Iterable[float]) -> float:
@@ -103,15 +117,15 @@ def harmonic_mean(values: Iterable[float]) -> float:
     return len(values) / sum(1.0 / v for v in values)
 
 
-def aggregate(cases: Sequence[Mapping[str, Optional[float]]]) -> Dict[str, float]:
+def aggregate(cases: Sequence[Mapping[str, float | None]]) -> dict[str, float]:
     """Mean of per-record fractions, in percent, plus ``S`` / ``Score`` (harmonic means) where they apply.
 
     ``GE`` is already on its own scale (100 x bits) and is averaged as is. Missing values (``None``) are skipped.
     """
-    keys: List[str] = []
+    keys: list[str] = []
     for c in cases:
         keys += [k for k in c if k not in keys]
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     for k in keys:
         vals = [c[k] for c in cases if c.get(k) is not None]
         if vals:
@@ -129,7 +143,7 @@ def aggregate(cases: Sequence[Mapping[str, Optional[float]]]) -> Dict[str, float
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
-def words(text: str) -> List[str]:
+def words(text: str) -> list[str]:
     """Word tokens: runs of word characters and single punctuation marks (close to NLTK's
     ``word_tokenize``, which ROME uses; NLTK is not a dependency here)."""
     return _WORD.findall(text)
@@ -142,7 +156,7 @@ def ngram_entropy_of(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[fl
     toks = words(text)
     terms = []
     for n, w in zip(ns, weights):
-        counts = Counter(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
+        counts = Counter(tuple(toks[i : i + n]) for i in range(len(toks) - n + 1))
         total = sum(counts.values())
         h = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
         terms.append(w * h)

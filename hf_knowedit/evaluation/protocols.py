@@ -23,18 +23,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 from huggingface_hub.utils import tqdm
 from torch import nn
 
 from ..editing import apply_edits, get_method
 from ..errors import InvalidConfigError, InvalidDataError, KnowEditError
+from ..generation import generate_texts
 from ..stack import revert_edits
 from . import metrics as M
 from .datasets import PROMPT_FIELDS, TARGET_FIELDS, EvalRecord, check_distinct
-from ..generation import generate_texts
 from .scoring import Encoded, TargetScore, score_encoded, split_prompt_target
 
 logger = logging.getLogger(__name__)
@@ -49,68 +50,85 @@ class EncodedRecord:
     ``pairs`` of (target_new, the target that should keep winning) — ``None`` where a schema has none."""
 
     record: EvalRecord
-    pairs: List[Encoded]
-    slots: Dict[str, List[Tuple[Optional[int], Optional[int]]]]
+    pairs: list[Encoded]
+    slots: dict[str, list[tuple[int | None, int | None]]]
 
 
-RecordScores = Dict[str, List[Tuple[Optional[TargetScore], Optional[TargetScore]]]]
+RecordScores = dict[str, list[tuple[TargetScore | None, TargetScore | None]]]
 
 
 def encode_record(tokenizer: Any, rec: EvalRecord) -> EncodedRecord:
     """Tokenize every (prompt, target) pair of ``rec``; typed errors name the record and field."""
-    pairs: List[Encoded] = []
+    pairs: list[Encoded] = []
 
-    def add(prompt: str, target: Optional[str], group: str, which: str, j: int) -> Optional[int]:
+    def add(prompt: str, target: str | None, group: str, which: str, j: int) -> int | None:
         if target is None:
             return None
         try:
             pairs.append(split_prompt_target(tokenizer, prompt, target))
         except KnowEditError as err:
             field = TARGET_FIELDS[rec.schema][which]
-            raise InvalidDataError(f"{rec.where}: field {field!r} ({target!r}) cannot be scored after "
-                                   f"{PROMPT_FIELDS[rec.schema][group]}[{j}]: {err}") from None
+            raise InvalidDataError(
+                f"{rec.where}: field {field!r} ({target!r}) cannot be scored after "
+                f"{PROMPT_FIELDS[rec.schema][group]}[{j}]: {err}"
+            ) from None
         if not pairs[-1][0]:
-            raise InvalidDataError(f"{rec.where}: field {PROMPT_FIELDS[rec.schema][group]!r}[{j}] gives no "
-                                   f"prompt tokens before the target; use a non-empty prompt.")
+            raise InvalidDataError(
+                f"{rec.where}: field {PROMPT_FIELDS[rec.schema][group]!r}[{j}] gives no "
+                f"prompt tokens before the target; use a non-empty prompt."
+            )
         return len(pairs) - 1
 
-    slots: Dict[str, List[Tuple[Optional[int], Optional[int]]]] = {}
+    slots: dict[str, list[tuple[int | None, int | None]]] = {}
     for group, prompts in (("rewrite", rec.rewrite_prompts), ("paraphrase", rec.paraphrase_prompts)):
-        slots[group] = [(add(p, rec.target_new, group, "target_new", j),
-                         add(p, rec.target_true, group, "target_true", j)) for j, p in enumerate(prompts)]
+        slots[group] = [
+            (add(p, rec.target_new, group, "target_new", j), add(p, rec.target_true, group, "target_true", j))
+            for j, p in enumerate(prompts)
+        ]
     slots["neighborhood"] = [
-        (add(p, rec.target_new if rec.target_true is not None else None, "neighborhood", "target_new", j),
-         add(p, rec.neighborhood_target, "neighborhood", "neighborhood_target", j))
-        for j, p in enumerate(rec.neighborhood_prompts)]
+        (
+            add(p, rec.target_new if rec.target_true is not None else None, "neighborhood", "target_new", j),
+            add(p, rec.neighborhood_target, "neighborhood", "neighborhood_target", j),
+        )
+        for j, p in enumerate(rec.neighborhood_prompts)
+    ]
     return EncodedRecord(rec, pairs, slots)
 
 
-def score_records(model: nn.Module, tokenizer: Any, encoded: Sequence[EncodedRecord], *,
-                  batch_size: int = 32) -> List[RecordScores]:
+def score_records(
+    model: nn.Module, tokenizer: Any, encoded: Sequence[EncodedRecord], *, batch_size: int = 32
+) -> list[RecordScores]:
     """Score all pairs of all records in shared batches; regroup per record."""
     flat = [p for e in encoded for p in e.pairs]
     scores = score_encoded(model, flat, tokenizer=tokenizer, batch_size=batch_size)
     out, k = [], 0
     for e in encoded:
-        mine = scores[k:k + len(e.pairs)]
+        mine = scores[k : k + len(e.pairs)]
         k += len(e.pairs)
-        out.append({g: [(None if a is None else mine[a], None if b is None else mine[b]) for a, b in e.slots[g]]
-                    for g in GROUPS})
+        out.append(
+            {
+                g: [(None if a is None else mine[a], None if b is None else mine[b]) for a, b in e.slots[g]]
+                for g in GROUPS
+            }
+        )
     return out
 
 
-def case_metrics(rec: EvalRecord, post: RecordScores, pre: RecordScores, ge: Optional[float] = None) -> Dict[str, float]:
+def case_metrics(rec: EvalRecord, post: RecordScores, pre: RecordScores, ge: float | None = None) -> dict[str, float]:
     """All per-record metrics (fractions; GE as is) of one family set: ROME's (CounterFact) or MEMIT's zsRE,
     plus the teacher-forced token-accuracy family."""
     new = {g: [n for n, _ in post[g]] for g in GROUPS}
     keep = {g: [k for _, k in post[g]] for g in GROUPS}
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     if rec.target_true is not None:
         out.update(M.counterfact_case(post["rewrite"], post["paraphrase"], post["neighborhood"]))
     else:
         out.update(M.zsre_case(new["rewrite"], new["paraphrase"], keep["neighborhood"]))
-    out.update(M.token_accuracy_case(new["rewrite"], new["paraphrase"], keep["neighborhood"],
-                                     [k for _, k in pre["neighborhood"]]))
+    out.update(
+        M.token_accuracy_case(
+            new["rewrite"], new["paraphrase"], keep["neighborhood"], [k for _, k in pre["neighborhood"]]
+        )
+    )
     if ge is not None:
         out["GE"] = ge
     return out
@@ -122,28 +140,39 @@ class Scorer:
 
     model: nn.Module
     tokenizer: Any
-    encoded: List[EncodedRecord]
+    encoded: list[EncodedRecord]
     batch_size: int = 32
     fluency: bool = True
-    seed: Optional[int] = 0
+    seed: int | None = 0
     max_new_tokens: int = 90
 
-    def scores(self, idx: Sequence[int]) -> List[RecordScores]:
+    def scores(self, idx: Sequence[int]) -> list[RecordScores]:
         return score_records(self.model, self.tokenizer, [self.encoded[i] for i in idx], batch_size=self.batch_size)
 
-    def ge(self, i: int) -> Optional[float]:
+    def ge(self, i: int) -> float | None:
         rec = self.encoded[i].record
         if not self.fluency or not rec.generation_prompts:
             return None
         seed = None if self.seed is None else self.seed + rec.index
-        texts = generate_texts(self.model, self.tokenizer, rec.generation_prompts,
-                               max_new_tokens=self.max_new_tokens, seed=seed)
+        texts = generate_texts(
+            self.model, self.tokenizer, rec.generation_prompts, max_new_tokens=self.max_new_tokens, seed=seed
+        )
         return M.ngram_entropy(texts)
 
 
-def run_protocol(model: nn.Module, tokenizer: Any, scorer: Scorer, *, method: Optional[str], protocol: str,
-                 batch_size: int = 1, curve_every: Optional[int] = None, on_error: str = "record",
-                 edit_kwargs: Optional[Dict[str, Any]] = None, progress: bool = True) -> Dict[str, Any]:
+def run_protocol(
+    model: nn.Module,
+    tokenizer: Any,
+    scorer: Scorer,
+    *,
+    method: str | None,
+    protocol: str,
+    batch_size: int = 1,
+    curve_every: int | None = None,
+    on_error: str = "record",
+    edit_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run one protocol; returns the pieces of an :class:`~hf_knowedit.evaluation.results.EvalResult`."""
     if protocol not in PROTOCOLS:
         raise InvalidConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
@@ -167,18 +196,18 @@ def run_protocol(model: nn.Module, tokenizer: Any, scorer: Scorer, *, method: Op
     pre_ge = [scorer.ge(i) for i in range(n)]
     pre_cases = [case_metrics(records[i], pre[i], pre[i], pre_ge[i]) for i in range(n)]
     timing["pre_s"] = time.perf_counter() - t0
-    out: Dict[str, Any] = {"pre_cases": pre_cases, "post_cases": None, "curve": [], "failed": [],
-                           "timing": timing}
+    out: dict[str, Any] = {"pre_cases": pre_cases, "post_cases": None, "curve": [], "failed": [], "timing": timing}
     if method is None:
         return out
 
-    applied: List[str] = []
+    applied: list[str] = []
 
     def edit(idx: Sequence[int], name: str) -> bool:
         t = time.perf_counter()
         try:
-            es = apply_edits(model, tokenizer, [records[i].request for i in idx], method=method, name=name,
-                             **edit_kwargs)
+            es = apply_edits(
+                model, tokenizer, [records[i].request for i in idx], method=method, name=name, **edit_kwargs
+            )
             applied.append(es.name)
             return True
         except KnowEditError as err:
@@ -186,13 +215,18 @@ def run_protocol(model: nn.Module, tokenizer: Any, scorer: Scorer, *, method: Op
                 raise
             where = ", ".join(records[i].where for i in idx[:3]) + (" ..." if len(idx) > 3 else "")
             logger.warning("Edit of %s failed (%s: %s); counted as failed.", where, type(err).__name__, err)
-            out["failed"].append({"records": list(idx), "case_ids": [records[i].case_id for i in idx],
-                                  "error": f"{type(err).__name__}: {err}"})
+            out["failed"].append(
+                {
+                    "records": list(idx),
+                    "case_ids": [records[i].case_id for i in idx],
+                    "error": f"{type(err).__name__}: {err}",
+                }
+            )
             return False
         finally:
             timing["edit_s"] += time.perf_counter() - t
 
-    def score(idx: Sequence[int]) -> List[Dict[str, float]]:
+    def score(idx: Sequence[int]) -> list[dict[str, float]]:
         t = time.perf_counter()
         post = scorer.scores(idx)
         cases = [case_metrics(records[i], p, pre[i], scorer.ge(i)) for i, p in zip(idx, post)]
@@ -219,7 +253,7 @@ def run_protocol(model: nn.Module, tokenizer: Any, scorer: Scorer, *, method: Op
             out["post_cases"] = score(range(n))
         else:
             chunks = [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
-            done: List[int] = []
+            done: list[int] = []
             for step, chunk in enumerate(tqdm(chunks, desc="sequential batches", disable=not progress), 1):
                 edit(chunk, f"eval-seq-{step}")
                 done += chunk

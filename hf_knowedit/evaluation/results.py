@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 from .metrics import ROME_METRICS, TOKEN_ACC_METRICS, ZSRE_METRICS
 
@@ -28,33 +29,35 @@ class EvalResult:
         timing: seconds spent scoring before, editing, scoring after, and in total.
     """
 
-    method: Optional[str]
+    method: str | None
     protocol: str
     schema: str
     n_records: int
-    pre: Dict[str, float]
-    post: Optional[Dict[str, float]] = None
-    curve: List[Dict[str, float]] = field(default_factory=list)
-    records: List[Dict[str, Any]] = field(default_factory=list)
-    failed: List[Dict[str, Any]] = field(default_factory=list)
-    settings: Dict[str, Any] = field(default_factory=dict)
-    timing: Dict[str, float] = field(default_factory=dict)
+    pre: dict[str, float]
+    post: dict[str, float] | None = None
+    curve: list[dict[str, float]] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict."""
         return json.loads(json.dumps(asdict(self), default=str))
 
-    def metric_names(self) -> List[str]:
+    def metric_names(self) -> list[str]:
         names = list(self.pre)
-        for k in (self.post or {}):
+        for k in self.post or {}:
             if k not in names:
                 names.append(k)
         return names
 
     def to_markdown(self, digits: int = 1) -> str:
         """A table: one row per metric, columns pre / post / change, grouped by family."""
-        head = (f"**{self.method or 'unedited'}**, protocol `{self.protocol}`, {self.schema}, "
-                f"{self.n_records} records" + (f", {len(self.failed)} failed edit(s)" if self.failed else ""))
+        head = (
+            f"**{self.method or 'unedited'}**, protocol `{self.protocol}`, {self.schema}, "
+            f"{self.n_records} records" + (f", {len(self.failed)} failed edit(s)" if self.failed else "")
+        )
         cols = ["metric", "family", "pre"] + (["post", "change"] if self.post is not None else [])
         lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for k in self.metric_names():
@@ -96,7 +99,7 @@ class EvalResult:
         if self.curve:
             xs = [p["n_edits"] for p in self.curve]
             for m in names:
-                line, = ax.plot(xs, [p.get(m) for p in self.curve], marker="o", label=m)
+                (line,) = ax.plot(xs, [p.get(m) for p in self.curve], marker="o", label=m)
                 ax.axhline(self.pre[m], color=line.get_color(), linestyle=":", linewidth=1)
             ax.set_xlabel("number of edits")
             ax.set_ylabel("percent (dotted: unedited)")
@@ -115,7 +118,7 @@ class EvalResult:
         return fig
 
 
-def _fmt(x: Optional[float], digits: int, sign: bool = False) -> str:
+def _fmt(x: float | None, digits: int, sign: bool = False) -> str:
     if x is None:
         return "–"
     return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"

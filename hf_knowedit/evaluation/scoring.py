@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ from ..errors import UnsupportedArchitectureError
 from ..hooks import frozen
 from ..tokens import pad_batch, pad_id, split_prompt_target
 
-Encoded = Tuple[Sequence[int], Sequence[int]]  # (prompt_ids, target_ids)
+Encoded = tuple[Sequence[int], Sequence[int]]  # (prompt_ids, target_ids)
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,9 @@ class TargetScore:
         target_ids: the target's token ids, as seen in context.
     """
 
-    logprobs: Tuple[float, ...]
-    predicted: Tuple[int, ...]
-    target_ids: Tuple[int, ...]
+    logprobs: tuple[float, ...]
+    predicted: tuple[int, ...]
+    target_ids: tuple[int, ...]
 
     @property
     def n_tokens(self) -> int:
@@ -71,7 +72,7 @@ class TargetScore:
         return math.exp(-self.mean_nll)
 
     @property
-    def hits(self) -> Tuple[bool, ...]:
+    def hits(self) -> tuple[bool, ...]:
         """Whether the arg-max equals the target token, per target token."""
         return tuple(p == t for p, t in zip(self.predicted, self.target_ids))
 
@@ -81,7 +82,7 @@ class TargetScore:
         return sum(self.hits) / self.n_tokens
 
 
-def encode_pairs(tokenizer: Any, pairs: Sequence[Tuple[str, str]]) -> List[Encoded]:
+def encode_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:
     """``split_prompt_target`` for every pair (raises its typed errors)."""
     return [split_prompt_target(tokenizer, p, t) for p, t in pairs]
 
@@ -93,8 +94,14 @@ def _accepts(module: nn.Module, name: str) -> bool:
         return False
 
 
-def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              position_ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def logits_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> torch.Tensor:
     """Float32 next-token logits ``[n, vocab]`` at positions ``(rows[i], cols[i])`` of a padded batch."""
     try:
         spec = get_architecture(model)
@@ -115,8 +122,14 @@ def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 @torch.no_grad()
-def score_encoded(model: nn.Module, encoded: Sequence[Encoded], *, tokenizer: Any = None,
-                  batch_size: int = 32, padding_side: Optional[str] = None) -> List[TargetScore]:
+def score_encoded(
+    model: nn.Module,
+    encoded: Sequence[Encoded],
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 32,
+    padding_side: str | None = None,
+) -> list[TargetScore]:
     """Score already tokenized ``(prompt_ids, target_ids)`` pairs; results in input order.
 
     ``padding_side`` defaults to ``tokenizer.padding_side`` (``"right"`` without a tokenizer).
@@ -127,15 +140,14 @@ def score_encoded(model: nn.Module, encoded: Sequence[Encoded], *, tokenizer: An
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
     for i, (p, t) in enumerate(encoded):
         if len(p) == 0 or len(t) == 0:
-            raise ValueError(f"pair {i}: prompt and target need at least one token each "
-                             f"(got {len(p)} and {len(t)}).")
+            raise ValueError(f"pair {i}: prompt and target need at least one token each (got {len(p)} and {len(t)}).")
     device = model_device(model)
     pad = pad_id(tokenizer)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
-    out: List[Optional[TargetScore]] = [None] * len(encoded)
+    out: list[TargetScore | None] = [None] * len(encoded)
     with frozen(model, params=False):
         for b in range(0, len(order), max(1, int(batch_size))):
-            idx = order[b:b + batch_size]
+            idx = order[b : b + batch_size]
             seqs = [list(encoded[i][0]) + list(encoded[i][1]) for i in idx]
             ids, mask, pos, offsets = pad_batch(seqs, pad, side, device)
             rows, cols, targets = [], [], []
@@ -155,17 +167,24 @@ def score_encoded(model: nn.Module, encoded: Sequence[Encoded], *, tokenizer: An
             k = 0
             for i in idx:
                 n = len(encoded[i][1])
-                out[i] = TargetScore(tuple(tok_lp[k:k + n]), tuple(pred[k:k + n]), tuple(encoded[i][1]))
+                out[i] = TargetScore(tuple(tok_lp[k : k + n]), tuple(pred[k : k + n]), tuple(encoded[i][1]))
                 k += n
     return out  # type: ignore[return-value]
 
 
-def score_targets(model: nn.Module, tokenizer: Any, pairs: Sequence[Tuple[str, str]], *, batch_size: int = 32,
-                  padding_side: Optional[str] = None) -> List[TargetScore]:
+def score_targets(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 32,
+    padding_side: str | None = None,
+) -> list[TargetScore]:
     """Score ``(prompt, target)`` text pairs: per-token log-probs and teacher-forced arg-max.
 
     >>> s = score_targets(model, tok, [("The Eiffel Tower is in", "Paris")])[0]
     >>> s.sum_logprob, s.mean_nll, s.token_accuracy
     """
-    return score_encoded(model, encode_pairs(tokenizer, pairs), tokenizer=tokenizer, batch_size=batch_size,
-                         padding_side=padding_side)
+    return score_encoded(
+        model, encode_pairs(tokenizer, pairs), tokenizer=tokenizer, batch_size=batch_size, padding_side=padding_side
+    )

@@ -21,5 +21,16 @@ from .memit import MassEditConfig, MEMITConfig
 from .registry import EditContext, MethodResult, available_methods, get_method, register_method
 from .rome import ROMEConfig
 
-__all__ = ["AlphaEditConfig", "EMMETConfig", "EditConfig", "EditContext", "MEMITConfig", "MassEditConfig",
-           "MethodResult", "ROMEConfig", "available_methods", "get_method", "register_method"]
+__all__ = [
+    "AlphaEditConfig",
+    "EMMETConfig",
+    "EditConfig",
+    "EditContext",
+    "MEMITConfig",
+    "MassEditConfig",
+    "MethodResult",
+    "ROMEConfig",
+    "available_methods",
+    "get_method",
+    "register_method",
+]

@@ -32,8 +32,8 @@ starts afresh explicitly.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -73,9 +73,9 @@ class AlphaEditHistory:
         projectors: ``(layer, stats key, threshold, relative)`` -> ``P`` (float32), a cache.
     """
 
-    prior: Dict[int, torch.Tensor] = field(default_factory=dict)
+    prior: dict[int, torch.Tensor] = field(default_factory=dict)
     edits: int = 0
-    projectors: Dict[Tuple, torch.Tensor] = field(default_factory=dict)
+    projectors: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
 
 def get_history(model: nn.Module) -> AlphaEditHistory:
@@ -102,10 +102,12 @@ def restore_history(model: nn.Module, edit_sets: Iterable[EditSet]) -> int:
     history = get_state(model).history.setdefault(HISTORY_KEY, AlphaEditHistory())
     added = 0
     for es in edit_sets:
-        keys = {int(k[len(STATE_PREFIX):]): v for k, v in es.state.items() if k.startswith(STATE_PREFIX)}
+        keys = {int(k[len(STATE_PREFIX) :]): v for k, v in es.state.items() if k.startswith(STATE_PREFIX)}
         if not keys:
-            raise InvalidConfigError(f"Edit set {es.name!r} ({es.method}) carries no AlphaEdit keys; "
-                                     "only sets made with method='alphaedit' can restore the history.")
+            raise InvalidConfigError(
+                f"Edit set {es.name!r} ({es.method}) carries no AlphaEdit keys; "
+                "only sets made with method='alphaedit' can restore the history."
+            )
         for layer, K in keys.items():
             K = K.double()
             history.prior[layer] = history.prior.get(layer, 0) + K.t() @ K
@@ -118,23 +120,25 @@ def compute(ctx: EditContext) -> MethodResult:
     """AlphaEdit for ``ctx.requests`` on top of the model's AlphaEdit history."""
     cfg: AlphaEditConfig = ctx.config
     chunks, layers, stats, templates = prepare(ctx)
-    history: Optional[AlphaEditHistory] = ctx.history.get(HISTORY_KEY)
+    history: AlphaEditHistory | None = ctx.history.get(HISTORY_KEY)
     old_prior = dict(history.prior) if history else {}
     cached = dict(history.projectors) if history else {}
 
-    projectors: Dict[Tuple, torch.Tensor] = {}
+    projectors: dict[tuple, torch.Tensor] = {}
     for layer in layers:
         key = (layer, stats[layer].key, cfg.nullspace_threshold, cfg.nullspace_relative)
         P = cached.get(key)
         if P is None:
-            P = nullspace_projector(stats[layer].matrix, cfg.nullspace_threshold,
-                                    relative=cfg.nullspace_relative).float()
+            P = nullspace_projector(
+                stats[layer].matrix, cfg.nullspace_threshold, relative=cfg.nullspace_relative
+            ).float()
         rank = int(round(float(P.diagonal().sum())))
         if rank == 0:
             raise InvalidConfigError(
                 f"AlphaEdit: the null space of layer {layer}'s statistics is empty (no singular value below "
                 f"{cfg.nullspace_threshold:g}), so every update would be zero. Raise nullspace_threshold, or "
-                "set nullspace_relative=True to scale it by the largest singular value.")
+                "set nullspace_relative=True to scale it by the largest singular value."
+            )
         logger.info("AlphaEdit layer %d: null space of dimension %d / %d", layer, rank, P.shape[0])
         projectors[key] = P
     P_of = {key[0]: P for key, P in projectors.items()}
@@ -143,9 +147,9 @@ def compute(ctx: EditContext) -> MethodResult:
     def solve(i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> Factors:
         return alphaedit_factors(keys, resid, P_of[layer], prior.get(layer), l2=cfg.l2)
 
-    new_keys: Dict[int, list] = {layer: [] for layer in layers}
+    new_keys: dict[int, list] = {layer: [] for layer in layers}
 
-    def remember(keys: Dict[int, torch.Tensor]) -> None:  # later chunks protect this chunk's keys
+    def remember(keys: dict[int, torch.Tensor]) -> None:  # later chunks protect this chunk's keys
         for layer, K in keys.items():
             prior[layer] = prior.get(layer, 0) + K.double().t() @ K.double()
             new_keys[layer].append(K)
@@ -159,8 +163,9 @@ def compute(ctx: EditContext) -> MethodResult:
         hist.edits += len(ctx.requests)
         hist.projectors.update(projectors)
 
-    return MethodResult(deltas=deltas, layers=layers, stats_key={l: s.key for l, s in stats.items()},
-                        state=state, commit=commit)
+    return MethodResult(
+        deltas=deltas, layers=layers, stats_key={l: s.key for l, s in stats.items()}, state=state, commit=commit
+    )
 
 
 register_method("alphaedit", compute, AlphaEditConfig)

@@ -27,8 +27,12 @@ from ..errors import InvalidConfigError
 DEFAULT_N_TOKENS = 100_000
 
 #: old name -> reference name (kept working for one release)
-ALIASES = {"steps": "v_num_grad_steps", "lr": "v_lr", "weight_decay": "v_weight_decay",
-           "clamp_factor": "clamp_norm_factor"}
+ALIASES = {
+    "steps": "v_num_grad_steps",
+    "lr": "v_lr",
+    "weight_decay": "v_weight_decay",
+    "clamp_factor": "clamp_norm_factor",
+}
 
 
 def option(default: Any, help: str, check: str | None = None, **kwargs: Any) -> Any:
@@ -80,13 +84,17 @@ class EditConfig:
     clamp_norm_factor: float = option(4.0, "delta stays in the ball of radius clamp_norm_factor * ||init||", "num>0")
     early_stop: float = option(0.05, "stop optimising a request once its loss is below this", "num>=0")
     # context templates
-    context_templates: int = option(5, "model-generated prefixes averaged over for keys and targets "
-                                       "(plus the bare prompt)", "int>=0")
+    context_templates: int = option(
+        5, "model-generated prefixes averaged over for keys and targets (plus the bare prompt)", "int>=0"
+    )
     context_length: int = option(10, "tokens per generated prefix", "int>=1")
     # second moment C = E[k kᵀ]
     mom2: str = option("corpus", "'corpus': C = E[k kᵀ] over mom2_corpus; 'identity': C = I", "choice:corpus|identity")
-    mom2_corpus: Any = option(None, "None (default corpus, see hf_knowedit.methods.statistics), a list of texts, "
-                                    "or a datasets dataset with a 'text' column")
+    mom2_corpus: Any = option(
+        None,
+        "None (default corpus, see hf_knowedit.methods.statistics), a list of texts, "
+        "or a datasets dataset with a 'text' column",
+    )
     mom2_n_tokens: int = option(DEFAULT_N_TOKENS, "tokens averaged into C", "int>=1")
     mom2_dtype: str = option("float32", "accumulation dtype of C", "choice:float32|float64")
 
@@ -97,8 +105,9 @@ class EditConfig:
             if rule:
                 check_value(owner, f.name, getattr(self, f.name), rule)
         if isinstance(self.mom2_corpus, (str, bytes)):
-            raise InvalidConfigError(f"{owner}.mom2_corpus must be None, a list of texts or a datasets dataset "
-                                     "(not one string).")
+            raise InvalidConfigError(
+                f"{owner}.mom2_corpus must be None, a list of texts or a datasets dataset (not one string)."
+            )
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -106,8 +115,11 @@ class EditConfig:
 
 
 def _old_name(self: EditConfig, old: str, new: str) -> Any:
-    warnings.warn(f"{type(self).__name__}.{old} is now {new}; the old name goes away in the next release.",
-                  FutureWarning, stacklevel=3)
+    warnings.warn(
+        f"{type(self).__name__}.{old} is now {new}; the old name goes away in the next release.",
+        FutureWarning,
+        stacklevel=3,
+    )
     return getattr(self, new)
 
 
@@ -125,8 +137,11 @@ def with_aliases(cls: type) -> type:
             new = ALIASES[old]
             if new in kwargs:
                 raise InvalidConfigError(f"{cls.__name__}: pass {new} only ({old} is its old name).")
-            warnings.warn(f"{cls.__name__}({old}=...) is now {new}=...; the old name goes away in the next release.",
-                          FutureWarning, stacklevel=2)
+            warnings.warn(
+                f"{cls.__name__}({old}=...) is now {new}=...; the old name goes away in the next release.",
+                FutureWarning,
+                stacklevel=2,
+            )
             kwargs[new] = kwargs.pop(old)
         init(self, *args, **kwargs)
 
@@ -149,8 +164,9 @@ def make_config(config_cls: type, config: Any, overrides: dict[str, Any], method
     elif isinstance(config, config_cls):
         given = {**{n: getattr(config, n) for n in names}, **overrides}
     else:
-        raise InvalidConfigError(f"config for {method!r} must be a {config_cls.__name__} or a dict, "
-                                 f"got {type(config).__name__}.")
+        raise InvalidConfigError(
+            f"config for {method!r} must be a {config_cls.__name__} or a dict, got {type(config).__name__}."
+        )
     unknown = sorted(repr(k) for k in given if k not in valid)
     if unknown:
         raise InvalidConfigError(f"Unknown option(s) {unknown} for {method!r}; valid: {sorted(names)}.")

@@ -15,7 +15,7 @@ put a random prefix before the fact: ``"{}"`` (no prefix) plus ``n`` generations
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -36,7 +36,7 @@ def _clean(text: str) -> str:
     return text + ". "
 
 
-def context_templates(model: nn.Module, tokenizer: Any, *, n: int = 5, length: int = 10, seed: int = 0) -> List[str]:
+def context_templates(model: nn.Module, tokenizer: Any, *, n: int = 5, length: int = 10, seed: int = 0) -> list[str]:
     """``["{}"]`` plus ``n`` model-generated prefixes, each ending in ``". {}"``.
 
     Prefixes start from :data:`STARTS` (cycled), ``length`` sampled tokens each, seeded.

@@ -37,8 +37,9 @@ class EMMETConfig(MassEditConfig):
     """EMMET hyper-parameters: MEMIT's (:class:`~hf_knowedit.methods.memit.MassEditConfig`) plus λ₀,
     ``emmet_lambda`` (reference 0.1) and ``update_norm_lambda`` (reference 0)."""
 
-    mom2_update_weight: float | None = option(None, "λ₀: scale of C = λ₀ C₀ (None: 15000 * d_in / 16384, "
-                                                    "as MEMIT's λ)", "?num>0")
+    mom2_update_weight: float | None = option(
+        None, "λ₀: scale of C = λ₀ C₀ (None: 15000 * d_in / 16384, as MEMIT's λ)", "?num>0"
+    )
     emmet_lambda: float = option(0.1, "ridge on D = KᵀC⁻¹K for batches > 1", "num>=0")
     update_norm_lambda: float = option(0.0, "ridge on C (penalises ‖ΔW‖)", "num>=0")
 
@@ -49,11 +50,20 @@ def compute(ctx: EditContext) -> MethodResult:
     chunks, layers, stats, templates = prepare(ctx)
 
     def solve(i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> Factors:
-        return emmet_factors(keys, resid, stats[layer].matrix, scaled_mom2_weight(keys.shape[1], cfg.mom2_update_weight),
-                             emmet_lambda=cfg.emmet_lambda, update_norm_lambda=cfg.update_norm_lambda)
+        return emmet_factors(
+            keys,
+            resid,
+            stats[layer].matrix,
+            scaled_mom2_weight(keys.shape[1], cfg.mom2_update_weight),
+            emmet_lambda=cfg.emmet_lambda,
+            update_norm_lambda=cfg.update_norm_lambda,
+        )
 
-    return MethodResult(deltas=mass_edit(ctx, chunks, layers, templates, solve), layers=layers,
-                        stats_key={l: s.key for l, s in stats.items()})
+    return MethodResult(
+        deltas=mass_edit(ctx, chunks, layers, templates, solve),
+        layers=layers,
+        stats_key={l: s.key for l, s in stats.items()},
+    )
 
 
 register_method("emmet", compute, EMMETConfig)

@@ -43,9 +43,16 @@ def group_by_size(sizes: Sequence[int], budget: int) -> list[list[int]]:
     return groups
 
 
-def compute_keys(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], layer: int,
-                 templates: Sequence[str], *, average: bool = True,
-                 batch_tokens: int = DEFAULT_BATCH_TOKENS) -> torch.Tensor:
+def compute_keys(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    layer: int,
+    templates: Sequence[str],
+    *,
+    average: bool = True,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+) -> torch.Tensor:
     """Input of ``mlp_out`` at ``layer`` at the subject's last token of each template-prefixed prompt.
 
     Returns float32 ``[n_requests, d_in]`` averaged over ``templates`` (``k*``), or

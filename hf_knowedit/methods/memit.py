@@ -100,8 +100,9 @@ class MEMITConfig(MassEditConfig):
     Llama-3-8B and 20,000 for GPT-2 XL; λ's effect depends on the key dimension, so the default
     (``None``) scales GPT-J's value to the model (:func:`hf_knowedit.methods.solvers.scaled_mom2_weight`)."""
 
-    mom2_update_weight: float | None = option(None, "λ: weight of preserving C against writing the edits "
-                                                    "(None: 15000 * d_in / 16384)", "?num>=0")
+    mom2_update_weight: float | None = option(
+        None, "λ: weight of preserving C against writing the edits (None: 15000 * d_in / 16384)", "?num>=0"
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -140,8 +141,9 @@ def check_batch(requests: Sequence[EditRequest], cfg: Any) -> list[list[EditRequ
     if len(requests) > cfg.max_batch and not cfg.chunk:
         raise BatchTooLargeError(
             f"{len(requests)} requests exceed max_batch={cfg.max_batch}. Pass chunk=True to edit them "
-            f"{cfg.max_batch} at a time, or raise max_batch.")
-    return [list(requests[i:i + cfg.max_batch]) for i in range(0, len(requests), cfg.max_batch)]
+            f"{cfg.max_batch} at a time, or raise max_batch."
+        )
+    return [list(requests[i : i + cfg.max_batch]) for i in range(0, len(requests), cfg.max_batch)]
 
 
 # -----------------------------------------------------------------------------
@@ -188,14 +190,16 @@ class PendingDeltas:
 
 
 @torch.no_grad()
-def block_output_at_subject(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], layer: int,
-                            batch_size: int = 64) -> torch.Tensor:
-    """``h_layer`` (block output) at the subject's last token of each request's plain prompt, ``[n, d_model]`` float32."""
+def block_output_at_subject(
+    model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], layer: int, batch_size: int = 64
+) -> torch.Tensor:
+    """``h_layer`` (block output) at the subject's last token of each request's plain prompt,
+    ``[n, d_model]`` float32."""
     arch = get_architecture(model)
     device = model_device(model)
     out = []
     for b in range(0, len(requests), batch_size):
-        encs = [encode_template(tokenizer, r.prompt, r.subject) for r in requests[b:b + batch_size]]
+        encs = [encode_template(tokenizer, r.prompt, r.subject) for r in requests[b : b + batch_size]]
         # right padding: real tokens keep their positions
         ids, mask, _, _ = pad_batch([e.input_ids for e in encs], pad_id(tokenizer), "right", device)
         with Trace(model, layer_path(arch, layer), retain_output=True, stop=True) as tr:
@@ -209,26 +213,47 @@ def optimize_z(ctx: EditContext, requests: Sequence[EditRequest], layer: int, te
     """MEMIT's target vectors ``z`` at the block output of ``layer``: ``[n, d_model]`` float32."""
     cfg = ctx.config
     n = len(requests)
-    with tqdm(total=cfg.v_num_grad_steps, desc=f"z for {n} requests", unit="step", leave=False,
-              disable=cfg.serial_targets) as bar:
+    with tqdm(
+        total=cfg.v_num_grad_steps, desc=f"z for {n} requests", unit="step", leave=False, disable=cfg.serial_targets
+    ) as bar:
 
         def progress(step: int, losses: torch.Tensor) -> None:
             bar.update(1)
             bar.set_postfix(above_stop=int((losses >= cfg.early_stop).sum()), mean_loss=f"{float(losses.mean()):.3f}")
 
-        result = optimize_targets(ctx.model, ctx.tokenizer, list(requests), layer, cfg, site="residual",
-                                  templates=templates, batched=not cfg.serial_targets,
-                                  batch_tokens=cfg.target_batch_tokens, progress=progress)
+        result = optimize_targets(
+            ctx.model,
+            ctx.tokenizer,
+            list(requests),
+            layer,
+            cfg,
+            site="residual",
+            templates=templates,
+            batched=not cfg.serial_targets,
+            batch_tokens=cfg.target_batch_tokens,
+            progress=progress,
+        )
     losses = torch.tensor(result.losses)
-    logger.info("z for %d requests at layer %d: mean %.1f steps, mean final loss %.3f, %d still above early_stop=%g",
-                n, layer, sum(result.steps_taken) / max(n, 1), float(losses.mean()),
-                int((losses >= cfg.early_stop).sum()), cfg.early_stop)
+    logger.info(
+        "z for %d requests at layer %d: mean %.1f steps, mean final loss %.3f, %d still above early_stop=%g",
+        n,
+        layer,
+        sum(result.steps_taken) / max(n, 1),
+        float(losses.mean()),
+        int((losses >= cfg.early_stop).sum()),
+        cfg.early_stop,
+    )
     return result.targets.float().cpu()
 
 
-def spread_updates(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
-                   templates: Sequence[str], solve: LayerSolver, pending: PendingDeltas,
-                   ) -> dict[int, torch.Tensor]:
+def spread_updates(
+    ctx: EditContext,
+    requests: Sequence[EditRequest],
+    layers: Sequence[int],
+    templates: Sequence[str],
+    solve: LayerSolver,
+    pending: PendingDeltas,
+) -> dict[int, torch.Tensor]:
     """Steps 1-2 of MEMIT for one batch: optimise ``z`` at the last layer, then write the residual
     into the layers in ascending order with ``solve``. Each layer's factors are added to
     ``pending`` (so the next layer sees them). Returns each layer's keys ``[n, d_in]``."""
@@ -239,8 +264,14 @@ def spread_updates(ctx: EditContext, requests: Sequence[EditRequest], layers: Se
         keys = compute_keys(ctx.model, ctx.tokenizer, list(requests), layer, templates).float().cpu()
         current = block_output_at_subject(ctx.model, ctx.tokenizer, requests, z_layer)
         resid = spread_residual(z - current, i, len(layers))
-        logger.info("MEMIT layer %d: %d keys, mean residual norm %.4g (layer %d of %d)", layer, len(requests),
-                    float((z - current).norm(dim=1).mean()), i + 1, len(layers))
+        logger.info(
+            "MEMIT layer %d: %d keys, mean residual norm %.4g (layer %d of %d)",
+            layer,
+            len(requests),
+            float((z - current).norm(dim=1).mean()),
+            i + 1,
+            len(layers),
+        )
         B, A = solve(i, layer, keys, resid)
         pending.add(layer, B, A)
         all_keys[layer] = keys
@@ -255,8 +286,7 @@ def second_moments(ctx: EditContext, layers: Sequence[int]) -> dict[int, Any]:
 
 def edit_templates(ctx: EditContext) -> list[str]:
     """MEMIT's context templates: ``"{}"`` plus five short generated prefixes (cached per model)."""
-    return context_templates(ctx.model, ctx.tokenizer, n=ctx.config.context_templates,
-                             length=ctx.config.context_length)
+    return context_templates(ctx.model, ctx.tokenizer, n=ctx.config.context_templates, length=ctx.config.context_length)
 
 
 # -----------------------------------------------------------------------------
@@ -272,9 +302,14 @@ def prepare(ctx: EditContext) -> tuple[list[list[EditRequest]], list[int], dict[
     return chunks, layers, second_moments(ctx, layers), edit_templates(ctx)
 
 
-def mass_edit(ctx: EditContext, chunks: Sequence[Sequence[EditRequest]], layers: Sequence[int],
-              templates: Sequence[str], solve: LayerSolver,
-              on_keys: Callable[[dict[int, torch.Tensor]], None] | None = None) -> dict[str, ModuleDelta]:
+def mass_edit(
+    ctx: EditContext,
+    chunks: Sequence[Sequence[EditRequest]],
+    layers: Sequence[int],
+    templates: Sequence[str],
+    solve: LayerSolver,
+    on_keys: Callable[[dict[int, torch.Tensor]], None] | None = None,
+) -> dict[str, ModuleDelta]:
     """Edit the chunks one after another (each on top of the previous ones, through hooks) with the
     layer solver ``solve``; ``on_keys(keys per layer)`` after each chunk. Returns one
     :class:`ModuleDelta` per layer, exact factors or dense above ``dense_fraction`` of full rank."""
@@ -283,9 +318,12 @@ def mass_edit(ctx: EditContext, chunks: Sequence[Sequence[EditRequest]], layers:
             keys = spread_updates(ctx, chunk, layers, templates, solve, pending)
             if on_keys is not None:
                 on_keys(keys)
-    return {mlp_out_path(pending.arch, layer): ModuleDelta.from_factors(*pending.merged(layer),
-                                                                         dense_fraction=ctx.config.dense_fraction)
-            for layer in layers}
+    return {
+        mlp_out_path(pending.arch, layer): ModuleDelta.from_factors(
+            *pending.merged(layer), dense_fraction=ctx.config.dense_fraction
+        )
+        for layer in layers
+    }
 
 
 def compute(ctx: EditContext) -> MethodResult:
@@ -296,8 +334,11 @@ def compute(ctx: EditContext) -> MethodResult:
         lam = scaled_mom2_weight(keys.shape[1], ctx.config.mom2_update_weight)
         return memit_factors(keys, resid, stats[layer].matrix, lam)
 
-    return MethodResult(deltas=mass_edit(ctx, chunks, layers, templates, solve), layers=layers,
-                        stats_key={l: s.key for l, s in stats.items()})
+    return MethodResult(
+        deltas=mass_edit(ctx, chunks, layers, templates, solve),
+        layers=layers,
+        stats_key={l: s.key for l, s in stats.items()},
+    )
 
 
 register_method("memit", compute, MEMITConfig)

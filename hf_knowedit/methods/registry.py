@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..architectures import ArchitectureSpec
 from ..deltas import ModuleDelta
-from ..errors import InvalidConfigError, UnknownMethodError
+from ..errors import UnknownMethodError
 from ..requests import EditRequest
 from .config import make_config
 
-Layers = Union[None, str, int, Sequence[int]]
+Layers = None | str | int | Sequence[int]
+
 
 @dataclass
 class EditContext:
@@ -31,23 +33,23 @@ class EditContext:
 
     model: nn.Module
     tokenizer: Any
-    requests: List[EditRequest]
+    requests: list[EditRequest]
     config: Any
     layers: Layers
     arch: ArchitectureSpec
-    history: Dict[str, Any]  # per-model method state (see KnowEditState.history)
-    options: Dict[str, Any] = field(default_factory=dict)
+    history: dict[str, Any]  # per-model method state (see KnowEditState.history)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class MethodResult:
     """What a method's ``compute`` returns: per-module deltas and the layers it edited."""
 
-    deltas: Dict[str, ModuleDelta]
-    layers: List[int]
+    deltas: dict[str, ModuleDelta]
+    layers: list[int]
     stats_key: Any = None
-    state: Dict[str, torch.Tensor] = field(default_factory=dict)
-    commit: Optional[Callable[[], None]] = None  # run only once the set is active (e.g. update history)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    commit: Callable[[], None] | None = None  # run only once the set is active (e.g. update history)
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,12 @@ class MethodSpec:
     config_cls: type
 
 
-_METHODS: Dict[str, MethodSpec] = {}
+_METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, compute: Callable[[EditContext], MethodResult], config_cls: type,
-                    *, overwrite: bool = False) -> None:
+def register_method(
+    name: str, compute: Callable[[EditContext], MethodResult], config_cls: type, *, overwrite: bool = False
+) -> None:
     """Register an editing method under ``name`` (lower case); ``config_cls`` is a dataclass."""
     if not isinstance(name, str) or not name or name != name.lower():
         raise ValueError(f"Method names are non-empty lower case strings, got {name!r}.")
@@ -72,7 +75,7 @@ def register_method(name: str, compute: Callable[[EditContext], MethodResult], c
     _METHODS[name] = MethodSpec(name, compute, config_cls)
 
 
-def available_methods() -> List[str]:
+def available_methods() -> list[str]:
     _load_builtin_methods()
     return sorted(_METHODS)
 
@@ -81,8 +84,10 @@ def get_method(name: str) -> MethodSpec:
     _load_builtin_methods()
     key = str(name).lower()
     if key not in _METHODS:
-        raise UnknownMethodError(f"Unknown editing method {name!r}. Please pass one of {sorted(_METHODS)}, "
-                                 "or register your own with hf_knowedit.register_method(...).")
+        raise UnknownMethodError(
+            f"Unknown editing method {name!r}. Please pass one of {sorted(_METHODS)}, "
+            "or register your own with hf_knowedit.register_method(...)."
+        )
     return _METHODS[key]
 
 
@@ -95,6 +100,6 @@ def _load_builtin_methods() -> None:
         importlib.import_module(f"{__package__}.{mod}")
 
 
-def resolve_config(spec: MethodSpec, config: Any, overrides: Dict[str, Any]) -> Any:
+def resolve_config(spec: MethodSpec, config: Any, overrides: dict[str, Any]) -> Any:
     """A ``spec.config_cls`` instance from ``None``, a dict, or an instance, plus keyword overrides."""
     return make_config(spec.config_cls, config, overrides, spec.name)

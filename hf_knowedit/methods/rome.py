@@ -63,8 +63,9 @@ class ROMEConfig(EditConfig):
     fields (``v_num_grad_steps``, ``v_lr``, ``clamp_norm_factor``, ``mom2_*``, ...) are
     :class:`~hf_knowedit.methods.config.EditConfig`'s."""
 
-    original_implementation: bool = option(False, "False: r-ROME (k* in the denominator and in W k). "
-                                                  "True: the original ROME code (un-prefixed k).", "bool")
+    original_implementation: bool = option(
+        False, "False: r-ROME (k* in the denominator and in W k). True: the original ROME code (un-prefixed k).", "bool"
+    )
 
 
 def default_layer(model: nn.Module) -> int:
@@ -82,8 +83,10 @@ def resolve_layer(model: nn.Module, layers: Any) -> int:
         return int(suggest_layers(model, kind="mlp", count=1)[0])
     layers = list(layers)
     if len(layers) != 1:
-        raise LayerOutOfRangeError(f"ROME edits exactly one layer, got {layers}; pass one index (e.g. layers=[5]) "
-                                   "or use method='memit' to spread edits over several layers.")
+        raise LayerOutOfRangeError(
+            f"ROME edits exactly one layer, got {layers}; pass one index (e.g. layers=[5]) "
+            "or use method='memit' to spread edits over several layers."
+        )
     return int(layers[0])
 
 
@@ -99,8 +102,17 @@ class RankOneUpdate:
     loss: float
 
 
-def rank_one_update(model: nn.Module, tokenizer: Any, request: EditRequest, layer: int, config: ROMEConfig,
-                    mom2: SecondMoment, templates: Sequence[str], *, fast: bool = True) -> RankOneUpdate:
+def rank_one_update(
+    model: nn.Module,
+    tokenizer: Any,
+    request: EditRequest,
+    layer: int,
+    config: ROMEConfig,
+    mom2: SecondMoment,
+    templates: Sequence[str],
+    *,
+    fast: bool = True,
+) -> RankOneUpdate:
     """Compute one ROME edit on the model as it is (see module docstring, steps 1-4)."""
     spec = get_architecture(model)
     module = get_module(model, mlp_out_path(spec, layer))
@@ -122,12 +134,21 @@ def rank_one_update(model: nn.Module, tokenizer: Any, request: EditRequest, laye
     lam = (v_star.to(w_k.device) - w_k) / denominator
     A, B = u.unsqueeze(0).float(), lam.unsqueeze(1).float()
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-        raise NonFiniteUpdateError(f"The ROME update for {request.text!r} is not finite (uᵀk = {float(denominator):.3g}); "
-                                   "nothing was written. Check the statistics, or use the default r-ROME "
-                                   "(original_implementation=False).")
-    logger.info("ROME %r -> %r at layer %d: %d steps, loss %.3f, |Λ| %.3g, uᵀk %.3g", request.text,
-                request.target_new, layer, target.steps_taken[0], target.losses[0], float(lam.norm()),
-                float(denominator))
+        raise NonFiniteUpdateError(
+            f"The ROME update for {request.text!r} is not finite (uᵀk = {float(denominator):.3g}); "
+            "nothing was written. Check the statistics, or use the default r-ROME "
+            "(original_implementation=False)."
+        )
+    logger.info(
+        "ROME %r -> %r at layer %d: %d steps, loss %.3f, |Λ| %.3g, uᵀk %.3g",
+        request.text,
+        request.target_new,
+        layer,
+        target.steps_taken[0],
+        target.losses[0],
+        float(lam.norm()),
+        float(denominator),
+    )
     return RankOneUpdate(A, B, k_star, v_star.float(), target.steps_taken[0], target.losses[0])
 
 

@@ -27,8 +27,6 @@ Formulas (paper notation, columns are vectors):
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
 from ..errors import SingularSystemError
@@ -45,10 +43,11 @@ __all__ = [
 MAX_CONDITION = 1e13
 
 
-def _check_shapes(keys: torch.Tensor, resid: torch.Tensor, square: Optional[torch.Tensor] = None) -> None:
+def _check_shapes(keys: torch.Tensor, resid: torch.Tensor, square: torch.Tensor | None = None) -> None:
     if keys.dim() != 2 or resid.dim() != 2 or keys.shape[0] != resid.shape[0]:
-        raise ValueError(f"keys [n, d_in] and resid [n, d_out] must agree on n; got {tuple(keys.shape)} "
-                         f"and {tuple(resid.shape)}")
+        raise ValueError(
+            f"keys [n, d_in] and resid [n, d_out] must agree on n; got {tuple(keys.shape)} and {tuple(resid.shape)}"
+        )
     if keys.shape[0] == 0:
         raise ValueError("No keys: a layer update needs at least one edit.")
     if square is not None and tuple(square.shape) != (keys.shape[1], keys.shape[1]):
@@ -62,8 +61,9 @@ def _spd_solve(matrix: torch.Tensor, rhs: torch.Tensor, what: str, hint: str) ->
         raise SingularSystemError(f"{what} is singular (not positive definite); {hint}")
     pivots = L.diagonal().abs()
     if float(pivots.min()) == 0.0 or float((pivots.max() / pivots.min()) ** 2) > MAX_CONDITION:
-        raise SingularSystemError(f"{what} is numerically singular (condition number above {MAX_CONDITION:.0e}); "
-                                  f"{hint}")
+        raise SingularSystemError(
+            f"{what} is numerically singular (condition number above {MAX_CONDITION:.0e}); {hint}"
+        )
     out = torch.cholesky_solve(rhs, L)
     if not torch.isfinite(out).all():
         raise SingularSystemError(f"Solving {what} gave NaN/Inf; {hint}")
@@ -82,7 +82,7 @@ def spread_residual(resid: torch.Tensor, index: int, num_layers: int) -> torch.T
 REFERENCE_MOM2_WEIGHT, REFERENCE_D_IN = 15000.0, 16384
 
 
-def scaled_mom2_weight(d_in: int, value: Optional[float] = None) -> float:
+def scaled_mom2_weight(d_in: int, value: float | None = None) -> float:
     """λ for keys of dimension ``d_in``: ``value`` when given, else ``15,000 · d_in / 16,384``.
 
     One edit with key ``k`` writes the fraction ``a / (1 + a)`` of its residual, ``a = kᵀC⁻¹k / λ``,
@@ -94,8 +94,14 @@ def scaled_mom2_weight(d_in: int, value: Optional[float] = None) -> float:
     return float(value) if value is not None else REFERENCE_MOM2_WEIGHT * d_in / REFERENCE_D_IN
 
 
-def memit_factors(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mom2_weight: float,
-                  *, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+def memit_factors(
+    keys: torch.Tensor,
+    resid: torch.Tensor,
+    cov: torch.Tensor,
+    mom2_weight: float,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MEMIT's layer update ``ΔW = R Kᵀ (λC + K Kᵀ)⁻¹`` as factors ``(B [d_out, n], A [n, d_in])``.
 
     Args:
@@ -109,8 +115,9 @@ def memit_factors(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mo
     _check_shapes(keys, resid, cov)
     K = keys.double().t()  # [d_in, n]
     system = mom2_weight * cov.double() + K @ K.t()
-    adj = _spd_solve(system, K, "MEMIT's system λC + KKᵀ",
-                     "raise mom2_update_weight, or collect statistics from more tokens")
+    adj = _spd_solve(
+        system, K, "MEMIT's system λC + KKᵀ", "raise mom2_update_weight, or collect statistics from more tokens"
+    )
     return resid.double().t().to(dtype), adj.t().to(dtype)
 
 
@@ -132,9 +139,15 @@ def nullspace_projector(cov: torch.Tensor, threshold: float = 2e-2, *, relative:
     return U @ U.t()
 
 
-def alphaedit_factors(keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor,
-                      prior: Optional[torch.Tensor] = None, l2: float = 10.0,
-                      *, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+def alphaedit_factors(
+    keys: torch.Tensor,
+    resid: torch.Tensor,
+    projector: torch.Tensor,
+    prior: torch.Tensor | None = None,
+    l2: float = 10.0,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """AlphaEdit's null-space update ``ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹`` as factors.
 
     Args:
@@ -148,8 +161,10 @@ def alphaedit_factors(keys: torch.Tensor, resid: torch.Tensor, projector: torch.
     """
     _check_shapes(keys, resid, projector)
     if not l2 > 0:
-        raise SingularSystemError(f"AlphaEdit's system P(KKᵀ + K_pK_pᵀ) + αI is singular for α = {l2}; "
-                                  "use a positive L2 (the reference uses 10).")
+        raise SingularSystemError(
+            f"AlphaEdit's system P(KKᵀ + K_pK_pᵀ) + αI is singular for α = {l2}; "
+            "use a positive L2 (the reference uses 10)."
+        )
     P = projector.double()
     K = keys.double().t()
     S = K @ K.t()
@@ -165,9 +180,16 @@ def alphaedit_factors(keys: torch.Tensor, resid: torch.Tensor, projector: torch.
     return resid.double().t().to(dtype), adj.t().to(dtype)
 
 
-def emmet_factors(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mom2_weight: float = 1.0,
-                  *, emmet_lambda: float = 0.1, update_norm_lambda: float = 0.0,
-                  dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+def emmet_factors(
+    keys: torch.Tensor,
+    resid: torch.Tensor,
+    cov: torch.Tensor,
+    mom2_weight: float = 1.0,
+    *,
+    emmet_lambda: float = 0.1,
+    update_norm_lambda: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """EMMET's equality-constrained update ``ΔW = R D⁻¹ Kᵀ C⁻¹`` as factors ``(R D⁻¹, (C⁻¹K)ᵀ)``.
 
     ``C = λ₀ C₀ + μ I`` (``mom2_weight``, ``update_norm_lambda``) and ``D = Kᵀ C⁻¹ K``, plus
@@ -182,13 +204,18 @@ def emmet_factors(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mo
     C = mom2_weight * cov.double()
     if update_norm_lambda:
         C = C + update_norm_lambda * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-    CinvK = _spd_solve(C, K, "EMMET's preservation matrix λ₀C₀ + μI",
-                       "raise update_norm_lambda or collect statistics from more tokens")
+    CinvK = _spd_solve(
+        C, K, "EMMET's preservation matrix λ₀C₀ + μI", "raise update_norm_lambda or collect statistics from more tokens"
+    )
     D = K.t() @ CinvK
     D = (D + D.t()) / 2
     if D.shape[0] > 1 and emmet_lambda:
         D = D + emmet_lambda * torch.eye(D.shape[0], dtype=D.dtype, device=D.device)
-    DinvR = _spd_solve(D, resid.double(), "EMMET's constraint matrix D = KᵀC⁻¹K",
-                       "two edits have (nearly) the same key or the batch exceeds the key dimension; "
-                       "raise emmet_lambda (the reference uses 0.1)")
+    DinvR = _spd_solve(
+        D,
+        resid.double(),
+        "EMMET's constraint matrix D = KᵀC⁻¹K",
+        "two edits have (nearly) the same key or the batch exceeds the key dimension; "
+        "raise emmet_lambda (the reference uses 0.1)",
+    )
     return DinvR.t().to(dtype), CinvK.t().to(dtype)

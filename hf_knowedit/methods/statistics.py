@@ -28,16 +28,13 @@ import json
 import logging
 import math
 import os
-import re
-import tempfile
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any
 
 import torch
-from torch import nn
-
 from huggingface_hub.utils import tqdm
+from torch import nn
 
 from ..architectures import get_architecture, get_module, mlp_out_dims, mlp_out_path, num_layers
 from ..errors import InvalidConfigError
@@ -58,7 +55,7 @@ _MEM_KEY = "stats.moments"
 _DIGEST_KEY = "stats.digests"
 _CORPUS_KEY = "stats.sampled_corpus"
 
-Corpus = Union[None, Sequence[str], Any]
+Corpus = Sequence[str] | Any | None
 
 
 # -----------------------------------------------------------------------------
@@ -72,7 +69,7 @@ def _dtype_name(dtype: Any) -> str:
     raise InvalidConfigError(f"Statistics dtype must be torch.float32 or torch.float64, got {dtype!r}.")
 
 
-def _param_digest(history: Dict[str, Any], name: str, t: torch.Tensor) -> str:
+def _param_digest(history: dict[str, Any], name: str, t: torch.Tensor) -> str:
     memo = history.setdefault(_DIGEST_KEY, {})
     tag = (t.data_ptr(), t._version, tuple(t.shape), str(t.dtype))
     hit = memo.get(name)
@@ -85,7 +82,7 @@ def _param_digest(history: Dict[str, Any], name: str, t: torch.Tensor) -> str:
     return digest
 
 
-def model_identity(model: nn.Module, layer: int, *, revision: Optional[str] = None, whole: bool = False) -> str:
+def model_identity(model: nn.Module, layer: int, *, revision: str | None = None, whole: bool = False) -> str:
     """``"name@revision"`` when a revision is given, else ``"weights:<sha256[:32]>"``: a fingerprint of the
     base weights (pristine copies where edits are merged) that the input of ``layer``'s ``mlp_out`` depends on
     (everything but later blocks, the final norm and the LM head; ``whole=True``: every weight).
@@ -163,8 +160,15 @@ SAMPLED_LENGTH = 128
 SAMPLED_STARTS = ("The", "In", "A", "It", "This", "He", "She", "After", "There", "According to", "When", "On")
 
 
-def sampled_corpus(model: nn.Module, tokenizer: Any, n_tokens: int, *, seed: int = 0,
-                   length: int = SAMPLED_LENGTH, directory: Union[str, Path, None] = None) -> List[str]:
+def sampled_corpus(
+    model: nn.Module,
+    tokenizer: Any,
+    n_tokens: int,
+    *,
+    seed: int = 0,
+    length: int = SAMPLED_LENGTH,
+    directory: str | Path | None = None,
+) -> list[str]:
     """Texts sampled from the base model itself (top-k 50, seeded), about ``n_tokens`` tokens in all.
 
     Cached per model in ``get_state(model).history`` and, with ``directory``, as a JSON file there
@@ -186,12 +190,17 @@ def sampled_corpus(model: nn.Module, tokenizer: Any, n_tokens: int, *, seed: int
             cache[key] = json.loads(path.read_text())
             logger.info("Model-sampled statistics corpus loaded from %s.", path)
             return cache[key]
-    logger.warning("No Wikipedia-like corpus available (needs the 'datasets' package and the Hub): sampling "
-                   "%d texts of %d tokens from the model itself (seed %d) for the second-moment statistics.",
-                   per_start * len(SAMPLED_STARTS), length, seed)
+    logger.warning(
+        "No Wikipedia-like corpus available (needs the 'datasets' package and the Hub): sampling "
+        "%d texts of %d tokens from the model itself (seed %d) for the second-moment statistics.",
+        per_start * len(SAMPLED_STARTS),
+        length,
+        seed,
+    )
     with disable_edits(model):
-        cache[key] = generate_texts(model, tokenizer, SAMPLED_STARTS, max_new_tokens=length, seed=seed,
-                                    per_prompt=per_start, top_k=50)
+        cache[key] = generate_texts(
+            model, tokenizer, SAMPLED_STARTS, max_new_tokens=length, seed=seed, per_prompt=per_start, top_k=50
+        )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -200,8 +209,9 @@ def sampled_corpus(model: nn.Module, tokenizer: Any, n_tokens: int, *, seed: int
     return cache[key]
 
 
-def resolve_corpus(model: nn.Module, tokenizer: Any, corpus: Corpus, n_tokens: int, max_length: int,
-                   seed: int = 0) -> tuple:
+def resolve_corpus(
+    model: nn.Module, tokenizer: Any, corpus: Corpus, n_tokens: int, max_length: int, seed: int = 0
+) -> tuple:
     """``(corpus_or_loader, identity)``; for the default, ``(None, identity)`` means "sample lazily"."""
     if corpus is not None:
         return corpus, corpus_identity(corpus, max_length)
@@ -220,13 +230,14 @@ def resolve_corpus(model: nn.Module, tokenizer: Any, corpus: Corpus, n_tokens: i
 READ_AHEAD_BATCHES = 32
 
 
-def _batches(tokenizer: Any, texts: Iterable[str], max_length: int, batch_tokens: int,
-             n_tokens: int) -> Iterable[List[List[int]]]:
+def _batches(
+    tokenizer: Any, texts: Iterable[str], max_length: int, batch_tokens: int, n_tokens: int
+) -> Iterable[list[list[int]]]:
     """The corpus's first ``n_tokens`` tokens, in text order (the last text cut short), as batches of
     token-id rows of at most ``batch_tokens`` padded tokens. Each text stays its own row (no
     cross-document attention); rows read ahead together are sorted by length, which changes which
     batch a row lands in but not the sum of ``k kᵀ``."""
-    buffer: List[List[int]] = []
+    buffer: list[list[int]] = []
     held, remaining = 0, n_tokens
     for text in texts:
         ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"][:remaining]
@@ -243,8 +254,8 @@ def _batches(tokenizer: Any, texts: Iterable[str], max_length: int, batch_tokens
     yield from _by_length(buffer, batch_tokens)
 
 
-def _by_length(rows: List[List[int]], batch_tokens: int) -> Iterable[List[List[int]]]:
-    batch: List[List[int]] = []
+def _by_length(rows: list[list[int]], batch_tokens: int) -> Iterable[list[list[int]]]:
+    batch: list[list[int]] = []
     for ids in sorted(rows, key=len):  # ascending: the batch's last row is its widest
         if batch and len(ids) * (len(batch) + 1) > batch_tokens:
             yield batch
@@ -254,11 +265,20 @@ def _by_length(rows: List[List[int]], batch_tokens: int) -> Iterable[List[List[i
         yield batch
 
 
-def compute_second_moment(model: nn.Module, tokenizer: Any, layer: int, *, corpus: Corpus = None,
-                          n_tokens: int = DEFAULT_N_TOKENS, dtype: Any = torch.float32,
-                          cache: Union[StatsCache, str, Path, None, bool] = None,
-                          batch_tokens: int = DEFAULT_BATCH_TOKENS, max_length: int = DEFAULT_MAX_LENGTH,
-                          revision: Optional[str] = None, seed: int = 0) -> SecondMoment:
+def compute_second_moment(
+    model: nn.Module,
+    tokenizer: Any,
+    layer: int,
+    *,
+    corpus: Corpus = None,
+    n_tokens: int = DEFAULT_N_TOKENS,
+    dtype: Any = torch.float32,
+    cache: StatsCache | str | Path | None | bool = None,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    revision: str | None = None,
+    seed: int = 0,
+) -> SecondMoment:
     """``C = E[k kᵀ]`` of the input of ``mlp_out`` at ``layer`` over ``n_tokens`` corpus tokens.
 
     Args:
@@ -276,7 +296,11 @@ def compute_second_moment(model: nn.Module, tokenizer: Any, layer: int, *, corpu
     The forward passes run on the base model (edits disabled), in eval mode without gradients, and
     stop right after the edited module. Results are reused from memory, then from ``cache``.
     """
-    for name, value, low in (("n_tokens", n_tokens, 1), ("batch_tokens", batch_tokens, 1), ("max_length", max_length, 1)):
+    for name, value, low in (
+        ("n_tokens", n_tokens, 1),
+        ("batch_tokens", batch_tokens, 1),
+        ("max_length", max_length, 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InvalidConfigError(f"compute_second_moment: {name} must be an int >= {low}, got {value!r}.")
     dtype_name = _dtype_name(dtype)
@@ -299,10 +323,12 @@ def compute_second_moment(model: nn.Module, tokenizer: Any, layer: int, *, corpu
             return hit
 
     if source is None:
-        source = sampled_corpus(model, tokenizer, n_tokens, seed=seed,
-                                directory=disk.directory if disk is not None else None)
-    entry = _accumulate(model, tokenizer, layer, module, d_in, source, n_tokens, DTYPES[dtype_name],
-                        batch_tokens, max_length, key)
+        source = sampled_corpus(
+            model, tokenizer, n_tokens, seed=seed, directory=disk.directory if disk is not None else None
+        )
+    entry = _accumulate(
+        model, tokenizer, layer, module, d_in, source, n_tokens, DTYPES[dtype_name], batch_tokens, max_length, key
+    )
     if disk is not None:
         path = disk.put(entry)
         logger.info("Second moment for %s saved to %s.", module, path)
@@ -310,13 +336,28 @@ def compute_second_moment(model: nn.Module, tokenizer: Any, layer: int, *, corpu
     return entry
 
 
-def _accumulate(model: nn.Module, tokenizer: Any, layer: int, module: str, d_in: int, corpus: Any, n_tokens: int,
-                dtype: torch.dtype, batch_tokens: int, max_length: int, key: StatsKey) -> SecondMoment:
+def _accumulate(
+    model: nn.Module,
+    tokenizer: Any,
+    layer: int,
+    module: str,
+    d_in: int,
+    corpus: Any,
+    n_tokens: int,
+    dtype: torch.dtype,
+    batch_tokens: int,
+    max_length: int,
+    key: StatsKey,
+) -> SecondMoment:
     device = next(model.parameters()).device
     total = torch.zeros(d_in, d_in, dtype=dtype, device=device)
     count = 0
-    with frozen(model), disable_edits(model), torch.no_grad(), \
-            tqdm(total=n_tokens, desc=f"second moment L{layer}", unit="tok", leave=False) as bar:
+    with (
+        frozen(model),
+        disable_edits(model),
+        torch.no_grad(),
+        tqdm(total=n_tokens, desc=f"second moment L{layer}", unit="tok", leave=False) as bar,
+    ):
         for batch in _batches(tokenizer, _texts(corpus), max_length, batch_tokens, n_tokens):
             ids, mask, _, _ = pad_batch(batch, 0, "right", device)
             with Trace(model, module, retain_input=True, retain_output=False, stop=True) as tr:
@@ -328,8 +369,9 @@ def _accumulate(model: nn.Module, tokenizer: Any, layer: int, module: str, d_in:
     if count == 0:
         raise InvalidConfigError("The statistics corpus produced no tokens; pass a non-empty corpus.")
     if count < n_tokens:
-        logger.warning("The statistics corpus ran out after %d of %d tokens; C is averaged over %d.",
-                       count, n_tokens, count)
+        logger.warning(
+            "The statistics corpus ran out after %d of %d tokens; C is averaged over %d.", count, n_tokens, count
+        )
     return SecondMoment(total / count, count, key)
 
 
@@ -338,5 +380,11 @@ def second_moment_for(model: nn.Module, tokenizer: Any, layer: int, config: Any)
     from a corpus (cached in memory and on disk) or the identity."""
     if config.mom2 == "identity":
         return identity_moment(model, layer)
-    return compute_second_moment(model, tokenizer, layer, corpus=config.mom2_corpus, n_tokens=config.mom2_n_tokens,
-                                 dtype=getattr(torch, config.mom2_dtype))
+    return compute_second_moment(
+        model,
+        tokenizer,
+        layer,
+        corpus=config.mom2_corpus,
+        n_tokens=config.mom2_n_tokens,
+        dtype=getattr(torch, config.mom2_dtype),
+    )

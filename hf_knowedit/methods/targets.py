@@ -33,8 +33,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..architectures import (ArchitectureSpec, get_architecture, get_module, layer_path, lm_logits, mlp_out_dims,
-                             mlp_out_path, model_device)
+from ..architectures import (
+    ArchitectureSpec,
+    get_architecture,
+    get_module,
+    layer_path,
+    lm_logits,
+    mlp_out_dims,
+    mlp_out_path,
+    model_device,
+)
 from ..errors import InvalidConfigError
 from ..hooks import ReplayBlock, Trace, first_input, hidden, replace_hidden, replaced_blocks
 from ..requests import EditRequest
@@ -48,8 +56,9 @@ logger = logging.getLogger(__name__)
 KL_PROMPT = "{} is a"
 
 
-def objective(nll: torch.Tensor, kl: torch.Tensor, delta: torch.Tensor, init: torch.Tensor,
-              kl_factor: float, weight_decay: float) -> torch.Tensor:
+def objective(
+    nll: torch.Tensor, kl: torch.Tensor, delta: torch.Tensor, init: torch.Tensor, kl_factor: float, weight_decay: float
+) -> torch.Tensor:
     """The loss of each request's ``δ`` (ROME eq. 4 with the reference code's terms)::
 
         L(δ) = NLL(δ) + kl_factor · KL(δ) + weight_decay · ‖δ‖ / ‖init‖²
@@ -116,8 +125,17 @@ def _structure(output: Any) -> Any:
     return None
 
 
-def _adam(delta: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: torch.Tensor,
-          rows: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+def _adam(
+    delta: torch.Tensor,
+    grad: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    t: torch.Tensor,
+    rows: torch.Tensor,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> None:
     """``torch.optim.Adam`` (same formulas) applied to the selected request rows only."""
     b1, b2 = betas
     g = grad[rows]
@@ -130,11 +148,22 @@ def _adam(delta: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Ten
     delta[rows] -= (lr / bc1) * m[rows] / denom
 
 
-def optimize_targets(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], layer: int,
-                     hparams: EditConfig | None = None, *, site: Literal["mlp", "residual"] = "mlp",
-                     templates: Sequence[str] = ("{}",), batched: bool = True, fast: bool = True,
-                     kl_prompts: Sequence[str] = (KL_PROMPT,), batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                     progress: Callable[[int, torch.Tensor], None] | None = None, **overrides: Any) -> TargetResult:
+def optimize_targets(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    layer: int,
+    hparams: EditConfig | None = None,
+    *,
+    site: Literal["mlp", "residual"] = "mlp",
+    templates: Sequence[str] = ("{}",),
+    batched: bool = True,
+    fast: bool = True,
+    kl_prompts: Sequence[str] = (KL_PROMPT,),
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    progress: Callable[[int, torch.Tensor], None] | None = None,
+    **overrides: Any,
+) -> TargetResult:
     """Optimise one vector per request so the model predicts ``target_new`` (see module docstring).
 
     Args:
@@ -162,17 +191,35 @@ def optimize_targets(model: nn.Module, tokenizer: Any, requests: Sequence[EditRe
         raise InvalidConfigError("optimize_targets needs at least one template, e.g. ['{}'].")
     requests = list(requests)
     if not batched and len(requests) > 1:
-        parts = [optimize_targets(model, tokenizer, [r], layer, hp, site=site, templates=templates, fast=fast,
-                                  kl_prompts=kl_prompts, batch_tokens=batch_tokens, progress=progress)
-                 for r in requests]
-        return TargetResult(torch.cat([p.targets for p in parts]), torch.cat([p.init for p in parts]),
-                            sum((p.steps_taken for p in parts), []), sum((p.losses for p in parts), []))
+        parts = [
+            optimize_targets(
+                model,
+                tokenizer,
+                [r],
+                layer,
+                hp,
+                site=site,
+                templates=templates,
+                fast=fast,
+                kl_prompts=kl_prompts,
+                batch_tokens=batch_tokens,
+                progress=progress,
+            )
+            for r in requests
+        ]
+        return TargetResult(
+            torch.cat([p.targets for p in parts]),
+            torch.cat([p.init for p in parts]),
+            sum((p.steps_taken for p in parts), []),
+            sum((p.losses for p in parts), []),
+        )
     spec = get_architecture(model)
     _, d_out = mlp_out_dims(model, spec, layer)  # raises LayerOutOfRangeError
     built = [_build(tokenizer, r, templates, kl_prompts) for r in requests]
     sizes = [len(b.rows) * max(len(row) for row in b.rows) for b in built]
-    chunks = [_Chunk(model, spec, layer, site, [(i, built[i]) for i in group])
-              for group in group_by_size(sizes, batch_tokens)]
+    chunks = [
+        _Chunk(model, spec, layer, site, [(i, built[i]) for i in group]) for group in group_by_size(sizes, batch_tokens)
+    ]
     n, device = len(requests), model_device(model)
     delta = torch.zeros(n, d_out, device=device, requires_grad=True)
     init = torch.zeros(n, d_out, device=device)
@@ -223,8 +270,9 @@ def optimize_targets(model: nn.Module, tokenizer: Any, requests: Sequence[EditRe
 class _Chunk:
     """A group of requests optimised in the same forward passes."""
 
-    def __init__(self, model: nn.Module, spec: ArchitectureSpec, layer: int, site: str,
-                 items: list[tuple[int, _Request]]) -> None:
+    def __init__(
+        self, model: nn.Module, spec: ArchitectureSpec, layer: int, site: str, items: list[tuple[int, _Request]]
+    ) -> None:
         self.model, self.spec, self.layer, self.site, self.items = model, spec, layer, site, items
         device = model_device(model)
         rows, owner, lookups, kind = [], [], [], []
@@ -246,8 +294,9 @@ class _Chunk:
         self.tgt_row = torch.tensor(tgt_row, device=device)
         self.tgt_pos = torch.tensor(tgt_pos, device=device)
         self.tgt_tok = torch.tensor(tgt_tok, device=device)
-        self.first_row = torch.tensor([sum(len(req.rows) for _, req in items[:j]) for j in range(len(items))],
-                                      device=device)
+        self.first_row = torch.tensor(
+            [sum(len(req.rows) for _, req in items[:j]) for j in range(len(items))], device=device
+        )
         self.n_rewrite = torch.tensor([req.n_rewrite for _, req in items], device=device)
         self.n_kl = torch.tensor([len(req.rows) - req.n_rewrite for _, req in items], device=device)
         self.index = torch.tensor([i for i, _ in items], device=device)
@@ -260,8 +309,17 @@ class _Chunk:
     # -- the blocks below the edited layer, once ------------------------------
 
     def record_prefix(self) -> None:
-        with torch.no_grad(), Trace(self.model, layer_path(self.spec, self.layer - 1), retain_output=True,
-                                    clone=True, detach=True, stop=True) as tr:
+        with (
+            torch.no_grad(),
+            Trace(
+                self.model,
+                layer_path(self.spec, self.layer - 1),
+                retain_output=True,
+                clone=True,
+                detach=True,
+                stop=True,
+            ) as tr,
+        ):
             self.model(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
         self.prefix = hidden(tr.output)
         self.structure = _structure(tr.output)
@@ -282,8 +340,9 @@ class _Chunk:
 
     # -- one forward pass --------------------------------------------------------
 
-    def _forward(self, rows: torch.Tensor, delta_rows: torch.Tensor, fast: bool,
-                 record_init: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(
+        self, rows: torch.Tensor, delta_rows: torch.Tensor, fast: bool, record_init: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the target positions and at the essence positions of the selected rows."""
         ids, mask, lookups = self.ids[rows], self.mask[rows], self.lookups[rows]
         width = ids.shape[1]
@@ -292,15 +351,20 @@ class _Chunk:
         def edit(output: Any, _path: str) -> Any:
             h = hidden(output)
             flat = h.dim() == 2  # OPT's fc2 sees [batch * seq, d]
-            index = (torch.arange(len(rows), device=h.device) * width + lookups,) if flat else \
-                (torch.arange(len(rows), device=h.device), lookups)
+            index = (
+                (torch.arange(len(rows), device=h.device) * width + lookups,)
+                if flat
+                else (torch.arange(len(rows), device=h.device), lookups)
+            )
             if record_init:
                 seen["init"] = h[index].detach().float().clone()
             return replace_hidden(output, h.index_put(index, delta_rows.to(h.dtype), accumulate=True))
 
         stubs = self._stubs(rows) if fast and self.prefix is not None else {}
-        with replaced_blocks(self.model, self.spec, stubs), \
-                Trace(self.model, self.site_path, retain_output=False, edit_output=edit):
+        with (
+            replaced_blocks(self.model, self.spec, stubs),
+            Trace(self.model, self.site_path, retain_output=False, edit_output=edit),
+        ):
             if fast:
                 out = get_module(self.model, self.spec.backbone)(input_ids=ids, attention_mask=mask, use_cache=False)
                 h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -320,10 +384,11 @@ class _Chunk:
             logits = lm_logits(self.model, self.spec, sel).float()
         else:
             logits = torch.cat([logits_full[t_rows, t_pos], logits_full[kl_rows, kl_pos]]).float()
-        return logits[: len(t_rows)], logits[len(t_rows):]
+        return logits[: len(t_rows)], logits[len(t_rows) :]
 
-    def loss(self, delta: torch.Tensor, active: list[int], kl_factor: float, weight_decay: float,
-             fast: bool) -> torch.Tensor:
+    def loss(
+        self, delta: torch.Tensor, active: list[int], kl_factor: float, weight_decay: float, fast: bool
+    ) -> torch.Tensor:
         """Per-request loss ``[len(active)]`` for the chunk's requests at local indices ``active``."""
         device = self.ids.device
         active_t = torch.tensor(active, device=device)

@@ -48,7 +48,20 @@ from .engine import CausalTracer
 from .results import TraceResult, TraceSummary, plot_summary, plot_trace
 
 __all__ = [
-    "CORRUPTIONS", "DEFAULT_SUBJECTS", "KINDS", "CausalTracer", "Corruption", "GaussianNoise", "SubjectSwap",
-    "TraceConfig", "TraceResult", "TraceSummary", "embedding_noise_level", "plot_summary", "plot_trace",
-    "suggest_layers", "trace_fact", "trace_facts",
+    "CORRUPTIONS",
+    "DEFAULT_SUBJECTS",
+    "KINDS",
+    "CausalTracer",
+    "Corruption",
+    "GaussianNoise",
+    "SubjectSwap",
+    "TraceConfig",
+    "TraceResult",
+    "TraceSummary",
+    "embedding_noise_level",
+    "plot_summary",
+    "plot_trace",
+    "suggest_layers",
+    "trace_fact",
+    "trace_facts",
 ]

@@ -15,7 +15,7 @@ from ..errors import InvalidRequestError, KnowEditError, TraceError
 from ..hooks import frozen
 from ..stack import get_state
 from ..tokens import encode, split_prompt_target, subject_token_span
-from .config import KINDS, TraceConfig, check_kinds, check_positive_int
+from .config import TraceConfig, check_kinds, check_positive_int
 from .corruption import embedding_noise_level
 from .engine import CausalTracer
 from .results import TraceResult, TraceSummary
@@ -23,9 +23,17 @@ from .results import TraceResult, TraceSummary
 _SUMMARY_KEY = "tracing.summary"
 
 
-def trace_fact(model: nn.Module, tokenizer: Any, prompt: str, subject: str, *, target: str | None = None,
-               positions: Iterable[int] | None = None, config: TraceConfig | None = None,
-               **options: Any) -> TraceResult:
+def trace_fact(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    subject: str,
+    *,
+    target: str | None = None,
+    positions: Iterable[int] | None = None,
+    config: TraceConfig | None = None,
+    **options: Any,
+) -> TraceResult:
     """Causal trace of one fact (ROME, Meng et al. 2022): which hidden states, MLP and attention outputs
     carry it. See the module docstring for the protocol and what is computed.
 
@@ -68,13 +76,29 @@ def trace_fact(model: nn.Module, tokenizer: Any, prompt: str, subject: str, *, t
     if jobs:
         for (kind, t, l), p in zip(where, tracer.score(jobs).tolist()):
             scores[kind][t, l] = p
-    settings = dict(kinds=list(kinds), samples=cfg.samples, noise=tracer.noise, window=cfg.window,
-                    corruption=cfg.corruption, seed=cfg.seed, target=target, **tracer.corruption.settings())
+    settings = dict(
+        kinds=list(kinds),
+        samples=cfg.samples,
+        noise=tracer.noise,
+        window=cfg.window,
+        corruption=cfg.corruption,
+        seed=cfg.seed,
+        target=target,
+        **tracer.corruption.settings(),
+    )
     return TraceResult(
-        scores=scores, clean_prob=tracer.clean_prob, corrupted_prob=tracer.corrupted_prob,
-        tokens=[tokenizer.decode([i]) for i in tracer.input_ids], input_ids=list(tracer.input_ids),
-        subject_range=tuple(tracer.subject_range), answer=tokenizer.decode(tracer.answer_ids),
-        answer_ids=list(tracer.answer_ids), prompt=prompt, subject=subject, settings=settings)
+        scores=scores,
+        clean_prob=tracer.clean_prob,
+        corrupted_prob=tracer.corrupted_prob,
+        tokens=[tokenizer.decode([i]) for i in tracer.input_ids],
+        input_ids=list(tracer.input_ids),
+        subject_range=tuple(tracer.subject_range),
+        answer=tokenizer.decode(tracer.answer_ids),
+        answer_ids=list(tracer.answer_ids),
+        prompt=prompt,
+        subject=subject,
+        settings=settings,
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -92,13 +116,23 @@ def _fact_fields(fact: Any) -> tuple[str, str, str | None]:
     else:
         prompt = subject = attribute = None
     if not isinstance(prompt, str) or not isinstance(subject, str):
-        raise TraceError(f"A fact needs 'prompt' and 'subject' strings (known_1000.json records work, or "
-                         f"(prompt, subject[, attribute]) tuples); got {fact!r}.")
+        raise TraceError(
+            f"A fact needs 'prompt' and 'subject' strings (known_1000.json records work, or "
+            f"(prompt, subject[, attribute]) tuples); got {fact!r}."
+        )
     return prompt, subject, attribute
 
 
-def trace_facts(model: nn.Module, tokenizer: Any, facts: Sequence[Any], *, require_correct: bool = True,
-                keep_results: bool = False, config: TraceConfig | None = None, **options: Any) -> TraceSummary:
+def trace_facts(
+    model: nn.Module,
+    tokenizer: Any,
+    facts: Sequence[Any],
+    *,
+    require_correct: bool = True,
+    keep_results: bool = False,
+    config: TraceConfig | None = None,
+    **options: Any,
+) -> TraceSummary:
     """Trace many facts and average the indirect effects at the last subject token and the last token.
 
     ``facts``: ``known_1000.json`` records (``prompt``, ``subject``, ``attribute``) or ``(prompt, subject[,
@@ -127,8 +161,9 @@ def trace_facts(model: nn.Module, tokenizer: Any, facts: Sequence[Any], *, requi
                 skipped += 1
                 continue
             with torch.no_grad(), frozen(model, params=False):
-                logits = model(input_ids=torch.tensor([encode(tokenizer, prompt)["input_ids"]], device=device),
-                               use_cache=False).logits
+                logits = model(
+                    input_ids=torch.tensor([encode(tokenizer, prompt)["input_ids"]], device=device), use_cache=False
+                ).logits
             if int(logits[0, -1].argmax()) != want:
                 skipped += 1
                 continue
@@ -147,13 +182,27 @@ def trace_facts(model: nn.Module, tokenizer: Any, facts: Sequence[Any], *, requi
             results.append(r)
     n = len(clean)
     if n == 0:
-        raise TraceError(f"None of the {len(parsed)} facts could be traced (all skipped: the model does not predict "
-                         "their attribute); pass require_correct=False or facts the model knows.")
+        raise TraceError(
+            f"None of the {len(parsed)} facts could be traced (all skipped: the model does not predict "
+            "their attribute); pass require_correct=False or facts the model knows."
+        )
     aie = {p: {k: v / n for k, v in d.items()} for p, d in sums.items()}
-    summary = TraceSummary(aie=aie, n_facts=n, n_skipped=skipped, mean_clean=sum(clean) / n,
-                           mean_corrupted=sum(corrupted) / n, results=results,
-                           settings=dict(kinds=list(kinds), samples=cfg.samples, noise=cfg.noise, window=cfg.window,
-                                         corruption=cfg.corruption, seed=cfg.seed))
+    summary = TraceSummary(
+        aie=aie,
+        n_facts=n,
+        n_skipped=skipped,
+        mean_clean=sum(clean) / n,
+        mean_corrupted=sum(corrupted) / n,
+        results=results,
+        settings=dict(
+            kinds=list(kinds),
+            samples=cfg.samples,
+            noise=cfg.noise,
+            window=cfg.window,
+            corruption=cfg.corruption,
+            seed=cfg.seed,
+        ),
+    )
     get_state(model).history[_SUMMARY_KEY] = summary
     return summary
 
@@ -176,8 +225,10 @@ def suggest_layers(
         state = get_state(trace, create=False)
         summary = state.history.get(_SUMMARY_KEY) if state is not None else None
         if summary is None:
-            raise TraceError("No causal-tracing summary on this model: run hf_knowedit.trace_facts(model, tokenizer, "
-                             "facts) first (e.g. 100 records of known_1000.json the model predicts correctly).")
+            raise TraceError(
+                "No causal-tracing summary on this model: run hf_knowedit.trace_facts(model, tokenizer, "
+                "facts) first (e.g. 100 records of known_1000.json the model predicts correctly)."
+            )
         trace = summary
     if isinstance(trace, TraceResult):
         trace = [trace]
@@ -187,8 +238,11 @@ def suggest_layers(
         trace = list(trace)
         if not trace or not all(isinstance(r, TraceResult) for r in trace):
             raise TraceError("suggest_layers needs a TraceSummary, TraceResult(s), or a model traced by trace_facts.")
-        effect = torch.stack([r.indirect_effect(kind)[r.last_subject_token] for r in trace]).mean(0) \
-            if all(kind in r.scores for r in trace) else None
+        effect = (
+            torch.stack([r.indirect_effect(kind)[r.last_subject_token] for r in trace]).mean(0)
+            if all(kind in r.scores for r in trace)
+            else None
+        )
     if effect is None or torch.isnan(effect).all():
         raise TraceError(f"The trace has no {kind!r} scores at the last subject token; trace with kinds=({kind!r},).")
     effect = torch.nan_to_num(effect.float(), nan=float("-inf"))
@@ -196,5 +250,3 @@ def suggest_layers(
     sums = effect.unfold(0, count, 1).sum(-1)
     start = int(sums.argmax())
     return list(range(start, start + count))
-
-

@@ -70,12 +70,20 @@ class TraceConfig:
         check_positive_int("window", self.window)
         if self.corruption not in CORRUPTIONS:
             raise TraceError(f"corruption must be one of {tuple(CORRUPTIONS)}, got {self.corruption!r}.")
-        noise_ok = self.noise == "auto" or (isinstance(self.noise, (int, float)) and not isinstance(self.noise, bool)
-                                            and math.isfinite(self.noise) and self.noise >= 0)
+        noise_ok = self.noise == "auto" or (
+            isinstance(self.noise, (int, float))
+            and not isinstance(self.noise, bool)
+            and math.isfinite(self.noise)
+            and self.noise >= 0
+        )
         if not noise_ok:
             raise TraceError(f"noise must be 'auto' or a finite float >= 0 (the noise std), got {self.noise!r}.")
-        if isinstance(self.memory_mb, bool) or not isinstance(self.memory_mb, (int, float)) \
-                or not math.isfinite(self.memory_mb) or self.memory_mb <= 0:
+        if (
+            isinstance(self.memory_mb, bool)
+            or not isinstance(self.memory_mb, (int, float))
+            or not math.isfinite(self.memory_mb)
+            or self.memory_mb <= 0
+        ):
             raise TraceError(f"memory_mb must be a positive number, got {self.memory_mb!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TraceError(f"seed must be an int, got {self.seed!r}.")
@@ -108,8 +116,7 @@ class TraceConfig:
         return range(max(0, layer - self.window // 2), min(n_layers, layer + math.ceil(self.window / 2)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v, tuple) else v) for f in fields(self)
-                for v in [getattr(self, f.name)]}
+        return {f.name: (list(v) if isinstance(v, tuple) else v) for f in fields(self) for v in [getattr(self, f.name)]}
 
 
 __all__ = ["KINDS", "TraceConfig", "check_kinds", "check_positive_int"]

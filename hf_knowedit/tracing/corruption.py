@@ -31,21 +31,69 @@ from ..tokens import encode
 #: Well-known entities (people, places, organisations, works) whose subject-token embeddings set the
 #: default noise level (``noise="auto"``) and serve as the default swap-in subjects of ``corruption="str"``.
 DEFAULT_SUBJECTS: tuple[str, ...] = (
-    "Paris", "London", "Tokyo", "Berlin", "Rome", "Madrid", "Moscow", "Beijing", "Cairo", "Sydney",
-    "France", "Germany", "Japan", "Italy", "Brazil", "Canada", "India", "Mexico", "Egypt", "Australia",
-    "Albert Einstein", "Isaac Newton", "Marie Curie", "Charles Darwin", "William Shakespeare",
-    "Leonardo da Vinci", "Pablo Picasso", "Wolfgang Amadeus Mozart", "Napoleon Bonaparte", "Barack Obama",
-    "Michael Jordan", "Lionel Messi", "Steve Jobs", "Bill Gates", "Elon Musk",
-    "Microsoft", "Google", "Apple", "Toyota", "BMW", "Nokia", "IBM", "Sony", "Samsung",
-    "the Eiffel Tower", "the Amazon River", "Mount Everest", "the Sahara", "the Colosseum", "the Louvre",
-    "Harry Potter", "The Beatles", "Windows 10", "the iPhone", "Star Wars",
+    "Paris",
+    "London",
+    "Tokyo",
+    "Berlin",
+    "Rome",
+    "Madrid",
+    "Moscow",
+    "Beijing",
+    "Cairo",
+    "Sydney",
+    "France",
+    "Germany",
+    "Japan",
+    "Italy",
+    "Brazil",
+    "Canada",
+    "India",
+    "Mexico",
+    "Egypt",
+    "Australia",
+    "Albert Einstein",
+    "Isaac Newton",
+    "Marie Curie",
+    "Charles Darwin",
+    "William Shakespeare",
+    "Leonardo da Vinci",
+    "Pablo Picasso",
+    "Wolfgang Amadeus Mozart",
+    "Napoleon Bonaparte",
+    "Barack Obama",
+    "Michael Jordan",
+    "Lionel Messi",
+    "Steve Jobs",
+    "Bill Gates",
+    "Elon Musk",
+    "Microsoft",
+    "Google",
+    "Apple",
+    "Toyota",
+    "BMW",
+    "Nokia",
+    "IBM",
+    "Sony",
+    "Samsung",
+    "the Eiffel Tower",
+    "the Amazon River",
+    "Mount Everest",
+    "the Sahara",
+    "the Colosseum",
+    "the Louvre",
+    "Harry Potter",
+    "The Beatles",
+    "Windows 10",
+    "the iPhone",
+    "Star Wars",
 )
 
 _HISTORY_KEY = "tracing.embedding_std"
 
 
-def embedding_noise_level(model: nn.Module, tokenizer: Any, subjects: Sequence[str] | None = None, *,
-                          factor: float = 3.0) -> float:
+def embedding_noise_level(
+    model: nn.Module, tokenizer: Any, subjects: Sequence[str] | None = None, *, factor: float = 3.0
+) -> float:
     """``factor`` × the standard deviation of the embedding outputs of the subjects' tokens.
 
     Each subject is tokenized on its own (no special tokens); the std is over all values of all their
@@ -115,7 +163,7 @@ class GaussianNoise(Corruption):
             if a >= b:
                 return output
             out = output.clone()
-            out[:, a - offset:b - offset] += noise[:, a - s0:b - s0].to(out.dtype).repeat_interleave(n, dim=0)
+            out[:, a - offset : b - offset] += noise[:, a - s0 : b - s0].to(out.dtype).repeat_interleave(n, dim=0)
             return out
 
         return TraceDict(model, [self.embed], retain_output=False, edit_output=add_noise)
@@ -145,7 +193,8 @@ class SubjectSwap(Corruption):
             raise TraceError(
                 f"corruption='str' found no replacement subject with the same number of tokens as "
                 f"{tracer.subject!r} ({s1 - s0}); pass subjects=[...] with more candidates (e.g. the subjects of "
-                "known_1000.json), or use corruption='gaussian'.")
+                "known_1000.json), or use corruption='gaussian'."
+            )
         g = torch.Generator().manual_seed(tracer.config.seed)
         order = torch.randperm(len(swaps), generator=g).tolist()
         picked = [swaps[order[i % len(order)]] for i in range(tracer.config.samples)]
@@ -160,8 +209,9 @@ class SubjectSwap(Corruption):
 CORRUPTIONS: dict[str, type] = {GaussianNoise.name: GaussianNoise, SubjectSwap.name: SubjectSwap}
 
 
-def make_corruption(model: nn.Module, tokenizer: Any, name: str, noise: str | float,
-                    subjects: Sequence[str] | None) -> Corruption:
+def make_corruption(
+    model: nn.Module, tokenizer: Any, name: str, noise: str | float, subjects: Sequence[str] | None
+) -> Corruption:
     """The strategy ``name`` with its parameters resolved (``noise="auto"`` measured on ``subjects``)."""
     if name == GaussianNoise.name:
         level = embedding_noise_level(model, tokenizer, subjects) if noise == "auto" else float(noise)

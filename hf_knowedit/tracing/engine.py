@@ -33,8 +33,17 @@ import torch
 from huggingface_hub.utils import tqdm
 from torch import nn
 
-from ..architectures import (ArchitectureSpec, attn_out_path, get_architecture, get_module, layer_path, lm_logits,
-                             mlp_out_path, model_device, num_layers)
+from ..architectures import (
+    ArchitectureSpec,
+    attn_out_path,
+    get_architecture,
+    get_module,
+    layer_path,
+    lm_logits,
+    mlp_out_path,
+    model_device,
+    num_layers,
+)
 from ..errors import InvalidRequestError, TraceError
 from ..hooks import ReplayBlock, TraceDict, frozen, hidden, replace_hidden, replaced_blocks
 from ..tokens import chars_to_tokens, encode, split_prompt_target, subject_char_span, target_separator
@@ -78,8 +87,17 @@ class CausalTracer:
     Arguments: a :class:`~hf_knowedit.tracing.config.TraceConfig` (``config=``) or its fields as keywords.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, prompt: str, subject: str, *, target: str | None = None,
-                 config: TraceConfig | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        prompt: str,
+        subject: str,
+        *,
+        target: str | None = None,
+        config: TraceConfig | None = None,
+        **options: Any,
+    ) -> None:
         self.config = cfg = TraceConfig.of(config, **options)
         if not isinstance(prompt, str) or not prompt.strip():
             raise TraceError("prompt must be a non-empty string, e.g. 'The Eiffel Tower is located in'.")
@@ -124,7 +142,7 @@ class CausalTracer:
     def _logprobs(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """Sum of log p(answer tokens) per row, logits only at the scored (last ``k``) positions."""
         k = len(self.answer_ids)
-        logits = lm_logits(self.model, self.spec, last_hidden[:, last_hidden.shape[1] - k:]).float()
+        logits = lm_logits(self.model, self.spec, last_hidden[:, last_hidden.shape[1] - k :]).float()
         logp = torch.log_softmax(logits, dim=-1)
         answer = torch.tensor(self.answer_ids, device=logp.device)
         return logp.gather(-1, answer.view(1, k, 1).expand(logp.shape[0], k, 1)).squeeze(-1).sum(-1)
@@ -201,8 +219,10 @@ class CausalTracer:
             triples = [(k, int(l), int(t)) for k, l, t in r]
             for k, l, t in triples:
                 if k not in KINDS or not 0 <= l < self.n_layers or not 0 <= t < self.n_tokens:
-                    raise TraceError(f"bad restoration {(k, l, t)}: kind in {KINDS}, layer in [0, {self.n_layers}), "
-                                     f"token in [0, {self.n_tokens}).")
+                    raise TraceError(
+                        f"bad restoration {(k, l, t)}: kind in {KINDS}, layer in [0, {self.n_layers}), "
+                        f"token in [0, {self.n_tokens})."
+                    )
             start = min((l for _, l, _ in triples), default=self.n_layers) if self.reuse_lower_layers else 0
             prefix = min([t for _, _, t in triples] + [first_scored]) if self.use_kv else 0
             groups.setdefault(prefix, []).append((start, i, triples))
@@ -210,11 +230,14 @@ class CausalTracer:
         for prefix, cells in sorted(groups.items()):
             cells.sort(key=lambda c: c[0])
             per_chunk = max(1, self._rows_per_chunk(self.n_tokens - prefix) // self.samples)
-            chunks += [(prefix, cells[j:j + per_chunk]) for j in range(0, len(cells), per_chunk)]
+            chunks += [(prefix, cells[j : j + per_chunk]) for j in range(0, len(cells), per_chunk)]
         out = torch.empty(len(restorations), dtype=torch.float32)
         show = self.progress if self.progress is not None else len(restorations) * self.samples >= 20000
-        with torch.no_grad(), frozen(self.model, params=False), tqdm(
-                total=len(restorations), desc="causal trace", disable=not show, unit="cell") as bar:
+        with (
+            torch.no_grad(),
+            frozen(self.model, params=False),
+            tqdm(total=len(restorations), desc="causal trace", disable=not show, unit="cell") as bar,
+        ):
             for prefix, chunk in chunks:
                 probs = self._run_chunk(prefix, chunk[0][0], [c[2] for c in chunk])
                 for (_, i, _), p in zip(chunk, probs):
@@ -233,8 +256,9 @@ class CausalTracer:
                 rows, pos = edits.setdefault(module_path(self.spec, kind, l), ([], []))
                 rows.extend(s * n + c for s in range(S))
                 pos.extend([t] * S)
-        index = {p: (torch.tensor(r, device=self.device), torch.tensor(q, device=self.device))
-                 for p, (r, q) in edits.items()}
+        index = {
+            p: (torch.tensor(r, device=self.device), torch.tensor(q, device=self.device)) for p, (r, q) in edits.items()
+        }
 
         def restore(output: Any, path: str) -> Any:
             rows, pos = index[path]
@@ -259,10 +283,10 @@ class CausalTracer:
             top = _expand_output(self.corrupted_outputs[start - 1], n, prefix)
             layers = get_module(self.model, self.spec.layers)
             stubs = {i: ReplayBlock(layers[i], lambda *args, **kwargs: top) for i in range(start)}
-        with replaced_blocks(self.model, self.spec, stubs), \
-                TraceDict(self.model, list(index), retain_output=False, edit_output=restore), \
-                (self._corrupt(n, prefix) if start == 0 else contextlib.nullcontext()):
+        with (
+            replaced_blocks(self.model, self.spec, stubs),
+            TraceDict(self.model, list(index), retain_output=False, edit_output=restore),
+            self._corrupt(n, prefix) if start == 0 else contextlib.nullcontext(),
+        ):
             last = backbone(input_ids=ids, **kwargs)[0]
         return self._logprobs(last).exp().view(S, n).mean(0).cpu()
-
-

@@ -69,9 +69,15 @@ class TraceResult:
         """JSON-ready dict (NaN scores become ``None``)."""
         return {
             "scores": {k: _nan_to_none(v.tolist()) for k, v in self.scores.items()},
-            "clean_prob": self.clean_prob, "corrupted_prob": self.corrupted_prob, "tokens": list(self.tokens),
-            "input_ids": list(self.input_ids), "subject_range": list(self.subject_range), "answer": self.answer,
-            "answer_ids": list(self.answer_ids), "prompt": self.prompt, "subject": self.subject,
+            "clean_prob": self.clean_prob,
+            "corrupted_prob": self.corrupted_prob,
+            "tokens": list(self.tokens),
+            "input_ids": list(self.input_ids),
+            "subject_range": list(self.subject_range),
+            "answer": self.answer,
+            "answer_ids": list(self.answer_ids),
+            "prompt": self.prompt,
+            "subject": self.subject,
             "settings": dict(self.settings),
         }
 
@@ -80,13 +86,21 @@ class TraceResult:
         try:
             return cls(
                 scores={k: torch.tensor(_none_to_nan(v), dtype=torch.float32) for k, v in d["scores"].items()},
-                clean_prob=float(d["clean_prob"]), corrupted_prob=float(d["corrupted_prob"]),
-                tokens=list(d["tokens"]), input_ids=[int(i) for i in d["input_ids"]],
-                subject_range=(int(d["subject_range"][0]), int(d["subject_range"][1])), answer=d["answer"],
-                answer_ids=[int(i) for i in d["answer_ids"]], prompt=d["prompt"], subject=d["subject"],
-                settings=dict(d.get("settings", {})))
+                clean_prob=float(d["clean_prob"]),
+                corrupted_prob=float(d["corrupted_prob"]),
+                tokens=list(d["tokens"]),
+                input_ids=[int(i) for i in d["input_ids"]],
+                subject_range=(int(d["subject_range"][0]), int(d["subject_range"][1])),
+                answer=d["answer"],
+                answer_ids=[int(i) for i in d["answer_ids"]],
+                prompt=d["prompt"],
+                subject=d["subject"],
+                settings=dict(d.get("settings", {})),
+            )
         except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise TraceError(f"Not a saved TraceResult ({type(e).__name__}: {e}); write one with TraceResult.save().") from None
+            raise TraceError(
+                f"Not a saved TraceResult ({type(e).__name__}: {e}); write one with TraceResult.save()."
+            ) from None
 
     def save(self, path: str | Path) -> Path:
         """Write the result as JSON; read it back with :meth:`load`."""
@@ -124,9 +138,14 @@ class TraceSummary:
     results: list[TraceResult] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"aie": {p: {k: v.tolist() for k, v in d.items()} for p, d in self.aie.items()},
-                "n_facts": self.n_facts, "n_skipped": self.n_skipped, "mean_clean": self.mean_clean,
-                "mean_corrupted": self.mean_corrupted, "settings": dict(self.settings)}
+        return {
+            "aie": {p: {k: v.tolist() for k, v in d.items()} for p, d in self.aie.items()},
+            "n_facts": self.n_facts,
+            "n_skipped": self.n_skipped,
+            "mean_clean": self.mean_clean,
+            "mean_corrupted": self.mean_corrupted,
+            "settings": dict(self.settings),
+        }
 
     def plot(self, path: str | Path | None = None) -> Any:
         """Line plots of the average indirect effect per layer (see :func:`plot_summary`)."""
@@ -140,8 +159,7 @@ _CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 _TITLES = {"hidden": "Restoring the hidden state", "mlp": "Restoring MLP outputs", "attn": "Restoring attention"}
 
 
-def plot_trace(result: TraceResult, path: str | Path | None = None, *,
-               kinds: Sequence[str] | None = None) -> Any:
+def plot_trace(result: TraceResult, path: str | Path | None = None, *, kinds: Sequence[str] | None = None) -> Any:
     """ROME-style heatmaps side by side: rows = tokens (subject tokens starred), x = layer, colour = p(answer)
     (from the corrupted probability up). Returns the matplotlib ``Figure``; writes ``path`` when given."""
     from matplotlib.figure import Figure
@@ -157,18 +175,30 @@ def plot_trace(result: TraceResult, path: str | Path | None = None, *,
     window = result.settings.get("window", "")
     for ax, kind in zip(axes, kinds):
         data = result.scores[kind].numpy()
-        mesh = ax.pcolormesh(data, cmap=_CMAPS[kind], vmin=result.corrupted_prob, vmax=max(result.clean_prob,
-                             float(torch.nan_to_num(result.scores[kind], nan=0.0).max()), result.corrupted_prob + 1e-9))
+        mesh = ax.pcolormesh(
+            data,
+            cmap=_CMAPS[kind],
+            vmin=result.corrupted_prob,
+            vmax=max(
+                result.clean_prob,
+                float(torch.nan_to_num(result.scores[kind], nan=0.0).max()),
+                result.corrupted_prob + 1e-9,
+            ),
+        )
         ax.invert_yaxis()
         ax.set_yticks([i + 0.5 for i in range(n_tok)])
         ax.set_yticklabels(labels if ax is axes[0] else [])
         ax.set_title(_TITLES[kind], fontsize=9)
-        ax.set_xlabel("single restored layer" if kind == "hidden" else f"center of {window} restored layers",
-                      fontsize=8)
+        ax.set_xlabel(
+            "single restored layer" if kind == "hidden" else f"center of {window} restored layers", fontsize=8
+        )
         cb = fig.colorbar(mesh, ax=ax)
         cb.ax.set_title(f"p({result.answer.strip()})", fontsize=8)
-    fig.suptitle(f"{result.prompt!r} → {result.answer!r}  (clean {result.clean_prob:.3f}, "
-                 f"corrupted {result.corrupted_prob:.3f})", fontsize=9)
+    fig.suptitle(
+        f"{result.prompt!r} → {result.answer!r}  (clean {result.clean_prob:.3f}, "
+        f"corrupted {result.corrupted_prob:.3f})",
+        fontsize=9,
+    )
     if path is not None:
         fig.savefig(path, dpi=110)
     return fig
@@ -189,8 +219,10 @@ def plot_summary(summary: TraceSummary, path: str | Path | None = None) -> Any:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("AIE on p(answer)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{summary.n_facts} facts; mean clean p = {summary.mean_clean:.3f}, "
-                 f"corrupted p = {summary.mean_corrupted:.3f}", fontsize=9)
+    fig.suptitle(
+        f"{summary.n_facts} facts; mean clean p = {summary.mean_clean:.3f}, corrupted p = {summary.mean_corrupted:.3f}",
+        fontsize=9,
+    )
     if path is not None:
         fig.savefig(path, dpi=110)
     return fig
