@@ -47,3 +47,27 @@ def smollm2():
 
     model, tok = load_smollm2()
     return model, tok
+
+
+# -----------------------------------------------------------------------------
+# shared fixtures
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (two OpenMP threads on a busy 2-core machine spin against other
+    jobs and are many times slower for tiny matrices); the previous count is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def stats_cache(tmp_path, monkeypatch) -> Path:
+    """An isolated second-moment cache: ``$HF_KNOWEDIT_STATS_CACHE`` points to ``tmp_path / "stats"``
+    (returned), so no test reads or writes the user's cache or another test's files."""
+    path = tmp_path / "stats"
+    monkeypatch.setenv("HF_KNOWEDIT_STATS_CACHE", str(path))
+    return path
+

@@ -19,8 +19,8 @@ from hf_knowedit.methods.registry import MethodResult, register_method
 from hf_knowedit.deltas import ModuleDelta, fingerprint
 from hf_knowedit.editset import EditSet
 from hf_knowedit.errors import AdapterFormatError, BaseModelMismatchError
-from hf_knowedit.hooks import count_forward_hooks
 from hf_knowedit.requests import EditRequest
+from tests.helpers import assert_untouched, snapshot
 from tests.test_stack import random_set
 from tests.tiny_models import assert_same, make_tiny_model, weights
 
@@ -71,11 +71,6 @@ def logits(model, tok, text="Angola is located in"):
     ids = tok(text, return_tensors="pt")
     with torch.no_grad():
         return model(**ids).logits.float()
-
-
-def assert_untouched(model, w0):
-    assert_same(weights(model), w0)
-    assert model.list_edits() == [] and count_forward_hooks(model) == 0
 
 
 # -- format ---------------------------------------------------------------------------------------
@@ -271,7 +266,7 @@ def _rewrite_json(path: Path, **changes):
 
 def test_not_an_adapter_and_missing_files(saved, tmp_path):
     model, good = saved
-    w0 = weights(model)
+    before = snapshot(model)
     (tmp_path / "empty").mkdir()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("hello")
@@ -289,12 +284,12 @@ def test_not_an_adapter_and_missing_files(saved, tmp_path):
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
     with pytest.raises(AdapterFormatError, match="pickle"):
         model.load_edits(pickled)
-    assert_untouched(model, w0)
+    assert_untouched(model, before)
 
 
 def test_corrupted_truncated_and_inconsistent_files(saved, tmp_path):
     model, good = saved
-    w0 = weights(model)
+    before = snapshot(model)
     size = (good / "adapter_model.safetensors").stat().st_size
 
     flipped = _copy(good, tmp_path / "flipped")
@@ -325,7 +320,7 @@ def test_corrupted_truncated_and_inconsistent_files(saved, tmp_path):
     _rewrite_json(retargeted / "adapter_config.json", target_modules=["model.layers.0.mlp.down_proj"])
     with pytest.raises(AdapterFormatError, match="target_modules"):
         model.load_edits(retargeted)
-    assert_untouched(model, w0)
+    assert_untouched(model, before)
 
 
 def test_newer_version_loads_with_a_warning(saved, tmp_path, caplog):
@@ -343,7 +338,7 @@ def test_other_base_model_and_shape_mismatch(saved, tmp_path, caplog):
     model, good = saved
     other, tok = make_tiny_model("llama", seed=1)  # same shapes, other weights
     hf_knowedit.attach(other, tok)
-    w_other = weights(other)
+    w_other = snapshot(other)
     with pytest.raises(BaseModelMismatchError, match="fingerprint"):
         other.load_edits(good)
     assert_untouched(other, w_other)
@@ -351,11 +346,11 @@ def test_other_base_model_and_shape_mismatch(saved, tmp_path, caplog):
         other.load_edits(good, force=True)
     assert "force=True" in caplog.text
     other.revert_edits()
-    assert_same(weights(other), w_other)
+    assert_same(weights(other), w_other.weights)
 
     gpt2, tok2 = make_tiny_model("gpt2")  # other architecture: modules that do not exist
     hf_knowedit.attach(gpt2, tok2)
-    w_gpt2 = weights(gpt2)
+    w_gpt2 = snapshot(gpt2)
     with pytest.raises(BaseModelMismatchError, match="does not have"):
         gpt2.load_edits(good)
     assert_untouched(gpt2, w_gpt2)
@@ -366,7 +361,7 @@ def test_other_base_model_and_shape_mismatch(saved, tmp_path, caplog):
     from tests.tiny_models import tiny_config
     wide = AutoModelForCausalLM.from_config(tiny_config("llama", intermediate_size=64))
     hf_knowedit.attach(wide, tok)
-    w_wide = weights(wide)
+    w_wide = snapshot(wide)
     with pytest.raises(BaseModelMismatchError, match="shape"):
         wide.load_edits(good, force=True)
     assert_untouched(wide, w_wide)

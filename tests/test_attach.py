@@ -8,7 +8,7 @@ from hf_knowedit.attach import MODEL_METHODS
 from hf_knowedit.errors import KnowEditError, MissingTokenizerError, UnsupportedArchitectureError
 from hf_knowedit.hooks import count_forward_hooks
 from tests.test_stack import random_set
-from tests.tiny_models import TINY_MODEL_TYPES, make_tiny_model
+from tests.tiny_models import TINY_MODEL_TYPES, make_tiny_model, weights
 
 
 def _files(path):
@@ -38,13 +38,13 @@ def test_attach_detach_leave_model_and_saved_files_identical(model_type, tmp_pat
 def test_detach_with_active_edits():
     model, tok = make_tiny_model("llama")
     hf_knowedit.attach(model, tok)
-    model_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model_state = weights(model)
     from hf_knowedit.stack import push_edit_set
 
     push_edit_set(model, random_set(model, [1]), merge=False)
     with pytest.raises(KnowEditError, match="revert"):
         hf_knowedit.detach(model)
-    edited = {k: v.clone() for k, v in model.state_dict().items()}
+    edited = weights(model)
     assert all(torch.equal(edited[k], model_state[k]) for k in edited)  # hooked, weights untouched
     hf_knowedit.detach(model, keep_edits=True)  # bake in
     assert count_forward_hooks(model) == 0

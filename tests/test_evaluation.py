@@ -26,6 +26,7 @@ from hf_knowedit.evaluation.scoring import TargetScore, score_targets
 from hf_knowedit.generation import generate_texts
 from hf_knowedit.tokens import split_prompt_target
 
+from .helpers import assert_untouched, snapshot
 from .tiny_models import make_tiny_model, make_tiny_tokenizer
 
 
@@ -301,32 +302,26 @@ for _name, _fn in (("evaltest-zero", _zero), ("evaltest-harm", _harm), ("evaltes
     register_method(_name, _fn, _Cfg, overwrite=True)
 
 
-def _weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def test_zero_delta_edit_counts_as_failed_and_model_is_restored():
     model, tok = make_tiny_model("llama")
-    before = _weights(model)
+    before = snapshot(model)
     res = hf_knowedit.evaluate(model, tok, cf_records(), method="evaltest-zero", fluency=False, progress=False)
     assert res.post == pytest.approx(res.pre, abs=1e-6)  # nothing changed: no success is invented
     assert res.post["ES"] < 100.0 and not res.failed
-    assert hf_knowedit.list_edits(model) == []
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_untouched(model, before)
 
 
 @pytest.mark.parametrize("protocol", ["single", "batch", "sequential"])
 def test_harmful_edit_is_measured_and_reverted(protocol):
     model, tok = make_tiny_model("gpt2")
-    before = _weights(model)
+    before = snapshot(model)
     res = hf_knowedit.evaluate(model, tok, cf_records(), method="evaltest-harm", protocol=protocol, batch_size=2,
                                curve_every=1, fluency=False, progress=False)
     assert res.post != res.pre and res.post["locality"] < 100.0
     assert res.pre["locality"] == 100.0
     if protocol == "sequential":
         assert [p["n_edits"] for p in res.curve] == [2, 4, 5]
-    assert hf_knowedit.list_edits(model) == []
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_untouched(model, before)
 
 
 def test_edit_that_raises_counts_as_failed():
@@ -400,7 +395,7 @@ def test_target_that_tokenizes_to_nothing():
 
 def test_bad_arguments_and_duplicate_facts_leave_model_untouched():
     model, tok = make_tiny_model("llama")
-    before = _weights(model)
+    before = snapshot(model)
     with pytest.raises(InvalidConfigError):
         hf_knowedit.evaluate(model, tok, cf_records(), protocol="parallel")
     with pytest.raises(UnknownMethodError):
@@ -408,5 +403,4 @@ def test_bad_arguments_and_duplicate_facts_leave_model_untouched():
     dup = cf_records()[:2] + [cf_record(new="Madrid", case_id=9)]
     with pytest.raises(InvalidDataError, match=r"record 2 \(case_id 9\).*repeat.*record 0"):
         hf_knowedit.evaluate(model, tok, dup, method="evaltest-harm", protocol="batch", fluency=False, progress=False)
-    assert hf_knowedit.list_edits(model) == []
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_untouched(model, before)

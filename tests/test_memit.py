@@ -14,8 +14,10 @@ from hf_knowedit.errors import (BatchTooLargeError, EditConflictError, InvalidCo
                                 KnowEditError, SingularSystemError)
 from hf_knowedit.methods.memit import MEMITConfig, band_around, default_band, optimize_z
 from hf_knowedit.requests import EditRequest, normalize_requests
-from hf_knowedit.tokens import split_prompt_target
+from tests.helpers import assert_untouched, logprob, snapshot
 from tests.tiny_models import _CORPUS, assert_same, make_tiny_model, weights
+
+pytestmark = pytest.mark.usefixtures("one_thread", "stats_cache")
 
 SUBJECTS = ["Eiffel Tower", "Colosseum", "Danielle Darrieux", "Michael Jordan", "Lionel Messi", "Apple", "Microsoft",
             "Toyota", "Berlin", "Madrid", "London", "Amazon River", "Albert Einstein", "Marie Curie",
@@ -29,16 +31,6 @@ TEMPLATES = ["The home of {}", "The language of {}", "A friend of {}", "The city
 # weight decay (the reference's 0.5 / ‖h‖² would dominate the loss), a looser clamp, a smaller λ
 FAST = dict(mom2_n_tokens=2000, mom2_corpus=_CORPUS.splitlines() * 8, v_weight_decay=1e-3, clamp_norm_factor=4.0,
             mom2_update_weight=10.0)
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """Statistics cached under tmp_path; one thread (tiny matrices run faster without threading)."""
-    monkeypatch.setenv("HF_KNOWEDIT_STATS_CACHE", str(tmp_path / "stats"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sharpen(model, factor=10.0):
@@ -62,14 +54,6 @@ def facts(n, offset=0):
         true, new = PLACES[i % len(PLACES)], PLACES[(i + 5) % len(PLACES)]
         out.append(EditRequest(TEMPLATES[i % len(TEMPLATES)], SUBJECTS[i % len(SUBJECTS)], new, true))
     return out
-
-
-@torch.no_grad()
-def logprob(model, tok, prompt, target):
-    p, t = split_prompt_target(tok, prompt, target)
-    ids = torch.tensor([p + t])
-    logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-    return float(sum(logp[len(p) + j - 1, tid] for j, tid in enumerate(t)) / len(t))
 
 
 def efficacy(model, tok, reqs):
@@ -148,23 +132,22 @@ def test_layers_band_explicit_default_and_auto_band_helpers():
 
 def test_conflicting_or_duplicate_requests_refused_untouched():
     model, tok = tiny("gpt2")
-    w0 = weights(model)
+    before = snapshot(model)
     a = EditRequest("{} is located in", "Colosseum", "Paris")
     for batch in ([a, EditRequest("{} is located in", "Colosseum", "Japan")], [a, a]):
         with pytest.raises(EditConflictError):
             hf_knowedit.apply_edits(model, tok, batch, method="memit", **FAST)
     with pytest.raises(InvalidRequestError):
         hf_knowedit.apply_edits(model, tok, [], method="memit", **FAST)
-    assert_same(weights(model), w0)
-    assert hf_knowedit.list_edits(model) == []
+    assert_untouched(model, before)
 
 
 def test_batch_above_limit_refused_unless_chunked():
     model, tok = tiny("llama")
-    w0 = weights(model)
+    before = snapshot(model)
     with pytest.raises(BatchTooLargeError, match="chunk=True"):
         hf_knowedit.apply_edits(model, tok, facts(8), method="memit", max_batch=5, **FAST)
-    assert_same(weights(model), w0)
+    assert_untouched(model, before)
     es = hf_knowedit.apply_edits(model, tok, facts(8), method="memit", max_batch=5, chunk=True, layers=[1, 2],
                                  **FAST)
     assert all(d.rank == 8 for d in es.deltas.values())  # two chunks of factors, concatenated
@@ -182,13 +165,12 @@ def test_invalid_config_values():
 
 def test_singular_system_raises_and_leaves_model_untouched():
     model, tok = tiny("llama")
-    w0 = weights(model)
+    before = snapshot(model)
     same_subject = [EditRequest("{} is located in", "Colosseum", "Paris"),
                     EditRequest("{} was born in", "Colosseum", "Japan")]  # one subject: identical keys
     with pytest.raises(SingularSystemError, match="emmet_lambda"):
         hf_knowedit.apply_edits(model, tok, same_subject, method="emmet", emmet_lambda=0.0, **FAST)
-    assert_same(weights(model), w0)
-    assert hf_knowedit.list_edits(model) == []
+    assert_untouched(model, before)
 
 
 # -----------------------------------------------------------------------------
@@ -248,11 +230,11 @@ def test_alphaedit_update_leaves_preserved_directions_alone():
 
 def test_alphaedit_empty_null_space_is_a_clear_error():
     model, tok = tiny("llama")
-    w0 = weights(model)
+    before = snapshot(model)
     with pytest.raises(InvalidConfigError, match="null space"):
         hf_knowedit.apply_edits(model, tok, facts(2), method="alphaedit", layers=[1],
                                 **_alpha(nullspace_relative=False, nullspace_threshold=1e-30))
-    assert_same(weights(model), w0)
+    assert_untouched(model, before)
     assert alphaedit.history_size(model) == 0
 
 

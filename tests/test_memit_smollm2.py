@@ -4,10 +4,10 @@ import json
 import logging
 
 import pytest
-import torch
 
 import hf_knowedit
 from hf_knowedit.evaluation import score_targets
+from tests.tiny_models import assert_same, weights
 
 logger = logging.getLogger(__name__)
 
@@ -24,15 +24,15 @@ def efficacy(model, tok, records):
 
 
 @pytest.mark.slow
-def test_memit_twenty_counterfact_edits_in_one_call(smollm2, data_path, stats_corpus, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_KNOWEDIT_STATS_CACHE", str(tmp_path))
+@pytest.mark.usefixtures("stats_cache")
+def test_memit_twenty_counterfact_edits_in_one_call(smollm2, data_path, stats_corpus):
     model, tok = smollm2
     records = json.loads((data_path / "counterfact_500.json").read_text())
     cases = records[:20]
     # statistics from the text of *other* records (no dataset download in CI), 10k tokens; two context
     # templates keep the call within the slow-test budget on CPU
     config = hf_knowedit.MEMITConfig(mom2_corpus=stats_corpus, mom2_n_tokens=10_000, context_templates=2)
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    base = weights(model)
 
     before = efficacy(model, tok, cases)
     es = hf_knowedit.apply_edits(model, tok, cases, "memit", config=config)
@@ -44,5 +44,4 @@ def test_memit_twenty_counterfact_edits_in_one_call(smollm2, data_path, stats_co
     assert es.layers == [4, 5, 6, 7, 8] and all(d.rank == 20 and not d.dense for d in es.deltas.values())
 
     hf_knowedit.revert_edits(model)
-    state = model.state_dict()
-    assert all(torch.equal(v, state[k]) for k, v in base.items())
+    assert_same(weights(model), base)

@@ -14,10 +14,9 @@ from hf_knowedit.architectures import get_architecture, get_module, mlp_out_path
 from hf_knowedit.errors import (EditConflictError, InvalidConfigError, InvalidRequestError, LayerOutOfRangeError,
                                 NonFiniteUpdateError, StatisticsMismatchError, SubjectNotFoundError, TraceError,
                                 UnknownMethodError)
-from hf_knowedit.hooks import count_forward_hooks
 from hf_knowedit.methods.statistics import compute_second_moment
 from hf_knowedit.moments import StatsCache
-from hf_knowedit.tokens import split_prompt_target
+from tests.helpers import assert_untouched, logprob, snapshot
 from tests.tiny_models import _CORPUS, make_tiny_model
 
 CORPUS = [line for line in _CORPUS.splitlines() if line.strip()]
@@ -28,33 +27,7 @@ OTHER = {"prompt": "The official language of {}", "subject": "Japan", "target_ne
 TINY = dict(v_weight_decay=0.0, clamp_norm_factor=1e4, context_templates=2, mom2_corpus=CORPUS, mom2_n_tokens=600)
 
 
-@pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_KNOWEDIT_STATS_CACHE", str(tmp_path / "stats"))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def logprob(model, tok, prompt, target):
-    """Mean log-probability per token of ``target`` after ``prompt``."""
-    p, t = split_prompt_target(tok, prompt, target)
-    with torch.no_grad():
-        lp = torch.log_softmax(model(input_ids=torch.tensor([p + t])).logits[0].float(), -1)
-    return sum(lp[len(p) - 1 + i, x].item() for i, x in enumerate(t)) / len(t)
-
-
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_untouched(model, before, hooks=None):
-    after = model.state_dict()
-    assert all(torch.equal(v, after[k]) for k, v in before.items())
-    if hooks is not None:
-        assert count_forward_hooks(model) == hooks
-    assert hf_knowedit.list_edits(model) == []
+pytestmark = pytest.mark.usefixtures("one_thread", "stats_cache")
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "opt", "falcon", "gemma2", "bloom"])
@@ -133,7 +106,7 @@ def test_stacked_sets_revert_bit_exactly(dtype):
                             merge=False, **TINY)
     assert [e.name for e in hf_knowedit.list_edits(model)] == ["first", "second", "rome-1"]
     path = next(iter(first.deltas))
-    assert not torch.equal(model.state_dict()[path + ".weight"], before[path + ".weight"])
+    assert not torch.equal(model.state_dict()[path + ".weight"], before.weights[path + ".weight"])
     hf_knowedit.revert_edits(model, "first")
     hf_knowedit.revert_edits(model)
     assert_untouched(model, before)
@@ -149,10 +122,10 @@ def test_several_requests_are_edited_one_after_another():
     hf_knowedit.revert_edits(model)
 
 
-def test_statistics_are_computed_once_and_identity_is_labelled(tmp_path):
+def test_statistics_are_computed_once_and_identity_is_labelled(stats_cache):
     model, tok = make_tiny_model("llama")
     es = hf_knowedit.apply_edits(model, tok, FACT, "rome", layers=[1], **TINY)
-    files = list((tmp_path / "stats").glob("*.safetensors"))
+    files = list(stats_cache.glob("*.safetensors"))
     assert len(files) == 1 and StatsCache().path(es.stats_key) == files[0]
     hf_knowedit.revert_edits(model)
     # a fresh copy of the same weights: statistics come from disk, no forward pass
@@ -163,7 +136,7 @@ def test_statistics_are_computed_once_and_identity_is_labelled(tmp_path):
     assert sm.key == es.stats_key and calls == []
     eye = hf_knowedit.apply_edits(model, tok, FACT, "rome", layers=[1], mom2="identity", **TINY)
     assert eye.stats_key.corpus == "identity" and eye.config["mom2"] == "identity"
-    assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 1
+    assert len(list(stats_cache.glob("*.safetensors"))) == 1
     hf_knowedit.revert_edits(model)
 
 
@@ -233,11 +206,11 @@ BAD = [
 @pytest.mark.parametrize("label,request_,kwargs,error", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_leaves_the_model_untouched(label, request_, kwargs, error):
     model, tok = make_tiny_model("llama")
-    before, hooks = snapshot(model), count_forward_hooks(model)
+    before = snapshot(model)
     kwargs = {"method": "rome", "layers": [1], **TINY, **kwargs}
     with pytest.raises(error):
         hf_knowedit.apply_edits(model, tok, request_, **kwargs)
-    assert_untouched(model, before, hooks)
+    assert_untouched(model, before)
 
 
 def test_prompt_without_placeholder_is_refused():
@@ -249,7 +222,7 @@ def test_prompt_without_placeholder_is_refused():
     assert_untouched(model, before)
 
 
-def test_statistics_file_for_another_layer_is_refused(tmp_path):
+def test_statistics_file_for_another_layer_is_refused():
     model, tok = make_tiny_model("llama")
     cache = StatsCache()
     wrong = compute_second_moment(model, tok, 2, corpus=CORPUS, n_tokens=600)
@@ -257,10 +230,10 @@ def test_statistics_file_for_another_layer_is_refused(tmp_path):
     right_key = compute_second_moment(fresh, tok, 1, corpus=CORPUS, n_tokens=600, cache=False).key
     cache.path(right_key).write_bytes(cache.path(wrong.key).read_bytes())
     other, _ = make_tiny_model("llama")
-    before, hooks = snapshot(other), count_forward_hooks(other)
+    before = snapshot(other)
     with pytest.raises(StatisticsMismatchError, match="layer"):
         hf_knowedit.apply_edits(other, tok, FACT, "rome", layers=[1], **TINY)
-    assert_untouched(other, before, hooks)
+    assert_untouched(other, before)
 
 
 def test_non_finite_update_is_refused(monkeypatch):
@@ -275,7 +248,7 @@ def test_non_finite_update_is_refused(monkeypatch):
 
     monkeypatch.setattr(rome, "optimize_targets", broken)
     model, tok = make_tiny_model("llama")
-    before, hooks = snapshot(model), count_forward_hooks(model)
+    before = snapshot(model)
     with pytest.raises(NonFiniteUpdateError):
         hf_knowedit.apply_edits(model, tok, [FACT, OTHER], "rome", layers=[1], **TINY)
-    assert_untouched(model, before, hooks)
+    assert_untouched(model, before)

@@ -6,11 +6,11 @@ import json
 import logging
 
 import pytest
-import torch
 
 import hf_knowedit
 from hf_knowedit import ROMEConfig
 from hf_knowedit.evaluation import score_targets
+from tests.tiny_models import assert_same, weights
 
 logger = logging.getLogger(__name__)
 
@@ -24,19 +24,9 @@ def scores(model, tok, record):
     return {"ES": wins[0], "PS": sum(wins[1:3]) / 2, "NS": sum(not w for w in wins[3:]) / len(wins[3:])}
 
 
-@pytest.fixture
-def one_thread():
-    """Two OpenMP threads on a shared 2-core machine spin against other jobs; one is steadier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
-def test_ten_counterfact_edits_one_at_a_time(smollm2, data_path, stats_corpus, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_KNOWEDIT_STATS_CACHE", str(tmp_path))
+@pytest.mark.usefixtures("one_thread", "stats_cache")
+def test_ten_counterfact_edits_one_at_a_time(smollm2, data_path, stats_corpus):
     model, tok = smollm2
     records = json.loads((data_path / "counterfact_500.json").read_text())
     cases = records[:10]
@@ -44,7 +34,7 @@ def test_ten_counterfact_edits_one_at_a_time(smollm2, data_path, stats_corpus, t
     # templates instead of five keep ten edits within the slow-test budget (a CPU edit costs ~20 forward
     # and backward passes through the upper 24 layers)
     config = ROMEConfig(mom2_corpus=stats_corpus, mom2_n_tokens=5_000, context_templates=2)
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    base = weights(model)
 
     before, after = [], []
     for record in cases:
@@ -52,8 +42,7 @@ def test_ten_counterfact_edits_one_at_a_time(smollm2, data_path, stats_corpus, t
         hf_knowedit.apply_edits(model, tok, record, "rome", config=config)
         after.append(scores(model, tok, record))
         hf_knowedit.revert_edits(model)
-    state = model.state_dict()
-    assert all(torch.equal(v, state[k]) for k, v in base.items())  # every revert bit-exact
+    assert_same(weights(model), base)  # every revert bit-exact
 
     mean = {k: (100 * sum(s[k] for s in before) / 10, 100 * sum(s[k] for s in after) / 10) for k in ("ES", "PS", "NS")}
     logger.warning("SmolLM2 ROME, 10 records (unedited -> edited): %s", mean)

@@ -18,13 +18,7 @@ from tests.tiny_models import _CORPUS, make_tiny_model
 CORPUS = [line for line in _CORPUS.splitlines() if line.strip()]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two OpenMP threads on a busy 2-core machine are ~50x slower than one for these tiny models."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # ~50x faster than two busy threads here
 
 
 def _keys_by_hand(model, tok, layer, texts, n):

@@ -8,10 +8,10 @@ import torch
 import hf_knowedit
 from hf_knowedit.architectures import get_architecture, get_module
 from hf_knowedit.errors import KnowEditError, SubjectNotFoundError, TraceError
-from hf_knowedit.hooks import count_forward_hooks
 from hf_knowedit.stack import get_state
 from hf_knowedit.tracing import (CausalTracer, TraceResult, TraceSummary, embedding_noise_level, suggest_layers,
                                  trace_fact, trace_facts)
+from tests.helpers import assert_untouched, snapshot
 from tests.tiny_models import TINY_MODEL_TYPES, make_tiny_model
 
 PROMPT, SUBJECT = "The Eiffel Tower is in", "Eiffel Tower"
@@ -21,25 +21,10 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-9)
 
 
-def _snapshot(model):
-    spec = get_architecture(model)
-    return ({k: v.clone() for k, v in model.state_dict().items()}, list(get_module(model, spec.layers)),
-            count_forward_hooks(model))
-
-
-def _assert_untouched(model, snap):
-    params, blocks, hooks = snap
-    spec = get_architecture(model)
-    assert count_forward_hooks(model) == hooks
-    assert all(a is b for a, b in zip(get_module(model, spec.layers), blocks))
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, params[k]), k
-
-
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 def test_trace_every_architecture(model_type):
     model, tok = make_tiny_model(model_type)
-    snap = _snapshot(model)
+    before = snapshot(model)
     tracer = CausalTracer(model, tok, PROMPT, SUBJECT, samples=2, noise=0.5)
     L, T = tracer.n_layers, tracer.n_tokens
     s0, s1 = tracer.subject_range
@@ -65,7 +50,7 @@ def test_trace_every_architecture(model_type):
     torch.testing.assert_close(result.scores["hidden"][s1 - 1, 0], probs.new_tensor(
         tracer.score([[("hidden", 0, s1 - 1)]])[0].item()), rtol=1e-4, atol=1e-9)
     assert result.tokens == [tok.decode([i]) for i in tok(PROMPT)["input_ids"]]
-    _assert_untouched(model, snap)
+    assert_untouched(model, before)
 
 
 @pytest.fixture(scope="module")
@@ -140,12 +125,12 @@ def test_symmetric_token_replacement(llama):
 ])
 def test_bad_input_raises_typed_error_and_leaves_model_untouched(kwargs, error):
     model, tok = make_tiny_model("gpt2")
-    snap = _snapshot(model)
+    before = snapshot(model)
     args = dict(prompt=PROMPT, subject=SUBJECT, samples=2) | kwargs
     with pytest.raises(error) as info:
         trace_fact(model, tok, **args)
     assert isinstance(info.value, KnowEditError) and str(info.value)
-    _assert_untouched(model, snap)
+    assert_untouched(model, before)
 
 
 def test_attached_method_save_load_and_plot(llama, tmp_path):

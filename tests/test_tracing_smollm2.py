@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from hf_knowedit.hooks import count_forward_hooks
 from hf_knowedit.tokens import split_prompt_target
 from hf_knowedit.tracing import TraceResult, suggest_layers, trace_fact, trace_facts
+from tests.helpers import assert_untouched, snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def known(smollm2, data_path):
 
 def test_known_fact_traced_and_plotted(smollm2, known, tmp_path):
     model, tok = smollm2
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     fact = known[0]
     r = trace_fact(model, tok, fact["prompt"], fact["subject"], samples=3, kinds=("hidden", "mlp"),
                    positions=None)
@@ -43,8 +43,7 @@ def test_known_fact_traced_and_plotted(smollm2, known, tmp_path):
     assert abs(r.scores["hidden"][-1, -1].item() - r.clean_prob) < 1e-3
     r.plot(tmp_path / "trace.png")
     assert (tmp_path / "trace.png").stat().st_size > 5000
-    assert count_forward_hooks(model) == 0
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert_untouched(model, before)
 
 
 def test_trace_facts_on_known_facts(smollm2, known):

@@ -7,11 +7,12 @@ import torch
 
 from hf_knowedit.architectures import get_architecture, get_module, layer_path, mlp_out_path
 from hf_knowedit.errors import InvalidConfigError, LayerOutOfRangeError
-from hf_knowedit.hooks import Trace, count_forward_hooks, hidden
+from hf_knowedit.hooks import Trace, hidden
 from hf_knowedit.requests import EditRequest
 from hf_knowedit.tokens import encode_template
 from hf_knowedit.methods.keys import compute_keys
 from hf_knowedit.methods.targets import optimize_targets
+from tests.helpers import assert_untouched, snapshot
 from tests.tiny_models import make_tiny_model
 
 REQUESTS = [
@@ -25,12 +26,7 @@ TEMPLATES = ["{}", "The world is big. {}", "Who is the author? {}"]
 FREE = dict(v_weight_decay=0.0, clamp_norm_factor=1e4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "opt"])
@@ -53,8 +49,7 @@ def test_keys_are_module_inputs_at_the_subject_last_token(model_type):
                                              ("falcon", "residual")])
 def test_batched_serial_chunked_and_full_forward_agree(model_type, site):
     model, tok = make_tiny_model(model_type)
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    hooks = count_forward_hooks(model)
+    before = snapshot(model)
     kw = dict(site=site, templates=TEMPLATES, v_num_grad_steps=6, **FREE)
     batched = optimize_targets(model, tok, REQUESTS, 2, **kw)
     serial = optimize_targets(model, tok, REQUESTS, 2, batched=False, **kw)
@@ -67,9 +62,7 @@ def test_batched_serial_chunked_and_full_forward_agree(model_type, site):
         assert other.steps_taken == batched.steps_taken == [5, 5, 5]
     assert batched.losses[0] < optimize_targets(model, tok, REQUESTS[:1], 2, **dict(kw, v_num_grad_steps=1)).losses[0]
     # the model is exactly as before: weights, hooks, blocks
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
-    assert count_forward_hooks(model) == hooks
-    assert all(type(b).__name__ != "_CachedBlock" for b in get_module(model, get_architecture(model).layers))
+    assert_untouched(model, before)
 
 
 def test_init_is_the_unedited_site_value():
