@@ -14,6 +14,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from tests.hub_fixtures import hub  # noqa: E402,F401  (the loopback Hub, for every test module)
 
+pytest_plugins = ["pytester"]  # tests/test_conftest_rules.py runs pytest on generated files
+
 
 def data_dir() -> Path:
     """Benchmark data: $HF_KNOWEDIT_DATA, else ../shared/data beside the checkout."""
@@ -71,3 +73,26 @@ def stats_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HF_KNOWEDIT_STATS_CACHE", str(path))
     return path
 
+
+# -----------------------------------------------------------------------------
+# collection rule: the real model only in slow tests
+
+#: session fixtures that load a real (not tiny, not in-process) model
+REAL_MODEL_FIXTURES = ("smollm2",)
+
+
+def unmarked_real_model_tests(items) -> list[str]:
+    """Node ids of the collected tests that use a real-model fixture (directly or through another
+    fixture) without the ``slow`` marker."""
+    return [item.nodeid for item in items
+            if any(name in getattr(item, "fixturenames", ()) for name in REAL_MODEL_FIXTURES)
+            and item.get_closest_marker("slow") is None]
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m "not slow"`` deselects anything
+def pytest_collection_modifyitems(session, config, items):
+    bad = unmarked_real_model_tests(items)
+    if bad:
+        raise pytest.UsageError(
+            f"These tests use the real model ({', '.join(REAL_MODEL_FIXTURES)}) but are not marked "
+            "@pytest.mark.slow, so they would run in the fast suite; mark them slow:\n  " + "\n  ".join(bad))
