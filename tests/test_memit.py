@@ -285,9 +285,11 @@ def test_layers_auto_follows_the_traced_peak_end_to_end(method):
     trace_facts(model, tok, [(r.text, r.subject) for r in facts(4)], kinds=("mlp",), samples=2, window=2,
                 require_correct=False, progress=False)
     peak = suggest_layers(model)[0]
+    before = efficacy(model, tok, facts(2))
     es = model.apply_edits(facts(2), method=method, layers="auto", **settings)
     assert es.layers == ([peak] if method == "rome" else band_around(peak, 4, 3))
-    assert all(efficacy(model, tok, facts(2))) or method == "rome"  # ROME's defaults are for real models
+    after = efficacy(model, tok, facts(2))
+    assert not all(before) and all(after), f"{method}: rewritten before {before}, after {after}"
 
 
 def test_z_optimisation_reports_progress_and_a_summary(capsys, caplog):
