@@ -48,4 +48,4 @@ def test_ten_counterfact_edits_one_at_a_time(smollm2, data_path, stats_corpus):
     logger.warning("SmolLM2 ROME, 10 records (unedited -> edited): %s", mean)
     assert all(s["ES"] for s in after), after  # efficacy 10/10
     assert mean["PS"][1] > mean["PS"][0]
-    assert mean["NS"][1] >= mean["NS"][0] - 20
+    assert mean["NS"][1] >= mean["NS"][0] - 10  # measured: about 5 points
