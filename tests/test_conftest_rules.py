@@ -9,8 +9,11 @@ from tests.conftest import unmarked_real_model_tests
 
 
 def _item(nodeid, fixtures, slow):
-    return SimpleNamespace(nodeid=nodeid, fixturenames=list(fixtures),
-                           get_closest_marker=lambda name: object() if (slow and name == "slow") else None)
+    return SimpleNamespace(
+        nodeid=nodeid,
+        fixturenames=list(fixtures),
+        get_closest_marker=lambda name: object() if (slow and name == "slow") else None,
+    )
 
 
 def test_check_names_only_unmarked_real_model_tests():
@@ -43,7 +46,8 @@ def known(smollm2):
 
 def test_unmarked_real_model_test_fails_collection(pytester):
     pytester.makeconftest(_CONFTEST)
-    pytester.makepyfile(test_real="""
+    pytester.makepyfile(
+        test_real="""
         import pytest
 
         @pytest.mark.slow
@@ -55,7 +59,8 @@ def test_unmarked_real_model_test_fails_collection(pytester):
 
         def test_tiny():
             pass
-    """)
+    """
+    )
     result = pytester.runpytest("-m", "not slow")  # the rule holds whatever is selected
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     err = result.stderr.str()
@@ -65,7 +70,8 @@ def test_unmarked_real_model_test_fails_collection(pytester):
 
 def test_marked_real_model_test_is_collected_and_deselected(pytester):
     pytester.makeconftest(_CONFTEST)
-    pytester.makepyfile(test_real="""
+    pytester.makepyfile(
+        test_real="""
         import pytest
 
         @pytest.mark.slow
@@ -74,6 +80,7 @@ def test_marked_real_model_test_is_collected_and_deselected(pytester):
 
         def test_tiny():
             pass
-    """)
+    """
+    )
     result = pytester.runpytest("-m", "not slow")
     result.assert_outcomes(passed=1, deselected=1)
