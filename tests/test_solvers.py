@@ -1,5 +1,7 @@
 """The MEMIT-family linear algebra on synthetic keys, residuals and statistics."""
 
+import math
+
 import pytest
 import torch
 
@@ -37,12 +39,22 @@ def test_memit_small_lambda_writes_values_exactly():
     torch.testing.assert_close(K @ (B @ A).t(), R, rtol=1e-5, atol=1e-5)
 
 
-def test_memit_matches_closed_form():
-    K, R = _batch(4)
-    C, lam = _spd(D_IN, 3), 7.0
+@pytest.mark.parametrize("n,lam", [(4, 7.0), (4, 1e-3), (D_IN + 6, 0.5)])
+def test_memit_solves_its_objective_like_a_stacked_least_squares_problem(n, lam):
+    """ΔW minimises ||ΔW K - R||² + λ tr(ΔW C ΔWᵀ). With C = L Lᵀ the penalty is ||√λ ΔW L||², so the
+    minimiser is the least-squares solution of the stacked system [Kᵀ; √λ Lᵀ] ΔWᵀ = [Rᵀ; 0]."""
+    K, R = _batch(n, seed=n)  # rows are keys / residuals
+    C = _spd(D_IN, 3)
     B, A = memit_factors(K, R, C, lam, dtype=torch.float64)
-    expected = R.t() @ K @ torch.linalg.inv(lam * C + K.t() @ K)
-    torch.testing.assert_close(B @ A, expected, rtol=1e-9, atol=1e-9)
+    L = torch.linalg.cholesky(C)
+    system = torch.cat([K, lam**0.5 * L.t()])  # [n + d_in, d_in]
+    target = torch.cat([R, torch.zeros(D_IN, D_OUT, dtype=R.dtype)])  # [n + d_in, d_out]
+    reference = torch.linalg.lstsq(system, target, driver="gelsd").solution.t()  # [d_out, d_in]
+    torch.testing.assert_close(B @ A, reference, rtol=1e-7, atol=1e-9)
+    # ... and the objective is stationary there: its gradient (K ΔWᵀ - R)ᵀ K + λ ΔW C vanishes
+    dW = B @ A
+    grad = (K @ dW.t() - R).t() @ K + lam * dW @ C
+    assert float(grad.abs().max()) < 1e-9 * max(1.0, float((R.t() @ K).abs().max()))
 
 
 def test_memit_large_lambda_preserves_more():
@@ -68,18 +80,35 @@ def test_memit_bad_shapes():
         memit_factors(K, R, _spd(D_IN + 1), 1.0)
 
 
-def test_spread_residual_sums_to_whole_over_layers():
-    r = torch.ones(3, 4)
-    # layers take R/3, then (what is left) R'/2, then all of the rest: 1/3, 1/3, 1/3 when each step writes its share
-    left, parts = r.clone(), []
-    for i in range(3):
-        part = spread_residual(left, i, 3)
-        parts.append(part)
-        left = left - part
-    torch.testing.assert_close(sum(parts), r)
-    torch.testing.assert_close(left, torch.zeros_like(r))
+def test_spread_residual_gives_every_layer_of_the_band_an_equal_share():
+    """MEMIT's spreading, written as a recursion (each layer takes its part of what is still missing),
+    has a closed form: when every layer writes its part, each of the L layers writes R / L."""
+    R = _batch(3, seed=4)[1]
+    L = 4
+    written = torch.zeros_like(R)
+    for i in range(L):
+        part = spread_residual(R - written, i, L)
+        torch.testing.assert_close(part, R / L, rtol=1e-12, atol=1e-12)
+        written = written + part
+    torch.testing.assert_close(written, R, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError):
-        spread_residual(r, 3, 3)
+        spread_residual(R, L, L)
+    with pytest.raises(ValueError):
+        spread_residual(R, -1, L)
+
+
+def test_spread_residual_later_layers_take_up_what_earlier_ones_did_not_write():
+    """If every layer writes only the fraction a of its part, what is missing after layer i is
+    R · Π_{j<=i} (1 - a / (L - j)); the last layer's part is everything still missing (a = 1 then
+    closes the gap whatever came before)."""
+    R = _batch(2, seed=6)[1]
+    L, a = 5, 0.6
+    missing = R.clone()
+    for i in range(L):
+        missing = missing - a * spread_residual(missing, i, L)
+        expected = math.prod(1 - a / (L - j) for j in range(i + 1))
+        torch.testing.assert_close(missing, expected * R, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(spread_residual(missing, L - 1, L), missing)
 
 
 def test_nullspace_projector_spans_small_singular_directions():
