@@ -1,10 +1,10 @@
 """Causal tracing on SmolLM2-135M: batched ``trace_fact`` vs one forward pass per cell, and the average
 indirect effect over known facts (ROME Figure 2) with the suggested edit layers.
 
-The baseline is the reference protocol (kmeng01/rome ``trace_with_patch``): for every (kind, token, layer)
-cell, one forward pass of ``samples + 1`` rows (row 0 clean, the others corrupted with the same noise),
-clean states copied from row 0 into the corrupted rows by forward hooks, full logits at every position.
-Both use the same noise, so their scores must agree.
+The baseline is the reference protocol (kmeng01/rome ``trace_with_patch``), as the tests' oracle
+``tests/oracles.py::NaiveTracer`` implements it: for every (kind, token, layer) cell, one forward pass of the
+corrupted samples, the clean states copied back by forward hooks, full logits at every position. Both use
+the same noise, so their scores must agree.
 
     python benchmarks/bench_trace.py [--quick] [--data ../shared/data] [--threads 1]
 """
@@ -13,57 +13,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from benchlib import data_dir, machine_info, write_markdown
+from benchlib import ROOT, data_dir, machine_info, write_markdown
 
 from hf_knowedit.architectures import num_layers
-from hf_knowedit.hooks import TraceDict, hidden, replace_hidden
-from hf_knowedit.tracing.engine import module_path as _module_path
-from hf_knowedit.tracing import (KINDS, CausalTracer, suggest_layers, trace_fact,
-                                 trace_facts)
+from hf_knowedit.tracing import KINDS, CausalTracer, suggest_layers, trace_fact, trace_facts
+
+if str(ROOT) not in sys.path:  # the per-cell reference tracer lives with the tests
+    sys.path.insert(0, str(ROOT))
+from tests.oracles import NaiveTracer  # noqa: E402
 
 IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
 FACT = ("Vinson Massif is located in the continent of", "Vinson Massif")
 
 
-def naive_trace(model, tok, tracer: CausalTracer, kinds=KINDS, window: int = 10) -> Dict[str, torch.Tensor]:
-    """One forward pass per cell, as the reference code does (same noise as ``tracer``)."""
-    spec = tracer.spec
-    L, T, S = tracer.n_layers, tracer.n_tokens, tracer.samples
-    s0, s1 = tracer.subject_range
-    ids = torch.tensor([tracer.input_ids] * (S + 1))
-    answer = tracer.answer_ids[0]
-
-    def corrupt(out, path):
-        out = out.clone()
-        out[1:, s0:s1] += tracer._noise.to(out.dtype)
-        return out
-
-    scores = {k: torch.zeros(T, L) for k in kinds}
-    with torch.no_grad():
-        for kind in kinds:
-            for t in range(T):
-                for l in range(L):
-                    layers = [l] if kind == "hidden" else _window_layers(l, window, L)
-                    paths = [_module_path(spec, kind, j) for j in layers]
-
-                    def patch(out, path, t=t):
-                        h = hidden(out)
-                        h3 = h if h.dim() == 3 else h.view(S + 1, T, -1)
-                        h3 = h3.clone()
-                        h3[1:, t] = h3[0, t]
-                        return replace_hidden(out, h3.view(h.shape))
-
-                    with TraceDict(model, [spec.embed], retain_output=False, edit_output=corrupt), \
-                            TraceDict(model, paths, retain_output=False, edit_output=patch):
-                        logits = model(input_ids=ids, use_cache=False).logits
-                    scores[kind][t, l] = torch.softmax(logits[1:, -1].float(), -1)[:, answer].mean()
-    return scores
+def batched_vs_naive(model, tok, prompt: str, subject: str, kinds=KINDS, samples: int = 10) -> Dict[str, Any]:
+    """``trace_fact`` against the plain per-cell tracer of the tests (``tests/oracles.py``: one forward pass
+    per cell, as the reference ``trace_with_patch``), on the same noise; times and the largest gap."""
+    t0 = time.perf_counter()
+    result = trace_fact(model, tok, prompt, subject, kinds=kinds, samples=samples, progress=False)
+    t_batched = time.perf_counter() - t0
+    noise = CausalTracer(model, tok, prompt, subject, samples=samples).corruption.noise  # same seed: same noise
+    t0 = time.perf_counter()
+    oracle = NaiveTracer(model, tok, prompt, subject, noise)
+    ref = {k: oracle.grid(k, window_size=result.settings["window"]) for k in kinds}
+    t_naive = time.perf_counter() - t0
+    diff = max((result.scores[k] - ref[k]).abs().max().item() for k in kinds)
+    cells = sum(v.numel() for v in ref.values())
+    row = dict(case=f"one fact, {len(kinds)} kind(s), {cells} cells, samples={samples}",
+               naive_s=round(t_naive, 2), batched_s=round(t_batched, 2),
+               ratio=round(t_batched / t_naive, 3), max_abs_diff=float(f"{diff:.2e}"))
+    return {"row": row, "result": result}
 
 
 def known_facts(model, tok, data: Path, want: int) -> List[Dict[str, Any]]:
@@ -94,18 +80,9 @@ def run(quick: bool = True, data: Optional[Path] = None) -> Dict[str, Any]:
 
     # 1. one fact (all three kinds; quick: the MLP): batched vs one forward per cell
     prompt, subject = FACT
-    t0 = time.perf_counter()
-    result = trace_fact(model, tok, prompt, subject, kinds=kinds, samples=samples, progress=False)
-    t_batched = time.perf_counter() - t0
-    tracer = CausalTracer(model, tok, prompt, subject, samples=samples)
-    t0 = time.perf_counter()
-    ref = naive_trace(model, tok, tracer, kinds=kinds)
-    t_naive = time.perf_counter() - t0
-    diff = max((result.scores[k] - ref[k]).abs().max().item() for k in kinds)
-    cells = sum(v.numel() for v in ref.values())
-    rows.append(dict(case=f"one fact, {len(kinds)} kind(s), {cells} cells, samples={samples}",
-                     naive_s=round(t_naive, 2), batched_s=round(t_batched, 2),
-                     ratio=round(t_batched / t_naive, 3), max_abs_diff=float(f"{diff:.2e}")))
+    one = batched_vs_naive(model, tok, prompt, subject, kinds=kinds, samples=samples)
+    result = one["result"]
+    rows.append(one["row"])
     if not quick:  # the figures in docs/ come from the full run
         IMG.mkdir(parents=True, exist_ok=True)
         result.plot(IMG / "smollm2_trace.png")

@@ -12,7 +12,10 @@ from hf_knowedit.stack import get_state
 from hf_knowedit.tracing import (CausalTracer, TraceResult, TraceSummary, embedding_noise_level, suggest_layers,
                                  trace_fact, trace_facts)
 from tests.helpers import assert_untouched, snapshot
+from tests.oracles import NaiveTracer
 from tests.tiny_models import TINY_MODEL_TYPES, make_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT, SUBJECT = "The Eiffel Tower is in", "Eiffel Tower"
 
@@ -36,10 +39,12 @@ def test_trace_every_architecture(model_type):
     assert _close(probs[1].item(), tracer.corrupted_prob)   # restore nothing -> corrupted
     assert _close(probs[2].item(), tracer.clean_prob)       # last block at the last token is the final state
     assert tracer.clean_prob != tracer.corrupted_prob
-    # the speed-ups (replayed lower blocks, KV-cache prefixes) change nothing
-    tracer.reuse_lower_layers = tracer.use_kv = False
-    slow = tracer.score([everything, [], [("hidden", L - 1, T - 1)], [("mlp", 1, s1 - 1), ("attn", 2, T - 1)]])
-    torch.testing.assert_close(probs, slow, rtol=1e-4, atol=1e-9)
+    # the batched tracer (replayed lower blocks, KV-cache prefixes) agrees with plain forwards, one per restoration
+    oracle = NaiveTracer(model, tok, PROMPT, SUBJECT, tracer.corruption.noise)
+    assert oracle.subject_range == (s0, s1) and [oracle.answer] == tracer.answer_ids
+    restorations = [everything, [], [("hidden", L - 1, T - 1)], [("mlp", 1, s1 - 1), ("attn", 2, T - 1)]]
+    want = torch.tensor([oracle.prob(r) for r in restorations], dtype=probs.dtype)
+    torch.testing.assert_close(probs, want, rtol=1e-5, atol=1e-9)
 
     result = trace_fact(model, tok, PROMPT, SUBJECT, samples=2, window=2, noise=0.5)
     assert set(result.scores) == {"hidden", "mlp", "attn"}
@@ -51,6 +56,25 @@ def test_trace_every_architecture(model_type):
         tracer.score([[("hidden", 0, s1 - 1)]])[0].item()), rtol=1e-4, atol=1e-9)
     assert result.tokens == [tok.decode([i]) for i in tok(PROMPT)["input_ids"]]
     assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt", "falcon", "llama", "gpt_neox", "mpt"])
+def test_trace_fact_grids_match_the_per_cell_oracle(model_type):
+    """Every cell of every kind (windows clipped at both ends, tokens before the subject included)
+    against tests/oracles.py: one plain forward pass per cell, clean states copied back by hooks."""
+    model, tok = make_tiny_model(model_type)
+    with torch.no_grad():  # logits of a realistic range, so that cells differ visibly
+        get_module(model, get_architecture(model).final_norm).weight.mul_(8.0)
+    options = dict(samples=3, window=3, noise=0.5, seed=3)
+    result = trace_fact(model, tok, PROMPT, SUBJECT, **options)
+    oracle = NaiveTracer(model, tok, PROMPT, SUBJECT, CausalTracer(model, tok, PROMPT, SUBJECT, **options).corruption.noise)
+    assert result.subject_range == oracle.subject_range and result.answer_ids == [oracle.answer]
+    assert math.isclose(result.clean_prob, oracle.clean_prob, rel_tol=1e-5)
+    assert math.isclose(result.corrupted_prob, oracle.corrupted_prob, rel_tol=1e-5)
+    for kind in ("hidden", "mlp", "attn"):
+        want = oracle.grid(kind, window_size=3)
+        assert float(want.max() - want.min()) > 1e-3 * float(want.max()), "a flat grid would not tell cells apart"
+        torch.testing.assert_close(result.scores[kind], want, rtol=1e-5, atol=1e-7, msg=lambda m, k=kind: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")
