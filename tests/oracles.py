@@ -140,3 +140,88 @@ class NaiveTracer:
                 layers = [l] if kind == "hidden" else window(l, window_size, L)
                 out[t, l] = self.prob([(kind, j, t) for j in layers])
         return out
+
+
+# -----------------------------------------------------------------------------
+# the v* / z objective
+
+
+def _site_path(model: nn.Module, site: str, layer: int) -> str:
+    return _path(model, "mlp" if site == "mlp" else "hidden", layer)
+
+
+@torch.no_grad()
+def _forward(
+    model: nn.Module, ids: list[int], site_path: str, position: int, delta: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities ``[len(ids), vocab]`` of one sequence, with ``delta`` added to the output of
+    ``site_path`` at ``position`` (``None``: unedited), and the unedited site output there."""
+    seen = {}
+
+    def fn(out):
+        h = _tensor(out)
+        h3 = h.reshape(1, len(ids), h.shape[-1])  # OPT's fc2 sees [T, d]
+        seen["site"] = h3[0, position].clone()
+        if delta is None:
+            return out
+        h3 = h3.clone()
+        h3[0, position] += delta.to(h3.dtype)
+        return _with_tensor(out, h3.reshape(h.shape))
+
+    with _hooks(model, {site_path: fn}):
+        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+    return torch.log_softmax(logits, -1), seen["site"].float()
+
+
+def target_loss(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    subject: str,
+    target: str,
+    layer: int,
+    site: str,
+    templates: Sequence[str],
+    delta: torch.Tensor,
+    *,
+    kl_factor: float,
+    weight_decay: float,
+) -> dict[str, float]:
+    """ROME's v* loss (``compute_v`` in kmeng01/rome; MEMIT's ``compute_z``) of one request at ``delta``,
+    from plain full forward passes.
+
+    ``delta`` is added at the site (``"mlp"``: the output of the MLP's output projection of ``layer``;
+    ``"residual"``: the output of block ``layer``) at the subject's last token of every prompt:
+
+    * rewriting prompts: each template with the request's prompt in its ``{}`` and the subject filled
+      in, followed by the target (teacher forced); NLL = mean over prompts of the mean over the target's
+      tokens of ``-log p(token)``;
+    * the essence prompt ``"{subject} is a"``: KL(p_δ ‖ p_0) of the distribution the reference code reads
+      there, at the subject's last token (``kl_logits`` at ``lookup_idxs``);
+    * weight decay ``‖δ‖ / ‖init‖²``, ``init`` the unedited site value at the subject's last token of the
+      first rewriting prompt.
+
+    Returns ``{"nll", "kl", "decay", "loss"}`` with ``loss = nll + kl_factor · kl + weight_decay · decay``.
+    """
+    site_path = _site_path(model, site, layer)
+    nlls, init = [], None
+    for template in templates:
+        text = template.replace("{}", prompt, 1).replace("{}", subject)
+        full = text + " " + target
+        p_ids, f_ids = tokenizer(text)["input_ids"], tokenizer(full)["input_ids"]
+        assert f_ids[: len(p_ids)] == p_ids, (text, target)
+        t_ids = f_ids[len(p_ids) :]
+        last = subject_tokens(tokenizer, text, subject)[1] - 1
+        logp, site_value = _forward(model, f_ids, site_path, last, delta)
+        if init is None:
+            init = site_value
+        nlls.append(-sum(float(logp[len(p_ids) - 1 + m, tid]) for m, tid in enumerate(t_ids)) / len(t_ids))
+    essence = f"{subject} is a"
+    last = subject_tokens(tokenizer, essence, subject)[1] - 1
+    ids = tokenizer(essence)["input_ids"]
+    cur = _forward(model, ids, site_path, last, delta)[0][last]
+    ref = _forward(model, ids, site_path, last, None)[0][last]
+    kl = float((cur.exp() * (cur - ref)).sum())
+    nll = sum(nlls) / len(nlls)
+    decay = float(delta.norm() / init.norm() ** 2)
+    return {"nll": nll, "kl": kl, "decay": decay, "loss": nll + kl_factor * kl + weight_decay * decay}
