@@ -3,7 +3,8 @@
 * :func:`snapshot` / :func:`assert_untouched`: record a model's weights, forward-hook count and
   submodules, and later check that nothing moved (bit-exact), no hook was left behind, no block
   was swapped and no edit set is active.
-* :func:`logprob`: the mean log-probability per token of a target after a prompt.
+* :func:`logits`: the float32 logits of one text; :func:`logprob`: the mean log-probability per
+  token of a target after a prompt.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def assert_untouched(model: nn.Module, before: Snapshot, *, edits: bool = True) 
     assert len(now) == len(before.modules) and all(a is b for a, b in zip(now, before.modules)), "a module was replaced"
     if edits:
         assert hf_knowedit.list_edits(model) == []
+
+
+@torch.no_grad()
+def logits(model: nn.Module, tok: Any, text: str = "Angola is located in") -> torch.Tensor:
+    """The logits ``[1, n_tokens, vocab]`` (float32) of one forward pass over ``text``."""
+    return model(**tok(text, return_tensors="pt")).logits.float()
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from hf_knowedit.deltas import ModuleDelta, fingerprint
 from hf_knowedit.editset import EditSet
 from hf_knowedit.errors import AdapterFormatError, BaseModelMismatchError
 from hf_knowedit.requests import EditRequest
-from tests.helpers import assert_untouched, snapshot
+from tests.helpers import assert_untouched, logits, snapshot
 from tests.test_stack import random_set
 from tests.tiny_models import assert_same, make_tiny_model, weights
 
@@ -65,12 +65,6 @@ def edited(model_type="gpt2", dtype=torch.float32, seed=0, **kw):
     hf_knowedit.attach(model, tok)
     es = model.apply_edits(FACTS, method="adaptertest", **kw)
     return model, tok, es
-
-
-def logits(model, tok, text="Angola is located in"):
-    ids = tok(text, return_tensors="pt")
-    with torch.no_grad():
-        return model(**ids).logits.float()
 
 
 # -- format ---------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from hf_knowedit.editset import EditSet
 from hf_knowedit.errors import KnowEditError, LayerOutOfRangeError, SubjectNotFoundError
 from hf_knowedit.hooks import count_forward_hooks
 from hf_knowedit.methods.registry import get_method
-from tests.helpers import assert_untouched, snapshot
+from tests.helpers import assert_untouched, logits, snapshot
 from tests.tiny_models import LAYERS, TINY_MODEL_TYPES, assert_same, make_tiny_model, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread", "stats_cache")
@@ -87,14 +87,9 @@ def _edit(arch: str, method: str) -> Edit:
     return _EDITS[arch, method]
 
 
-@torch.no_grad()
-def _logits(model, tok) -> torch.Tensor:
-    return model(**tok(PROBE, return_tensors="pt")).logits.float()
-
-
-def _assert_edited(logits: torch.Tensor, base: torch.Tensor) -> None:
+def _assert_edited(edited: torch.Tensor, base: torch.Tensor) -> None:
     """The edit is visible in the logits (so that equalities with or without it are not vacuous)."""
-    assert (logits - base).abs().max() > 1e-4, float((logits - base).abs().max())
+    assert (edited - base).abs().max() > 1e-4, float((edited - base).abs().max())
 
 
 def test_every_architecture_and_method_is_in_the_matrix():
@@ -121,25 +116,25 @@ def test_apply_changes_the_edited_weights_and_revert_restores_them(arch, method)
 def test_hooked_and_merged_agree_and_modes_switch(arch, method):
     edit = _edit(arch, method)
     model, tok = make_tiny_model(arch)
-    before, base = snapshot(model), _logits(model, tok)
+    before, base = snapshot(model), logits(model, tok, PROBE)
 
     hf_knowedit.load_edits(model, edit.es, merge=False, name="edit")
     assert_same(weights(model), before.weights)  # hooked: the weights are the base ones
     assert count_forward_hooks(model) > before.hooks
     assert [e.merged for e in hf_knowedit.list_edits(model)] == [False]
-    hooked = _logits(model, tok)
+    hooked = logits(model, tok, PROBE)
     _assert_edited(hooked, base)
 
     hf_knowedit.merge_edits(model)
     assert [e.merged for e in hf_knowedit.list_edits(model)] == [True]
     assert_same(weights(model), edit.edited)  # merged: the weights apply_edits wrote
-    merged = _logits(model, tok)
+    merged = logits(model, tok, PROBE)
     torch.testing.assert_close(merged, hooked, rtol=1e-4, atol=1e-5)
 
     hf_knowedit.unmerge_edits(model)
     assert [e.merged for e in hf_knowedit.list_edits(model)] == [False]
     assert_same(weights(model), before.weights)
-    torch.testing.assert_close(_logits(model, tok), merged, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits(model, tok, PROBE), merged, rtol=1e-4, atol=1e-5)
 
     hf_knowedit.revert_edits(model)
     assert_untouched(model, before)  # no hook left behind
@@ -160,14 +155,14 @@ def test_saved_edit_loads_into_a_fresh_model_bit_exactly(arch, method, tmp_path)
 def test_disable_edits_gives_the_base_model(arch, method):
     edit = _edit(arch, method)
     model, tok = make_tiny_model(arch)
-    before, base = snapshot(model), _logits(model, tok)
+    before, base = snapshot(model), logits(model, tok, PROBE)
     for merge in (True, False):
         hf_knowedit.load_edits(model, edit.es, merge=merge, name="edit")
-        edited = _logits(model, tok)
+        edited = logits(model, tok, PROBE)
         _assert_edited(edited, base)
         with hf_knowedit.disable_edits(model):
-            assert torch.equal(_logits(model, tok), base), f"merge={merge}"
-        torch.testing.assert_close(_logits(model, tok), edited, rtol=0, atol=0)  # on again afterwards
+            assert torch.equal(logits(model, tok, PROBE), base), f"merge={merge}"
+        torch.testing.assert_close(logits(model, tok, PROBE), edited, rtol=0, atol=0)  # on again afterwards
         hf_knowedit.revert_edits(model)
     assert_untouched(model, before)
 

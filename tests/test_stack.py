@@ -12,7 +12,7 @@ from hf_knowedit.errors import (BaseModelMismatchError, EditConflictError, EditS
 from hf_knowedit.hooks import count_forward_hooks
 from hf_knowedit.requests import EditRequest
 from hf_knowedit.stack import push_edit_set
-from tests.helpers import assert_untouched, snapshot
+from tests.helpers import assert_untouched, logits, snapshot
 from tests.tiny_models import assert_same, make_tiny_model, weights
 
 
@@ -30,12 +30,6 @@ def random_set(model, layers, rank=2, seed=0, scale=0.5, subject="Angola", targe
     req = EditRequest("{} is located in", subject, target, "Africa")
     return EditSet(deltas=deltas, requests=[req], method="test", layers=list(layers), fingerprints=fps,
                    layouts=layouts)
-
-
-def logits(model, tok):
-    ids = tok("Angola is located in", return_tensors="pt")
-    with torch.no_grad():
-        return model(**ids).logits.float()
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])  # Conv1D and Linear layouts
