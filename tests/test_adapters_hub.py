@@ -15,9 +15,10 @@ import hf_knowedit
 from hf_knowedit.moments import STATS_FOLDER, pull_statistics, push_statistics
 from hf_knowedit.editset import EditSet
 from tests.hub_fixtures import HUB_UPLOAD_MODES, offline
-from tests.test_adapters import assert_same, assert_untouched, edited, logits, weights
+from tests.helpers import assert_untouched, logits, snapshot
+from tests.test_adapters import edited
 from tests.test_stack import random_set
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import assert_same, make_tiny_model, weights
 
 LFS_BATCH = "/info/lfs/objects/batch"
 SECRET = "hf_knowedit_test_secret_token_5f3a"
@@ -116,7 +117,7 @@ def test_peft_and_transformers_load_straight_from_the_hub(hub):
 def test_missing_repo_revision_and_file_are_huggingface_hub_errors(hub):
     model, tok = make_tiny_model("llama")
     hf_knowedit.attach(model, tok)
-    w0 = weights(model)
+    before = snapshot(model)
     es = random_set(model, [1])
     es.push_to_hub("errs")
     repo_id = f"{hub.user}/errs"
@@ -130,7 +131,7 @@ def test_missing_repo_revision_and_file_are_huggingface_hub_errors(hub):
     HfApi().delete_file("knowedit_config.json", repo_id)
     with pytest.raises(EntryNotFoundError):
         EditSet.from_pretrained(repo_id)
-    assert_untouched(model, w0)
+    assert_untouched(model, before)
 
 
 def test_token_is_never_written(hub, tmp_path, caplog):
