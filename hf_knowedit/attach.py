@@ -19,7 +19,7 @@ from torch import nn
 
 from .architectures import get_architecture
 from .errors import KnowEditError, MissingTokenizerError
-from .stack import STATE_ATTR, get_state, merge_and_unload
+from .stack import forget_state, get_state, merge_and_unload
 
 #: method name -> ("module:function", needs_tokenizer). The function's first argument is the
 #: model; when ``needs_tokenizer`` the second is the tokenizer.
@@ -110,7 +110,7 @@ def detach(model: nn.Module, *, keep_edits: bool = False) -> nn.Module:
         merge_and_unload(model)
     for name in MODEL_METHODS:
         model.__dict__.pop(name, None)
-    model.__dict__.pop(STATE_ATTR, None)
+    forget_state(model)
     return model
 
 

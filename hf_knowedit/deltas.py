@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
-#: sketch length of a weight fingerprint
-_SKETCH = 16
+#: a fingerprint's sketch is ``_SKETCH_SIDE²`` projections of the weight
+_SKETCH_SIDE = 8
+#: version of the fingerprint layout (1: column-sum sketch; 2: two-sided sketch and dtype)
+FINGERPRINT_VERSION = 2
 
 
 @dataclass
@@ -74,26 +76,80 @@ class ModuleDelta:
         return cls(A=A, B=B)
 
 
-def fingerprint(weight: torch.Tensor) -> dict[str, Any]:
-    """Identify a base weight: exact sha256 of its float32 bytes plus a small numeric sketch
-    (projections on fixed pseudo-random vectors), which still matches the same weights in
-    another dtype. See :func:`fingerprints_match`."""
-    w = weight.detach().float().cpu().contiguous()
+def _unit_roundoff(dtype_name: str) -> float:
+    try:
+        return float(torch.finfo(getattr(torch, dtype_name)).eps) / 2
+    except (AttributeError, TypeError):
+        return float(torch.finfo(torch.float32).eps) / 2
+
+
+def _sketch(weight: torch.Tensor) -> torch.Tensor:
+    """``Rᵀ W Q / sqrt(numel)`` with fixed Gaussian ``R [out, k]`` and ``Q [in, k]``: k² numbers that move
+    by about the relative size of any change of ``W`` (rounding to another dtype: its unit roundoff; a 1 %
+    perturbation: 1 %; a permutation of rows or columns: more than 100 %)."""
+    w = weight.detach().float().reshape(-1, weight.shape[-1])
     gen = torch.Generator().manual_seed(0)
-    probe = torch.randn(w.shape[-1], _SKETCH, generator=gen)
-    sketch = (w.reshape(-1, w.shape[-1]) @ probe).sum(0) / max(1, w.numel()) ** 0.5
+    left = torch.randn(w.shape[0], _SKETCH_SIDE, generator=gen).to(w.device)
+    right = torch.randn(w.shape[1], _SKETCH_SIDE, generator=gen).to(w.device)
+    return (left.t().double() @ (w @ right).double()).flatten().cpu() / max(1, w.numel()) ** 0.5
+
+
+def fingerprint(weight: torch.Tensor, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Identify the weights an edit was computed on: the exact sha256 of their float32 bytes, the dtype
+    they were held in (``dtype``, default the weight's own), and a sketch (:func:`_sketch`) that still
+    matches the same weights rounded to another dtype. See :func:`fingerprints_match`."""
+    w = weight.detach().float().cpu().contiguous()
     return {
+        "version": FINGERPRINT_VERSION,
         "shape": list(weight.shape),
+        "dtype": str(dtype or weight.dtype).removeprefix("torch."),
         "sha256": hashlib.sha256(w.numpy().tobytes()).hexdigest(),
-        "sketch": [round(float(x), 6) for x in sketch],
+        "sketch": [float(f"{x:.9g}") for x in _sketch(w)],
     }
 
 
-def fingerprints_match(a: dict[str, Any], b: dict[str, Any], rtol: float = 2e-2) -> bool:
-    """Same shape and either the exact hash or the sketch agrees (same weights, other dtype)."""
+def _legacy_sketch(weight: torch.Tensor) -> list[float]:
+    """The sketch of fingerprints written before version 2 (16 projections of the column sums)."""
+    w = weight.detach().float().cpu()
+    probe = torch.randn(w.shape[-1], 16, generator=torch.Generator().manual_seed(0))
+    return [round(float(x), 6) for x in (w.reshape(-1, w.shape[-1]) @ probe).sum(0) / max(1, w.numel()) ** 0.5]
+
+
+def matches_weight(stored: dict[str, Any], weight: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether ``weight`` (held in ``dtype``) is the weight ``stored`` was taken of, in ``stored``'s version."""
+    if stored.get("version", 1) < FINGERPRINT_VERSION:
+        w = weight.detach().float().cpu().contiguous()
+        legacy = {"shape": list(weight.shape), "sha256": hashlib.sha256(w.numpy().tobytes()).hexdigest(),
+                  "sketch": _legacy_sketch(w)}  # fmt: skip
+        return fingerprints_match(stored, legacy)
+    return fingerprints_match(stored, fingerprint(weight, dtype))
+
+
+def fingerprints_match(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Same shape, and the exact hash or the sketch agrees: within ``2.2 · u / √3`` relative (about twice
+    the RMS rounding error) for the unit roundoff ``u`` of the coarser of the two dtypes — bf16 0.5 %,
+    fp16 0.06 %, float32 exact up to summation order. A 1 % perturbation or a permutation fails."""
     if list(a["shape"]) != list(b["shape"]):
         return False
     if a["sha256"] == b["sha256"]:
         return True
-    sa, sb = torch.tensor(a["sketch"]), torch.tensor(b["sketch"])
-    return bool((sa - sb).norm() <= rtol * max(float(sa.norm()), 1e-12))
+    sa, sb = torch.tensor(a["sketch"], dtype=torch.float64), torch.tensor(b["sketch"], dtype=torch.float64)
+    if sa.shape != sb.shape:
+        return False
+    if a.get("version", 1) < FINGERPRINT_VERSION:
+        return bool((sa - sb).norm() <= 2e-2 * max(float(sa.norm()), 1e-12))
+    u = max(_unit_roundoff(a.get("dtype", "float32")), _unit_roundoff(b.get("dtype", "float32")))
+    tol = max(2.2 * u / 3**0.5, 1e-6)
+    return bool((sa - sb).norm() <= tol * max(float(sa.norm()), 1e-30))
+
+
+def deltas_digest(deltas: dict[str, ModuleDelta], layouts: dict[str, str]) -> str:
+    """sha256 of what a set of deltas does: module paths, layouts and the factors' float32 bytes. Two
+    edit sets with the same digest make the same change."""
+    h = hashlib.sha256()
+    for path in sorted(deltas):
+        d = deltas[path]
+        h.update(f"{path}|{layouts.get(path, 'linear')}|{tuple(d.A.shape)}|{tuple(d.B.shape)}|".encode())
+        for t in (d.A, d.B):
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -11,33 +11,48 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 
-from .architectures import get_architecture, get_module, num_layers
-from .deltas import fingerprint
+from .architectures import get_architecture, num_layers
 from .editset import EditSet
-from .errors import InvalidConfigError, LayerOutOfRangeError
+from .errors import EditsDisabledError, InvalidConfigError, LayerOutOfRangeError
 from .hooks import frozen
 from .methods.registry import EditContext, Layers, get_method, resolve_config
 from .requests import normalize_requests
-from .stack import conflict_error, find_conflicts, get_state, push_edit_set
+from .stack import (
+    check_flag,
+    check_name,
+    conflict_error,
+    find_conflicts,
+    model_lock,
+    push_edit_set,
+    weight_fingerprints,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def check_layers(model: nn.Module, layers: Sequence[int]) -> list[int]:
-    """Validate explicit layer indices (negative ones count from the end)."""
+def check_layers(model: nn.Module, layers: Any) -> list[int]:
+    """Validate explicit layer indices (negative ones count from the end; NumPy integers are fine)."""
+    if isinstance(layers, str) or not isinstance(layers, Iterable):
+        raise InvalidConfigError(f"layers must be a list of ints, 'auto' or None, got {layers!r}.")
+    layers = list(layers)
+    if not layers:
+        raise InvalidConfigError("layers is empty: pass at least one layer index, 'auto', or None for the default.")
     n = num_layers(model)
     out = []
     for layer in layers:
-        if not isinstance(layer, int) or isinstance(layer, bool) or not -n <= layer < n:
-            raise LayerOutOfRangeError(f"Layer {layer!r} is out of range: this model has layers 0..{n - 1}.")
-        out.append(layer % n)
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise InvalidConfigError(f"Layer indices must be ints, got {layer!r} ({type(layer).__name__}) in {layers}.")
+        if not -n <= int(layer) < n:
+            raise LayerOutOfRangeError(f"Layer {int(layer)} is out of range: this model has layers 0..{n - 1}.")
+        out.append(int(layer) % n)
     if len(set(out)) != len(out):
-        raise LayerOutOfRangeError(f"Layers {list(layers)} repeat an index.")
+        raise LayerOutOfRangeError(f"Layers {layers} repeat an index.")
     return sorted(out)
 
 
@@ -65,42 +80,44 @@ def apply_edits(
         name: the name under which the set is active (``list_edits`` / ``revert_edits``).
         allow_conflicts: stack even if an active set rewrote the same fact to another target (warns).
 
-    Raises a typed :mod:`hf_knowedit.errors` error on bad input, leaving the weights untouched.
+    Raises a typed :mod:`hf_knowedit.errors` error on bad input, leaving the weights untouched. The
+    whole call holds the model's edit lock; the set and the method's state (e.g. AlphaEdit's history)
+    become active together or not at all (:mod:`hf_knowedit.stack`).
 
     >>> es = model.apply_edits({"prompt": "{} is located in", "subject": "Angola", "target_new": "Antarctica"})
     """
+    check_flag("merge", merge), check_flag("allow_conflicts", allow_conflicts), check_name(name)
     spec = get_method(method)
     reqs = normalize_requests(requests)
     config = resolve_config(spec, config, overrides)
     arch = get_architecture(model)
-    if isinstance(layers, int) and not isinstance(layers, bool):
+    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
         layers = [layers]
-    if layers is not None and not isinstance(layers, str):
+    if layers is not None and not (isinstance(layers, str) and layers == "auto"):
         layers = check_layers(model, layers)
-    elif isinstance(layers, str) and layers != "auto":
-        raise InvalidConfigError(f"layers must be a list of ints, 'auto' or None, got {layers!r}.")
-    probe = EditSet(deltas={}, requests=reqs, method=spec.name)
-    conflicts = find_conflicts(model, probe)
-    if conflicts and not allow_conflicts:  # fail before the expensive part
-        raise conflict_error(conflicts)
-    state = get_state(model)
-    ctx = EditContext(model, tokenizer, reqs, config, layers, arch, state.history)
-    with frozen(model):
-        result = spec.compute(ctx)
-    es = EditSet(
-        deltas=result.deltas,
-        requests=reqs,
-        method=spec.name,
-        config=dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
-        layers=list(result.layers),
-        fingerprints={p: fingerprint(get_module(model, p).weight) for p in result.deltas},
-        layouts={p: arch.mlp_out_layout for p in result.deltas},
-        base_model=getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
-        revision=getattr(model.config, "_commit_hash", None),
-        stats_key=result.stats_key,
-        state=result.state,
-    )
-    push_edit_set(model, es, merge=merge, name=name, allow_conflicts=allow_conflicts)
-    if result.commit is not None:
-        result.commit()
-    return es
+    with model_lock(model) as state:
+        if state.disabled:
+            raise EditsDisabledError(
+                "apply_edits() inside disable_edits(): edit state cannot change while the base model is "
+                "running. Leave the `with model.disable_edits():` block first."
+            )
+        conflicts = find_conflicts(model, EditSet(deltas={}, requests=reqs, method=spec.name))
+        if conflicts and not allow_conflicts:  # fail before the expensive part
+            raise conflict_error(conflicts)
+        ctx = EditContext(model, tokenizer, reqs, config, layers, arch, state.history)
+        with frozen(model):
+            result = spec.compute(ctx)
+        es = EditSet(
+            deltas=result.deltas,
+            requests=reqs,
+            method=spec.name,
+            config=dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
+            layers=list(result.layers),
+            fingerprints=weight_fingerprints(model, list(result.deltas)),
+            layouts={p: arch.mlp_out_layout for p in result.deltas},
+            base_model=getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
+            revision=getattr(model.config, "_commit_hash", None),
+            stats_key=result.stats_key,
+            state=result.state,
+        )
+        return push_edit_set(model, es, merge=merge, name=name, allow_conflicts=allow_conflicts, commit=result.commit)

@@ -85,3 +85,11 @@ class InvalidDataError(KnowEditError, ValueError):
 
 class TraceError(KnowEditError, ValueError):
     """Bad arguments to causal tracing (``samples < 1``, unknown kind, ...)."""
+
+
+class EditsDisabledError(KnowEditError, RuntimeError):
+    """Edit state was to change inside ``disable_edits()``, where the model must stay the base model."""
+
+
+class InvalidArgumentError(KnowEditError, TypeError):
+    """An argument of the wrong type (a flag that is not a bool, a name that is not a string, ...)."""

@@ -19,12 +19,20 @@ Also here, because they are hooks or hook-like scopes too:
 * :func:`frozen`: eval mode (each module's own flag restored) and no parameter gradients;
 * :class:`ReplayBlock` and :func:`replaced_blocks`: stand-ins for decoder blocks whose output is
   already known (lower layers during tracing and target optimisation), swapped into the
-  ``layers`` ModuleList for one forward and always put back.
+  ``layers`` ModuleList for one forward and always put back;
+* :class:`ModelGate`: lets forwards of other threads run while hf_knowedit computes, and holds
+  them back only while an edit switches weights.
+
+**Threads.** Helpers that exist only for hf_knowedit's own computation (``Trace``, a
+``LowRankHook`` with an ``owner``, ``ReplayBlock``) act only in the thread that made them: a
+forward running in another thread at the same time passes through them untouched (a
+``ReplayBlock`` runs the real block for it), so serving code never sees them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -100,7 +108,11 @@ class Trace(contextlib.AbstractContextManager):
         self.input: Any = None
         self.output: Any = None
 
+        owner = threading.get_ident()
+
         def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if threading.get_ident() != owner:  # another thread's forward: not ours to trace
+                return None
             if retain_input:
                 self.input = _keep(first_input(args, kwargs), clone, detach)
             if edit_output is not None:
@@ -168,8 +180,10 @@ class TraceDict(OrderedDict, contextlib.AbstractContextManager):
 
 
 def count_forward_hooks(model: nn.Module) -> int:
-    """Number of forward (pre-)hooks registered on any submodule (for tests)."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    """Number of forward (pre-)hooks registered on any submodule, not counting the :class:`ModelGate`
+    that ``attach`` installs (for tests)."""
+    hooks = (h for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+    return sum(not getattr(h, "is_model_gate", False) for h in hooks)
 
 
 # -----------------------------------------------------------------------------
@@ -182,15 +196,21 @@ class LowRankHook:
     input's device once. ``active()`` (if given) is asked on every call; False leaves the output alone.
 
     ``factors`` may grow while the hook is registered (MEMIT adds each layer's update as it goes).
+    ``owner=threading.get_ident()`` makes it act only in that thread (updates in progress inside a
+    method); without it, it acts in every thread (hooked edit sets).
 
         >>> handle = module.register_forward_hook(LowRankHook([(B, A)]))
     """
 
     def __init__(
-        self, factors: Sequence[tuple[torch.Tensor, torch.Tensor]], active: Callable[[], bool] | None = None
+        self,
+        factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        active: Callable[[], bool] | None = None,
+        owner: int | None = None,
     ) -> None:
         self.factors: list[tuple[torch.Tensor, torch.Tensor]] = list(factors)
         self.active = active
+        self.owner = owner
         self._on: dict[Any, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def _factors_on(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -200,6 +220,8 @@ class LowRankHook:
         return cached
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if self.owner is not None and threading.get_ident() != self.owner:
+            return None
         if self.active is not None and not self.active():
             return None
         x = args[0].float()
@@ -237,15 +259,19 @@ class ReplayBlock(nn.Module):
     """Stands in for a decoder block: returns ``output(*args, **kwargs)`` instead of computing.
 
     Attribute lookups it cannot answer go to the original block (models read e.g. ``layer_idx`` or
-    ``attention_type`` off their blocks); the original is not registered as a submodule.
+    ``attention_type`` off their blocks); the original is not registered as a submodule. Called
+    from another thread than the one that made it, it runs the original block.
     """
 
     def __init__(self, original: nn.Module, output: Callable[..., Any]) -> None:
         super().__init__()
         self.__dict__["_original"] = original
         self.__dict__["_output"] = output
+        self.__dict__["_owner"] = threading.get_ident()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() != self._owner:
+            return self._original(*args, **kwargs)
         return self._output(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -271,3 +297,86 @@ def replaced_blocks(model: nn.Module, spec: ArchitectureSpec, stubs: dict[int, n
     finally:
         for i, block in originals.items():
             blocks[i] = block
+
+
+# -----------------------------------------------------------------------------
+# forwards of other threads while an edit switches weights
+
+
+class ModelGate:
+    """A reader-writer gate on one model's forward.
+
+    Installed on the root module by :meth:`install` (a forward pre-hook and an always-called forward
+    hook): every forward is a *reader*. :meth:`switching` is the *writer*: it waits until forwards
+    of other threads have finished, holds new ones back while weights and hooks switch (a few
+    tensor copies), then lets them go. The switching thread's own forwards pass. So a forward
+    running in another thread computes the model before a switch or after it, never halfway.
+    Writers are preferred: a waiting switch holds back new forwards.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers: dict[int, int] = {}
+        self._writer: int | None = None
+        self._depth = 0
+        self._waiting = 0
+        self._handles: list[Any] = []
+
+    def install(self, model: nn.Module) -> None:
+        def enter(module: nn.Module, args: Any) -> None:
+            self._enter()
+
+        def leave(module: nn.Module, args: Any, output: Any) -> None:
+            self._leave()
+
+        enter.is_model_gate = leave.is_model_gate = True  # type: ignore[attr-defined]
+        self._handles = [
+            model.register_forward_pre_hook(enter),
+            model.register_forward_hook(leave, always_call=True),
+        ]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _enter(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer != me and not self._readers.get(me):
+                while self._writer is not None or self._waiting:
+                    self._cond.wait()
+            self._readers[me] = self._readers.get(me, 0) + 1
+
+    def _leave(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            count = self._readers.get(me, 0) - 1
+            if count > 0:
+                self._readers[me] = count
+            else:
+                self._readers.pop(me, None)
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def switching(self) -> Iterator[None]:
+        """Hold back forwards of other threads for the duration (re-entrant)."""
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer != me:
+                self._waiting += 1
+                try:
+                    while self._writer is not None or any(t != me for t in self._readers):
+                        self._cond.wait()
+                finally:
+                    self._waiting -= 1
+                self._writer = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._writer = None
+                self._cond.notify_all()

@@ -1,16 +1,34 @@
-"""The stack of active edit sets on a model: merge, unmerge, disable, revert — exactly.
+"""The stack of active edit sets on a model: merge, unmerge, disable, revert — exactly, and all or nothing.
 
-Each touched weight is written as a pure function of its pristine value::
+Each touched weight is a pure function of its pristine value::
 
     W = cast(float32(W_base) + Σ ΔW_s  over merged sets s, in stacking order)
 
-so reverting or unmerging any set recomputes the weight from ``W_base`` and gives back,
-bit for bit, what an unedited (or less edited) model had, in fp32, bf16 or fp16 alike.
-The price is one copy of each touched weight (only touched modules; one copy no matter
-how many sets are stacked), kept on the weight's own device.
+so reverting or unmerging any set recomputes the weight from ``W_base`` and gives back, bit for bit,
+what an unedited (or less edited) model had, in fp32, bf16 or fp16 alike. The price is one copy of
+each touched weight (only touched modules; one copy however many sets are stacked), kept on the
+weight's own device. Sets applied with ``merge=False`` leave the weight alone and add ``x Aᵀ Bᵀ`` to
+the module's output through a forward hook (:class:`~hf_knowedit.hooks.LowRankHook`).
 
-Sets applied with ``merge=False`` leave the weight alone and add ``x @ Aᵀ @ Bᵀ`` to the
-module's output through an ordinary forward hook (:class:`~hf_knowedit.hooks.LowRankHook`).
+**Guarantees.** Every call that changes edit state (apply, load, revert, merge, unmerge,
+``merge_and_unload``, a method's commit) is a transaction: it first works out the end state — the
+new weights in their final dtype (checked finite there), pristine copies, hooks, the new stack —
+and only then switches, in one step that an exception cannot interrupt halfway (a Ctrl-C that
+arrives during the switch is raised right after it). Any error before the switch leaves weights,
+hooks, the stack, pristine copies and method history exactly as they were.
+
+**Threads.** One lock per model serialises the calls that change or borrow the model (edits,
+tracing, statistics); a :class:`~hf_knowedit.hooks.ModelGate` on the model's forward lets other
+threads keep running forwards meanwhile and holds them back only during the switch, so a serving
+thread computes the model before an edit or after it, never halfway and never one of the stand-ins
+used while computing.
+
+**disable_edits** runs the base model: merged weights go back to their pristine values and hooked
+sets stop acting, for every thread. Inside the block edit state cannot change: apply, load,
+revert, merge and unmerge raise :class:`~hf_knowedit.errors.EditsDisabledError`.
+
+**Identity.** A set is identified by the digest of its deltas (:func:`~hf_knowedit.deltas.deltas_digest`);
+the same set cannot be active twice, in any mode.
 
 Also here: :func:`load_edits` (a saved set onto the stack) and :func:`merge_and_unload` (bake every
 active set into the weights for good, PEFT's name for it).
@@ -20,39 +38,46 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
+import os
+import signal
+import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .architectures import get_module
-from .deltas import fingerprint, fingerprints_match
+from .deltas import deltas_digest, fingerprint, matches_weight
 from .editset import EditSet
 from .errors import (
     BaseModelMismatchError,
     EditConflictError,
+    EditsDisabledError,
     EditSetNotFoundError,
+    InvalidArgumentError,
     InvalidConfigError,
     KnowEditError,
     NonFiniteUpdateError,
 )
-from .hooks import LowRankHook
+from .hooks import LowRankHook, ModelGate
 
 logger = logging.getLogger(__name__)
 
 STATE_ATTR = "_hf_knowedit"
+_CREATE = threading.Lock()
 
 
 @dataclass
 class _Active:
     edit_set: EditSet
     merged: bool
+    digest: str
     hooks: list[Any] = field(default_factory=list)
 
 
@@ -66,14 +91,65 @@ class KnowEditState:
     disabled: int = 0
     history: dict[str, Any] = field(default_factory=dict)  # method state across calls (e.g. AlphaEdit keys)
     counter: int = 0
+    lock: Any = field(default_factory=threading.RLock, repr=False)
+    gate: ModelGate = field(default_factory=ModelGate, repr=False)
 
 
 def get_state(model: nn.Module, create: bool = True) -> KnowEditState | None:
     state = model.__dict__.get(STATE_ATTR)
     if state is None and create:
-        state = KnowEditState()
-        model.__dict__[STATE_ATTR] = state
+        with _CREATE:
+            state = model.__dict__.get(STATE_ATTR)
+            if state is None:
+                state = KnowEditState()
+                state.gate.install(model)
+                model.__dict__[STATE_ATTR] = state
     return state
+
+
+def forget_state(model: nn.Module) -> None:
+    """Remove everything hf_knowedit keeps on ``model`` (its state attribute and forward gate)."""
+    state = model.__dict__.pop(STATE_ATTR, None)
+    if state is not None:
+        state.gate.remove()
+
+
+@contextlib.contextmanager
+def model_lock(model: nn.Module) -> Iterator[KnowEditState]:
+    """Hold ``model``'s edit lock (re-entrant): no other thread edits, traces or reverts meanwhile.
+    Forwards of other threads still run (see the module docstring)."""
+    state = get_state(model)
+    with state.lock:
+        yield state
+
+
+def locked(func: Callable) -> Callable:
+    """Run ``func(model, ...)`` holding ``model``'s edit lock (for calls that borrow the model: tracing,
+    statistics, which swap in stand-ins and change training flags while they run)."""
+
+    @functools.wraps(func)
+    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with model_lock(model):
+            return func(model, *args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Defer Ctrl-C (SIGINT) until the block is done, so a switch cannot stop halfway."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # fmt: skip
+        yield
+        return
+    received: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
 
 
 def _weight(model: nn.Module, path: str) -> torch.Tensor:
@@ -84,40 +160,136 @@ def _layout_delta(delta: torch.Tensor, layout: str) -> torch.Tensor:
     return delta.t() if layout == "conv1d" else delta
 
 
-def _recompute(model: nn.Module, state: KnowEditState, path: str, skip_merged: bool = False) -> None:
-    """Write ``W = cast(W_base + Σ merged deltas)`` into the module (or ``W_base`` when none)."""
-    base = state.base.get(path)
-    if base is None:
-        return
-    weight = _weight(model, path)
-    merged = [a.edit_set for a in state.sets.values() if a.merged and path in a.edit_set.deltas]
+# -----------------------------------------------------------------------------
+# the transaction: plan the end state, check it, then switch
+
+
+@dataclass
+class _Plan:
+    """The end state of one call: ``sets`` (name -> (edit set, merged, digest)) and what it takes."""
+
+    sets: OrderedDict[str, tuple[EditSet, bool, str]]
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> new weight value (final dtype)
+    snapshots: dict[str, torch.Tensor] = field(default_factory=dict)  # new pristine copies
+    drop_base: list[str] = field(default_factory=list)  # paths no merged set touches any more
+    hooks: dict[str, list[tuple[str, LowRankHook]]] = field(default_factory=dict)  # new hooks per set name
+
+
+def _current(state: KnowEditState) -> OrderedDict[str, tuple[EditSet, bool, str]]:
+    return OrderedDict((n, (a.edit_set, a.merged, a.digest)) for n, a in state.sets.items())
+
+
+def _plan(model: nn.Module, state: KnowEditState, sets: OrderedDict[str, tuple[EditSet, bool, str]],
+          *, base_only: bool = False, all_paths: bool = False) -> _Plan:  # fmt: skip
+    """Work out weights, pristine copies and hooks for the stack ``sets``; nothing is written. Only
+    modules of sets that come, go or change mode are recomputed (``all_paths``: every touched module).
+    ``base_only``: the weights as if no set were merged (``disable_edits``)."""
+    plan = _Plan(sets)
+    before = _current(state)
+
+    def same(stack: OrderedDict, name: str, es: EditSet, merged: bool) -> bool:
+        return name in stack and stack[name][0] is es and stack[name][1] == merged
+
+    changed = [es for n, (es, m, _) in sets.items() if not same(before, n, es, m)]
+    changed += [es for n, (es, m, _) in before.items() if not same(sets, n, es, m)]
+    paths = set(state.base) if all_paths or base_only else {p for es in changed for p in es.deltas}
     with torch.no_grad():
-        if not merged or skip_merged:
-            weight.copy_(base)
+        for path in sorted(paths):
+            merged = [es for es, m, _ in sets.values() if m and path in es.deltas and not base_only]
+            weight = _weight(model, path)
+            base = state.base.get(path)
+            if base is None:
+                if not merged:
+                    continue  # untouched now and after
+                base = plan.snapshots[path] = weight.detach().clone()
             if not merged:
-                del state.base[path]
-            return
-        total = base.float()
-        for es in merged:
-            total = total + _layout_delta(es.deltas[path].delta(base.device), es.layouts.get(path, "linear"))
-        weight.copy_(total.to(weight.dtype))
+                plan.weights[path] = base
+                if not base_only:
+                    plan.drop_base.append(path)
+                continue
+            total = base.float()
+            for es in merged:
+                total = total + _layout_delta(es.deltas[path].delta(base.device), es.layouts.get(path, "linear"))
+            new = total.to(weight.dtype)
+            if not torch.isfinite(new).all():
+                raise NonFiniteUpdateError(
+                    f"Merging into {path} would give non-finite weights in {str(weight.dtype).removeprefix('torch.')}; "
+                    "nothing was written. The update is too large for this dtype: lower the learning rate or "
+                    "clamp, check the statistics, or apply it hooked (merge=False) to a float32 model."
+                )
+            plan.weights[path] = new
+    for name, (es, merged, _) in sets.items():
+        if not merged and not _kept(state, name, es, merged):
+            plan.hooks[name] = [
+                (p, LowRankHook([(d.B, d.A)], active=lambda: not state.disabled)) for p, d in es.deltas.items()
+            ]
+    return plan
 
 
-def _check_finite_merge(model: nn.Module, state: KnowEditState, es: EditSet) -> None:
-    for path, d in es.deltas.items():
-        if not d.is_finite():
-            raise NonFiniteUpdateError(
-                f"The update for {path} contains NaN/Inf; nothing was written. "
-                "Lower the learning rate or clamp, or check the statistics."
-            )
-        w = _weight(model, path)
-        base = state.base.get(path, w)
-        if not torch.isfinite(base.float() + _layout_delta(d.delta(w.device), es.layouts.get(path, "linear"))).all():
-            raise NonFiniteUpdateError(f"Merging into {path} would give non-finite weights; nothing was written.")
+def _kept(state: KnowEditState, name: str, es: EditSet, merged: bool) -> bool:
+    """Whether set ``name`` stays hooked as it is (its hooks are kept)."""
+    old = state.sets.get(name)
+    return old is not None and old.edit_set is es and not old.merged and not merged
+
+
+def _switch(model: nn.Module, state: KnowEditState, plan: _Plan, commit: Callable[[], None] | None = None) -> None:
+    """Make ``plan`` the model's state in one step (``commit`` first: if it raises, nothing changed)."""
+    with state.gate.switching(), _uninterrupted(), torch.no_grad():
+        if commit is not None:
+            commit()
+        for path, value in plan.weights.items():
+            weight = _weight(model, path)
+            if value is not weight:
+                weight.copy_(value)
+        state.base.update(plan.snapshots)
+        for path in plan.drop_base:
+            state.base.pop(path, None)
+        new_sets: OrderedDict[str, _Active] = OrderedDict()
+        for name, (es, merged, digest) in plan.sets.items():
+            kept = _kept(state, name, es, merged)
+            new_sets[name] = _Active(es, merged, digest, list(state.sets[name].hooks) if kept else [])
+            for path, hook in plan.hooks.get(name, []):
+                new_sets[name].hooks.append(get_module(model, path).register_forward_hook(hook))
+        for name, old in state.sets.items():
+            if not (name in plan.sets and _kept(state, name, *plan.sets[name][:2])):
+                for handle in old.hooks:
+                    handle.remove()
+        state.sets = new_sets
+
+
+def _not_disabled(state: KnowEditState, what: str) -> None:
+    if state.disabled:
+        raise EditsDisabledError(
+            f"{what} inside disable_edits(): edit state cannot change while the base model is running. "
+            "Leave the `with model.disable_edits():` block first."
+        )
+
+
+def transaction(model: nn.Module, change: Callable[[OrderedDict], OrderedDict], what: str,
+                commit: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """Apply ``change(current stack) -> new stack`` to ``model`` as one transaction (see the module
+    docstring); ``commit`` runs inside the switch."""
+    with model_lock(model) as state:
+        _not_disabled(state, what)
+        plan = _plan(model, state, change(_current(state)))
+        _switch(model, state, plan, commit)
+
+
+def effective_weight(model: nn.Module, path: str) -> torch.Tensor:
+    """The weight ``path`` acts with, in float32: the module's weight plus the deltas of the hooked sets
+    on it (what an edit computed now depends on, and what a loaded set is checked against)."""
+    weight = _weight(model, path)
+    total = weight.detach().float()
+    state = get_state(model, create=False)
+    for active in state.sets.values() if state is not None else ():
+        d = active.edit_set.deltas.get(path)
+        if d is not None and not active.merged:
+            total = total + _layout_delta(d.delta(total.device), active.edit_set.layouts.get(path, "linear"))
+    return total
 
 
 def check_compatible(model: nn.Module, es: EditSet, force: bool = False) -> None:
-    """Shapes and base-weight fingerprints of every touched module, before anything is written."""
+    """Shapes and fingerprints of the effective weights of every touched module, before anything is written."""
     for path, d in es.deltas.items():
         try:
             w = _weight(model, path)
@@ -133,14 +305,19 @@ def check_compatible(model: nn.Module, es: EditSet, force: bool = False) -> None
                 f"{tuple(w.shape)}; it was made for another model."
             )
         fp = es.fingerprints.get(path)
-        if fp is not None and not fingerprints_match(fp, fingerprint(w)):
+        if fp is not None and not matches_weight(fp, effective_weight(model, path), w.dtype):
             if not force:
                 raise BaseModelMismatchError(
-                    f"{path}: the base weights differ from those the edit set was computed on (fingerprint "
+                    f"{path}: the weights differ from those the edit set was computed on (fingerprint "
                     "mismatch). Load it into the base model it was made for (and any edit sets it was stacked "
                     "on, in order), or pass force=True to apply it anyway."
                 )
             logger.warning("Applying edit set to %s despite a base-weight fingerprint mismatch (force=True).", path)
+
+
+def weight_fingerprints(model: nn.Module, paths: list[str]) -> dict[str, dict[str, Any]]:
+    """Fingerprints of the effective weights at ``paths`` (recorded in a new edit set)."""
+    return {p: fingerprint(effective_weight(model, p), _weight(model, p).dtype) for p in paths}
 
 
 def conflict_error(conflicts: list[str]) -> EditConflictError:
@@ -166,6 +343,18 @@ def find_conflicts(model: nn.Module, es: EditSet) -> list[str]:
     return out
 
 
+def check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
+def check_name(name: Any) -> str | None:
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise InvalidArgumentError(f"name must be a non-empty string or None, got {name!r}.")
+    return name
+
+
 def push_edit_set(
     model: nn.Module,
     es: EditSet,
@@ -174,77 +363,69 @@ def push_edit_set(
     name: str | None = None,
     allow_conflicts: bool = False,
     force: bool = False,
+    commit: Callable[[], None] | None = None,
 ) -> EditSet:
-    """Activate ``es`` on ``model``: all modules or none. Returns the set with its name."""
-    state = get_state(model)
-    if name is None:
-        state.counter += 1
-        name = es.name or f"{es.method}-{state.counter}"
-        while name in state.sets:
-            state.counter += 1
-            name = f"{es.method}-{state.counter}"
-    elif name in state.sets:
-        raise KnowEditError(
-            f"An edit set named {name!r} is already active; pick another name or revert it first. "
-            f"Active: {list(state.sets)}"
-        )
-    conflicts = find_conflicts(model, es)
-    if conflicts:
-        if not allow_conflicts:
-            raise conflict_error(conflicts)
-        logger.warning(
-            "This edit rewrites facts an active edit set already rewrote (allow_conflicts=True): %s",
-            "; ".join(conflicts),
-        )
-    check_compatible(model, es, force=force)
-    if merge:
-        _check_finite_merge(model, state, es)
-    elif not all(d.is_finite() for d in es.deltas.values()):
-        raise NonFiniteUpdateError("The edit set contains NaN/Inf; nothing was applied.")
-    es.name = name
-    active = _Active(es, merged=merge)
-    state.sets[name] = active
-    try:
-        for path in es.deltas:
-            if merge:
-                _snapshot(model, state, path)
-                _recompute(model, state, path)
-            else:
-                _install_hooks(model, state, active, path)
-    except BaseException:
-        _drop(model, state, name)
-        raise
+    """Activate ``es`` on ``model`` as one transaction: all modules or none, and ``commit`` (a method's
+    state update, e.g. AlphaEdit's history) with it. Returns the set, named."""
+    check_flag("merge", merge), check_flag("allow_conflicts", allow_conflicts), check_flag("force", force)
+    check_name(name)
+    with model_lock(model) as state:
+        _not_disabled(state, "Applying an edit set")
+        counter = state.counter
+        if name is None:
+            counter += 1
+            name = es.name if es.name and es.name not in state.sets else f"{es.method}-{counter}"
+            while name in state.sets:
+                counter += 1
+                name = f"{es.method}-{counter}"
+        elif name in state.sets:
+            raise KnowEditError(
+                f"An edit set named {name!r} is already active; pick another name or revert it first. "
+                f"Active: {list(state.sets)}"
+            )
+        digest = deltas_digest(es.deltas, es.layouts)
+        twin = next((n for n, a in state.sets.items() if a.digest == digest), None)
+        if twin is not None:
+            raise EditConflictError(
+                f"This edit set is already active as {twin!r} ({'merged' if state.sets[twin].merged else 'hooked'}); "
+                "the same change cannot be applied twice. Revert it first to apply it again."
+            )
+        conflicts = find_conflicts(model, es)
+        if conflicts:
+            if not allow_conflicts:
+                raise conflict_error(conflicts)
+            logger.warning(
+                "This edit rewrites facts an active edit set already rewrote (allow_conflicts=True): %s",
+                "; ".join(conflicts),
+            )
+        check_compatible(model, es, force=force)
+        for path, d in es.deltas.items():
+            dtype = _weight(model, path).dtype
+            if not d.is_finite() or (not merge and not torch.isfinite(d.delta().to(dtype)).all()):
+                raise NonFiniteUpdateError(
+                    f"The update for {path} is not finite in {str(dtype).removeprefix('torch.')}; nothing was "
+                    "applied. Lower the learning rate or clamp, or check the statistics."
+                )
+        stack = _current(state)
+        stack[name] = (es, merge, digest)
+        plan = _plan(model, state, stack)
+
+        def activate() -> None:
+            if commit is not None:
+                commit()
+            state.counter = counter
+            es.name = name
+
+        _switch(model, state, plan, activate)
     logger.info(
         "Applied edit set %r (%s, %d edits, %s).", name, es.method, len(es.requests), "merged" if merge else "hooked"
     )
     return es
 
 
-def _snapshot(model: nn.Module, state: KnowEditState, path: str) -> None:
-    if path not in state.base:
-        state.base[path] = _weight(model, path).detach().clone()
-
-
-def _install_hooks(model: nn.Module, state: KnowEditState, active: _Active, path: str) -> None:
-    d = active.edit_set.deltas[path]
-    hook = LowRankHook([(d.B, d.A)], active=lambda: not state.disabled)
-    active.hooks.append(get_module(model, path).register_forward_hook(hook))
-
-
-def _remove_hooks(active: _Active) -> None:
-    for h in active.hooks:
-        h.remove()
-    active.hooks.clear()
-
-
-def _drop(model: nn.Module, state: KnowEditState, name: str) -> None:
-    active = state.sets.pop(name)
-    _remove_hooks(active)
-    for path in active.edit_set.deltas:
-        _recompute(model, state, path)
-
-
 def _names(state: KnowEditState | None, name: str | None) -> list[str]:
+    if name is not None and not isinstance(name, str):
+        raise InvalidArgumentError(f"name must be the name of an active edit set (a string) or None, got {name!r}.")
     if state is None or not state.sets:
         if name is None:
             return []
@@ -257,66 +438,57 @@ def _names(state: KnowEditState | None, name: str | None) -> list[str]:
 
 
 def revert_edits(model: nn.Module, name: str | None = None) -> list[str]:
-    """Remove one edit set (``name``) or all of them, restoring weights bit-exactly.
+    """Remove one edit set (``name``) or all of them, restoring weights bit-exactly; all or nothing.
 
     Returns the names removed.
     """
-    state = get_state(model, create=False)
-    names = _names(state, name)
-    for n in reversed(names):
-        _drop(model, state, n)
-    if names:
-        logger.info("Reverted edit sets %s.", names)
+    with model_lock(model) as state:
+        names = _names(state, name)
+        if not names:
+            return []
+        transaction(model, lambda s: OrderedDict((n, v) for n, v in s.items() if n not in names), "Reverting")
+    logger.info("Reverted edit sets %s.", names)
     return names
 
 
+def _set_merged(model: nn.Module, name: str | None, merged: bool, what: str) -> None:
+    with model_lock(model) as state:
+        names = _names(state, name)
+        if all(state.sets[n].merged is merged for n in names):
+            return
+        transaction(
+            model,
+            lambda s: OrderedDict((n, (es, merged if n in names else m, dg)) for n, (es, m, dg) in s.items()),
+            what,
+        )
+
+
 def merge_edits(model: nn.Module, name: str | None = None) -> None:
-    """Move hooked edit sets into the weights (float32 math, finiteness checked)."""
-    state = get_state(model, create=False)
-    for n in _names(state, name):
-        active = state.sets[n]
-        if active.merged:
-            continue
-        _check_finite_merge(model, state, active.edit_set)
-        _remove_hooks(active)
-        active.merged = True
-        for path in active.edit_set.deltas:
-            _snapshot(model, state, path)
-            _recompute(model, state, path)
+    """Move hooked edit sets into the weights (float32 math, finiteness checked in the weights' dtype)."""
+    _set_merged(model, name, True, "Merging")
 
 
 def unmerge_edits(model: nn.Module, name: str | None = None) -> None:
     """Take merged edit sets out of the weights and apply them through hooks instead."""
-    state = get_state(model, create=False)
-    for n in _names(state, name):
-        active = state.sets[n]
-        if not active.merged:
-            continue
-        active.merged = False
-        for path in active.edit_set.deltas:
-            _recompute(model, state, path)
-            _install_hooks(model, state, active, path)
+    _set_merged(model, name, False, "Unmerging")
 
 
 @contextlib.contextmanager
 def disable_edits(model: nn.Module) -> Iterator[nn.Module]:
-    """``with model.disable_edits(): ...`` runs the base model; edits come back on exit."""
-    state = get_state(model, create=False)
-    if state is None or not state.sets:
-        yield model
-        return
-    state.disabled += 1
-    paths = list(state.base)
-    try:
-        if state.disabled == 1:
-            for path in paths:
-                _recompute(model, state, path, skip_merged=True)
-        yield model
-    finally:
-        state.disabled -= 1
-        if state.disabled == 0:
-            for path in paths:
-                _recompute(model, state, path)
+    """``with model.disable_edits(): ...`` runs the base model, in every thread; edits come back on exit.
+
+    Edit state cannot change inside the block (:class:`~hf_knowedit.errors.EditsDisabledError`), and
+    other threads' edits wait until it ends."""
+    with model_lock(model) as state:
+        step = _plan(model, state, _current(state), base_only=True) if not state.disabled else None
+        _switch(model, state, step or _Plan(_current(state)), lambda: setattr(state, "disabled", state.disabled + 1))
+        try:
+            yield model
+        finally:
+            back = (
+                _plan(model, state, _current(state), all_paths=True) if state.disabled == 1 else _Plan(_current(state))
+            )
+            _switch(model, state, back, lambda: setattr(state, "disabled", state.disabled - 1))
 
 
 @dataclass(frozen=True)
@@ -363,7 +535,7 @@ def list_edits(model: nn.Module) -> list[ActiveEdit]:
             merged=a.merged,
             modules=tuple(a.edit_set.deltas),
         )
-        for n, a in state.sets.items()
+        for n, a in list(state.sets.items())
     ]
 
 
@@ -372,25 +544,22 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     ``merge_and_unload``): the model then is a plain model with the edits baked in, e.g. to save
     with ``save_pretrained`` and serve anywhere. The edit stack, hooks and pristine copies are
     dropped, so the edits can no longer be reverted; other hf_knowedit state (the tokenizer, method
-    history) stays. Returns ``model``."""
-    state = get_state(model, create=False)
-    if state is None or not state.sets:
-        return model
-    if state.disabled:
-        raise KnowEditError("merge_and_unload() inside disable_edits(): leave the block first.")
-    merge_edits(model)
-    names = list(state.sets)
-    for active in state.sets.values():
-        _remove_hooks(active)
-    state.sets.clear()
-    state.base.clear()
+    history) stays. One transaction, like every stack change. Returns ``model``."""
+    with model_lock(model) as state:
+        _not_disabled(state, "merge_and_unload()")
+        if not state.sets:
+            return model
+        names = list(state.sets)
+        plan = _plan(model, state, OrderedDict((n, (es, True, d)) for n, (es, _, d) in _current(state).items()))
+        plan.sets, plan.snapshots, plan.drop_base = OrderedDict(), {}, list(state.base)
+        _switch(model, state, plan)
     logger.info("Merged and unloaded edit sets %s: they are now part of the weights.", names)
     return model
 
 
 def load_edits(
     model: nn.Module,
-    source: EditSet | str | Path,
+    source: EditSet | str | os.PathLike,
     name: str | None = None,
     merge: bool = True,
     force: bool = False,
@@ -399,7 +568,7 @@ def load_edits(
 ) -> EditSet:
     """Apply a saved edit set: an :class:`EditSet`, an adapter directory, or a Hub repo id.
 
-    Shapes and base-weight fingerprints of every touched module are checked first; a mismatch
+    Shapes and fingerprints of the weights of every touched module are checked first; a mismatch
     raises :class:`~hf_knowedit.errors.BaseModelMismatchError` (``force=True`` applies anyway, with
     a warning). All modules are applied or none; on any error the model is untouched. The loaded
     set then behaves exactly like a freshly applied one (merge, unmerge, disable, revert).
@@ -412,12 +581,19 @@ def load_edits(
 
     >>> model.load_edits("me/angola-edit", revision="v1")
     """
+    check_flag("merge", merge), check_flag("allow_conflicts", allow_conflicts), check_flag("force", force)
+    check_name(name)
     if isinstance(source, EditSet):
         if hub_kwargs:
-            raise TypeError(f"Hub arguments {sorted(hub_kwargs)} make no sense with an EditSet source.")
+            raise InvalidArgumentError(f"Hub arguments {sorted(hub_kwargs)} make no sense with an EditSet source.")
         es = dataclasses.replace(source)  # the stack names its own copy; the caller's set stays as it is
-    else:
+    elif isinstance(source, (str, os.PathLike)) and str(source).strip():
         es = EditSet.from_pretrained(source, **hub_kwargs)
+    else:
+        raise InvalidArgumentError(
+            f"load_edits needs an EditSet, an adapter directory or a Hub repo id such as 'user/my-edit'; "
+            f"got {type(source).__name__} {source!r}."
+        )
     return push_edit_set(model, es, merge=merge, name=name, allow_conflicts=allow_conflicts, force=force)
 
 

@@ -99,8 +99,9 @@ def restore_history(model: nn.Module, edit_sets: Iterable[EditSet]) -> int:
     """Add the keys stored in AlphaEdit ``edit_sets`` (e.g. loaded from disk, in order) to the
     history of ``model``. Returns the number of edits added. Use it on a model whose history was
     reset (or never written), or keys are counted twice."""
-    history = get_state(model).history.setdefault(HISTORY_KEY, AlphaEditHistory())
-    added = 0
+    state = get_state(model)
+    old = state.history.get(HISTORY_KEY) or AlphaEditHistory()
+    prior, added = dict(old.prior), 0
     for es in edit_sets:
         keys = {int(k[len(STATE_PREFIX) :]): v for k, v in es.state.items() if k.startswith(STATE_PREFIX)}
         if not keys:
@@ -110,9 +111,9 @@ def restore_history(model: nn.Module, edit_sets: Iterable[EditSet]) -> int:
             )
         for layer, K in keys.items():
             K = K.double()
-            history.prior[layer] = history.prior.get(layer, 0) + K.t() @ K
+            prior[layer] = prior.get(layer, 0) + K.t() @ K
         added += len(es.requests)
-    history.edits += added
+    state.history[HISTORY_KEY] = AlphaEditHistory(prior, old.edits + added, dict(old.projectors))  # all or nothing
     return added
 
 
@@ -157,11 +158,14 @@ def compute(ctx: EditContext) -> MethodResult:
     deltas = mass_edit(ctx, chunks, layers, templates, solve, on_keys=remember)
     state = {f"{STATE_PREFIX}{layer}": torch.cat(ks).float() for layer, ks in new_keys.items()}
 
-    def commit() -> None:
-        hist = ctx.history.setdefault(HISTORY_KEY, AlphaEditHistory())
-        hist.prior.update(prior)
-        hist.edits += len(ctx.requests)
-        hist.projectors.update(projectors)
+    new_history = AlphaEditHistory(
+        prior={**(history.prior if history else {}), **prior},
+        edits=(history.edits if history else 0) + len(ctx.requests),
+        projectors={**cached, **projectors},
+    )
+
+    def commit() -> None:  # runs inside the stack's switch: one assignment, nothing half-done
+        ctx.history[HISTORY_KEY] = new_history
 
     return MethodResult(
         deltas=deltas, layers=layers, stats_key={l: s.key for l, s in stats.items()}, state=state, commit=commit

@@ -46,6 +46,7 @@ with their own per-layer solver.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -163,7 +164,7 @@ class PendingDeltas:
 
     def add(self, layer: int, B: torch.Tensor, A: torch.Tensor) -> None:
         if layer not in self.hooks:
-            self.hooks[layer] = LowRankHook([])
+            self.hooks[layer] = LowRankHook([], owner=threading.get_ident())
             module = get_module(self.model, mlp_out_path(self.arch, layer))
             self._handles.append(module.register_forward_hook(self.hooks[layer]))
         self.hooks[layer].factors.append((B.float(), A.float()))

@@ -29,6 +29,7 @@ effect, :func:`hf_knowedit.tracing.suggest_layers`; run ``trace_facts`` first) o
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -172,7 +173,11 @@ def compute(ctx: EditContext) -> MethodResult:
             As.append(update.A)
             Bs.append(update.B)
             # the next request sees this edit (hooked, the weights stay untouched until the set is pushed)
-            handles.append(get_module(model, path).register_forward_hook(LowRankHook([(update.B, update.A)])))
+            handles.append(
+                get_module(model, path).register_forward_hook(
+                    LowRankHook([(update.B, update.A)], owner=threading.get_ident())
+                )
+            )
     finally:
         for h in handles:
             h.remove()

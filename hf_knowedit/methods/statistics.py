@@ -41,7 +41,7 @@ from ..errors import InvalidConfigError
 from ..generation import generate_texts, max_positions
 from ..hooks import Trace, frozen
 from ..moments import DTYPES, SecondMoment, StatsCache, StatsKey, identity_moment
-from ..stack import disable_edits, get_state
+from ..stack import disable_edits, get_state, locked
 from ..tokens import pad_batch
 from .config import DEFAULT_N_TOKENS
 
@@ -265,6 +265,7 @@ def _by_length(rows: list[list[int]], batch_tokens: int) -> Iterable[list[list[i
         yield batch
 
 
+@locked
 def compute_second_moment(
     model: nn.Module,
     tokenizer: Any,

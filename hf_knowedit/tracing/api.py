@@ -13,7 +13,7 @@ from torch import nn
 from ..architectures import model_device, num_layers
 from ..errors import InvalidRequestError, KnowEditError, TraceError
 from ..hooks import frozen
-from ..stack import get_state
+from ..stack import get_state, locked
 from ..tokens import encode, split_prompt_target, subject_token_span
 from .config import TraceConfig, check_kinds, check_positive_int
 from .corruption import embedding_noise_level
@@ -23,6 +23,7 @@ from .results import TraceResult, TraceSummary
 _SUMMARY_KEY = "tracing.summary"
 
 
+@locked
 def trace_fact(
     model: nn.Module,
     tokenizer: Any,
@@ -123,6 +124,7 @@ def _fact_fields(fact: Any) -> tuple[str, str, str | None]:
     return prompt, subject, attribute
 
 
+@locked
 def trace_facts(
     model: nn.Module,
     tokenizer: Any,
