@@ -28,8 +28,9 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -46,7 +47,7 @@ SIZES = {  # n_batch, n_seq, seq_batches, n_z, n_cf, fluency prompts, context te
 }
 
 
-def scores(model: Any, tok: Any, records: Sequence[dict]) -> Dict[str, float]:
+def scores(model: Any, tok: Any, records: Sequence[dict]) -> dict[str, float]:
     """ES, PS, NS (percent) of ``records`` on the model as it is."""
     import hf_knowedit
 
@@ -59,14 +60,21 @@ def fluency(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int) -
     from hf_knowedit.evaluation import generate_texts
     from hf_knowedit.evaluation.metrics import ngram_entropy
 
-    texts: List[str] = []
+    texts: list[str] = []
     for i in range(0, len(prompts), 10):
-        texts += generate_texts(model, tok, prompts[i:i + 10], max_new_tokens=max_new_tokens, seed=i)
+        texts += generate_texts(model, tok, prompts[i : i + 10], max_new_tokens=max_new_tokens, seed=i)
     return ngram_entropy(texts)
 
 
-def _row(experiment: str, method: str, edits: int, pre: Dict[str, float], post: Dict[str, float],
-         seconds: float, **extra: Any) -> Dict[str, Any]:
+def _row(
+    experiment: str,
+    method: str,
+    edits: int,
+    pre: dict[str, float],
+    post: dict[str, float],
+    seconds: float,
+    **extra: Any,
+) -> dict[str, Any]:
     row = {"experiment": experiment, "method": method, "edits": edits}
     for k in ("ES", "PS", "NS"):
         row[f"{k} pre"], row[k] = round(pre[k], 1), round(post[k], 1)
@@ -75,39 +83,66 @@ def _row(experiment: str, method: str, edits: int, pre: Dict[str, float], post: 
     return row
 
 
-def _targets(model: Any, tok: Any, requests: Sequence[Any], config: Any, layer: int, templates: Sequence[str],
-             serial: bool) -> tuple:
+def _targets(
+    model: Any, tok: Any, requests: Sequence[Any], config: Any, layer: int, templates: Sequence[str], serial: bool
+) -> tuple:
     from hf_knowedit.hooks import frozen
     from hf_knowedit.methods.targets import optimize_targets
 
     start = time.perf_counter()
     with frozen(model):
-        result = optimize_targets(model, tok, list(requests), layer, config, site="residual", templates=templates,
-                                  batched=not serial, batch_tokens=config.target_batch_tokens)
+        result = optimize_targets(
+            model,
+            tok,
+            list(requests),
+            layer,
+            config,
+            site="residual",
+            templates=templates,
+            batched=not serial,
+            batch_tokens=config.target_batch_tokens,
+        )
     return result, time.perf_counter() - start
 
 
-def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[str] = None,
-        n_batch: Optional[int] = None, n_seq: Optional[int] = None, seq_batches: Optional[int] = None,
-        n_z: Optional[int] = None, n_cf: Optional[int] = None, experiments: Optional[Sequence[str]] = None,
-        n_templates: Optional[int] = None, seq_methods: Sequence[str] = ("memit", "alphaedit"),
-        on_row: Optional[Callable[[List[Dict[str, Any]], Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+def run(
+    quick: bool = False,
+    data: Path | None = None,
+    *,
+    device: str | None = None,
+    n_batch: int | None = None,
+    n_seq: int | None = None,
+    seq_batches: int | None = None,
+    n_z: int | None = None,
+    n_cf: int | None = None,
+    experiments: Sequence[str] | None = None,
+    n_templates: int | None = None,
+    seq_methods: Sequence[str] = ("memit", "alphaedit"),
+    on_row: Callable[[list[dict[str, Any]], dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run the experiments (default: all four; ``quick``: only "targets", since ``make bench`` scores MEMIT
     batches and sequences in its quality section); returns ``{"rows": [...], "table": markdown, "settings": {...}}``.
     ``on_row(rows, settings)`` is called after each finished row (e.g. to write partial results of a long run)."""
     if experiments is None:
         experiments = ("targets",) if quick else ("targets", "batch", "sequential", "counterfact")
     import hf_knowedit
-    from hf_knowedit.methods import alphaedit
     from hf_knowedit._bundled import load_smollm2
-    from hf_knowedit.methods.context import context_templates
     from hf_knowedit.architectures import num_layers
+    from hf_knowedit.methods import alphaedit
+    from hf_knowedit.methods.context import context_templates
     from hf_knowedit.methods.memit import default_band
     from hf_knowedit.requests import to_request
 
     size = dict(SIZES[bool(quick)])
-    size.update({k: v for k, v in dict(n_batch=n_batch, n_seq=n_seq, seq_batches=seq_batches, n_z=n_z, n_cf=n_cf,
-                                       context_templates=n_templates).items() if v is not None})
+    size.update(
+        {
+            k: v
+            for k, v in dict(
+                n_batch=n_batch, n_seq=n_seq, seq_batches=seq_batches, n_z=n_z, n_cf=n_cf, context_templates=n_templates
+            ).items()
+            if v is not None
+        }
+    )
     folder = data_dir(data)
     flat = json.loads((folder / FLAT).read_text())
     full = json.loads((folder / FULL).read_text())
@@ -121,7 +156,7 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
     memit_cfg = hf_knowedit.MEMITConfig(**common)
     alpha_cfg = hf_knowedit.AlphaEditConfig(**common)
     layers = default_band(num_layers(model), memit_cfg.band_size)
-    rows: List[Dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     t0 = time.perf_counter()
@@ -129,12 +164,19 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
     for layer in layers:  # statistics once (cached in memory and on disk), outside the timed calls
         hf_knowedit.compute_second_moment(model, tok, layer, n_tokens=N_TOKENS)
     setup_s = time.perf_counter() - t0
-    settings = {"model": "SmolLM2-135M-Instruct (bundled, float32)", "device": str(next(model.parameters()).device),
-                "threads": torch.get_num_threads(), "layers": layers, "stats tokens": N_TOKENS,
-                "context templates": size["context_templates"], "setup seconds (C + templates)": round(setup_s, 1),
-                "data": f"{FLAT}; counterfact experiment: {FULL}", "quick": bool(quick)}
+    settings = {
+        "model": "SmolLM2-135M-Instruct (bundled, float32)",
+        "device": str(next(model.parameters()).device),
+        "threads": torch.get_num_threads(),
+        "layers": layers,
+        "stats tokens": N_TOKENS,
+        "context templates": size["context_templates"],
+        "setup seconds (C + templates)": round(setup_s, 1),
+        "data": f"{FLAT}; counterfact experiment: {FULL}",
+        "quick": bool(quick),
+    }
 
-    def done(row: Dict[str, Any]) -> None:
+    def done(row: dict[str, Any]) -> None:
         rows.append(row)
         logger.info("%s: %s", row["experiment"], row)
         if on_row is not None:
@@ -148,10 +190,19 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
         gaps = (batched.targets - serial.targets).norm(dim=1) / moved
         # requests that do not converge within the step budget can amplify floating-point noise (padded
         # batches change matmul shapes) along their Adam path; the median shows the typical agreement
-        done({"experiment": "targets", "method": "z batched vs serial", "edits": len(reqs),
-              "seconds": round(tb, 1), "serial seconds": round(ts, 1), "ratio": round(tb / ts, 3),
-              "median relative gap": f"{float(gaps.median()):.1e}", "max relative gap": f"{float(gaps.max()):.1e}",
-              "requests with gap > 1e-3": int((gaps > 1e-3).sum())})
+        done(
+            {
+                "experiment": "targets",
+                "method": "z batched vs serial",
+                "edits": len(reqs),
+                "seconds": round(tb, 1),
+                "serial seconds": round(ts, 1),
+                "ratio": round(tb / ts, 3),
+                "median relative gap": f"{float(gaps.median()):.1e}",
+                "max relative gap": f"{float(gaps.max()):.1e}",
+                "requests with gap > 1e-3": int((gaps > 1e-3).sum()),
+            }
+        )
 
     if "batch" in experiments:
         records = flat[: size["n_batch"]]
@@ -161,12 +212,14 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
         seconds = time.perf_counter() - t
         post = scores(model, tok, records)
         hf_knowedit.revert_edits(model)
-        done(_row("batch", "memit", len(records), pre, post, seconds,
-                  ranks=sorted({d.rank for d in es.deltas.values()})))
+        done(
+            _row("batch", "memit", len(records), pre, post, seconds, ranks=sorted({d.rank for d in es.deltas.values()}))
+        )
 
     if "sequential" in experiments:
-        records = flat[size["n_batch"]: size["n_batch"] + size["n_seq"]] if "batch" in experiments else \
-            flat[: size["n_seq"]]
+        records = (
+            flat[size["n_batch"] : size["n_batch"] + size["n_seq"]] if "batch" in experiments else flat[: size["n_seq"]]
+        )
         per = max(1, len(records) // size["seq_batches"])
         pre = scores(model, tok, records)
         ge_pre = fluency(model, tok, gen_prompts, max_new)
@@ -176,31 +229,59 @@ def run(quick: bool = False, data: Optional[Path] = None, *, device: Optional[st
             alphaedit.reset_history(model)
             t = time.perf_counter()
             for i in range(0, len(records), per):
-                hf_knowedit.apply_edits(model, tok, records[i:i + per], method, config=cfg)
+                hf_knowedit.apply_edits(model, tok, records[i : i + per], method, config=cfg)
             seconds = time.perf_counter() - t
             post = scores(model, tok, records)
             ge_post = fluency(model, tok, gen_prompts, max_new)
             hf_knowedit.revert_edits(model)
             alphaedit.reset_history(model)
-            done(_row("sequential", method, len(records), pre, post, seconds, batches=f"{len(records) // per} x {per}",
-                      **{"GE pre": round(ge_pre, 1), "GE": round(ge_post, 1),
-                         "GE change %": round(100 * (ge_post - ge_pre) / ge_pre, 1)}))
+            done(
+                _row(
+                    "sequential",
+                    method,
+                    len(records),
+                    pre,
+                    post,
+                    seconds,
+                    batches=f"{len(records) // per} x {per}",
+                    **{
+                        "GE pre": round(ge_pre, 1),
+                        "GE": round(ge_post, 1),
+                        "GE change %": round(100 * (ge_post - ge_pre) / ge_pre, 1),
+                    },
+                )
+            )
 
     if "counterfact" in experiments:
         t = time.perf_counter()
-        result = hf_knowedit.evaluate(model, tok, full[: size["n_cf"]], method="memit", protocol="batch",
-                                      fluency=False, progress=False, config=memit_cfg)
+        result = hf_knowedit.evaluate(
+            model,
+            tok,
+            full[: size["n_cf"]],
+            method="memit",
+            protocol="batch",
+            fluency=False,
+            progress=False,
+            config=memit_cfg,
+        )
         keys = ("S", "ES", "PS", "NS", "rewrite_acc", "rephrase_acc", "locality")
-        done({"experiment": "counterfact", "method": "memit", "edits": result.n_records, "failed": len(result.failed),
-              **{f"{k} pre → post": f"{result.pre[k]:.1f} → {result.post[k]:.1f}" for k in keys},
-              "seconds (edit + scoring)": round(time.perf_counter() - t, 1)})
+        done(
+            {
+                "experiment": "counterfact",
+                "method": "memit",
+                "edits": result.n_records,
+                "failed": len(result.failed),
+                **{f"{k} pre → post": f"{result.pre[k]:.1f} → {result.post[k]:.1f}" for k in keys},
+                "seconds (edit + scoring)": round(time.perf_counter() - t, 1),
+            }
+        )
 
     state = model.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in base.items()), "the model was not restored exactly"
     return {"rows": rows, "table": table(rows, settings), "settings": settings}
 
 
-def title(rows: List[Dict[str, Any]], settings: Dict[str, Any]) -> str:
+def title(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     """What was run, e.g. "MEMIT family on SmolLM2-135M-Instruct: 1000 edits in one call (0 context templates)"."""
     parts = []
     for r in rows:
@@ -212,11 +293,14 @@ def title(rows: List[Dict[str, Any]], settings: Dict[str, Any]) -> str:
             parts.append(f"{r['method']}, {r['edits']} edits in sequential batches ({r['batches']})")
         else:
             parts.append(f"{r['edits']} counterfact_500 records in one call")
-    return ("MEMIT family on SmolLM2-135M-Instruct" + (": " + "; ".join(parts) if parts else "")
-            + f" ({settings['context templates']} context templates)")
+    return (
+        "MEMIT family on SmolLM2-135M-Instruct"
+        + (": " + "; ".join(parts) if parts else "")
+        + f" ({settings['context templates']} context templates)"
+    )
 
 
-def table(rows: List[Dict[str, Any]], settings: Dict[str, Any]) -> str:
+def table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     """One markdown table per experiment."""
     out = [f"SmolLM2 MEMIT-family benchmark — {json.dumps(settings)}", ""]
     for experiment in ("targets", "batch", "sequential", "counterfact"):
@@ -249,15 +333,25 @@ if __name__ == "__main__":
     args = parser.parse_args()
     machine, start = machine_info(), time.perf_counter()
 
-    def save(rows: List[Dict[str, Any]], settings: Dict[str, Any]) -> None:  # after every row: a cut run keeps its rows
+    def save(rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:  # after every row: a cut run keeps its rows
         if args.json:
             args.json.write_text(json.dumps({"rows": rows, "settings": settings}, indent=1, default=str))
         if args.out:
-            write_markdown(args.out, title(rows, settings), table(rows, settings), machine,
-                           time.perf_counter() - start)
+            write_markdown(args.out, title(rows, settings), table(rows, settings), machine, time.perf_counter() - start)
 
-    result = run(args.quick, args.data, device=args.device, n_batch=args.n_batch, n_seq=args.n_seq,
-                 seq_batches=args.seq_batches, n_z=args.n_z, n_cf=args.n_cf, experiments=tuple(args.experiments.split(",")),
-                 n_templates=args.context_templates, seq_methods=tuple(args.seq_methods.split(",")), on_row=save)
+    result = run(
+        args.quick,
+        args.data,
+        device=args.device,
+        n_batch=args.n_batch,
+        n_seq=args.n_seq,
+        seq_batches=args.seq_batches,
+        n_z=args.n_z,
+        n_cf=args.n_cf,
+        experiments=tuple(args.experiments.split(",")),
+        n_templates=args.context_templates,
+        seq_methods=tuple(args.seq_methods.split(",")),
+        on_row=save,
+    )
     save(result["rows"], result["settings"])
     print(result["table"])

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 
@@ -28,14 +28,20 @@ logger = logging.getLogger("bench_rome")
 N_TOKENS = 20_000
 
 
-def run(quick: bool = False, data: Optional[Path] = None, *, records: Optional[int] = None,
-        layer: Optional[int] = None, speed_records: Optional[int] = None) -> Dict[str, Any]:
+def run(
+    quick: bool = False,
+    data: Path | None = None,
+    *,
+    records: int | None = None,
+    layer: int | None = None,
+    speed_records: int | None = None,
+) -> dict[str, Any]:
     import hf_knowedit
     from hf_knowedit._bundled import load_smollm2
     from hf_knowedit.methods.context import context_templates
-    from hf_knowedit.requests import to_request
     from hf_knowedit.methods.rome import ROMEConfig, default_layer, rank_one_update
     from hf_knowedit.methods.statistics import second_moment_for as second_moment
+    from hf_knowedit.requests import to_request
 
     n = records or (5 if quick else 50)
     n_speed = speed_records or (1 if quick else 5)
@@ -49,8 +55,9 @@ def run(quick: bool = False, data: Optional[Path] = None, *, records: Optional[i
     templates = context_templates(model, tok, n=config.context_templates, length=config.context_length)
     setup_s = time.perf_counter() - t0
 
-    result = hf_knowedit.evaluate(model, tok, cases, method="rome", protocol="single", layers=[layer],
-                                  config=config, fluency=False)
+    result = hf_knowedit.evaluate(
+        model, tok, cases, method="rome", protocol="single", layers=[layer], config=config, fluency=False
+    )
     seconds_per_edit = result.timing["edit_s"] / n
 
     fast_s, full_s, diffs = [], [], []
@@ -67,13 +74,26 @@ def run(quick: bool = False, data: Optional[Path] = None, *, records: Optional[i
             logger.info("speed: fast %.1f s, full %.1f s", fast_s[-1], full_s[-1])
 
     rows = [
-        {"model": "SmolLM2-135M unedited", "records": n, **{k: result.pre[k] for k in ("ES", "PS", "NS")},
-         "s/edit": None},
-        {"model": f"+ r-ROME (layer {layer})", "records": n, **{k: result.post[k] for k in ("ES", "PS", "NS")},
-         "s/edit": seconds_per_edit},
+        {
+            "model": "SmolLM2-135M unedited",
+            "records": n,
+            **{k: result.pre[k] for k in ("ES", "PS", "NS")},
+            "s/edit": None,
+        },
+        {
+            "model": f"+ r-ROME (layer {layer})",
+            "records": n,
+            **{k: result.post[k] for k in ("ES", "PS", "NS")},
+            "s/edit": seconds_per_edit,
+        },
     ]
-    speed = {"records": n_speed, "fast_s": sum(fast_s) / n_speed, "full_s": sum(full_s) / n_speed,
-             "ratio": sum(full_s) / sum(fast_s), "max_rel_diff_B": max(diffs)}
+    speed = {
+        "records": n_speed,
+        "fast_s": sum(fast_s) / n_speed,
+        "full_s": sum(full_s) / n_speed,
+        "ratio": sum(full_s) / sum(fast_s),
+        "max_rel_diff_B": max(diffs),
+    }
     table = [
         f"ROME on SmolLM2-135M-Instruct (CPU, {torch.get_num_threads()} threads), {n} CounterFact records, "
         f"one edit at a time, reverted in between; layer {layer}; C from {mom2.n_tokens} tokens "
@@ -105,7 +125,9 @@ if __name__ == "__main__":
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--records", type=int, default=None)
     parser.add_argument("--layer", type=int, default=None)
-    parser.add_argument("--speed-records", type=int, default=None, help="records timed fast vs full (default 5; quick 1)")
+    parser.add_argument(
+        "--speed-records", type=int, default=None, help="records timed fast vs full (default 5; quick 1)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the table as markdown here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

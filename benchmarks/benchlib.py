@@ -9,14 +9,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def data_dir(data: Optional[Path]) -> Path:
+def data_dir(data: Path | None) -> Path:
     """``data``, else ``$HF_KNOWEDIT_DATA``, else ``../shared/data`` beside the checkout."""
     if data is not None:
         return Path(data)
@@ -24,7 +24,7 @@ def data_dir(data: Optional[Path]) -> Path:
     return Path(env) if env else ROOT.parent / "shared" / "data"
 
 
-def machine_info(threads: Optional[int] = None) -> Dict[str, Any]:
+def machine_info(threads: int | None = None) -> dict[str, Any]:
     import transformers
 
     import hf_knowedit
@@ -38,33 +38,43 @@ def machine_info(threads: Optional[int] = None) -> Dict[str, Any]:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
     except OSError:
         commit = ""
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads or torch.get_num_threads(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": threads or torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "platform": platform.platform(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "hf_knowedit": hf_knowedit.__version__, "git_commit": commit,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "hf_knowedit": hf_knowedit.__version__,
+        "git_commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 
-def machine_line(m: Dict[str, Any]) -> str:
-    return (f"{m['cpu']} ({m['cores']} cores, torch threads {m['torch_threads']}, load average at start "
-            f"{m['load_average']}); GPU: {m['gpu'] or 'none'}; python {m['python']}, torch {m['torch']}, "
-            f"transformers {m['transformers']}, hf_knowedit {m['hf_knowedit']} (git {m['git_commit']}); {m['date']}")
+def machine_line(m: dict[str, Any]) -> str:
+    return (
+        f"{m['cpu']} ({m['cores']} cores, torch threads {m['torch_threads']}, load average at start "
+        f"{m['load_average']}); GPU: {m['gpu'] or 'none'}; python {m['python']}, torch {m['torch']}, "
+        f"transformers {m['transformers']}, hf_knowedit {m['hf_knowedit']} (git {m['git_commit']}); {m['date']}"
+    )
 
 
-def write_markdown(path: Path, title: str, table: str, machine: Dict[str, Any], wall_s: float) -> Path:
+def write_markdown(path: Path, title: str, table: str, machine: dict[str, Any], wall_s: float) -> Path:
     """``# title``, the command that produced it, the machine, the wall time, then ``table``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-    text = (f"# {title}\n\nReproduce: `{command}` (data folder from `--data` or `HF_KNOWEDIT_DATA`).\n\n"
-            f"Machine: {machine_line(machine)}. Wall time {wall_s / 60:.1f} min.\n\n{table}\n")
+    text = (
+        f"# {title}\n\nReproduce: `{command}` (data folder from `--data` or `HF_KNOWEDIT_DATA`).\n\n"
+        f"Machine: {machine_line(machine)}. Wall time {wall_s / 60:.1f} min.\n\n{table}\n"
+    )
     path.write_text(text, encoding="utf-8")
     return path

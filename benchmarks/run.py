@@ -24,7 +24,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -35,34 +35,96 @@ BENCH_MODULES = ("bench_trace", "bench_rome", "bench_memit")
 
 #: settings per mode: records per quality table
 MODES = {
-    "quick": dict(unedited=100, zsre=50, rome=5, memit=10, sequential=10, seq_batch=5, fluency=0, speed_pairs=64,
-                  mom2_n_tokens=10_000, context_templates=2),
-    "full": dict(unedited=500, zsre=500, rome=100, memit=100, sequential=100, seq_batch=10, fluency=1,
-                 speed_pairs=256, mom2_n_tokens=100_000, context_templates=None),
+    "quick": dict(
+        unedited=100,
+        zsre=50,
+        rome=5,
+        memit=10,
+        sequential=10,
+        seq_batch=5,
+        fluency=0,
+        speed_pairs=64,
+        mom2_n_tokens=10_000,
+        context_templates=2,
+    ),
+    "full": dict(
+        unedited=500,
+        zsre=500,
+        rome=100,
+        memit=100,
+        sequential=100,
+        seq_batch=10,
+        fluency=1,
+        speed_pairs=256,
+        mom2_n_tokens=100_000,
+        context_templates=None,
+    ),
 }
 
 
 # ----------------------------------------------------------------------------- quality
 
 
-def quality_runs(mode: Dict[str, int]) -> List[Dict[str, Any]]:
+def quality_runs(mode: dict[str, int]) -> list[dict[str, Any]]:
     """(title, method, protocol, dataset, records, extra evaluate() kwargs) of the quality tables."""
     seq = dict(batch_size=mode["seq_batch"], curve_every=1)
     return [
-        dict(title="Unedited SmolLM2 (CounterFact)", method=None, protocol="single", file="counterfact_500.json",
-             n=mode["unedited"], kw={}),
-        dict(title="Unedited SmolLM2 (zsRE)", method=None, protocol="single", file="zsre_eval_1037.json",
-             n=mode["zsre"], kw={}),
-        dict(title="ROME, single edits", method="rome", protocol="single", file="counterfact_500.json",
-             n=mode["rome"], kw={}),
-        dict(title="MEMIT, one batch", method="memit", protocol="batch", file="counterfact_500.json",
-             n=mode["memit"], kw={}),
-        dict(title="EMMET, one batch", method="emmet", protocol="batch", file="counterfact_500.json",
-             n=mode["memit"], kw={}),
-        dict(title="MEMIT, sequential batches", method="memit", protocol="sequential", file="counterfact_500.json",
-             n=mode["sequential"], kw=seq),
-        dict(title="AlphaEdit, sequential batches", method="alphaedit", protocol="sequential",
-             file="counterfact_500.json", n=mode["sequential"], kw=seq),
+        dict(
+            title="Unedited SmolLM2 (CounterFact)",
+            method=None,
+            protocol="single",
+            file="counterfact_500.json",
+            n=mode["unedited"],
+            kw={},
+        ),
+        dict(
+            title="Unedited SmolLM2 (zsRE)",
+            method=None,
+            protocol="single",
+            file="zsre_eval_1037.json",
+            n=mode["zsre"],
+            kw={},
+        ),
+        dict(
+            title="ROME, single edits",
+            method="rome",
+            protocol="single",
+            file="counterfact_500.json",
+            n=mode["rome"],
+            kw={},
+        ),
+        dict(
+            title="MEMIT, one batch",
+            method="memit",
+            protocol="batch",
+            file="counterfact_500.json",
+            n=mode["memit"],
+            kw={},
+        ),
+        dict(
+            title="EMMET, one batch",
+            method="emmet",
+            protocol="batch",
+            file="counterfact_500.json",
+            n=mode["memit"],
+            kw={},
+        ),
+        dict(
+            title="MEMIT, sequential batches",
+            method="memit",
+            protocol="sequential",
+            file="counterfact_500.json",
+            n=mode["sequential"],
+            kw=seq,
+        ),
+        dict(
+            title="AlphaEdit, sequential batches",
+            method="alphaedit",
+            protocol="sequential",
+            file="counterfact_500.json",
+            n=mode["sequential"],
+            kw=seq,
+        ),
     ]
 
 
@@ -75,16 +137,29 @@ def _reset_method_history(model: Any) -> None:
     alphaedit.reset_history(model)
 
 
-def run_quality(model: Any, tok: Any, data: Path, mode: Dict[str, int], seed: int, records: Optional[int],
-                out: List[Dict[str, Any]], checkpoint: Any = lambda: None) -> List[Dict[str, Any]]:
+def run_quality(
+    model: Any,
+    tok: Any,
+    data: Path,
+    mode: dict[str, int],
+    seed: int,
+    records: int | None,
+    out: list[dict[str, Any]],
+    checkpoint: Any = lambda: None,
+) -> list[dict[str, Any]]:
     """Append one row per quality run to ``out``; ``checkpoint()`` after each (writes the partial report)."""
     import hf_knowedit
 
     methods = set(hf_knowedit.available_methods())
     for spec in quality_runs(mode):
         n = records or spec["n"]
-        row: Dict[str, Any] = {"title": spec["title"], "method": spec["method"], "protocol": spec["protocol"],
-                               "dataset": spec["file"], "records": n}
+        row: dict[str, Any] = {
+            "title": spec["title"],
+            "method": spec["method"],
+            "protocol": spec["protocol"],
+            "dataset": spec["file"],
+            "records": n,
+        }
         if spec["method"] is not None and spec["method"] not in methods:
             row["status"] = f"not available (method {spec['method']!r} is not registered in this build)"
             out.append(row)
@@ -102,9 +177,18 @@ def run_quality(model: Any, tok: Any, data: Path, mode: Dict[str, int], seed: in
                 kw["context_templates"] = mode["context_templates"]
         t0 = time.perf_counter()
         try:
-            res = hf_knowedit.evaluate(model, tok, data / spec["file"], method=spec["method"],
-                                       protocol=spec["protocol"], limit=n, fluency=fluency, seed=seed,
-                                       progress=False, **kw)
+            res = hf_knowedit.evaluate(
+                model,
+                tok,
+                data / spec["file"],
+                method=spec["method"],
+                protocol=spec["protocol"],
+                limit=n,
+                fluency=fluency,
+                seed=seed,
+                progress=False,
+                **kw,
+            )
         except Exception as err:  # a benchmark reports a broken method instead of dying
             row["status"] = f"error: {type(err).__name__}: {err}"
             row["traceback"] = traceback.format_exc()
@@ -122,21 +206,37 @@ def run_quality(model: Any, tok: Any, data: Path, mode: Dict[str, int], seed: in
     return out
 
 
-QUALITY_COLUMNS = ("S", "ES", "EM", "PS", "PM", "NS", "NM", "GE", "Score", "Efficacy", "Paraphrase", "Specificity",
-                   "rewrite_acc", "rephrase_acc", "locality")
+QUALITY_COLUMNS = (
+    "S",
+    "ES",
+    "EM",
+    "PS",
+    "PM",
+    "NS",
+    "NM",
+    "GE",
+    "Score",
+    "Efficacy",
+    "Paraphrase",
+    "Specificity",
+    "rewrite_acc",
+    "rephrase_acc",
+    "locality",
+)
 
 
-def quality_markdown(rows: List[Dict[str, Any]]) -> str:
+def quality_markdown(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "not run"
     ok = [r for r in rows if r["status"] == "ok"]
     cols = [c for c in QUALITY_COLUMNS if any(c in r["result"]["pre"] for r in ok)]
-    lines = ["| run | records | " + " | ".join(cols) + " | failed edits | seconds |",
-             "|---|---|" + "---|" * len(cols) + "---|---|"]
+    lines = [
+        "| run | records | " + " | ".join(cols) + " | failed edits | seconds |",
+        "|---|---|" + "---|" * len(cols) + "---|---|",
+    ]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['title']} | {r['records']} | " + " | ".join("" for _ in cols)
-                         + f" | {r['status']} | |")
+            lines.append(f"| {r['title']} | {r['records']} | " + " | ".join("" for _ in cols) + f" | {r['status']} | |")
             continue
         res = r["result"]
         shown = [("pre" if res["post"] is None else "post", res["post"] or res["pre"])]
@@ -163,19 +263,23 @@ def quality_markdown(rows: List[Dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- speed
 
 
-def eval_speed(model: Any, tok: Any, data: Path, n_pairs: int) -> Dict[str, Any]:
+def eval_speed(model: Any, tok: Any, data: Path, n_pairs: int) -> dict[str, Any]:
     """Batched target scoring (padded batches of 32, logits only at target positions) vs the naive way
     (one sequence per forward pass, full-vocabulary logits at every position), same pairs, same run."""
     from hf_knowedit.evaluation import load_records
     from hf_knowedit.evaluation.scoring import encode_pairs, score_encoded
 
     recs = load_records(data / "counterfact_500.json", limit=max(1, n_pairs // 26 + 1))
-    pairs = [(p, t) for r in recs for p in r.rewrite_prompts + r.paraphrase_prompts + r.neighborhood_prompts
-             for t in (r.target_new, r.target_true)][:n_pairs]
+    pairs = [
+        (p, t)
+        for r in recs
+        for p in r.rewrite_prompts + r.paraphrase_prompts + r.neighborhood_prompts
+        for t in (r.target_new, r.target_true)
+    ][:n_pairs]
     enc = encode_pairs(tok, pairs)
 
     @torch.no_grad()
-    def naive() -> List[float]:
+    def naive() -> list[float]:
         out = []
         for p_ids, t_ids in enc:
             ids = torch.tensor([list(p_ids) + list(t_ids)])
@@ -190,26 +294,35 @@ def eval_speed(model: Any, tok: Any, data: Path, n_pairs: int) -> Dict[str, Any]
     fast = [s.sum_logprob for s in score_encoded(model, enc, tokenizer=tok, batch_size=32)]
     t_fast = time.perf_counter() - t0
     err = max(abs(a - b) for a, b in zip(ref, fast))
-    row = {"operation": f"score {len(enc)} CounterFact (prompt, target) pairs", "naive_s": t_naive,
-           "optimised_s": t_fast, "speedup": t_naive / t_fast, "max_abs_diff_logprob": err,
-           "naive": "one sequence per forward, full logits", "optimised": "padded batches of 32, logits at targets"}
-    md = ("| operation | naive (s) | optimised (s) | speed-up | max \\|Δ log p\\| |\n|---|---|---|---|---|\n"
-          f"| {row['operation']} | {t_naive:.2f} | {t_fast:.2f} | {row['speedup']:.1f}x | {err:.1e} |")
+    row = {
+        "operation": f"score {len(enc)} CounterFact (prompt, target) pairs",
+        "naive_s": t_naive,
+        "optimised_s": t_fast,
+        "speedup": t_naive / t_fast,
+        "max_abs_diff_logprob": err,
+        "naive": "one sequence per forward, full logits",
+        "optimised": "padded batches of 32, logits at targets",
+    }
+    md = (
+        "| operation | naive (s) | optimised (s) | speed-up | max \\|Δ log p\\| |\n|---|---|---|---|---|\n"
+        f"| {row['operation']} | {t_naive:.2f} | {t_fast:.2f} | {row['speedup']:.1f}x | {err:.1e} |"
+    )
     return {"rows": [row], "markdown": md}
 
 
-def _table_of(result: Dict[str, Any]) -> str:
+def _table_of(result: dict[str, Any]) -> str:
     for key in ("markdown", "table", "md"):
         if isinstance(result.get(key), str):
             return result[key]
     return "```\n" + json.dumps(result.get("rows", result), indent=1, default=str)[:4000] + "\n```"
 
 
-def run_bench_modules(quick: bool, data: Path, out: List[Dict[str, Any]], checkpoint: Any = lambda: None
-                      ) -> List[Dict[str, Any]]:
+def run_bench_modules(
+    quick: bool, data: Path, out: list[dict[str, Any]], checkpoint: Any = lambda: None
+) -> list[dict[str, Any]]:
     for name in BENCH_MODULES:
         path = ROOT / "benchmarks" / f"{name}.py"
-        entry: Dict[str, Any] = {"module": f"benchmarks/{name}.py"}
+        entry: dict[str, Any] = {"module": f"benchmarks/{name}.py"}
         if not path.exists():
             entry["status"] = "not available (module not in this checkout)"
             print(f"[speed] {name}: {entry['status']}", flush=True)
@@ -237,12 +350,16 @@ def run_bench_modules(quick: bool, data: Path, out: List[Dict[str, Any]], checkp
 # ----------------------------------------------------------------------------- report
 
 
-def write_report(out: Path, report: Dict[str, Any]) -> None:
+def write_report(out: Path, report: dict[str, Any]) -> None:
     m, a = report["machine"], report["args"]
     lines = [
         "# hf_knowedit benchmarks",
         "",
-        *([] if report.get("complete") else ["**Partial report: the run had not finished when this was written.**", ""]),
+        *(
+            []
+            if report.get("complete")
+            else ["**Partial report: the run had not finished when this was written.**", ""]
+        ),
         f"Generated by `make bench` (`{report['command']}`) on {m['date']}; total wall time "
         f"{report['wall_s'] / 60:.1f} min. Mode `{a['mode']}`, seed {a['seed']}, model SmolLM2-135M-Instruct "
         "(bundled, float32).",
@@ -250,15 +367,17 @@ def write_report(out: Path, report: Dict[str, Any]) -> None:
         "Reproduce:",
         "",
         "```bash",
-        f"make bench BENCH_ARGS=\"--{a['mode']} --seed {a['seed']}"
-        + (f" --records {a['records']}" if a["records"] else "") + (f" --threads {a['threads']}" if a["threads"] else "")
-        + "\"",
+        f'make bench BENCH_ARGS="--{a["mode"]} --seed {a["seed"]}'
+        + (f" --records {a['records']}" if a["records"] else "")
+        + (f" --threads {a['threads']}" if a["threads"] else "")
+        + '"',
         f"# or: HF_KNOWEDIT_DATA=/path/to/data python benchmarks/run.py --{a['mode']} --seed {a['seed']}",
         "```",
         "",
         "## Machine",
         "",
-        f"- CPU: {m['cpu']} ({m['cores']} cores visible, torch threads {m['torch_threads']}); GPU: {m['gpu'] or 'none'}",
+        f"- CPU: {m['cpu']} ({m['cores']} cores visible, torch threads {m['torch_threads']}); "
+        f"GPU: {m['gpu'] or 'none'}",
         f"- load average at start: {m['load_average']}",
         f"- python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, hf_knowedit {m['hf_knowedit']}"
         f" (git {m['git_commit']}); {m['platform']}",
@@ -272,8 +391,12 @@ def write_report(out: Path, report: Dict[str, Any]) -> None:
         "units, computed with `--full` only ('–' otherwise). Methods run with their default configs except "
         f"`mom2_n_tokens={a['settings']['mom2_n_tokens']}` (tokens of model-sampled text for the second-moment "
         "statistics; no Wikipedia offline)"
-        + (f" and `context_templates={a['settings']['context_templates']}`"
-           if a['settings'].get('context_templates') is not None else "") + ". Sequential runs: batches of "
+        + (
+            f" and `context_templates={a['settings']['context_templates']}`"
+            if a["settings"].get("context_templates") is not None
+            else ""
+        )
+        + ". Sequential runs: batches of "
         f"{a['settings']['seq_batch']} edits, curve after every batch; AlphaEdit history reset before each run.",
         "",
         quality_markdown(report["quality"]),
@@ -293,8 +416,13 @@ def write_report(out: Path, report: Dict[str, Any]) -> None:
             lines.append(entry["status"])
     heavy = sorted((ROOT / "docs" / "results").glob("*.md"))
     if heavy:
-        lines += ["", "## Heavier runs", "",
-                  "Larger settings, run by hand with the command at the top of each file (not part of `make bench`):", ""]
+        lines += [
+            "",
+            "## Heavier runs",
+            "",
+            "Larger settings, run by hand with the command at the top of each file (not part of `make bench`):",
+            "",
+        ]
         for f in heavy:
             title = f.read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()
             lines.append(f"- [{title}]({os.path.relpath(f, out.parent.resolve())})")
@@ -303,10 +431,14 @@ def write_report(out: Path, report: Dict[str, Any]) -> None:
     out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=os.environ.get("HF_KNOWEDIT_DATA"),
-                        help="benchmark data folder (default: $HF_KNOWEDIT_DATA)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=os.environ.get("HF_KNOWEDIT_DATA"),
+        help="benchmark data folder (default: $HF_KNOWEDIT_DATA)",
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", dest="mode", action="store_const", const="quick", help="minutes on 2 cores (default)")
     group.add_argument("--full", dest="mode", action="store_const", const="full", help="larger record counts, GE")
@@ -328,12 +460,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     model, tok = load_smollm2()
     mode = MODES[args.mode]
-    report: Dict[str, Any] = {
+    report: dict[str, Any] = {
         "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "args": {"mode": args.mode, "seed": args.seed, "records": args.records, "threads": args.threads,
-                 "data": str(data), "settings": mode},
+        "args": {
+            "mode": args.mode,
+            "seed": args.seed,
+            "records": args.records,
+            "threads": args.threads,
+            "data": str(data),
+            "settings": mode,
+        },
         "machine": machine_info(torch.get_num_threads()),
-        "quality": [], "speed": [], "eval_speed": None,
+        "quality": [],
+        "speed": [],
+        "eval_speed": None,
     }
 
     def checkpoint(final: bool = False) -> None:

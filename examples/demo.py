@@ -3,10 +3,10 @@
     python examples/demo.py [--data ../shared/data] [--out out/demo]
 
 Takes one CounterFact record (the first of counterfact_500.json's records 0-99 that the model
-predicts correctly, or a built-in fact when no data path is given) and shows: the architecture entry, the subject's token span, the
-model's top-5 next tokens; a causal trace of the fact (heatmap PNG); a ROME edit, its new
-prediction, revert and the old one; the edit saved as a PEFT-compatible adapter, reloaded into
-a fresh model, and its model card; a MEMIT batch of 20 facts and their efficacy.
+predicts correctly, or a built-in fact when no data path is given) and shows: the architecture
+entry, the subject's token span, the model's top-5 next tokens; a causal trace of the fact
+(heatmap PNG); a ROME edit, its new prediction, revert and the old one; the edit saved as a
+PEFT-compatible adapter, reloaded into a fresh model, and its model card; a MEMIT batch of 20 facts and their efficacy.
 """
 
 from __future__ import annotations
@@ -81,8 +81,12 @@ def show_top(title: str, rows: list[tuple[str, float]]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.environ.get("HF_KNOWEDIT_DATA"), help="folder with counterfact_500.json")
-    ap.add_argument("--record", type=int, default=None,
-                    help="index of the CounterFact record (default: the first of 0-99 the model gets right)")
+    ap.add_argument(
+        "--record",
+        type=int,
+        default=None,
+        help="index of the CounterFact record (default: the first of 0-99 the model gets right)",
+    )
     ap.add_argument("--out", default="out/demo", help="where to write plots and adapters")
     ap.add_argument("--batch", type=int, default=10, help="facts in the MEMIT batch (needs --data)")
     args = ap.parse_args()
@@ -93,14 +97,19 @@ def main() -> None:
     t0 = time.time()
     model, tok = load_smollm2()
     model = hf_knowedit.attach(model, tok)
-    print(f"Loaded {model.name_or_path} ({model.config.model_type}, {sum(p.numel() for p in model.parameters())/1e6:.0f}M "
-          f"params, {model.dtype}) in {time.time() - t0:.1f}s")
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(
+        f"Loaded {model.name_or_path} ({model.config.model_type}, {n_params:.0f}M "
+        f"params, {model.dtype}) in {time.time() - t0:.1f}s"
+    )
 
     record = load_record(model, tok, args.data, args.record)
     rw = record["requested_rewrite"]
     prompt = rw["prompt"].format(rw["subject"])
-    print(f"\nFact (case {record.get('case_id')}): {prompt!r} -> true {rw['target_true']['str']!r}, "
-          f"new {rw['target_new']['str']!r}" + ("" if args.data else "  [built-in fact: no --data given]"))
+    print(
+        f"\nFact (case {record.get('case_id')}): {prompt!r} -> true {rw['target_true']['str']!r}, "
+        f"new {rw['target_new']['str']!r}" + ("" if args.data else "  [built-in fact: no --data given]")
+    )
 
     print("\n1. Architecture entry")
     spec = hf_knowedit.get_architecture(model)
@@ -119,8 +128,10 @@ def main() -> None:
     trace = model.trace_fact(prompt, rw["subject"], target=rw["target_true"]["str"], samples=5)
     trace.plot(out / "trace.png")
     mlp = trace.scores["mlp"][end - 1]
-    print(f"  answer {trace.answer!r}: clean p={trace.clean_prob:.3f}, corrupted p={trace.corrupted_prob:.3f}; "
-          f"MLP effect at the last subject token peaks at layer {int(mlp.argmax())}")
+    print(
+        f"  answer {trace.answer!r}: clean p={trace.clean_prob:.3f}, corrupted p={trace.corrupted_prob:.3f}; "
+        f"MLP effect at the last subject token peaks at layer {int(mlp.argmax())}"
+    )
     print(f"  heatmaps written to {out / 'trace.png'}")
 
     print("\n5. ROME edit")
@@ -149,11 +160,21 @@ def main() -> None:
     if args.data:
         print(f"\n7. MEMIT: {args.batch} facts in one call")
         records = hf_knowedit.load_records(Path(args.data) / "counterfact_500.json", limit=args.batch)
-        result = hf_knowedit.evaluate(model, tok, records, method="memit", protocol="batch", fluency=False,
-                                      progress=False, **stats_options(args.data))
-        print(f"  efficacy ES {result.pre['ES']:.0f} -> {result.post['ES']:.0f}, paraphrase PS {result.pre['PS']:.0f} "
-              f"-> {result.post['PS']:.0f}, neighbourhood NS {result.pre['NS']:.0f} -> {result.post['NS']:.0f} "
-              f"({result.timing.get('edit_s', float('nan')):.0f}s editing; reverted afterwards)")
+        result = hf_knowedit.evaluate(
+            model,
+            tok,
+            records,
+            method="memit",
+            protocol="batch",
+            fluency=False,
+            progress=False,
+            **stats_options(args.data),
+        )
+        print(
+            f"  efficacy ES {result.pre['ES']:.0f} -> {result.post['ES']:.0f}, paraphrase PS {result.pre['PS']:.0f} "
+            f"-> {result.post['PS']:.0f}, neighbourhood NS {result.pre['NS']:.0f} -> {result.post['NS']:.0f} "
+            f"({result.timing.get('edit_s', float('nan')):.0f}s editing; reverted afterwards)"
+        )
     print(f"\nDone in {time.time() - t0:.1f}s. Outputs in {out}/")
 
 

@@ -46,8 +46,9 @@ def main() -> None:
     records = hf_knowedit.load_records(args.data / "counterfact_500.json", limit=args.n)
     options = dict(mom2_n_tokens=10_000, context_templates=2)  # small statistics: quick on a CPU
 
-    result = hf_knowedit.evaluate(model, tok, records, method="memit", protocol="batch", fluency=False,
-                                  progress=False, **options)
+    result = hf_knowedit.evaluate(
+        model, tok, records, method="memit", protocol="batch", fluency=False, progress=False, **options
+    )
     print(result.to_markdown())
 
     edit = model.apply_edits([r.request for r in records], method="memit", **options)
@@ -62,8 +63,10 @@ def main() -> None:
     ids = tok(prompt, return_tensors="pt")
     with torch.no_grad():
         ours, theirs = model(**ids).logits[0, -1], peft_model(**ids).logits[0, -1]
-    print(f"{prompt!r}: hf_knowedit -> {tok.decode(ours.argmax())!r}, PEFT -> {tok.decode(theirs.argmax())!r}, "
-          f"max |logit difference| {float((ours - theirs).abs().max()):.1e}")
+    print(
+        f"{prompt!r}: hf_knowedit -> {tok.decode(ours.argmax())!r}, PEFT -> {tok.decode(theirs.argmax())!r}, "
+        f"max |logit difference| {float((ours - theirs).abs().max()):.1e}"
+    )
 
 
 if __name__ == "__main__":

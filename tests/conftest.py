@@ -84,9 +84,12 @@ REAL_MODEL_FIXTURES = ("smollm2",)
 def unmarked_real_model_tests(items) -> list[str]:
     """Node ids of the collected tests that use a real-model fixture (directly or through another
     fixture) without the ``slow`` marker."""
-    return [item.nodeid for item in items
-            if any(name in getattr(item, "fixturenames", ()) for name in REAL_MODEL_FIXTURES)
-            and item.get_closest_marker("slow") is None]
+    return [
+        item.nodeid
+        for item in items
+        if any(name in getattr(item, "fixturenames", ()) for name in REAL_MODEL_FIXTURES)
+        and item.get_closest_marker("slow") is None
+    ]
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m "not slow"`` deselects anything
@@ -95,4 +98,5 @@ def pytest_collection_modifyitems(session, config, items):
     if bad:
         raise pytest.UsageError(
             f"These tests use the real model ({', '.join(REAL_MODEL_FIXTURES)}) but are not marked "
-            "@pytest.mark.slow, so they would run in the fast suite; mark them slow:\n  " + "\n  ".join(bad))
+            "@pytest.mark.slow, so they would run in the fast suite; mark them slow:\n  " + "\n  ".join(bad)
+        )

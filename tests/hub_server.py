@@ -34,8 +34,24 @@ from urllib.parse import parse_qs, unquote
 USER = "testuser"
 LFS_THRESHOLD = 10 * 1024 * 1024  # files above this size are LFS-tracked in lfs_mode="auto"
 # Suffixes the Hub's default .gitattributes tracks with LFS (subset).
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".pkl", ".npy", ".npz",
-                ".gguf", ".zip", ".tar.gz", ".arrow", ".parquet")
+LFS_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".pkl",
+    ".npy",
+    ".npz",
+    ".gguf",
+    ".zip",
+    ".tar.gz",
+    ".arrow",
+    ".parquet",
+)
 GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES).encode()
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -112,7 +128,7 @@ class Repo:
     def resolve(self, rev: str) -> Commit:
         """Branch name, tag name, `refs/heads/x`, `refs/tags/x` or a commit sha (40 hex or a unique prefix)."""
         for prefix, table in (("refs/heads/", self.branches), ("refs/tags/", self.tags)):
-            name = rev[len(prefix):] if rev.startswith(prefix) else rev
+            name = rev[len(prefix) :] if rev.startswith(prefix) else rev
             if name in table:
                 return self.commits[table[name]]
         if re.fullmatch(r"[0-9a-f]{7,40}", rev):
@@ -176,10 +192,20 @@ class HubStore:
 
     def _new_commit(self, repo: Repo, parent: str | None, title: str, message: str, files: dict) -> Commit:
         self._counter += 1
-        seed = json.dumps([repo.id, parent, title, message, sorted((p, b.git_oid) for p, b in files.items()),
-                           self._counter, time.time()])
-        commit = Commit(hashlib.sha1(seed.encode()).hexdigest(), [parent] if parent else [], title, message,
-                        _now(), dict(files))
+        seed = json.dumps(
+            [
+                repo.id,
+                parent,
+                title,
+                message,
+                sorted((p, b.git_oid) for p, b in files.items()),
+                self._counter,
+                time.time(),
+            ]
+        )
+        commit = Commit(
+            hashlib.sha1(seed.encode()).hexdigest(), [parent] if parent else [], title, message, _now(), dict(files)
+        )
         repo.commits[commit.id] = commit
         return commit
 
@@ -228,12 +254,11 @@ class HubStore:
         base = path.strip("/")
         under = {p: b for p, b in commit.files.items() if not base or p.startswith(base + "/")}
         if base and not under:
-            raise HubError(404, f"Path {path} not found in {commit.id}", "EntryNotFound",
-                           {"X-Repo-Commit": commit.id})
+            raise HubError(404, f"Path {path} not found in {commit.id}", "EntryNotFound", {"X-Repo-Commit": commit.id})
         folders: set[str] = set()
         out = []
         for p, blob in sorted(under.items()):
-            rel = p[len(base) + 1:] if base else p
+            rel = p[len(base) + 1 :] if base else p
             parts = rel.split("/")
             for i in range(1, len(parts) if recursive else min(2, len(parts))):
                 folders.add("/".join(([base] if base else []) + parts[:i]))
@@ -322,8 +347,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def _json_body(self) -> dict:
         return json.loads(self.body or b"{}")
 
-    def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
-              content_type: str = "application/json") -> None:
+    def _send(
+        self, status: int, body: bytes = b"", headers: dict | None = None, content_type: str = "application/json"
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -369,9 +395,19 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         route = (method, "/".join(segs[:2]))
         if route == ("GET", "whoami-v2"):
             token = {"displayName": "dummy", "role": "write"}
-            return self._json({"type": "user", "id": "0" * 24, "name": USER, "fullname": "Test User",
-                               "email": f"{USER}@example.com", "emailVerified": True, "isPro": False, "orgs": [],
-                               "auth": {"type": "access_token", "accessToken": token}})
+            return self._json(
+                {
+                    "type": "user",
+                    "id": "0" * 24,
+                    "name": USER,
+                    "fullname": "Test User",
+                    "email": f"{USER}@example.com",
+                    "emailVerified": True,
+                    "isPro": False,
+                    "orgs": [],
+                    "auth": {"type": "access_token", "accessToken": token},
+                }
+            )
         if route == ("POST", "validate-yaml"):
             return self._json({"errors": [], "warnings": []})
         if route in (("POST", "repos/create"), ("DELETE", "repos/delete")):
@@ -422,16 +458,27 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                     out.append(self.store.folder_entry(commit, path))
             return self._json(out)
         if method == "GET" and action == "refs":
+
             def refs(table, kind):
                 return [{"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": c} for n, c in sorted(table.items())]
+
             out = {"branches": refs(repo.branches, "heads"), "tags": refs(repo.tags, "tags"), "converts": []}
             if self.query.get("include_prs"):
                 out["pullRequests"] = []
             return self._json(out)
         if method == "GET" and action == "commits":
-            return self._json([{"id": c.id, "title": c.title, "message": c.message, "date": c.date,
-                                "authors": [{"user": USER, "avatar": ""}]}
-                               for c in repo.history(repo.resolve(arg or "main"))])
+            return self._json(
+                [
+                    {
+                        "id": c.id,
+                        "title": c.title,
+                        "message": c.message,
+                        "date": c.date,
+                        "authors": [{"user": USER, "avatar": ""}],
+                    }
+                    for c in repo.history(repo.resolve(arg or "main"))
+                ]
+            )
         if action == "branch":
             return self._branch(method, repo, arg)
         if action == "tag":
@@ -441,8 +488,14 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             files = []
             for f in self._json_body()["files"]:
                 remote = commit.files.get(f["path"])
-                files.append({"path": f["path"], "uploadMode": self.store.upload_mode(f["path"], f["size"]),
-                              "shouldIgnore": False, "oid": remote.etag if remote else None})
+                files.append(
+                    {
+                        "path": f["path"],
+                        "uploadMode": self.store.upload_mode(f["path"], f["size"]),
+                        "shouldIgnore": False,
+                        "oid": remote.etag if remote else None,
+                    }
+                )
             return self._json({"files": files})
         if method == "POST" and action == "commit":
             if self.query.get("create_pr"):
@@ -493,9 +546,21 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 if blob.lfs:
                     sibling["lfs"] = {"sha256": blob.sha256, "size": blob.size, "pointerSize": blob.pointer_size}
             siblings.append(sibling)
-        info = {"id": repo.id, "_id": hashlib.sha1(repo.id.encode()).hexdigest()[:24], "author": repo.id.split("/")[0],
-                "sha": commit.id, "lastModified": commit.date, "createdAt": repo.created_at, "private": repo.private,
-                "disabled": False, "gated": False, "downloads": 0, "likes": 0, "tags": [], "siblings": siblings}
+        info = {
+            "id": repo.id,
+            "_id": hashlib.sha1(repo.id.encode()).hexdigest()[:24],
+            "author": repo.id.split("/")[0],
+            "sha": commit.id,
+            "lastModified": commit.date,
+            "createdAt": repo.created_at,
+            "private": repo.private,
+            "disabled": False,
+            "gated": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "siblings": siblings,
+        }
         if repo.type == "model":
             info["modelId"] = repo.id
         return info
@@ -517,7 +582,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             if start >= len(data):
                 raise HubError(416, "Range not satisfiable", headers={"Content-Range": f"bytes */{len(data)}"})
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            data, status = data[start:end + 1], 206
+            data, status = data[start : end + 1], 206
         self._send(status, data, headers, content_type="application/octet-stream")
 
     # -- LFS ----------------------------------------------------------------------------------------------
@@ -532,8 +597,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             entry = {"oid": oid, "size": size, "authenticated": True}
             held = self.store.blobs.get(oid)
             if held is None or len(held) != size:
-                entry["actions"] = {"upload": {"href": f"{self.base_url}/lfs/objects/{oid}"},
-                                    "verify": {"href": f"{self.base_url}/lfs/verify/{oid}"}}
+                entry["actions"] = {
+                    "upload": {"href": f"{self.base_url}/lfs/objects/{oid}"},
+                    "verify": {"href": f"{self.base_url}/lfs/verify/{oid}"},
+                }
             objects.append(entry)
         self._json({"transfer": "basic", "objects": objects}, content_type="application/vnd.git-lfs+json")
 
@@ -580,7 +647,7 @@ class HubServer:
         with self._log_lock:
             self.requests.append((method, path))
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         self._httpd = _HTTPServer(("127.0.0.1", 0), HubRequestHandler)
         self._httpd.hub = self
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
@@ -602,7 +669,7 @@ class HubServer:
         self._thread.join(timeout=5)
         self._httpd = None
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

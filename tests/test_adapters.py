@@ -15,10 +15,10 @@ from safetensors import safe_open
 import hf_knowedit
 from hf_knowedit import adapter_files as adapters
 from hf_knowedit.architectures import get_architecture, get_module, mlp_out_dims, mlp_out_path
-from hf_knowedit.methods.registry import MethodResult, register_method
 from hf_knowedit.deltas import ModuleDelta, fingerprint
 from hf_knowedit.editset import EditSet
 from hf_knowedit.errors import AdapterFormatError, BaseModelMismatchError
+from hf_knowedit.methods.registry import MethodResult, register_method
 from hf_knowedit.requests import EditRequest
 from tests.helpers import assert_untouched, logits, snapshot
 from tests.test_stack import random_set
@@ -28,6 +28,7 @@ ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"
 
 
 # -- a registered test method: random low-rank deltas at the MLP output of chosen layers -----------
+
 
 @dataclass
 class RandomConfig:
@@ -47,8 +48,9 @@ def _random_compute(ctx):
         B = torch.randn(d_out, ctx.config.rank, generator=g) * ctx.config.scale
         deltas[path] = ModuleDelta.from_dense(B @ A) if layer == ctx.config.dense_layer else ModuleDelta(A=A, B=B)
     state = {"keys": torch.arange(6, dtype=torch.float64).reshape(2, 3)}
-    return MethodResult(deltas=deltas, layers=list(layers), stats_key={"model": "tiny", "layer": layers[0]},
-                        state=state)
+    return MethodResult(
+        deltas=deltas, layers=list(layers), stats_key={"model": "tiny", "layer": layers[0]}, state=state
+    )
 
 
 register_method("adaptertest", _random_compute, RandomConfig, overwrite=True)
@@ -69,6 +71,7 @@ def edited(model_type="gpt2", dtype=torch.float32, seed=0, **kw):
 
 # -- format ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])  # Conv1D and Linear layouts
 def test_format_is_what_peft_writes(model_type, tmp_path):
     from peft import LoraConfig, get_peft_model
@@ -87,8 +90,9 @@ def test_format_is_what_peft_writes(model_type, tmp_path):
     assert cfg["fan_in_fan_out"] == (model_type == "gpt2")
 
     # The same adapter written by PEFT itself has the same keys, shapes and dtype.
-    peft_cfg = LoraConfig(r=3, lora_alpha=3, target_modules=paths, fan_in_fan_out=model_type == "gpt2",
-                          task_type="CAUSAL_LM")
+    peft_cfg = LoraConfig(
+        r=3, lora_alpha=3, target_modules=paths, fan_in_fan_out=model_type == "gpt2", task_type="CAUSAL_LM"
+    )
     fresh, _ = make_tiny_model(model_type)
     get_peft_model(fresh, peft_cfg).save_pretrained(tmp_path / "peft")
 
@@ -100,7 +104,12 @@ def test_format_is_what_peft_writes(model_type, tmp_path):
     # ... and PEFT parses our config into the same LoRA settings.
     ours = LoraConfig.from_pretrained(tmp_path / "ours")
     assert (set(ours.target_modules), ours.r, ours.lora_alpha, ours.fan_in_fan_out, ours.rank_pattern) == (
-        set(paths), 3, 3, model_type == "gpt2", {p: 3 for p in paths})
+        set(paths),
+        3,
+        3,
+        model_type == "gpt2",
+        {p: 3 for p in paths},
+    )
 
     # lora_A / lora_B are A / B exactly (no SVD, float32).
     with safe_open(str(tmp_path / "ours" / "adapter_model.safetensors"), "pt") as f:
@@ -124,8 +133,19 @@ def test_sidecar_and_round_trip(tmp_path):
     assert "3.mlp.down_proj`: 32 (dense)" in card and "marked dense" in card
 
     back = EditSet.from_pretrained(tmp_path / "a")
-    for field in ("requests", "method", "config", "layers", "fingerprints", "layouts", "base_model", "revision",
-                  "stats_key", "metrics", "name"):
+    for field in (
+        "requests",
+        "method",
+        "config",
+        "layers",
+        "fingerprints",
+        "layouts",
+        "base_model",
+        "revision",
+        "stats_key",
+        "metrics",
+        "name",
+    ):
         assert getattr(back, field) == getattr(es, field), field
     assert back.deltas.keys() == es.deltas.keys()
     for p, d in es.deltas.items():
@@ -157,6 +177,7 @@ def test_model_card(tmp_path):
 
 
 # -- loading behaves like applying ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -203,6 +224,7 @@ def test_load_edits_from_an_edit_set_and_functional_form(tmp_path):
 
 # -- PEFT and transformers interop ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_peft_and_transformers_give_the_same_logits(model_type, tmp_path):
     from peft import PeftModel
@@ -232,6 +254,7 @@ def test_peft_and_transformers_give_the_same_logits(model_type, tmp_path):
 
 
 # -- bad input: typed errors, model untouched -------------------------------------------------------
+
 
 @pytest.fixture
 def saved(tmp_path):
@@ -264,9 +287,13 @@ def test_not_an_adapter_and_missing_files(saved, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("hello")
-    for bad, match in [(tmp_path / "empty", "not an adapter"), (tmp_path / "other", "not an adapter"),
-                       (tmp_path / "nope", "No adapter directory"), (good / "adapter_config.json", "No adapter dir"),
-                       ("./relative/missing/dir", "No adapter directory")]:
+    for bad, match in [
+        (tmp_path / "empty", "not an adapter"),
+        (tmp_path / "other", "not an adapter"),
+        (tmp_path / "nope", "No adapter directory"),
+        (good / "adapter_config.json", "No adapter dir"),
+        ("./relative/missing/dir", "No adapter directory"),
+    ]:
         with pytest.raises(AdapterFormatError, match=match):
             model.load_edits(bad)
     for name in ("adapter_model.safetensors", "knowedit_config.json", "adapter_config.json"):
@@ -291,7 +318,9 @@ def test_corrupted_truncated_and_inconsistent_files(saved, tmp_path):
     data[-5] ^= 0xFF
     (flipped / "adapter_model.safetensors").write_bytes(bytes(data))
     truncated = _copy(good, tmp_path / "truncated")
-    (truncated / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes()[: size // 2])
+    (truncated / "adapter_model.safetensors").write_bytes(
+        (good / "adapter_model.safetensors").read_bytes()[: size // 2]
+    )
     for d in (flipped, truncated):
         with pytest.raises(AdapterFormatError, match="corrupted or truncated"):
             model.load_edits(d)
@@ -353,6 +382,7 @@ def test_other_base_model_and_shape_mismatch(saved, tmp_path, caplog):
     from transformers import AutoModelForCausalLM
 
     from tests.tiny_models import tiny_config
+
     wide = AutoModelForCausalLM.from_config(tiny_config("llama", intermediate_size=64))
     hf_knowedit.attach(wide, tok)
     w_wide = snapshot(wide)
@@ -372,6 +402,7 @@ def test_mixed_layouts_cannot_be_one_peft_adapter(tmp_path):
 
 # -- atomic saves ----------------------------------------------------------------------------------
 
+
 def _leftovers(parent: Path, name: str):
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
 
@@ -388,8 +419,11 @@ def test_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch, where):
 
     if where == "sidecar":  # after adapter_model.safetensors and adapter_config.json are written
         real = adapters._write_json
-        monkeypatch.setattr(adapters, "_write_json",
-                            lambda path, obj: boom() if path.name == "knowedit_config.json" else real(path, obj))
+        monkeypatch.setattr(
+            adapters,
+            "_write_json",
+            lambda path, obj: boom() if path.name == "knowedit_config.json" else real(path, obj),
+        )
     else:  # after every adapter file is written
         monkeypatch.setattr(adapters, "model_card", boom)
     with pytest.raises(OSError, match="injected"):
@@ -436,8 +470,10 @@ def test_edit_set_keeps_dataclass_behaviour():
     req = EditRequest("{} is in", "X", "Y")
     es2 = EditSet(deltas={}, requests=[req], method="m", config={"a": 1})
     assert es2.config == {"a": 1} and es2._hub_mixin_config is None and len(es2) == 1
-    assert fingerprint(get_module(model, mlp_out_path(get_architecture(model), 1)).weight) == \
-        es.fingerprints[mlp_out_path(get_architecture(model), 1)]
+    assert (
+        fingerprint(get_module(model, mlp_out_path(get_architecture(model), 1)).weight)
+        == es.fingerprints[mlp_out_path(get_architecture(model), 1)]
+    )
 
 
 def test_lora_alpha_other_than_rank_is_honoured_like_peft(saved, tmp_path):

@@ -12,10 +12,10 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
 import hf_knowedit
-from hf_knowedit.moments import STATS_FOLDER, pull_statistics, push_statistics
 from hf_knowedit.editset import EditSet
-from tests.hub_fixtures import HUB_UPLOAD_MODES, offline
+from hf_knowedit.moments import STATS_FOLDER, pull_statistics, push_statistics
 from tests.helpers import assert_untouched, logits, snapshot
+from tests.hub_fixtures import HUB_UPLOAD_MODES, offline
 from tests.test_adapters import edited
 from tests.test_stack import random_set
 from tests.tiny_models import assert_same, make_tiny_model, weights
@@ -30,7 +30,8 @@ def _used(hub, fragment, method=None):
 
 def _same_deltas(a: EditSet, b: EditSet) -> bool:
     return a.deltas.keys() == b.deltas.keys() and all(
-        torch.equal(a.deltas[p].A, b.deltas[p].A) and torch.equal(a.deltas[p].B, b.deltas[p].B) for p in a.deltas)
+        torch.equal(a.deltas[p].A, b.deltas[p].A) and torch.equal(a.deltas[p].B, b.deltas[p].B) for p in a.deltas
+    )
 
 
 @pytest.mark.parametrize("hub", HUB_UPLOAD_MODES, indirect=True)
@@ -46,7 +47,9 @@ def test_push_then_pull_by_branch_tag_and_sha(hub):
     assert not _used(hub, "xet-")
     files = {f.path: f for f in api.list_repo_tree(repo_id)}
     assert set(files) >= {"adapter_model.safetensors", "adapter_config.json", "knowedit_config.json", "README.md"}
-    assert "config.json" not in files and (files["adapter_model.safetensors"].lfs is not None) == (hub.lfs_mode == "auto")
+    assert "config.json" not in files and (files["adapter_model.safetensors"].lfs is not None) == (
+        hub.lfs_mode == "auto"
+    )
     assert "model.load_edits('angola-edit')" in ModelCard.load(repo_id).text  # the card names the repo
 
     api.create_tag(repo_id, tag="v1", revision=commit1.oid)
@@ -157,8 +160,9 @@ def test_statistics_push_and_pull(hub, tmp_path):
     from hf_knowedit.errors import StatisticsMismatchError
     from hf_knowedit.moments import SecondMoment, StatsCache, StatsKey
 
-    key = StatsKey(model="tiny@abc", layer=2, module="model.layers.2.mlp.down_proj", corpus="test", n_tokens=100,
-                   dtype="float32")
+    key = StatsKey(
+        model="tiny@abc", layer=2, module="model.layers.2.mlp.down_proj", corpus="test", n_tokens=100, dtype="float32"
+    )
     x = torch.randn(100, 8, generator=torch.Generator().manual_seed(0))
     entry = SecondMoment(x.t() @ x / 100, 100, key)
     commit = push_statistics(entry, "stats")
@@ -203,8 +207,9 @@ def test_only_json_and_safetensors_are_fetched(hub, tmp_path):
     marker = tmp_path / "pwned"
     api = HfApi()
     api.upload_file(path_or_fileobj=pickle.dumps(_Bomb(marker)), path_in_repo="adapter_model.bin", repo_id=repo_id)
-    api.upload_file(path_or_fileobj=f"open({str(marker)!r}, 'w')".encode(), path_in_repo="modeling_evil.py",
-                    repo_id=repo_id)
+    api.upload_file(
+        path_or_fileobj=f"open({str(marker)!r}, 'w')".encode(), path_in_repo="modeling_evil.py", repo_id=repo_id
+    )
     model.load_edits(repo_id)
     model.revert_edits()
     fetched = {path.rsplit("/", 1)[-1] for m, path in hub.requests if "/resolve/" in path}

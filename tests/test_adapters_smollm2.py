@@ -8,8 +8,12 @@ import hf_knowedit
 from hf_knowedit._bundled import load_smollm2
 from hf_knowedit.editset import EditSet
 
-FACT = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
-        "target_true": "Paris"}
+FACT = {
+    "prompt": "{} is located in the city of",
+    "subject": "The Eiffel Tower",
+    "target_new": "Rome",
+    "target_true": "Paris",
+}
 #: Real ROME, kept inside the slow-test budget on a CPU: no generated context prefixes and C = I (the
 #: second moment is another test's business; the adapter path does not depend on it).
 ROME_FAST = dict(context_templates=0, mom2="identity")

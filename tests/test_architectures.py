@@ -13,7 +13,6 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_knowedit.architectures import (
     ARCHITECTURES,
-    ArchitectureSpec,
     attn_out_path,
     get_architecture,
     get_module,
@@ -39,7 +38,7 @@ except ImportError:  # tests/ imported as a package
 PROMPT = "The Eiffel Tower is located in the city of"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(model_type: str):
     """Built once per type; tests below must not modify the model (or must restore it)."""
     return make_tiny_model(model_type)

@@ -83,5 +83,7 @@ def test_mixin_calls_same_core():
     push_edit_set(model, random_set(model, [1]), name="x")
     assert [e.name for e in model.list_edits()] == ["x"]
     model.revert_edits()
-    assert torch.equal(model.state_dict()["model.layers.1.mlp.down_proj.weight"],
-                       base.state_dict()["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(
+        model.state_dict()["model.layers.1.mlp.down_proj.weight"],
+        base.state_dict()["model.layers.1.mlp.down_proj.weight"],
+    )

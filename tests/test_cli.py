@@ -27,6 +27,7 @@ def test_module_entry_point_runs():
 def test_parser_requires_subject_and_target():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["edit", "--prompt", "{} is in"])
-    args = build_parser().parse_args(["edit", "--prompt", "{} is in", "--subject", "A", "--target", "B",
-                                      "--layers", "3,4"])
+    args = build_parser().parse_args(
+        ["edit", "--prompt", "{} is in", "--subject", "A", "--target", "B", "--layers", "3,4"]
+    )
     assert args.model == "bundled" and args.layers == "3,4" and args.method == "rome"

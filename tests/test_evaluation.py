@@ -15,8 +15,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 import hf_knowedit
-from hf_knowedit.architectures import get_architecture, mlp_out_dims, mlp_out_path, num_layers
-from hf_knowedit.methods.registry import MethodResult, register_method
+from hf_knowedit.architectures import mlp_out_dims, mlp_out_path, num_layers
 from hf_knowedit.deltas import ModuleDelta
 from hf_knowedit.errors import InvalidConfigError, InvalidDataError, SingularSystemError, UnknownMethodError
 from hf_knowedit.evaluation import metrics as M
@@ -24,6 +23,7 @@ from hf_knowedit.evaluation import protocols
 from hf_knowedit.evaluation.datasets import detect_schema, load_records
 from hf_knowedit.evaluation.scoring import TargetScore, score_targets
 from hf_knowedit.generation import generate_texts
+from hf_knowedit.methods.registry import MethodResult, register_method
 from hf_knowedit.tokens import split_prompt_target
 
 from .helpers import assert_untouched, snapshot
@@ -37,26 +37,63 @@ def ts(*logprobs: float, hits=None) -> TargetScore:
     return TargetScore(tuple(logprobs), pred, target)
 
 
-def cf_record(subject="The Eiffel Tower", prompt="{} is located in", new="Rome", true="Paris", case_id=0,
-              paraphrases=("Where was she born? The Eiffel Tower is in the city of",),
-              neighborhood=("The Louvre is a museum in", "Marie Curie worked in")) -> dict:
-    return {"case_id": case_id,
-            "requested_rewrite": {"prompt": prompt, "subject": subject, "target_new": {"str": new},
-                                  "target_true": {"str": true}},
-            "paraphrase_prompts": list(paraphrases), "neighborhood_prompts": list(neighborhood),
-            "generation_prompts": [f"{subject} is", f"People in {subject} speak"]}
+def cf_record(
+    subject="The Eiffel Tower",
+    prompt="{} is located in",
+    new="Rome",
+    true="Paris",
+    case_id=0,
+    paraphrases=("Where was she born? The Eiffel Tower is in the city of",),
+    neighborhood=("The Louvre is a museum in", "Marie Curie worked in"),
+) -> dict:
+    return {
+        "case_id": case_id,
+        "requested_rewrite": {
+            "prompt": prompt,
+            "subject": subject,
+            "target_new": {"str": new},
+            "target_true": {"str": true},
+        },
+        "paraphrase_prompts": list(paraphrases),
+        "neighborhood_prompts": list(neighborhood),
+        "generation_prompts": [f"{subject} is", f"People in {subject} speak"],
+    }
 
 
 def cf_records() -> list:
-    return [cf_record(),
-            cf_record("Berlin", "{} is the capital of", "Spain", "Germany", 1, ("Berlin is the capital city of",),
-                      ("Madrid is the capital of",)),
-            cf_record("Toyota", "{} is headquartered in", "England", "Japan", 2, ("The car company Toyota is in",),
-                      ("Apple was founded in",)),
-            cf_record("Lionel Messi", "{} plays soccer for", "Italy", "Argentina", 3, ("Lionel Messi is a player for",),
-                      ("Michael Jordan plays for",)),
-            cf_record("The Colosseum", "{} is in", "Germany", "France", 4, ("The Colosseum is located in",),
-                      ("The Prado is in",))]
+    return [
+        cf_record(),
+        cf_record(
+            "Berlin",
+            "{} is the capital of",
+            "Spain",
+            "Germany",
+            1,
+            ("Berlin is the capital city of",),
+            ("Madrid is the capital of",),
+        ),
+        cf_record(
+            "Toyota",
+            "{} is headquartered in",
+            "England",
+            "Japan",
+            2,
+            ("The car company Toyota is in",),
+            ("Apple was founded in",),
+        ),
+        cf_record(
+            "Lionel Messi",
+            "{} plays soccer for",
+            "Italy",
+            "Argentina",
+            3,
+            ("Lionel Messi is a player for",),
+            ("Michael Jordan plays for",),
+        ),
+        cf_record(
+            "The Colosseum", "{} is in", "Germany", "France", 4, ("The Colosseum is located in",), ("The Prado is in",)
+        ),
+    ]
 
 
 # ----------------------------------------------------------------------------- metrics on hand-made scores
@@ -143,9 +180,12 @@ def test_crafted_logits_give_known_counterfact_numbers():
     rome = split_prompt_target(tok, "The Eiffel Tower is located in", "Rome")[1]
     paris = split_prompt_target(tok, "The Eiffel Tower is located in", "Paris")[1]
     assert len(rome) == len(paris) == 1
-    ends = [last(p) for p in ("The Eiffel Tower is located in", rec["paraphrase_prompts"][0], rec["neighborhood_prompts"][1])]
+    ends = [
+        last(p)
+        for p in ("The Eiffel Tower is located in", rec["paraphrase_prompts"][0], rec["neighborhood_prompts"][1])
+    ]
     assert len(set(ends)) == 3 and last(rec["neighborhood_prompts"][0]) == ends[0]
-    model.table.data[ends[0], rome[0]] = 10.0   # after " in": new wins (rewrite prompt, 1st neighbour)
+    model.table.data[ends[0], rome[0]] = 10.0  # after " in": new wins (rewrite prompt, 1st neighbour)
     model.table.data[ends[1], paris[0]] = 10.0  # after " of": true wins (paraphrase)
     model.table.data[ends[2], paris[0]] = 10.0  # after " is": true wins (2nd neighbour)
     res = hf_knowedit.evaluate(model, tok, [rec], fluency=False, progress=False)
@@ -186,8 +226,17 @@ def test_protocol_with_an_edit_that_works(monkeypatch):
     assert res.post["ES"] == 100.0 and res.pre["ES"] < 100.0
     assert res.post["rewrite_acc"] == 100.0
     assert applied == ["eval-single-0", "eval-single-1", "eval-single-2"] and not model.boost
-    seq = hf_knowedit.evaluate(model, tok, cf_records(), method="fake", protocol="sequential", batch_size=2,
-                               curve_every=1, fluency=False, progress=False)
+    seq = hf_knowedit.evaluate(
+        model,
+        tok,
+        cf_records(),
+        method="fake",
+        protocol="sequential",
+        batch_size=2,
+        curve_every=1,
+        fluency=False,
+        progress=False,
+    )
     assert [p["n_edits"] for p in seq.curve] == [2, 4, 5]
     assert all(p["ES"] == 100.0 for p in seq.curve) and seq.post["ES"] == 100.0
     assert seq.records[4]["post"]["ES"] == 1.0 and seq.records[4]["pre"]["ES"] == 0.0
@@ -200,8 +249,12 @@ def test_protocol_with_an_edit_that_works(monkeypatch):
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "bloom", "gemma2"])
 def test_padding_side_invariance(model_type):
     model, tok = make_tiny_model(model_type)
-    pairs = [("The Eiffel Tower is located in", "Paris"), ("Who", "Germany and the world"),
-             ("Berlin is the capital of", "the United States of America"), ("The", "Rome")]
+    pairs = [
+        ("The Eiffel Tower is located in", "Paris"),
+        ("Who", "Germany and the world"),
+        ("Berlin is the capital of", "the United States of America"),
+        ("The", "Rome"),
+    ]
     left = score_targets(model, tok, pairs, padding_side="left")
     right = score_targets(model, tok, pairs, padding_side="right")
     alone = [score_targets(model, tok, [p])[0] for p in pairs]
@@ -233,7 +286,7 @@ def test_multi_token_target_matches_full_forward():
         logp = torch.log_softmax(model(torch.tensor([p_ids + t_ids])).logits[0].float(), -1)
     ref = [logp[len(p_ids) + j - 1, t].item() for j, t in enumerate(t_ids)]
     assert s.logprobs == pytest.approx(ref, abs=1e-5)
-    assert s.predicted == tuple(logp[len(p_ids) - 1:len(p_ids) + len(t_ids) - 1].argmax(-1).tolist())
+    assert s.predicted == tuple(logp[len(p_ids) - 1 : len(p_ids) + len(t_ids) - 1].argmax(-1).tolist())
     assert s.mean_nll == pytest.approx(-sum(ref) / len(ref), abs=1e-5)
 
 
@@ -254,14 +307,31 @@ def test_fluency_and_schemas_on_tiny_model():
     model, tok = make_tiny_model("llama")
     res = hf_knowedit.evaluate(model, tok, cf_records()[:2], max_new_tokens=6, progress=False)
     assert res.pre["GE"] > 0 and set(M.ROME_METRICS) <= set(res.pre)
-    flat = [{"case_id": 0, "prompt": "The mother tongue of Thomas Mann is", "subject": "Thomas Mann",
-             "target_new": "English", "ground_truth": "German", "rephrase_prompt": "Thomas Mann speaks",
-             "locality_prompt": "Albert Einstein speaks", "locality_ground_truth": "German"}]
+    flat = [
+        {
+            "case_id": 0,
+            "prompt": "The mother tongue of Thomas Mann is",
+            "subject": "Thomas Mann",
+            "target_new": "English",
+            "ground_truth": "German",
+            "rephrase_prompt": "Thomas Mann speaks",
+            "locality_prompt": "Albert Einstein speaks",
+            "locality_ground_truth": "German",
+        }
+    ]
     rf = hf_knowedit.evaluate(model, tok, flat, progress=False)
     assert rf.schema == "counterfact_flat" and "GE" not in rf.pre and {"ES", "PS", "NS", "S"} <= set(rf.pre)
-    zs = [{"subject": "Barack Obama", "src": "Where was Barack Obama born?", "rephrase": "Barack Obama was born in?",
-           "answers": ["Hawaii"], "alt": "Japan", "loc": "nq question: who is the author of this book",
-           "loc_ans": "William Shakespeare"}]
+    zs = [
+        {
+            "subject": "Barack Obama",
+            "src": "Where was Barack Obama born?",
+            "rephrase": "Barack Obama was born in?",
+            "answers": ["Hawaii"],
+            "alt": "Japan",
+            "loc": "nq question: who is the author of this book",
+            "loc_ans": "William Shakespeare",
+        }
+    ]
     rz = hf_knowedit.evaluate(model, tok, zs, progress=False)
     assert rz.schema == "zsre" and set(M.ZSRE_METRICS + M.TOKEN_ACC_METRICS) <= set(rz.pre) and "ES" not in rz.pre
     assert load_records(zs, zsre_target="alt")[0].target_new == "Japan"
@@ -282,8 +352,9 @@ def _harm(ctx):
     deltas = {}
     for layer in range(num_layers(ctx.model)):
         d_in, d_out = mlp_out_dims(ctx.model, spec, layer)
-        deltas[mlp_out_path(spec, layer)] = ModuleDelta(torch.randn(2, d_in, generator=gen),
-                                                        5 * torch.randn(d_out, 2, generator=gen))
+        deltas[mlp_out_path(spec, layer)] = ModuleDelta(
+            torch.randn(2, d_in, generator=gen), 5 * torch.randn(d_out, 2, generator=gen)
+        )
     return MethodResult(deltas, list(range(num_layers(ctx.model))))
 
 
@@ -315,8 +386,17 @@ def test_zero_delta_edit_counts_as_failed_and_model_is_restored():
 def test_harmful_edit_is_measured_and_reverted(protocol):
     model, tok = make_tiny_model("gpt2")
     before = snapshot(model)
-    res = hf_knowedit.evaluate(model, tok, cf_records(), method="evaltest-harm", protocol=protocol, batch_size=2,
-                               curve_every=1, fluency=False, progress=False)
+    res = hf_knowedit.evaluate(
+        model,
+        tok,
+        cf_records(),
+        method="evaltest-harm",
+        protocol=protocol,
+        batch_size=2,
+        curve_every=1,
+        fluency=False,
+        progress=False,
+    )
     assert res.post != res.pre and res.post["locality"] < 100.0
     assert res.pre["locality"] == 100.0
     if protocol == "sequential":
@@ -331,8 +411,9 @@ def test_edit_that_raises_counts_as_failed():
     assert res.post == res.pre
     assert "2 failed edit(s)" in res.to_markdown()
     with pytest.raises(SingularSystemError):
-        hf_knowedit.evaluate(model, tok, cf_records()[:1], method="evaltest-boom", on_error="raise", fluency=False,
-                             progress=False)
+        hf_knowedit.evaluate(
+            model, tok, cf_records()[:1], method="evaltest-boom", on_error="raise", fluency=False, progress=False
+        )
 
 
 # ----------------------------------------------------------------------------- results
@@ -340,8 +421,17 @@ def test_edit_that_raises_counts_as_failed():
 
 def test_result_dict_markdown_and_plot(tmp_path):
     model, tok = make_tiny_model("gpt2")
-    res = hf_knowedit.evaluate(model, tok, cf_records(), method="evaltest-harm", protocol="sequential",
-                               batch_size=2, curve_every=1, fluency=False, progress=False)
+    res = hf_knowedit.evaluate(
+        model,
+        tok,
+        cf_records(),
+        method="evaltest-harm",
+        protocol="sequential",
+        batch_size=2,
+        curve_every=1,
+        fluency=False,
+        progress=False,
+    )
     d = json.loads(json.dumps(res.to_dict()))
     assert d["pre"] == res.pre and d["protocol"] == "sequential" and len(d["records"]) == 5
     md = res.to_markdown()
@@ -373,8 +463,15 @@ def test_bad_records_raise_typed_errors_naming_record_and_field():
         load_records(cf_records(), schema="squad")
     with pytest.raises(InvalidDataError, match=r"record 0: field 'src' is missing"):
         load_records([{"subject": "x"}], schema="zsre")
-    flat = {"case_id": 7, "prompt": "Paris is in", "subject": "Paris", "target_new": "Spain", "ground_truth": "France",
-            "rephrase_prompt": "Paris lies in", "locality_prompt": "Rome is in"}
+    flat = {
+        "case_id": 7,
+        "prompt": "Paris is in",
+        "subject": "Paris",
+        "target_new": "Spain",
+        "ground_truth": "France",
+        "rephrase_prompt": "Paris lies in",
+        "locality_prompt": "Rome is in",
+    }
     with pytest.raises(InvalidDataError, match=r"record 0 \(case_id 7\).*locality_ground_truth"):
         load_records([flat])
     assert detect_schema(flat) == "counterfact_flat"

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 def test_unedited_counterfact_100(smollm2, data_path):
     """PROVENANCE.md: SmolLM2 prefers target_true on 67 of the first 100 records (unedited ES ~ 33)."""
     model, tok = smollm2
-    res = hf_knowedit.evaluate(model, tok, data_path / "counterfact_500.json", limit=100, fluency=False,
-                               progress=False, score_batch_size=64)
+    res = hf_knowedit.evaluate(
+        model, tok, data_path / "counterfact_500.json", limit=100, fluency=False, progress=False, score_batch_size=64
+    )
     print("\n" + res.to_markdown())
     wins = sum(r["pre"]["ES"] for r in res.records)  # per-record ES is 0 or 1 (one rewrite prompt)
     assert wins == 33 and res.pre["ES"] == pytest.approx(33.0)
@@ -30,8 +31,12 @@ def test_unedited_counterfact_100(smollm2, data_path):
 def test_padding_side_invariance_on_smollm2(smollm2, data_path):
     model, tok = smollm2
     recs = load_records(data_path / "counterfact_500.json", limit=2)
-    pairs = [(p, t) for r in recs for p in r.paraphrase_prompts + r.neighborhood_prompts[:3]
-             for t in (r.target_new, r.target_true)]
+    pairs = [
+        (p, t)
+        for r in recs
+        for p in r.paraphrase_prompts + r.neighborhood_prompts[:3]
+        for t in (r.target_new, r.target_true)
+    ]
     left = score_targets(model, tok, pairs, padding_side="left")
     right = score_targets(model, tok, pairs, padding_side="right")
     diff = max(abs(a - b) for x, y in zip(left, right) for a, b in zip(x.logprobs, y.logprobs))
@@ -47,8 +52,17 @@ def test_rome_single_edit_succeeds_and_is_reverted(smollm2, data_path):
     model, tok = smollm2
     before = {k: v.clone() for k, v in model.state_dict().items() if "mlp.down_proj" in k}
     # C = I and two context templates keep this test to seconds; the benchmark uses corpus statistics
-    res = hf_knowedit.evaluate(model, tok, data_path / "counterfact_500.json", limit=1, method="rome",
-                               max_new_tokens=10, progress=False, mom2="identity", context_templates=2)
+    res = hf_knowedit.evaluate(
+        model,
+        tok,
+        data_path / "counterfact_500.json",
+        limit=1,
+        method="rome",
+        max_new_tokens=10,
+        progress=False,
+        mom2="identity",
+        context_templates=2,
+    )
     print("\n" + res.to_markdown())
     assert res.post["ES"] == 100.0 and res.pre["ES"] < 100.0 and not res.failed
     assert "GE" in res.post and res.post["GE"] > 0

@@ -2,35 +2,86 @@
 sequential AlphaEdit history, low-rank storage, bad input."""
 
 import logging
+
 import pytest
 import torch
 
 import hf_knowedit
-from hf_knowedit.methods import alphaedit
-from hf_knowedit.deltas import ModuleDelta
 from hf_knowedit.architectures import get_architecture, get_module, mlp_out_path
-from hf_knowedit.methods.registry import EditContext, get_method, resolve_config
-from hf_knowedit.errors import (BatchTooLargeError, EditConflictError, InvalidConfigError, InvalidRequestError,
-                                KnowEditError, SingularSystemError)
+from hf_knowedit.deltas import ModuleDelta
+from hf_knowedit.errors import (
+    BatchTooLargeError,
+    EditConflictError,
+    InvalidConfigError,
+    InvalidRequestError,
+    KnowEditError,
+    SingularSystemError,
+)
+from hf_knowedit.methods import alphaedit
 from hf_knowedit.methods.memit import MEMITConfig, band_around, default_band, optimize_z
+from hf_knowedit.methods.registry import EditContext, get_method, resolve_config
 from hf_knowedit.requests import EditRequest, normalize_requests
 from tests.helpers import assert_untouched, logprob, snapshot
 from tests.tiny_models import _CORPUS, assert_same, make_tiny_model, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread", "stats_cache")
 
-SUBJECTS = ["Eiffel Tower", "Colosseum", "Danielle Darrieux", "Michael Jordan", "Lionel Messi", "Apple", "Microsoft",
-            "Toyota", "Berlin", "Madrid", "London", "Amazon River", "Albert Einstein", "Marie Curie",
-            "William Shakespeare", "Mount Everest", "Beatles", "Python", "Pablo Picasso", "Barack Obama", "Google",
-            "Louvre", "Thomas Mann", "YouTube"]
-PLACES = ["Paris", "Rome", "Germany", "England", "Japan", "French", "German", "language", "capital", "city", "world",
-          "people", "president", "museum", "programming", "company", "Microsoft"]  # one token each
+SUBJECTS = [
+    "Eiffel Tower",
+    "Colosseum",
+    "Danielle Darrieux",
+    "Michael Jordan",
+    "Lionel Messi",
+    "Apple",
+    "Microsoft",
+    "Toyota",
+    "Berlin",
+    "Madrid",
+    "London",
+    "Amazon River",
+    "Albert Einstein",
+    "Marie Curie",
+    "William Shakespeare",
+    "Mount Everest",
+    "Beatles",
+    "Python",
+    "Pablo Picasso",
+    "Barack Obama",
+    "Google",
+    "Louvre",
+    "Thomas Mann",
+    "YouTube",
+]
+PLACES = [
+    "Paris",
+    "Rome",
+    "Germany",
+    "England",
+    "Japan",
+    "French",
+    "German",
+    "language",
+    "capital",
+    "city",
+    "world",
+    "people",
+    "president",
+    "museum",
+    "programming",
+    "company",
+    "Microsoft",
+]  # one token each
 TEMPLATES = ["The home of {}", "The language of {}", "A friend of {}", "The city of {}"]  # subject last: see facts()
 
 # settings for 4-layer random models (hidden states of norm ~0.2): few statistics tokens, a small
 # weight decay (the reference's 0.5 / ‖h‖² would dominate the loss), a looser clamp, a smaller λ
-FAST = dict(mom2_n_tokens=2000, mom2_corpus=_CORPUS.splitlines() * 8, v_weight_decay=1e-3, clamp_norm_factor=4.0,
-            mom2_update_weight=10.0)
+FAST = dict(
+    mom2_n_tokens=2000,
+    mom2_corpus=_CORPUS.splitlines() * 8,
+    v_weight_decay=1e-3,
+    clamp_norm_factor=4.0,
+    mom2_update_weight=10.0,
+)
 
 
 def sharpen(model, factor=10.0):
@@ -62,8 +113,13 @@ def efficacy(model, tok, reqs):
 
 def context(model, tok, reqs, method="memit", layers=None, **overrides):
     spec = get_method(method)
-    cfg = resolve_config(spec, None, {**FAST, **overrides} if method != "alphaedit" else
-                         {k: v for k, v in {**FAST, **overrides}.items() if k != "mom2_update_weight"})
+    cfg = resolve_config(
+        spec,
+        None,
+        {**FAST, **overrides}
+        if method != "alphaedit"
+        else {k: v for k, v in {**FAST, **overrides}.items() if k != "mom2_update_weight"},
+    )
     return EditContext(model, tok, normalize_requests(reqs), cfg, layers, get_architecture(model), {})
 
 
@@ -94,8 +150,7 @@ def test_low_rank_storage_is_exact_and_dense_above_half_rank():
     assert all(d.rank == 5 and not d.dense for d in small.deltas.values())
     hf_knowedit.revert_edits(model)
     # 20 edits stored as their exact rank-20 factors (dense_fraction=1) ...
-    factored = hf_knowedit.apply_edits(model, tok, facts(20), method="memit", layers=[1, 2], dense_fraction=1.0,
-                                       **FAST)
+    factored = hf_knowedit.apply_edits(model, tok, facts(20), method="memit", layers=[1, 2], dense_fraction=1.0, **FAST)
     for path, d in factored.deltas.items():
         assert d.rank == 20 and not d.dense
         # ... and with the default rule: rank 20 > 0.5 * min(96, 32), stored dense, same ΔW
@@ -148,8 +203,7 @@ def test_batch_above_limit_refused_unless_chunked():
     with pytest.raises(BatchTooLargeError, match="chunk=True"):
         hf_knowedit.apply_edits(model, tok, facts(8), method="memit", max_batch=5, **FAST)
     assert_untouched(model, before)
-    es = hf_knowedit.apply_edits(model, tok, facts(8), method="memit", max_batch=5, chunk=True, layers=[1, 2],
-                                 **FAST)
+    es = hf_knowedit.apply_edits(model, tok, facts(8), method="memit", max_batch=5, chunk=True, layers=[1, 2], **FAST)
     assert all(d.rank == 8 for d in es.deltas.values())  # two chunks of factors, concatenated
     assert sum(efficacy(model, tok, facts(8))) >= 7
 
@@ -166,8 +220,10 @@ def test_invalid_config_values():
 def test_singular_system_raises_and_leaves_model_untouched():
     model, tok = tiny("llama")
     before = snapshot(model)
-    same_subject = [EditRequest("{} is located in", "Colosseum", "Paris"),
-                    EditRequest("{} was born in", "Colosseum", "Japan")]  # one subject: identical keys
+    same_subject = [
+        EditRequest("{} is located in", "Colosseum", "Paris"),
+        EditRequest("{} was born in", "Colosseum", "Japan"),
+    ]  # one subject: identical keys
     with pytest.raises(SingularSystemError, match="emmet_lambda"):
         hf_knowedit.apply_edits(model, tok, same_subject, method="emmet", emmet_lambda=0.0, **FAST)
     assert_untouched(model, before)
@@ -178,8 +234,11 @@ def test_singular_system_raises_and_leaves_model_untouched():
 
 
 def _alpha(**kw):
-    return {k: v for k, v in {**FAST, "nullspace_relative": True, "nullspace_threshold": 0.5, "l2": 0.01,
-                              **kw}.items() if k != "mom2_update_weight"}
+    return {
+        k: v
+        for k, v in {**FAST, "nullspace_relative": True, "nullspace_threshold": 0.5, "l2": 0.01, **kw}.items()
+        if k != "mom2_update_weight"
+    }
 
 
 def test_alphaedit_sequential_batches_commit_history_only_on_success(tmp_path):
@@ -210,8 +269,7 @@ def test_alphaedit_sequential_batches_commit_history_only_on_success(tmp_path):
     fresh, _ = tiny("llama")
     assert alphaedit.restore_history(fresh, loaded) == 8
     for layer in (1, 2):
-        torch.testing.assert_close(alphaedit.get_history(fresh).prior[layer],
-                                   alphaedit.get_history(model).prior[layer])
+        torch.testing.assert_close(alphaedit.get_history(fresh).prior[layer], alphaedit.get_history(model).prior[layer])
     alphaedit.reset_history(model)
     assert alphaedit.history_size(model) == 0 and not alphaedit.get_history(model).prior
 
@@ -232,8 +290,14 @@ def test_alphaedit_empty_null_space_is_a_clear_error():
     model, tok = tiny("llama")
     before = snapshot(model)
     with pytest.raises(InvalidConfigError, match="null space"):
-        hf_knowedit.apply_edits(model, tok, facts(2), method="alphaedit", layers=[1],
-                                **_alpha(nullspace_relative=False, nullspace_threshold=1e-30))
+        hf_knowedit.apply_edits(
+            model,
+            tok,
+            facts(2),
+            method="alphaedit",
+            layers=[1],
+            **_alpha(nullspace_relative=False, nullspace_threshold=1e-30),
+        )
     assert_untouched(model, before)
     assert alphaedit.history_size(model) == 0
 
@@ -263,8 +327,9 @@ def test_default_lambda_is_the_reference_value_scaled_to_the_key_dimension(metho
     d_in = get_module(model, mlp_out_path(get_architecture(model), 1)).weight.shape[1]
     default = model.apply_edits(facts(3), method=method, merge=False, **settings)
     model.revert_edits()
-    explicit = model.apply_edits(facts(3), method=method, merge=False,
-                                 mom2_update_weight=scaled_mom2_weight(d_in), **settings)
+    explicit = model.apply_edits(
+        facts(3), method=method, merge=False, mom2_update_weight=scaled_mom2_weight(d_in), **settings
+    )
     model.revert_edits()
     other = model.apply_edits(facts(3), method=method, merge=False, mom2_update_weight=15000.0, **settings)
     for path, delta in default.deltas.items():
@@ -278,12 +343,22 @@ def test_layers_auto_follows_the_traced_peak_end_to_end(method):
 
     model, tok = tiny("llama")
     hf_knowedit.attach(model, tok)
-    settings = dict(FAST, band_size=3) if method != "rome" else {"mom2_n_tokens": 2000, "mom2_corpus": FAST["mom2_corpus"]}
+    settings = (
+        dict(FAST, band_size=3) if method != "rome" else {"mom2_n_tokens": 2000, "mom2_corpus": FAST["mom2_corpus"]}
+    )
     with pytest.raises(hf_knowedit.errors.TraceError):  # "auto" without a trace says what to run first
         model.apply_edits(facts(2), method=method, layers="auto", **settings)
     assert model.list_edits() == []
-    trace_facts(model, tok, [(r.text, r.subject) for r in facts(4)], kinds=("mlp",), samples=2, window=2,
-                require_correct=False, progress=False)
+    trace_facts(
+        model,
+        tok,
+        [(r.text, r.subject) for r in facts(4)],
+        kinds=("mlp",),
+        samples=2,
+        window=2,
+        require_correct=False,
+        progress=False,
+    )
     peak = suggest_layers(model)[0]
     before = efficacy(model, tok, facts(2))
     es = model.apply_edits(facts(2), method=method, layers="auto", **settings)

@@ -37,8 +37,13 @@ def test_memit_twenty_counterfact_edits_in_one_call(smollm2, data_path, stats_co
     before = efficacy(model, tok, cases)
     es = hf_knowedit.apply_edits(model, tok, cases, "memit", config=config)
     after = efficacy(model, tok, cases)
-    logger.warning("SmolLM2 MEMIT, 20 records in one call: ES %d%% -> %d%% (layers %s, ranks %s)",
-                   5 * sum(before), 5 * sum(after), es.layers, sorted({d.rank for d in es.deltas.values()}))
+    logger.warning(
+        "SmolLM2 MEMIT, 20 records in one call: ES %d%% -> %d%% (layers %s, ranks %s)",
+        5 * sum(before),
+        5 * sum(after),
+        es.layers,
+        sorted({d.rank for d in es.deltas.values()}),
+    )
     assert sum(after) >= 18, f"ES {5 * sum(after)}% < 90%"
     assert sum(after) > sum(before)
     assert es.layers == [4, 5, 6, 7, 8] and all(d.rank == 20 and not d.dense for d in es.deltas.values())

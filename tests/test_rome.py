@@ -11,9 +11,17 @@ import torch
 import hf_knowedit
 from hf_knowedit import ROMEConfig
 from hf_knowedit.architectures import get_architecture, get_module, mlp_out_path
-from hf_knowedit.errors import (EditConflictError, InvalidConfigError, InvalidRequestError, LayerOutOfRangeError,
-                                NonFiniteUpdateError, StatisticsMismatchError, SubjectNotFoundError, TraceError,
-                                UnknownMethodError)
+from hf_knowedit.errors import (
+    EditConflictError,
+    InvalidConfigError,
+    InvalidRequestError,
+    LayerOutOfRangeError,
+    NonFiniteUpdateError,
+    StatisticsMismatchError,
+    SubjectNotFoundError,
+    TraceError,
+    UnknownMethodError,
+)
 from hf_knowedit.methods.statistics import compute_second_moment
 from hf_knowedit.moments import StatsCache
 from tests.helpers import assert_untouched, logprob, snapshot
@@ -48,9 +56,9 @@ def test_edit_prefers_new_target_and_reverts_exactly(model_type):
 def test_update_writes_v_star_for_k_star():
     """r-ROME: Ŵ k* = v* exactly (up to float32), and Ŵ = W + Λ uᵀ with unit u."""
     from hf_knowedit.methods.context import context_templates
-    from hf_knowedit.requests import to_request
     from hf_knowedit.methods.rome import rank_one_update
     from hf_knowedit.methods.statistics import second_moment_for as second_moment
+    from hf_knowedit.requests import to_request
 
     model, tok = make_tiny_model("llama")
     config = ROMEConfig(**TINY)
@@ -102,8 +110,9 @@ def test_stacked_sets_revert_bit_exactly(dtype):
     before = snapshot(model)
     first = hf_knowedit.apply_edits(model, tok, FACT, "rome", layers=[1], name="first", **TINY)
     hf_knowedit.apply_edits(model, tok, OTHER, "rome", layers=[1], name="second", **TINY)
-    hf_knowedit.apply_edits(model, tok, dict(OTHER, subject="Spain", target_true="Spanish"), "rome", layers=[2],
-                            merge=False, **TINY)
+    hf_knowedit.apply_edits(
+        model, tok, dict(OTHER, subject="Spain", target_true="Spanish"), "rome", layers=[2], merge=False, **TINY
+    )
     assert [e.name for e in hf_knowedit.list_edits(model)] == ["first", "second", "rome-1"]
     path = next(iter(first.deltas))
     assert not torch.equal(model.state_dict()[path + ".weight"], before.weights[path + ".weight"])
@@ -116,9 +125,12 @@ def test_several_requests_are_edited_one_after_another():
     model, tok = make_tiny_model("llama")
     es = hf_knowedit.apply_edits(model, tok, [FACT, OTHER], "rome", layers=[1], **TINY)
     assert es.deltas[next(iter(es.deltas))].rank == 2 and len(es) == 2
-    assert logprob(model, tok, "The capital city of Italy", "Paris") > logprob(model, tok, "The capital city of Italy", "Rome")
-    assert logprob(model, tok, "The official language of Japan", "German") > \
-        logprob(model, tok, "The official language of Japan", "Japanese")
+    assert logprob(model, tok, "The capital city of Italy", "Paris") > logprob(
+        model, tok, "The capital city of Italy", "Rome"
+    )
+    assert logprob(model, tok, "The official language of Japan", "German") > logprob(
+        model, tok, "The official language of Japan", "Japanese"
+    )
     hf_knowedit.revert_edits(model)
 
 
@@ -162,23 +174,44 @@ def test_conflicting_edit_is_reported():
     with pytest.raises(EditConflictError):
         hf_knowedit.apply_edits(model, tok, dict(FACT, target_new="Berlin"), "rome", layers=[1], **TINY)
     assert len(hf_knowedit.list_edits(model)) == 1
-    hf_knowedit.apply_edits(model, tok, dict(FACT, target_new="Berlin"), "rome", layers=[1], allow_conflicts=True, **TINY)
+    hf_knowedit.apply_edits(
+        model, tok, dict(FACT, target_new="Berlin"), "rome", layers=[1], allow_conflicts=True, **TINY
+    )
     assert len(hf_knowedit.list_edits(model)) == 2
     hf_knowedit.revert_edits(model)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("v_num_grad_steps", 0), ("v_lr", 0.0), ("v_lr", float("nan")), ("kl_factor", -1.0), ("v_weight_decay", -0.1),
-    ("clamp_norm_factor", 0), ("early_stop", -1), ("original_implementation", "yes"), ("context_templates", -1),
-    ("context_length", 0), ("mom2", "diagonal"), ("mom2_n_tokens", 0), ("mom2_dtype", "float16"),
-    ("mom2_corpus", "a single string"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("v_num_grad_steps", 0),
+        ("v_lr", 0.0),
+        ("v_lr", float("nan")),
+        ("kl_factor", -1.0),
+        ("v_weight_decay", -0.1),
+        ("clamp_norm_factor", 0),
+        ("early_stop", -1),
+        ("original_implementation", "yes"),
+        ("context_templates", -1),
+        ("context_length", 0),
+        ("mom2", "diagonal"),
+        ("mom2_n_tokens", 0),
+        ("mom2_dtype", "float16"),
+        ("mom2_corpus", "a single string"),
+    ],
+)
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(InvalidConfigError, match=f"ROMEConfig.{field}"):
         ROMEConfig(**{field: value})
     defaults = ROMEConfig()
-    assert (defaults.v_num_grad_steps, defaults.v_lr, defaults.kl_factor, defaults.v_weight_decay,
-            defaults.clamp_norm_factor, defaults.early_stop) == (20, 0.5, 0.0625, 0.5, 4.0, 0.05)
+    assert (
+        defaults.v_num_grad_steps,
+        defaults.v_lr,
+        defaults.kl_factor,
+        defaults.v_weight_decay,
+        defaults.clamp_norm_factor,
+        defaults.early_stop,
+    ) == (20, 0.5, 0.0625, 0.5, 4.0, 0.05)
     assert all("help" in f.metadata for f in dataclasses.fields(ROMEConfig))
 
 
@@ -217,8 +250,9 @@ def test_prompt_without_placeholder_is_refused():
     model, tok = make_tiny_model("llama")
     before = snapshot(model)
     with pytest.raises(InvalidRequestError, match="placeholder"):
-        hf_knowedit.apply_edits(model, tok, hf_knowedit.EditRequest("No subject here", "Italy", "Paris"), "rome",
-                                layers=[1], **TINY)
+        hf_knowedit.apply_edits(
+            model, tok, hf_knowedit.EditRequest("No subject here", "Italy", "Paris"), "rome", layers=[1], **TINY
+        )
     assert_untouched(model, before)
 
 

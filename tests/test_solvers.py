@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from hf_knowedit.errors import SingularSystemError
-from hf_knowedit.methods.solvers import (alphaedit_factors, emmet_factors, memit_factors, nullspace_projector,
-                                 spread_residual)
+from hf_knowedit.methods.solvers import (
+    alphaedit_factors,
+    emmet_factors,
+    memit_factors,
+    nullspace_projector,
+    spread_residual,
+)
 
 D_IN, D_OUT = 24, 16
 
@@ -22,8 +27,9 @@ def _spd(d: int, seed: int = 0, low_rank: int = 0) -> torch.Tensor:
 
 def _batch(n: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, D_IN, generator=g, dtype=torch.float64), torch.randn(n, D_OUT, generator=g,
-                                                                                 dtype=torch.float64)
+    return torch.randn(n, D_IN, generator=g, dtype=torch.float64), torch.randn(
+        n, D_OUT, generator=g, dtype=torch.float64
+    )
 
 
 def test_memit_factor_shapes_and_rank():
@@ -145,8 +151,9 @@ def test_alphaedit_matches_paper_formula_with_prior():
     alpha = 10.0
     B, A = alphaedit_factors(K, R, P, prior, l2=alpha, dtype=torch.float64)
     Kc, Rc = K.t(), R.t()
-    expected = Rc @ Kc.t() @ P @ torch.linalg.inv(Kp.t() @ Kp @ P + Kc @ Kc.t() @ P + alpha * torch.eye(D_IN,
-                                                                                                    dtype=P.dtype))
+    expected = (
+        Rc @ Kc.t() @ P @ torch.linalg.inv(Kp.t() @ Kp @ P + Kc @ Kc.t() @ P + alpha * torch.eye(D_IN, dtype=P.dtype))
+    )
     torch.testing.assert_close(B @ A, expected, rtol=1e-9, atol=1e-9)
 
 
@@ -207,4 +214,5 @@ def test_scaled_mom2_weight_keeps_gptj_lambda_per_key_dimension():
     assert scaled_mom2_weight(1536) == pytest.approx(1406.25)  # SmolLM2-135M
     assert scaled_mom2_weight(1536, 2e4) == 2e4  # an explicit λ is used as is
     from hf_knowedit.methods.memit import MEMITConfig
+
     assert MEMITConfig().mom2_update_weight is None

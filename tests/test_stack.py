@@ -7,8 +7,13 @@ import hf_knowedit
 from hf_knowedit.architectures import get_architecture, get_module, mlp_out_dims, mlp_out_path
 from hf_knowedit.deltas import ModuleDelta, fingerprint
 from hf_knowedit.editset import EditSet
-from hf_knowedit.errors import (BaseModelMismatchError, EditConflictError, EditSetNotFoundError, KnowEditError,
-                                NonFiniteUpdateError)
+from hf_knowedit.errors import (
+    BaseModelMismatchError,
+    EditConflictError,
+    EditSetNotFoundError,
+    KnowEditError,
+    NonFiniteUpdateError,
+)
 from hf_knowedit.hooks import count_forward_hooks
 from hf_knowedit.requests import EditRequest
 from hf_knowedit.stack import push_edit_set
@@ -23,13 +28,13 @@ def random_set(model, layers, rank=2, seed=0, scale=0.5, subject="Angola", targe
     for layer in layers:
         path = mlp_out_path(spec, layer)
         d_in, d_out = mlp_out_dims(model, spec, layer)
-        deltas[path] = ModuleDelta(A=torch.randn(rank, d_in, generator=g) * scale,
-                                   B=torch.randn(d_out, rank, generator=g) * scale)
+        deltas[path] = ModuleDelta(
+            A=torch.randn(rank, d_in, generator=g) * scale, B=torch.randn(d_out, rank, generator=g) * scale
+        )
         fps[path] = fingerprint(get_module(model, path).weight)
         layouts[path] = spec.mlp_out_layout
     req = EditRequest("{} is located in", subject, target, "Africa")
-    return EditSet(deltas=deltas, requests=[req], method="test", layers=list(layers), fingerprints=fps,
-                   layouts=layouts)
+    return EditSet(deltas=deltas, requests=[req], method="test", layers=list(layers), fingerprints=fps, layouts=layouts)
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])  # Conv1D and Linear layouts

@@ -37,8 +37,7 @@ def _keys_by_hand(model, tok, layer, texts, n):
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "opt"])
 def test_matches_keys_collected_by_hand(model_type, tmp_path):
     model, tok = make_tiny_model(model_type)
-    sm = compute_second_moment(model, tok, 1, corpus=CORPUS, n_tokens=200, cache=StatsCache(tmp_path),
-                               batch_tokens=64)
+    sm = compute_second_moment(model, tok, 1, corpus=CORPUS, n_tokens=200, cache=StatsCache(tmp_path), batch_tokens=64)
     assert sm.n_tokens == 200 and sm.matrix.dtype == torch.float32
     torch.testing.assert_close(sm.matrix.double(), _keys_by_hand(model, tok, 1, CORPUS, 200), rtol=1e-4, atol=1e-7)
     assert sm.key.layer == 1 and sm.key.module.endswith(get_architecture(model).mlp_out)
@@ -88,8 +87,9 @@ def test_statistics_ignore_active_edits(tmp_path):
     before = compute_second_moment(model, tok, 2, corpus=CORPUS, n_tokens=100, cache=False)
     identity = model_identity(model, 2)
     path = mlp_out_path(get_architecture(model), 1)
-    es = hf_knowedit.EditSet(deltas={path: ModuleDelta(torch.randn(1, 96), torch.randn(32, 1))}, requests=[],
-                             method="test")
+    es = hf_knowedit.EditSet(
+        deltas={path: ModuleDelta(torch.randn(1, 96), torch.randn(32, 1))}, requests=[], method="test"
+    )
     hf_knowedit.stack.push_edit_set(model, es)
     assert model_identity(model, 2) == identity  # fingerprint of the base weights
     get_state = hf_knowedit.stack.get_state
@@ -178,8 +178,13 @@ def test_bad_arguments():
     model, tok = make_tiny_model("llama")
     with pytest.raises(LayerOutOfRangeError):
         compute_second_moment(model, tok, 4, corpus=CORPUS, cache=False)
-    for kwargs in (dict(n_tokens=0), dict(dtype=torch.float16), dict(batch_tokens=0), dict(corpus="one string"),
-                   dict(corpus=[])):
+    for kwargs in (
+        dict(n_tokens=0),
+        dict(dtype=torch.float16),
+        dict(batch_tokens=0),
+        dict(corpus="one string"),
+        dict(corpus=[]),
+    ):
         with pytest.raises(InvalidConfigError):
             compute_second_moment(model, tok, 1, cache=False, **({"corpus": CORPUS} | kwargs))
 

@@ -14,15 +14,18 @@ def tok(request):
 
 def _decoded(tok, prompt, span):
     ids = tok(prompt)["input_ids"]
-    return tok.decode(ids[span[0]:span[1]]).strip()
+    return tok.decode(ids[span[0] : span[1]]).strip()
 
 
-@pytest.mark.parametrize("prompt,subject", [
-    ("The Eiffel Tower is located in Paris", "Eiffel Tower"),
-    ("Angola is located in Africa", "Angola"),               # subject at the start
-    ("The capital of Ångström Straße is", "Ångström Straße"),  # non-ASCII
-    ("Say hello to   Bob", "Bob"),
-])
+@pytest.mark.parametrize(
+    "prompt,subject",
+    [
+        ("The Eiffel Tower is located in Paris", "Eiffel Tower"),
+        ("Angola is located in Africa", "Angola"),  # subject at the start
+        ("The capital of Ångström Straße is", "Ångström Straße"),  # non-ASCII
+        ("Say hello to   Bob", "Bob"),
+    ],
+)
 def test_subject_span_decodes_to_subject(tok, prompt, subject):
     span = subject_token_span(tok, prompt, subject)
     assert span[0] < span[1]
@@ -54,7 +57,7 @@ def test_template_uses_placeholder_position(tok):
     assert enc.text == "Bob and Bob again"
     assert enc.subject_span == subject_token_span(tok, enc.text, "Bob")
     enc2 = encode_template(tok, "{} lives in", "Bob", prefix="Once upon a time. ")
-    assert tok.decode(enc2.input_ids[enc2.subject_span[0]:enc2.subject_span[1]]).strip() == "Bob"
+    assert tok.decode(enc2.input_ids[enc2.subject_span[0] : enc2.subject_span[1]]).strip() == "Bob"
 
 
 @pytest.mark.parametrize("subject", ["Zorro", "", "   "])

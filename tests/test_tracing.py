@@ -9,8 +9,15 @@ import hf_knowedit
 from hf_knowedit.architectures import get_architecture, get_module
 from hf_knowedit.errors import KnowEditError, SubjectNotFoundError, TraceError
 from hf_knowedit.stack import get_state
-from hf_knowedit.tracing import (CausalTracer, TraceResult, TraceSummary, embedding_noise_level, suggest_layers,
-                                 trace_fact, trace_facts)
+from hf_knowedit.tracing import (
+    CausalTracer,
+    TraceResult,
+    TraceSummary,
+    embedding_noise_level,
+    suggest_layers,
+    trace_fact,
+    trace_facts,
+)
 from tests.helpers import assert_untouched, snapshot
 from tests.oracles import NaiveTracer
 from tests.tiny_models import TINY_MODEL_TYPES, make_tiny_model
@@ -35,9 +42,9 @@ def test_trace_every_architecture(model_type):
     assert tracer.use_kv  # the KV-cache self-check passes on every table architecture
     everything = [("hidden", l, t) for l in range(L) for t in range(T)]
     probs = tracer.score([everything, [], [("hidden", L - 1, T - 1)], [("mlp", 1, s1 - 1), ("attn", 2, T - 1)]])
-    assert _close(probs[0].item(), tracer.clean_prob)       # restore everything -> clean
-    assert _close(probs[1].item(), tracer.corrupted_prob)   # restore nothing -> corrupted
-    assert _close(probs[2].item(), tracer.clean_prob)       # last block at the last token is the final state
+    assert _close(probs[0].item(), tracer.clean_prob)  # restore everything -> clean
+    assert _close(probs[1].item(), tracer.corrupted_prob)  # restore nothing -> corrupted
+    assert _close(probs[2].item(), tracer.clean_prob)  # last block at the last token is the final state
     assert tracer.clean_prob != tracer.corrupted_prob
     # the batched tracer (replayed lower blocks, KV-cache prefixes) agrees with plain forwards, one per restoration
     oracle = NaiveTracer(model, tok, PROMPT, SUBJECT, tracer.corruption.noise)
@@ -52,8 +59,12 @@ def test_trace_every_architecture(model_type):
         assert scores.shape == (T, L) and torch.isfinite(scores).all()
         assert torch.all(scores[:s0] == result.corrupted_prob)  # before the subject nothing changes
     assert _close(result.scores["hidden"][T - 1, L - 1].item(), result.clean_prob)
-    torch.testing.assert_close(result.scores["hidden"][s1 - 1, 0], probs.new_tensor(
-        tracer.score([[("hidden", 0, s1 - 1)]])[0].item()), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(
+        result.scores["hidden"][s1 - 1, 0],
+        probs.new_tensor(tracer.score([[("hidden", 0, s1 - 1)]])[0].item()),
+        rtol=1e-4,
+        atol=1e-9,
+    )
     assert result.tokens == [tok.decode([i]) for i in tok(PROMPT)["input_ids"]]
     assert_untouched(model, before)
 
@@ -67,7 +78,9 @@ def test_trace_fact_grids_match_the_per_cell_oracle(model_type):
         get_module(model, get_architecture(model).final_norm).weight.mul_(8.0)
     options = dict(samples=3, window=3, noise=0.5, seed=3)
     result = trace_fact(model, tok, PROMPT, SUBJECT, **options)
-    oracle = NaiveTracer(model, tok, PROMPT, SUBJECT, CausalTracer(model, tok, PROMPT, SUBJECT, **options).corruption.noise)
+    oracle = NaiveTracer(
+        model, tok, PROMPT, SUBJECT, CausalTracer(model, tok, PROMPT, SUBJECT, **options).corruption.noise
+    )
     assert result.subject_range == oracle.subject_range and result.answer_ids == [oracle.answer]
     assert math.isclose(result.clean_prob, oracle.clean_prob, rel_tol=1e-5)
     assert math.isclose(result.corrupted_prob, oracle.corrupted_prob, rel_tol=1e-5)
@@ -129,24 +142,28 @@ def test_symmetric_token_replacement(llama):
     pool = ["Michael Jordan", "Steve Jobs", "Bill Gates", "Lionel Messi", "Marie Curie", "Amazon River"]
     same = [s for s in pool if len(tok(" " + s, add_special_tokens=False)["input_ids"]) == n]
     assert same, "test needs same-length subjects in the tiny tokenizer"
-    r = trace_fact(model, tok, PROMPT, SUBJECT, kinds="hidden", samples=3, corruption="str", subjects=pool,
-                   positions=[-1])
+    r = trace_fact(
+        model, tok, PROMPT, SUBJECT, kinds="hidden", samples=3, corruption="str", subjects=pool, positions=[-1]
+    )
     assert all(x.strip() in same for x in r.settings["replacements"])
     assert r.corrupted_prob != r.clean_prob
     with pytest.raises(TraceError, match="same number of tokens"):
         trace_fact(model, tok, PROMPT, SUBJECT, corruption="str", subjects=["x y z w v u t s"], samples=2)
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    (dict(subject="Colosseum"), SubjectNotFoundError),
-    (dict(samples=0), TraceError),
-    (dict(window=0), TraceError),
-    (dict(kinds=("hidden", "mlps")), TraceError),
-    (dict(target="   "), TraceError),
-    (dict(corruption="blur"), TraceError),
-    (dict(noise=-1.0), TraceError),
-    (dict(positions=[99]), TraceError),
-])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(subject="Colosseum"), SubjectNotFoundError),
+        (dict(samples=0), TraceError),
+        (dict(window=0), TraceError),
+        (dict(kinds=("hidden", "mlps")), TraceError),
+        (dict(target="   "), TraceError),
+        (dict(corruption="blur"), TraceError),
+        (dict(noise=-1.0), TraceError),
+        (dict(positions=[99]), TraceError),
+    ],
+)
 def test_bad_input_raises_typed_error_and_leaves_model_untouched(kwargs, error):
     model, tok = make_tiny_model("gpt2")
     before = snapshot(model)
@@ -179,10 +196,21 @@ def test_attached_method_save_load_and_plot(llama, tmp_path):
 
 def test_trace_facts_and_suggest_layers(tmp_path):
     model, tok = make_tiny_model("qwen2")
-    facts = [{"prompt": PROMPT, "subject": SUBJECT, "attribute": "Paris"},
-             ("Michael Jordan plays for the", "Michael Jordan")]
-    summary = trace_facts(model, tok, facts, kinds=("mlp", "hidden"), samples=2, window=2, require_correct=False,
-                          keep_results=True, progress=False)
+    facts = [
+        {"prompt": PROMPT, "subject": SUBJECT, "attribute": "Paris"},
+        ("Michael Jordan plays for the", "Michael Jordan"),
+    ]
+    summary = trace_facts(
+        model,
+        tok,
+        facts,
+        kinds=("mlp", "hidden"),
+        samples=2,
+        window=2,
+        require_correct=False,
+        keep_results=True,
+        progress=False,
+    )
     assert isinstance(summary, TraceSummary) and summary.n_facts == 2 and summary.n_skipped == 0
     r0, r1 = summary.results
     want = (r0.indirect_effect("mlp")[r0.last_subject_token] + r1.indirect_effect("mlp")[r1.last_subject_token]) / 2
@@ -200,9 +228,18 @@ def test_trace_facts_and_suggest_layers(tmp_path):
 def test_suggest_layers_peak_and_window():
     scores = torch.zeros(3, 6)
     scores[1] = torch.tensor([0.1, 0.5, 0.05, 0.45, 0.44, 0.4])
-    r = TraceResult(scores={"mlp": scores}, clean_prob=0.6, corrupted_prob=0.05, tokens=["a", "b", "c"],
-                    input_ids=[1, 2, 3], subject_range=(0, 2), answer="x", answer_ids=[4], prompt="a b c",
-                    subject="a b")
+    r = TraceResult(
+        scores={"mlp": scores},
+        clean_prob=0.6,
+        corrupted_prob=0.05,
+        tokens=["a", "b", "c"],
+        input_ids=[1, 2, 3],
+        subject_range=(0, 2),
+        answer="x",
+        answer_ids=[4],
+        prompt="a b c",
+        subject="a b",
+    )
     assert suggest_layers(r) == [1]
     assert suggest_layers(r, count=3) == [3, 4, 5]  # largest summed window
     with pytest.raises(TraceError):

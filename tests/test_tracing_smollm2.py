@@ -34,8 +34,7 @@ def test_known_fact_traced_and_plotted(smollm2, known, tmp_path):
     model, tok = smollm2
     before = snapshot(model)
     fact = known[0]
-    r = trace_fact(model, tok, fact["prompt"], fact["subject"], samples=3, kinds=("hidden", "mlp"),
-                   positions=None)
+    r = trace_fact(model, tok, fact["prompt"], fact["subject"], samples=3, kinds=("hidden", "mlp"), positions=None)
     assert isinstance(r, TraceResult)
     assert r.answer.strip() and fact["attribute"].startswith(r.answer.strip())
     assert r.clean_prob > 0.1 and r.clean_prob > 2 * r.corrupted_prob

@@ -8,10 +8,10 @@ import torch
 from hf_knowedit.architectures import get_architecture, get_module, layer_path, mlp_out_path
 from hf_knowedit.errors import InvalidConfigError, LayerOutOfRangeError
 from hf_knowedit.hooks import Trace, hidden
-from hf_knowedit.requests import EditRequest
-from hf_knowedit.tokens import encode_template
 from hf_knowedit.methods.keys import compute_keys
 from hf_knowedit.methods.targets import optimize_targets
+from hf_knowedit.requests import EditRequest
+from hf_knowedit.tokens import encode_template
 from tests.helpers import assert_untouched, snapshot
 from tests.tiny_models import make_tiny_model
 
@@ -45,8 +45,10 @@ def test_keys_are_module_inputs_at_the_subject_last_token(model_type):
     torch.testing.assert_close(compute_keys(model, tok, REQUESTS, 2, TEMPLATES), keys.mean(1))
 
 
-@pytest.mark.parametrize("model_type,site", [("llama", "mlp"), ("gpt2", "mlp"), ("opt", "mlp"), ("gemma2", "residual"),
-                                             ("falcon", "residual")])
+@pytest.mark.parametrize(
+    "model_type,site",
+    [("llama", "mlp"), ("gpt2", "mlp"), ("opt", "mlp"), ("gemma2", "residual"), ("falcon", "residual")],
+)
 def test_batched_serial_chunked_and_full_forward_agree(model_type, site):
     model, tok = make_tiny_model(model_type)
     before = snapshot(model)
@@ -69,7 +71,10 @@ def test_init_is_the_unedited_site_value():
     model, tok = make_tiny_model("llama")
     req = REQUESTS[1]
     enc = encode_template(tok, req.prompt, req.subject)
-    for site, path in (("mlp", mlp_out_path(get_architecture(model), 1)), ("residual", layer_path(get_architecture(model), 1))):
+    for site, path in (
+        ("mlp", mlp_out_path(get_architecture(model), 1)),
+        ("residual", layer_path(get_architecture(model), 1)),
+    ):
         res = optimize_targets(model, tok, [req], 1, site=site, templates=TEMPLATES, v_num_grad_steps=1)
         with torch.no_grad(), Trace(model, path) as tr:
             model(input_ids=torch.tensor([enc.input_ids]))
@@ -80,9 +85,15 @@ def test_init_is_the_unedited_site_value():
 def test_fast_path_runs_lower_blocks_once():
     model, tok = make_tiny_model("llama")
     calls = {"block0": 0, "block3": 0, "head_rows": []}
-    get_module(model, "model.layers.0").register_forward_hook(lambda *a: calls.__setitem__("block0", calls["block0"] + 1))
-    get_module(model, "model.layers.3").register_forward_hook(lambda *a: calls.__setitem__("block3", calls["block3"] + 1))
-    get_module(model, "lm_head").register_forward_hook(lambda m, a, o: calls["head_rows"].append(a[0].shape[:-1].numel()))
+    get_module(model, "model.layers.0").register_forward_hook(
+        lambda *a: calls.__setitem__("block0", calls["block0"] + 1)
+    )
+    get_module(model, "model.layers.3").register_forward_hook(
+        lambda *a: calls.__setitem__("block3", calls["block3"] + 1)
+    )
+    get_module(model, "lm_head").register_forward_hook(
+        lambda m, a, o: calls["head_rows"].append(a[0].shape[:-1].numel())
+    )
     optimize_targets(model, tok, REQUESTS[:1], 2, templates=TEMPLATES, v_num_grad_steps=5, early_stop=0.0)
     assert calls["block0"] == 1 and calls["block3"] == 5
     n_targets = 3 * 1 + 1  # one target token per rewriting prompt + one essence position
@@ -146,8 +157,14 @@ def test_reported_loss_is_the_objective_computed_by_hand(model_type, site, monke
 
     monkeypatch.setattr(targets, "_adam", set_delta)
     for kl_factor, weight_decay in ((0.0, 0.0), (50.0, 0.0), (0.7, 0.3)):
-        kw = dict(site=site, templates=templates, kl_factor=kl_factor, v_weight_decay=weight_decay, early_stop=0.0,
-                  clamp_norm_factor=1e6)
+        kw = dict(
+            site=site,
+            templates=templates,
+            kl_factor=kl_factor,
+            v_weight_decay=weight_decay,
+            early_stop=0.0,
+            clamp_norm_factor=1e6,
+        )
         for fast in (True, False):
             at_zero = targets.optimize_targets(model, tok, requests, layer, v_num_grad_steps=1, fast=fast, **kw)
             at_fixed = targets.optimize_targets(model, tok, requests, layer, v_num_grad_steps=2, fast=fast, **kw)

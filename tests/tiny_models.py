@@ -62,7 +62,7 @@ One, two, three, four, five, six, seven, eight, nine, ten; 1 2 3 4 5 6 7 8 9 0.
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_bpe() -> str:
     """Train the byte-level BPE once per process; return it serialised as JSON."""
     tok = Tokenizer(models.BPE())
@@ -80,7 +80,7 @@ def _trained_bpe() -> str:
     return tok.to_str()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
     tok = Tokenizer.from_str(_trained_bpe())
     byte_level = processors.ByteLevel(trim_offsets=False)
@@ -124,65 +124,132 @@ _GPT2_LIKE: dict[str, Any] = dict(n_embd=HIDDEN, n_inner=INNER, n_layer=LAYERS, 
 # model_type -> (tokenizer prepends BOS?, config kwargs)
 _TINY: dict[str, tuple[bool, dict[str, Any]]] = {
     # --- GPT-2 family and other "classic" layouts
-    "gpt2":        (False, _GPT2_LIKE),
+    "gpt2": (False, _GPT2_LIKE),
     "gpt_bigcode": (False, _GPT2_LIKE),
-    "gptj":        (False, dict(_GPT2_LIKE, rotary_dim=4)),
-    "codegen":     (False, dict(_GPT2_LIKE, rotary_dim=4, n_ctx=MAX_POSITIONS)),
-    "gpt_neo":     (False, dict(hidden_size=HIDDEN, intermediate_size=INNER, num_layers=LAYERS, num_heads=HEADS,
-                                attention_types=[[["global", "local"], LAYERS // 2]], window_size=8,
-                                max_position_embeddings=MAX_POSITIONS)),
-    "gpt_neox":    (False, dict(hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=LAYERS,
-                                num_attention_heads=HEADS, max_position_embeddings=MAX_POSITIONS)),
-    "gpt_neox_japanese": (False, dict(hidden_size=HIDDEN, intermediate_multiple_size=INNER // HIDDEN,
-                                      num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                      max_position_embeddings=MAX_POSITIONS)),
-    "opt":         (True, dict(hidden_size=HIDDEN, ffn_dim=INNER, word_embed_proj_dim=HIDDEN, num_hidden_layers=LAYERS,
-                               num_attention_heads=HEADS, max_position_embeddings=MAX_POSITIONS)),
-    "bloom":       (False, dict(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS)),  # inner 4*hidden
-    "falcon":      (False, dict(hidden_size=HIDDEN, ffn_hidden_size=INNER, num_hidden_layers=LAYERS,
-                                num_attention_heads=HEADS, new_decoder_architecture=False, multi_query=True,
-                                parallel_attn=True, bias=False)),
-    "mpt":         (False, dict(d_model=HIDDEN, n_layers=LAYERS, n_heads=HEADS, max_seq_len=MAX_POSITIONS)),  # inner 4*hidden
-    "xglm":        (True, dict(d_model=HIDDEN, ffn_dim=INNER, num_layers=LAYERS, attention_heads=HEADS,
-                               max_position_embeddings=MAX_POSITIONS)),
-    "biogpt":      (True, dict(hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=LAYERS,
-                               num_attention_heads=HEADS, max_position_embeddings=MAX_POSITIONS)),
-    "phi":         (False, dict(_LLAMA_LIKE)),
-    "persimmon":   (True, dict(hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=LAYERS,
-                               num_attention_heads=HEADS, max_position_embeddings=MAX_POSITIONS)),
-    "stablelm":    (False, dict(_LLAMA_LIKE)),
-    "starcoder2":  (False, dict(_LLAMA_LIKE)),
-    "jais2":       (False, dict(_LLAMA_LIKE)),
+    "gptj": (False, dict(_GPT2_LIKE, rotary_dim=4)),
+    "codegen": (False, dict(_GPT2_LIKE, rotary_dim=4, n_ctx=MAX_POSITIONS)),
+    "gpt_neo": (
+        False,
+        dict(
+            hidden_size=HIDDEN,
+            intermediate_size=INNER,
+            num_layers=LAYERS,
+            num_heads=HEADS,
+            attention_types=[[["global", "local"], LAYERS // 2]],
+            window_size=8,
+            max_position_embeddings=MAX_POSITIONS,
+        ),
+    ),
+    "gpt_neox": (
+        False,
+        dict(
+            hidden_size=HIDDEN,
+            intermediate_size=INNER,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+        ),
+    ),
+    "gpt_neox_japanese": (
+        False,
+        dict(
+            hidden_size=HIDDEN,
+            intermediate_multiple_size=INNER // HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+        ),
+    ),
+    "opt": (
+        True,
+        dict(
+            hidden_size=HIDDEN,
+            ffn_dim=INNER,
+            word_embed_proj_dim=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+        ),
+    ),
+    "bloom": (False, dict(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS)),  # inner 4*hidden
+    "falcon": (
+        False,
+        dict(
+            hidden_size=HIDDEN,
+            ffn_hidden_size=INNER,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            new_decoder_architecture=False,
+            multi_query=True,
+            parallel_attn=True,
+            bias=False,
+        ),
+    ),
+    "mpt": (False, dict(d_model=HIDDEN, n_layers=LAYERS, n_heads=HEADS, max_seq_len=MAX_POSITIONS)),  # inner 4*hidden
+    "xglm": (
+        True,
+        dict(
+            d_model=HIDDEN,
+            ffn_dim=INNER,
+            num_layers=LAYERS,
+            attention_heads=HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+        ),
+    ),
+    "biogpt": (
+        True,
+        dict(
+            hidden_size=HIDDEN,
+            intermediate_size=INNER,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+        ),
+    ),
+    "phi": (False, dict(_LLAMA_LIKE)),
+    "persimmon": (
+        True,
+        dict(
+            hidden_size=HIDDEN,
+            intermediate_size=INNER,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+        ),
+    ),
+    "stablelm": (False, dict(_LLAMA_LIKE)),
+    "starcoder2": (False, dict(_LLAMA_LIKE)),
+    "jais2": (False, dict(_LLAMA_LIKE)),
     # --- Llama-style (gated or plain MLP with down_proj)
-    "llama":       (True, dict(_LLAMA_LIKE)),
-    "mistral":     (True, dict(_LLAMA_LIKE)),
-    "ministral":   (True, dict(_LLAMA_LIKE)),
-    "ministral3":  (True, dict(_LLAMA_LIKE)),
-    "diffllama":   (True, dict(_LLAMA_LIKE)),
-    "cwm":         (True, dict(_LLAMA_LIKE)),
-    "qwen2":       (False, dict(_LLAMA_LIKE)),
-    "qwen3":       (False, dict(_LLAMA_LIKE)),
-    "seed_oss":    (False, dict(_LLAMA_LIKE)),
-    "phi3":        (True, dict(_LLAMA_LIKE)),
-    "olmo":        (False, dict(_LLAMA_LIKE)),
-    "olmo2":       (False, dict(_LLAMA_LIKE)),
-    "olmo3":       (False, dict(_LLAMA_LIKE)),
-    "smollm3":     (False, dict(_LLAMA_LIKE)),
-    "glm":         (False, dict(_LLAMA_LIKE)),
-    "glm4":        (False, dict(_LLAMA_LIKE)),
-    "helium":      (True, dict(_LLAMA_LIKE)),
-    "nemotron":    (True, dict(_LLAMA_LIKE)),
-    "exaone4":     (False, dict(_LLAMA_LIKE)),
-    "arcee":       (True, dict(_LLAMA_LIKE)),
-    "apertus":     (True, dict(_LLAMA_LIKE)),
-    "ernie4_5":    (True, dict(_LLAMA_LIKE)),
+    "llama": (True, dict(_LLAMA_LIKE)),
+    "mistral": (True, dict(_LLAMA_LIKE)),
+    "ministral": (True, dict(_LLAMA_LIKE)),
+    "ministral3": (True, dict(_LLAMA_LIKE)),
+    "diffllama": (True, dict(_LLAMA_LIKE)),
+    "cwm": (True, dict(_LLAMA_LIKE)),
+    "qwen2": (False, dict(_LLAMA_LIKE)),
+    "qwen3": (False, dict(_LLAMA_LIKE)),
+    "seed_oss": (False, dict(_LLAMA_LIKE)),
+    "phi3": (True, dict(_LLAMA_LIKE)),
+    "olmo": (False, dict(_LLAMA_LIKE)),
+    "olmo2": (False, dict(_LLAMA_LIKE)),
+    "olmo3": (False, dict(_LLAMA_LIKE)),
+    "smollm3": (False, dict(_LLAMA_LIKE)),
+    "glm": (False, dict(_LLAMA_LIKE)),
+    "glm4": (False, dict(_LLAMA_LIKE)),
+    "helium": (True, dict(_LLAMA_LIKE)),
+    "nemotron": (True, dict(_LLAMA_LIKE)),
+    "exaone4": (False, dict(_LLAMA_LIKE)),
+    "arcee": (True, dict(_LLAMA_LIKE)),
+    "apertus": (True, dict(_LLAMA_LIKE)),
+    "ernie4_5": (True, dict(_LLAMA_LIKE)),
     "hunyuan_v1_dense": (True, dict(_LLAMA_LIKE)),
-    "nanochat":    (True, dict(_LLAMA_LIKE)),
+    "nanochat": (True, dict(_LLAMA_LIKE)),
     # --- Gemma family (embedding scaled inside the embedding module)
-    "gemma":       (True, dict(_LLAMA_LIKE)),
-    "gemma2":      (True, dict(_LLAMA_LIKE)),
+    "gemma": (True, dict(_LLAMA_LIKE)),
+    "gemma2": (True, dict(_LLAMA_LIKE)),
     "gemma3_text": (True, dict(_LLAMA_LIKE)),
-    "vaultgemma":  (True, dict(_LLAMA_LIKE)),
+    "vaultgemma": (True, dict(_LLAMA_LIKE)),
 }
 
 TINY_MODEL_TYPES: list[str] = list(_TINY)
