@@ -85,3 +85,8 @@ class InvalidDataError(KnowEditError, ValueError):
 
 class TraceError(KnowEditError, ValueError):
     """Bad arguments to causal tracing (``samples < 1``, unknown kind, ...)."""
+
+
+class OutputPathError(KnowEditError, ValueError):
+    """A file or directory to write cannot be used (a non-empty directory of something else, a file
+    where a directory is needed, no write permission); nothing was written."""

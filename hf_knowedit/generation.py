@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from huggingface_hub.utils import tqdm
 from torch import nn
 
 from .architectures import model_device
@@ -74,7 +75,9 @@ def generate_texts(
     with torch.random.fork_rng(devices=rng_devices, device_type=device.type), frozen(model, params=False):
         if sample:
             torch.manual_seed(int(seed))
-        for i in range(0, len(rows), max(1, int(batch_size))):
+        starts = range(0, len(rows), max(1, int(batch_size)))
+        # a bar only where it takes a while (the model-sampled statistics corpus: hundreds of texts)
+        for i in tqdm(starts, desc=f"generating {len(rows)} texts", unit="batch", disable=len(starts) < 2, leave=False):
             chunk = rows[i : i + batch_size]
             ids, mask, _, _ = pad_batch([r for _, r in chunk], pad, "left", device, width=width)
             gen = model.generate(
