@@ -302,7 +302,10 @@ def _corpus_description(corpus: Any) -> str:
         return f"the {len(corpus)} texts of --corpus"
     if importlib.util.find_spec("datasets") is not None:
         return "wikitext-103 (else, offline, text sampled from the model)"
-    return "text sampled from the model itself (slow on a CPU; no 'datasets' package for wikitext-103)"
+    return (
+        "text sampled from the model itself (no 'datasets' package for wikitext-103; sampling takes minutes on a "
+        "CPU the first time, then the texts are cached beside the statistics)"
+    )
 
 
 def _statistics_plan(method: str, config: Any, cfg: dict[str, Any], explicit_tokens: bool) -> None:
@@ -396,6 +399,9 @@ def _atomic_write(target: Path, write: Any) -> None:
     target = target.expanduser().absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the checkpoint private
     try:
         write(tmp)
         if target.is_dir() and any(target.iterdir()):
@@ -506,7 +512,7 @@ def cmd_info(args: argparse.Namespace, out: Output) -> int:
     out.say("hf_knowedit", __version__)
     out.say("architectures:", ", ".join(info["architectures"]))
     out.say("methods:", ", ".join(info["methods"]))
-    out.say("default model:", info["default_model"], "" if info["bundled_model_installed"] else "(NOT installed)")
+    out.say("default model:", info["default_model"] + ("" if info["bundled_model_installed"] else " (NOT installed)"))
     out.say("statistics cache:", info["statistics_cache"])
     out.result(info)
     return 0
@@ -864,7 +870,7 @@ def merged_model_card(base_model: str | None, applied: Sequence[tuple[str, Any]]
         f"# {Path(target).name}",
         "",
         f"`{base_model or 'the base model'}` with {len(applied)} knowledge edit set(s) ({n_facts} facts) merged into "
-        f"its weights by [hf_knowedit](https://github.com/) {__version__} (`hf-knowedit apply ... --merge-to`). "
+        f"its weights by hf_knowedit {__version__} (`hf-knowedit apply ... --merge-to`). "
         "It is a plain checkpoint: the edits cannot be reverted from it; the adapters below can be.",
         "",
         "```python",

@@ -5,6 +5,7 @@ without torch, and ``apply --merge-to`` reloaded with plain transformers."""
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -536,6 +537,9 @@ def test_apply_merge_to_reloads_with_plain_transformers(capsys, tiny, tmp_path):
     assert data["merged_to"] == str(merged) and [r["method"] for r in data["applied"]] == ["rome", "memit"]
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(os.listdir(merged))
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary directory left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(merged.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's private 0700
 
     edited, tok = make_tiny_model("llama")
     hf_knowedit.load_edits(edited, str(a))
