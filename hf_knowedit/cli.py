@@ -922,7 +922,8 @@ def cmd_apply(args: argparse.Namespace, out: Output) -> int:
             active = hf_knowedit.load_edits(model, es, force=args.force)
         except BaseModelMismatchError as err:
             hint = f" It was made for {es.base_model!r} (--model)." if es.base_model else ""
-            hint += " --force applies it anyway."
+            if "fingerprint" in str(err):
+                hint += " --force applies it anyway."
             raise BaseModelMismatchError(f"{source}: {err}{hint}") from None
         applied.append((source, active))
         logger.info("Applied %s as %r (%s, %d fact(s)).", source, active.name, active.method, len(active.requests))
