@@ -434,6 +434,22 @@ def test_edit_push_to_the_hub(capsys, tiny, hub):
     assert "eiffel-edit" in data["pushed"]
     shown = run_json(capsys, "show", f"{hub.user}/eiffel-edit")
     assert shown["requests"][0]["subject"] == "The Eiffel Tower"
+    applied = run_json(capsys, "apply", f"{hub.user}/eiffel-edit", "--prompt", "The Eiffel Tower is located in")
+    assert applied["applied"][0]["source"] == f"{hub.user}/eiffel-edit" and applied["applied"][0]["method"] == "rome"
+
+
+def test_model_from_a_local_directory_with_dtype(capsys, tmp_path):
+    """The real ``load_model``: a local checkpoint directory, ``--dtype``, ``--device-map``."""
+    model, tok = make_tiny_model("llama")
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    args = build_parser().parse_args(["edit", "--model", str(tmp_path / "tiny"), "--dtype", "bfloat16"])
+    loaded, _ = cli.load_model(args)
+    assert loaded.dtype == torch.bfloat16 and not loaded.training
+    args = build_parser().parse_args(["edit", "--model", str(tmp_path / "tiny"), "--device-map", "cpu"])
+    assert cli.load_model(args)[0].device.type == "cpu"
+    data = run_json(capsys, "edit", *FACT, "--model", tmp_path / "tiny", "--layers", 1, *FAST)
+    assert data["edit_set"]["base_model"] == str(tmp_path / "tiny")
 
 
 # -----------------------------------------------------------------------------------------------
