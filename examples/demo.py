@@ -6,7 +6,8 @@ Takes one CounterFact record (the first of counterfact_500.json's records 0-99 t
 predicts correctly, or a built-in fact when no data path is given) and shows: the architecture
 entry, the subject's token span, the model's top-5 next tokens; a causal trace of the fact
 (heatmap PNG); a ROME edit, its new prediction, revert and the old one; the edit saved as a
-PEFT-compatible adapter, reloaded into a fresh model, and its model card; a MEMIT batch of 20 facts and their efficacy.
+PEFT-compatible adapter, reloaded into a fresh model, and its model card; a MEMIT batch of 10
+facts (``--batch``) and their efficacy.
 """
 
 from __future__ import annotations

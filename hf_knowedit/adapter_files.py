@@ -483,8 +483,8 @@ def read_adapter(directory: str | Path) -> dict[str, Any]:
     version = meta.get("format_version", FORMAT_VERSION)
     if unknown or (isinstance(version, int) and version > FORMAT_VERSION):
         logger.warning(
-            "%s was written by a newer hf_knowedit (%s, format %s); this version (%s) ignores %s. "
-            "Upgrade hf_knowedit to use them.",
+            "%s (written by hf_knowedit %s, format %s) has fields this hf_knowedit (%s) does not know; it ignores "
+            "%s. If a newer hf_knowedit wrote them, upgrade to use them.",
             directory / KNOWEDIT_CONFIG,
             meta.get("library_version"),
             version,

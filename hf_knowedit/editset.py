@@ -92,11 +92,12 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
         push_to_hub: bool = False,
         model_card_kwargs: dict[str, Any] | None = None,
         **push_to_hub_kwargs: Any,
-    ) -> str | None:
+    ) -> Path | str:
         """Write the adapter into ``save_directory`` atomically (a temporary directory beside it, then
         a rename: a failure leaves no half-written adapter), and push it if ``push_to_hub``.
 
-        Arguments as in :meth:`huggingface_hub.ModelHubMixin.save_pretrained`.
+        Arguments as in :meth:`huggingface_hub.ModelHubMixin.save_pretrained`. Returns the directory
+        (a ``Path``), or with ``push_to_hub`` the commit URL as the mixin does.
         """
         with adapter_files.atomic_directory(save_directory) as tmp:
             super().save_pretrained(tmp, config=config, model_card_kwargs=model_card_kwargs)
@@ -107,7 +108,7 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
                 model_card_kwargs=model_card_kwargs,
                 **push_to_hub_kwargs,
             )
-        return None
+        return Path(save_directory)
 
     def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> str:
         """Save into a temporary directory and upload it as one commit (arguments as in

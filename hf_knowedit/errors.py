@@ -93,3 +93,8 @@ class EditsDisabledError(KnowEditError, RuntimeError):
 
 class InvalidArgumentError(KnowEditError, TypeError):
     """An argument of the wrong type (a flag that is not a bool, a name that is not a string, ...)."""
+
+
+class OutputPathError(KnowEditError, ValueError):
+    """A file or directory to write cannot be used (a non-empty directory of something else, a file
+    where a directory is needed, no write permission); nothing was written."""

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from huggingface_hub.utils import tqdm
 from torch import nn
+from transformers.generation.streamers import BaseStreamer
 
 from .architectures import model_device
 from .hooks import frozen
@@ -29,6 +31,26 @@ def max_positions(model: nn.Module) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 1 << 20
+
+
+#: generations of at least this many tokens in all show a progress bar
+PROGRESS_MIN_TOKENS = 4096
+
+
+class _Ticks(BaseStreamer):
+    """A ``generate`` streamer that only advances a progress bar, one tick per generated token step."""
+
+    def __init__(self, bar: Any, steps: int) -> None:
+        self.bar, self.steps, self.calls, self.done = bar, steps, 0, 0
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls > 1 and self.done < self.steps:  # the first call hands over the prompt
+            self.done += 1
+            self.bar.update(1)
+
+    def end(self) -> None:
+        pass
 
 
 def _join(start: str, new: str) -> str:
@@ -74,19 +96,31 @@ def generate_texts(
     with torch.random.fork_rng(devices=rng_devices, device_type=device.type), frozen(model, params=False):
         if sample:
             torch.manual_seed(int(seed))
-        for i in range(0, len(rows), max(1, int(batch_size))):
-            chunk = rows[i : i + batch_size]
-            ids, mask, _, _ = pad_batch([r for _, r in chunk], pad, "left", device, width=width)
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=pad,
-                num_beams=1,
-                use_cache=True,
-                **options,
-            )
-            for (start, _), row in zip(chunk, gen):
-                out.append(_join(start, tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True)))
+        starts = range(0, len(rows), max(1, int(batch_size)))
+        # a bar only where it takes a while (the model-sampled statistics corpus: hundreds of texts)
+        with tqdm(
+            total=len(starts) * new_tokens,
+            desc=f"generating {len(rows)} texts of {new_tokens} tokens",
+            unit="step",
+            disable=len(rows) * new_tokens < PROGRESS_MIN_TOKENS,
+            leave=False,
+        ) as bar:
+            for i in starts:
+                chunk = rows[i : i + batch_size]
+                ids, mask, _, _ = pad_batch([r for _, r in chunk], pad, "left", device, width=width)
+                ticks = _Ticks(bar, new_tokens)
+                gen = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    pad_token_id=pad,
+                    num_beams=1,
+                    use_cache=True,
+                    streamer=None if bar.disable else ticks,
+                    **options,
+                )
+                bar.update(new_tokens - ticks.done)
+                for (start, _), row in zip(chunk, gen):
+                    out.append(_join(start, tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True)))
     return out

@@ -193,7 +193,8 @@ def run_protocol(
 
     t0 = time.perf_counter()
     pre = scorer.scores(range(n))
-    pre_ge = [scorer.ge(i) for i in range(n)]
+    fluency = scorer.fluency and any(e.record.generation_prompts for e in scorer.encoded)
+    pre_ge = [scorer.ge(i) for i in tqdm(range(n), desc="fluency before editing", disable=not (progress and fluency))]
     pre_cases = [case_metrics(records[i], pre[i], pre[i], pre_ge[i]) for i in range(n)]
     timing["pre_s"] = time.perf_counter() - t0
     out: dict[str, Any] = {"pre_cases": pre_cases, "post_cases": None, "curve": [], "failed": [], "timing": timing}
