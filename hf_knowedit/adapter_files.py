@@ -739,7 +739,8 @@ def read_adapter(directory: str | Path) -> dict[str, Any]:
     _check_peft(peft, peft_path)
     _check_meta(meta, meta_path)
     unknown = sorted(set(meta) - _KNOWN_KEYS)
-    version = meta.get("format_version", FORMAT_VERSION)
+    version = meta.get("format_version")
+    version = FORMAT_VERSION if version is None else version
     if unknown or version > FORMAT_VERSION:
         logger.warning(
             "%s was written by a newer hf_knowedit (%s, format %s); this version (%s) ignores %s. "

@@ -353,3 +353,56 @@ def print_tallies(request: Any, tallies: dict[str, Tally]) -> None:
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         for t in tallies.values():
             print(f"\n[trials] {t.line()}", end="")
+
+
+# -- model state and small edit sets ----------------------------------------------------------------
+
+
+def state_of(model: Any) -> tuple:
+    """Everything a failing call must leave alone: weights, forward hooks, the edit stack."""
+    import hf_knowedit
+    from hf_knowedit.hooks import count_forward_hooks
+
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        count_forward_hooks(model),
+        [e.name for e in hf_knowedit.list_edits(model)],
+    )
+
+
+def same_state(a: tuple, b: tuple) -> bool:
+    """Two :func:`state_of` snapshots agree bit for bit."""
+    import torch
+
+    return a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and a[1:] == b[1:]
+
+
+def small_set(seed: int) -> Any:
+    """An edit set built without a model (two modules shaped like the tiny llama's MLP output)."""
+    import torch
+
+    from hf_knowedit.deltas import ModuleDelta
+    from hf_knowedit.editset import EditSet
+
+    g = torch.Generator().manual_seed(seed)
+    deltas = {
+        f"model.layers.{layer}.mlp.down_proj": ModuleDelta(
+            A=torch.randn(2, 96, generator=g), B=torch.randn(32, 2, generator=g)
+        )
+        for layer in (1, 2)
+    }
+    req = EditRequest("{} is located in", f"Subject{seed}", "Antarctica")
+    return EditSet(deltas=deltas, requests=[req], method="rome", layers=[1, 2], layouts=dict.fromkeys(deltas, "linear"))
+
+
+def same_set(a: Any, b: Any) -> bool:
+    """Two edit sets hold the same requests and bit-identical factors."""
+    import torch
+
+    return (
+        a.requests == b.requests
+        and a.deltas.keys() == b.deltas.keys()
+        and all(
+            torch.equal(a.deltas[p].A, b.deltas[p].A) and torch.equal(a.deltas[p].B, b.deltas[p].B) for p in a.deltas
+        )
+    )

@@ -9,7 +9,6 @@ import math
 import warnings
 
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,7 +16,6 @@ import hf_knowedit
 from hf_knowedit import tokens
 from hf_knowedit.errors import InvalidConfigError, InvalidRequestError, MissingTokenizerError
 from hf_knowedit.generation import max_positions
-from hf_knowedit.hooks import count_forward_hooks
 from hf_knowedit.methods.config import make_config
 from hf_knowedit.methods.registry import available_methods, get_method
 from hf_knowedit.requests import EditRequest, normalize_requests, to_request
@@ -30,6 +28,8 @@ from tests.strategies import (
     print_tallies,
     property_settings,
     request_batches,
+    same_state,
+    state_of,
     valid_requests,
 )
 from tests.tiny_models import make_tiny_model
@@ -51,19 +51,6 @@ def report_tallies(request):
 @pytest.fixture(scope="module")
 def llama():
     return make_tiny_model("llama")
-
-
-def state_of(model):
-    """Everything a failing call must leave alone: weights, forward hooks, the edit stack."""
-    return (
-        {k: v.detach().clone() for k, v in model.state_dict().items()},
-        count_forward_hooks(model),
-        [e.name for e in hf_knowedit.list_edits(model)],
-    )
-
-
-def same_state(a, b) -> bool:
-    return a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and a[1:] == b[1:]
 
 
 # -- requests ---------------------------------------------------------------------------------------
