@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -868,7 +870,12 @@ def fetch_adapter(
     the commit the first one resolved to; missing repos, revisions and files raise huggingface_hub's
     own errors (``RepositoryNotFoundError``, ``RevisionNotFoundError``, ``EntryNotFoundError``).
     """
-    source = str(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise AdapterFormatError(
+            f"An adapter source must be a directory path or a Hub repo id (a string), got "
+            f"{type(source).__name__}: {repr(source)[:80]}."
+        )
+    source = os.fspath(source)
     if os.path.isdir(source):
         if revision is not None:
             logger.warning("revision=%r is ignored: %s is a local directory.", revision, source)
@@ -878,6 +885,13 @@ def fetch_adapter(
             f"No adapter directory at {source!r}. Pass a directory written by "
             "EditSet.save_pretrained, or a Hub repo id such as 'user/my-edit'."
         )
+    try:
+        validate_repo_id(source)
+    except HFValidationError as err:
+        raise AdapterFormatError(
+            f"{source!r} is neither an adapter directory nor a valid Hub repo id ({err}). Pass a directory "
+            "written by EditSet.save_pretrained, or a repo id such as 'user/my-edit'."
+        ) from None
     kw = dict(
         repo_id=source,
         cache_dir=cache_dir,

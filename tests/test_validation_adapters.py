@@ -247,6 +247,18 @@ def test_valid_files_still_round_trip(saved):
     assert same_state(before, state_of(model))
 
 
+@pytest.mark.parametrize("source", [5, None, b"dir", ["x"], "", "a b/c", "-bad-", "x" * 200])
+def test_sources_that_are_neither_directories_nor_repo_ids(saved, source):
+    model, _ = saved
+    before = state_of(model)
+    with pytest.raises(AdapterFormatError, match="directory"):
+        adapter_files.fetch_adapter(source)
+    if isinstance(source, str):  # load_edits passes strings on; no Hub request is made for them
+        with pytest.raises(AdapterFormatError, match="neither an adapter directory nor a valid Hub repo id"):
+            hf_knowedit.load_edits(model, source)
+    assert same_state(before, state_of(model))
+
+
 # -- property: any single mutation of either file ---------------------------------------------------
 
 
