@@ -6,6 +6,7 @@ module prints the counts at the end (``-rA`` or the terminal summary shows them)
 
 import dataclasses
 import math
+import time
 import warnings
 
 import pytest
@@ -310,6 +311,7 @@ def test_property_apply_edits_raises_typed_and_leaves_the_model_as_it_was(llama,
     overrides = {**CHEAP, **({"nullspace_threshold": 2.0} if method == "alphaedit" else {}), **random}
     before = state_of(model)
     t = tally("apply_edits")
+    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         outcome, result = t.run(
@@ -317,6 +319,7 @@ def test_property_apply_edits_raises_typed_and_leaves_the_model_as_it_was(llama,
                 model, tokenizer, batch, method, layers=[1, 2] if method != "rome" else [1], merge=merge, **overrides
             )
         )
+    assert time.perf_counter() - start < 60, "apply_edits took too long"
     assert outcome != "untyped", f"{type(result).__name__}: {result}"
     if outcome == "accepted":
         hf_knowedit.revert_edits(model)
