@@ -41,19 +41,22 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .deltas import ModuleDelta
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, InvalidRequestError, KnowEditError
 from .moments import StatsKey
-from .requests import EditRequest, validate
+from .requests import EditRequest, to_request
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -171,7 +174,7 @@ def _stats_key(value: Any) -> Any:
     if isinstance(value, dict) and set(value) == names:
         return StatsKey(**value)
     if isinstance(value, dict) and value and all(isinstance(v, dict) and set(v) == names for v in value.values()):
-        return {int(k) if k.isdigit() else k: StatsKey(**v) for k, v in value.items()}  # JSON keys are strings
+        return {int(k) if re.fullmatch("[0-9]+", k) else k: StatsKey(**v) for k, v in value.items()}  # JSON keys: str
     return value
 
 
@@ -239,15 +242,99 @@ def _is_adapter_dir(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).exists() or (path / KNOWEDIT_CONFIG).exists()
 
 
-@contextlib.contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``target``; on success it replaces ``target`` by
-    rename, on failure it is deleted and ``target`` is left as it was.
+#: ``.<target>.tmp-<pid>-<random>`` (a save in progress) / ``.<target>.old-<pid>-<random>`` (the adapter
+#: it replaces, for the instant of the swap); ``<pid>`` is the writer's process id
+_SCRATCH = r"\.{name}\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)-[a-z0-9_]+"
 
-    ``target`` may be absent, empty, or an earlier adapter (replaced whole). A non-empty directory
-    that is not an adapter is refused: replacing it would delete its files.
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still run (when in doubt: yes, so its files are left alone)."""
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs, as another user
+        return True
+    return True
+
+
+def clean_stale_temporaries(target: str | Path) -> list[Path]:
+    """Remove what killed saves into ``target`` left beside it: ``.tmp-`` directories of processes that no
+    longer run, and their ``.old-`` copies; returns what was removed. If a save died between its two
+    renames (the target is gone, its ``.old-`` copy is there), the copy is put back instead.
+
+    Call it holding the directory's lock (:func:`atomic_directory` does).
     """
     target = Path(target).expanduser().absolute()
+    pattern = re.compile(_SCRATCH.format(name=re.escape(target.name)))
+    removed = []
+    try:
+        entries = sorted(target.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or _pid_alive(int(match["pid"])):
+            continue
+        if match["kind"] == "old" and not os.path.lexists(target):
+            os.rename(entry, target)
+            logger.warning("Restored %s from %s, left by a save that was killed mid-swap.", target, entry.name)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+        logger.info("Removed %s, left by a killed save (process %s).", entry, match["pid"])
+    return removed
+
+
+try:  # advisory locks; where fcntl is missing (Windows), saves are serialised within one process only
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX
+    fcntl = None  # type: ignore[assignment]
+_PROCESS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def directory_lock(target: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``target`` (``fcntl.flock`` on ``.<target>.lock`` beside it).
+
+    The lock file is removed on release; a waiter that then holds a lock on a removed file takes a new
+    one, so the lock stays exclusive and no lock file is left behind.
+    """
+    target = Path(target).expanduser().absolute()
+    if fcntl is None:  # pragma: no cover - not on POSIX
+        with _PROCESS_LOCK:
+            yield
+        return
+    path = target.parent / f".{target.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:  # a file system without flock: go on unlocked rather than fail
+            os.close(fd)
+            logger.warning("Cannot lock %s (%s); saving without a lock.", path, err)
+            yield
+            return
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder before us removed this file: lock the new one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _check_target(target: Path) -> None:
     if target.exists() and not target.is_dir():
         raise AdapterFormatError(f"{target} is a file; pass a directory to save the adapter into.")
     if target.is_dir() and any(target.iterdir()) and not _is_adapter_dir(target):
@@ -255,21 +342,44 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             f"{target} is a non-empty directory that holds no adapter; saving would replace its "
             "files. Pass a new or empty directory, or an earlier adapter's directory."
         )
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``target``; on success it replaces ``target`` by
+    rename, on failure it is deleted and ``target`` is left as it was.
+
+    ``target`` may be absent, empty, or an earlier adapter (replaced whole). A non-empty directory
+    that is not an adapter is refused: replacing it would delete its files.
+
+    Safe against killed and concurrent writers: the temporary directory is named with the writer's
+    process id, and temporaries of processes that no longer run are removed (or, for a save killed
+    between its two renames, the previous adapter is put back); the swap itself holds an advisory lock
+    (:func:`directory_lock`), so concurrent saves into one directory end with one complete adapter,
+    the last one swapped in.
+    """
+    target = Path(target).expanduser().absolute()
+    _check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    with directory_lock(target):
+        clean_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
-        if target.is_dir() and any(target.iterdir()):
-            old = target.parent / f".{target.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)  # onto nothing or an empty directory
+        with directory_lock(target):
+            clean_stale_temporaries(target)
+            _check_target(target)
+            if target.is_dir() and any(target.iterdir()):
+                old = target.parent / f".{target.name}.old-{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}"
+                os.rename(target, old)
+                try:
+                    os.rename(tmp, target)
+                except BaseException:
+                    os.rename(old, target)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)  # onto nothing or an empty directory
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -403,8 +513,9 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterFormatError(f"{path} is not valid JSON ({err}); save or download the adapter again.") from err
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        why = "nested too deeply" if isinstance(err, RecursionError) else err
+        raise AdapterFormatError(f"{path} is not valid JSON ({why}); save or download the adapter again.") from None
     if not isinstance(obj, dict):
         raise AdapterFormatError(f"{path} should hold a JSON object; save or download the adapter again.")
     return obj
@@ -454,11 +565,162 @@ def _check_files(directory: Path) -> None:
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's lookup of ``rank_pattern`` / ``alpha_pattern`` (``peft.utils.other.get_pattern_key``)."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+    """A module's entry in ``rank_pattern`` / ``alpha_pattern``. Our files name modules exactly, so the
+    lookup is exact: keys are never used as regular expressions (a hostile key could make one run for
+    ever), and :func:`_check_peft` refuses keys that are not target modules."""
+    return (patterns or {}).get(module, default)
+
+
+# -- the schema of the two JSON files -----------------------------------------------------------
+
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value) if _jsonish(value) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _jsonish(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
+
+
+def _invalid(path: Path, field: str, want: str, value: Any) -> AdapterFormatError:
+    return AdapterFormatError(
+        f"{path}: field {field!r} is invalid: it must be {want}, got {_show(value)}. The file was edited or "
+        "damaged; save the adapter again (EditSet.save_pretrained) or download it again."
+    )
+
+
+def _is_int(value: Any, least: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (least is None or value >= least)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _optional(obj: dict[str, Any], key: str, check: Any, path: Path, want: str, field: str | None = None) -> Any:
+    """``obj[key]`` if absent, ``None`` or ``check(value)``; else the error for ``field``."""
+    value = obj.get(key)
+    if value is not None and not check(value):
+        raise _invalid(path, field or key, want + " or null", value)
+    return value
+
+
+def _check_module_name(path: Path, field: str, name: Any) -> None:
+    if (
+        not isinstance(name, str)
+        or not _MODULE_NAME.fullmatch(name)
+        or any(p.startswith("__") for p in name.split("."))
+    ):
+        raise _invalid(path, field, "a module name such as 'model.layers.3.mlp.down_proj'", name)
+
+
+def _check_peft(peft: dict[str, Any], path: Path) -> None:
+    """The fields of ``adapter_config.json`` that :func:`read_adapter` reads, by type."""
+    peft_type = peft.get("peft_type")
+    if not isinstance(peft_type, str):
+        raise _invalid(path, "peft_type", "the string 'LORA'", peft_type)
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        _optional(peft, key, lambda v: isinstance(v, bool), path, "true or false")
+    if peft_type != "LORA" or peft.get("use_dora") or peft.get("use_rslora"):
+        raise AdapterFormatError(
+            f"{path} is not a plain LoRA config (peft_type {peft_type!r}, use_dora/use_rslora); "
+            "hf_knowedit cannot read it."
+        )
+    if not _is_int(peft.get("r"), 1):
+        raise _invalid(path, "r", "an int >= 1", peft.get("r"))
+    _optional(peft, "lora_alpha", _is_number, path, "a finite number")
+    targets = peft.get("target_modules")
+    if not isinstance(targets, list):
+        raise _invalid(path, "target_modules", "a list of module names", targets)
+    for i, name in enumerate(targets):
+        _check_module_name(path, f"target_modules[{i}]", name)
+    if len(set(targets)) != len(targets):
+        raise _invalid(path, "target_modules", "a list of distinct module names", targets)
+    for key, check, want in (
+        ("rank_pattern", lambda v: _is_int(v, 1), "an int >= 1"),
+        ("alpha_pattern", _is_number, "a finite number"),
+    ):
+        patterns = _optional(peft, key, lambda v: isinstance(v, dict), path, "an object {module name: value}")
+        for name, value in (patterns or {}).items():
+            if name not in targets:
+                raise AdapterFormatError(
+                    f"{path}: field {key!r} is invalid: its key {_show(name)} is not one of target_modules. "
+                    "hf_knowedit's adapters name every module exactly (keys are never regular expressions); "
+                    "save the adapter again (EditSet.save_pretrained) or download it again."
+                )
+            if not check(value):
+                raise _invalid(path, f"{key}[{name!r}]", want, value)
+    for key in ("base_model_name_or_path", "revision"):
+        _optional(peft, key, lambda v: isinstance(v, str), path, "a string")
+
+
+def _check_fingerprint(path: Path, field: str, fp: Any) -> None:
+    want = "null or an object with shape [ints], sha256 (hex) and sketch [numbers]"
+    if fp is None:
+        return
+    if (
+        not isinstance(fp, dict)
+        or not isinstance(fp.get("shape"), list)
+        or not all(_is_int(x, 0) for x in fp["shape"])
+        or not isinstance(fp.get("sha256"), str)
+        or not isinstance(fp.get("sketch"), list)
+        or not fp["sketch"]
+        or not all(_is_number(x) for x in fp["sketch"])
+    ):
+        raise _invalid(path, field, want, fp)
+
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    """The fields of ``knowedit_config.json`` that :func:`read_adapter` reads, by type."""
+    _optional(meta, "format_version", _is_int, path, "an int")
+    for key in ("method", "name", "base_model", "revision"):
+        _optional(meta, key, lambda v: isinstance(v, str), path, "a string")
+    for key in ("config", "metrics"):
+        _optional(meta, key, lambda v: isinstance(v, dict), path, "an object")
+    layers = _optional(meta, "layers", lambda v: isinstance(v, list), path, "a list of layer indices (ints)")
+    for i, layer in enumerate(layers or []):
+        if not _is_int(layer, 0):
+            raise _invalid(path, f"layers[{i}]", "a layer index (an int >= 0)", layer)
+    requests = _optional(meta, "requests", lambda v: isinstance(v, list), path, "a list of request objects")
+    for i, item in enumerate(requests or []):
+        if not isinstance(item, dict):
+            raise _invalid(path, f"requests[{i}]", "an object with prompt, subject, target_new", item)
+    state = meta.get("state")
+    if state not in (None, "", STATE_WEIGHTS):
+        raise _invalid(path, "state", f"{STATE_WEIGHTS!r} or null", state)
+    files = _optional(meta, "files", lambda v: isinstance(v, dict), path, "an object {file name: {sha256: ...}}")
+    for name, info in (files or {}).items():
+        sha = info.get("sha256") if isinstance(info, dict) else None
+        if not isinstance(info, dict) or (sha is not None and not (isinstance(sha, str) and _SHA256.fullmatch(sha))):
+            raise _invalid(path, f"files[{name!r}]", "an object {sha256: 64 hex digits}", info)
+    modules = meta.get("modules")
+    if not isinstance(modules, dict):
+        raise _invalid(path, "modules", "an object {module name: {layout, dense, rank, shape, fingerprint}}", modules)
+    for name, info in modules.items():
+        _check_module_name(path, "modules", name)
+        field = f"modules[{name!r}]"
+        if not isinstance(info, dict):
+            raise _invalid(path, field, "an object {layout, dense, rank, shape, fingerprint}", info)
+        _optional(info, "layout", lambda v: v in ("linear", "conv1d"), path, "'linear' or 'conv1d'", f"{field}.layout")
+        _optional(info, "dense", lambda v: isinstance(v, bool), path, "true or false", f"{field}.dense")
+        _optional(info, "rank", lambda v: _is_int(v, 1), path, "an int >= 1", f"{field}.rank")
+        _optional(
+            info,
+            "shape",
+            lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x, 1) for x in v),
+            path,
+            "[out, in] (two ints >= 1)",
+            f"{field}.shape",
+        )
+        _check_fingerprint(path, f"{field}.fingerprint", info.get("fingerprint"))
 
 
 def read_adapter(directory: str | Path) -> dict[str, Any]:
@@ -466,26 +728,26 @@ def read_adapter(directory: str | Path) -> dict[str, Any]:
     errors for anything that is not one.
 
     Raises :class:`~hf_knowedit.errors.AdapterFormatError` for a directory that is not an adapter,
-    a missing file, invalid JSON, a corrupted or truncated safetensors file, or factors whose
+    a missing file, invalid JSON, a field of either JSON file with the wrong type or value (the
+    message names the file and the field), a corrupted or truncated safetensors file, or factors whose
     shapes disagree with the configs. A ``knowedit_config.json`` from a newer hf_knowedit (unknown
     keys) loads with a warning.
     """
     directory = Path(directory)
     _check_files(directory)
-    peft = _read_json(directory / ADAPTER_CONFIG)
-    meta = _read_json(directory / KNOWEDIT_CONFIG)
-    if peft.get("peft_type") != "LORA" or peft.get("use_dora") or peft.get("use_rslora"):
-        raise AdapterFormatError(
-            f"{directory / ADAPTER_CONFIG} is not a plain LoRA config (peft_type "
-            f"{peft.get('peft_type')!r}, use_dora/use_rslora); hf_knowedit cannot read it."
-        )
+    peft_path, meta_path = directory / ADAPTER_CONFIG, directory / KNOWEDIT_CONFIG
+    peft = _read_json(peft_path)
+    meta = _read_json(meta_path)
+    _check_peft(peft, peft_path)
+    _check_meta(meta, meta_path)
     unknown = sorted(set(meta) - _KNOWN_KEYS)
-    version = meta.get("format_version", FORMAT_VERSION)
-    if unknown or (isinstance(version, int) and version > FORMAT_VERSION):
+    version = meta.get("format_version")
+    version = FORMAT_VERSION if version is None else version
+    if unknown or version > FORMAT_VERSION:
         logger.warning(
             "%s (written by hf_knowedit %s, format %s) has fields this hf_knowedit (%s) does not know; it ignores "
             "%s. If a newer hf_knowedit wrote them, upgrade to use them.",
-            directory / KNOWEDIT_CONFIG,
+            meta_path,
             meta.get("library_version"),
             version,
             __version__,
@@ -493,9 +755,9 @@ def read_adapter(directory: str | Path) -> dict[str, Any]:
         )
     files = meta.get("files") or {}
     tensors = _read_safetensors(directory / ADAPTER_WEIGHTS, (files.get(ADAPTER_WEIGHTS) or {}).get("sha256"))
-    modules = meta.get("modules") or {}
-    targets = peft.get("target_modules")
-    if not isinstance(targets, list) or sorted(targets) != sorted(modules):
+    modules = meta["modules"]
+    targets = peft["target_modules"]
+    if sorted(targets) != sorted(modules):
         raise AdapterFormatError(
             f"target_modules in {ADAPTER_CONFIG} ({targets}) and the modules in "
             f"{KNOWEDIT_CONFIG} ({sorted(modules)}) differ; save the adapter again."
@@ -509,8 +771,9 @@ def read_adapter(directory: str | Path) -> dict[str, Any]:
     deltas, fingerprints, layouts = {}, {}, {}
     for path, info in modules.items():
         A, B = tensors[f"{_PREFIX}{path}.lora_A.weight"], tensors[f"{_PREFIX}{path}.lora_B.weight"]
-        r = _pattern_value(peft.get("rank_pattern"), path, peft.get("r"))
+        r = _pattern_value(peft.get("rank_pattern"), path, peft["r"])
         alpha = _pattern_value(peft.get("alpha_pattern"), path, peft.get("lora_alpha", r))
+        alpha = r if alpha is None else alpha
         shape = info.get("shape")
         if (
             A.dim() != 2
@@ -518,20 +781,23 @@ def read_adapter(directory: str | Path) -> dict[str, Any]:
             or A.shape[0] != r
             or B.shape[1] != r
             or (shape is not None and [B.shape[0], A.shape[1]] != list(shape))
+            or info.get("rank", r) != r
         ):
             raise AdapterFormatError(
                 f"{path}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form a rank-{r} "
-                f"update of shape {shape}; the adapter files are inconsistent. Save it again."
+                f"update of shape {shape} (rank {info.get('rank', r)} in {KNOWEDIT_CONFIG}); the adapter files "
+                "are inconsistent. Save it again."
             )
-        layout = info.get("layout", "linear")
-        if layout not in ("linear", "conv1d") or bool(peft.get("fan_in_fan_out")) != (layout == "conv1d"):
+        if not (A.is_floating_point() and B.is_floating_point()):
+            raise AdapterFormatError(
+                f"{path}: lora_A / lora_B hold {A.dtype} / {B.dtype}, not floating-point numbers; "
+                "save the adapter again."
+            )
+        layout = info.get("layout") or "linear"
+        if bool(peft.get("fan_in_fan_out")) != (layout == "conv1d"):
             raise AdapterFormatError(
                 f"{path}: layout {layout!r} disagrees with fan_in_fan_out="
                 f"{peft.get('fan_in_fan_out')} in {ADAPTER_CONFIG}; save the adapter again."
-            )
-        if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise AdapterFormatError(
-                f"{path}: rank {r!r} / lora_alpha {alpha!r} in {ADAPTER_CONFIG} are invalid; save the adapter again."
             )
         if alpha != r:  # not written by us, but PEFT would scale by alpha / r
             B = (B.double() * (alpha / r)).float()
@@ -545,16 +811,17 @@ def read_adapter(directory: str | Path) -> dict[str, Any]:
         if not state_path.is_file():
             raise AdapterFormatError(f"{directory} is missing {STATE_WEIGHTS}; save or download the adapter again.")
         state = _read_safetensors(state_path, (files.get(STATE_WEIGHTS) or {}).get("sha256"))
+    base_model = meta["base_model"] if "base_model" in meta else peft.get("base_model_name_or_path")
     return dict(
         deltas=deltas,
-        requests=_requests(meta.get("requests") or []),
-        method=str(meta.get("method") or "unknown"),
+        requests=_requests(meta.get("requests") or [], meta_path),
+        method=meta.get("method") or "unknown",
         config=dict(meta.get("config") or {}),
-        layers=[int(x) for x in meta.get("layers") or []],
+        layers=list(meta.get("layers") or []),
         fingerprints=fingerprints,
         layouts=layouts,
-        base_model=meta.get("base_model", peft.get("base_model_name_or_path")),
-        revision=meta.get("revision", peft.get("revision")),
+        base_model=base_model,
+        revision=meta["revision"] if "revision" in meta else peft.get("revision"),
         stats_key=_stats_key(meta.get("stats_key")),
         metrics=dict(meta.get("metrics") or {}),
         state=state,
@@ -562,19 +829,20 @@ def read_adapter(directory: str | Path) -> dict[str, Any]:
     )
 
 
-def _requests(items: list[dict[str, Any]]) -> list[EditRequest]:
-    names = {f.name for f in dataclasses.fields(EditRequest)}
+def _requests(items: list[dict[str, Any]], path: Path) -> list[EditRequest]:
+    names = [f.name for f in dataclasses.fields(EditRequest)]
     out = []
-    for item in items:
+    for i, item in enumerate(items):
+        missing = [n for n in ("prompt", "subject", "target_new") if n not in item]
         try:
-            req = EditRequest(**{k: v for k, v in item.items() if k in names})
-            req = dataclasses.replace(req, paraphrases=tuple(req.paraphrases), neighborhood=tuple(req.neighborhood))
-            validate(req)
-        except Exception as err:
+            if missing:
+                raise InvalidRequestError(f"it lacks {', '.join(missing)}")
+            out.append(to_request(EditRequest(**{k: item[k] for k in names if k in item})))
+        except KnowEditError as err:
             raise AdapterFormatError(
-                f"A request in {KNOWEDIT_CONFIG} is malformed ({err}); save the adapter again."
-            ) from err
-        out.append(req)
+                f"{path}: field 'requests[{i}]' is invalid ({err}). The file was edited or damaged; save the "
+                "adapter again (EditSet.save_pretrained) or download it again."
+            ) from None
     return out
 
 
@@ -602,7 +870,12 @@ def fetch_adapter(
     the commit the first one resolved to; missing repos, revisions and files raise huggingface_hub's
     own errors (``RepositoryNotFoundError``, ``RevisionNotFoundError``, ``EntryNotFoundError``).
     """
-    source = str(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise AdapterFormatError(
+            f"An adapter source must be a directory path or a Hub repo id (a string), got "
+            f"{type(source).__name__}: {repr(source)[:80]}."
+        )
+    source = os.fspath(source)
     if os.path.isdir(source):
         if revision is not None:
             logger.warning("revision=%r is ignored: %s is a local directory.", revision, source)
@@ -612,6 +885,13 @@ def fetch_adapter(
             f"No adapter directory at {source!r}. Pass a directory written by "
             "EditSet.save_pretrained, or a Hub repo id such as 'user/my-edit'."
         )
+    try:
+        validate_repo_id(source)
+    except HFValidationError as err:
+        raise AdapterFormatError(
+            f"{source!r} is neither an adapter directory nor a valid Hub repo id ({err}). Pass a directory "
+            "written by EditSet.save_pretrained, or a repo id such as 'user/my-edit'."
+        ) from None
     kw = dict(
         repo_id=source,
         cache_dir=cache_dir,
@@ -625,7 +905,7 @@ def fetch_adapter(
     hf_hub_download(filename=ADAPTER_WEIGHTS, revision=commit, **kw)
     try:
         has_state = bool(json.loads(meta_path.read_text(encoding="utf-8")).get("state"))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         has_state = False  # read_adapter reports the broken config
     if has_state:
         hf_hub_download(filename=STATE_WEIGHTS, revision=commit, **kw)

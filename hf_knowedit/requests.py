@@ -64,16 +64,79 @@ class EditRequest:
         return to_request(d)
 
 
-def _text(value: Any) -> str | None:
+#: the example shown in messages about a field
+_EXAMPLES = {
+    "prompt": "prompt='{} is located in'",
+    "subject": "subject='Angola'",
+    "target_new": "target_new='Antarctica'",
+    "target_true": "target_true='Africa' (or None)",
+    "paraphrases": "paraphrases=['Angola lies in']",
+    "neighborhood": "neighborhood=['Kenya is located in']",
+}
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_text(value: Any, field: str) -> str:
+    """``value`` if it is a string any tokenizer can encode, else :class:`InvalidRequestError`."""
+    if not isinstance(value, str):
+        what = "bytes (decode them first)" if isinstance(value, (bytes, bytearray)) else type(value).__name__
+        raise InvalidRequestError(
+            f"The request's {field} must be a string, got {what}: {_show(value)}; pass e.g. {_EXAMPLES[field]}."
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = value[err.start]
+        raise InvalidRequestError(
+            f"The request's {field} {_show(value)} contains U+{ord(bad):04X} at position {err.start}, a lone "
+            "surrogate that is not valid Unicode text and that no tokenizer can encode; pass valid text."
+        ) from None
+    return value
+
+
+def _required(value: Any, field: str) -> str:
     if value is None:
-        return None
+        raise InvalidRequestError(f"The request has no {field}; pass e.g. {_EXAMPLES[field]}.")
+    return _check_text(value, field)
+
+
+def _text(value: Any, field: str, required: bool = True) -> str | None:
+    """A target field as text: a string, or CounterFact's ``{"str": ...}`` dict; stripped."""
     if isinstance(value, Mapping):
         value = value.get("str")
-    return value.strip() if isinstance(value, str) else value
+    if value is None and not required:
+        return None
+    return _required(value, field).strip()
+
+
+def _prompts(value: Any, field: str) -> tuple[str, ...]:
+    """Evaluation prompts: one string, or a list / tuple of strings (``None`` or empty: none)."""
+    if value is None or (isinstance(value, str) and not value):
+        return ()
+    if isinstance(value, str):
+        return (_check_text(value, field),)
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRequestError(
+            f"The request's {field} must be a list of strings, got {type(value).__name__}: {_show(value)}; "
+            f"pass e.g. {_EXAMPLES[field]}."
+        )
+    return tuple(_check_text(v, field) for v in value)
+
+
+def _case_id(value: Any) -> Any:
+    if value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise InvalidRequestError(
+        f"The request's case_id must be a string, an int or None, got {type(value).__name__}: {_show(value)}."
+    )
 
 
 def _templatize(prompt: str, subject: str) -> str:
-    if "{}" in prompt:
+    if "{}" in prompt or not subject:
         return prompt
     i = prompt.find(subject)
     if i < 0:
@@ -83,33 +146,56 @@ def _templatize(prompt: str, subject: str) -> str:
     return prompt[:i] + "{}" + prompt[i + len(subject) :]
 
 
+def _first(item: Mapping, *keys: str) -> Any:
+    """The value of the first of ``keys`` in ``item`` that is set and not empty."""
+    for key in keys:
+        value = item.get(key)
+        if value is not None and not (isinstance(value, (str, list, tuple)) and not value):
+            return value
+    return None
+
+
 def to_request(item: Any) -> EditRequest:
-    """Normalise one request (see module doc for the accepted forms); validates it."""
+    """Normalise one request (see module doc for the accepted forms); validates it.
+
+    Raises :class:`InvalidRequestError` (naming the field) for fields of the wrong type (a subject that
+    is not a string, ``prompt=None``, bytes, text with lone surrogates, ...) and for malformed values.
+    """
     if isinstance(item, EditRequest):
-        req = item
+        fields = dict(
+            prompt=item.prompt,
+            subject=item.subject,
+            target_new=item.target_new,
+            target_true=item.target_true,
+            paraphrases=item.paraphrases,
+            neighborhood=item.neighborhood,
+            case_id=item.case_id,
+        )
     elif isinstance(item, Mapping):
         if "requested_rewrite" in item:  # CounterFact, full schema
             rw = item["requested_rewrite"]
-            req = EditRequest(
-                prompt=rw.get("prompt", ""),
-                subject=_text(rw.get("subject")) or "",
-                target_new=_text(rw.get("target_new")) or "",
-                target_true=_text(rw.get("target_true")),
-                paraphrases=tuple(item.get("paraphrase_prompts", ())),
-                neighborhood=tuple(item.get("neighborhood_prompts", ())),
+            if not isinstance(rw, Mapping):
+                raise InvalidRequestError(
+                    f"requested_rewrite must be a dict with prompt/subject/target_new, got "
+                    f"{type(rw).__name__}: {_show(rw)}."
+                )
+            fields = dict(
+                prompt=rw.get("prompt"),
+                subject=rw.get("subject"),
+                target_new=rw.get("target_new"),
+                target_true=rw.get("target_true"),
+                paraphrases=item.get("paraphrase_prompts"),
+                neighborhood=item.get("neighborhood_prompts"),
                 case_id=item.get("case_id"),
             )
         else:  # our own keys, or EasyEdit's flat records
-            subject = _text(item.get("subject")) or ""
-            rephrase = item.get("rephrase_prompt") or item.get("paraphrases") or ()
-            locality = item.get("locality_prompt") or item.get("neighborhood") or ()
-            req = EditRequest(
-                prompt=_templatize(item.get("prompt", ""), subject) if subject else item.get("prompt", ""),
-                subject=subject,
-                target_new=_text(item.get("target_new")) or "",
-                target_true=_text(item.get("target_true", item.get("ground_truth"))),
-                paraphrases=tuple([rephrase] if isinstance(rephrase, str) else rephrase),
-                neighborhood=tuple([locality] if isinstance(locality, str) else locality),
+            fields = dict(
+                prompt=item.get("prompt"),
+                subject=item.get("subject"),
+                target_new=item.get("target_new"),
+                target_true=item["target_true"] if "target_true" in item else item.get("ground_truth"),
+                paraphrases=_first(item, "rephrase_prompt", "paraphrases"),
+                neighborhood=_first(item, "locality_prompt", "neighborhood"),
                 case_id=item.get("case_id"),
             )
     else:
@@ -117,14 +203,18 @@ def to_request(item: Any) -> EditRequest:
             f"Cannot read an edit request from {type(item).__name__}; pass hf_knowedit.EditRequest(...), "
             "a dict with prompt/subject/target_new, or a CounterFact record."
         )
+    subject = _text(fields["subject"], "subject")
+    prompt = _required(fields["prompt"], "prompt")
+    if not isinstance(item, EditRequest):  # a dict may carry a filled prompt
+        prompt = _templatize(prompt, subject)
     req = EditRequest(
-        req.prompt,
-        req.subject.strip(),
-        req.target_new.strip(),
-        req.target_true.strip() if req.target_true else req.target_true,
-        tuple(req.paraphrases),
-        tuple(req.neighborhood),
-        req.case_id,
+        prompt,
+        subject,
+        _text(fields["target_new"], "target_new"),
+        _text(fields["target_true"], "target_true", required=False),
+        _prompts(fields["paraphrases"], "paraphrases"),
+        _prompts(fields["neighborhood"], "neighborhood"),
+        _case_id(fields["case_id"]),
     )
     validate(req)
     return req
@@ -134,11 +224,16 @@ def validate(req: EditRequest) -> None:
     """Raise a typed error for a malformed request."""
     if not isinstance(req.prompt, str) or "{}" not in req.prompt:
         raise InvalidRequestError(
-            f"Prompt {req.prompt!r} has no '{{}}' placeholder for the subject; write e.g. '{{}} is located in'."
+            f"Prompt {_show(req.prompt)} has no '{{}}' placeholder for the subject; write e.g. '{{}} is located in'."
         )
-    if not req.subject:
+    if req.prompt.count("{}") > 1:
+        raise InvalidRequestError(
+            f"Prompt {_show(req.prompt)} has {req.prompt.count('{}')} '{{}}' placeholders; use exactly one, where "
+            "the subject goes (e.g. '{} is located in')."
+        )
+    if not isinstance(req.subject, str) or not req.subject:
         raise SubjectNotFoundError("The subject is empty; give the entity whose fact you mean, e.g. subject='Angola'.")
-    if not req.target_new:
+    if not isinstance(req.target_new, str) or not req.target_new:
         raise InvalidRequestError(f"Empty target_new for {req.text!r}; give the new object as text.")
     if req.target_true is not None and req.target_new.casefold() == req.target_true.casefold():
         raise InvalidRequestError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,10 +30,69 @@ def _require_fast(tokenizer: Any) -> None:
         raise MissingTokenizerError(
             "This call needs a tokenizer: pass tokenizer=... or attach one with hf_knowedit.attach(model, tokenizer)."
         )
+    if isinstance(tokenizer, (str, bytes, Path)):
+        raise MissingTokenizerError(
+            f"tokenizer must be a transformers fast tokenizer object, got the {type(tokenizer).__name__} "
+            f"{tokenizer!r}; load it first: AutoTokenizer.from_pretrained({str(tokenizer)!r})."
+        )
+    if not callable(tokenizer) or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        raise MissingTokenizerError(
+            f"tokenizer must be a transformers fast tokenizer object (e.g. AutoTokenizer.from_pretrained(name)), "
+            f"got {type(tokenizer).__name__}."
+        )
     if not getattr(tokenizer, "is_fast", False):
         raise MissingTokenizerError(
             f"{type(tokenizer).__name__} is a slow tokenizer without offset mappings; "
             "load a fast one (AutoTokenizer.from_pretrained(..., use_fast=True))."
+        )
+
+
+def check_text(text: Any, what: str = "text") -> str:
+    """``text`` if it is a string a tokenizer can encode; :class:`InvalidRequestError` otherwise (not a
+    string, bytes, lone surrogates)."""
+    if not isinstance(text, str):
+        raise InvalidRequestError(f"The {what} must be a string, got {type(text).__name__}: {repr(text)[:60]}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidRequestError(
+            f"The {what} {repr(text)[:60]} contains U+{ord(text[err.start]):04X}, a lone surrogate that no "
+            "tokenizer can encode; pass valid Unicode text."
+        ) from None
+    return text
+
+
+def check_length(n_tokens: int, max_positions: int, what: str = "prompt", reserve: int = 0) -> None:
+    """Raise :class:`InvalidRequestError` unless ``n_tokens`` (+ ``reserve`` tokens the method adds, such as
+    a context-template prefix) fit in the model's ``max_positions``
+    (:func:`hf_knowedit.generation.max_positions`).
+
+    >>> check_length(300, 128)
+    Traceback (most recent call last):
+    InvalidRequestError: The prompt is 300 tokens, the model takes at most 128; shorten it.
+    """
+    if n_tokens + reserve <= max_positions:
+        return
+    extra = f" (plus {reserve} for context templates)" if reserve else ""
+    room = f"at most {max(0, max_positions - reserve)} tokens" if reserve else f"at most {max_positions}"
+    raise InvalidRequestError(
+        f"The {what} is {n_tokens} tokens{extra}, the model takes {room}; shorten it"
+        + (" or lower context_length / context_templates." if reserve else ".")
+    )
+
+
+def check_request_lengths(tokenizer: Any, requests: Sequence[Any], max_positions: int, reserve: int = 0) -> None:
+    """:func:`check_length` for each request's filled prompt followed by its new target (the longest text
+    an editing method feeds the model, before any context-template prefix, which ``reserve`` counts).
+
+    ``requests`` are :class:`~hf_knowedit.requests.EditRequest` (anything with ``text`` and ``target_new``).
+    Call it before any forward pass: a prompt longer than the position embeddings otherwise fails with an
+    ``IndexError`` inside the model (or silently degrades with rotary positions).
+    """
+    for req in requests:
+        prompt_ids, target_ids = split_prompt_target(tokenizer, req.text, req.target_new)
+        check_length(
+            len(prompt_ids) + len(target_ids), max_positions, f"prompt {repr(req.text)[:60]} with its target", reserve
         )
 
 
@@ -72,6 +132,7 @@ def chars_to_tokens(offsets: Sequence[tuple[int, int]], char_span: Span) -> Span
 def encode(tokenizer: Any, text: str) -> dict:
     """Tokenize one string the way the model will see it, with offsets."""
     _require_fast(tokenizer)
+    check_text(text)
     return tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
 
 

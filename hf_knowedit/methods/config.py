@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +58,8 @@ def check_value(owner: str, name: str, value: Any, rule: str) -> None:
     if rule.startswith("int>="):
         ok, want = number and isinstance(value, int) and value >= int(rule[5:]), f"an int >= {rule[5:]}"
     elif rule in ("num>0", "num>=0"):
-        ok = number and math.isfinite(value) and (value > 0 if rule == "num>0" else value >= 0)
+        # an int too large for a float is not finite for the float arithmetic it feeds
+        ok = number and _finite(value) and (value > 0 if rule == "num>0" else value >= 0)
         want = "a finite number " + rule[3:]
     elif rule == "(0,1]":
         ok, want = number and 0 < value <= 1, "a number in (0, 1]"
@@ -69,7 +71,38 @@ def check_value(owner: str, name: str, value: Any, rule: str) -> None:
     else:  # pragma: no cover - a typo in a field declaration
         raise ValueError(f"unknown check rule {rule!r}")
     if not ok:
-        raise InvalidConfigError(f"{owner}.{name} must be {want}, got {value!r}.")
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        kind = f" ({type(value).__name__})" if isinstance(value, (bool, str)) and "choice" not in rule else ""
+        raise InvalidConfigError(f"{owner}.{name} must be {want}, got {shown}{kind}.")
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _is_dataset(value: Any) -> bool:
+    return type(value).__module__.split(".")[0] == "datasets"
+
+
+def check_corpus(owner: str, value: Any) -> None:
+    """``mom2_corpus``: ``None``, a non-empty list / tuple of strings, or a ``datasets`` dataset."""
+    if value is None or _is_dataset(value):
+        return
+    if isinstance(value, (list, tuple)) and value and all(isinstance(t, str) for t in value):
+        return
+    if isinstance(value, (str, bytes)):
+        got = "one string"
+    elif isinstance(value, (list, tuple)):
+        bad = next((t for t in value if not isinstance(t, str)), None)
+        got = "an empty list" if not value else f"a list holding a {type(bad).__name__}"
+    else:
+        got = type(value).__name__
+    raise InvalidConfigError(
+        f"{owner}.mom2_corpus must be None, a non-empty list of texts or a datasets dataset (not {got})."
+    )
 
 
 @dataclass
@@ -104,10 +137,7 @@ class EditConfig:
             rule = f.metadata.get("check")
             if rule:
                 check_value(owner, f.name, getattr(self, f.name), rule)
-        if isinstance(self.mom2_corpus, (str, bytes)):
-            raise InvalidConfigError(
-                f"{owner}.mom2_corpus must be None, a list of texts or a datasets dataset (not one string)."
-            )
+        check_corpus(owner, self.mom2_corpus)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -133,6 +163,15 @@ def with_aliases(cls: type) -> type:
 
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        unknown = sorted(repr(k) for k in kwargs if k not in names and k not in ALIASES)
+        if unknown:
+            raise InvalidConfigError(f"Unknown option(s) {', '.join(unknown)} for {cls.__name__}; valid: {names}.")
+        if len(args) > len(names):
+            raise InvalidConfigError(f"{cls.__name__} takes at most {len(names)} positional values; name them.")
+        twice = sorted(n for n in names[: len(args)] if n in kwargs)
+        if twice:
+            raise InvalidConfigError(f"{cls.__name__}: {twice} given both by position and by name.")
         for old in [k for k in kwargs if k in ALIASES]:
             new = ALIASES[old]
             if new in kwargs:
@@ -152,22 +191,48 @@ def with_aliases(cls: type) -> type:
 with_aliases(EditConfig)
 
 
+def _new_names(given: dict[str, Any], cls_name: str, where: str) -> dict[str, Any]:
+    """``given`` with the old names of :data:`ALIASES` replaced by the new ones (with a warning)."""
+    out = dict(given)
+    for old in [k for k in given if k in ALIASES]:
+        new = ALIASES[old]
+        if new in given:
+            raise InvalidConfigError(f"{cls_name}: pass {new} only ({old} is its old name){where}.")
+        warnings.warn(
+            f"{cls_name}({old}=...) is now {new}=...; the old name goes away in the next release.",
+            FutureWarning,
+            stacklevel=4,
+        )
+        out[new] = out.pop(old)
+    return out
+
+
 def make_config(config_cls: type, config: Any, overrides: dict[str, Any], method: str) -> Any:
     """A ``config_cls`` instance from ``None``, a dict, or an instance, plus keyword overrides; unknown
-    names are an :class:`InvalidConfigError` that lists the valid ones."""
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    valid = set(names) | (set(ALIASES) if issubclass(config_cls, EditConfig) else set())
+    names (in the dict, the overrides, or set as attributes on an instance) are an
+    :class:`InvalidConfigError` that lists the valid ones, and so is every invalid value."""
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    aliases = set(ALIASES) if issubclass(config_cls, EditConfig) else set()
+    valid = set(names) | aliases
     if config is None:
         config = {}
-    if isinstance(config, dict):
-        given = {**config, **overrides}
+    if isinstance(config, Mapping):
+        given = dict(config)
     elif isinstance(config, config_cls):
-        given = {**{n: getattr(config, n) for n in names}, **overrides}
+        extra = sorted(k for k in getattr(config, "__dict__", {}) if k not in names and not k.startswith("_"))
+        if extra:
+            raise InvalidConfigError(
+                f"Unknown option(s) {extra} set on the {config_cls.__name__} for {method!r}; valid: {sorted(names)}."
+            )
+        given = {n: getattr(config, n) for n in names}
     else:
         raise InvalidConfigError(
             f"config for {method!r} must be a {config_cls.__name__} or a dict, got {type(config).__name__}."
         )
-    unknown = sorted(repr(k) for k in given if k not in valid)
+    unknown = sorted(repr(k) for k in [*given, *overrides] if k not in valid)
     if unknown:
-        raise InvalidConfigError(f"Unknown option(s) {unknown} for {method!r}; valid: {sorted(names)}.")
-    return config_cls(**given)
+        raise InvalidConfigError(f"Unknown option(s) {', '.join(unknown)} for {method!r}; valid: {sorted(names)}.")
+    if aliases:
+        given = _new_names(given, config_cls.__name__, " in config")
+        overrides = _new_names(overrides, config_cls.__name__, " in the keyword arguments")
+    return config_cls(**{**given, **overrides})
