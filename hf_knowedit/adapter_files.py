@@ -344,6 +344,17 @@ def _check_target(target: Path) -> None:
         )
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``target``; on success it replaces ``target`` by
@@ -364,6 +375,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     with directory_lock(target):
         clean_stale_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the adapter gets ordinary permissions
     try:
         yield tmp
         with directory_lock(target):
@@ -663,11 +675,13 @@ def _check_peft(peft: dict[str, Any], path: Path) -> None:
 
 
 def _check_fingerprint(path: Path, field: str, fp: Any) -> None:
-    want = "null or an object with shape [ints], sha256 (hex) and sketch [numbers]"
+    want = "null or an object with shape [ints], sha256 (hex), sketch [numbers] and optional version (int), dtype"
     if fp is None:
         return
     if (
         not isinstance(fp, dict)
+        or ("version" in fp and not _is_int(fp["version"], 1))
+        or ("dtype" in fp and not isinstance(fp["dtype"], str))
         or not isinstance(fp.get("shape"), list)
         or not all(_is_int(x, 0) for x in fp["shape"])
         or not isinstance(fp.get("sha256"), str)

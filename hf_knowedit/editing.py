@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import numbers
-from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
@@ -20,6 +19,7 @@ from torch import nn
 from .architectures import get_architecture, num_layers
 from .editset import EditSet
 from .errors import EditsDisabledError, InvalidConfigError, LayerOutOfRangeError
+from .generation import max_positions
 from .hooks import frozen
 from .methods.registry import EditContext, Layers, get_method, resolve_config
 from .requests import normalize_requests
@@ -32,15 +32,16 @@ from .stack import (
     push_edit_set,
     weight_fingerprints,
 )
+from .tokens import check_request_lengths
 
 logger = logging.getLogger(__name__)
 
 
 def check_layers(model: nn.Module, layers: Any) -> list[int]:
     """Validate explicit layer indices (negative ones count from the end; NumPy integers are fine)."""
-    if isinstance(layers, str) or not isinstance(layers, Iterable):
+    if not isinstance(layers, (list, tuple, range)) and not hasattr(layers, "tolist"):  # lists, NumPy arrays
         raise InvalidConfigError(f"layers must be a list of ints, 'auto' or None, got {layers!r}.")
-    layers = list(layers)
+    layers = list(layers.tolist() if hasattr(layers, "tolist") else layers)
     if not layers:
         raise InvalidConfigError("layers is empty: pass at least one layer index, 'auto', or None for the default.")
     n = num_layers(model)
@@ -91,6 +92,9 @@ def apply_edits(
     reqs = normalize_requests(requests)
     config = resolve_config(spec, config, overrides)
     arch = get_architecture(model)
+    templated = getattr(config, "context_templates", 0)
+    reserve = getattr(config, "context_length", 0) + 4 if templated else 0  # a template prefix and its ". "
+    check_request_lengths(tokenizer, reqs, max_positions(model), reserve=reserve)
     if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
         layers = [layers]
     if layers is not None and not (isinstance(layers, str) and layers == "auto"):

@@ -143,7 +143,7 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
         none, and the lookup fails offline); everything else is the mixin's contract.
         """
         return cls._from_pretrained(
-            model_id=str(pretrained_model_name_or_path),
+            model_id=pretrained_model_name_or_path,
             revision=revision,
             cache_dir=cache_dir,
             force_download=force_download,

@@ -52,8 +52,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import get_module
-from .deltas import deltas_digest, fingerprint, matches_weight
+from .architectures import LAYOUTS, get_module
+from .deltas import ModuleDelta, deltas_digest, fingerprint, matches_weight
 from .editset import EditSet
 from .errors import (
     BaseModelMismatchError,
@@ -66,6 +66,7 @@ from .errors import (
     NonFiniteUpdateError,
 )
 from .hooks import LowRankHook, ModelGate
+from .requests import EditRequest
 
 logger = logging.getLogger(__name__)
 
@@ -343,6 +344,28 @@ def find_conflicts(model: nn.Module, es: EditSet) -> list[str]:
     return out
 
 
+#: keyword arguments ``load_edits`` passes on to the Hub
+HUB_ARGUMENTS = frozenset({"revision", "token", "cache_dir", "force_download", "local_files_only"})
+
+
+def check_edit_set(es: Any) -> None:
+    """Refuse what is not a well-formed edit set (hand-built ones included) before anything is planned."""
+    if not isinstance(es, EditSet):
+        raise InvalidArgumentError(f"Expected an EditSet, got {type(es).__name__}.")
+    if not isinstance(es.deltas, dict) or not es.deltas:
+        raise InvalidArgumentError("EditSet.deltas must be a non-empty dict of module path -> ModuleDelta.")
+    for path, d in es.deltas.items():
+        if not isinstance(path, str) or not isinstance(d, ModuleDelta):
+            raise InvalidArgumentError(f"EditSet.deltas[{path!r}] must be a ModuleDelta keyed by a module path.")
+        if es.layouts.get(path, "linear") not in LAYOUTS:
+            raise InvalidArgumentError(f"EditSet.layouts[{path!r}] must be one of {LAYOUTS}.")
+        fp = es.fingerprints.get(path)
+        if fp is not None and not (isinstance(fp, dict) and {"shape", "sha256", "sketch"} <= set(fp)):
+            raise InvalidArgumentError(f"EditSet.fingerprints[{path!r}] is not a fingerprint (shape, sha256, sketch).")
+    if not all(isinstance(r, EditRequest) for r in es.requests):
+        raise InvalidArgumentError("EditSet.requests must be EditRequest objects (hf_knowedit.requests.to_request).")
+
+
 def check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise InvalidArgumentError(f"{name} must be True or False, got {value!r}.")
@@ -367,6 +390,7 @@ def push_edit_set(
 ) -> EditSet:
     """Activate ``es`` on ``model`` as one transaction: all modules or none, and ``commit`` (a method's
     state update, e.g. AlphaEdit's history) with it. Returns the set, named."""
+    check_edit_set(es)
     check_flag("merge", merge), check_flag("allow_conflicts", allow_conflicts), check_flag("force", force)
     check_name(name)
     with model_lock(model) as state:
@@ -583,11 +607,16 @@ def load_edits(
     """
     check_flag("merge", merge), check_flag("allow_conflicts", allow_conflicts), check_flag("force", force)
     check_name(name)
+    unknown = sorted(set(hub_kwargs) - HUB_ARGUMENTS)
+    if unknown:
+        raise InvalidArgumentError(
+            f"load_edits() got unknown argument(s) {unknown}; Hub arguments are {sorted(HUB_ARGUMENTS)}."
+        )
     if isinstance(source, EditSet):
         if hub_kwargs:
             raise InvalidArgumentError(f"Hub arguments {sorted(hub_kwargs)} make no sense with an EditSet source.")
         es = dataclasses.replace(source)  # the stack names its own copy; the caller's set stays as it is
-    elif isinstance(source, (str, os.PathLike)) and str(source).strip():
+    elif isinstance(source, (str, os.PathLike)):
         es = EditSet.from_pretrained(source, **hub_kwargs)
     else:
         raise InvalidArgumentError(

@@ -167,8 +167,8 @@ def test_parser_defaults():
         (["apply"], "required"),
     ],
 )
-def test_usage_errors_exit_2_with_one_line(capsys, no_model, tmp_path, argv, message):
-    os.chdir(tmp_path)
+def test_usage_errors_exit_2_with_one_line(capsys, no_model, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)  # restored afterwards: later tests must not run in a removed directory
     with pytest.raises(SystemExit) if message else _no_raise() as exc:
         code = main(argv)
     err = capsys.readouterr().err
