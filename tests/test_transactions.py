@@ -557,3 +557,37 @@ StackMachine.TestCase.settings = settings(
     max_examples=25, stateful_step_count=12, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_stack_machine = StackMachine.TestCase
+
+
+def test_a_prompt_longer_than_the_model_takes_is_refused_before_any_forward():
+    model, tok = make_tiny_model("gpt2")
+    before = full_state(model)
+    long = dict(FACT, prompt="{} is located in" + " the city" * 200)
+    with pytest.raises(hf_knowedit.errors.InvalidRequestError, match="at most"):
+        hf_knowedit.apply_edits(model, tok, long, "rome", layers=[1], **CHEAP)
+    assert_state(model, before)
+
+
+@pytest.mark.parametrize("layers", [{1: 2}, (i for i in [1]), {1}])
+def test_layers_must_be_a_sequence(layers):
+    model, tok = make_tiny_model("llama")
+    with pytest.raises(KnowEditError, match="list of ints"):
+        hf_knowedit.apply_edits(model, tok, FACT, "rome", layers=layers, **CHEAP)
+
+
+def test_hand_built_edit_sets_and_unknown_hub_arguments_are_refused(tmp_path):
+    model, _ = make_tiny_model("llama")
+    before = full_state(model)
+    bad_requests = random_set(model, 1)
+    bad_requests.requests = ["x"]
+    bad_layout = random_set(model, 2)
+    bad_layout.layouts = {p: "weird" for p in PATHS}
+    bad_fingerprint = random_set(model, 3)
+    bad_fingerprint.fingerprints = {PATHS[0]: {}}
+    for es in (bad_requests, bad_layout, bad_fingerprint):
+        with pytest.raises(InvalidArgumentError):
+            hf_knowedit.load_edits(model, es)
+    random_set(model, 4).save_pretrained(tmp_path / "a")
+    with pytest.raises(InvalidArgumentError, match="bogus"):
+        hf_knowedit.load_edits(model, tmp_path / "a", bogus=1)
+    assert_state(model, before)
