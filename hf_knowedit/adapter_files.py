@@ -42,7 +42,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -334,13 +334,13 @@ def directory_lock(target: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _check_target(target: Path) -> None:
+def _check_target(target: Path, replaceable: Callable[[Path], bool] | None = None, what: str = "adapter") -> None:
     if target.exists() and not target.is_dir():
-        raise AdapterFormatError(f"{target} is a file; pass a directory to save the adapter into.")
-    if target.is_dir() and any(target.iterdir()) and not _is_adapter_dir(target):
+        raise AdapterFormatError(f"{target} is a file; pass a directory to save the {what} into.")
+    if target.is_dir() and any(target.iterdir()) and not (replaceable or _is_adapter_dir)(target):
         raise AdapterFormatError(
-            f"{target} is a non-empty directory that holds no adapter; saving would replace its "
-            "files. Pass a new or empty directory, or an earlier adapter's directory."
+            f"{target} is a non-empty directory that holds no {what}; saving would replace its "
+            f"files. Pass a new or empty directory, or an earlier {what}'s directory."
         )
 
 
@@ -356,12 +356,16 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
+def atomic_directory(
+    target: str | Path, *, replaceable: Callable[[Path], bool] | None = None, what: str = "adapter"
+) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``target``; on success it replaces ``target`` by
     rename, on failure it is deleted and ``target`` is left as it was.
 
     ``target`` may be absent, empty, or an earlier adapter (replaced whole). A non-empty directory
-    that is not an adapter is refused: replacing it would delete its files.
+    that is not an adapter is refused: replacing it would delete its files. ``replaceable(path)``
+    decides instead what else may be replaced (e.g. an earlier merged checkpoint; ``what`` names it
+    in errors).
 
     Safe against killed and concurrent writers: the temporary directory is named with the writer's
     process id, and temporaries of processes that no longer run are removed (or, for a save killed
@@ -370,7 +374,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     the last one swapped in.
     """
     target = Path(target).expanduser().absolute()
-    _check_target(target)
+    _check_target(target, replaceable, what)
     target.parent.mkdir(parents=True, exist_ok=True)
     with directory_lock(target):
         clean_stale_temporaries(target)
@@ -380,7 +384,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         yield tmp
         with directory_lock(target):
             clean_stale_temporaries(target)
-            _check_target(target)
+            _check_target(target, replaceable, what)
             if target.is_dir() and any(target.iterdir()):
                 old = target.parent / f".{target.name}.old-{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}"
                 os.rename(target, old)

@@ -30,9 +30,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -391,36 +389,6 @@ def _check_merge_target(path: str | None) -> None:
             "replace its files. Pass a new or empty directory, or an earlier merged checkpoint."
         )
     _writable_parent(p, "--merge-to")
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    """``write(tmp)`` into a temporary directory beside ``target``, then rename it to ``target`` (replacing an
-    empty directory or an earlier checkpoint). On any failure nothing is left behind and ``target`` is as it was."""
-    target = target.expanduser().absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the checkpoint private
-    try:
-        write(tmp)
-        if target.is_dir() and any(target.iterdir()):
-            old = target.parent / f".{target.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# =============================================================================================
-# the model
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -955,7 +923,10 @@ def cmd_apply(args: argparse.Namespace, out: Output) -> int:
             (tmp / "README.md").write_text(card, encoding="utf-8")
 
         logger.info("Writing the merged checkpoint to %s ...", target)
-        _atomic_write(target, write)
+        from .adapter_files import atomic_directory
+
+        with atomic_directory(target, replaceable=_is_checkpoint, what="model checkpoint") as tmp:
+            write(tmp)
         out.say("merged checkpoint written to", args.merge_to, "(loads with AutoModelForCausalLM.from_pretrained)")
         data["merged_to"] = str(target)
     out.result(data)

@@ -1,15 +1,7 @@
-"""Edit sets: what an editing call produced, as exact low-rank factors per module
-(:class:`~hf_knowedit.deltas.ModuleDelta`), with the facts, the method and its config.
-
-A module's update is ``ΔW = B @ A`` in the ``[out, in]`` orientation of ``nn.Linear``,
-with ``A: [r, in]`` and ``B: [out, r]`` (PEFT's ``lora_A`` / ``lora_B`` with scaling 1).
-ROME gives ``r = 1``; MEMIT-family methods give ``r <= edits per layer``. A *dense* delta
-is stored exactly as full-rank factors with one identity factor (``r = min(in, out)``),
-flagged ``dense=True``.
-
-Factors are kept in float32 whatever the model's dtype; they are cast only when
-written into weights.
-"""
+"""Edit sets: what an editing call produced — exact low-rank factors per module
+(:class:`~hf_knowedit.deltas.ModuleDelta`, whose docstring gives the orientation and storage), the
+facts, the method and its config — saved, loaded and shared as PEFT-compatible adapters
+(:mod:`hf_knowedit.adapter_files`)."""
 
 from __future__ import annotations
 

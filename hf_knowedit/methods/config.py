@@ -172,16 +172,7 @@ def with_aliases(cls: type) -> type:
         twice = sorted(n for n in names[: len(args)] if n in kwargs)
         if twice:
             raise InvalidConfigError(f"{cls.__name__}: {twice} given both by position and by name.")
-        for old in [k for k in kwargs if k in ALIASES]:
-            new = ALIASES[old]
-            if new in kwargs:
-                raise InvalidConfigError(f"{cls.__name__}: pass {new} only ({old} is its old name).")
-            warnings.warn(
-                f"{cls.__name__}({old}=...) is now {new}=...; the old name goes away in the next release.",
-                FutureWarning,
-                stacklevel=2,
-            )
-            kwargs[new] = kwargs.pop(old)
+        kwargs = _new_names(kwargs, cls.__name__, "")
         init(self, *args, **kwargs)
 
     cls.__init__ = __init__
