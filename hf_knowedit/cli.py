@@ -913,7 +913,10 @@ def cmd_apply(args: argparse.Namespace, out: Output) -> int:
             raise UsageError("--prompt must not be empty")
     sets = []
     for source in args.adapters:  # read (and check) every adapter before the model loads
-        sets.append((source, EditSet.from_pretrained(source)))
+        es = EditSet.from_pretrained(source)
+        if args.max_rank is not None:
+            es = _truncated(es, args.max_rank, source, out)
+        sets.append((source, es))
     _check_model_arg(args)
     model, tok = _model(args)
     applied = []
@@ -958,6 +961,42 @@ def cmd_apply(args: argparse.Namespace, out: Output) -> int:
         _atomic_write(target, write)
         out.say("merged checkpoint written to", args.merge_to, "(loads with AutoModelForCausalLM.from_pretrained)")
         data["merged_to"] = str(target)
+    out.result(data)
+    return 0
+
+
+def _truncated(es: Any, rank: int, source: str, out: Output) -> Any:
+    """``es.truncate(rank)``, with each module's rank and relative error said."""
+    small = es.truncate(rank)
+    info = small.metrics["truncation"]
+    for path, error in info["relative_error"].items():
+        before, after = info["ranks_before"][path], info["ranks_after"][path]
+        what = f"rank {before} -> {after}, relative error {error:.4f}" if before != after else f"rank {before} (kept)"
+        out.say(f"{source}: {path}: {what}")
+    return small
+
+
+def cmd_truncate(args: argparse.Namespace, out: Output) -> int:
+    from .editset import EditSet
+
+    _check_adapter_dir(args.out, "--out")
+    if args.push and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", args.push):
+        raise UsageError(f"--push {args.push!r} is not a Hub repo id (e.g. 'user/angola-edit-r64')")
+    if not args.out and not args.push:
+        raise UsageError("give --out DIR and/or --push REPO: where to write the truncated adapter")
+    es = EditSet.from_pretrained(args.adapter)
+    small = _truncated(es, args.rank, args.adapter, out)
+    info = small.metrics["truncation"]
+    out.say(f"max relative error {info['max_relative_error']:.4f} at rank {args.rank} (‖ΔW − ΔW_r‖_F / ‖ΔW‖_F)")
+    data: dict[str, Any] = {"source": args.adapter, **_edit_summary(small), "truncation": info}
+    if args.out:
+        path = small.save_pretrained(args.out)
+        out.say("truncated adapter saved to", path)
+        data["out"] = str(path)
+    if args.push:
+        url = small.push_to_hub(args.push)
+        out.say("pushed to", url)
+        data["pushed"] = str(url)
     out.result(data)
     return 0
 
@@ -1091,7 +1130,15 @@ statistics: ROME-family methods need C = E[k kᵀ] at each edited layer, compute
     "apply": """examples:
   hf-knowedit apply edits/angola --prompt "Angola is located in"     # load, check, report
   hf-knowedit apply edits/angola me/messi-edit --merge-to merged/     # a plain transformers checkpoint
+  hf-knowedit apply edits/cf100 --max-rank 64 --prompt "Angola is located in"   # truncated first
   python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('merged')\"""",
+    "truncate": """examples:
+  hf-knowedit truncate edits/cf100 --rank 64 --out edits/cf100-r64      # per-module relative errors printed
+  hf-knowedit truncate me/cf1000 --rank 512 --push me/cf1000-r512        # under vLLM's largest LoRA rank
+  hf-knowedit apply edits/cf100 --max-rank 32 --prompt "Danielle Darrieux's mother tongue is"
+
+Each module's delta becomes its best rank-R approximation (SVD, computed in float64 from the LoRA factors);
+modules of rank <= R are kept exactly. docs/serving.md has measured effects on edit quality.""",
     "list": """examples:
   hf-knowedit list edits/
   hf-knowedit list --json""",
@@ -1261,7 +1308,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-to", metavar="DIR", help="write a merged checkpoint (safetensors, config, tokenizer, card)")
     p.add_argument("--prompt", action="append", help="print the top predictions for this prompt (repeatable)")
     p.add_argument("--force", action="store_true", help="apply even if the base weights differ (not recommended)")
+    p.add_argument(
+        "--max-rank",
+        type=_positive_int,
+        metavar="R",
+        help="truncate every module's delta to rank R first (best approximation by SVD; errors reported)",
+    )
     p.set_defaults(func=cmd_apply)
+
+    p = command("truncate", "write an adapter whose deltas are truncated to rank R (e.g. for a serving engine)")
+    p.add_argument("adapter", help="adapter directory or Hub id")
+    p.add_argument("--rank", "--max-rank", dest="rank", type=_positive_int, required=True, metavar="R",
+                   help="the largest rank per module")  # fmt: skip
+    p.add_argument("--out", metavar="DIR", help="save the truncated adapter into this directory")
+    p.add_argument("--push", metavar="REPO", help="push the truncated adapter to this Hub repo id")
+    p.set_defaults(func=cmd_truncate)
 
     p = command("list", "list the edit adapters under a directory, one line each")
     p.add_argument("directory", nargs="?", default=".", help="where to look (default: .)")
