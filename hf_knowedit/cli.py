@@ -9,6 +9,8 @@
     hf-knowedit stats compute --layers 6 --n-tokens 20000
     hf-knowedit apply edits/angola --merge-to merged/
     hf-knowedit list edits/  |  hf-knowedit show edits/angola
+    hf-knowedit truncate edits/cf100 --rank 64 --out edits/cf100-r64
+    hf-knowedit studio                      (a local web UI; needs the [studio] extra)
 
 Every subcommand takes ``--json`` (one JSON document on stdout; logs and progress bars go to
 stderr). Commands that need a model take ``--model`` (a local path or Hub id; the default
@@ -1001,6 +1003,24 @@ def cmd_truncate(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def cmd_studio(args: argparse.Namespace, out: Output) -> int:
+    if importlib.util.find_spec("gradio") is None:
+        raise InvalidConfigError(
+            "The studio needs gradio: pip install 'hf_knowedit[studio]' (or pip install gradio); "
+            "'make studio-deps' installs it with the browser-test tools."
+        )
+    from . import studio
+
+    studio.check_port(args.host, args.port)  # before the model loads
+    _check_model_arg(args)
+    model, tok = _model(args)
+    name = "SmolLM2-135M-Instruct (bundled)" if args.model == BUNDLED else args.model
+    app = studio.Studio(model, tok, model_name=name)
+    logger.info("Starting the Edit Studio on http://%s:%d (Ctrl-C stops it) ...", args.host, args.port)
+    studio.launch(app, host=args.host, port=args.port, block=True, quiet=args.quiet)
+    return 0
+
+
 def _find_adapters(root: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -1075,6 +1095,16 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32, width=100)
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number between 1 and 65535, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -1139,6 +1169,13 @@ statistics: ROME-family methods need C = E[k kᵀ] at each edited layer, compute
 
 Each module's delta becomes its best rank-R approximation (SVD, computed in float64 from the LoRA factors);
 modules of rank <= R are kept exactly. docs/serving.md has measured effects on edit quality.""",
+    "studio": """examples:
+  hf-knowedit studio                                  # bundled SmolLM2-135M, offline: http://127.0.0.1:7860
+  hf-knowedit studio --model gpt2 --port 8000
+  hf-knowedit studio --host 0.0.0.0                   # reachable from other machines (no authentication!)
+
+Needs gradio: pip install 'hf_knowedit[studio]'. On a CPU pick statistics 'identity' (instant) or a few
+thousand sampled tokens (computed once per layer, cached); tracing with 3 samples takes seconds to a minute.""",
     "list": """examples:
   hf-knowedit list edits/
   hf-knowedit list --json""",
@@ -1323,6 +1360,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="save the truncated adapter into this directory")
     p.add_argument("--push", metavar="REPO", help="push the truncated adapter to this Hub repo id")
     p.set_defaults(func=cmd_truncate)
+
+    p = command(
+        "studio", "the Edit Studio: a local web UI to trace, edit, compare, disable, revert and save (gradio)",
+        [model_opts],
+    )  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
+    p.set_defaults(func=cmd_studio)
 
     p = command("list", "list the edit adapters under a directory, one line each")
     p.add_argument("directory", nargs="?", default=".", help="where to look (default: .)")
