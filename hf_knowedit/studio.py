@@ -117,7 +117,7 @@ def as_label(top: Sequence[tuple[str, float]]) -> dict[str, float]:
 
 
 def fmt_top(top: Sequence[tuple[str, float]], n: int = 3) -> str:
-    return ", ".join(f"{t.strip() or repr(t)} {p:.2f}" for t, p in top[:n])
+    return ", ".join(f"{t.strip() or repr(t)} {p:.1%}" for t, p in top[:n])
 
 
 def ui_message(err: BaseException) -> str:
@@ -417,7 +417,8 @@ class Studio:
             return f"Reverted **{name}**."
 
     def save(self, name: str, directory: str, max_rank: Any = None) -> str:
-        """Save an edit as a PEFT-LoRA adapter directory (truncated to ``max_rank`` when given)."""
+        """Save an edit as a PEFT-LoRA adapter directory (truncated to ``max_rank`` when given; 0 or blank:
+        exact)."""
         name = self._name(name)
         directory = self._text(directory, "a directory", "where to write the adapter, e.g. 'edits/eiffel'")
         es, note = self._maybe_truncated(name, max_rank)
@@ -441,8 +442,13 @@ class Studio:
     def _maybe_truncated(self, name: str, max_rank: Any) -> tuple[Any, str]:
         with self.lock:
             es = self._edit_set(name)
-        if max_rank is None or max_rank == "" or (isinstance(max_rank, float) and max_rank != max_rank):
-            return es, ""
+        if (
+            max_rank is None
+            or max_rank == ""
+            or max_rank == 0
+            or (isinstance(max_rank, float) and max_rank != max_rank)
+        ):
+            return es, ""  # blank or 0: the exact edit
         if isinstance(max_rank, bool) or not isinstance(max_rank, (int, float)) or int(max_rank) != max_rank:
             raise InvalidConfigError(f"Max rank must be a whole number (or blank), got {max_rank!r}.")
         small = es.truncate(int(max_rank))
@@ -500,17 +506,24 @@ def build_app(studio: Studio, *, title: str = "hf_knowedit Edit Studio") -> Any:
     """The gradio ``Blocks`` of ``studio`` (not launched)."""
     import gradio as gr
 
+    def ui_error(message: str) -> Exception:
+        try:  # gradio >= 5.x: no traceback on the console for an error the user is shown
+            return gr.Error(message, print_exception=False)
+        except TypeError:  # pragma: no cover (older gradio)
+            return gr.Error(message)
+
     @contextlib.contextmanager
     def shown_errors():
         try:
             yield
         except gr.Error:
             raise
-        except KnowEditError as err:
-            raise gr.Error(ui_message(err)) from None
-        except Exception as err:  # files, the Hub, transformers: one line in the UI, the traceback in the log
-            logger.exception("Studio action failed")
-            raise gr.Error(ui_message(err)) from None
+        except KnowEditError as err:  # the library's message says how to fix it: one line, here and in the log
+            logger.warning("%s", ui_message(err))
+            raise ui_error(ui_message(err)) from None
+        except Exception as err:  # files, the Hub, transformers: one line; the traceback with -v (debug logs)
+            logger.error("%s", ui_message(err), exc_info=logger.isEnabledFor(logging.DEBUG))
+            raise ui_error(ui_message(err)) from None
 
     def edits_update(selected: str | None = None) -> tuple[Any, Any]:
         rows = studio.edits()
@@ -621,7 +634,7 @@ def build_app(studio: Studio, *, title: str = "hf_knowedit Edit Studio") -> Any:
             revert_btn = gr.Button("Revert", variant="stop", elem_id="revert-btn")
         with gr.Row():
             directory = gr.Textbox(label="Save to directory", placeholder="edits/eiffel", elem_id="save-dir")
-            max_rank = gr.Number(label="Max rank (blank: exact)", precision=0, value=None, elem_id="max-rank")
+            max_rank = gr.Number(label="Max rank (0: exact)", precision=0, value=0, minimum=0, elem_id="max-rank")
             save_btn = gr.Button("Save adapter", elem_id="save-btn")
             repo = gr.Textbox(label="Hub repo id", placeholder="me/eiffel-edit", elem_id="repo")
             push_btn = gr.Button("Push to Hub", elem_id="push-btn")

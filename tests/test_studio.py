@@ -162,7 +162,7 @@ def test_save_push_and_truncate(app, tmp_path, hub):
     message = app.save(name, str(tmp_path / "b"), max_rank=1.0)  # gr.Number gives floats
     assert "truncated to rank 1 (largest relative error 0.0000)" in message
     app.toggle(name)
-    app.save(name, str(tmp_path / "c"))  # a disabled edit saves too
+    assert "truncated" not in app.save(name, str(tmp_path / "c"), max_rank=0)  # 0: exact; a disabled one saves too
     assert EditSet.from_pretrained(tmp_path / "c").requests == es.requests
     assert "Pushed **rome-1**" in app.push(name, "studio-edit")
     assert EditSet.from_pretrained(f"{hub.user}/studio-edit").requests == es.requests
@@ -229,7 +229,8 @@ def test_parse_layers_refuses(text):
 def test_labels_are_readable_and_unique():
     assert studio.as_label([(" Paris", 0.5), ("Paris", 0.2), (" ", 0.1)]) == {"Paris": 0.5, "'Paris'": 0.2, "' '": 0.1}
     assert (
-        studio.fmt_top([(" Paris", 0.5), (" Rome", 0.25), ("x", 0.1), ("y", 0.01)]) == "Paris 0.50, Rome 0.25, x 0.10"
+        studio.fmt_top([(" Paris", 0.5), (" Rome", 0.25), ("x", 0.001), ("y", 0.01)])
+        == "Paris 50.0%, Rome 25.0%, x 0.1%"
     )
 
 
