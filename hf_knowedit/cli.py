@@ -1123,7 +1123,9 @@ EPILOGS = {
   hf-knowedit eval counterfact_500.json --method rome --limit 10 --no-fluency
   hf-knowedit stats compute --layers 6
   hf-knowedit apply edits/angola --merge-to merged/
+  hf-knowedit truncate edits/cf100 --rank 64 --out edits/cf100-r64
   hf-knowedit list edits/
+  hf-knowedit studio                       # a local web UI (pip install 'hf_knowedit[studio]')
 
 Run 'hf-knowedit COMMAND --help' for a command's options and more examples.""",
     "info": """examples:
