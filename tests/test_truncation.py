@@ -83,6 +83,17 @@ def test_dense_deltas_truncate_to_factors():
         assert kept.dense and error == 0.0 and torch.equal(kept.delta(), d.delta())
 
 
+def test_a_dense_delta_of_low_rank_truncates_exactly_to_its_rank():
+    """A dense module (stored when the rank exceeds half the smaller side) comes back as an exact LoRA."""
+    g = torch.Generator().manual_seed(2)
+    low = torch.randn(30, 5, generator=g) @ torch.randn(5, 20, generator=g)
+    d = ModuleDelta.from_dense(low)
+    assert d.dense and d.rank == 20
+    small, error = d.truncate(5)
+    assert small.rank == 5 and error < 1e-6
+    torch.testing.assert_close(small.delta(), low, rtol=0, atol=1e-4)
+
+
 def test_zero_delta_and_bad_ranks():
     zero = ModuleDelta(A=torch.zeros(3, 8), B=torch.zeros(5, 3))
     small, error = zero.truncate(1)
