@@ -49,8 +49,10 @@ studio-deps: $(STAMP)
 		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 	$(PY) -m pip install -q -e ".[studio]" playwright
 
-studio: studio-deps
-	$(VENV)/bin/hf-knowedit studio
+# the Edit Studio on the bundled model, http://127.0.0.1:7860 (STUDIO_ARGS="--port 8000 --model ID")
+studio: $(STAMP)
+	$(PY) -m pip install -q -e ".[studio]"
+	$(VENV)/bin/hf-knowedit studio $(STUDIO_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(if $(DATA),--data $(DATA)) $(BENCH_ARGS)

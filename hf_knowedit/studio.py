@@ -325,8 +325,12 @@ class Studio:
             progress(0.0, "Predictions before the edit")
             before = [self.predict(p) for _, p in probes]
             gen_before = self.generate(prompt)
-            what = "statistics skipped" if stats == STATS_IDENTITY else f"statistics from {int(n_tokens):,} tokens"
-            progress(0.15, f"Computing the {method} edit ({what}; the first sampled run per layer takes longer)")
+            what = (
+                "statistics skipped"
+                if stats == STATS_IDENTITY
+                else f"statistics from {int(n_tokens):,} sampled tokens: computed once per layer, then cached"
+            )
+            progress(0.15, f"Computing the {method} edit ({what})")
             start = time.perf_counter()
             es = hf_knowedit.apply_edits(self.model, self.tokenizer, request, method, layers=parse_layers(layers),
                                          config=cfg)  # fmt: skip
