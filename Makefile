@@ -11,7 +11,7 @@ DATA   ?= $(or $(HF_KNOWEDIT_DATA),$(wildcard ../shared/data))
 export HF_KNOWEDIT_DATA := $(DATA)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow quality format bench clean
+.PHONY: setup demo test test-slow quality format bench studio studio-deps clean
 
 setup: $(STAMP)
 
@@ -34,12 +34,25 @@ test-slow: $(STAMP)
 
 # lint (pyflakes, pycodestyle, import order, one type-hint style, no print in the library) and formatting
 quality: $(STAMP)
-	$(VENV)/bin/ruff check hf_knowedit tests benchmarks examples
-	$(VENV)/bin/ruff format --check hf_knowedit tests benchmarks examples
+	$(VENV)/bin/ruff check hf_knowedit tests benchmarks examples app.py
+	$(VENV)/bin/ruff format --check hf_knowedit tests benchmarks examples app.py
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix hf_knowedit tests benchmarks examples
-	$(VENV)/bin/ruff format hf_knowedit tests benchmarks examples
+	$(VENV)/bin/ruff check --fix hf_knowedit tests benchmarks examples app.py
+	$(VENV)/bin/ruff format hf_knowedit tests benchmarks examples app.py
+
+# the Edit Studio (gradio) and what its browser test needs: Debian's chromium (driven by Playwright's Python
+# package; Playwright's own browser download is not used) -- apt-get needs root, or sudo
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+studio-deps: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
+	$(PY) -m pip install -q -e ".[studio]" playwright
+
+# the Edit Studio on the bundled model, http://127.0.0.1:7860 (STUDIO_ARGS="--port 8000 --model ID")
+studio: $(STAMP)
+	$(PY) -m pip install -q -e ".[studio]"
+	$(VENV)/bin/hf-knowedit studio $(STUDIO_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(if $(DATA),--data $(DATA)) $(BENCH_ARGS)

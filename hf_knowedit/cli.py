@@ -9,6 +9,8 @@
     hf-knowedit stats compute --layers 6 --n-tokens 20000
     hf-knowedit apply edits/angola --merge-to merged/
     hf-knowedit list edits/  |  hf-knowedit show edits/angola
+    hf-knowedit truncate edits/cf100 --rank 64 --out edits/cf100-r64
+    hf-knowedit studio                      (a local web UI; needs the [studio] extra)
 
 Every subcommand takes ``--json`` (one JSON document on stdout; logs and progress bars go to
 stderr). Commands that need a model take ``--model`` (a local path or Hub id; the default
@@ -881,7 +883,10 @@ def cmd_apply(args: argparse.Namespace, out: Output) -> int:
             raise UsageError("--prompt must not be empty")
     sets = []
     for source in args.adapters:  # read (and check) every adapter before the model loads
-        sets.append((source, EditSet.from_pretrained(source)))
+        es = EditSet.from_pretrained(source)
+        if args.max_rank is not None:
+            es = _truncated(es, args.max_rank, source, out)
+        sets.append((source, es))
     _check_model_arg(args)
     model, tok = _model(args)
     applied = []
@@ -930,6 +935,60 @@ def cmd_apply(args: argparse.Namespace, out: Output) -> int:
         out.say("merged checkpoint written to", args.merge_to, "(loads with AutoModelForCausalLM.from_pretrained)")
         data["merged_to"] = str(target)
     out.result(data)
+    return 0
+
+
+def _truncated(es: Any, rank: int, source: str, out: Output) -> Any:
+    """``es.truncate(rank)``, with each module's rank and relative error said."""
+    small = es.truncate(rank)
+    info = small.metrics["truncation"]
+    for path, error in info["relative_error"].items():
+        before, after = info["ranks_before"][path], info["ranks_after"][path]
+        what = f"rank {before} -> {after}, relative error {error:.4f}" if before != after else f"rank {before} (kept)"
+        out.say(f"{source}: {path}: {what}")
+    return small
+
+
+def cmd_truncate(args: argparse.Namespace, out: Output) -> int:
+    from .editset import EditSet
+
+    _check_adapter_dir(args.out, "--out")
+    if args.push and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", args.push):
+        raise UsageError(f"--push {args.push!r} is not a Hub repo id (e.g. 'user/angola-edit-r64')")
+    if not args.out and not args.push:
+        raise UsageError("give --out DIR and/or --push REPO: where to write the truncated adapter")
+    es = EditSet.from_pretrained(args.adapter)
+    small = _truncated(es, args.rank, args.adapter, out)
+    info = small.metrics["truncation"]
+    out.say(f"max relative error {info['max_relative_error']:.4f} at rank {args.rank} (‖ΔW − ΔW_r‖_F / ‖ΔW‖_F)")
+    data: dict[str, Any] = {"source": args.adapter, **_edit_summary(small), "truncation": info}
+    if args.out:
+        path = small.save_pretrained(args.out)
+        out.say("truncated adapter saved to", path)
+        data["out"] = str(path)
+    if args.push:
+        url = small.push_to_hub(args.push)
+        out.say("pushed to", url)
+        data["pushed"] = str(url)
+    out.result(data)
+    return 0
+
+
+def cmd_studio(args: argparse.Namespace, out: Output) -> int:
+    if importlib.util.find_spec("gradio") is None:
+        raise InvalidConfigError(
+            "The studio needs gradio: pip install 'hf_knowedit[studio]' (or pip install gradio); "
+            "'make studio-deps' installs it with the browser-test tools."
+        )
+    from . import studio
+
+    studio.check_port(args.host, args.port)  # before the model loads
+    _check_model_arg(args)
+    model, tok = _model(args)
+    name = "SmolLM2-135M-Instruct (bundled)" if args.model == BUNDLED else args.model
+    app = studio.Studio(model, tok, model_name=name)
+    logger.info("Starting the Edit Studio on http://%s:%d (Ctrl-C stops it) ...", args.host, args.port)
+    studio.launch(app, host=args.host, port=args.port, block=True, quiet=args.quiet)
     return 0
 
 
@@ -1007,6 +1066,16 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32, width=100)
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number between 1 and 65535, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -1025,7 +1094,9 @@ EPILOGS = {
   hf-knowedit eval counterfact_500.json --method rome --limit 10 --no-fluency
   hf-knowedit stats compute --layers 6
   hf-knowedit apply edits/angola --merge-to merged/
+  hf-knowedit truncate edits/cf100 --rank 64 --out edits/cf100-r64
   hf-knowedit list edits/
+  hf-knowedit studio                       # a local web UI (pip install 'hf_knowedit[studio]')
 
 Run 'hf-knowedit COMMAND --help' for a command's options and more examples.""",
     "info": """examples:
@@ -1062,7 +1133,22 @@ statistics: ROME-family methods need C = E[k kᵀ] at each edited layer, compute
     "apply": """examples:
   hf-knowedit apply edits/angola --prompt "Angola is located in"     # load, check, report
   hf-knowedit apply edits/angola me/messi-edit --merge-to merged/     # a plain transformers checkpoint
+  hf-knowedit apply edits/cf100 --max-rank 64 --prompt "Angola is located in"   # truncated first
   python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('merged')\"""",
+    "truncate": """examples:
+  hf-knowedit truncate edits/cf100 --rank 64 --out edits/cf100-r64      # per-module relative errors printed
+  hf-knowedit truncate me/cf1000 --rank 512 --push me/cf1000-r512        # under vLLM's largest LoRA rank
+  hf-knowedit apply edits/cf100 --max-rank 32 --prompt "Danielle Darrieux's mother tongue is"
+
+Each module's delta becomes its best rank-R approximation (SVD, computed in float64 from the LoRA factors);
+modules of rank <= R are kept exactly. docs/serving.md has measured effects on edit quality.""",
+    "studio": """examples:
+  hf-knowedit studio                                  # bundled SmolLM2-135M, offline: http://127.0.0.1:7860
+  hf-knowedit studio --model gpt2 --port 8000
+  hf-knowedit studio --host 0.0.0.0                   # reachable from other machines (no authentication!)
+
+Needs gradio: pip install 'hf_knowedit[studio]'. On a CPU pick statistics 'identity' (instant) or a few
+thousand sampled tokens (computed once per layer, cached); tracing with 3 samples takes seconds to a minute.""",
     "list": """examples:
   hf-knowedit list edits/
   hf-knowedit list --json""",
@@ -1232,7 +1318,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-to", metavar="DIR", help="write a merged checkpoint (safetensors, config, tokenizer, card)")
     p.add_argument("--prompt", action="append", help="print the top predictions for this prompt (repeatable)")
     p.add_argument("--force", action="store_true", help="apply even if the base weights differ (not recommended)")
+    p.add_argument(
+        "--max-rank",
+        type=_positive_int,
+        metavar="R",
+        help="truncate every module's delta to rank R first (best approximation by SVD; errors reported)",
+    )
     p.set_defaults(func=cmd_apply)
+
+    p = command("truncate", "write an adapter whose deltas are truncated to rank R (e.g. for a serving engine)")
+    p.add_argument("adapter", help="adapter directory or Hub id")
+    p.add_argument("--rank", "--max-rank", dest="rank", type=_positive_int, required=True, metavar="R",
+                   help="the largest rank per module")  # fmt: skip
+    p.add_argument("--out", metavar="DIR", help="save the truncated adapter into this directory")
+    p.add_argument("--push", metavar="REPO", help="push the truncated adapter to this Hub repo id")
+    p.set_defaults(func=cmd_truncate)
+
+    p = command(
+        "studio", "the Edit Studio: a local web UI to trace, edit, compare, disable, revert and save (gradio)",
+        [model_opts],
+    )  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
+    p.set_defaults(func=cmd_studio)
 
     p = command("list", "list the edit adapters under a directory, one line each")
     p.add_argument("directory", nargs="?", default=".", help="where to look (default: .)")

@@ -13,10 +13,13 @@ written into weights.
 from __future__ import annotations
 
 import hashlib
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .errors import InvalidConfigError
 
 #: a fingerprint's sketch is ``_SKETCH_SIDE²`` projections of the weight
 _SKETCH_SIDE = 8
@@ -56,6 +59,38 @@ class ModuleDelta:
 
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.A).all() and torch.isfinite(self.B).all())
+
+    def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``ΔW = U diag(S) Vh`` in float64 (``U [out, p]``, ``S [p]`` descending, ``Vh [p, in]``,
+        ``p <= rank``), computed from the factors without forming ``ΔW``: QR of ``B`` and of ``Aᵀ``,
+        then the SVD of the small core ``R_B R_Aᵀ``."""
+        qb, rb = torch.linalg.qr(self.B.double())  # [out, p], [p, r]
+        qa, ra = torch.linalg.qr(self.A.double().t())  # [in, q], [q, r]
+        u, s, vh = torch.linalg.svd(rb @ ra.t(), full_matrices=False)
+        return qb @ u, s, vh @ qa.t()
+
+    def singular_values(self) -> torch.Tensor:
+        """The singular values of ``ΔW`` (float64, descending; see :meth:`svd`)."""
+        return self.svd()[1]
+
+    def truncate(self, rank: int) -> tuple[ModuleDelta, float]:
+        """The best rank-``rank`` approximation of ``ΔW`` (Eckart–Young: its largest singular values) as
+        factors, and the relative error ``‖ΔW − ΔW_r‖_F / ‖ΔW‖_F = sqrt(Σ_{i>r} s_i² / Σ s_i²)``.
+
+        Computed in float64 from the factors (:meth:`svd`); the singular values are split evenly between
+        the new factors (``B = U √S``, ``A = √S Vh``) so that neither is much larger than the other in a
+        low-precision serving dtype. A delta whose rank is at most ``rank`` comes back unchanged (a copy,
+        error 0). The result is never stored dense: it is a rank-``rank`` LoRA, whatever its size."""
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+            raise InvalidConfigError(f"rank must be a positive integer, got {rank!r}.")
+        rank = int(rank)
+        if rank >= self.rank:
+            return ModuleDelta(A=self.A.clone(), B=self.B.clone(), dense=self.dense), 0.0
+        u, s, vh = self.svd()
+        total = float(s.square().sum())
+        error = (float(s[rank:].square().sum()) / total) ** 0.5 if total > 0 else 0.0
+        root = s[:rank].sqrt()
+        return ModuleDelta(A=root[:, None] * vh[:rank], B=u[:, :rank] * root), error
 
     @classmethod
     def from_dense(cls, delta: torch.Tensor) -> ModuleDelta:

@@ -5,6 +5,7 @@ facts, the method and its config — saved, loaded and shared as PEFT-compatible
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,36 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
 
     def __len__(self) -> int:
         return len(self.requests)
+
+    def truncate(self, rank: int) -> EditSet:
+        """A new edit set whose every module delta is its best rank-``rank`` approximation (SVD in float64
+        from the factors, :meth:`ModuleDelta.truncate`), e.g. to fit a serving engine's maximum LoRA rank.
+
+        Modules of rank at most ``rank`` are copied unchanged. The new set's ``metrics["truncation"]``
+        records the rank asked for, each module's rank before and after, and its relative error
+        ``‖ΔW − ΔW_r‖_F / ‖ΔW‖_F`` (``relative_error``; ``max_relative_error`` over modules). Requests,
+        fingerprints, config and method state are the same, so it loads onto the same base model.
+
+        >>> small = es.truncate(64); small.metrics["truncation"]["max_relative_error"]
+        """
+        deltas: dict[str, ModuleDelta] = {}
+        errors: dict[str, float] = {}
+        for path, d in self.deltas.items():
+            deltas[path], errors[path] = d.truncate(rank)
+        info = {
+            "rank": int(rank),
+            "ranks_before": {p: d.rank for p, d in sorted(self.deltas.items())},
+            "ranks_after": {p: d.rank for p, d in sorted(deltas.items())},
+            "relative_error": dict(sorted(errors.items())),
+            "max_relative_error": max(errors.values(), default=0.0),
+        }
+        return dataclasses.replace(
+            self,
+            deltas=deltas,
+            metrics={**self.metrics, "truncation": info},
+            state=dict(self.state),
+            name=f"{self.name}-r{int(rank)}" if self.name else None,
+        )
 
     # -- Hub / disk (ModelHubMixin); the format lives in hf_knowedit.adapter_files ------------
 

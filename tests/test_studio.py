@@ -1,0 +1,346 @@
+"""The Edit Studio's logic without a browser: :class:`hf_knowedit.studio.Studio` on a tiny model (predict,
+trace, edit with before / after, disable / enable, revert, save, push), its error messages, the ``studio``
+subcommand's checks, ``app.py``, and that nothing but the studio imports gradio. The browser test is
+``tests/test_studio_browser.py``."""
+
+import ast
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_knowedit
+from hf_knowedit import cli, studio
+from hf_knowedit.editset import EditSet
+from hf_knowedit.errors import (
+    EditConflictError,
+    EditSetNotFoundError,
+    InvalidConfigError,
+    InvalidRequestError,
+    KnowEditError,
+    SubjectNotFoundError,
+)
+from hf_knowedit.studio import STATS_SAMPLED, Studio, parse_layers, ui_message
+from tests.helpers import logits
+from tests.tiny_models import make_tiny_model, weights
+
+ROOT = Path(__file__).resolve().parents[1]
+#: a fact whose subject ends the prompt: in a random tiny model only that position reaches the next token
+PROMPT, SUBJECT, TARGET = "The mother tongue of Thomas Mann", "Thomas Mann", "Rome"
+#: ROME on a tiny model: no statistics, no clamp, no weight decay (so the edit wins the top-1)
+TINY_EDIT = {"clamp_norm_factor": 1e4, "v_weight_decay": 0.0, "v_num_grad_steps": 10}
+
+
+@pytest.fixture
+def app(tmp_path, one_thread):
+    model, tok = make_tiny_model("llama")
+    return Studio(model, tok, model_name="tiny-llama", workdir=tmp_path / "work", edit_config=TINY_EDIT)
+
+
+def edit(app, target=TARGET, **kw):
+    kw = {"paraphrase": "Thomas Mann", "neighbour": "The mother tongue of Pablo Picasso", **kw}
+    return app.edit(PROMPT, SUBJECT, target, layers="1", **kw)
+
+
+def test_predict_and_generate(app):
+    top = app.predict(PROMPT)
+    assert len(top) == 5 and all(isinstance(t, str) for t, _ in top)
+    probs = [p for _, p in top]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+    assert [t for t, _ in app.predict(PROMPT, k=2)] == [t for t, _ in top[:2]]
+    text = app.generate(PROMPT, max_new_tokens=5)
+    assert text.startswith(PROMPT) and len(text) > len(PROMPT)
+    assert text == app.generate(PROMPT, max_new_tokens=5)  # greedy
+
+
+def test_trace_plots_and_suggests_a_layer(app):
+    steps = []
+    view = app.trace(PROMPT, SUBJECT, samples=1, kinds=["mlp", "hidden"], progress=lambda f, d: steps.append((f, d)))
+    assert Path(view.plot).is_file() and Path(view.plot).read_bytes()[:4] == b"\x89PNG"
+    assert Path(view.plot).parent == app.workdir
+    assert 0 <= view.suggested_layer < app.n_layers and view.kind == "mlp"
+    assert view.top == app.predict(PROMPT) and view.answer.strip() == view.top[0][0].strip()
+    assert f"Suggested layer: **{view.suggested_layer}**" in view.summary()
+    assert [f for f, _ in steps] == sorted(f for f, _ in steps) and "Causal tracing" in steps[1][1]
+    again = app.trace(PROMPT, SUBJECT, samples=1, kinds=["attn"])
+    assert again.plot != view.plot and again.kind == "attn"  # a new file: the browser shows the new plot
+
+
+def test_edit_shows_before_and_after(app):
+    base = weights(app.model)
+    before = app.predict(PROMPT)
+    steps = []
+    view = edit(app, progress=lambda f, d: steps.append(d))
+    assert view.name == "rome-1" and view.method == "rome" and view.layers == [1]
+    assert [r["what"] for r in view.rows] == ["edit prompt", "paraphrase", "neighbour"]
+    assert view.rows[0]["before"] == before
+    assert view.rows[0]["after"][0][0].strip() == TARGET  # the edit wins the top-1
+    assert view.rows[0]["after"] == app.predict(PROMPT)
+    assert view.generation_before.startswith(PROMPT) and view.generation_after.startswith(PROMPT)
+    assert view.generation_before != view.generation_after
+    assert f"now **{TARGET}**" in view.summary()
+    table = view.table()
+    assert table[0][:2] == ["edit prompt", PROMPT] and table[0][3].startswith(TARGET)
+    assert "statistics skipped" in " ".join(steps)
+    assert app.edits() == [
+        {
+            "name": "rome-1",
+            "method": "rome",
+            "facts": f"{SUBJECT} → {TARGET}",
+            "layers": "1",
+            "status": "active (merged)",
+        }
+    ]
+    assert not all(torch.equal(base[k], v) for k, v in weights(app.model).items())
+    es = hf_knowedit.list_edits(app.model)[0]
+    assert es.name == "rome-1"
+
+
+def test_edit_config_statistics_and_layers(app, monkeypatch):
+    seen = {}
+    real = hf_knowedit.apply_edits
+
+    def spy(model, tok, request, method, *, layers, config):
+        seen.update(method=method, layers=layers, config=dict(config))
+        if config.get("mom2") == "corpus":
+            raise InvalidConfigError("stop here: the statistics would take a while")
+        return real(model, tok, request, method, layers=layers, config=config)
+
+    monkeypatch.setattr(hf_knowedit, "apply_edits", spy)
+    edit(app, method="memit", context_templates=0, v_num_grad_steps=2)
+    assert seen["method"] == "memit" and seen["layers"] == [1]
+    assert seen["config"] == {**TINY_EDIT, "context_templates": 0, "mom2": "identity", "v_num_grad_steps": 2}
+    app.revert("memit-1")
+    with pytest.raises(InvalidConfigError, match="stop here"):
+        edit(app, stats=STATS_SAMPLED, n_tokens=100)
+    assert seen["config"]["mom2"] == "corpus" and seen["config"]["mom2_n_tokens"] == 100
+    assert hf_knowedit.list_edits(app.model) == []
+
+
+def test_disable_enable_keeps_the_stack_order_exactly(app):
+    base = weights(app.model)
+    a = edit(app).name
+    mid = weights(app.model)
+    b = app.edit("The mother tongue of Pablo Picasso", "Pablo Picasso", "German", layers="1").name  # same module
+    both = weights(app.model)
+    edited = logits(app.model, app.tokenizer, PROMPT)
+
+    assert "Disabled **rome-1**" in app.toggle(a)
+    assert [r["status"] for r in app.edits()] == ["disabled", "active (merged)"]
+    assert [e.name for e in hf_knowedit.list_edits(app.model)] == [b]
+    assert app.predict(PROMPT)[0][0].strip() != TARGET
+    assert "Enabled **rome-1**" in app.toggle(a)  # back under b, which was computed on top of it
+    assert [e.name for e in hf_knowedit.list_edits(app.model)] == [a, b]
+    assert all(torch.equal(both[k], v) for k, v in weights(app.model).items())
+    torch.testing.assert_close(logits(app.model, app.tokenizer, PROMPT), edited, rtol=0, atol=0)
+
+    app.toggle(b)
+    assert all(torch.equal(mid[k], v) for k, v in weights(app.model).items())
+    assert app.revert(b) == f"Reverted **{b}**." and [r["name"] for r in app.edits()] == [a]  # a disabled one
+    assert app.revert(a) == f"Reverted **{a}**." and app.edits() == []
+    assert all(torch.equal(base[k], v) for k, v in weights(app.model).items())
+
+
+def test_enabling_a_conflicting_edit_is_refused(app):
+    a = edit(app).name
+    app.toggle(a)
+    edit(app, target="German")
+    with pytest.raises(EditConflictError, match="already rewrote"):
+        app.toggle(a)
+    assert [r["status"] for r in app.edits()] == ["disabled", "active (merged)"]
+
+
+def test_save_push_and_truncate(app, tmp_path, hub):
+    name = edit(app).name
+    assert f"to `{tmp_path / 'a'}`" in app.save(name, str(tmp_path / "a"))
+    es = EditSet.from_pretrained(tmp_path / "a")
+    assert es.requests[0].target_new == TARGET and es.deltas[next(iter(es.deltas))].rank == 1
+    message = app.save(name, str(tmp_path / "b"), max_rank=1.0)  # gr.Number gives floats
+    assert "truncated to rank 1 (largest relative error 0.0000)" in message
+    app.toggle(name)
+    assert "truncated" not in app.save(name, str(tmp_path / "c"), max_rank=0)  # 0: exact; a disabled one saves too
+    assert EditSet.from_pretrained(tmp_path / "c").requests == es.requests
+    assert "Pushed **rome-1**" in app.push(name, "studio-edit")
+    assert EditSet.from_pretrained(f"{hub.user}/studio-edit").requests == es.requests
+    with pytest.raises(InvalidConfigError, match="whole number"):
+        app.save(name, str(tmp_path / "d"), max_rank=1.5)
+    with pytest.raises(InvalidConfigError, match="not a Hub repo id"):
+        app.push(name, "not a repo")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(KnowEditError):
+        app.save(name, str(tmp_path / "foreign"))
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
+
+
+def test_errors_are_the_librarys_typed_errors(app):
+    state = weights(app.model)
+    with pytest.raises(InvalidRequestError, match="Type a prompt first"):
+        app.predict("  ")
+    with pytest.raises(SubjectNotFoundError):
+        app.trace(PROMPT, "Angola", samples=1)
+    with pytest.raises(InvalidConfigError, match="at least one kind"):
+        app.trace(PROMPT, SUBJECT, kinds=[])
+    with pytest.raises(InvalidRequestError, match="Type the new target first"):
+        app.edit(PROMPT, SUBJECT, "")
+    with pytest.raises(InvalidConfigError, match="Layers: cannot read"):
+        app.edit(PROMPT, SUBJECT, TARGET, layers="one")
+    with pytest.raises(KnowEditError, match="out of range"):
+        app.edit(PROMPT, SUBJECT, TARGET, layers="99")
+    with pytest.raises(InvalidConfigError, match="Unknown method"):
+        app.edit(PROMPT, SUBJECT, TARGET, method="nope")
+    with pytest.raises(InvalidConfigError, match="positive number"):
+        app.edit(PROMPT, SUBJECT, TARGET, stats=STATS_SAMPLED, n_tokens=None)
+    with pytest.raises(InvalidRequestError, match="Pick an edit"):
+        app.toggle(None)
+    with pytest.raises(EditSetNotFoundError, match="none yet"):
+        app.revert("rome-7")
+    assert app.edits() == [] and all(torch.equal(state[k], v) for k, v in weights(app.model).items())
+
+
+def test_ui_message_is_one_line_without_traceback():
+    assert ui_message(SubjectNotFoundError("Subject 'x' does not occur\n in prompt 'y'.")) == (
+        "Subject 'x' does not occur in prompt 'y'."
+    )
+    assert ui_message(EditSetNotFoundError("No edit named 'a'.")) == "No edit named 'a'."
+    assert ui_message(OSError(28, "No space left on device")) == "OSError: [Errno 28] No space left on device"
+    assert ui_message(RuntimeError()) == "RuntimeError"
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [(None, None), ("", None), ("  ", None), (6, [6]), (6.0, [6]), ("6", [6]), ("4-6", [4, 5, 6]), ("1, 3", [1, 3]),
+     ("-1", [-1]), ("auto", "auto"), ("AUTO", "auto"), (float("nan"), None)],
+)  # fmt: skip
+def test_parse_layers(text, want):
+    assert parse_layers(text) == want
+
+
+@pytest.mark.parametrize("text", ["x", "6-4", "4-", "1;2"])
+def test_parse_layers_refuses(text):
+    with pytest.raises(InvalidConfigError, match="cannot read"):
+        parse_layers(text)
+
+
+def test_labels_are_readable_and_unique():
+    assert studio.as_label([(" Paris", 0.5), ("Paris", 0.2), (" ", 0.1)]) == {"Paris": 0.5, "'Paris'": 0.2, "' '": 0.1}
+    assert (
+        studio.fmt_top([(" Paris", 0.5), (" Rome", 0.25), ("x", 0.001), ("y", 0.01)])
+        == "Paris 50.0%, Rome 25.0%, x 0.1%"
+    )
+
+
+# -- the studio subcommand --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def load(args):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "load_model", load)
+
+
+def test_port_in_use_is_one_clear_line_before_the_model_loads(capsys, no_model):
+    pytest.importorskip("gradio", reason="the studio subcommand needs gradio: make studio-deps")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert studio.port_in_use("127.0.0.1", port)
+        code = cli.main(["studio", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"hf-knowedit: error: --port {port}: 127.0.0.1:{port} is already in use (another studio or server?); "
+        f"pass another --port, e.g. --port {port + 1}."
+    )
+    assert not studio.port_in_use("127.0.0.1", studio.free_port())
+
+
+def test_studio_without_gradio_says_how_to_install(capsys, no_model, monkeypatch):
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "gradio" else real(name))
+    assert cli.main(["studio"]) == 1
+    assert "pip install 'hf_knowedit[studio]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--port", "0"], ["--port", "70000"], ["--port", "x"]])
+def test_studio_bad_port_is_a_usage_error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["studio", *argv])
+    assert exit_info.value.code == 2 and "port" in capsys.readouterr().err
+
+
+def test_studio_subcommand_serves_the_loaded_model(monkeypatch, capsys):
+    """``hf-knowedit studio --model X`` loads X with the CLI's loader and hands it to :func:`studio.launch`."""
+    calls = {}
+    monkeypatch.setattr(cli, "load_model", lambda args: make_tiny_model("llama"))
+    monkeypatch.setattr(cli, "_check_model_arg", lambda args: None)
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
+
+    def fake_launch(app, *, host, port, block, quiet):
+        calls.update(app=app, host=host, port=port, block=block)
+
+    monkeypatch.setattr(studio, "launch", fake_launch)
+    port = studio.free_port()
+    assert cli.main(["studio", "--model", "my/model", "--port", str(port)]) == 0
+    assert calls["host"] == "127.0.0.1" and calls["port"] == port and calls["block"] is True
+    assert calls["app"].model_name == "my/model" and calls["app"].predict(PROMPT)
+
+
+# -- packaging: gradio stays out of the core; app.py; the Space's requirements ------------------------
+
+
+def test_only_the_studio_imports_gradio():
+    offenders = []
+    for path in sorted((ROOT / "hf_knowedit").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            if any(n == "gradio" or n.startswith("gradio.") for n in names) and path.name != "studio.py":
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+    code = "import sys, hf_knowedit, hf_knowedit.cli as c; c.build_parser(); print('gradio' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_app_py_runs_the_studio_subcommand(monkeypatch):
+    import runpy
+
+    module = runpy.run_path(str(ROOT / "app.py"), run_name="not_main")  # importing it starts nothing
+    argv = module["studio_argv"]({})
+    assert argv[:1] == ["studio"] and argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--port") + 1] == "7860"
+    argv = module["studio_argv"](
+        {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7861", "HF_KNOWEDIT_MODEL": "gpt2"}
+    )
+    assert argv == ["studio", "--model", "gpt2", "--host", "0.0.0.0", "--port", "7861"]
+
+
+def test_space_requirements_match_the_package():
+    import re
+
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["studio"]
+    lines = [ln.split("#")[0].strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()]
+    have = {re.split(r"[<>=!~ \[]", ln)[0].lower().replace("_", "-") for ln in lines if ln}
+    assert {re.split(r"[<>=!~ \[]", d)[0].lower().replace("_", "-") for d in wanted} <= have
+    readme = (ROOT / "README.md").read_text()
+    front = readme.split("---")[1]
+    assert "sdk: gradio" in front and "app_file: app.py" in front
+
+
+def test_gradio_app_builds(app):
+    pytest.importorskip("gradio", reason="the studio UI needs gradio: make studio-deps")
+    blocks = studio.build_app(app)
+    ids = {c.get("props", {}).get("elem_id") for c in blocks.config["components"]}
+    assert {"prompt", "subject", "trace-btn", "heatmap", "edit-btn", "before", "after", "edits", "revert-btn"} <= ids
+    assert json.dumps(blocks.config)  # serialisable: what the browser receives
