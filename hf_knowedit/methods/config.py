@@ -20,7 +20,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import InvalidConfigError
 
@@ -48,7 +48,8 @@ def check_value(owner: str, name: str, value: Any, rule: str) -> None:
     """Raise :class:`InvalidConfigError` unless ``value`` obeys ``rule``.
 
     Rules: ``"int>=N"``; ``"num>0"`` / ``"num>=0"`` (finite int or float); ``"(0,1]"``;
-    ``"bool"``; ``"choice:a|b"``; ``"?"`` prefix: ``None`` is allowed too.
+    ``"bool"``; ``"choice:a|b"``; ``"templates"`` (:func:`check_context_templates`); ``"pairs"``
+    (:func:`check_length_params`); ``"?"`` prefix: ``None`` is allowed too.
     """
     if rule.startswith("?"):
         if value is None:
@@ -65,6 +66,12 @@ def check_value(owner: str, name: str, value: Any, rule: str) -> None:
         ok, want = number and 0 < value <= 1, "a number in (0, 1]"
     elif rule == "bool":
         ok, want = isinstance(value, bool), "True or False"
+    elif rule == "templates":
+        check_context_templates(owner, value)
+        return
+    elif rule == "pairs":
+        check_length_params(owner, value)
+        return
     elif rule.startswith("choice:"):
         choices = rule[7:].split("|")
         ok, want = isinstance(value, str) and value in choices, " or ".join(repr(c) for c in choices)
@@ -105,9 +112,69 @@ def check_corpus(owner: str, value: Any) -> None:
     )
 
 
+#: the named forms ``context_templates`` accepts besides an int and a list
+CONTEXT_RECIPES = ("reference",)
+
+
+def check_context_templates(owner: str, value: Any) -> Any:
+    """``context_templates`` validated and normalised: an int >= 0, ``"reference"``, or a list of
+    strings with exactly one ``{}`` each, returned as a list with ``"{}"`` first (added if missing)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise InvalidConfigError(f"{owner}.context_templates must be an int >= 0, got {value!r}.")
+        return value
+    if isinstance(value, str):
+        if value not in CONTEXT_RECIPES:
+            raise InvalidConfigError(
+                f"{owner}.context_templates must be an int >= 0, a list of templates with one '{{}}' each, "
+                f"or {' / '.join(repr(n) for n in CONTEXT_RECIPES)}; got {value!r}."
+            )
+        return value
+    if isinstance(value, (list, tuple)):
+        bad = [t for t in value if not isinstance(t, str) or t.count("{}") != 1]
+        if bad:
+            shown = repr(bad[0]) if len(repr(bad[0])) <= 60 else repr(bad[0])[:57] + "..."
+            raise InvalidConfigError(
+                f"{owner}.context_templates must be a list of strings with exactly one '{{}}' each, where the "
+                f"prompt goes (e.g. 'A short prefix. {{}}'); got {shown}."
+            )
+        return ["{}", *(t for t in value if t != "{}")]
+    raise InvalidConfigError(
+        f"{owner}.context_templates must be an int >= 0, a list of templates or 'reference', "
+        f"got {type(value).__name__}."
+    )
+
+
+def check_length_params(owner: str, value: Any) -> Any:
+    """``context_template_length_params``: ``None`` or ``[[length, count], ...]`` of ints >= 1."""
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and len(value) > 0
+    pairs = []
+    for pair in value if ok else ():
+        if not (
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in pair)
+        ):
+            ok = False
+            break
+        pairs.append([int(pair[0]), int(pair[1])])
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise InvalidConfigError(
+            f"{owner}.context_template_length_params must be None or a non-empty list of [length, count] "
+            f"pairs of ints >= 1 (the reference ROME's is [[5, 10], [10, 10]]); got {shown}."
+        )
+    return pairs
+
+
 @dataclass
 class EditConfig:
     """Hyper-parameters every locate-and-edit method shares; methods subclass it."""
+
+    #: the reference recipe ``context_templates="reference"`` means (:data:`hf_knowedit.methods.context.RECIPES`)
+    reference_context: ClassVar[str] = "memit"
 
     # target vectors v* / z (ROME compute_v, MEMIT compute_z)
     v_num_grad_steps: int = option(20, "forward passes of the v*/z optimisation at most", "int>=1")
@@ -117,10 +184,18 @@ class EditConfig:
     clamp_norm_factor: float = option(4.0, "delta stays in the ball of radius clamp_norm_factor * ||init||", "num>0")
     early_stop: float = option(0.05, "stop optimising a request once its loss is below this", "num>=0")
     # context templates
-    context_templates: int = option(
-        5, "model-generated prefixes averaged over for keys and targets (plus the bare prompt)", "int>=0"
+    context_templates: int | list[str] | str = option(
+        5,
+        "int: that many model-generated prefixes (plus the bare prompt); a list: your own templates, one '{}' "
+        "each; 'reference': the reference code's recipe (hf_knowedit.methods.context)",
+        "templates",
     )
-    context_length: int = option(10, "tokens per generated prefix", "int>=1")
+    context_length: int = option(10, "new tokens per generated prefix (int context_templates)", "int>=1")
+    context_template_length_params: list[list[int]] | None = option(
+        None,
+        "[[length, count], ...] of context_templates='reference' (None: the method's reference pairs)",
+        "?pairs",
+    )
     # second moment C = E[k kᵀ]
     mom2: str = option("corpus", "'corpus': C = E[k kᵀ] over mom2_corpus; 'identity': C = I", "choice:corpus|identity")
     mom2_corpus: Any = option(
@@ -138,6 +213,8 @@ class EditConfig:
             if rule:
                 check_value(owner, f.name, getattr(self, f.name), rule)
         check_corpus(owner, self.mom2_corpus)
+        self.context_templates = check_context_templates(owner, self.context_templates)
+        self.context_template_length_params = check_length_params(owner, self.context_template_length_params)
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -1,0 +1,231 @@
+"""Parity with the reference code (kmeng01/rome, kmeng01/memit, scalable-model-editing/unified-model-editing).
+
+Each check compares the library with a small transcription of the reference formula written here,
+on tiny models (never with the library's own helpers):
+
+* MEMIT-family keys: averaged within each context type, then across types (``memit/compute_ks.py``);
+* context templates: your own list, and the reference recipes (``rome/rome_main.py`` and
+  ``memit/memit_main.py`` ``get_context_templates``);
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_knowedit
+from hf_knowedit.errors import InvalidConfigError
+from hf_knowedit.methods import MEMITConfig, ROMEConfig, context, memit
+from hf_knowedit.methods.context import flatten, template_groups
+from hf_knowedit.methods.keys import compute_keys
+from hf_knowedit.requests import EditRequest
+from tests.tiny_models import _CORPUS, BOS, make_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread", "stats_cache")
+
+#: five fixed prefixes standing in for generated ones (ending in ". {}", as the reference's)
+PREFIXES = [
+    "The first time I saw it. {}",
+    "Therefore, the team decided. {}",
+    "Because of the rain. {}",
+    "I think so. {}",
+    "You know what. {}",
+]
+#: subject last in every prompt, so the subject's last token is the text's last token
+REQUESTS = [
+    EditRequest("The capital city of {}", "Italy", "Paris", "Rome"),
+    EditRequest("The official language of {}", "Japan", "German", "Japanese"),
+    EditRequest("The mother tongue of {}", "Thomas Mann", "French", "German"),
+]
+CHEAP = dict(mom2="identity", v_num_grad_steps=2)
+STATS = dict(mom2_corpus=_CORPUS.splitlines() * 8, mom2_n_tokens=2000)
+
+
+def reference_key(model, tok, text, layer):
+    """The input of ``down_proj`` at the last token of ``text`` (a plain forward with a hook)."""
+    seen = {}
+    module = model.model.layers[layer].mlp.down_proj
+
+    def hook(module, args, output):
+        seen["x"] = args[0].detach()
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(**tok(text, return_tensors="pt"))
+    finally:
+        handle.remove()
+    return seen["x"][0, -1].double()
+
+
+def reference_compute_ks(model, tok, requests, layer, context_templates):
+    """``memit/compute_ks.py``: keys of every ``context.format(prompt)`` per context type, the mean within
+    each type, then the mean over the types."""
+    out = []
+    for r in requests:
+        type_means = [
+            torch.stack([reference_key(model, tok, c.format(r.prompt).format(r.subject), layer) for c in ctype]).mean(0)
+            for ctype in context_templates
+        ]
+        out.append(torch.stack(type_means).mean(0))
+    return torch.stack(out)
+
+
+def reference_compute_u_key(model, tok, request, layer, context_templates):
+    """``rome/compute_u.py``: the key averaged uniformly over the (flat) templates."""
+    texts = [c.format(request.prompt).format(request.subject) for c in context_templates]
+    return torch.stack([reference_key(model, tok, text, layer) for text in texts]).mean(0)
+
+
+# -----------------------------------------------------------------------------
+# 1. MEMIT-family key averaging
+
+
+def test_memit_keys_average_per_context_type_then_across_types():
+    model, tok = make_tiny_model("llama")
+    groups = [["{}"], PREFIXES]
+    want = reference_compute_ks(model, tok, REQUESTS, 1, groups)
+    got = compute_keys(model, tok, REQUESTS, 1, groups).double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the bare prompt weighs 1/2, not 1/6: the uniform average (ROME's) is a different key
+    uniform = torch.stack([reference_compute_u_key(model, tok, r, 1, ["{}", *PREFIXES]) for r in REQUESTS])
+    torch.testing.assert_close(compute_keys(model, tok, REQUESTS, 1, ["{}", *PREFIXES]).double(), uniform)
+    gap = float(((want - uniform).norm(dim=1) / want.norm(dim=1)).mean())
+    assert gap > 1e-2, gap  # measured: 5-9% of the key norm at layer 1 (up to 20% at layer 3)
+
+
+@pytest.mark.parametrize("method", ["memit", "emmet", "alphaedit"])
+def test_every_memit_family_method_solves_with_the_per_type_keys(method, monkeypatch):
+    """End to end: the keys the layer solver receives (first layer: nothing edited yet) are the
+    reference's per-type average over ``[["{}"], the prefixes]``."""
+    model, tok = make_tiny_model("llama")
+    module = {"memit": memit, "emmet": hf_knowedit.methods.emmet, "alphaedit": hf_knowedit.methods.alphaedit}[method]
+    name = {"memit": "memit_factors", "emmet": "emmet_factors", "alphaedit": "alphaedit_factors"}[method]
+    solver, seen = getattr(module, name), []
+
+    def spy(keys, resid, *args, **kwargs):
+        seen.append(keys.clone())
+        return solver(keys, resid, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    settings = dict(CHEAP, context_templates=PREFIXES)
+    if method == "alphaedit":  # C = I has no null space
+        settings.update(STATS, mom2="corpus", nullspace_relative=True, nullspace_threshold=0.5)
+    hf_knowedit.apply_edits(model, tok, REQUESTS, method, layers=[1, 2], merge=False, **settings)
+    hf_knowedit.revert_edits(model)
+    want = reference_compute_ks(model, tok, REQUESTS, 1, [["{}"], PREFIXES])
+    torch.testing.assert_close(seen[0].double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_rome_keeps_the_uniform_average_over_its_flat_templates():
+    from hf_knowedit.methods.rome import rank_one_update
+    from hf_knowedit.methods.statistics import second_moment_for
+
+    model, tok = make_tiny_model("llama")
+    config = ROMEConfig(context_templates=PREFIXES, mom2="identity", v_num_grad_steps=1)
+    templates = flatten(template_groups(model, tok, config))
+    assert templates == ["{}", *PREFIXES]
+    update = rank_one_update(model, tok, REQUESTS[0], 1, config, second_moment_for(model, tok, 1, config), templates)
+    want = reference_compute_u_key(model, tok, REQUESTS[0], 1, ["{}", *PREFIXES])
+    torch.testing.assert_close(update.k_star.double(), want, rtol=1e-5, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# 3. context templates: your own, and the reference recipes
+
+
+def test_own_templates_are_validated_and_get_the_bare_prompt_first():
+    assert MEMITConfig(context_templates=PREFIXES[:2]).context_templates == ["{}", *PREFIXES[:2]]
+    assert ROMEConfig(context_templates=("A. {}", "{}")).context_templates == ["{}", "A. {}"]
+    assert MEMITConfig(context_templates=[]).context_templates == ["{}"]
+    assert MEMITConfig(context_templates="reference").context_templates == "reference"
+    for bad in (["no slot"], ["two {} {}"], [5], "ref", b"x", {"a": 1}, -1, True, None, 2.5):
+        with pytest.raises(InvalidConfigError, match="MEMITConfig.context_templates must be"):
+            MEMITConfig(context_templates=bad)
+    assert ROMEConfig(context_template_length_params=((5, 10), [10, 10])).context_template_length_params == [
+        [5, 10],
+        [10, 10],
+    ]
+    for bad in ([], [5, 10], [[5]], [[0, 1]], [[5, 10.0]], [[True, 1]], "x"):
+        with pytest.raises(InvalidConfigError, match="context_template_length_params must be"):
+            ROMEConfig(context_template_length_params=bad)
+
+
+def test_own_templates_flow_into_rome_and_memit():
+    model, tok = make_tiny_model("llama")
+    assert template_groups(model, tok, MEMITConfig(context_templates=PREFIXES)) == [["{}"], PREFIXES]
+    assert template_groups(model, tok, MEMITConfig(context_templates=[])) == [["{}"]]
+    for method in ("rome", "memit"):
+        es = hf_knowedit.apply_edits(model, tok, REQUESTS[:1], method, layers=[1], context_templates=PREFIXES, **CHEAP)
+        assert es.config["context_templates"] == ["{}", *PREFIXES]
+        hf_knowedit.revert_edits(model)
+
+
+def test_default_templates_are_unchanged():
+    """``context_templates=5`` (the default) is the pre-parity recipe: the same strings, now as groups."""
+    model, tok = make_tiny_model("llama")
+    flat = context.context_templates(model, tok, n=5, length=10)
+    assert template_groups(model, tok, MEMITConfig()) == [flat[:1], flat[1:]]
+    assert flatten(template_groups(model, tok, ROMEConfig())) == flat
+    assert template_groups(model, tok, MEMITConfig(context_templates=0)) == [["{}"]]
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_reference_recipes_generate_the_reference_counts_and_lengths(add_bos, monkeypatch):
+    """``rome_main.get_context_templates``: ``generate_fast(["<|endoftext|>"], n_gen, max_out_len=length)``
+    for ``[[5, 10], [10, 10]]`` (length counts the start token); ``memit_main``: ``["The", "Therefore",
+    "Because", "I", "You"]``, ``n_gen // 5`` each, 10 tokens in all."""
+    model, tok = make_tiny_model("gpt2")
+    tok = make_tiny_model("llama")[1] if add_bos else tok
+    calls = []
+    real = context.generate_texts
+
+    def spy(model, tokenizer, prompts, *, max_new_tokens, **kwargs):
+        calls.append((list(prompts), max_new_tokens))
+        return real(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(context, "generate_texts", spy)
+    groups = template_groups(model, tok, ROMEConfig(context_templates="reference"))
+    start = "" if add_bos else BOS  # the beginning-of-text token: added by the tokenizer, or written out
+    assert tok(start)["input_ids"] == [tok.bos_token_id]
+    assert calls == [([start] * 10, 4), ([start] * 10, 9)]
+    assert [len(g) for g in groups] == [1, 10, 10] and groups[0] == ["{}"]
+    assert all(t.endswith(". {}") and BOS not in t and t.count("{}") == 1 for g in groups[1:] for t in g)
+
+    calls.clear()
+    groups = template_groups(model, tok, MEMITConfig(context_templates="reference"))
+    words = ["The", "Therefore", "Because", "I", "You"]
+    assert calls == [([w], 10 - len(tok(w)["input_ids"])) for w in words]
+    assert [len(g) for g in groups] == [1, 5] and [t.split()[0] for t in groups[1]] == words
+
+    calls.clear()
+    groups = template_groups(
+        model, tok, ROMEConfig(context_templates="reference", context_template_length_params=[[3, 2]])
+    )
+    assert calls == [([start] * 2, 2)] and [len(g) for g in groups] == [1, 2]
+    # cached per model: asking again generates nothing
+    calls.clear()
+    template_groups(model, tok, ROMEConfig(context_templates="reference"))
+    assert calls == []
+
+
+def test_reference_recipe_start_without_a_beginning_of_text_token():
+    model, tok = make_tiny_model("gpt2")
+
+    class NoSpecials:
+        bos_token = eos_token = None
+        bos_token_id = eos_token_id = None
+
+    assert context._bos_start(NoSpecials()) == "The"
+    assert context._bos_start(tok) == BOS
+
+
+def test_reference_templates_reserve_room_in_the_length_check():
+    from hf_knowedit.methods.context import template_reserve
+
+    _, tok = make_tiny_model("llama")
+    assert template_reserve(tok, ROMEConfig()) == 14  # unchanged: context_length + 4
+    assert template_reserve(tok, ROMEConfig(context_templates=0)) == 0
+    assert template_reserve(tok, ROMEConfig(context_templates="reference")) == 14
+    long = "a " * 50 + "{}"
+    assert template_reserve(tok, ROMEConfig(context_templates=[long])) >= 50
