@@ -126,11 +126,14 @@ def band_around(peak: int, n_layers: int, size: int) -> list[int]:
     return list(range(start, start + size))
 
 
-def resolve_layers(ctx: EditContext, band_size: int) -> list[int]:
-    """Explicit layers as given; ``None`` → :func:`default_band`; ``"auto"`` → a band at the traced peak."""
+def resolve_layers(
+    ctx: EditContext, band_size: int, default: Callable[[nn.Module, int], list[int]] | None = None
+) -> list[int]:
+    """Explicit layers as given; ``None`` → ``default(model, band_size)`` (:func:`default_band` unless
+    given); ``"auto"`` → a band at the traced peak."""
     n = num_layers(ctx.model)
     if ctx.layers is None:
-        return default_band(n, band_size)
+        return default(ctx.model, band_size) if default is not None else default_band(n, band_size)
     if ctx.layers == "auto":
         peak = int(suggest_layers(ctx.model, kind="mlp", count=1)[0])
         return band_around(peak, n, band_size)
@@ -301,12 +304,15 @@ def edit_templates(ctx: EditContext) -> list[list[str]]:
 # MEMIT
 
 
-def prepare(ctx: EditContext) -> tuple[list[list[EditRequest]], list[int], dict[int, Any], list[list[str]]]:
-    """What every MEMIT-family call needs first: the request chunks, the layers, each layer's
+def prepare(
+    ctx: EditContext, default_layers: Callable[[nn.Module, int], list[int]] | None = None
+) -> tuple[list[list[EditRequest]], list[int], dict[int, Any], list[list[str]]]:
+    """What every MEMIT-family call needs first: the request chunks, the layers (``layers=None``:
+    ``default_layers(model, band_size)``, MEMIT's :func:`default_band` unless given), each layer's
     second moment and the context templates (as groups)."""
     cfg = ctx.config
     chunks = check_batch(ctx.requests, cfg)
-    layers = resolve_layers(ctx, cfg.band_size)
+    layers = resolve_layers(ctx, cfg.band_size, default_layers)
     return chunks, layers, second_moments(ctx, layers), edit_templates(ctx)
 
 
