@@ -6,6 +6,9 @@ on tiny models (never with the library's own helpers):
 * MEMIT-family keys: averaged within each context type, then across types (``memit/compute_ks.py``);
 * context templates: your own list, and the reference recipes (``rome/rome_main.py`` and
   ``memit/memit_main.py`` ``get_context_templates``);
+* EMMET: the update of ``emmet/emmet_main.py`` at the reference's defaults, and how much of each
+  residual it writes on the model;
+* tracing: ``require_correct`` (the whole attribute, or the reference's ``expect`` test).
 """
 
 from __future__ import annotations
@@ -313,3 +316,44 @@ def test_emmet_at_its_defaults_writes_each_residual_almost_entirely(monkeypatch)
 
     _, _, old = emmet_run(monkeypatch, mom2_update_weight=None)  # the pre-parity λ₀ = 15000 d_in / 16384
     assert bool((old < 0.96).all()), old
+
+
+# -----------------------------------------------------------------------------
+# 5. tracing: require_correct checks the whole attribute
+
+
+def greedy(model, tok, prompt, n):
+    """``n`` greedily generated token ids after ``prompt`` (transformers' own ``generate``)."""
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def attribute_for(tok, prompt, ids):
+    """The text whose tokens after ``prompt + " "`` are exactly ``ids``, or None."""
+    text = tok.decode(ids).strip()
+    return text if tok(prompt + " " + text)["input_ids"] == tok(prompt)["input_ids"] + list(ids) else None
+
+
+def test_require_correct_skips_a_fact_whose_second_token_is_wrong():
+    from hf_knowedit.tracing import trace_facts
+
+    model, tok = make_tiny_model("llama")
+    prompt, subject = "Michael Jordan plays", "Michael Jordan"  # greedy: " mot" "du" on this tiny model
+    first, second = greedy(model, tok, prompt, 2)
+    right = attribute_for(tok, prompt, [first, second])
+    wrong = next(a for x in range(3, len(tok)) if x != second for a in [attribute_for(tok, prompt, [first, x])] if a)
+    single = attribute_for(tok, prompt, [first])
+    assert right and wrong and single and tok.decode([first]).strip() == single
+    facts = [(prompt, subject, right), (prompt, subject, wrong), (prompt, subject, single)]
+    settings = dict(kinds=("mlp",), samples=2, window=2, progress=False, keep_results=True)
+
+    summary = trace_facts(model, tok, facts, **settings)  # the whole attribute, greedily
+    assert (summary.n_facts, summary.n_skipped) == (2, 1)
+    # the reference's expect test: the top-1 token's text is the attribute (one-token attributes only)
+    summary = trace_facts(model, tok, facts, require_correct="reference", **settings)
+    assert (summary.n_facts, summary.n_skipped) == (1, 2)
+    assert trace_facts(model, tok, facts, require_correct=False, **settings).n_facts == 3
+    with pytest.raises(hf_knowedit.errors.TraceError, match="require_correct"):
+        trace_facts(model, tok, facts, require_correct="yes", **settings)
