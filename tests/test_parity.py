@@ -8,7 +8,8 @@ on tiny models (never with the library's own helpers):
   ``memit/memit_main.py`` ``get_context_templates``);
 * EMMET: the update of ``emmet/emmet_main.py`` at the reference's defaults, and how much of each
   residual it writes on the model;
-* tracing: ``require_correct`` (the whole attribute, or the reference's ``expect`` test).
+* tracing: ``require_correct`` (the whole attribute, or the reference's ``expect`` test), and the
+  reference's noise (``trace_with_patch``'s ``numpy.random.RandomState(1)``, ``collect_embedding_std``).
 """
 
 from __future__ import annotations
@@ -357,3 +358,112 @@ def test_require_correct_skips_a_fact_whose_second_token_is_wrong():
     assert trace_facts(model, tok, facts, require_correct=False, **settings).n_facts == 3
     with pytest.raises(hf_knowedit.errors.TraceError, match="require_correct"):
         trace_facts(model, tok, facts, require_correct="yes", **settings)
+
+
+# -----------------------------------------------------------------------------
+# 6. tracing: the reference's noise
+
+
+def find_token_range(tok, token_ids, substring):
+    """``experiments/causal_trace.py``: the token range whose decoded text covers ``substring``."""
+    toks = [tok.decode([t]) for t in token_ids]
+    char_loc = "".join(toks).index(substring)
+    loc, start, end = 0, None, None
+    for i, t in enumerate(toks):
+        loc += len(t)
+        if start is None and loc > char_loc:
+            start = i
+        if end is None and loc >= char_loc + len(substring):
+            end = i + 1
+            break
+    return start, end
+
+
+def reference_trace(model, tok, prompt, subject, noise, samples, answer_t, states_to_patch=()):
+    """``trace_with_patch``: ``samples + 1`` rows (row 0 clean), noise on rows 1.. of the subject's embeddings
+    from ``numpy.random.RandomState(1)``, restored states copied from row 0; p(answer) averaged over rows 1.."""
+    import numpy
+
+    ids = tok.encode(prompt)
+    b, e = find_token_range(tok, ids, subject)
+    inp = torch.tensor([ids] * (samples + 1))
+    prng = numpy.random.RandomState(1)
+    layers = model.model.layers
+
+    def corrupt(module, args, x):
+        x[1:, b:e] += noise * torch.from_numpy(prng.randn(x.shape[0] - 1, e - b, x.shape[2]))
+        return x
+
+    def restore(t):
+        def hook(module, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            h[1:, t] = h[0, t]
+            return out
+
+        return hook
+
+    handles = [model.model.embed_tokens.register_forward_hook(corrupt)]
+    handles += [layers[layer].register_forward_hook(restore(t)) for layer, t in states_to_patch]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=inp).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return float(torch.softmax(logits[1:, -1, :], dim=1).mean(dim=0)[answer_t]), (b, e)
+
+
+def test_reference_rng_draws_the_reference_noise_and_gives_its_scores():
+    import numpy
+
+    from hf_knowedit.tracing.engine import CausalTracer
+
+    model, tok = make_tiny_model("llama")
+    prompt, subject, level, samples = "The mother tongue of Thomas Mann is", "Thomas Mann", 0.5, 3
+    tracer = CausalTracer(model, tok, prompt, subject, rng="reference", noise=level, samples=samples)
+    b, e = find_token_range(tok, tok.encode(prompt), subject)
+    assert tracer.subject_range == (b, e)
+    want = level * torch.from_numpy(numpy.random.RandomState(1).randn(samples, e - b, 32))
+    assert tracer.corruption.noise.dtype == torch.float64
+    assert torch.equal(tracer.corruption.noise, want)
+    # the corrupted run and a restored cell, as the reference computes them
+    answer = tracer.answer_ids[0]
+    low, _ = reference_trace(model, tok, prompt, subject, level, samples, answer)
+    assert abs(tracer.corrupted_prob - low) <= 1e-5 * low
+    cell, _ = reference_trace(model, tok, prompt, subject, level, samples, answer, [(1, e - 1)])
+    got = float(tracer.score([[("hidden", 1, e - 1)]])[0])
+    assert abs(got - cell) <= 1e-5 * cell
+    # the default generator is torch's, unchanged
+    default = CausalTracer(model, tok, prompt, subject, noise=level, samples=samples)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(default.corruption.noise, torch.randn(samples, e - b, 32, generator=g) * level)
+
+
+def test_reference_noise_level_is_collect_embedding_std_over_every_fact_subject():
+    from hf_knowedit.tracing import TraceConfig, trace_facts
+    from hf_knowedit.tracing.corruption import embedding_noise_level
+
+    model, tok = make_tiny_model("llama")
+    facts = [
+        ("The mother tongue of Thomas Mann is", "Thomas Mann"),
+        ("Thomas Mann was born in", "Thomas Mann"),
+        ("Apple was founded by", "Apple"),
+    ]
+
+    def collect_embedding_std(subjects):  # experiments/causal_trace.py
+        rows = [model.model.embed_tokens(torch.tensor([tok.encode(s)]))[0] for s in subjects]
+        return torch.cat(rows).std().item()
+
+    with torch.no_grad():
+        want = 3 * collect_embedding_std([s for _, s in facts])
+    plain = embedding_noise_level(model, tok, ["Thomas Mann", "Apple"])  # the default: no BOS, each subject once
+    assert embedding_noise_level(model, tok, [s for _, s in facts], reference=True) == pytest.approx(want, rel=1e-6)
+    summary = trace_facts(model, tok, facts, rng="reference", kinds=("mlp",), samples=2, window=2, progress=False)
+    assert summary.settings["noise"] == pytest.approx(want, rel=1e-6) and summary.settings["rng"] == "reference"
+    assert want != pytest.approx(plain, rel=1e-3)
+    assert "rng" not in trace_facts(model, tok, facts, kinds=("mlp",), samples=2, window=2, progress=False).settings
+    with pytest.raises(hf_knowedit.errors.TraceError, match="seed"):
+        TraceConfig(rng="reference", seed=3)
+    with pytest.raises(hf_knowedit.errors.TraceError, match="rng must be"):
+        TraceConfig(rng="numpy")
+    TraceConfig(rng="reference", corruption="str", seed=3)  # no noise: the seed picks the swapped subjects

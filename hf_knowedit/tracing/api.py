@@ -44,8 +44,10 @@ def trace_fact(
         target: trace ``p(target)`` instead of the clean top next token (multi-token: teacher forced).
         positions: token indices to trace (default all); other rows of ``scores`` are NaN.
         config: a :class:`~hf_knowedit.tracing.TraceConfig`; ``**options`` set its fields by keyword
-            (``kinds``, ``samples``, ``noise``, ``window``, ``corruption``, ``seed``, ``subjects``,
-            ``memory_mb``, ``reuse_lower_layers``, ``progress``).
+            (``kinds``, ``samples``, ``noise``, ``window``, ``corruption``, ``seed``, ``rng``, ``subjects``,
+            ``memory_mb``, ``reuse_lower_layers``, ``progress``). ``subjects`` sets the entities whose
+            embedding spread gives ``noise="auto"`` (pass the traced facts' subjects, as the paper does);
+            ``rng="reference"`` draws the reference's exact noise (:class:`TraceConfig`).
 
     Raises:
         SubjectNotFoundError: the subject is not in the prompt.
@@ -85,6 +87,7 @@ def trace_fact(
         corruption=cfg.corruption,
         seed=cfg.seed,
         target=target,
+        **({"rng": cfg.rng} if cfg.rng != "torch" else {}),
         **tracer.corruption.settings(),
     )
     return TraceResult(
@@ -180,10 +183,12 @@ def trace_facts(
     parsed = [_fact_fields(f) for f in facts]
     if not parsed:
         raise TraceError("facts is empty: pass e.g. the records of known_1000.json.")
-    if cfg.subjects is None:
-        cfg = TraceConfig.of(cfg, subjects=list(dict.fromkeys(s for _, s, _ in parsed)))
+    reference = cfg.rng == "reference"
+    if cfg.subjects is None:  # the reference counts a subject once per fact (collect_embedding_std)
+        subjects = [s for _, s, _ in parsed]
+        cfg = TraceConfig.of(cfg, subjects=subjects if reference else list(dict.fromkeys(subjects)))
     if cfg.corruption == "gaussian" and cfg.noise == "auto":  # measured once for all facts
-        cfg = TraceConfig.of(cfg, noise=embedding_noise_level(model, tokenizer, cfg.subjects))
+        cfg = TraceConfig.of(cfg, noise=embedding_noise_level(model, tokenizer, cfg.subjects, reference=reference))
     sums = {p: {k: torch.zeros(num_layers(model)) for k in kinds} for p in ("last_subject", "last")}
     results, skipped, clean, corrupted = [], 0, [], []
     for prompt, subject, attribute in tqdm(parsed, desc="tracing facts", disable=cfg.progress is False):
@@ -225,6 +230,7 @@ def trace_facts(
             window=cfg.window,
             corruption=cfg.corruption,
             seed=cfg.seed,
+            **({"rng": cfg.rng} if cfg.rng != "torch" else {}),
         ),
     )
     get_state(model).history[_SUMMARY_KEY] = summary
