@@ -8,11 +8,15 @@ on tiny models (never with the library's own helpers):
   ``memit/memit_main.py`` ``get_context_templates``);
 * EMMET: the update of ``emmet/emmet_main.py`` at the reference's defaults, and how much of each
   residual it writes on the model;
+* ``from_reference``: the reference's JSON and EasyEdit's YAML hyper-parameter files (field names as in
+  ``hparams/ROME/*.json``, ``hparams/MEMIT/*.json``, ``hparams/EMMET/*.json``, EasyEdit ``hparams/*/*.yaml``);
 * tracing: ``require_correct`` (the whole attribute, or the reference's ``expect`` test), and the
   reference's noise (``trace_with_patch``'s ``numpy.random.RandomState(1)``, ``collect_embedding_std``).
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -467,3 +471,187 @@ def test_reference_noise_level_is_collect_embedding_std_over_every_fact_subject(
     with pytest.raises(hf_knowedit.errors.TraceError, match="rng must be"):
         TraceConfig(rng="numpy")
     TraceConfig(rng="reference", corruption="str", seed=3)  # no noise: the seed picks the swapped subjects
+
+
+# -----------------------------------------------------------------------------
+# 4. from_reference: the reference's JSON, EasyEdit's YAML
+
+ROME_GPT2_XL_JSON = """{
+    "layers": [17],
+    "fact_token": "subject_last",
+    "v_num_grad_steps": 20,
+    "v_lr": 5e-1,
+    "v_loss_layer": 47,
+    "v_weight_decay": 0.5,
+    "clamp_norm_factor": 4,
+    "kl_factor": 0.0625,
+    "mom2_adjustment": true,
+    "context_template_length_params": [[5, 10], [10, 10]],
+    "rewrite_module_tmp": "transformer.h.{}.mlp.c_proj",
+    "layer_module_tmp": "transformer.h.{}",
+    "mlp_module_tmp": "transformer.h.{}.mlp",
+    "attn_module_tmp": "transformer.h.{}.attn",
+    "ln_f_module": "transformer.ln_f",
+    "lm_head_module": "transformer.wte",
+    "mom2_dataset": "wikipedia",
+    "mom2_n_samples": 100000,
+    "mom2_dtype": "float32"
+}"""
+MEMIT_GPTJ_JSON = """{
+    "layers": [3, 4, 5, 6, 7, 8],
+    "clamp_norm_factor": 0.75,
+    "layer_selection": "all",
+    "fact_token": "subject_last",
+    "v_num_grad_steps": 25,
+    "v_lr": 5e-1,
+    "v_loss_layer": 27,
+    "v_weight_decay": 0.5,
+    "kl_factor": 0.0625,
+    "mom2_adjustment": true,
+    "mom2_update_weight": 15000,
+    "rewrite_module_tmp": "transformer.h.{}.mlp.fc_out",
+    "layer_module_tmp": "transformer.h.{}",
+    "mlp_module_tmp": "transformer.h.{}.mlp",
+    "attn_module_tmp": "transformer.h.{}.attn",
+    "ln_f_module": "transformer.ln_f",
+    "lm_head_module": "lm_head",
+    "mom2_dataset": "wikipedia",
+    "mom2_n_samples": 100000,
+    "mom2_dtype": "float32"
+}"""
+EMMET_GPT2_XL_JSON = """{
+    "layers": [17], "clamp_norm_factor": 0.75, "layer_selection": "all", "fact_token": "subject_last",
+    "v_num_grad_steps": 20, "v_lr": 5e-1, "v_loss_layer": 47, "v_weight_decay": 0.5, "kl_factor": 0.0625,
+    "mom2_adjustment": true, "mom2_update_weight": 1000, "rewrite_module_tmp": "transformer.h.{}.mlp.c_proj",
+    "mom2_dataset": "wikipedia", "mom2_n_samples": 100000, "mom2_dtype": "float32",
+    "calculate_objective_value": false, "update_norm_lambda": 0, "emmet_lambda": 0.1,
+    "prob_cutoff": 0, "norm_control": 0
+}"""
+EASYEDIT_ROME_LLAMA_YAML = """alg_name: "ROME"
+model_name: "./hugging_cache/llama-2-7b"
+stats_dir: "./data/stats"
+device: 1
+layers: [5]
+fact_token: "subject_last"
+v_num_grad_steps: 25
+v_lr: 5e-1
+v_loss_layer: 31
+v_weight_decay: 1e-3
+clamp_norm_factor: 4
+kl_factor: 0.0625
+mom2_adjustment: false
+context_template_length_params: [[5, 10], [10, 10]]
+rewrite_module_tmp: "model.layers.{}.mlp.down_proj"
+layer_module_tmp: "model.layers.{}"
+mlp_module_tmp: "model.layers.{}.mlp"
+attn_module_tmp: "model.layers.{}.self_attn"
+ln_f_module: "model.norm"
+lm_head_module: "lm_head"
+mom2_dataset: "wikipedia"
+mom2_n_samples: 100000
+mom2_dtype: "float32"
+"""
+EASYEDIT_ALPHAEDIT_YAML = """alg_name: "AlphaEdit"
+model_name: "./hugging_cache/llama-3-8b"
+P_loc: "./null_space_project.pt"
+device: 0
+layers: [4, 5, 6, 7, 8]
+clamp_norm_factor: 0.75
+layer_selection: "all"
+fact_token: "subject_last"
+v_num_grad_steps: 25
+v_lr: 1e-1
+v_loss_layer: 31
+v_weight_decay: 0.5
+kl_factor: 0.0625
+mom2_adjustment: true
+mom2_update_weight: 15000
+mom2_dataset: "wikipedia"
+mom2_n_samples: 100000
+mom2_dtype: "float32"
+nullspace_threshold: 2e-2
+L2: 10
+"""
+MODULE_PATHS = {"rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module"}
+
+
+def test_from_reference_reads_the_reference_rome_and_memit_json(tmp_path):
+    from hf_knowedit.methods import ReferenceConfig
+
+    path = tmp_path / "gpt2-xl.json"
+    path.write_text(ROME_GPT2_XL_JSON)
+    ref = ROMEConfig.from_reference(path)
+    assert isinstance(ref, ReferenceConfig) and ref.layers == [17] and ref.source == str(path)
+    c = ref.config
+    assert (c.v_num_grad_steps, c.v_lr, c.v_weight_decay, c.clamp_norm_factor, c.kl_factor) == (20, 0.5, 0.5, 4, 0.0625)
+    assert (c.mom2, c.mom2_dtype, c.context_templates) == ("corpus", "float32", "reference")
+    assert c.context_template_length_params == [[5, 10], [10, 10]]
+    assert MODULE_PATHS | {"lm_head_module", "mom2_n_samples", "mom2_dataset", "v_loss_layer"} <= set(ref.ignored)
+    assert {"v_lr", "mom2_adjustment", "layers", "fact_token", "context_template_length_params"} <= set(ref.mapped)
+    assert "original_implementation=True" in ref.ignored["(original_implementation)"]
+    assert "| `v_lr` | `v_lr` = 0.5 |" in ref.table()
+    # the same file as text and as a dict; overrides apply last
+    assert ROMEConfig.from_reference(ROME_GPT2_XL_JSON).config == c
+    assert ROMEConfig.from_reference(json.loads(ROME_GPT2_XL_JSON), v_lr=0.1).config.v_lr == 0.1
+
+    ref = MEMITConfig.from_reference(MEMIT_GPTJ_JSON)
+    assert ref.layers == [3, 4, 5, 6, 7, 8]
+    c = ref.config
+    assert (c.mom2_update_weight, c.clamp_norm_factor, c.v_num_grad_steps, c.context_templates) == (
+        15000,
+        0.75,
+        25,
+        "reference",
+    )
+    assert ref.mapped["layer_selection"].startswith("every given layer")
+    # a field this method does not use
+    assert "no counterpart" in ROMEConfig.from_reference(MEMIT_GPTJ_JSON).ignored["mom2_update_weight"]
+
+
+def test_from_reference_reads_emmet_json_and_easyedit_yaml(tmp_path):
+    from hf_knowedit.methods.alphaedit import AlphaEditConfig
+    from hf_knowedit.methods.emmet import EMMETConfig
+
+    ref = EMMETConfig.from_reference(EMMET_GPT2_XL_JSON)
+    c = ref.config
+    assert (c.mom2_update_weight, c.emmet_lambda, c.update_norm_lambda, ref.layers) == (1000, 0.1, 0, [17])
+    assert {"calculate_objective_value", "prob_cutoff", "norm_control"} <= set(ref.ignored)
+
+    pytest.importorskip("yaml")
+    path = tmp_path / "llama-7b.yaml"
+    path.write_text(EASYEDIT_ROME_LLAMA_YAML)
+    ref = ROMEConfig.from_reference(path)
+    c = ref.config
+    # YAML 1.1 reads 5e-1 and 1e-3 as strings: they come back as numbers
+    assert (c.v_lr, c.v_weight_decay, c.v_num_grad_steps, c.mom2, ref.layers) == (0.5, 1e-3, 25, "identity", [5])
+    assert {"alg_name", "model_name", "stats_dir", "device"} <= set(ref.ignored)
+    assert ROMEConfig.from_reference(EASYEDIT_ROME_LLAMA_YAML).config == c
+
+    ref = AlphaEditConfig.from_reference(EASYEDIT_ALPHAEDIT_YAML)
+    c = ref.config
+    assert (c.nullspace_threshold, c.l2, c.v_lr, ref.layers) == (0.02, 10, 0.1, [4, 5, 6, 7, 8])
+    assert ref.mapped["L2"] == "`l2` = 10" and "no counterpart" in ref.ignored["mom2_update_weight"]
+    assert "P_loc" in ref.ignored
+
+
+def test_from_reference_refuses_bad_files(tmp_path):
+    with pytest.raises(InvalidConfigError, match=r"ROMEConfig.from_reference.*ROMEConfig.v_lr must be"):
+        ROMEConfig.from_reference({"v_lr": -1})
+    with pytest.raises(InvalidConfigError, match="no file"):
+        ROMEConfig.from_reference(tmp_path / "missing.json")
+    with pytest.raises(InvalidConfigError, match="not a mapping"):
+        ROMEConfig.from_reference("[1, 2]\n")
+    with pytest.raises(InvalidConfigError, match="layers"):
+        ROMEConfig.from_reference({"layers": ["5"]})
+    with pytest.raises(InvalidConfigError, match="takes a path"):
+        ROMEConfig.from_reference(5)
+    ref = ROMEConfig.from_reference({"fact_token": "last", "layer_selection": "random", "stepz": 1})
+    assert {"fact_token", "layer_selection", "stepz"} <= set(ref.ignored)
+
+
+def test_a_reference_config_edits_a_model():
+    model, tok = make_tiny_model("llama")
+    ref = MEMITConfig.from_reference(MEMIT_GPTJ_JSON, mom2="identity", v_num_grad_steps=2)
+    es = hf_knowedit.apply_edits(model, tok, REQUESTS[:1], "memit", config=ref.config, layers=[1, 2])
+    assert es.config["mom2_update_weight"] == 15000 and es.config["context_templates"] == "reference"
+    hf_knowedit.revert_edits(model)

@@ -16,13 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import logging
 import math
+import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import InvalidConfigError
+
+logger = logging.getLogger(__name__)
 
 #: second-moment tokens when a config does not say (``mom2_n_tokens``)
 DEFAULT_N_TOKENS = 100_000
@@ -219,6 +226,212 @@ class EditConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_reference(cls, source: Any, **overrides: Any) -> ReferenceConfig:
+        """This config from a reference hyper-parameter file: kmeng01/rome and kmeng01/memit's
+        ``hparams/*/*.json``, unified-model-editing's EMMET JSON, AlphaEdit's, or EasyEdit's
+        ``hparams/*/*.yaml``.
+
+        ``source``: a path (``.json`` / ``.yaml`` / ``.yml``), the file's text, or the parsed dict. YAML
+        needs PyYAML (imported only then). ``**overrides`` set fields afterwards, as for the class itself.
+
+        Returns a :class:`ReferenceConfig`: the ``config``, the file's ``layers`` (pass them to
+        ``apply_edits(layers=...)``: they are not a config field), and a report of what maps where
+        (``mapped``) and what has no counterpart here and why (``ignored``: module path templates and
+        the LM-head / final-norm names come from the architecture table; devices, model names and stats
+        directories are run settings; ``mom2_n_samples`` counts Wikipedia articles where
+        ``mom2_n_tokens`` counts tokens; ...). The report is also logged as a table (``report.table()``).
+        Values are checked like any config value (``InvalidConfigError`` names the field).
+
+        >>> ref = MEMITConfig.from_reference("hparams/MEMIT/EleutherAI_gpt-j-6B.json")
+        >>> model.apply_edits(facts, method="memit", config=ref.config, layers=ref.layers)
+        """
+        data, name = _read_reference(source)
+        report = _map_reference(cls, data, name, overrides)
+        logger.info("%s.from_reference(%s):\n%s", cls.__name__, name, report.table())
+        return report
+
+
+@dataclass
+class ReferenceConfig:
+    """What :meth:`EditConfig.from_reference` made of a reference hyper-parameter file.
+
+    Attributes:
+        config: the method config (validated).
+        layers: the file's ``layers`` (for ``apply_edits(layers=...)``), or None if it has none.
+        mapped: reference field -> what it set here (``"field = value"``).
+        ignored: reference field -> why it has no counterpart here.
+        source: where the values came from.
+    """
+
+    config: EditConfig
+    layers: list[int] | None
+    mapped: dict[str, str] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+
+    def table(self) -> str:
+        """The report as a Markdown table: reference field, value here or why it is ignored."""
+        rows = ["| reference field | here |", "|---|---|"]
+        rows += [f"| `{k}` | {v} |" for k, v in self.mapped.items()]
+        rows += [f"| `{k}` | ignored: {v} |" for k, v in self.ignored.items()]
+        return "\n".join(rows)
+
+
+#: reference fields with the same name and meaning here (where the config class has them)
+_SAME = (
+    "v_num_grad_steps",
+    "v_lr",
+    "v_weight_decay",
+    "kl_factor",
+    "clamp_norm_factor",
+    "mom2_update_weight",
+    "mom2_dtype",
+    "emmet_lambda",
+    "update_norm_lambda",
+    "nullspace_threshold",
+    "original_implementation",
+)
+_RENAMED = {"L2": "l2"}
+_MODULE_PATHS = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp")
+_WHY = {
+    **{
+        k: "module paths come from the architecture table (hf_knowedit.architectures)"
+        for k in (*_MODULE_PATHS, "ln_f_module", "lm_head_module")
+    },
+    **{
+        k: "a run setting (model, device, files), not a hyper-parameter"
+        for k in ("model_name", "device", "stats_dir", "model_parallel", "fp16", "P_loc", "max_length", "batch_size")
+    },
+    "mom2_n_samples": "counts Wikipedia articles (~44M key vectors at 100,000); mom2_n_tokens counts tokens",
+    "mom2_dataset": "mom2_corpus=None uses wikitext-103 when reachable; pass a datasets dataset for another corpus",
+    "v_loss_layer": "the loss is read at the model's last layer (every reference file uses num_layers - 1)",
+    "calculate_objective_value": "EMMET diagnostics, not part of the update",
+    "prob_cutoff": "unused by the reference's EMMET update",
+    "norm_control": "unused by the reference's EMMET update",
+}
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _read_reference(source: Any) -> tuple[dict[str, Any], str]:
+    """The reference file's fields and a name for the report."""
+    if isinstance(source, Mapping):
+        return dict(source), "dict"
+    if isinstance(source, (str, os.PathLike)):
+        text, name, suffix = str(source), "text", ""
+        path = Path(source)
+        is_text = isinstance(source, str) and any(c in source for c in "\n{:")
+        if not is_text or (len(text) < 4096 and "\n" not in text and _is_file(path)):
+            if not _is_file(path):
+                raise InvalidConfigError(f"from_reference: no file {text!r}; pass a path, the file's text or a dict.")
+            text, name, suffix = path.read_text(), str(path), path.suffix.lower()
+        data = _parse_reference(text, suffix)
+        if not isinstance(data, Mapping):
+            raise InvalidConfigError(f"from_reference: {name} holds a {type(data).__name__}, not a mapping of fields.")
+        return dict(data), name
+    raise InvalidConfigError(f"from_reference takes a path, a file's text or a dict, got {type(source).__name__}.")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL character, ...
+        return False
+
+
+def _parse_reference(text: str, suffix: str) -> Any:
+    if suffix != ".yaml" and suffix != ".yml":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            if suffix == ".json":
+                raise InvalidConfigError("from_reference: the .json file is not valid JSON.") from None
+    try:
+        import yaml
+    except ImportError:
+        raise InvalidConfigError(
+            "from_reference: reading YAML needs PyYAML (pip install pyyaml); or pass JSON or a dict."
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise InvalidConfigError(f"from_reference: not valid JSON or YAML ({err}).") from None
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads ``5e-1`` as a string: numbers written that way become numbers."""
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        number = float(value)
+        return int(number) if number.is_integer() and re.fullmatch(r"[+-]?\d+", value.strip()) else number
+    return value
+
+
+def _map_reference(cls: type, data: dict[str, Any], source: str, overrides: dict[str, Any]) -> ReferenceConfig:
+    names = set(cls.field_names())
+    values: dict[str, Any] = {}
+    mapped: dict[str, str] = {}
+    ignored: dict[str, str] = {}
+    layers = None
+    for key, raw in data.items():
+        value = _number(raw)
+        target = _RENAMED.get(key, key)
+        if key == "layers":
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+                raise InvalidConfigError(f"from_reference: layers must be a list of ints, got {value!r}.")
+            layers = [int(x) for x in items]
+            mapped[key] = f"returned as `layers` = {layers} (apply_edits(layers=...))"
+        elif key in _SAME or key in _RENAMED:
+            if target in names:
+                if target == "v_num_grad_steps" and isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                values[target] = value
+                mapped[key] = f"`{target}` = {value!r}"
+            else:
+                ignored[key] = f"{cls.__name__} has no counterpart (this method does not use it)"
+        elif key == "mom2_adjustment":
+            if not isinstance(value, bool):
+                raise InvalidConfigError(f"from_reference: mom2_adjustment must be true or false, got {value!r}.")
+            values["mom2"] = "corpus" if value else "identity"
+            mapped[key] = f"`mom2` = {values['mom2']!r}"
+        elif key == "context_template_length_params":
+            values["context_template_length_params"] = value
+            mapped[key] = f"`context_template_length_params` = {value!r} (with `context_templates` = 'reference')"
+        elif key == "fact_token":
+            if value == "subject_last":
+                mapped[key] = "the subject's last token (the only lookup position here)"
+            else:
+                ignored[key] = f"{value!r} is not supported: keys and targets are read at the subject's last token"
+                logger.warning(
+                    "from_reference(%s): fact_token=%r is not supported; subject_last is used.", source, value
+                )
+        elif key == "layer_selection":
+            if value == "all":
+                mapped[key] = "every given layer is edited (the only selection here)"
+            else:
+                ignored[key] = f"{value!r} is not supported: every given layer is edited"
+                logger.warning("from_reference(%s): layer_selection=%r is not supported.", source, value)
+        elif key == "alg_name":
+            ignored[key] = f"{value!r}: the method is the config class ({cls.__name__}) / apply_edits(method=...)"
+        elif key in _WHY:
+            ignored[key] = _WHY[key]
+        else:
+            ignored[key] = "unknown to hf_knowedit"
+    values["context_templates"] = "reference"  # the reference code's recipe (hard-coded in MEMIT's)
+    mapped.setdefault("(context templates)", "`context_templates` = 'reference' (the reference code's recipe)")
+    if "original_implementation" in names and "original_implementation" not in values:
+        ignored["(original_implementation)"] = (
+            "absent: the reference ROME code is the original implementation; pass original_implementation=True "
+            "to reproduce it exactly (default here: r-ROME)"
+        )
+    for key, value in overrides.items():
+        mapped[f"(override) {key}"] = f"`{key}` = {value!r}"
+    try:
+        config = make_config(cls, values, overrides, f"from_reference({source})")
+    except InvalidConfigError as err:
+        raise InvalidConfigError(f"{cls.__name__}.from_reference({source}): {err}") from None
+    return ReferenceConfig(config, layers, mapped, ignored, source)
 
 
 def _old_name(self: EditConfig, old: str, new: str) -> Any:
