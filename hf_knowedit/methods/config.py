@@ -10,6 +10,9 @@ Each field declares its valid values in its metadata (``check``); :meth:`EditCon
 enforces them for every method alike: integers that are not booleans, finite numbers, known
 choices. ROME's names before 0.2 (``steps``, ``lr``, ``weight_decay``, ``clamp_factor``) still work
 for one release, with a ``FutureWarning``.
+
+:meth:`EditConfig.from_reference` reads a reference hyper-parameter file (the reference's JSON,
+EasyEdit's YAML) into any config class and reports what maps where and what has no counterpart.
 """
 
 from __future__ import annotations
