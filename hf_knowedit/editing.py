@@ -21,6 +21,7 @@ from .editset import EditSet
 from .errors import EditsDisabledError, InvalidConfigError, LayerOutOfRangeError
 from .generation import max_positions
 from .hooks import frozen
+from .methods.context import template_reserve
 from .methods.registry import EditContext, Layers, get_method, resolve_config
 from .requests import normalize_requests
 from .stack import (
@@ -92,8 +93,7 @@ def apply_edits(
     reqs = normalize_requests(requests)
     config = resolve_config(spec, config, overrides)
     arch = get_architecture(model)
-    templated = getattr(config, "context_templates", 0)
-    reserve = getattr(config, "context_length", 0) + 4 if templated else 0  # a template prefix and its ". "
+    reserve = template_reserve(tokenizer, config)  # a context-template prefix and its ". "
     check_request_lengths(tokenizer, reqs, max_positions(model), reserve=reserve)
     if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
         layers = [layers]

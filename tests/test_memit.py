@@ -319,13 +319,17 @@ def test_emmet_batch_rewrites_facts_and_reverts(model_type):
 
 @pytest.mark.parametrize("method", ["memit", "emmet"])
 def test_default_lambda_is_the_reference_value_scaled_to_the_key_dimension(method):
+    """MEMIT's λ: GPT-J's 15,000 scaled to the key dimension. EMMET's λ₀: the reference's 1 (None: the
+    scaled value, EMMET's pre-parity default)."""
     from hf_knowedit.methods.solvers import scaled_mom2_weight
 
     model, tok = tiny("llama")
     hf_knowedit.attach(model, tok)
     settings = {k: v for k, v in FAST.items() if k != "mom2_update_weight"}
     d_in = get_module(model, mlp_out_path(get_architecture(model), 1)).weight.shape[1]
-    default = model.apply_edits(facts(3), method=method, merge=False, **settings)
+    default = model.apply_edits(
+        facts(3), method=method, merge=False, **settings, **({"mom2_update_weight": None} if method == "emmet" else {})
+    )
     model.revert_edits()
     explicit = model.apply_edits(
         facts(3), method=method, merge=False, mom2_update_weight=scaled_mom2_weight(d_in), **settings

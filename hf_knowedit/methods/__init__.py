@@ -15,7 +15,7 @@ package; ``apply_edits`` reaches methods only through the registry.
 """
 
 from .alphaedit import AlphaEditConfig
-from .config import EditConfig
+from .config import EditConfig, ReferenceConfig
 from .emmet import EMMETConfig
 from .memit import MassEditConfig, MEMITConfig
 from .registry import EditContext, MethodResult, available_methods, get_method, register_method
@@ -30,6 +30,7 @@ __all__ = [
     "MassEditConfig",
     "MethodResult",
     "ROMEConfig",
+    "ReferenceConfig",
     "available_methods",
     "get_method",
     "register_method",

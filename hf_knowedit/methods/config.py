@@ -10,19 +10,29 @@ Each field declares its valid values in its metadata (``check``); :meth:`EditCon
 enforces them for every method alike: integers that are not booleans, finite numbers, known
 choices. ROME's names before 0.2 (``steps``, ``lr``, ``weight_decay``, ``clamp_factor``) still work
 for one release, with a ``FutureWarning``.
+
+:meth:`EditConfig.from_reference` reads a reference hyper-parameter file (the reference's JSON,
+EasyEdit's YAML) into any config class and reports what maps where and what has no counterpart.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import logging
 import math
+import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 from ..errors import InvalidConfigError
+
+logger = logging.getLogger(__name__)
 
 #: second-moment tokens when a config does not say (``mom2_n_tokens``)
 DEFAULT_N_TOKENS = 100_000
@@ -48,7 +58,8 @@ def check_value(owner: str, name: str, value: Any, rule: str) -> None:
     """Raise :class:`InvalidConfigError` unless ``value`` obeys ``rule``.
 
     Rules: ``"int>=N"``; ``"num>0"`` / ``"num>=0"`` (finite int or float); ``"(0,1]"``;
-    ``"bool"``; ``"choice:a|b"``; ``"?"`` prefix: ``None`` is allowed too.
+    ``"bool"``; ``"choice:a|b"``; ``"templates"`` (:func:`check_context_templates`); ``"pairs"``
+    (:func:`check_length_params`); ``"?"`` prefix: ``None`` is allowed too.
     """
     if rule.startswith("?"):
         if value is None:
@@ -65,6 +76,12 @@ def check_value(owner: str, name: str, value: Any, rule: str) -> None:
         ok, want = number and 0 < value <= 1, "a number in (0, 1]"
     elif rule == "bool":
         ok, want = isinstance(value, bool), "True or False"
+    elif rule == "templates":
+        check_context_templates(owner, value)
+        return
+    elif rule == "pairs":
+        check_length_params(owner, value)
+        return
     elif rule.startswith("choice:"):
         choices = rule[7:].split("|")
         ok, want = isinstance(value, str) and value in choices, " or ".join(repr(c) for c in choices)
@@ -105,9 +122,69 @@ def check_corpus(owner: str, value: Any) -> None:
     )
 
 
+#: the named forms ``context_templates`` accepts besides an int and a list
+CONTEXT_RECIPES = ("reference",)
+
+
+def check_context_templates(owner: str, value: Any) -> Any:
+    """``context_templates`` validated and normalised: an int >= 0, ``"reference"``, or a list of
+    strings with exactly one ``{}`` each, returned as a list with ``"{}"`` first (added if missing)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise InvalidConfigError(f"{owner}.context_templates must be an int >= 0, got {value!r}.")
+        return value
+    if isinstance(value, str):
+        if value not in CONTEXT_RECIPES:
+            raise InvalidConfigError(
+                f"{owner}.context_templates must be an int >= 0, a list of templates with one '{{}}' each, "
+                f"or {' / '.join(repr(n) for n in CONTEXT_RECIPES)}; got {value!r}."
+            )
+        return value
+    if isinstance(value, (list, tuple)):
+        bad = [t for t in value if not isinstance(t, str) or t.count("{}") != 1]
+        if bad:
+            shown = repr(bad[0]) if len(repr(bad[0])) <= 60 else repr(bad[0])[:57] + "..."
+            raise InvalidConfigError(
+                f"{owner}.context_templates must be a list of strings with exactly one '{{}}' each, where the "
+                f"prompt goes (e.g. 'A short prefix. {{}}'); got {shown}."
+            )
+        return ["{}", *(t for t in value if t != "{}")]
+    raise InvalidConfigError(
+        f"{owner}.context_templates must be an int >= 0, a list of templates or 'reference', "
+        f"got {type(value).__name__}."
+    )
+
+
+def check_length_params(owner: str, value: Any) -> Any:
+    """``context_template_length_params``: ``None`` or ``[[length, count], ...]`` of ints >= 1."""
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and len(value) > 0
+    pairs = []
+    for pair in value if ok else ():
+        if not (
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in pair)
+        ):
+            ok = False
+            break
+        pairs.append([int(pair[0]), int(pair[1])])
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise InvalidConfigError(
+            f"{owner}.context_template_length_params must be None or a non-empty list of [length, count] "
+            f"pairs of ints >= 1 (the reference ROME's is [[5, 10], [10, 10]]); got {shown}."
+        )
+    return pairs
+
+
 @dataclass
 class EditConfig:
     """Hyper-parameters every locate-and-edit method shares; methods subclass it."""
+
+    #: the reference recipe ``context_templates="reference"`` means (:data:`hf_knowedit.methods.context.RECIPES`)
+    reference_context: ClassVar[str] = "memit"
 
     # target vectors v* / z (ROME compute_v, MEMIT compute_z)
     v_num_grad_steps: int = option(20, "forward passes of the v*/z optimisation at most", "int>=1")
@@ -117,10 +194,18 @@ class EditConfig:
     clamp_norm_factor: float = option(4.0, "delta stays in the ball of radius clamp_norm_factor * ||init||", "num>0")
     early_stop: float = option(0.05, "stop optimising a request once its loss is below this", "num>=0")
     # context templates
-    context_templates: int = option(
-        5, "model-generated prefixes averaged over for keys and targets (plus the bare prompt)", "int>=0"
+    context_templates: int | list[str] | str = option(
+        5,
+        "int: that many model-generated prefixes (plus the bare prompt); a list: your own templates, one '{}' "
+        "each; 'reference': the reference code's recipe (hf_knowedit.methods.context)",
+        "templates",
     )
-    context_length: int = option(10, "tokens per generated prefix", "int>=1")
+    context_length: int = option(10, "new tokens per generated prefix (int context_templates)", "int>=1")
+    context_template_length_params: list[list[int]] | None = option(
+        None,
+        "[[length, count], ...] of context_templates='reference' (None: the method's reference pairs)",
+        "?pairs",
+    )
     # second moment C = E[k kᵀ]
     mom2: str = option("corpus", "'corpus': C = E[k kᵀ] over mom2_corpus; 'identity': C = I", "choice:corpus|identity")
     mom2_corpus: Any = option(
@@ -138,10 +223,218 @@ class EditConfig:
             if rule:
                 check_value(owner, f.name, getattr(self, f.name), rule)
         check_corpus(owner, self.mom2_corpus)
+        self.context_templates = check_context_templates(owner, self.context_templates)
+        self.context_template_length_params = check_length_params(owner, self.context_template_length_params)
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_reference(cls, source: Any, **overrides: Any) -> ReferenceConfig:
+        """This config from a reference hyper-parameter file: kmeng01/rome and kmeng01/memit's
+        ``hparams/*/*.json``, unified-model-editing's EMMET JSON, AlphaEdit's, or EasyEdit's
+        ``hparams/*/*.yaml``.
+
+        ``source``: a path (``.json`` / ``.yaml`` / ``.yml``), the file's text, or the parsed dict. YAML
+        needs PyYAML (imported only then). ``**overrides`` set fields afterwards, as for the class itself.
+
+        Returns a :class:`ReferenceConfig`: the ``config``, the file's ``layers`` (pass them to
+        ``apply_edits(layers=...)``: they are not a config field), and a report of what maps where
+        (``mapped``) and what has no counterpart here and why (``ignored``: module path templates and
+        the LM-head / final-norm names come from the architecture table; devices, model names and stats
+        directories are run settings; ``mom2_n_samples`` counts Wikipedia articles where
+        ``mom2_n_tokens`` counts tokens; ...). The report is also logged as a table (``report.table()``).
+        Values are checked like any config value (``InvalidConfigError`` names the field).
+
+        >>> ref = MEMITConfig.from_reference("hparams/MEMIT/EleutherAI_gpt-j-6B.json")
+        >>> model.apply_edits(facts, method="memit", config=ref.config, layers=ref.layers)
+        """
+        data, name = _read_reference(source)
+        report = _map_reference(cls, data, name, overrides)
+        logger.info("%s.from_reference(%s):\n%s", cls.__name__, name, report.table())
+        return report
+
+
+@dataclass
+class ReferenceConfig:
+    """What :meth:`EditConfig.from_reference` made of a reference hyper-parameter file.
+
+    Attributes:
+        config: the method config (validated).
+        layers: the file's ``layers`` (for ``apply_edits(layers=...)``), or None if it has none.
+        mapped: reference field -> what it set here (``"field = value"``).
+        ignored: reference field -> why it has no counterpart here.
+        source: where the values came from.
+    """
+
+    config: EditConfig
+    layers: list[int] | None
+    mapped: dict[str, str] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+
+    def table(self) -> str:
+        """The report as a Markdown table: reference field, value here or why it is ignored."""
+        rows = ["| reference field | here |", "|---|---|"]
+        rows += [f"| `{k}` | {v} |" for k, v in self.mapped.items()]
+        rows += [f"| `{k}` | ignored: {v} |" for k, v in self.ignored.items()]
+        return "\n".join(rows)
+
+
+#: reference fields with the same name and meaning here (where the config class has them)
+_SAME = (
+    "v_num_grad_steps",
+    "v_lr",
+    "v_weight_decay",
+    "kl_factor",
+    "clamp_norm_factor",
+    "mom2_update_weight",
+    "mom2_dtype",
+    "emmet_lambda",
+    "update_norm_lambda",
+    "nullspace_threshold",
+    "original_implementation",
+)
+_RENAMED = {"L2": "l2"}
+_MODULE_PATHS = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp")
+_WHY = {
+    **{
+        k: "module paths come from the architecture table (hf_knowedit.architectures)"
+        for k in (*_MODULE_PATHS, "ln_f_module", "lm_head_module")
+    },
+    **{
+        k: "a run setting (model, device, files), not a hyper-parameter"
+        for k in ("model_name", "device", "stats_dir", "model_parallel", "fp16", "P_loc", "max_length", "batch_size")
+    },
+    "mom2_n_samples": "counts Wikipedia articles (~44M key vectors at 100,000); mom2_n_tokens counts tokens",
+    "mom2_dataset": "mom2_corpus=None uses wikitext-103 when reachable; pass a datasets dataset for another corpus",
+    "v_loss_layer": "the loss is read at the model's last layer (every reference file uses num_layers - 1)",
+    "calculate_objective_value": "EMMET diagnostics, not part of the update",
+    "prob_cutoff": "unused by the reference's EMMET update",
+    "norm_control": "unused by the reference's EMMET update",
+}
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _read_reference(source: Any) -> tuple[dict[str, Any], str]:
+    """The reference file's fields and a name for the report."""
+    if isinstance(source, Mapping):
+        return dict(source), "dict"
+    if isinstance(source, (str, os.PathLike)):
+        text, name, suffix = str(source), "text", ""
+        path = Path(source)
+        is_text = isinstance(source, str) and any(c in source for c in "\n{:")
+        if not is_text or (len(text) < 4096 and "\n" not in text and _is_file(path)):
+            if not _is_file(path):
+                raise InvalidConfigError(f"from_reference: no file {text!r}; pass a path, the file's text or a dict.")
+            text, name, suffix = path.read_text(), str(path), path.suffix.lower()
+        data = _parse_reference(text, suffix)
+        if not isinstance(data, Mapping):
+            raise InvalidConfigError(f"from_reference: {name} holds a {type(data).__name__}, not a mapping of fields.")
+        return dict(data), name
+    raise InvalidConfigError(f"from_reference takes a path, a file's text or a dict, got {type(source).__name__}.")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL character, ...
+        return False
+
+
+def _parse_reference(text: str, suffix: str) -> Any:
+    if suffix != ".yaml" and suffix != ".yml":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            if suffix == ".json":
+                raise InvalidConfigError("from_reference: the .json file is not valid JSON.") from None
+    try:
+        import yaml
+    except ImportError:
+        raise InvalidConfigError(
+            "from_reference: reading YAML needs PyYAML (pip install pyyaml); or pass JSON or a dict."
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise InvalidConfigError(f"from_reference: not valid JSON or YAML ({err}).") from None
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads ``5e-1`` as a string: numbers written that way become numbers."""
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        number = float(value)
+        return int(number) if number.is_integer() and re.fullmatch(r"[+-]?\d+", value.strip()) else number
+    return value
+
+
+def _map_reference(cls: type, data: dict[str, Any], source: str, overrides: dict[str, Any]) -> ReferenceConfig:
+    names = set(cls.field_names())
+    values: dict[str, Any] = {}
+    mapped: dict[str, str] = {}
+    ignored: dict[str, str] = {}
+    layers = None
+    for key, raw in data.items():
+        value = _number(raw)
+        target = _RENAMED.get(key, key)
+        if key == "layers":
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+                raise InvalidConfigError(f"from_reference: layers must be a list of ints, got {value!r}.")
+            layers = [int(x) for x in items]
+            mapped[key] = f"returned as `layers` = {layers} (apply_edits(layers=...))"
+        elif key in _SAME or key in _RENAMED:
+            if target in names:
+                if target == "v_num_grad_steps" and isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                values[target] = value
+                mapped[key] = f"`{target}` = {value!r}"
+            else:
+                ignored[key] = f"{cls.__name__} has no counterpart (this method does not use it)"
+        elif key == "mom2_adjustment":
+            if not isinstance(value, bool):
+                raise InvalidConfigError(f"from_reference: mom2_adjustment must be true or false, got {value!r}.")
+            values["mom2"] = "corpus" if value else "identity"
+            mapped[key] = f"`mom2` = {values['mom2']!r}"
+        elif key == "context_template_length_params":
+            values["context_template_length_params"] = value
+            mapped[key] = f"`context_template_length_params` = {value!r} (with `context_templates` = 'reference')"
+        elif key == "fact_token":
+            if value == "subject_last":
+                mapped[key] = "the subject's last token (the only lookup position here)"
+            else:
+                ignored[key] = f"{value!r} is not supported: keys and targets are read at the subject's last token"
+                logger.warning(
+                    "from_reference(%s): fact_token=%r is not supported; subject_last is used.", source, value
+                )
+        elif key == "layer_selection":
+            if value == "all":
+                mapped[key] = "every given layer is edited (the only selection here)"
+            else:
+                ignored[key] = f"{value!r} is not supported: every given layer is edited"
+                logger.warning("from_reference(%s): layer_selection=%r is not supported.", source, value)
+        elif key == "alg_name":
+            ignored[key] = f"{value!r}: the method is the config class ({cls.__name__}) / apply_edits(method=...)"
+        elif key in _WHY:
+            ignored[key] = _WHY[key]
+        else:
+            ignored[key] = "unknown to hf_knowedit"
+    values["context_templates"] = "reference"  # the reference code's recipe (hard-coded in MEMIT's)
+    mapped.setdefault("(context templates)", "`context_templates` = 'reference' (the reference code's recipe)")
+    if "original_implementation" in names and "original_implementation" not in values:
+        ignored["(original_implementation)"] = (
+            "absent: the reference ROME code is the original implementation; pass original_implementation=True "
+            "to reproduce it exactly (default here: r-ROME)"
+        )
+    for key, value in overrides.items():
+        mapped[f"(override) {key}"] = f"`{key}` = {value!r}"
+    try:
+        config = make_config(cls, values, overrides, f"from_reference({source})")
+    except InvalidConfigError as err:
+        raise InvalidConfigError(f"{cls.__name__}.from_reference({source}): {err}") from None
+    return ReferenceConfig(config, layers, mapped, ignored, source)
 
 
 def _old_name(self: EditConfig, old: str, new: str) -> Any:

@@ -2,11 +2,33 @@
 
 ROME and MEMIT average the key ``k*`` (and optimise the value) over a few prompts that
 put a random prefix before the fact: ``"{}"`` (no prefix) plus ``n`` generations such as
-``"Therefore, the team decided. {}"``. The reference code seeds generation from GPT-2's
-``"<|endoftext|>"``; here every prefix starts from a neutral English word (MEMIT's
-``"The"``, ``"Therefore"``, ``"Because"``, ``"I"``, ``"You"``), is sampled with a fixed seed
-(top-k 5, as the reference) from the *unedited* model, and is cached per model in
-``get_state(model).history`` (no module-level caches).
+``"Therefore, the team decided. {}"``. Three ways to get them (``context_templates`` in every
+method config, :func:`template_groups`):
+
+* **an int** ``n`` (default 5): ``n`` prefixes of ``context_length`` (10) *new* tokens, each started
+  from a neutral English word (MEMIT's ``"The"``, ``"Therefore"``, ``"Because"``, ``"I"``, ``"You"``,
+  cycled), sampled with a fixed seed (top-k 5, as the reference) from the *unedited* model
+  (:func:`context_templates`);
+* **your own** list of strings with one ``{}`` each (``"{}"`` is put first if it is not there);
+* **"reference"**: the reference code's recipe for the method (:data:`RECIPES`). ROME
+  (``rome/rome_main.py``): 10 prefixes of 5 tokens and 10 of 10 (``context_template_length_params
+  [[5, 10], [10, 10]]``) sampled from the beginning-of-text token. MEMIT, AlphaEdit and EMMET
+  (``memit/memit_main.py``): 5 prefixes of 10 tokens, one from each of MEMIT's five words
+  (``[[10, 5]]``, ``n_gen // 5`` per word). As in the reference's ``generate_fast``, a length
+  counts the start's tokens too (``"The"`` + 9 sampled tokens) and the text is cleaned the
+  reference's way (NFKD, ``"\\n\\n"`` → space, braces → spaces, ``". {}"`` appended).
+  ``context_template_length_params`` overrides the ``[length, count]`` pairs. The sampling itself
+  is ``transformers``' top-k sampling under a fixed seed, so the prefixes are the reference's in
+  kind and number, not its exact strings (those depend on its RNG state).
+
+**Groups.** Templates come as groups (:func:`template_groups`): ``[["{}"], generated...]``, one
+group per ``[length, count]`` pair of a recipe (the int and list forms have one generated group).
+MEMIT-family keys are averaged within each group, then across groups, as the reference's
+``compute_ks`` does: with ``[["{}"], five prefixes]`` the bare prompt weighs ½, each prefix ⅒.
+ROME averages all templates uniformly (its ``compute_u`` gets a flat list), and the ``z`` / ``v*``
+optimisation uses every template once (flat) in both.
+
+Generated templates are cached per model in ``get_state(model).history`` (no module-level caches).
 
 >>> context_templates(model, tok, n=5, length=10)
 ['{}', 'The first time I saw the movie. {}', ...]
@@ -15,6 +37,8 @@ put a random prefix before the fact: ``"{}"`` (no prefix) plus ``n`` generations
 from __future__ import annotations
 
 import logging
+import unicodedata
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -28,6 +52,13 @@ logger = logging.getLogger(__name__)
 #: the neutral starts of MEMIT's context templates (cycled when ``n`` is larger)
 STARTS = ("The", "Therefore", "Because", "I", "You")
 _HISTORY_KEY = "context.templates"
+
+#: ``context_templates="reference"``: per recipe, where generation starts and the default
+#: ``[length, count]`` pairs (``"bos"``: the tokenizer's beginning-of-text token)
+RECIPES: dict[str, tuple[str, tuple[tuple[int, int], ...]]] = {
+    "rome": ("bos", ((5, 10), (10, 10))),
+    "memit": ("words", ((10, 5),)),
+}
 
 
 def _clean(text: str) -> str:
@@ -55,3 +86,109 @@ def context_templates(model: nn.Module, tokenizer: Any, *, n: int = 5, length: i
         cache[key] = ["{}"] + [_clean(t) + "{}" for t in texts]
         logger.info("Context templates (seed %d): %s", seed, cache[key])
     return list(cache[key])
+
+
+def _bos_start(tokenizer: Any) -> str:
+    """The text whose encoding is exactly the beginning-of-text token (``""`` for tokenizers that add
+    it themselves, like Llama's; the token's string for GPT-2's ``<|endoftext|>``); falls back to
+    the end-of-text token, then to ``"The"`` (the first ROME release's start) with a log line."""
+    for name in ("bos_token", "eos_token"):
+        token = getattr(tokenizer, name, None)
+        token_id = getattr(tokenizer, f"{name}_id", None)
+        if not token or token_id is None:
+            continue
+        if list(tokenizer("")["input_ids"]) == [token_id]:
+            return ""
+        if list(tokenizer(token)["input_ids"]) == [token_id]:
+            return token
+    logger.info("The tokenizer has no beginning-of-text token: reference context templates start from 'The'.")
+    return "The"
+
+
+def _reference_clean(text: str, specials: Sequence[str]) -> str:
+    """The reference's cleaning (``generate_fast``: NFKD, ``"\\n\\n"`` → space, special tokens
+    dropped; MEMIT: braces → spaces), plus ``". "``."""
+    text = unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+    for s in specials:
+        if s:
+            text = text.replace(s, "")
+    return text.replace("{", " ").replace("}", " ") + ". "
+
+
+def reference_templates(
+    model: nn.Module,
+    tokenizer: Any,
+    recipe: str,
+    length_params: Sequence[Sequence[int]] | None = None,
+    *,
+    seed: int = 0,
+) -> list[list[str]]:
+    """The reference's context templates for ``recipe`` (``"rome"`` or ``"memit"``, :data:`RECIPES`):
+    ``[["{}"], group per [length, count] pair]``, cached per model.
+
+    A ``length`` counts the start's tokens too (the reference's ``max_out_len``); ``"memit"`` samples
+    ``count // 5`` prefixes from each of :data:`STARTS`, ``"rome"`` ``count`` from the beginning-of-text
+    token. Sampled top-k 5 from the unedited model with a fixed seed.
+    """
+    if recipe not in RECIPES:
+        raise InvalidConfigError(f"Unknown context-template recipe {recipe!r}; choose among {sorted(RECIPES)}.")
+    start_kind, default = RECIPES[recipe]
+    pairs = [tuple(p) for p in (length_params if length_params is not None else default)]
+    cache = get_state(model).history.setdefault(_HISTORY_KEY, {})
+    key = ("reference", recipe, tuple(pairs), seed)
+    if key not in cache:
+        specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if isinstance(t, str)]
+        groups: list[list[str]] = [["{}"]]
+        with disable_edits(model):  # templates come from the unedited model
+            for length, count in pairs:
+                if start_kind == "bos":
+                    per_start = [(_bos_start(tokenizer), count)]
+                else:
+                    per_start = [(w, count // len(STARTS)) for w in STARTS]
+                texts = []
+                for start, k in per_start:
+                    if k:  # every text ends at `length` tokens, the start's included
+                        new = max(1, length - len(tokenizer(start)["input_ids"]))
+                        texts += generate_texts(model, tokenizer, [start] * k, max_new_tokens=new, seed=seed, top_k=5)
+                groups.append([_reference_clean(t, specials).lstrip() + "{}" for t in texts])
+        cache[key] = groups
+        logger.info("Reference context templates (%s, seed %d): %s", recipe, seed, groups)
+    return [list(g) for g in cache[key]]
+
+
+def template_groups(model: nn.Module, tokenizer: Any, config: Any) -> list[list[str]]:
+    """The context templates ``config`` asks for, as groups: ``[["{}"], ...]`` (see module docstring).
+
+    ``config`` is a method config: ``context_templates`` (int, list or ``"reference"``),
+    ``context_length``, ``context_template_length_params`` and the class's ``reference_context``
+    recipe (``"rome"`` for ROME, ``"memit"`` for the MEMIT family).
+    """
+    value = config.context_templates
+    if isinstance(value, str):
+        recipe = getattr(type(config), "reference_context", "memit")
+        groups = reference_templates(model, tokenizer, recipe, getattr(config, "context_template_length_params", None))
+    elif isinstance(value, (list, tuple)):
+        groups = [["{}"], [t for t in value if t != "{}"]]
+    else:
+        groups = [["{}"], context_templates(model, tokenizer, n=value, length=config.context_length)[1:]]
+    return [g for g in groups if g]
+
+
+def flatten(groups: Sequence[Sequence[str]] | Sequence[str]) -> list[str]:
+    """Templates as one flat list (``"{}"`` first), from groups or an already flat list."""
+    if all(isinstance(t, str) for t in groups):
+        return list(groups)  # type: ignore[arg-type]
+    return [t for g in groups for t in g]
+
+
+def template_reserve(tokenizer: Any, config: Any) -> int:
+    """Tokens a context-template prefix may add to a prompt (for the length check before any forward)."""
+    value = getattr(config, "context_templates", 0)
+    if isinstance(value, str):
+        recipe = getattr(type(config), "reference_context", "memit")
+        pairs = getattr(config, "context_template_length_params", None) or RECIPES[recipe][1]
+        return max(length for length, _ in pairs) + 4
+    if isinstance(value, (list, tuple)):
+        sizes = [len(tokenizer(t.replace("{}", ""), add_special_tokens=False)["input_ids"]) for t in value]
+        return max(sizes, default=0) + 1
+    return getattr(config, "context_length", 0) + 4 if value else 0

@@ -3,6 +3,11 @@
 The input of ``mlp_out`` at the subject's last token, averaged over context templates. Only the
 tokens up to the subject's last one are run (later tokens cannot change the key), in batched
 forward passes grouped by length and stopped right after the module.
+
+Averaging follows the reference of each method: a flat list of templates is averaged uniformly
+(ROME's ``compute_u``); groups of templates (``[["{}"], [prefix, ...], ...]``) are averaged within
+each group, then across groups (MEMIT's ``compute_ks``, also used by AlphaEdit and EMMET), so
+with MEMIT's ``[["{}"], five prefixes]`` the bare prompt weighs ½ rather than ⅙.
 """
 
 from __future__ import annotations
@@ -43,24 +48,55 @@ def group_by_size(sizes: Sequence[int], budget: int) -> list[list[int]]:
     return groups
 
 
+def template_groups_of(templates: Sequence[str] | Sequence[Sequence[str]]) -> list[list[str]]:
+    """``templates`` as non-empty groups: a flat list of strings is one group (averaged uniformly)."""
+    if isinstance(templates, str):
+        raise InvalidConfigError("templates must be a list of templates (e.g. ['{}']), not one string.")
+    if all(isinstance(t, str) for t in templates):
+        groups = [list(templates)]
+    else:
+        if not all(isinstance(g, (list, tuple)) and all(isinstance(t, str) for t in g) for g in templates):
+            raise InvalidConfigError("templates must be a list of strings or a list of lists of strings.")
+        groups = [list(g) for g in templates]
+    groups = [g for g in groups if g]
+    if not groups:
+        raise InvalidConfigError("compute_keys needs at least one template, e.g. ['{}'].")
+    return groups
+
+
+def average_keys(keys: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """``[n, T, d]`` keys -> ``[n, d]``: the mean within each consecutive group of ``sizes[i]`` templates,
+    then the mean of the group means (one group: the plain mean over all ``T``)."""
+    if len(sizes) == 1:
+        return keys.mean(1)
+    means, start = [], 0
+    for size in sizes:
+        means.append(keys[:, start : start + size].mean(1))
+        start += size
+    return torch.stack(means, 1).mean(1)
+
+
 def compute_keys(
     model: nn.Module,
     tokenizer: Any,
     requests: Sequence[EditRequest],
     layer: int,
-    templates: Sequence[str],
+    templates: Sequence[str] | Sequence[Sequence[str]],
     *,
     average: bool = True,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
 ) -> torch.Tensor:
     """Input of ``mlp_out`` at ``layer`` at the subject's last token of each template-prefixed prompt.
 
-    Returns float32 ``[n_requests, d_in]`` averaged over ``templates`` (``k*``), or
-    ``[n_requests, n_templates, d_in]`` with ``average=False``. Runs on the model as it is (active
-    edits included), in batched forward passes stopped right after the module.
+    ``templates``: a flat list (keys averaged uniformly, ROME) or a list of groups (averaged within
+    each group, then across groups, MEMIT's ``compute_ks``; see the module docstring).
+
+    Returns float32 ``[n_requests, d_in]`` (``k*``), or ``[n_requests, n_templates, d_in]`` (all
+    templates, flattened in order) with ``average=False``. Runs on the model as it is (active edits
+    included), in batched forward passes stopped right after the module.
     """
-    if not templates:
-        raise InvalidConfigError("compute_keys needs at least one template, e.g. ['{}'].")
+    groups = template_groups_of(templates)
+    templates = [t for g in groups for t in g]
     spec = get_architecture(model)
     d_in, _ = mlp_out_dims(model, spec, layer)  # raises LayerOutOfRangeError
     path = mlp_out_path(spec, layer)
@@ -80,4 +116,4 @@ def compute_keys(
             last = mask.sum(1) - 1
             keys[torch.tensor(group, device=device)] = x[torch.arange(len(group), device=device), last].float()
     keys = keys.reshape(len(requests), len(templates), d_in)
-    return keys.mean(1) if average else keys
+    return average_keys(keys, [len(g) for g in groups]) if average else keys

@@ -9,8 +9,10 @@ Thousands of facts in one call. For a band of critical MLP layers ``R = [l_1 < .
    (``serial_targets=True`` optimises them one after another, as the reference does).
 2. **Spread.** For each critical layer ``l`` in ascending order, with the updates of the earlier
    layers already in place: the keys ``K_l`` (input of the MLP output projection at the subject's
-   last token, averaged over context templates), the residual ``R = Z − H_{l_L}`` (what the
-   block output at ``l_L`` still lacks), of which this layer writes ``R / (layers left)``, via
+   last token, averaged over the context templates of each type, then over the types, as the
+   reference's ``compute_ks``: with ``[["{}"], five prefixes]`` the bare prompt weighs ½), the
+   residual ``R = Z − H_{l_L}`` (what the block output at ``l_L`` still lacks), of which this
+   layer writes ``R / (layers left)``, via
 
        ΔW_l = R_l K_lᵀ (λ C_l + K_l K_lᵀ)⁻¹            (paper eq. 14, float64)
 
@@ -63,7 +65,7 @@ from ..requests import EditRequest
 from ..tokens import encode_template, pad_batch, pad_id
 from ..tracing import suggest_layers
 from .config import EditConfig, option, with_aliases
-from .context import context_templates
+from .context import flatten, template_groups
 from .keys import compute_keys
 from .registry import EditContext, MethodResult, register_method
 from .solvers import memit_factors, scaled_mom2_weight, spread_residual
@@ -124,11 +126,14 @@ def band_around(peak: int, n_layers: int, size: int) -> list[int]:
     return list(range(start, start + size))
 
 
-def resolve_layers(ctx: EditContext, band_size: int) -> list[int]:
-    """Explicit layers as given; ``None`` → :func:`default_band`; ``"auto"`` → a band at the traced peak."""
+def resolve_layers(
+    ctx: EditContext, band_size: int, default: Callable[[nn.Module, int], list[int]] | None = None
+) -> list[int]:
+    """Explicit layers as given; ``None`` → ``default(model, band_size)`` (:func:`default_band` unless
+    given); ``"auto"`` → a band at the traced peak."""
     n = num_layers(ctx.model)
     if ctx.layers is None:
-        return default_band(n, band_size)
+        return default(ctx.model, band_size) if default is not None else default_band(n, band_size)
     if ctx.layers == "auto":
         peak = int(suggest_layers(ctx.model, kind="mlp", count=1)[0])
         return band_around(peak, n, band_size)
@@ -251,15 +256,19 @@ def spread_updates(
     ctx: EditContext,
     requests: Sequence[EditRequest],
     layers: Sequence[int],
-    templates: Sequence[str],
+    templates: Sequence[str] | Sequence[Sequence[str]],
     solve: LayerSolver,
     pending: PendingDeltas,
 ) -> dict[int, torch.Tensor]:
     """Steps 1-2 of MEMIT for one batch: optimise ``z`` at the last layer, then write the residual
     into the layers in ascending order with ``solve``. Each layer's factors are added to
-    ``pending`` (so the next layer sees them). Returns each layer's keys ``[n, d_in]``."""
+    ``pending`` (so the next layer sees them). Returns each layer's keys ``[n, d_in]``.
+
+    ``templates``: groups of context templates (:func:`hf_knowedit.methods.context.template_groups`;
+    a flat list is one group). ``z`` is optimised over all of them once (the reference's
+    ``compute_z`` flattens them); keys are averaged per group, then across groups (``compute_ks``)."""
     z_layer = layers[-1]
-    z = optimize_z(ctx, requests, z_layer, templates)
+    z = optimize_z(ctx, requests, z_layer, flatten(templates))
     all_keys: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(layers):
         keys = compute_keys(ctx.model, ctx.tokenizer, list(requests), layer, templates).float().cpu()
@@ -285,21 +294,25 @@ def second_moments(ctx: EditContext, layers: Sequence[int]) -> dict[int, Any]:
     return {layer: second_moment_for(ctx.model, ctx.tokenizer, layer, ctx.config) for layer in layers}
 
 
-def edit_templates(ctx: EditContext) -> list[str]:
-    """MEMIT's context templates: ``"{}"`` plus five short generated prefixes (cached per model)."""
-    return context_templates(ctx.model, ctx.tokenizer, n=ctx.config.context_templates, length=ctx.config.context_length)
+def edit_templates(ctx: EditContext) -> list[list[str]]:
+    """MEMIT's context templates as groups, ``[["{}"], [five short generated prefixes]]`` by default
+    (:func:`hf_knowedit.methods.context.template_groups`; cached per model)."""
+    return template_groups(ctx.model, ctx.tokenizer, ctx.config)
 
 
 # -----------------------------------------------------------------------------
 # MEMIT
 
 
-def prepare(ctx: EditContext) -> tuple[list[list[EditRequest]], list[int], dict[int, Any], list[str]]:
-    """What every MEMIT-family call needs first: the request chunks, the layers, each layer's
-    second moment and the context templates."""
+def prepare(
+    ctx: EditContext, default_layers: Callable[[nn.Module, int], list[int]] | None = None
+) -> tuple[list[list[EditRequest]], list[int], dict[int, Any], list[list[str]]]:
+    """What every MEMIT-family call needs first: the request chunks, the layers (``layers=None``:
+    ``default_layers(model, band_size)``, MEMIT's :func:`default_band` unless given), each layer's
+    second moment and the context templates (as groups)."""
     cfg = ctx.config
     chunks = check_batch(ctx.requests, cfg)
-    layers = resolve_layers(ctx, cfg.band_size)
+    layers = resolve_layers(ctx, cfg.band_size, default_layers)
     return chunks, layers, second_moments(ctx, layers), edit_templates(ctx)
 
 
@@ -307,7 +320,7 @@ def mass_edit(
     ctx: EditContext,
     chunks: Sequence[Sequence[EditRequest]],
     layers: Sequence[int],
-    templates: Sequence[str],
+    templates: Sequence[str] | Sequence[Sequence[str]],
     solve: LayerSolver,
     on_keys: Callable[[dict[int, torch.Tensor]], None] | None = None,
 ) -> dict[str, ModuleDelta]:

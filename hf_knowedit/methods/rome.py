@@ -32,7 +32,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ from ..moments import SecondMoment
 from ..requests import EditRequest
 from ..tracing import suggest_layers
 from .config import EditConfig, option, with_aliases
-from .context import context_templates
+from .context import flatten, template_groups
 from .keys import compute_keys
 from .registry import EditContext, MethodResult, register_method
 from .statistics import second_moment_for
@@ -63,6 +63,9 @@ class ROMEConfig(EditConfig):
     """ROME / r-ROME hyper-parameters (defaults: the reference ``hparams/ROME/*.json``); the shared
     fields (``v_num_grad_steps``, ``v_lr``, ``clamp_norm_factor``, ``mom2_*``, ...) are
     :class:`~hf_knowedit.methods.config.EditConfig`'s."""
+
+    #: ``context_templates="reference"``: ROME's recipe (20 prefixes sampled from the beginning of text)
+    reference_context: ClassVar[str] = "rome"
 
     original_implementation: bool = option(
         False, "False: r-ROME (k* in the denominator and in W k). True: the original ROME code (un-prefixed k).", "bool"
@@ -162,7 +165,7 @@ def compute(ctx: EditContext) -> MethodResult:
         raise LayerOutOfRangeError(f"Layer {layer} is out of range: this model has layers 0..{n - 1}.")
     spec = ctx.arch
     path = mlp_out_path(spec, layer)
-    templates = context_templates(model, tok, n=config.context_templates, length=config.context_length)
+    templates = flatten(template_groups(model, tok, config))  # ROME averages all templates uniformly
     mom2 = second_moment_for(model, tok, layer, config)
     As: list[torch.Tensor] = []
     Bs: list[torch.Tensor] = []

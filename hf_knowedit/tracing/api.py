@@ -44,8 +44,10 @@ def trace_fact(
         target: trace ``p(target)`` instead of the clean top next token (multi-token: teacher forced).
         positions: token indices to trace (default all); other rows of ``scores`` are NaN.
         config: a :class:`~hf_knowedit.tracing.TraceConfig`; ``**options`` set its fields by keyword
-            (``kinds``, ``samples``, ``noise``, ``window``, ``corruption``, ``seed``, ``subjects``,
-            ``memory_mb``, ``reuse_lower_layers``, ``progress``).
+            (``kinds``, ``samples``, ``noise``, ``window``, ``corruption``, ``seed``, ``rng``, ``subjects``,
+            ``memory_mb``, ``reuse_lower_layers``, ``progress``). ``subjects`` sets the entities whose
+            embedding spread gives ``noise="auto"`` (pass the traced facts' subjects, as the paper does);
+            ``rng="reference"`` draws the reference's exact noise (:class:`TraceConfig`).
 
     Raises:
         SubjectNotFoundError: the subject is not in the prompt.
@@ -85,6 +87,7 @@ def trace_fact(
         corruption=cfg.corruption,
         seed=cfg.seed,
         target=target,
+        **({"rng": cfg.rng} if cfg.rng != "torch" else {}),
         **tracer.corruption.settings(),
     )
     return TraceResult(
@@ -124,6 +127,25 @@ def _fact_fields(fact: Any) -> tuple[str, str, str | None]:
     return prompt, subject, attribute
 
 
+def _knows(model: nn.Module, tokenizer: Any, prompt: str, attribute: str, rule: bool | str) -> bool:
+    """Whether the model predicts ``attribute`` after ``prompt`` (see :func:`trace_facts`' ``require_correct``)."""
+    device = model_device(model)
+    if rule == "reference":
+        ids = list(encode(tokenizer, prompt)["input_ids"])
+    else:
+        try:
+            prompt_ids, want = split_prompt_target(tokenizer, prompt, attribute)
+        except InvalidRequestError:
+            return False
+        ids = prompt_ids + want[:-1]
+    with torch.no_grad(), frozen(model, params=False):
+        logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0]
+    if rule == "reference":
+        return tokenizer.decode([int(logits[-1].argmax())]).strip() == attribute
+    greedy = logits[len(prompt_ids) - 1 :].argmax(-1).tolist()  # the argmax after each prefix of the attribute
+    return greedy == want
+
+
 @locked
 def trace_facts(
     model: nn.Module,
@@ -138,37 +160,42 @@ def trace_facts(
     """Trace many facts and average the indirect effects at the last subject token and the last token.
 
     ``facts``: ``known_1000.json`` records (``prompt``, ``subject``, ``attribute``) or ``(prompt, subject[,
-    attribute])`` tuples. With ``require_correct`` (the reference's protocol), facts whose clean top-1 next
-    token is not the first token of ``attribute`` are skipped. Only the two positions of Figure 2 are traced.
-    ``subjects`` defaults to the facts' own subjects for the noise level, as in the paper. The summary is
-    also kept on the model so that ``suggest_layers(model)`` can reuse it.
+    attribute])`` tuples. Facts the model does not know are skipped (facts without an attribute are
+    always traced):
+
+    * ``require_correct=True`` (default): the model's greedy continuation of the prompt must be the whole
+      attribute, token for token (``attribute`` tokenized after the prompt; checked in one teacher-forced
+      pass: every next-token argmax along the attribute is the attribute's token). A fact whose first
+      token is right but a later one is not is skipped.
+    * ``require_correct="reference"``: the reference's exact test (``experiments/causal_trace.py``
+      ``calculate_hidden_flow(expect=attribute)``): the top-1 next token, decoded and stripped, must equal
+      the attribute string, so an attribute of more than one token is always skipped.
+    * ``require_correct=False``: every fact is traced.
+
+    Only the two positions of Figure 2 are traced. ``subjects`` defaults to the facts' own subjects for the
+    noise level, as in the paper. The summary is also kept on the model so that ``suggest_layers(model)``
+    can reuse it.
     """
+    if not (isinstance(require_correct, bool) or require_correct == "reference"):
+        raise TraceError(f"require_correct must be True, False or 'reference', got {require_correct!r}.")
     cfg = TraceConfig.of(config, **options)
     kinds = cfg.kinds
     parsed = [_fact_fields(f) for f in facts]
     if not parsed:
         raise TraceError("facts is empty: pass e.g. the records of known_1000.json.")
-    if cfg.subjects is None:
-        cfg = TraceConfig.of(cfg, subjects=list(dict.fromkeys(s for _, s, _ in parsed)))
+    reference = cfg.rng == "reference"
+    if cfg.subjects is None:  # the reference counts a subject once per fact (collect_embedding_std)
+        subjects = [s for _, s, _ in parsed]
+        cfg = TraceConfig.of(cfg, subjects=subjects if reference else list(dict.fromkeys(subjects)))
     if cfg.corruption == "gaussian" and cfg.noise == "auto":  # measured once for all facts
-        cfg = TraceConfig.of(cfg, noise=embedding_noise_level(model, tokenizer, cfg.subjects))
-    device = model_device(model)
+        cfg = TraceConfig.of(cfg, noise=embedding_noise_level(model, tokenizer, cfg.subjects, reference=reference))
     sums = {p: {k: torch.zeros(num_layers(model)) for k in kinds} for p in ("last_subject", "last")}
     results, skipped, clean, corrupted = [], 0, [], []
     for prompt, subject, attribute in tqdm(parsed, desc="tracing facts", disable=cfg.progress is False):
-        if require_correct and attribute is not None:
-            try:
-                want = split_prompt_target(tokenizer, prompt, attribute)[1][0]
-            except InvalidRequestError:
-                skipped += 1
-                continue
-            with torch.no_grad(), frozen(model, params=False):
-                logits = model(
-                    input_ids=torch.tensor([encode(tokenizer, prompt)["input_ids"]], device=device), use_cache=False
-                ).logits
-            if int(logits[0, -1].argmax()) != want:
-                skipped += 1
-                continue
+        known = attribute is None or not require_correct or _knows(model, tokenizer, prompt, attribute, require_correct)
+        if not known:
+            skipped += 1
+            continue
         try:
             span_end = subject_token_span(tokenizer, prompt, subject)[1]
         except KnowEditError:
@@ -203,6 +230,7 @@ def trace_facts(
             window=cfg.window,
             corruption=cfg.corruption,
             seed=cfg.seed,
+            **({"rng": cfg.rng} if cfg.rng != "torch" else {}),
         ),
     )
     get_state(model).history[_SUMMARY_KEY] = summary

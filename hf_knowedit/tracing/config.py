@@ -12,6 +12,8 @@ from .corruption import CORRUPTIONS
 
 #: what can be restored: block outputs, MLP outputs, attention outputs
 KINDS = ("hidden", "mlp", "attn")
+#: how Gaussian noise is drawn (``TraceConfig.rng``)
+RNGS = ("torch", "reference")
 
 
 def check_kinds(kinds: Any) -> tuple[str, ...]:
@@ -46,6 +48,14 @@ class TraceConfig:
         corruption: ``"gaussian"`` (the paper) or ``"str"`` (swap in another subject of the same token
             length, drawn from ``subjects``); see :mod:`hf_knowedit.tracing.corruption`.
         seed: seeds the noise / the swapped-in subjects; the same seed gives the same trace.
+        rng: how Gaussian noise is drawn. ``"torch"`` (default): ``torch.randn`` seeded with ``seed``.
+            ``"reference"``: exactly as the reference (``experiments/causal_trace.py`` ``trace_with_patch``):
+            ``numpy.random.RandomState(1).randn(samples, subject tokens, d)`` in float64, times the level,
+            added in place to the embeddings of corrupted sample ``i`` (the reference's batch row ``i + 1``;
+            row 0 is its clean run), the same draw for every restoration; and ``noise="auto"`` is measured
+            as its ``collect_embedding_std``: each subject tokenized with the tokenizer's special tokens, a
+            subject counted as often as it is listed (``trace_facts`` passes every fact's subject). The
+            reference's seed is fixed, so ``seed`` must stay 0 with Gaussian noise.
         subjects: entity names for the noise level / the replacements (default ``DEFAULT_SUBJECTS``).
         memory_mb: activation memory budget per batched forward pass.
         reuse_lower_layers: replay the corrupted run's lower blocks and KV cache instead of recomputing
@@ -59,6 +69,7 @@ class TraceConfig:
     window: int = 10
     corruption: str = "gaussian"
     seed: int = 0
+    rng: str = "torch"
     subjects: tuple[str, ...] | None = None
     memory_mb: float = 1024.0
     reuse_lower_layers: bool = True
@@ -87,6 +98,13 @@ class TraceConfig:
             raise TraceError(f"memory_mb must be a positive number, got {self.memory_mb!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TraceError(f"seed must be an int, got {self.seed!r}.")
+        if self.rng not in RNGS:
+            raise TraceError(f"rng must be one of {RNGS}, got {self.rng!r}.")
+        if self.rng == "reference" and self.corruption == "gaussian" and self.seed != 0:
+            raise TraceError(
+                "rng='reference' draws the reference's fixed noise (numpy.random.RandomState(1)), so seed has "
+                f"no effect there; leave seed at 0 (got {self.seed}), or use rng='torch' to vary the noise."
+            )
         if self.subjects is not None:
             if isinstance(self.subjects, str) or not isinstance(self.subjects, Sequence):
                 raise TraceError(f"subjects must be a list of entity names, got {self.subjects!r}.")
@@ -119,4 +137,4 @@ class TraceConfig:
         return {f.name: (list(v) if isinstance(v, tuple) else v) for f in fields(self) for v in [getattr(self, f.name)]}
 
 
-__all__ = ["KINDS", "TraceConfig", "check_kinds", "check_positive_int"]
+__all__ = ["KINDS", "RNGS", "TraceConfig", "check_kinds", "check_positive_int"]

@@ -92,24 +92,34 @@ _HISTORY_KEY = "tracing.embedding_std"
 
 
 def embedding_noise_level(
-    model: nn.Module, tokenizer: Any, subjects: Sequence[str] | None = None, *, factor: float = 3.0
+    model: nn.Module,
+    tokenizer: Any,
+    subjects: Sequence[str] | None = None,
+    *,
+    factor: float = 3.0,
+    reference: bool = False,
 ) -> float:
     """``factor`` × the standard deviation of the embedding outputs of the subjects' tokens.
 
     Each subject is tokenized on its own (no special tokens); the std is over all values of all their
     embedding vectors (the ROME code's ``collect_embedding_std``). Default subjects: :data:`DEFAULT_SUBJECTS`.
+    ``reference=True`` tokenizes as the reference does (``tokenizer.encode``: with the tokenizer's special
+    tokens, e.g. Llama's BOS; the same for GPT-2, which adds none) and takes the subjects as given.
     The std is cached on the model (``get_state(model).history``), keyed by the subject list.
     """
     subjects = list(DEFAULT_SUBJECTS if subjects is None else subjects)
-    subjects = [s.strip() for s in subjects if isinstance(s, str) and s.strip()]
+    if reference:
+        subjects = [s for s in subjects if isinstance(s, str) and s]
+    else:
+        subjects = [s.strip() for s in subjects if isinstance(s, str) and s.strip()]
     if not subjects:
         raise TraceError("subjects is empty: give a list of entity names to measure the embedding spread on.")
     spec = get_architecture(model)
-    key = hashlib.sha256(json.dumps([spec.embed, subjects]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([spec.embed, subjects] + (["reference"] if reference else [])).encode()).hexdigest()
     cache = get_state(model).history.setdefault(_HISTORY_KEY, {})
     if key not in cache:
         embed = get_module(model, spec.embed)
-        ids = [i for s in subjects for i in tokenizer(s, add_special_tokens=False)["input_ids"]]
+        ids = [i for s in subjects for i in tokenizer(s, add_special_tokens=reference)["input_ids"]]
         with torch.no_grad():
             vectors = embed(torch.tensor([ids], device=model_device(model)))
         cache[key] = float(vectors.float().std())
@@ -136,21 +146,40 @@ class Corruption:
         return {}
 
 
+#: the reference's fixed noise seed (``trace_with_patch``: ``numpy.random.RandomState(1)``)
+REFERENCE_SEED = 1
+
+
+def reference_noise(samples: int, n_tokens: int, d: int, level: float) -> torch.Tensor:
+    """The reference's noise for a trace (float64 ``[samples, n_tokens, d]``): ``level *
+    numpy.random.RandomState(1).randn(samples, n_tokens, d)``; row ``i`` goes to corrupted sample ``i``."""
+    import numpy
+
+    draw = numpy.random.RandomState(REFERENCE_SEED).randn(samples, n_tokens, d)
+    return level * torch.from_numpy(draw)
+
+
 class GaussianNoise(Corruption):
-    """Seeded Gaussian noise of std ``level`` on the subject's token embeddings."""
+    """Seeded Gaussian noise of std ``level`` on the subject's token embeddings (``rng``: see
+    :class:`~hf_knowedit.tracing.TraceConfig`)."""
 
     name = "gaussian"
 
-    def __init__(self, level: float) -> None:
+    def __init__(self, level: float, rng: str = "torch") -> None:
         self.level = float(level)
+        self.rng = rng
         self.noise: torch.Tensor | None = None
         self.subject_range = (0, 0)
 
     def inputs(self, tracer: Any, char_span: tuple[int, int], n_prompt: int) -> torch.Tensor:
         s0, s1 = self.subject_range = tracer.subject_range
-        g = torch.Generator().manual_seed(tracer.config.seed)
         d = get_module(tracer.model, tracer.spec.embed).weight.shape[-1]
-        self.noise = (torch.randn(tracer.config.samples, s1 - s0, d, generator=g) * self.level).to(tracer.device)
+        if self.rng == "reference":  # float64, added in place as the reference adds it (MPS has no float64)
+            noise = reference_noise(tracer.config.samples, s1 - s0, d, self.level)
+            self.noise = noise.to(tracer.device, torch.float32 if tracer.device.type == "mps" else torch.float64)
+        else:
+            g = torch.Generator().manual_seed(tracer.config.seed)
+            self.noise = (torch.randn(tracer.config.samples, s1 - s0, d, generator=g) * self.level).to(tracer.device)
         self.embed = tracer.spec.embed
         return torch.tensor(tracer.input_ids, device=tracer.device).expand(tracer.config.samples, -1)
 
@@ -163,7 +192,10 @@ class GaussianNoise(Corruption):
             if a >= b:
                 return output
             out = output.clone()
-            out[:, a - offset : b - offset] += noise[:, a - s0 : b - s0].to(out.dtype).repeat_interleave(n, dim=0)
+            part = noise[:, a - s0 : b - s0]
+            if part.dtype != torch.float64:  # rng="torch": the noise in the model's dtype
+                part = part.to(out.dtype)
+            out[:, a - offset : b - offset] += part.repeat_interleave(n, dim=0)  # float64: cast on the add
             return out
 
         return TraceDict(model, [self.embed], retain_output=False, edit_output=add_noise)
@@ -210,10 +242,18 @@ CORRUPTIONS: dict[str, type] = {GaussianNoise.name: GaussianNoise, SubjectSwap.n
 
 
 def make_corruption(
-    model: nn.Module, tokenizer: Any, name: str, noise: str | float, subjects: Sequence[str] | None
+    model: nn.Module,
+    tokenizer: Any,
+    name: str,
+    noise: str | float,
+    subjects: Sequence[str] | None,
+    rng: str = "torch",
 ) -> Corruption:
     """The strategy ``name`` with its parameters resolved (``noise="auto"`` measured on ``subjects``)."""
     if name == GaussianNoise.name:
-        level = embedding_noise_level(model, tokenizer, subjects) if noise == "auto" else float(noise)
-        return GaussianNoise(level)
+        reference = rng == "reference"
+        level = (
+            embedding_noise_level(model, tokenizer, subjects, reference=reference) if noise == "auto" else float(noise)
+        )
+        return GaussianNoise(level, rng)
     return CORRUPTIONS[name](subjects)

@@ -129,7 +129,7 @@ class CausalTracer:
         self.input_ids = ids
         self.n_tokens = len(ids)
         self.target = target
-        self.corruption = make_corruption(model, tokenizer, cfg.corruption, cfg.noise, cfg.subjects)
+        self.corruption = make_corruption(model, tokenizer, cfg.corruption, cfg.noise, cfg.subjects, cfg.rng)
         self.noise = self.corruption.level
         self.corrupted_ids = self.corruption.inputs(self, char_span, self.n_tokens - max(0, len(target_ids) - 1))
 
