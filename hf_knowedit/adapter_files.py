@@ -374,9 +374,12 @@ def atomic_directory(
     the last one swapped in.
     """
     target = Path(target).expanduser().absolute()
-    _check_target(target, replaceable, what)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with directory_lock(target):
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise AdapterFormatError(f"Cannot create {target.parent} ({err}); pass a directory you can write to.") from err
+    with directory_lock(target):  # checked under the lock: another writer may be swapping the target right now
+        _check_target(target, replaceable, what)
         clean_stale_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the adapter gets ordinary permissions
