@@ -247,6 +247,7 @@ def no_model(monkeypatch):
 
 def test_port_in_use_is_one_clear_line_before_the_model_loads(capsys, no_model):
     import gradio  # noqa: F401  (installed by make setup: the [studio] extra)
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -16,8 +16,8 @@ import subprocess
 import sys
 import textwrap
 import threading
-import traceback
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -472,7 +472,7 @@ def test_concurrent_saves_from_threads_leave_one_complete_adapter(tmp_path):
             barrier.wait()
             for _ in range(8):
                 es.save_pretrained(target)
-        except Exception as err:  # noqa: BLE001 - collected and asserted below
+        except Exception:  # noqa: BLE001 - collected and asserted below
             errors.append(traceback.format_exc())
 
     threads = [threading.Thread(target=save, args=(es,)) for es in sets]
