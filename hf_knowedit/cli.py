@@ -599,6 +599,18 @@ def _edit_summary(es: Any) -> dict[str, Any]:
     }
 
 
+def _save_and_push(es: Any, args: argparse.Namespace, out: Output, data: dict[str, Any], saved: str) -> None:
+    """``--out DIR`` and ``--push REPO`` for an edit set, reported on ``out`` and in ``data``."""
+    if args.out:
+        path = es.save_pretrained(args.out)
+        out.say(saved, path)
+        data["out"] = str(path)
+    if args.push:
+        url = es.push_to_hub(args.push)
+        out.say("pushed to", url)
+        data["pushed"] = str(url)
+
+
 def cmd_edit(args: argparse.Namespace, out: Output) -> int:
     import hf_knowedit
 
@@ -649,14 +661,7 @@ def cmd_edit(args: argparse.Namespace, out: Output) -> int:
         out.say(f"  ... and {len(requests) - len(shown)} more (--show N lists more)")
     out.say(f"{es!r} in {seconds:.1f} s")
     data: dict[str, Any] = {"edit_set": _edit_summary(es), "seconds": seconds, "facts": facts_out}
-    if args.out:
-        path = es.save_pretrained(args.out)
-        out.say("adapter saved to", path)
-        data["out"] = str(path)
-    if args.push:
-        url = es.push_to_hub(args.push)
-        out.say("pushed to", url)
-        data["pushed"] = str(url)
+    _save_and_push(es, args, out, data, "adapter saved to")
     out.result(data)
     return 0
 
@@ -962,14 +967,7 @@ def cmd_truncate(args: argparse.Namespace, out: Output) -> int:
     info = small.metrics["truncation"]
     out.say(f"max relative error {info['max_relative_error']:.4f} at rank {args.rank} (‖ΔW − ΔW_r‖_F / ‖ΔW‖_F)")
     data: dict[str, Any] = {"source": args.adapter, **_edit_summary(small), "truncation": info}
-    if args.out:
-        path = small.save_pretrained(args.out)
-        out.say("truncated adapter saved to", path)
-        data["out"] = str(path)
-    if args.push:
-        url = small.push_to_hub(args.push)
-        out.say("pushed to", url)
-        data["pushed"] = str(url)
+    _save_and_push(small, args, out, data, "truncated adapter saved to")
     out.result(data)
     return 0
 

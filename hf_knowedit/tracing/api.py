@@ -79,17 +79,7 @@ def trace_fact(
     if jobs:
         for (kind, t, l), p in zip(where, tracer.score(jobs).tolist()):
             scores[kind][t, l] = p
-    settings = dict(
-        kinds=list(kinds),
-        samples=cfg.samples,
-        noise=tracer.noise,
-        window=cfg.window,
-        corruption=cfg.corruption,
-        seed=cfg.seed,
-        target=target,
-        **({"rng": cfg.rng} if cfg.rng != "torch" else {}),
-        **tracer.corruption.settings(),
-    )
+    settings = cfg.settings(noise=tracer.noise, target=target, **tracer.corruption.settings())
     return TraceResult(
         scores=scores,
         clean_prob=tracer.clean_prob,
@@ -223,15 +213,7 @@ def trace_facts(
         mean_clean=sum(clean) / n,
         mean_corrupted=sum(corrupted) / n,
         results=results,
-        settings=dict(
-            kinds=list(kinds),
-            samples=cfg.samples,
-            noise=cfg.noise,
-            window=cfg.window,
-            corruption=cfg.corruption,
-            seed=cfg.seed,
-            **({"rng": cfg.rng} if cfg.rng != "torch" else {}),
-        ),
+        settings=cfg.settings(),
     )
     get_state(model).history[_SUMMARY_KEY] = summary
     return summary

@@ -133,6 +133,14 @@ class TraceConfig:
         """The ``window`` layers centred on ``layer`` (clipped to the model), as in the ROME code."""
         return range(max(0, layer - self.window // 2), min(n_layers, layer + math.ceil(self.window / 2)))
 
+    def settings(self, **extra: Any) -> dict[str, Any]:
+        """What a trace records about how it was made (``rng`` only when it is not the default)."""
+        out = dict(kinds=list(self.kinds), samples=self.samples, noise=self.noise, window=self.window,
+                   corruption=self.corruption, seed=self.seed)  # fmt: skip
+        if self.rng != "torch":
+            out["rng"] = self.rng
+        return {**out, **extra}
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v, tuple) else v) for f in fields(self) for v in [getattr(self, f.name)]}
 
