@@ -489,7 +489,10 @@ def cmd_info(args: argparse.Namespace, out: Output) -> int:
 
 
 def _trace_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"kinds": tuple(args.kinds), "samples": args.samples, "window": args.window, "seed": args.seed}
+    options = {"kinds": tuple(args.kinds), "samples": args.samples, "window": args.window, "seed": args.seed}
+    if getattr(args, "rng", "torch") != "torch":
+        options["rng"] = args.rng
+    return options
 
 
 def _peaks(effects: dict[str, Any]) -> dict[str, int]:
@@ -512,6 +515,11 @@ def cmd_trace(args: argparse.Namespace, out: Output) -> int:
             raise UsageError("the following arguments are required: --prompt, --subject (or pass --facts FILE)")
         prompt = args.prompt.replace("{}", args.subject, 1) if "{}" in args.prompt else args.prompt
         _fact({"prompt": prompt, "subject": args.subject}, "--prompt/--subject")
+    if args.rng == "reference" and args.seed != 0:
+        raise UsageError(
+            "--rng reference draws the reference's fixed noise (numpy RandomState(1)), so --seed has no effect "
+            f"there; drop --seed (got {args.seed}) or use --rng torch to vary the noise"
+        )
     _check_output_file(args.plot, "--plot", (".png", ".pdf", ".svg", ".jpg", ".jpeg"))
     _check_output_file(args.save, "--save", (".json",))
     if args.plot and importlib.util.find_spec("matplotlib") is None:
@@ -1228,6 +1236,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--kinds", nargs="+", choices=TRACE_KINDS, default=list(TRACE_KINDS), help="what to restore")
     g.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    g.add_argument(
+        "--rng",
+        choices=("torch", "reference"),
+        default="torch",
+        help="how the noise is drawn: torch.randn seeded with --seed (default), or 'reference': the reference "
+        "code's numpy RandomState(1) draw and embedding-std noise level, to compare grids with published ones",
+    )
     g.add_argument("--band", type=_positive_int, default=5, help="layers in the suggested MEMIT band (default 5)")
     g = p.add_argument_group("output")
     g.add_argument("--plot", "--out", dest="plot", metavar="PNG", help="write the heatmaps / AIE curves here")

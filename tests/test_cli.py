@@ -161,6 +161,8 @@ def test_parser_defaults():
         (["edit", *FACT, "--mom2-n-tokens", "0"], "positive integer"),
         (["edit", *FACT, "--requests", "r.json"], "not both"),
         (["trace", "--prompt", "x"], "required: --prompt, --subject"),
+        (["trace", "--prompt", "x is", "--subject", "x", "--rng", "reference", "--seed", "3"], "--seed has no effect"),
+        (["trace", "--prompt", "x is", "--subject", "x", "--rng", "numpy"], "invalid choice"),
         (["trace", "--prompt", "The Eiffel Tower is", "--subject", "The Eiffel Tower", "--plot", "t.txt"], ".png"),
         (["eval", "r.json", "--protocol", "batch"], None),  # the missing file is the first problem: exit 1
         (["stats"], "required"),
@@ -308,6 +310,23 @@ def test_trace_one_fact(capsys, tiny, tmp_path):
     )
     assert set(data["scores"]) == {"mlp", "hidden"} and data["prompt"] == "The Eiffel Tower is located in"
     assert len(data["suggested_layers"]["rome"]) == 1 and 0 <= data["suggested_layers"]["rome"][0] < 4
+
+
+def test_trace_rng_reference_maps_to_trace_config(capsys, tiny):
+    fact = ["--prompt", "{} is located in", "--subject", "The Eiffel Tower", "--samples", 2, "--kinds", "mlp"]
+    ref = run_json(capsys, "trace", *fact, "--rng", "reference")
+    default = run_json(capsys, "trace", *fact)
+    model, tok = make_tiny_model("llama")
+    direct = {
+        rng: hf_knowedit.trace_fact(
+            model, tok, "The Eiffel Tower is located in", "The Eiffel Tower", kinds=("mlp",), samples=2, rng=rng
+        )
+        for rng in ("torch", "reference")
+    }
+    assert ref["settings"]["rng"] == "reference" and "rng" not in default["settings"]
+    for data, rng in ((ref, "reference"), (default, "torch")):
+        torch.testing.assert_close(torch.tensor(data["scores"]["mlp"]), direct[rng].scores["mlp"].float())
+    assert not torch.allclose(torch.tensor(ref["scores"]["mlp"]), torch.tensor(default["scores"]["mlp"]))
 
 
 def test_trace_facts_file_plots_the_average_and_suggests_layers(capsys, tiny, tmp_path):
