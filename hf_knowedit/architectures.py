@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 LAYOUTS = ("linear", "conv1d")  # nn.Linear: weight [out, in]; transformers Conv1D: weight [in, out]
+#: how the v*/z steps may skip the positions before the subject (ArchitectureSpec.prefix_cache)
+PREFIX_CACHE = ("rows", "common", "off")
 
 _PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|[0-9]+))*$")
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -71,6 +73,11 @@ class ArchitectureSpec:
         lm_head: path from the ``*ForCausalLM`` to the LM head.
         logit_softcap: name of the config attribute holding final-logit soft-capping
             (``logits = cap * tanh(logits / cap)`` when it is not None), or None.
+        prefix_cache: how the v*/z steps may reuse the keys / values of the positions before the
+            subject's last token (:mod:`hf_knowedit.methods.targets`): ``"rows"`` each row from its own
+            subject on (needs attention that depends on positions, not on cache indices), ``"common"``
+            every row from the earliest subject of its batch on (e.g. local attention over index
+            distances), ``"off"`` never.
     """
 
     model_type: str
@@ -83,6 +90,7 @@ class ArchitectureSpec:
     final_norm: str
     lm_head: str
     logit_softcap: str | None = None
+    prefix_cache: str = "rows"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_type, str) or not self.model_type.strip():
@@ -99,6 +107,11 @@ class ArchitectureSpec:
                 f"ArchitectureSpec({self.model_type!r}).mlp_out_layout must be one of {LAYOUTS} "
                 f"('linear': nn.Linear, weight [out, in]; 'conv1d': transformers Conv1D, weight [in, out]), "
                 f"got {self.mlp_out_layout!r}"
+            )
+        if self.prefix_cache not in PREFIX_CACHE:
+            raise InvalidConfigError(
+                f"ArchitectureSpec({self.model_type!r}).prefix_cache must be one of {PREFIX_CACHE}, "
+                f"got {self.prefix_cache!r}"
             )
         if self.logit_softcap is not None and not (
             isinstance(self.logit_softcap, str) and _IDENT_RE.match(self.logit_softcap)
@@ -121,7 +134,8 @@ _TABLE: list[ArchitectureSpec] = [
     # --- GPT-2 style: transformer.h[i]
     S("gpt2",              "transformer",        "transformer.h",              "mlp.c_proj",          "conv1d", "attn.c_proj",                "transformer.wte",                "transformer.ln_f",                   "lm_head"),
     S("gpt_bigcode",       "transformer",        "transformer.h",              "mlp.c_proj",          "linear", "attn.c_proj",                "transformer.wte",                "transformer.ln_f",                   "lm_head"),
-    S("gpt_neo",           "transformer",        "transformer.h",              "mlp.c_proj",          "linear", "attn.attention.out_proj",    "transformer.wte",                "transformer.ln_f",                   "lm_head"),
+    # GPT-Neo's local attention masks by cache-index distance: every row must keep its indices
+    S("gpt_neo",           "transformer",        "transformer.h",              "mlp.c_proj",          "linear", "attn.attention.out_proj",    "transformer.wte",                "transformer.ln_f",                   "lm_head", prefix_cache="common"),
     S("gptj",              "transformer",        "transformer.h",              "mlp.fc_out",          "linear", "attn.out_proj",              "transformer.wte",                "transformer.ln_f",                   "lm_head"),
     S("codegen",           "transformer",        "transformer.h",              "mlp.fc_out",          "linear", "attn.out_proj",              "transformer.wte",                "transformer.ln_f",                   "lm_head"),
     S("bloom",             "transformer",        "transformer.h",              "mlp.dense_4h_to_h",   "linear", "self_attention.dense",       "transformer.word_embeddings",    "transformer.ln_f",                   "lm_head"),

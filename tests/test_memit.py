@@ -156,7 +156,8 @@ def test_low_rank_storage_is_exact_and_dense_above_half_rank():
         # ... and with the default rule: rank 20 > 0.5 * min(96, 32), stored dense, same ΔW
         dense = ModuleDelta.from_factors(d.B, d.A)
         assert dense.dense and dense.rank == 32
-        torch.testing.assert_close(dense.delta(), d.delta(), rtol=1e-5, atol=1e-7)
+        scale = float(d.delta().abs().max())  # float32 rounding of a rank-20 product, relative to its size
+        torch.testing.assert_close(dense.delta(), d.delta(), rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_batched_targets_equal_serial_targets():

@@ -84,23 +84,100 @@ def test_init_is_the_unedited_site_value():
 
 def test_fast_path_runs_lower_blocks_once():
     model, tok = make_tiny_model("llama")
-    calls = {"block0": 0, "block3": 0, "head_rows": []}
+    calls = {"block0": 0, "block3": [], "head_rows": []}
     get_module(model, "model.layers.0").register_forward_hook(
         lambda *a: calls.__setitem__("block0", calls["block0"] + 1)
     )
-    get_module(model, "model.layers.3").register_forward_hook(
-        lambda *a: calls.__setitem__("block3", calls["block3"] + 1)
-    )
+    get_module(model, "model.layers.3").register_forward_hook(lambda m, a, o: calls["block3"].append(hidden(o).shape))
     get_module(model, "lm_head").register_forward_hook(
         lambda m, a, o: calls["head_rows"].append(a[0].shape[:-1].numel())
     )
-    optimize_targets(model, tok, REQUESTS[:1], 2, templates=TEMPLATES, v_num_grad_steps=5, early_stop=0.0)
-    assert calls["block0"] == 1 and calls["block3"] == 5
+    kw = dict(templates=TEMPLATES, v_num_grad_steps=5, early_stop=0.0)
+    res = optimize_targets(model, tok, REQUESTS[:1], 2, **kw)
+    # one recording pass over every position, then 5 steps from the subject's last token on
+    enc = [encode_template(tok, t.replace("{}", REQUESTS[0].prompt), REQUESTS[0].subject) for t in TEMPLATES]
+    enc.append(encode_template(tok, "{} is a", REQUESTS[0].subject))
+    target_len = len(tok(" Paris", add_special_tokens=False)["input_ids"])  # teacher forcing: all but the last
+    lengths = [len(e.input_ids) + target_len - 1 for e in enc[:-1]] + [len(enc[-1].input_ids)]
+    after_subject = max(n - e.subject_last for n, e in zip(lengths, enc))
+    assert calls["block0"] == 1 and len(calls["block3"]) == 6
+    assert calls["block3"][0][:2] == (4, max(lengths)) and all(s[:2] == (4, after_subject) for s in calls["block3"][1:])
+    assert res.step_work == {
+        "full": 4 * max(lengths) * 4,
+        "replayed": 4 * max(lengths) * 2,
+        "cached": 4 * after_subject * 2,
+    }
+    assert res.work_left() == pytest.approx(after_subject / max(lengths) / 2)
     n_targets = 3 * 1 + 1  # one target token per rewriting prompt + one essence position
     assert calls["head_rows"] == [n_targets] * 5
-    calls.update(block0=0, block3=0, head_rows=[])
-    optimize_targets(model, tok, REQUESTS[:1], 2, templates=TEMPLATES, v_num_grad_steps=5, early_stop=0.0, fast=False)
+    calls.update(block0=0, block3=[], head_rows=[])
+    optimize_targets(model, tok, REQUESTS[:1], 2, prefix_cache=False, **kw)
+    assert calls["block0"] == 1 and [s[1] for s in calls["block3"]] == [max(lengths)] * 5
+    calls.update(block0=0, block3=[], head_rows=[])
+    optimize_targets(model, tok, REQUESTS[:1], 2, fast=False, **kw)
     assert calls["block0"] == 5 and calls["head_rows"][0] > n_targets
+
+
+# model type -> how its steps skip the prefix: each row from its own subject on, every row from the
+# earliest subject on (GPT-Neo's local attention; Bloom takes no position ids), or not at all
+# (Mistral's sliding-window cache layers)
+PREFIX_MODES = {"llama": "rows", "gpt2": "rows", "gpt_neox": "rows", "gemma": "rows", "opt": "rows"}
+PREFIX_MODES |= {"gpt_neo": "common", "bloom": "common", "mistral": "off"}
+
+
+@pytest.mark.parametrize("model_type", list(PREFIX_MODES))
+def test_prefix_cache_gives_the_targets_of_every_position(model_type):
+    """Steps from the subject's last token on, on cached keys / values of the positions before it, give
+    today's v* / z (every position, lower blocks replayed) and the whole model's, batched, chunked and
+    serial, and the work they report skipping is the work skipped."""
+    model, tok = make_tiny_model(model_type)
+    before = snapshot(model)
+    n_layers = 4
+    for layer, site in ((0, "residual"), (2, "mlp")):
+        kw = dict(site=site, templates=TEMPLATES, v_num_grad_steps=6, **FREE)
+        cached = optimize_targets(model, tok, REQUESTS, layer, **kw)
+        today = optimize_targets(model, tok, REQUESTS, layer, prefix_cache=False, **kw)
+        full = optimize_targets(model, tok, REQUESTS, layer, fast=False, **kw)
+        chunked = optimize_targets(model, tok, REQUESTS, layer, batch_tokens=40, **kw)
+        serial = optimize_targets(model, tok, REQUESTS, layer, batched=False, **kw)
+        assert cached.deltas.norm(dim=1).min() > 0
+        for other in (today, full, chunked, serial):
+            torch.testing.assert_close(other.init, cached.init, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(other.targets, cached.targets, rtol=1e-4, atol=1e-5)
+            assert other.steps_taken == cached.steps_taken == [5, 5, 5]
+        work = cached.step_work
+        assert today.step_work["cached"] == today.step_work["replayed"] == work["replayed"]
+        assert work["replayed"] * n_layers == work["full"] * (n_layers - layer)
+        mode, one = PREFIX_MODES[model_type], serial.step_work  # serial: "Italy" is the 5th token of "{}"
+        assert (work["cached"] < work["replayed"]) == (mode == "rows")  # "Apple" starts "{} was founded by"
+        assert (one["cached"] < one["replayed"]) == (mode != "off")
+    assert_untouched(model, before)
+
+
+def test_prefix_cache_gives_the_same_rome_and_memit_updates(monkeypatch):
+    """The final updates, not only v* / z: ROME's rank-one factors and MEMIT's layer deltas."""
+    import functools
+
+    import hf_knowedit
+    from hf_knowedit.methods import memit
+    from hf_knowedit.methods.rome import ROMEConfig, rank_one_update
+    from hf_knowedit.moments import identity_moment
+
+    model, tok = make_tiny_model("llama")
+    config = ROMEConfig(v_num_grad_steps=6, **FREE)
+    ones = [
+        rank_one_update(model, tok, REQUESTS[1], 1, config, identity_moment(model, 1), TEMPLATES, fast=f)
+        for f in (True, False)
+    ]
+    torch.testing.assert_close(ones[0].A, ones[1].A, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ones[0].B, ones[1].B, rtol=1e-4, atol=1e-5)
+    kw = dict(method="memit", layers=[1, 2], mom2="identity", context_templates=0, v_num_grad_steps=6, **FREE)
+    cached = hf_knowedit.apply_edits(model, tok, REQUESTS, **kw)
+    monkeypatch.setattr(memit, "optimize_targets", functools.partial(optimize_targets, prefix_cache=False))
+    today = hf_knowedit.apply_edits(*make_tiny_model("llama"), REQUESTS, **kw)
+    assert set(cached.deltas) == set(today.deltas) and len(cached.deltas) == 2
+    for path, delta in cached.deltas.items():
+        torch.testing.assert_close(delta.delta(), today.deltas[path].delta(), rtol=1e-4, atol=1e-6)
 
 
 def test_early_stopped_requests_are_frozen_exactly():

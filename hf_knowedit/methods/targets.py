@@ -12,8 +12,17 @@ Speed (``fast=True``, the default): ``δ`` enters at the edited layer, so the bl
 once per optimisation: their output is recorded and, during the steps, replayed by stand-in blocks
 (:func:`hf_knowedit.hooks.replaced_blocks`). The loss reads logits only at the target positions and
 one position per essence prompt, so the backbone runs without the LM head and the head is applied to
-those rows only (:func:`hf_knowedit.architectures.lm_logits`). ``fast=False`` runs the whole model
-with full logits at every step (the reference's cost; for benchmarks).
+those rows only (:func:`hf_knowedit.architectures.lm_logits`). Every position before the subject's
+last token is the same at every layer and every step too: the recording pass keeps their keys and
+values (a ``DynamicCache`` per layer) and each step runs only the positions from the subject's last
+token on, on top of them (``prefix_cache=True``). Rows of a batch have different prefixes: each row's
+suffix is left-aligned, its true positions are passed as ``position_ids`` and the attention mask has a
+gap between the row's prefix and suffix (``ArchitectureSpec.prefix_cache="rows"``); where attention
+depends on cache indices (sliding / local windows) or the model takes no ``position_ids``, every row
+starts at the chunk's earliest subject (``"common"``); a model that returns no plain ``DynamicCache``
+runs every position (logged at debug level). ``TargetResult.step_work`` counts the token-layers a step
+runs on each path. ``fast=False`` runs the whole model with full logits at every step (the
+reference's cost; for benchmarks).
 
 Batching (``batched=True``): all requests are optimised together, in chunks of at most
 ``batch_tokens`` padded tokens. Losses of different requests are independent and Adam is
@@ -25,6 +34,8 @@ grow along an optimisation that does not converge (a request that runs all its s
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +43,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..architectures import (
     ArchitectureSpec,
@@ -81,12 +93,24 @@ class TargetResult:
         init: the unedited value at the site, at the subject's last token of the first prompt.
         steps_taken: Adam updates applied per request.
         losses: the last loss per request (the one that stopped it, or after the last step).
+        step_work: token-layers (padded tokens x decoder blocks run) of one step over all requests:
+            ``"full"`` the whole model (``fast=False``), ``"replayed"`` the blocks from the edited
+            layer up over every position (``prefix_cache=False``), ``"cached"`` those blocks from each
+            row's cut on (this run's); empty with ``fast=False``.
     """
 
     targets: torch.Tensor
     init: torch.Tensor
     steps_taken: list[int]
     losses: list[float]
+    step_work: dict[str, int] = field(default_factory=dict)
+
+    def work_left(self, relative_to: str = "full") -> float:
+        """The fraction of ``relative_to``'s token-layer work per step that this run's steps did
+        (``"full"`` or ``"replayed"``; see ``step_work``)."""
+        if not self.step_work:
+            return 1.0
+        return self.step_work["cached"] / self.step_work[relative_to]
 
     @property
     def deltas(self) -> torch.Tensor:
@@ -99,6 +123,35 @@ class _Request:
     lookups: list[int]
     n_rewrite: int
     targets: list[tuple[int, int, int]] = field(default_factory=list)  # (row, position, token id)
+
+
+def _cache_argument(backbone: nn.Module) -> str | None:
+    """The name under which ``backbone.forward`` takes a key / value cache (transformers renamed it)."""
+    params = inspect.signature(backbone.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def _cache_mode(model: nn.Module, spec: ArchitectureSpec, backbone: nn.Module) -> str:
+    """How the steps can skip the positions before the subject's last token.
+
+    ``"rows"``: each row from its own subject last token on (the cached prefixes then end at different
+    indices, so positions are passed explicitly and the attention mask has a gap); ``"common"``: every
+    row from the earliest subject last token of its chunk on (indices stay positions: for models that
+    take no ``position_ids`` or whose attention depends on index distances: sliding windows, the table's
+    ``prefix_cache="common"``); ``"off"``: today's path over every position.
+    """
+    if spec.prefix_cache == "off" or _cache_argument(backbone) is None:
+        logger.debug("%s: no prefix cache, v*/z steps run over every position.", spec.model_type)
+        return "off"
+    config = model.config
+    windowed = (
+        bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
+    )
+    full = set(getattr(config, "layer_types", None) or ()) <= {"full_attention"}
+    takes_positions = "position_ids" in inspect.signature(backbone.forward).parameters
+    if spec.prefix_cache == "common" or windowed or not full or not takes_positions:
+        return "common"
+    return "rows"
 
 
 def _build(tokenizer: Any, req: EditRequest, templates: Sequence[str], kl_prompts: Sequence[str]) -> _Request:
@@ -162,6 +215,7 @@ def optimize_targets(
     kl_prompts: Sequence[str] = (KL_PROMPT,),
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     progress: Callable[[int, torch.Tensor], None] | None = None,
+    prefix_cache: bool = True,
     **overrides: Any,
 ) -> TargetResult:
     """Optimise one vector per request so the model predicts ``target_new`` (see module docstring).
@@ -176,6 +230,8 @@ def optimize_targets(
             ``init`` is read on the first template's prompt).
         batched: optimise all requests together (``False``: one request at a time).
         fast: replay the blocks below ``layer`` and compute logits only where the loss reads them.
+        prefix_cache: with ``fast``, run the steps only from each row's subject last token on, on top
+            of the keys / values of the positions before it (computed once; see module docstring).
         batch_tokens: padded tokens per forward pass (lower it when memory is short).
         progress: called as ``progress(step, per_request_losses)`` after every forward step.
 
@@ -204,6 +260,7 @@ def optimize_targets(
                 kl_prompts=kl_prompts,
                 batch_tokens=batch_tokens,
                 progress=progress,
+                prefix_cache=prefix_cache,
             )
             for r in requests
         ]
@@ -212,6 +269,7 @@ def optimize_targets(
             torch.cat([p.init for p in parts]),
             sum((p.steps_taken for p in parts), []),
             sum((p.losses for p in parts), []),
+            {k: sum(p.step_work.get(k, 0) for p in parts) for k in parts[0].step_work},
         )
     spec = get_architecture(model)
     _, d_out = mlp_out_dims(model, spec, layer)  # raises LayerOutOfRangeError
@@ -230,9 +288,9 @@ def optimize_targets(
     steps_taken = [0] * n
     try:
         with torch.enable_grad():
-            if fast and layer > 0:
+            if fast:
                 for c in chunks:
-                    c.record_prefix()
+                    c.record_prefix(prefix_cache)
             for it in range(hp.v_num_grad_steps):
                 last = it == hp.v_num_grad_steps - 1
                 grad = torch.zeros_like(init)
@@ -264,7 +322,8 @@ def optimize_targets(
         for c in chunks:
             c.close()
     delta = delta.detach()
-    return TargetResult((init + delta).float(), init.float(), steps_taken, losses.cpu().tolist())
+    work = {k: sum(c.work.get(k, 0) for c in chunks) for k in ("full", "replayed", "cached")} if fast else {}
+    return TargetResult((init + delta).float(), init.float(), steps_taken, losses.cpu().tolist(), work)
 
 
 class _Chunk:
@@ -303,32 +362,76 @@ class _Chunk:
         self.site_path = mlp_out_path(spec, layer) if site == "mlp" else layer_path(spec, layer)
         self.prefix: torch.Tensor | None = None
         self.structure: Any = None
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # keys / values before the cut
+        self.cut: torch.Tensor | None = None
+        self.position_ids = False
+        self.work: dict[str, int] = {}
         self.init: torch.Tensor | None = None
         self.kl_init: torch.Tensor | None = None
 
-    # -- the blocks below the edited layer, once ------------------------------
+    # -- what δ cannot change, once ---------------------------------------------
 
-    def record_prefix(self) -> None:
-        with (
-            torch.no_grad(),
-            Trace(
-                self.model,
-                layer_path(self.spec, self.layer - 1),
-                retain_output=True,
-                clone=True,
-                detach=True,
-                stop=True,
-            ) as tr,
-        ):
-            self.model(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
-        self.prefix = hidden(tr.output)
-        self.structure = _structure(tr.output)
+    def record_prefix(self, prefix_cache: bool) -> None:
+        """One no-grad forward over the chunk: the output of the block below the edited layer (replayed
+        by the stand-ins) and, with ``prefix_cache``, every layer's keys / values before each row's
+        subject last token (:func:`_cache_mode`)."""
+        backbone = get_module(self.model, self.spec.backbone)
+        mode = _cache_mode(self.model, self.spec, backbone) if prefix_cache else "off"
+        n_rows, width = self.ids.shape
+        n_layers = len(get_module(self.model, self.spec.layers))
+        self.work = {"full": n_rows * width * n_layers, "replayed": n_rows * width * (n_layers - self.layer)}
+        self.work["cached"] = self.work["replayed"]
+        if mode == "off" and self.layer == 0:
+            return
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            tr = None
+            if self.layer > 0:
+                tr = stack.enter_context(
+                    Trace(
+                        self.model,
+                        layer_path(self.spec, self.layer - 1),
+                        retain_output=True,
+                        clone=True,
+                        detach=True,
+                        stop=mode == "off",
+                    )
+                )
+            out = backbone(input_ids=self.ids, attention_mask=self.mask, use_cache=mode != "off")
+        if tr is not None:
+            self.prefix = hidden(tr.output)
+            self.structure = _structure(tr.output)
+        if mode == "off":
+            return
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
+        layers = getattr(cache, "layers", None)
+        if not isinstance(cache, DynamicCache) or not layers or any(type(x) is not DynamicLayer for x in layers):
+            logger.debug(
+                "%s returns a %s, not a plain DynamicCache: v*/z steps run over every position.",
+                self.spec.model_type,
+                type(cache).__name__,
+            )
+            return
+        cut = self.lookups if mode == "rows" else self.lookups.min().expand(n_rows)
+        prefix = int(cut.max())
+        if prefix == 0:
+            return
+        self.cut = cut
+        self.kv = [(x.keys[:, :, :prefix].detach().clone(), x.values[:, :, :prefix].detach().clone()) for x in layers]
+        self.position_ids = mode == "rows"
+        self.cache_argument = _cache_argument(backbone)
+        lengths = self.mask.sum(1)
+        self.work["cached"] = n_rows * int((lengths - cut).max()) * (n_layers - self.layer)
 
-    def _stubs(self, rows: torch.Tensor) -> dict[int, nn.Module]:
+    def _stubs(self, rows: torch.Tensor, src: torch.Tensor | None) -> dict[int, nn.Module]:
         """Stand-ins for the blocks below the edited layer: the top one replays the recorded output of
-        the selected rows, the others pass their input through (their output is never read)."""
+        the selected rows (at positions ``src`` when the steps start past a cached prefix), the others
+        pass their input through (their output is never read)."""
         blocks = get_module(self.model, self.spec.layers)
         structure, value = self.structure, self.prefix[rows]
+        if src is not None:
+            value = value.gather(1, src.unsqueeze(-1).expand(-1, -1, value.shape[-1]))
 
         def passthrough(*args: Any, **kwargs: Any) -> Any:
             return replace_hidden(structure, first_input(args, kwargs))
@@ -338,6 +441,27 @@ class _Chunk:
 
         return {j: ReplayBlock(blocks[j], replay if j == self.layer - 1 else passthrough) for j in range(self.layer)}
 
+    def _suffix(self, rows: torch.Tensor) -> dict[str, Any]:
+        """The backbone's inputs for the selected rows from their cut on: the positions after the cached
+        prefix, left-aligned (``src``: their index in the full row), a mask over prefix + suffix, and a
+        fresh cache holding the prefix (the steps must not grow the recorded one)."""
+        cut, lengths = self.cut[rows], self.mask[rows].sum(1)
+        width = int((lengths - cut).max())
+        k = torch.arange(width, device=cut.device)
+        valid = k.unsqueeze(0) < (lengths - cut).unsqueeze(1)
+        src = (cut.unsqueeze(1) + k).clamp(max=self.ids.shape[1] - 1)
+        prefix = self.kv[0][0].shape[2]
+        before = torch.arange(prefix, device=cut.device).unsqueeze(0) < cut.unsqueeze(1)
+        kwargs = {
+            "input_ids": self.ids[rows].gather(1, src),  # positions past a row's end: masked
+            "attention_mask": torch.cat([before, valid], dim=1).to(self.mask.dtype),
+            self.cache_argument: DynamicCache(ddp_cache_data=[(key[rows], value[rows]) for key, value in self.kv]),
+            "use_cache": True,
+        }
+        if self.position_ids:
+            kwargs["position_ids"] = src
+        return {"kwargs": kwargs, "src": src, "cut": cut}
+
     # -- one forward pass --------------------------------------------------------
 
     def _forward(
@@ -345,28 +469,35 @@ class _Chunk:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the target positions and at the essence positions of the selected rows."""
         ids, mask, lookups = self.ids[rows], self.mask[rows], self.lookups[rows]
-        width = ids.shape[1]
+        suffix = self._suffix(rows) if fast and self.kv is not None else None
+        offset = suffix["cut"] if suffix is not None else torch.zeros_like(lookups)
+        at = lookups - offset  # the subject's last token in the positions this pass runs
+        width = suffix["src"].shape[1] if suffix is not None else ids.shape[1]
         seen: dict[str, torch.Tensor] = {}
 
         def edit(output: Any, _path: str) -> Any:
             h = hidden(output)
             flat = h.dim() == 2  # OPT's fc2 sees [batch * seq, d]
             index = (
-                (torch.arange(len(rows), device=h.device) * width + lookups,)
+                (torch.arange(len(rows), device=h.device) * width + at,)
                 if flat
-                else (torch.arange(len(rows), device=h.device), lookups)
+                else (torch.arange(len(rows), device=h.device), at)
             )
             if record_init:
                 seen["init"] = h[index].detach().float().clone()
             return replace_hidden(output, h.index_put(index, delta_rows.to(h.dtype), accumulate=True))
 
-        stubs = self._stubs(rows) if fast and self.prefix is not None else {}
+        src = suffix["src"] if suffix is not None else None
+        stubs = self._stubs(rows, src) if fast and self.prefix is not None else {}
+        inputs = (
+            suffix["kwargs"] if suffix is not None else {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        )
         with (
             replaced_blocks(self.model, self.spec, stubs),
             Trace(self.model, self.site_path, retain_output=False, edit_output=edit),
         ):
             if fast:
-                out = get_module(self.model, self.spec.backbone)(input_ids=ids, attention_mask=mask, use_cache=False)
+                out = get_module(self.model, self.spec.backbone)(**inputs)
                 h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             else:
                 h = None
@@ -374,9 +505,10 @@ class _Chunk:
         local = torch.full((len(self.ids),), -1, dtype=torch.long, device=ids.device)
         local[rows] = torch.arange(len(rows), device=ids.device)
         keep = local[self.tgt_row] >= 0
-        t_rows, t_pos = local[self.tgt_row[keep]], self.tgt_pos[keep]
+        t_rows = local[self.tgt_row[keep]]
+        t_pos = self.tgt_pos[keep] - offset[t_rows]
         kl_rows = (self.is_kl[rows]).nonzero().squeeze(1)
-        kl_pos = lookups[kl_rows]
+        kl_pos = at[kl_rows]
         if record_init:
             self._seen = seen
         if fast:
@@ -425,4 +557,4 @@ class _Chunk:
         return total[active_t]
 
     def close(self) -> None:
-        self.prefix = None
+        self.prefix = self.kv = None
