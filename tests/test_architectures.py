@@ -246,6 +246,7 @@ def test_register_architecture_round_trip():
         ("lm_head", None),
         ("model_type", ""),
         ("logit_softcap", "final logit"),
+        ("prefix_cache", "yes"),
     ],
 )
 def test_bad_spec_field_is_named(field, value):
