@@ -280,9 +280,10 @@ def test_alphaedit_update_leaves_preserved_directions_alone():
     es = hf_knowedit.apply_edits(model, tok, facts(5), method="alphaedit", layers=[1, 2], **_alpha())
     history = alphaedit.get_history(model)
     spec = get_architecture(model)
-    for (layer, *_), P in history.projectors.items():
+    for (layer, *_), U in history.projectors.items():
         dW = es.deltas[mlp_out_path(spec, layer)].delta().double()
-        keep = torch.eye(P.shape[0], dtype=torch.float64) - P.double()  # the preserved subspace
+        P = U.double() @ U.double().t()  # the cached null-space basis spans the edited directions
+        keep = torch.eye(P.shape[0], dtype=torch.float64) - P  # the preserved subspace
         assert float((dW @ keep).norm()) < 1e-4 * float(dW.norm())
     assert all(efficacy(model, tok, facts(5)))
 
@@ -381,3 +382,35 @@ def test_z_optimisation_reports_progress_and_a_summary(capsys, caplog):
     assert "z for 4 requests" in err and "/25 [" in err and "above_stop=" in err
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("z for 4 requests at layer")]
     assert len(summary) == 1 and "still above early_stop" in summary[0]
+
+
+@pytest.mark.parametrize("method", ["memit", "emmet", "alphaedit"])
+def test_solves_on_cached_factors_give_todays_updates(method, monkeypatch):
+    """MEMIT's Woodbury solve and EMMET's C⁻¹K on C's cached factor, AlphaEdit's solve in the null-space
+    basis: the same deltas as forming λC + KKᵀ, factoring λ₀C₀, forming P @ S (today's solvers)."""
+    from hf_knowedit.methods import emmet, memit, solvers
+
+    kw = _alpha() if method == "alphaedit" else dict(FAST, **({"mom2_update_weight": 1.0} if method == "emmet" else {}))
+    used = []
+
+    def spy(moment):
+        used.append(solvers.cached_inverse(moment))
+        return used[-1]
+
+    monkeypatch.setattr(memit, "cached_inverse", spy)
+    monkeypatch.setattr(emmet, "cached_inverse", spy)
+    new = hf_knowedit.apply_edits(*tiny("llama"), facts(4), method=method, layers=[1, 2], **kw)
+    assert (len(used) > 0 and None not in used) == (method != "alphaedit")  # the tiny statistics are regular
+    monkeypatch.setattr(memit, "cached_inverse", lambda moment: None)
+    monkeypatch.setattr(emmet, "cached_inverse", lambda moment: None)
+    factors = solvers.alphaedit_factors
+
+    def with_projector(keys, resid, projector, prior=None, l2=10.0, *, basis=None, **rest):
+        return factors(keys, resid, basis.double() @ basis.double().t(), prior, l2, **rest)
+
+    monkeypatch.setattr(alphaedit, "alphaedit_factors", with_projector)
+    old = hf_knowedit.apply_edits(*tiny("llama"), facts(4), method=method, layers=[1, 2], **kw)
+    assert set(new.deltas) == set(old.deltas) and new.deltas
+    for path, delta in new.deltas.items():
+        dense, today = delta.delta().double(), old.deltas[path].delta().double()
+        assert float((dense - today).norm()) <= 1e-5 * float(today.norm()), path

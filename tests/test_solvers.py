@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hf_knowedit.errors import SingularSystemError
+from hf_knowedit.methods import solvers
 from hf_knowedit.methods.solvers import (
     alphaedit_factors,
     emmet_factors,
@@ -13,6 +14,7 @@ from hf_knowedit.methods.solvers import (
     nullspace_projector,
     spread_residual,
 )
+from tests.tiny_models import make_tiny_model
 
 D_IN, D_OUT = 24, 16
 
@@ -216,3 +218,89 @@ def test_scaled_mom2_weight_keeps_gptj_lambda_per_key_dimension():
     from hf_knowedit.methods.memit import MEMITConfig
 
     assert MEMITConfig().mom2_update_weight is None
+
+
+# -----------------------------------------------------------------------------------------------
+# the same updates without new d x d factorisations
+
+
+def _moment(C: torch.Tensor):
+    from hf_knowedit.moments import SecondMoment, StatsKey
+
+    return SecondMoment(C, 1000, StatsKey("tiny", 1, "mlp", "corpus", 1000, "float64"))
+
+
+@pytest.mark.parametrize("n,lam", [(1, 3.0), (5, 100.0), (5, 1e-3), (D_IN + 6, 0.5)])
+def test_memit_woodbury_on_the_cached_factor_is_todays_solve(n, lam):
+    K, R = _batch(n, seed=n)
+    C = _spd(D_IN, 3)
+    inverse = solvers.cached_inverse(_moment(C))
+    assert inverse is not None
+    B, A = memit_factors(K, R, C, lam, cov_solve=inverse, dtype=torch.float64)
+    B0, A0 = memit_factors(K, R, C, lam, dtype=torch.float64)
+    naive = R.t() @ K @ torch.linalg.inv(lam * C + K.t() @ K)  # ΔW = R Kᵀ (λC + KKᵀ)⁻¹, rows are keys
+    torch.testing.assert_close(B, B0, rtol=0, atol=0)
+    torch.testing.assert_close(A, A0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(B @ A, naive, rtol=1e-9, atol=1e-11)
+
+
+def test_cached_inverse_only_where_it_gives_todays_numbers():
+    from hf_knowedit.moments import identity_moment
+
+    C = _spd(D_IN, 3)
+    moment = _moment(C)
+    x = torch.randn(D_IN, 3, dtype=torch.float64)
+    torch.testing.assert_close(solvers.cached_inverse(moment)(x), torch.linalg.solve(C, x), rtol=1e-10, atol=1e-12)
+    # rank-deficient C: the cached factor carries a jitter (with a warning), so the solvers form their system
+    singular = _moment(_spd(D_IN, low_rank=6))
+    assert solvers.cached_inverse(singular) is None
+    model, _ = make_tiny_model("llama")
+    eye = identity_moment(model, 1)
+    assert torch.equal(solvers.cached_inverse(eye)(torch.ones(96, 2, dtype=torch.float64)), torch.ones(96, 2))
+
+
+@pytest.mark.parametrize("n,emmet_lambda,lam0", [(1, 0.1, 1.0), (4, 0.0, 1.0), (4, 0.1, 1000.0)])
+def test_emmet_on_the_cached_factor_is_todays_solve(n, emmet_lambda, lam0):
+    K, R = _batch(n, seed=n)
+    C = _spd(D_IN, 3)
+    kw = dict(emmet_lambda=emmet_lambda, dtype=torch.float64)
+    B, A = emmet_factors(K, R, C, lam0, cov_solve=solvers.cached_inverse(_moment(C)), **kw)
+    B0, A0 = emmet_factors(K, R, C, lam0, **kw)
+    Ci = torch.linalg.inv(lam0 * C)  # ΔW = R D⁻¹ Kᵀ C⁻¹, D = KᵀC⁻¹K (+ λ_E I when n > 1)
+    D = K @ Ci @ K.t() + (emmet_lambda * torch.eye(n, dtype=K.dtype) if n > 1 else 0)
+    naive = R.t() @ torch.linalg.inv(D) @ K @ Ci
+    torch.testing.assert_close(B, B0, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(A, A0, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(B @ A, naive, rtol=1e-8, atol=1e-10)
+    # a new preservation matrix (update_norm_lambda) needs its own factorisation: cov_solve is not used
+    kw["update_norm_lambda"] = 0.5
+    torch.testing.assert_close(
+        emmet_factors(K, R, C, lam0, cov_solve=lambda x: x * float("nan"), **kw)[1],
+        emmet_factors(K, R, C, lam0, **kw)[1],
+    )
+
+
+@pytest.mark.parametrize("n,with_prior", [(3, False), (3, True), (D_IN + 4, False), (D_IN + 4, True)])
+def test_alphaedit_in_the_null_space_basis_is_todays_solve(n, with_prior):
+    K, R = _batch(n, seed=n)
+    C = _spd(D_IN, low_rank=10)
+    U = solvers.nullspace_basis(C)
+    P = nullspace_projector(C)
+    assert U.shape == (D_IN, D_IN - 10)
+    torch.testing.assert_close(U.t() @ U, torch.eye(D_IN - 10, dtype=U.dtype))
+    torch.testing.assert_close(U @ U.t(), P, rtol=0, atol=0)
+    prior = None
+    if with_prior:
+        Kp = _batch(7, seed=99)[0]
+        prior = Kp.t() @ Kp
+    B, A = alphaedit_factors(K, R, None, prior, l2=10.0, basis=U, dtype=torch.float64)
+    B0, A0 = alphaedit_factors(K, R, P, prior, l2=10.0, dtype=torch.float64)
+    S = K.t() @ K + (prior if prior is not None else 0)
+    naive = R.t() @ K @ P @ torch.linalg.inv(S @ P + 10.0 * torch.eye(D_IN, dtype=K.dtype))  # the paper's form
+    torch.testing.assert_close(B, B0, rtol=0, atol=0)
+    torch.testing.assert_close(A, A0, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(B @ A, naive, rtol=1e-8, atol=1e-11)
+    with pytest.raises(ValueError, match="exactly one"):
+        alphaedit_factors(K, R, P, prior, basis=U)
+    with pytest.raises(SingularSystemError):
+        alphaedit_factors(K, R, None, prior, l2=0.0, basis=U)

@@ -12,6 +12,9 @@ MEMIT with two changes that keep many sequential batches from eroding the model:
 
        ΔW = R K₁ᵀ P (K_p K_pᵀ P + K₁ K₁ᵀ P + α I)⁻¹          (α = ``l2``; "one line" vs MEMIT)
 
+   solved in the basis ``Û`` (cached per layer; ``P`` is never formed): the same update from the
+   ``r × r`` system ``Ûᵀ(K_p K_pᵀ + K₁ K₁ᵀ)Û + αI`` (:func:`~hf_knowedit.methods.solvers.alphaedit_factors`).
+
 Everything else — target vectors ``z``, keys, the residual spread over the layer band, chunking,
 exact low-rank storage — is MEMIT's (:mod:`hf_knowedit.methods.memit`).
 
@@ -44,7 +47,7 @@ from ..stack import get_state
 from .config import option, with_aliases
 from .memit import Factors, MassEditConfig, mass_edit, prepare
 from .registry import EditContext, MethodResult, register_method
-from .solvers import alphaedit_factors, nullspace_projector
+from .solvers import alphaedit_factors, nullspace_basis
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +73,8 @@ class AlphaEditHistory:
     Attributes:
         prior: layer -> ``Σ K_p K_pᵀ`` over the keys of all committed AlphaEdit batches (float64).
         edits: number of edits committed.
-        projectors: ``(layer, stats key, threshold, relative)`` -> ``P`` (float32), a cache.
+        projectors: ``(layer, stats key, threshold, relative)`` -> the null-space basis ``U`` (float32,
+            ``[d_in, r]``; the projector is ``P = UUᵀ``), a cache.
     """
 
     prior: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -128,25 +132,23 @@ def compute(ctx: EditContext) -> MethodResult:
     projectors: dict[tuple, torch.Tensor] = {}
     for layer in layers:
         key = (layer, stats[layer].key, cfg.nullspace_threshold, cfg.nullspace_relative)
-        P = cached.get(key)
-        if P is None:
-            P = nullspace_projector(
-                stats[layer].matrix, cfg.nullspace_threshold, relative=cfg.nullspace_relative
-            ).float()
-        rank = int(round(float(P.diagonal().sum())))
+        U = cached.get(key)
+        if U is None:
+            U = nullspace_basis(stats[layer].matrix, cfg.nullspace_threshold, relative=cfg.nullspace_relative).float()
+        rank = U.shape[1]
         if rank == 0:
             raise InvalidConfigError(
                 f"AlphaEdit: the null space of layer {layer}'s statistics is empty (no singular value below "
                 f"{cfg.nullspace_threshold:g}), so every update would be zero. Raise nullspace_threshold, or "
                 "set nullspace_relative=True to scale it by the largest singular value."
             )
-        logger.info("AlphaEdit layer %d: null space of dimension %d / %d", layer, rank, P.shape[0])
-        projectors[key] = P
-    P_of = {key[0]: P for key, P in projectors.items()}
+        logger.info("AlphaEdit layer %d: null space of dimension %d / %d", layer, rank, U.shape[0])
+        projectors[key] = U
+    U_of = {key[0]: U for key, U in projectors.items()}
     prior = dict(old_prior)  # updated per chunk here; written to the history only on commit
 
     def solve(i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> Factors:
-        return alphaedit_factors(keys, resid, P_of[layer], prior.get(layer), l2=cfg.l2)
+        return alphaedit_factors(keys, resid, None, prior.get(layer), l2=cfg.l2, basis=U_of[layer])
 
     new_keys: dict[int, list] = {layer: [] for layer in layers}
 

@@ -47,7 +47,7 @@ from .config import option, with_aliases
 from .memit import Factors, MassEditConfig, band_around, mass_edit, prepare
 from .registry import EditContext, MethodResult, register_method
 from .rome import default_layer
-from .solvers import emmet_factors, scaled_mom2_weight
+from .solvers import cached_inverse, emmet_factors, scaled_mom2_weight
 
 
 @with_aliases
@@ -85,6 +85,7 @@ def compute(ctx: EditContext) -> MethodResult:
             scaled_mom2_weight(keys.shape[1], cfg.mom2_update_weight),
             emmet_lambda=cfg.emmet_lambda,
             update_norm_lambda=cfg.update_norm_lambda,
+            cov_solve=cached_inverse(stats[layer]),
         )
 
     return MethodResult(

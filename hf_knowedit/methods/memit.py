@@ -68,7 +68,7 @@ from .config import EditConfig, option, with_aliases
 from .context import flatten, template_groups
 from .keys import compute_keys
 from .registry import EditContext, MethodResult, register_method
-from .solvers import memit_factors, scaled_mom2_weight, spread_residual
+from .solvers import cached_inverse, memit_factors, scaled_mom2_weight, spread_residual
 from .statistics import second_moment_for
 from .targets import optimize_targets
 
@@ -346,7 +346,7 @@ def compute(ctx: EditContext) -> MethodResult:
 
     def solve(i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> Factors:
         lam = scaled_mom2_weight(keys.shape[1], ctx.config.mom2_update_weight)
-        return memit_factors(keys, resid, stats[layer].matrix, lam)
+        return memit_factors(keys, resid, stats[layer].matrix, lam, cov_solve=cached_inverse(stats[layer]))
 
     return MethodResult(
         deltas=mass_edit(ctx, chunks, layers, templates, solve),

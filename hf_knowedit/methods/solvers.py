@@ -23,9 +23,21 @@ Formulas (paper notation, columns are vectors):
   ``A = ((P (KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K)ᵀ``.
 * EMMET (Gupta et al. 2024): ``ΔW = R D⁻¹ Kᵀ C⁻¹``, ``D = Kᵀ C⁻¹ K (+ λ_E I)`` → ``B = R D⁻¹``,
   ``A = (C⁻¹ K)ᵀ``; with ``λ_E = 0`` the edits hold exactly: ``ΔW K = R``.
+
+Without new ``d × d`` factorisations (the same numbers, O(d²n) instead of O(d³) per layer per batch):
+
+* MEMIT with ``cov_solve = C⁻¹·`` (the second moment's cached Cholesky, :func:`cached_inverse`):
+  ``(λC + KKᵀ)⁻¹K = C⁻¹K (λI + KᵀC⁻¹K)⁻¹`` (Woodbury; an ``n × n`` system).
+* EMMET with ``cov_solve``: ``C⁻¹K = C₀⁻¹K / λ₀`` (only when ``update_norm_lambda = 0``).
+* AlphaEdit with the null-space basis ``U`` (``P = UUᵀ``, :func:`nullspace_basis`): the solution lies in
+  the span of ``U``, so ``(PS + αI)⁻¹PK = U (UᵀSU + αI)⁻¹ UᵀK`` (an ``r × r`` system; without earlier
+  keys ``S = KKᵀ`` and it is ``U B (BᵀB + αI)⁻¹``, ``B = UᵀK``, an ``n × n`` one).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -33,8 +45,10 @@ from ..errors import SingularSystemError
 
 __all__ = [
     "alphaedit_factors",
+    "cached_inverse",
     "emmet_factors",
     "memit_factors",
+    "nullspace_basis",
     "nullspace_projector",
     "spread_residual",
 ]
@@ -70,6 +84,24 @@ def _spd_solve(matrix: torch.Tensor, rhs: torch.Tensor, what: str, hint: str) ->
     return out
 
 
+def cached_inverse(moment: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``C⁻¹ ·`` through a :class:`~hf_knowedit.moments.SecondMoment`'s cached Cholesky factor, or None
+    where it would not give today's numbers: the factor carries a diagonal jitter (``C`` was singular)
+    or ``C`` is numerically singular (then the solvers form their system and report it as before).
+    ``mom2="identity"`` solves without a factor."""
+    if moment.is_identity:
+        return moment.solve
+    L = moment.cholesky()
+    diag = moment.matrix.double().diagonal().to(L.device)
+    scale = float(diag.mean().clamp_min(1e-30))
+    if float((L.pow(2).sum(1) - diag).mean()) > 1e-11 * scale:  # the smallest jitter is 1e-10 · scale
+        return None
+    pivots = L.diagonal().abs()
+    if float(pivots.min()) == 0.0 or float((pivots.max() / pivots.min()) ** 2) > MAX_CONDITION:
+        return None
+    return moment.solve
+
+
 def spread_residual(resid: torch.Tensor, index: int, num_layers: int) -> torch.Tensor:
     """MEMIT's residual spreading: layer ``index`` (0-based, ascending) of ``num_layers`` takes
     ``resid / (num_layers - index)`` — the remaining error shared equally by the layers left."""
@@ -100,6 +132,7 @@ def memit_factors(
     cov: torch.Tensor,
     mom2_weight: float,
     *,
+    cov_solve: Callable[[torch.Tensor], torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MEMIT's layer update ``ΔW = R Kᵀ (λC + K Kᵀ)⁻¹`` as factors ``(B [d_out, n], A [n, d_in])``.
@@ -109,11 +142,21 @@ def memit_factors(
         resid: ``[n, d_out]`` residuals this layer must write (already spread over the layers).
         cov: ``[d_in, d_in]`` second moment ``C`` of the preserved keys.
         mom2_weight: ``λ``, the weight of preservation against memorisation.
+        cov_solve: ``x -> C⁻¹x`` from an existing factorisation of ``C`` (:func:`cached_inverse`): then
+            ``A = (λI + KᵀC⁻¹K)⁻¹ (C⁻¹K)ᵀ`` (Woodbury; the same update, no ``d × d`` factorisation).
 
     Raises :class:`SingularSystemError` when ``λC + K Kᵀ`` is singular.
     """
     _check_shapes(keys, resid, cov)
     K = keys.double().t()  # [d_in, n]
+    if cov_solve is not None and mom2_weight > 0:
+        CinvK = cov_solve(K).double()
+        small = K.t() @ CinvK
+        small = (small + small.t()) / 2 + mom2_weight * torch.eye(K.shape[1], dtype=K.dtype, device=K.device)
+        adj_t = _spd_solve(
+            small, CinvK.t(), "MEMIT's system λI + KᵀC⁻¹K", "raise mom2_update_weight, or collect statistics"
+        )
+        return resid.double().t().to(dtype), adj_t.to(dtype)
     system = mom2_weight * cov.double() + K @ K.t()
     adj = _spd_solve(
         system, K, "MEMIT's system λC + KKᵀ", "raise mom2_update_weight, or collect statistics from more tokens"
@@ -121,9 +164,9 @@ def memit_factors(
     return resid.double().t().to(dtype), adj.t().to(dtype)
 
 
-def nullspace_projector(cov: torch.Tensor, threshold: float = 2e-2, *, relative: bool = False) -> torch.Tensor:
-    """AlphaEdit's projector ``P = Û Ûᵀ`` onto the span of ``C``'s singular vectors whose singular
-    value is below ``threshold`` (float64, ``[d, d]``).
+def nullspace_basis(cov: torch.Tensor, threshold: float = 2e-2, *, relative: bool = False) -> torch.Tensor:
+    """An orthonormal basis ``U`` (``[d, r]``, float64) of the span of ``C``'s singular vectors whose
+    singular value is below ``threshold``: AlphaEdit's projector is ``P = U Uᵀ``.
 
     Like the reference (``AlphaEdit/experiments/evaluate.py::get_project``) the threshold is
     absolute: ``σ < threshold``. With ``relative=True`` it is ``σ < threshold · σ_max`` instead,
@@ -135,17 +178,23 @@ def nullspace_projector(cov: torch.Tensor, threshold: float = 2e-2, *, relative:
     evals, evecs = torch.linalg.eigh(C)
     sigma = evals.abs()
     cut = threshold * float(sigma.max()) if relative else threshold
-    U = evecs[:, sigma < cut]
+    return evecs[:, sigma < cut]
+
+
+def nullspace_projector(cov: torch.Tensor, threshold: float = 2e-2, *, relative: bool = False) -> torch.Tensor:
+    """AlphaEdit's projector ``P = U Uᵀ`` (float64, ``[d, d]``) with ``U`` from :func:`nullspace_basis`."""
+    U = nullspace_basis(cov, threshold, relative=relative)
     return U @ U.t()
 
 
 def alphaedit_factors(
     keys: torch.Tensor,
     resid: torch.Tensor,
-    projector: torch.Tensor,
+    projector: torch.Tensor | None,
     prior: torch.Tensor | None = None,
     l2: float = 10.0,
     *,
+    basis: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AlphaEdit's null-space update ``ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹`` as factors.
@@ -156,15 +205,23 @@ def alphaedit_factors(
         prior: ``K_p K_pᵀ`` (``[d_in, d_in]``), the summed outer products of earlier sequential edits'
             keys at this layer, or None.
         l2: ``α`` (the reference's ``L2``), a ridge that keeps the system invertible; must be > 0.
+        basis: instead of ``projector`` (pass None), its orthonormal basis ``U`` (``[d_in, r]``,
+            :func:`nullspace_basis`): the same update from an ``r × r`` (or ``n × n``) system.
 
     The update vanishes on every key ``k₀`` with ``P k₀ = 0``: preserved knowledge is untouched.
     """
+    if (projector is None) == (basis is None):
+        raise ValueError("alphaedit_factors needs exactly one of projector (P) and basis (U, P = UUᵀ)")
+    if basis is not None and (basis.dim() != 2 or basis.shape[0] != keys.shape[-1]):
+        raise ValueError(f"basis must be [{keys.shape[-1]}, r], got {tuple(basis.shape)}")
     _check_shapes(keys, resid, projector)
     if not l2 > 0:
         raise SingularSystemError(
             f"AlphaEdit's system P(KKᵀ + K_pK_pᵀ) + αI is singular for α = {l2}; "
             "use a positive L2 (the reference uses 10)."
         )
+    if basis is not None:
+        return resid.double().t().to(dtype), _alphaedit_in_basis(keys, basis, prior, l2).t().to(dtype)
     P = projector.double()
     K = keys.double().t()
     S = K @ K.t()
@@ -180,6 +237,26 @@ def alphaedit_factors(
     return resid.double().t().to(dtype), adj.t().to(dtype)
 
 
+def _alphaedit_in_basis(keys: torch.Tensor, basis: torch.Tensor, prior: torch.Tensor | None, l2: float) -> torch.Tensor:
+    """``(P S + αI)⁻¹ P K`` with ``P = UUᵀ`` (see module docstring), ``[d_in, n]`` float64."""
+    U = basis.double()
+    K = keys.double().t()
+    B = U.t() @ K  # [r, n]
+    hint = "raise L2."
+    if prior is None:  # (BBᵀ + αI)⁻¹B = B(BᵀB + αI)⁻¹
+        small = B.t() @ B
+        small = (small + small.t()) / 2 + l2 * torch.eye(B.shape[1], dtype=B.dtype, device=B.device)
+        return U @ (B @ _spd_solve(small, torch.eye(B.shape[1], dtype=B.dtype, device=B.device), _ALPHA, hint))
+    if tuple(prior.shape) != (K.shape[0], K.shape[0]):
+        raise ValueError(f"prior must be [{K.shape[0]}, {K.shape[0]}], got {tuple(prior.shape)}")
+    G = U.t() @ prior.double().to(U.device) @ U + B @ B.t()
+    G = (G + G.t()) / 2 + l2 * torch.eye(U.shape[1], dtype=U.dtype, device=U.device)
+    return U @ _spd_solve(G, B, _ALPHA, hint)
+
+
+_ALPHA = "AlphaEdit's system P(KKᵀ + K_pK_pᵀ) + αI"
+
+
 def emmet_factors(
     keys: torch.Tensor,
     resid: torch.Tensor,
@@ -188,25 +265,33 @@ def emmet_factors(
     *,
     emmet_lambda: float = 0.1,
     update_norm_lambda: float = 0.0,
+    cov_solve: Callable[[torch.Tensor], torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EMMET's equality-constrained update ``ΔW = R D⁻¹ Kᵀ C⁻¹`` as factors ``(R D⁻¹, (C⁻¹K)ᵀ)``.
 
     ``C = λ₀ C₀ + μ I`` (``mom2_weight``, ``update_norm_lambda``) and ``D = Kᵀ C⁻¹ K``, plus
     ``emmet_lambda · I`` when the batch has more than one edit (the reference's guard against
-    ill-conditioned ``D``). With ``emmet_lambda = 0``, ``ΔW K = R`` exactly.
+    ill-conditioned ``D``). With ``emmet_lambda = 0``, ``ΔW K = R`` exactly. ``cov_solve`` (``x -> C₀⁻¹x``,
+    :func:`cached_inverse`) reuses ``C₀``'s factorisation when ``update_norm_lambda = 0``.
 
     Raises :class:`SingularSystemError` if ``C`` or ``D`` is singular (e.g. two edits sharing a
     key with ``emmet_lambda = 0``, or more edits than key dimensions).
     """
     _check_shapes(keys, resid, cov)
     K = keys.double().t()
-    C = mom2_weight * cov.double()
-    if update_norm_lambda:
-        C = C + update_norm_lambda * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-    CinvK = _spd_solve(
-        C, K, "EMMET's preservation matrix λ₀C₀ + μI", "raise update_norm_lambda or collect statistics from more tokens"
-    )
+    if cov_solve is not None and not update_norm_lambda and mom2_weight > 0:
+        CinvK = cov_solve(K).double() / mom2_weight
+    else:
+        C = mom2_weight * cov.double()
+        if update_norm_lambda:
+            C = C + update_norm_lambda * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+        CinvK = _spd_solve(
+            C,
+            K,
+            "EMMET's preservation matrix λ₀C₀ + μI",
+            "raise update_norm_lambda or collect statistics from more tokens",
+        )
     D = K.t() @ CinvK
     D = (D + D.t()) / 2
     if D.shape[0] > 1 and emmet_lambda:
