@@ -7,9 +7,9 @@ Quality (through :func:`hf_knowedit.evaluate`, CounterFact ``counterfact_500.jso
 the unedited model (plus zsRE), ROME single edits, MEMIT and EMMET as one batch, MEMIT and AlphaEdit in sequential
 batches -- each for the methods registered in this build (``hf_knowedit.available_methods()``).
 Speed: the evaluation's batched scoring against one-sequence-at-a-time scoring, plus the tables of the
-other benchmark modules (``benchmarks/bench_trace.py``, ``bench_rome.py``, ``bench_memit.py``), each run in
-the same process, each comparing an optimisation with its naive baseline as a ratio. A module that is
-missing is reported as "not available".
+other benchmark modules (``benchmarks/bench_trace.py``, ``bench_rome.py``, ``bench_memit.py``,
+``bench_skip.py``), each run in the same process, each comparing an optimisation with its naive baseline
+as a ratio. A module that is missing is reported as "not available".
 
 Writes the markdown (tables, the command, machine, versions, wall times) and a JSON next to it.
 """
@@ -31,7 +31,7 @@ import torch
 from benchlib import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_MODULES = ("bench_trace", "bench_rome", "bench_memit")
+BENCH_MODULES = ("bench_trace", "bench_rome", "bench_memit", "bench_skip")
 
 #: settings per mode: records per quality table
 MODES = {
