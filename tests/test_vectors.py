@@ -255,3 +255,21 @@ def test_reported_loss_is_the_objective_computed_by_hand(model_type, site, monke
                 where = dict(kl_factor=kl_factor, weight_decay=weight_decay, fast=fast, subject=r.subject)
                 assert at_zero.losses[i] == pytest.approx(zero["loss"], rel=1e-5), where
                 assert at_fixed.losses[i] == pytest.approx(want["loss"], rel=1e-5), (where, want)
+
+
+def test_prefix_cache_stays_within_its_memory_limit(monkeypatch, caplog):
+    """Chunks whose cached prefixes would pass PREFIX_CACHE_BYTES run every position: same targets."""
+    from hf_knowedit.methods import targets
+
+    model, tok = make_tiny_model("llama")
+    kw = dict(templates=TEMPLATES, v_num_grad_steps=4, batch_tokens=40, **FREE)
+    whole = optimize_targets(model, tok, REQUESTS, 2, **kw)
+    # the first of three chunks (4 rows, 17 prefix positions; 4 layers x keys and values x 2 heads x 8 dims
+    # x 4 bytes) fits, the second (11 positions) no longer does
+    first, second = 4 * 17 * 4 * 2 * 2 * 8 * 4, 4 * 11 * 4 * 2 * 2 * 8 * 4
+    monkeypatch.setattr(targets, "PREFIX_CACHE_BYTES", first + second // 2)
+    with caplog.at_level("INFO", logger="hf_knowedit.methods.targets"):
+        limited = optimize_targets(model, tok, REQUESTS, 2, **kw)
+    assert "PREFIX_CACHE_BYTES" in caplog.text
+    assert whole.step_work["cached"] < limited.step_work["cached"] < limited.step_work["replayed"]
+    torch.testing.assert_close(limited.targets, whole.targets, rtol=1e-4, atol=1e-5)

@@ -64,6 +64,10 @@ from .keys import DEFAULT_BATCH_TOKENS, group_by_size, prefixed
 
 logger = logging.getLogger(__name__)
 
+#: most bytes the cached keys / values of all requests' prefixes may hold during one optimisation
+#: (beyond it the remaining chunks run every position, as with ``prefix_cache=False``)
+PREFIX_CACHE_BYTES = 4 * 2**30
+
 #: ROME's essence prompt (the KL term keeps the subject's other properties)
 KL_PROMPT = "{} is a"
 
@@ -289,8 +293,9 @@ def optimize_targets(
     try:
         with torch.enable_grad():
             if fast:
+                budget = [PREFIX_CACHE_BYTES]  # what the chunks' cached prefixes may hold together
                 for c in chunks:
-                    c.record_prefix(prefix_cache)
+                    c.record_prefix(prefix_cache, budget)
             for it in range(hp.v_num_grad_steps):
                 last = it == hp.v_num_grad_steps - 1
                 grad = torch.zeros_like(init)
@@ -371,7 +376,7 @@ class _Chunk:
 
     # -- what δ cannot change, once ---------------------------------------------
 
-    def record_prefix(self, prefix_cache: bool) -> None:
+    def record_prefix(self, prefix_cache: bool, budget: list[int]) -> None:
         """One no-grad forward over the chunk: the output of the block below the edited layer (replayed
         by the stand-ins) and, with ``prefix_cache``, every layer's keys / values before each row's
         subject last token (:func:`_cache_mode`)."""
@@ -418,6 +423,18 @@ class _Chunk:
         if prefix == 0:
             return
         self.cut = cut
+        size = sum(
+            (x.keys[:, :, :prefix].numel() + x.values[:, :, :prefix].numel()) * x.keys.element_size() for x in layers
+        )
+        if size > budget[0]:
+            logger.info(
+                "The cached prefixes of the v*/z batch would exceed PREFIX_CACHE_BYTES (%.1f GiB); the remaining "
+                "requests run every position. Lower batch_tokens / the batch size or raise the limit.",
+                PREFIX_CACHE_BYTES / 2**30,
+            )
+            budget[0] = 0
+            return
+        budget[0] -= size
         self.kv = [(x.keys[:, :, :prefix].detach().clone(), x.values[:, :, :prefix].detach().clone()) for x in layers]
         self.position_ids = mode == "rows"
         self.cache_argument = _cache_argument(backbone)
