@@ -370,6 +370,7 @@ class _Chunk:
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # keys / values before the cut
         self.cut: torch.Tensor | None = None
         self.position_ids = False
+        self.cache_argument = "cache"  # the backbone's name for it (:func:`_cache_argument`)
         self.work: dict[str, int] = {}
         self.init: torch.Tensor | None = None
         self.kl_init: torch.Tensor | None = None
@@ -422,7 +423,6 @@ class _Chunk:
         prefix = int(cut.max())
         if prefix == 0:
             return
-        self.cut = cut
         size = sum(
             (x.keys[:, :, :prefix].numel() + x.values[:, :, :prefix].numel()) * x.keys.element_size() for x in layers
         )
@@ -435,6 +435,7 @@ class _Chunk:
             budget[0] = 0
             return
         budget[0] -= size
+        self.cut = cut
         self.kv = [(x.keys[:, :, :prefix].detach().clone(), x.values[:, :, :prefix].detach().clone()) for x in layers]
         self.position_ids = mode == "rows"
         self.cache_argument = _cache_argument(backbone)
