@@ -25,11 +25,19 @@ runs on each path. ``fast=False`` runs the whole model with full logits at every
 reference's cost; for benchmarks).
 
 Batching (``batched=True``): all requests are optimised together, in chunks of at most
-``batch_tokens`` padded tokens. Losses of different requests are independent and Adam is
-element-wise, so this is one-by-one optimisation up to floating-point noise; a request that stops
-early is frozen exactly (Adam is applied per request row, with its own moments). Noise can still
-grow along an optimisation that does not converge (a request that runs all its steps far above
-``early_stop``): there batched and serial ``z`` may differ by more than rounding.
+``batch_tokens`` padded tokens. Losses of different requests are independent, Adam is applied per
+request row with its own moments, and a request that stops early is frozen exactly, so batched and
+serial runs do the same arithmetic on differently shaped (padded) matrices: they differ by rounding,
+amplified along the Adam path where a request does not converge (SmolLM2-135M, the first 100 requests
+of ``counterfact_flat_edit_10000.json``, MEMIT's layer 8 and defaults, no context templates; 70 of them
+ran all 25 steps above ``early_stop``: every request took the same number of steps, and ``‖z_b − z_s‖ /
+‖z_s − init‖`` had median 4e-6, 98 requests below 1e-4, the two largest 5e-4 and 6e-4, both not
+converged). The one discrete difference is the early-stop threshold: a request whose loss lands within
+rounding of ``early_stop`` after some step stops there in one run and takes one more Adam step in the
+other, and one step moves z by a few percent of that distance (1.7 % and 7.4 % measured for requests
+stopping after 21 and 10 steps; more for one stopping within a few steps). That is the likely source of
+the 0.15 in ``docs/results/memit_targets_100.md`` (2026-11-26), which the rerun above did not reproduce.
+Requests with the same ``TargetResult.steps_taken`` in both runs agree up to amplified rounding.
 """
 
 from __future__ import annotations
