@@ -21,6 +21,7 @@ Metrics (see :mod:`hf_knowedit.evaluation.metrics` for the exact definitions):
 
 Modules: :mod:`.scoring` (batched, padding-side-exact target scoring), :mod:`.datasets` (loaders),
 :mod:`.metrics`, :mod:`.protocols` (single / batch / sequential), :mod:`.results` (:class:`EvalResult`).
+Lifelong streams (checkpoint rows, resumable): :mod:`.lifelong` (:func:`run_lifelong`).
 The guide is ``docs/evaluation.md``.
 """
 
@@ -36,6 +37,7 @@ from ..errors import InvalidConfigError
 from ..generation import generate_texts
 from . import generative, metrics
 from .datasets import SCHEMAS, EvalRecord, load_records
+from .lifelong import LifelongResult, plot_lifelong, run_lifelong
 from .metrics import aggregate
 from .protocols import PROTOCOLS, Scorer, encode_record, run_protocol
 from .results import EvalResult
@@ -166,6 +168,7 @@ def evaluate(
 __all__ = [
     "EvalRecord",
     "EvalResult",
+    "LifelongResult",
     "PROTOCOLS",
     "SCHEMAS",
     "TargetScore",
@@ -175,5 +178,7 @@ __all__ = [
     "generative",
     "load_records",
     "metrics",
+    "plot_lifelong",
+    "run_lifelong",
     "score_targets",
 ]
