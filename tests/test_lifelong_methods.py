@@ -10,7 +10,7 @@ import torch
 import hf_knowedit
 from hf_knowedit.architectures import get_architecture, get_module, layer_path, mlp_out_path
 from hf_knowedit.hooks import hidden, replace_hidden
-from hf_knowedit.methods import encore
+from hf_knowedit.methods import encore, rlsedit
 from hf_knowedit.methods.encore import ENCOREConfig, encore_update
 from hf_knowedit.methods.memit import block_output_at_subject, optimize_z
 from hf_knowedit.methods.targets import optimize_targets
@@ -147,3 +147,51 @@ def test_mpes_stops_when_the_new_object_is_the_arg_max():
 
         assert len(target_ids) == 1 and top(z - init) == target_ids[0]  # stopped: the new object is top-1
         assert top(torch.zeros_like(init)) != target_ids[0] or steps == 0
+
+
+def test_rls_update_is_the_least_squares_solution_of_the_whole_stream():
+    g = torch.Generator().manual_seed(1)
+    d_in, d_out, lam = 7, 4, 1.5
+    X = torch.randn(d_in, 40, generator=g, dtype=torch.float64)
+    C = X @ X.t() / 40
+    K1, K2 = (
+        torch.randn(d_in, 2, generator=g, dtype=torch.float64),
+        torch.randn(d_in, 3, generator=g, dtype=torch.float64),
+    )
+    R1, R2 = (
+        torch.randn(d_out, 2, generator=g, dtype=torch.float64),
+        torch.randn(d_out, 3, generator=g, dtype=torch.float64),
+    )
+    P0 = torch.linalg.inv(lam * C)
+    (B1, A1), P1 = rlsedit.rls_update(K1.t().float(), R1.t().float(), P0)
+    (B2, A2), P2 = rlsedit.rls_update(K2.t().float(), R2.t().float(), P1)
+    K1, K2, R1, R2 = (t.float().double() for t in (K1, K2, R1, R2))  # the float32 inputs the update saw
+    assert torch.allclose(B1.double() @ A1.double(), R1 @ K1.t() @ torch.linalg.inv(lam * C + K1 @ K1.t()), atol=1e-5)
+    both = lam * C + K1 @ K1.t() + K2 @ K2.t()
+    assert torch.allclose(B2.double() @ A2.double(), R2 @ K2.t() @ torch.linalg.inv(both), atol=1e-5)
+    assert torch.allclose(P2, torch.linalg.inv(both), atol=1e-9) and A2.shape == (3, d_in)
+
+
+def test_sequential_rlsedit_carries_p_through_the_history(monkeypatch):
+    model, tok = tiny("llama")
+    calls = []
+    real = rlsedit.rls_update
+
+    def spy(keys, resid, P):
+        out = real(keys, resid, P)
+        calls.append((keys.double(), P.clone(), out[1].clone()))
+        return out
+
+    monkeypatch.setattr(rlsedit, "rls_update", spy)
+    opts = dict(layers=[2], v_num_grad_steps=3, context_templates=0, **FAST)
+    first = hf_knowedit.apply_edits(model, tok, facts(2), method="rlsedit", **opts)
+    second = hf_knowedit.apply_edits(model, tok, facts(2, 4), method="rlsedit", **opts)
+    (k1, p0, p1), (k2, p1_in, p2) = calls
+    assert torch.equal(p1_in, p1)  # the second batch starts from the first one's P
+    want = torch.linalg.inv(torch.linalg.inv(p0) + k1.t() @ k1 + k2.t() @ k2)
+    assert torch.allclose(p2, want, rtol=1e-6, atol=1e-9 * float(want.abs().max()))
+    history = hf_knowedit.stack.get_state(model).history[rlsedit.HISTORY_KEY]
+    assert history.edits == 4 and all(torch.equal(v, p2) for v in history.P.values())
+    assert not any(d.dense for es in (first, second) for d in es.deltas.values())  # rank n each
+    rlsedit.reset_history(model)
+    assert rlsedit.HISTORY_KEY not in hf_knowedit.stack.get_state(model).history

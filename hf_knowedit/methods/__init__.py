@@ -8,7 +8,8 @@
   computing second moments ``C``; :mod:`~hf_knowedit.methods.solvers`: the closed-form solves.
 * The methods: :mod:`~hf_knowedit.methods.rome`, :mod:`~hf_knowedit.methods.memit`,
   :mod:`~hf_knowedit.methods.alphaedit`, :mod:`~hf_knowedit.methods.emmet`,
-  :mod:`~hf_knowedit.methods.encore` (lifelong); NAS (:mod:`~hf_knowedit.methods.nas`) is an option of them all.
+  :mod:`~hf_knowedit.methods.encore` and :mod:`~hf_knowedit.methods.rlsedit` (lifelong);
+  NAS (:mod:`~hf_knowedit.methods.nas`) is an option of the MEMIT family.
 
 Adding a method = one file here ending in ``register_method(...)`` and its name in
 ``registry.BUILTIN``. The core of the library (edit sets, the stack, adapters) never imports this
@@ -21,6 +22,7 @@ from .emmet import EMMETConfig
 from .encore import ENCOREConfig
 from .memit import MassEditConfig, MEMITConfig
 from .registry import EditContext, MethodResult, available_methods, get_method, register_method
+from .rlsedit import RLSEditConfig
 from .rome import ROMEConfig
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "MEMITConfig",
     "MassEditConfig",
     "MethodResult",
+    "RLSEditConfig",
     "ROMEConfig",
     "ReferenceConfig",
     "available_methods",
