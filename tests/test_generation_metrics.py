@@ -157,3 +157,28 @@ def test_row_seeds_checked():
     model, tok = make_tiny_model("llama")
     with pytest.raises(InvalidConfigError, match="one seed per prompt"):
         generate_texts(model, tok, ["a", "b"], max_new_tokens=2, row_seeds=[1])
+
+
+@pytest.mark.parametrize("protocol", ["single", "sequential"])
+def test_generation_metrics_after_editing_come_from_the_edited_model(protocol):
+    from .test_evaluation import _harm, _zero  # noqa: F401  (registers the evaltest-* methods)
+
+    model, tok = make_tiny_model("llama")
+    before = snapshot(model)
+    kw = dict(protocol=protocol, batch_size=2, fluency=False, generation=True, gen_max_new_tokens=5, progress=False)
+    same = hf_knowedit.evaluate(model, tok, cf_records()[:3], method="evaltest-zero", **kw)
+    assert {k: same.post[k] for k in G.GEN_METRICS if k in same.pre} == {
+        k: same.pre[k] for k in G.GEN_METRICS if k in same.pre
+    }
+    harmed = hf_knowedit.evaluate(model, tok, cf_records()[:3], method="evaltest-harm", **kw)
+    # per record, the post-edit generations are those of the model with the harmful set active
+    rec = load_records(cf_records()[:3])[0]
+    es = hf_knowedit.apply_edits(model, tok, [rec.request], method="evaltest-harm")
+    scorer = Scorer(model, tok, [encode_record(tok, rec)], generation=True, gen_max_new_tokens=5)
+    want = scorer.gen([0])[0]
+    hf_knowedit.revert_edits(model, es.name)
+    got = {k: v for k, v in harmed.records[0]["post"].items() if k in G.GEN_METRICS}
+    if protocol == "single":
+        assert got == want
+    assert set(got) == set(want) and "gen_ES" in harmed.post
+    assert_untouched(model, before)
