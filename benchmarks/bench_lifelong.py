@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import hf_knowedit
     from hf_knowedit._bundled import load_smollm2
     from hf_knowedit.evaluation import run_lifelong
+    from hf_knowedit.methods import alphaedit, rlsedit
 
     machine = machine_info(args.threads)
     start = time.perf_counter()
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for spec in args.methods:
         name, options = method_options(spec)
-        if name == "alphaedit":
-            hf_knowedit.methods.alphaedit.reset_history(model)  # each stream starts from a clean history
+        for method_module in (alphaedit, rlsedit):  # each stream starts from a clean method history
+            method_module.reset_history(model)
         res = run_lifelong(
             model,
             tok,
