@@ -166,6 +166,18 @@ def test_bad_arguments_fail_typed_and_leave_model_untouched(stats_cache, one_thr
         run(model, tok)
 
 
+def test_records_repeating_a_fact_are_skipped(stats_cache, one_thread):
+    model, tok = tiny("llama")
+    recs = stream(4)
+    recs.insert(2, dict(recs[0], case_id=99, target_new="Japan"))  # the fact of record 0 again
+    res = lifelong.run_lifelong(
+        model, tok, recs, method="memit", batch_size=2, checkpoint_every=2, gen_sample=0, progress=False,
+        v_num_grad_steps=2, context_templates=0, **FAST,
+    )  # fmt: skip
+    assert res.settings["skipped"] == [2] and [r["n_edits"] for r in res.rows] == [0, 2, 4]
+    assert hf_knowedit.list_edits(model) == []
+
+
 def test_fluency_and_known_helpers_match_their_definitions(one_thread):
     model, tok = tiny("llama")
     prompts = ["The Eiffel Tower is", "Berlin is"]

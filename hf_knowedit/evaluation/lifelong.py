@@ -5,7 +5,8 @@
     ...                                           known="known_1000.json", state_dir="runs/alphaedit")
     >>> print(res.to_markdown()); res.plot(path="alphaedit.png")
 
-The first ``n_edits`` records are applied in consecutive batches of ``batch_size`` (one
+The first ``n_edits`` records (less any that repeat an earlier record's fact: they would conflict with it;
+their indices are in ``settings["skipped"]``) are applied in consecutive batches of ``batch_size`` (one
 :func:`~hf_knowedit.editing.apply_edits` call each, never reverted while the stream runs). Row 0 is the
 unedited model; then every ``checkpoint_every`` edits (and after the last batch) one row holds:
 
@@ -56,7 +57,7 @@ from ..hooks import frozen
 from ..stack import effective_weight, get_edit_set, get_state, list_edits, load_edits, revert_edits
 from . import generative as G
 from . import metrics as M
-from .datasets import check_distinct, load_records
+from .datasets import load_records
 from .protocols import Scorer, case_metrics, encode_record
 
 logger = logging.getLogger(__name__)
@@ -269,8 +270,14 @@ def run_lifelong(
         raise InvalidConfigError(
             f"checkpoint_every ({checkpoint_every}) must be a multiple of batch_size ({batch_size})."
         )
-    recs = load_records(records, limit=n_edits)
-    check_distinct(recs)
+    recs, skipped, seen = [], [], set()
+    for r in load_records(records, limit=n_edits):  # a later record about the same fact would conflict
+        (skipped if r.request.relation_key in seen else recs).append(r)
+        seen.add(r.request.relation_key)
+    if skipped:
+        logger.warning(
+            "Skipping %d record(s) that repeat an earlier fact: %s", len(skipped), [r.where for r in skipped]
+        )
     facts = load_known(known, n_known)
     if list_edits(model):
         raise InvalidConfigError(
@@ -287,6 +294,7 @@ def run_lifelong(
         "n_known": len(facts),
         "seed": seed,
         "case_ids": [r.case_id for r in recs[:5]] + [r.case_id for r in recs[-5:]],
+        "skipped": [r.index for r in skipped],
         "edit_kwargs": {k: repr(v) for k, v in sorted(edit_kwargs.items())},
         "heldout_chars": len(heldout_text or HELDOUT),
         "gen_max_new_tokens": gen_max_new_tokens,
