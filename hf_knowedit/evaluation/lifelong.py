@@ -127,17 +127,17 @@ def plot_lifelong(results: Sequence[LifelongResult], path: Any = None) -> Any:
         (axes[1, 0], ("GE", "ppl", "known_acc"), "relative to unedited", True),
         (axes[1, 1], ("norm_growth", "norm_growth_max"), "‖W‖ / ‖W₀‖ of edited layers", False),
     ]
-    styles = ["-", "--", ":", "-."]
+    styles = ["-", "--", ":", "-."]  # one colour per stream, one line style per metric
     for ax, names, label, relative in panels:
         for r, res in enumerate(results):
             xs = [row["n_edits"] for row in res.rows]
-            for name in names:
+            for m, name in enumerate(names):
                 ys = [row.get(name) for row in res.rows]
                 if all(y is None for y in ys):
                     continue
                 if relative and res.rows and res.rows[0].get(name):
                     ys = [None if y is None else y / res.rows[0][name] for y in ys]
-                ax.plot(xs, ys, styles[r % len(styles)], marker="o", label=f"{res.method} {name}")
+                ax.plot(xs, ys, styles[m % len(styles)], color=f"C{r % 10}", marker="o", label=f"{res.method} {name}")
         ax.set_xlabel("number of edits")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
