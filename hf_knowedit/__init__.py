@@ -41,6 +41,8 @@ _EXPORTS: dict[str, str] = {
     "EvalResult": "evaluation",
     "evaluate": "evaluation",
     "load_records": "evaluation",
+    "LifelongResult": "evaluation",
+    "run_lifelong": "evaluation",
     "AlphaEditConfig": "methods",
     "EditConfig": "methods",
     "EMMETConfig": "methods",
@@ -82,6 +84,7 @@ __all__ = [
     "EditSet",
     "EvalResult",
     "KnowEditMixin",
+    "LifelongResult",
     "MEMITConfig",
     "ModuleDelta",
     "ROMEConfig",
@@ -111,6 +114,7 @@ __all__ = [
     "register_architecture",
     "register_method",
     "revert_edits",
+    "run_lifelong",
     "suggest_layers",
     "supported_architectures",
     "trace_fact",
@@ -163,7 +167,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from .deltas import ModuleDelta
     from .editing import apply_edits
     from .editset import EditSet
-    from .evaluation import EvalResult, evaluate, load_records
+    from .evaluation import EvalResult, LifelongResult, evaluate, load_records, run_lifelong
     from .methods import (
         AlphaEditConfig,
         EditConfig,

@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 PROG = "hf-knowedit"
 #: the editing methods shipped with hf_knowedit (``methods.registry.BUILTIN``; kept here so that
 #: ``--help`` needs no torch; a test checks that the two agree)
-BUILTIN_METHODS = ("rome", "memit", "alphaedit", "emmet")
+BUILTIN_METHODS = ("rome", "memit", "alphaedit", "emmet", "encore", "rlsedit")
 PROTOCOLS = ("single", "batch", "sequential")
 TRACE_KINDS = ("hidden", "mlp", "attn")
 DTYPES = ("float32", "bfloat16", "float16", "auto")

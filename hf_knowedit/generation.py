@@ -4,8 +4,10 @@ corpus and the fluency metric all call :func:`generate_texts`.
 Rows are left-padded with :func:`~hf_knowedit.tokens.pad_id` (tokenizers without a pad token need
 no change), generated ``batch_size`` at a time in eval mode without gradients, under a forked RNG
 seeded once per call, so neither the caller's random state nor batch boundaries outside the call
-change the result. ``seed=None`` decodes greedily. The model runs as it is: wrap the call in
-``disable_edits(model)`` to generate from the base model.
+change the result. ``seed=None`` decodes greedily. ``row_seeds`` gives every row its own sampling
+generator (:class:`RowSampler`), so a row's text does not depend on which other rows share its batch:
+fluency generates many records in one batch and still gets each record's own numbers.
+The model runs as it is: wrap the call in ``disable_edits(model)`` to generate from the base model.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from typing import Any
 import torch
 from huggingface_hub.utils import tqdm
 from torch import nn
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from .architectures import model_device
+from .errors import InvalidConfigError
 from .hooks import frozen
 from .tokens import pad_batch, pad_id
 
@@ -53,6 +57,27 @@ class _Ticks(BaseStreamer):
         pass
 
 
+class RowSampler(LogitsProcessor):
+    """Top-``k`` sampling with one seeded generator per row, as a logits processor under greedy decoding:
+    each step draws row ``b``'s token from the softmax of its ``k`` largest logits with ``generators[b]``
+    and leaves only that token finite, so the greedy arg-max takes it."""
+
+    def __init__(self, seeds: Sequence[int], top_k: int | None) -> None:
+        self.generators = [torch.Generator().manual_seed(int(s) % (1 << 63)) for s in seeds]
+        self.top_k = top_k
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = scores.float().cpu()
+        k = logits.shape[-1] if self.top_k is None else min(self.top_k, logits.shape[-1])
+        values, index = logits.topk(k, dim=-1)
+        probs = torch.softmax(values, dim=-1)
+        out = torch.full_like(scores, float("-inf"))
+        for b, gen in enumerate(self.generators):
+            pick = index[b, torch.multinomial(probs[b], 1, generator=gen)]
+            out[b, pick.to(out.device)] = 0.0
+        return out
+
+
 def _join(start: str, new: str) -> str:
     if not start:
         return new
@@ -70,21 +95,26 @@ def generate_texts(
     top_k: int | None = 5,
     per_prompt: int = 1,
     batch_size: int = 64,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[str]:
     """``prompt + continuation`` for each prompt, ``per_prompt`` times each, in the order of ``prompts``.
 
     Exactly ``max_new_tokens`` tokens are generated (fewer only where the model's positions run out),
     without stopping at EOS, as ROME's ``generate_fast`` does. ``seed`` set: top-``k`` sampling with
     the RNG seeded inside :func:`torch.random.fork_rng`; ``seed=None``: greedy decoding.
+    ``row_seeds`` (one per prompt; ``per_prompt`` must be 1): top-``k`` sampling with one generator per
+    row (:class:`RowSampler`), independent of batching; ``seed`` is then ignored.
     """
     if not prompts:
         return []
+    if row_seeds is not None and (len(row_seeds) != len(prompts) or per_prompt != 1):
+        raise InvalidConfigError(f"row_seeds needs one seed per prompt ({len(prompts)}) and per_prompt=1.")
     device = model_device(model)
     pad = pad_id(tokenizer)
     rows = [(p, list(tokenizer(p)["input_ids"])) for p in prompts for _ in range(per_prompt)]
     width = max(len(ids) for _, ids in rows)
     new_tokens = max(1, min(max_new_tokens, max_positions(model) - width))
-    sample = seed is not None
+    sample = seed is not None and row_seeds is None
     options = dict(
         do_sample=sample,
         top_k=top_k if sample else None,
@@ -109,6 +139,9 @@ def generate_texts(
                 chunk = rows[i : i + batch_size]
                 ids, mask, _, _ = pad_batch([r for _, r in chunk], pad, "left", device, width=width)
                 ticks = _Ticks(bar, new_tokens)
+                rows_sampler = None
+                if row_seeds is not None:
+                    rows_sampler = LogitsProcessorList([RowSampler(row_seeds[i : i + batch_size], top_k)])
                 gen = model.generate(
                     input_ids=ids,
                     attention_mask=mask,
@@ -118,6 +151,7 @@ def generate_texts(
                     num_beams=1,
                     use_cache=True,
                     streamer=None if bar.disable else ticks,
+                    logits_processor=rows_sampler,
                     **options,
                 )
                 bar.update(new_tokens - ticks.done)

@@ -48,6 +48,8 @@ SETTINGS = {
     # with C = I every singular value (1) is below the threshold: P = I, the whole space is free
     "alphaedit": dict(layers=[1, 2], nullspace_threshold=2.0, l2=0.5),
     "emmet": dict(layers=[1, 2]),
+    "encore": dict(layers=[1, 2], mom2_update_weight=1.0),
+    "rlsedit": dict(layers=[1, 2], mom2_update_weight=1.0),
 }
 
 

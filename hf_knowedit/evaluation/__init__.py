@@ -14,10 +14,14 @@ Metrics (see :mod:`hf_knowedit.evaluation.metrics` for the exact definitions):
 * CounterFact (full or flat schema), ROME's protocol: ``S, ES, EM, PS, PM, NS, NM`` and ``GE`` (fluency);
   probabilities of whole multi-token targets as mean NLL per token, as in ROME's reference code.
 * zsRE, MEMIT's protocol: ``Score, Efficacy, Paraphrase, Specificity`` (token-level top-1 accuracy).
+* Both datasets, generation (``generation=True``, :mod:`.generative`): greedy continuations with no
+  teacher forcing, exact match / contains (``gen_ES, gen_PS, gen_NS, gen_ES_in, ...``), under a random
+  50-token prefix (``gen_ES_prefix``) and negation (``gen_ES_neg``).
 * Both datasets, the *other* family: EasyEdit's teacher-forced ``rewrite_acc, rephrase_acc, locality``.
 
 Modules: :mod:`.scoring` (batched, padding-side-exact target scoring), :mod:`.datasets` (loaders),
 :mod:`.metrics`, :mod:`.protocols` (single / batch / sequential), :mod:`.results` (:class:`EvalResult`).
+Lifelong streams (checkpoint rows, resumable): :mod:`.lifelong` (:func:`run_lifelong`).
 The guide is ``docs/evaluation.md``.
 """
 
@@ -31,8 +35,9 @@ from torch import nn
 
 from ..errors import InvalidConfigError
 from ..generation import generate_texts
-from . import metrics
+from . import generative, metrics
 from .datasets import SCHEMAS, EvalRecord, load_records
+from .lifelong import LifelongResult, plot_lifelong, run_lifelong
 from .metrics import aggregate
 from .protocols import PROTOCOLS, Scorer, encode_record, run_protocol
 from .results import EvalResult
@@ -51,6 +56,9 @@ def evaluate(
     batch_size: int = 10,
     curve_every: int | None = None,
     fluency: bool = True,
+    generation: bool = False,
+    gen_max_new_tokens: int = 20,
+    prefix_tokens: int = 50,
     seed: int | None = 0,
     max_new_tokens: int = 90,
     score_batch_size: int = 32,
@@ -72,6 +80,11 @@ def evaluate(
         batch_size: edits per batch in the sequential protocol.
         curve_every: sequential protocol: also score the records edited so far every this many batches.
         fluency: compute ``GE`` from ``generation_prompts`` (CounterFact full schema; ~10 generations per record).
+        generation: also compute the generation metrics (:mod:`.generative`: greedy continuations cut at a
+            natural boundary, exact match / contains, under a random prefix and negation), family
+            "generation (WILD)".
+        gen_max_new_tokens: tokens generated per prompt for the generation metrics (fixed, never the target's length).
+        prefix_tokens: length of the random context prefix of ``gen_ES_prefix`` (0: no prefix metric).
         seed: seed of the top-5 sampling used for ``GE`` (per record ``seed + index``); ``None`` = greedy.
         max_new_tokens: tokens generated per generation prompt.
         score_batch_size: sequences per forward pass when scoring.
@@ -97,6 +110,9 @@ def evaluate(
         fluency=fluency,
         seed=seed,
         max_new_tokens=max_new_tokens,
+        generation=generation,
+        gen_max_new_tokens=gen_max_new_tokens,
+        prefix_tokens=prefix_tokens,
     )
     parts = run_protocol(
         model,
@@ -124,6 +140,9 @@ def evaluate(
     settings = {
         "seed": seed,
         "fluency": fluency,
+        "generation": generation,
+        "gen_max_new_tokens": gen_max_new_tokens,
+        "prefix_tokens": prefix_tokens,
         "max_new_tokens": max_new_tokens,
         "score_batch_size": score_batch_size,
         "padding_side": getattr(tokenizer, "padding_side", None),
@@ -149,13 +168,17 @@ def evaluate(
 __all__ = [
     "EvalRecord",
     "EvalResult",
+    "LifelongResult",
     "PROTOCOLS",
     "SCHEMAS",
     "TargetScore",
     "aggregate",
     "evaluate",
     "generate_texts",
+    "generative",
     "load_records",
     "metrics",
+    "plot_lifelong",
+    "run_lifelong",
     "score_targets",
 ]

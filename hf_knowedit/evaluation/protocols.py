@@ -34,6 +34,7 @@ from ..editing import apply_edits, get_method
 from ..errors import InvalidConfigError, InvalidDataError, KnowEditError
 from ..generation import generate_texts
 from ..stack import revert_edits
+from . import generative as G
 from . import metrics as M
 from .datasets import PROMPT_FIELDS, TARGET_FIELDS, EvalRecord, check_distinct
 from .scoring import Encoded, TargetScore, score_encoded, split_prompt_target
@@ -136,7 +137,8 @@ def case_metrics(rec: EvalRecord, post: RecordScores, pre: RecordScores, ge: flo
 
 @dataclass
 class Scorer:
-    """Scores records on the model as it is now (see :func:`score_records`), plus fluency."""
+    """Scores records on the model as it is now (see :func:`score_records`), plus fluency and the generation
+    metrics (:mod:`.generative`), each generated for many records in one batched call."""
 
     model: nn.Module
     tokenizer: Any
@@ -145,19 +147,98 @@ class Scorer:
     fluency: bool = True
     seed: int | None = 0
     max_new_tokens: int = 90
+    generation: bool = False
+    gen_max_new_tokens: int = 20
+    prefix_tokens: int = 50
+    gen_batch_size: int = 64
 
     def scores(self, idx: Sequence[int]) -> list[RecordScores]:
         return score_records(self.model, self.tokenizer, [self.encoded[i] for i in idx], batch_size=self.batch_size)
 
     def ge(self, i: int) -> float | None:
-        rec = self.encoded[i].record
-        if not self.fluency or not rec.generation_prompts:
-            return None
-        seed = None if self.seed is None else self.seed + rec.index
+        return self.ge_many([i])[0]
+
+    def ge_many(self, idx: Sequence[int]) -> list[float | None]:
+        """GE of each record; every generation prompt samples with its own seed (``seed + record index``, and
+        the prompt's position), so a record's number does not depend on the records batched with it."""
+        recs = [self.encoded[i].record for i in idx]
+        if not self.fluency:
+            return [None] * len(recs)
+        prompts = [p for r in recs for p in r.generation_prompts]
+        seeds = None
+        if self.seed is not None:
+            seeds = [(self.seed + r.index) * 1000 + j for r in recs for j in range(len(r.generation_prompts))]
         texts = generate_texts(
-            self.model, self.tokenizer, rec.generation_prompts, max_new_tokens=self.max_new_tokens, seed=seed
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=self.max_new_tokens,
+            seed=None,
+            row_seeds=seeds,
+            batch_size=self.gen_batch_size,
         )
-        return M.ngram_entropy(texts)
+        out: list[float | None] = []
+        for r in recs:
+            mine, texts = texts[: len(r.generation_prompts)], texts[len(r.generation_prompts) :]
+            out.append(M.ngram_entropy(mine) if mine else None)
+        return out
+
+    def gen_prompts(self, rec: EvalRecord) -> dict[str, list[str]]:
+        """The prompts each generation metric continues, per group (see :mod:`.generative`)."""
+        neg = G.negate(rec.rewrite_prompts[0], rec.request.subject)
+        prefix = G.random_prefix(self.tokenizer, (self.seed or 0) + rec.index, self.prefix_tokens)
+        return {
+            "rewrite": list(rec.rewrite_prompts),
+            "paraphrase": list(rec.paraphrase_prompts),
+            "neighborhood": list(rec.neighborhood_prompts),
+            "prefixed": [prefix + p for p in rec.rewrite_prompts] if self.prefix_tokens else [],
+            "negated": [] if neg is None else [neg],
+        }
+
+    def gen(self, idx: Sequence[int]) -> list[dict[str, float] | None]:
+        """Generation metrics of each record (fractions), all prompts of all records greedily in one call."""
+        if not self.generation:
+            return [None] * len(idx)
+        recs = [self.encoded[i].record for i in idx]
+        groups = [self.gen_prompts(r) for r in recs]
+        prompts = [p for g in groups for ps in g.values() for p in ps]
+        texts = generate_texts(
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=self.gen_max_new_tokens,
+            seed=None,
+            batch_size=self.gen_batch_size,
+        )
+        cuts = iter(G.cut_at_boundary(t[len(p) :]) for p, t in zip(prompts, texts))
+        out: list[dict[str, float] | None] = []
+        for r, g in zip(recs, groups):
+            c = {k: [next(cuts) for _ in ps] for k, ps in g.items()}
+            out.append(
+                G.generation_case(
+                    c["rewrite"],
+                    c["paraphrase"],
+                    c["neighborhood"],
+                    c["prefixed"],
+                    c["negated"],
+                    r.target_new,
+                    r.neighborhood_target,
+                )
+            )
+        return out
+
+    def cases(
+        self, idx: Sequence[int], pre: Sequence[RecordScores] | None = None, now: Sequence[RecordScores] | None = None
+    ) -> list[dict[str, float]]:
+        """All per-record metrics of records ``idx`` on the model as it is now; ``pre`` holds the unedited
+        scores of all records (``None``: the model is the unedited one); ``now``: scores already computed."""
+        now = self.scores(idx) if now is None else now
+        ges, gens = self.ge_many(idx), self.gen(idx)
+        out = []
+        for k, i in enumerate(idx):
+            case = case_metrics(self.encoded[i].record, now[k], now[k] if pre is None else pre[i], ges[k])
+            out.append({**case, **(gens[k] or {})})
+        return out
 
 
 def run_protocol(
@@ -193,9 +274,7 @@ def run_protocol(
 
     t0 = time.perf_counter()
     pre = scorer.scores(range(n))
-    fluency = scorer.fluency and any(e.record.generation_prompts for e in scorer.encoded)
-    pre_ge = [scorer.ge(i) for i in tqdm(range(n), desc="fluency before editing", disable=not (progress and fluency))]
-    pre_cases = [case_metrics(records[i], pre[i], pre[i], pre_ge[i]) for i in range(n)]
+    pre_cases = scorer.cases(range(n), now=pre)
     timing["pre_s"] = time.perf_counter() - t0
     out: dict[str, Any] = {"pre_cases": pre_cases, "post_cases": None, "curve": [], "failed": [], "timing": timing}
     if method is None:
@@ -229,8 +308,7 @@ def run_protocol(
 
     def score(idx: Sequence[int]) -> list[dict[str, float]]:
         t = time.perf_counter()
-        post = scorer.scores(idx)
-        cases = [case_metrics(records[i], p, pre[i], scorer.ge(i)) for i, p in zip(idx, post)]
+        cases = scorer.cases(list(idx), pre)
         timing["post_s"] += time.perf_counter() - t
         return cases
 

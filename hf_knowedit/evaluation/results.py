@@ -7,10 +7,21 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .generative import GEN_METRICS
 from .metrics import ROME_METRICS, TOKEN_ACC_METRICS, ZSRE_METRICS
 
-#: the probability-comparison family (papers) vs the teacher-forced token accuracy family (EasyEdit)
-FAMILIES = {"paper": ROME_METRICS + ZSRE_METRICS, "token_accuracy": TOKEN_ACC_METRICS}
+#: the probability-comparison family (papers), generation (WILD-style, no teacher forcing) and the
+#: teacher-forced token accuracy family (EasyEdit)
+FAMILIES = {"paper": ROME_METRICS + ZSRE_METRICS, "generation": GEN_METRICS, "token_accuracy": TOKEN_ACC_METRICS}
+
+
+def family_label(metric: str) -> str:
+    """The label of a metric's family in tables."""
+    if metric in TOKEN_ACC_METRICS:
+        return "token accuracy (EasyEdit)"
+    if metric in GEN_METRICS:
+        return "generation (WILD)"
+    return "paper"
 
 
 @dataclass
@@ -61,8 +72,7 @@ class EvalResult:
         cols = ["metric", "family", "pre"] + (["post", "change"] if self.post is not None else [])
         lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for k in self.metric_names():
-            family = "token accuracy (EasyEdit)" if k in TOKEN_ACC_METRICS else "paper"
-            row = [k, family, _fmt(self.pre.get(k), digits)]
+            row = [k, family_label(k), _fmt(self.pre.get(k), digits)]
             if self.post is not None:
                 a, b = self.pre.get(k), self.post.get(k)
                 row += [_fmt(b, digits), _fmt(None if a is None or b is None else b - a, digits, sign=True)]

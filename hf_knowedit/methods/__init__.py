@@ -7,7 +7,9 @@
 * :mod:`~hf_knowedit.methods.context`: context templates; :mod:`~hf_knowedit.methods.statistics`:
   computing second moments ``C``; :mod:`~hf_knowedit.methods.solvers`: the closed-form solves.
 * The methods: :mod:`~hf_knowedit.methods.rome`, :mod:`~hf_knowedit.methods.memit`,
-  :mod:`~hf_knowedit.methods.alphaedit`, :mod:`~hf_knowedit.methods.emmet`.
+  :mod:`~hf_knowedit.methods.alphaedit`, :mod:`~hf_knowedit.methods.emmet`,
+  :mod:`~hf_knowedit.methods.encore` and :mod:`~hf_knowedit.methods.rlsedit` (lifelong);
+  NAS (:mod:`~hf_knowedit.methods.nas`) is an option of the MEMIT family.
 
 Adding a method = one file here ending in ``register_method(...)`` and its name in
 ``registry.BUILTIN``. The core of the library (edit sets, the stack, adapters) never imports this
@@ -17,18 +19,22 @@ package; ``apply_edits`` reaches methods only through the registry.
 from .alphaedit import AlphaEditConfig
 from .config import EditConfig, ReferenceConfig
 from .emmet import EMMETConfig
+from .encore import ENCOREConfig
 from .memit import MassEditConfig, MEMITConfig
 from .registry import EditContext, MethodResult, available_methods, get_method, register_method
+from .rlsedit import RLSEditConfig
 from .rome import ROMEConfig
 
 __all__ = [
     "AlphaEditConfig",
     "EMMETConfig",
+    "ENCOREConfig",
     "EditConfig",
     "EditContext",
     "MEMITConfig",
     "MassEditConfig",
     "MethodResult",
+    "RLSEditConfig",
     "ROMEConfig",
     "ReferenceConfig",
     "available_methods",

@@ -67,6 +67,7 @@ from ..tracing import suggest_layers
 from .config import EditConfig, option, with_aliases
 from .context import flatten, template_groups
 from .keys import compute_keys
+from .nas import norm_anchor_scale
 from .registry import EditContext, MethodResult, register_method
 from .solvers import cached_inverse, memit_factors, scaled_mom2_weight, spread_residual
 from .statistics import second_moment_for
@@ -94,6 +95,7 @@ class MassEditConfig(EditConfig):
     max_batch: int = option(10_000, "most requests in one solve", "int>=1")
     chunk: bool = option(False, "edit batches above max_batch in chunks instead of refusing", "bool")
     dense_fraction: float = option(0.5, "store ΔW dense when its rank > this · min(d_in, d_out)", "(0,1]")
+    nas: bool = option(False, "NAS: rescale each solved z to the norm of the hidden state it started from", "bool")
 
 
 @with_aliases
@@ -249,7 +251,8 @@ def optimize_z(ctx: EditContext, requests: Sequence[EditRequest], layer: int, te
         int((losses >= cfg.early_stop).sum()),
         cfg.early_stop,
     )
-    return result.targets.float().cpu()
+    z = norm_anchor_scale(result.targets, result.init) if cfg.nas else result.targets  # NAS (methods/nas.py)
+    return z.float().cpu()
 
 
 def spread_updates(

@@ -92,7 +92,7 @@ def get_method(name: str) -> MethodSpec:
 
 
 #: the methods shipped with hf_knowedit, imported on first use
-BUILTIN = ("rome", "memit", "alphaedit", "emmet")
+BUILTIN = ("rome", "memit", "alphaedit", "emmet", "encore", "rlsedit")
 
 
 def _load_builtin_methods() -> None:

@@ -297,6 +297,7 @@ def optimize_targets(
     t = torch.zeros(n, dtype=torch.float64, device=device)
     active = torch.ones(n, dtype=torch.bool, device=device)
     losses = torch.zeros(n, dtype=torch.float64, device=device)
+    top1 = torch.zeros(n, dtype=torch.bool, device=device)  # every target token is the arg-max (MPES)
     steps_taken = [0] * n
     try:
         with torch.enable_grad():
@@ -315,11 +316,14 @@ def optimize_targets(
                     if it == 0:
                         init[c.index] = c.init
                     losses[c.index[local]] = loss_i.detach().double()
+                    top1[c.index[local]] = c.top1
                     if not last:
                         grad += torch.autograd.grad(loss_i.sum(), delta)[0]
                 if progress is not None:
                     progress(it, losses.detach().cpu().clone())
                 active &= ~(losses < hp.early_stop)  # stopped requests are frozen from here on
+                if getattr(hp, "most_probable_stop", False):  # ENCORE's MPES (methods/encore.py)
+                    active &= ~top1
                 if last or not bool(active.any()):
                     break
                 rows = active.nonzero().squeeze(1)
@@ -568,6 +572,10 @@ class _Chunk:
         per_row = torch.zeros(n_rows, device=device).index_add(0, row_of_t, -logp)
         count = torch.zeros(n_rows, device=device).index_add(0, row_of_t, torch.ones_like(logp))
         row_nll = per_row / count.clamp_min(1)
+        missed = (tgt_logits.argmax(-1) != self.tgt_tok[keep]).float()
+        self.top1 = (torch.zeros(len(self.items), device=device).index_add(0, self.owner[row_of_t], missed) == 0)[
+            active_t
+        ]
         is_rewrite = ~self.is_kl
         nll = torch.zeros(len(self.items), device=device).index_add(0, self.owner[is_rewrite], row_nll[is_rewrite])
         nll = nll / self.n_rewrite

@@ -1,0 +1,149 @@
+"""Lifelong editing on SmolLM2-135M: a stream of CounterFact edits per method, measured every k edits.
+
+Each method runs :func:`hf_knowedit.run_lifelong` on the first ``--n-edits`` records of
+``counterfact_flat_edit_10000.json`` in batches of ``--batch-size``, with a checkpoint row every
+``--checkpoint-every`` edits (ES/PS/NS on all edits so far; generation metrics and fluency on a fixed sample of
+``--gen-sample`` records; perplexity of a held-out text; accuracy on the first ``--n-known`` facts of
+``known_1000.json``; seconds; weight-norm growth of the edited layers). Writes one markdown file with a table per
+method and the command, a JSON file and a PNG of the curves.
+
+Methods are names registered in hf_knowedit, optionally with ``+nas`` (NAS's norm-anchored z):
+``memit``, ``alphaedit``, ``alphaedit+nas``, ``encore``, ``encore+nas``, ...
+
+Resumable: every method keeps its checkpoints in ``--state-dir/<method>``; run the same command again after a
+kill and it continues from the last checkpoint (rows identical to an uninterrupted run, seconds aside).
+
+    python benchmarks/bench_lifelong.py --n-edits 300 --batch-size 100 --checkpoint-every 100     # CPU, small
+    python benchmarks/bench_lifelong.py --n-edits 3000 --checkpoint-every 500                      # the issue's
+    python benchmarks/bench_lifelong.py --n-edits 10000 --checkpoint-every 1000 --device cuda     # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchlib import ROOT, data_dir, machine_info, write_markdown
+
+logger = logging.getLogger("bench_lifelong")
+#: tokens of the second-moment statistics (as bench_memit; cached on disk after the first run)
+N_TOKENS = 20_000
+FLAT = "counterfact_flat_edit_10000.json"
+KNOWN = "known_1000.json"
+COLUMNS = (
+    "n_edits",
+    "ES",
+    "PS",
+    "NS",
+    "S",
+    "gen_ES",
+    "gen_PS",
+    "gen_NS",
+    "gen_ES_prefix",
+    "gen_ES_neg",
+    "GE",
+    "ppl",
+    "known_acc",
+    "norm_growth",
+    "norm_growth_max",
+    "edit_s",
+    "failed",
+)
+
+
+def method_options(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"alphaedit+nas"`` -> ``("alphaedit", {"nas": True})``."""
+    name, *flags = spec.split("+")
+    unknown = [f for f in flags if f != "nas"]
+    if unknown:
+        raise SystemExit(f"unknown method flag(s) {unknown} in {spec!r}; the only flag is '+nas'")
+    return name, ({"nas": True} if flags else {})
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=["memit", "alphaedit", "alphaedit+nas", "encore"])
+    p.add_argument("--n-edits", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--gen-sample", type=int, default=100)
+    p.add_argument("--n-known", type=int, default=100)
+    p.add_argument("--context-templates", type=int, default=0, help="MEMIT-family context templates (CPU: 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default=None, help="e.g. cuda (default: CPU)")
+    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--state-dir", type=Path, default=ROOT / "runs" / "lifelong")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "lifelong_smollm2.md")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from hf_knowedit._bundled import load_smollm2
+    from hf_knowedit.evaluation import run_lifelong
+    from hf_knowedit.methods import alphaedit, rlsedit
+
+    machine = machine_info(args.threads)
+    start = time.perf_counter()
+    model, tok = load_smollm2()
+    if args.device:
+        model.to(args.device)
+    data = data_dir(args.data)
+    results = []
+    for spec in args.methods:
+        name, options = method_options(spec)
+        for method_module in (alphaedit, rlsedit):  # each stream starts from a clean method history
+            method_module.reset_history(model)
+        res = run_lifelong(
+            model,
+            tok,
+            data / FLAT,
+            method=name,
+            n_edits=args.n_edits,
+            batch_size=args.batch_size,
+            checkpoint_every=args.checkpoint_every,
+            gen_sample=args.gen_sample,
+            known=data / KNOWN,
+            n_known=args.n_known,
+            state_dir=args.state_dir / spec,
+            mom2_n_tokens=N_TOKENS,
+            context_templates=args.context_templates,
+            **options,
+        )
+        res.method = spec
+        results.append(res)
+        logger.info("%s done:\n%s", spec, res.to_markdown(columns=COLUMNS))
+        write(args, results, machine, time.perf_counter() - start)  # after every method: a kill keeps what is done
+
+
+def write(args: argparse.Namespace, results: list, machine: dict[str, Any], wall: float) -> None:
+    """The markdown (a table per method, the command), the JSON and the PNG of ``results``."""
+    from hf_knowedit.evaluation import plot_lifelong
+
+    png = args.out.with_suffix(".png")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot_lifelong(results, path=png)
+    tables = "\n\n".join(r.to_markdown(columns=COLUMNS) for r in results)
+    settings = {k: str(v) for k, v in vars(args).items()}
+    note = (
+        f"Stream: the first {args.n_edits} records of `{FLAT}` in batches of {args.batch_size}, a row every "
+        f"{args.checkpoint_every} edits; generation metrics and GE on a fixed sample of {args.gen_sample} records; "
+        f"known-fact accuracy on the first {args.n_known} facts of `{KNOWN}`; statistics from {N_TOKENS} tokens; "
+        f"context templates {args.context_templates}. Row 0 is the unedited model (ES/PS/NS there on all "
+        f"{args.n_edits} records). Curves: `{png.name}`.\n\n"
+    )
+    write_markdown(args.out, "Lifelong editing on SmolLM2-135M", note + tables, machine, wall)
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"settings": settings, "machine": machine, "results": [r.to_dict() for r in results]}, indent=1)
+    )
+    logger.info("wrote %s, %s", args.out, png)
+
+
+if __name__ == "__main__":
+    main()

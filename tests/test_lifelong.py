@@ -1,0 +1,188 @@
+"""The lifelong protocol on a tiny Llama: rows at the checkpoints with independently checked perplexity,
+known-fact accuracy and weight-norm growth; a stream killed mid-way resumes to the rows and weights of an
+uninterrupted run; bad arguments fail typed and leave the model untouched."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import hf_knowedit
+from hf_knowedit.architectures import get_module
+from hf_knowedit.errors import InvalidConfigError
+from hf_knowedit.evaluation import lifelong
+from hf_knowedit.evaluation import metrics as M
+
+from .helpers import assert_untouched, snapshot
+from .test_memit import FAST, facts, tiny
+from .tiny_models import assert_same, weights
+
+ALPHA = {k: v for k, v in FAST.items() if k != "mom2_update_weight"}
+KNOWN = [
+    {"prompt": "The Eiffel Tower is located in", "attribute": "Paris"},
+    {"prompt": "Berlin is the capital of", "attribute": "Germany"},
+    {"prompt": "Toyota is headquartered in", "attribute": "Japan"},
+]
+VOLATILE = ("edit_s", "eval_s")
+
+
+def stream(n=8):
+    recs = []
+    for i, r in enumerate(facts(n)):
+        recs.append(
+            {
+                "case_id": i,
+                "prompt": r.text,
+                "subject": r.subject,
+                "target_new": r.target_new,
+                "ground_truth": r.target_true,
+                "rephrase_prompt": "Everyone knows that " + r.text,
+                "locality_prompt": "The Louvre is a museum in",
+                "locality_ground_truth": "Paris",
+            }
+        )
+    return recs
+
+
+def run(model, tok, state_dir=None, **kw):
+    args = dict(
+        method="alphaedit",
+        batch_size=2,
+        checkpoint_every=4,
+        gen_sample=3,
+        known=KNOWN,
+        n_known=3,
+        state_dir=state_dir,
+        progress=False,
+        gen_max_new_tokens=4,
+        fluency_new_tokens=6,
+        v_num_grad_steps=3,
+        context_templates=0,
+    )
+    return lifelong.run_lifelong(model, tok, stream(), **{**args, **ALPHA, **kw})
+
+
+def stable(rows):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
+@torch.no_grad()
+def test_rows_hold_checked_measurements(stats_cache, one_thread, tmp_path):
+    model, tok = tiny("llama")
+    pristine = weights(model)
+    before = snapshot(model)
+    res = run(model, tok, keep_edits=True)
+    assert [r["n_edits"] for r in res.rows] == [0, 4, 8]
+    first, last = res.rows[0], res.rows[-1]
+    assert {"ES", "PS", "NS", "S", "gen_ES", "gen_NS", "GE", "ppl", "known_acc", "norm_growth"} <= set(last)
+    assert first["norm_growth"] == first["norm_growth_max"] == 1.0 and last["failed"] == 0
+    # perplexity: transformers' own LM loss over the held-out text in windows of the model's 128 positions
+    # (each window restarts the context and overlaps the previous by one token: every token predicted once)
+    ids, nll, count = tok(lifelong.HELDOUT)["input_ids"], 0.0, 0
+    assert len(ids) > 128
+    for s in range(0, len(ids) - 1, 127):
+        chunk = torch.tensor([ids[s : s + 128]])
+        nll += float(model(input_ids=chunk, labels=chunk).loss) * (chunk.shape[1] - 1)
+        count += chunk.shape[1] - 1
+    assert count == len(ids) - 1 and last["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    # known facts: a fact counts when the greedy next tokens spell the attribute (decoded one step at a time)
+    hits = 0
+    for fact in KNOWN:
+        x = tok(fact["prompt"], return_tensors="pt")["input_ids"]
+        want = tok(" " + fact["attribute"], add_special_tokens=False)["input_ids"]
+        for _ in want:
+            x = torch.cat([x, model(input_ids=x).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        hits += x[0, -len(want) :].tolist() == want
+    # a longer continuation can only break a match at a word boundary ("Paris" vs "Parisian")
+    assert last["known_acc"] <= 100 * hits / 3
+    # norm growth: ‖W‖/‖W₀‖ from the weights before and after, for every edited module
+    edited = [p for p in pristine if p.endswith(".weight") and not torch.equal(pristine[p], weights(model)[p])]
+    ratios = [float(get_module(model, p[: -len(".weight")]).weight.norm() / pristine[p].norm()) for p in edited]
+    assert edited and last["norm_growth"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-5)
+    assert last["norm_growth_max"] == pytest.approx(max(ratios), rel=1e-5) and last["norm_growth_max"] > 1.0
+    # the row's ES is ES on the records edited so far, recomputed by evaluate on the edited model
+    check = hf_knowedit.evaluate(model, tok, stream(), fluency=False, progress=False)
+    assert last["ES"] == pytest.approx(check.pre["ES"]) and last["NS"] == pytest.approx(check.pre["NS"])
+    hf_knowedit.revert_edits(model)
+    assert_untouched(model, before)
+    table = res.to_markdown()
+    assert "| n_edits | S | ES |" in table and table.count("\n|") == 5  # header, rule, 3 rows
+    fig = res.plot(path=tmp_path / "stream.png")
+    assert (tmp_path / "stream.png").stat().st_size > 0
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_killed_stream_resumes_identically(stats_cache, one_thread, tmp_path, monkeypatch):
+    model, tok = tiny("llama")
+    fresh = copy.deepcopy(model)
+    again = copy.deepcopy(model)
+    whole = run(model, tok, state_dir=tmp_path / "whole", keep_edits=True)
+    calls = []
+    real = lifelong.apply_edits
+
+    def dies_at_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # after the checkpoint at 4 edits
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lifelong, "apply_edits", dies_at_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(fresh, tok, state_dir=tmp_path / "killed")
+    monkeypatch.setattr(lifelong, "apply_edits", real)
+    assert hf_knowedit.list_edits(fresh) == []  # the killed run's model was cleaned up
+    resumed = run(again, tok, state_dir=tmp_path / "killed", keep_edits=True)
+    assert stable(resumed.rows) == stable(whole.rows)
+    assert_same(weights(again), weights(model))
+    from hf_knowedit.methods import alphaedit
+
+    a, b = alphaedit.get_history(again), alphaedit.get_history(model)
+    assert a.edits == b.edits == 8 and all(torch.equal(a.prior[k], b.prior[k]) for k in b.prior)
+    # a finished stream called again returns its rows without editing
+    hf_knowedit.revert_edits(again)
+    done = run(again, tok, state_dir=tmp_path / "killed")
+    assert stable(done.rows) == stable(whole.rows) and hf_knowedit.list_edits(again) == []
+
+
+def test_bad_arguments_fail_typed_and_leave_model_untouched(stats_cache, one_thread, tmp_path):
+    model, tok = tiny("llama")
+    before = snapshot(model)
+    with pytest.raises(InvalidConfigError, match="multiple of batch_size"):
+        run(model, tok, checkpoint_every=3)
+    with pytest.raises(InvalidConfigError, match="batch_size"):
+        run(model, tok, batch_size=0)
+    assert_untouched(model, before)
+    run(model, tok, state_dir=tmp_path / "s", n_edits=4)
+    with pytest.raises(InvalidConfigError, match="other settings.*batch_size"):
+        run(model, tok, state_dir=tmp_path / "s", n_edits=4, batch_size=4)
+    assert_untouched(model, before, edits=True)
+    hf_knowedit.apply_edits(model, tok, facts(1, 20), method="memit", layers=[1], v_num_grad_steps=1, **FAST)
+    with pytest.raises(InvalidConfigError, match="unedited model"):
+        run(model, tok)
+
+
+def test_records_repeating_a_fact_are_skipped(stats_cache, one_thread):
+    model, tok = tiny("llama")
+    recs = stream(4)
+    recs.insert(2, dict(recs[0], case_id=99, target_new="Japan"))  # the fact of record 0 again
+    res = lifelong.run_lifelong(
+        model, tok, recs, method="memit", batch_size=2, checkpoint_every=2, gen_sample=0, progress=False,
+        v_num_grad_steps=2, context_templates=0, **FAST,
+    )  # fmt: skip
+    assert res.settings["skipped"] == [2] and [r["n_edits"] for r in res.rows] == [0, 2, 4]
+    assert hf_knowedit.list_edits(model) == []
+
+
+def test_fluency_and_known_helpers_match_their_definitions(one_thread):
+    model, tok = tiny("llama")
+    prompts = ["The Eiffel Tower is", "Berlin is"]
+    texts = hf_knowedit.evaluation.generate_texts(model, tok, prompts, max_new_tokens=6, row_seeds=[5, 6])
+    assert lifelong.fluency(model, tok, prompts, 5, 6) == M.ngram_entropy(texts)
+    assert math.isnan(lifelong.known_accuracy(model, tok, []))
+    with pytest.raises(hf_knowedit.errors.InvalidDataError, match="known fact 0"):
+        lifelong.load_known([{"prompt": "x"}], 5)
