@@ -36,7 +36,16 @@ import torch
 from huggingface_hub.utils import tqdm
 from torch import nn
 
-from ..architectures import get_architecture, get_module, mlp_out_dims, mlp_out_path, num_layers
+from ..architectures import (
+    execution_device,
+    get_architecture,
+    get_module,
+    mlp_out_dims,
+    mlp_out_path,
+    model_device,
+    num_layers,
+    read_tensor,
+)
 from ..errors import InvalidConfigError
 from ..generation import generate_texts, max_positions
 from ..hooks import Trace, frozen
@@ -97,12 +106,15 @@ def model_identity(model: nn.Module, layer: int, *, revision: str | None = None,
     h = hashlib.sha256()
     seen = set()
     for name, p in model.named_parameters(remove_duplicate=False):
-        if name.startswith(skip) or p.data_ptr() in seen:
+        ident = id(p) if p.device.type == "meta" else p.data_ptr()  # tied weights count once
+        if name.startswith(skip) or ident in seen:
             continue
-        seen.add(p.data_ptr())
+        seen.add(ident)
         module_path = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and module_path in state.base:
             p = state.base[module_path]  # the pristine weight under a merged edit
+        elif p.device.type == "meta":
+            p = read_tensor(model, name)  # offloaded by accelerate: the values it loads
         h.update(_param_digest(state.history, name, p).encode())
     return "weights:" + h.hexdigest()[:32]
 
@@ -310,7 +322,7 @@ def compute_second_moment(
     module = mlp_out_path(spec, layer)
     source, corpus_id = resolve_corpus(model, tokenizer, corpus, n_tokens, max_length, seed)
     key = StatsKey(model_identity(model, layer, revision=revision), layer, module, corpus_id, n_tokens, dtype_name)
-    device = next(model.parameters()).device
+    device = execution_device(get_module(model, module))
 
     memory = get_state(model).history.setdefault(_MEM_KEY, {})
     if key in memory:
@@ -350,7 +362,7 @@ def _accumulate(
     max_length: int,
     key: StatsKey,
 ) -> SecondMoment:
-    device = next(model.parameters()).device
+    device = execution_device(get_module(model, module))  # C is accumulated where the module computes
     total = torch.zeros(d_in, d_in, dtype=dtype, device=device)
     count = 0
     with (
@@ -360,10 +372,10 @@ def _accumulate(
         tqdm(total=n_tokens, desc=f"second moment L{layer}", unit="tok", leave=False) as bar,
     ):
         for batch in _batches(tokenizer, _texts(corpus), max_length, batch_tokens, n_tokens):
-            ids, mask, _, _ = pad_batch(batch, 0, "right", device)
+            ids, mask, _, _ = pad_batch(batch, 0, "right", model_device(model))
             with Trace(model, module, retain_input=True, retain_output=False, stop=True) as tr:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
-            keys = tr.input.reshape(-1, d_in)[mask.reshape(-1).bool()].to(dtype)  # right padding
+            keys = tr.input.reshape(-1, d_in)[mask.reshape(-1).bool().to(device)].to(dtype)  # right padding
             total += keys.t() @ keys
             count += keys.shape[0]
             bar.update(keys.shape[0])
