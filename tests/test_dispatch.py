@@ -235,3 +235,43 @@ def test_a_meta_weight_without_offload_storage_is_refused_naming_the_module(base
     with pytest.raises(DeviceMapError, match=r"model\.layers\.2\.mlp\.down_proj\.weight"):
         edit(disp, tok, "rome")
     assert hf_knowedit.list_edits(disp) == []
+
+
+def test_from_pretrained_with_disk_offload_edits_without_writing_the_checkpoint(base, tmp_path):
+    """``from_pretrained(device_map=..., offload_folder=...)`` offloads straight from the checkpoint's
+    safetensors file: a merged edit acts, revert is bit-exact, and the checkpoint stays byte-identical."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = base
+    model.save_pretrained(tmp_path / "ckpt")
+    files = {p: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    disp = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ckpt", device_map=MAPS["edited-offloaded"], offload_folder=str(tmp_path / "off"),
+        attn_implementation="eager",
+    )  # fmt: skip
+    assert disp.model.layers[2].mlp.down_proj.weight.device.type == "meta"
+    before = all_stored(disp)
+    plain = copy.deepcopy(model)
+    want = edit(plain, tok, "memit")
+    got = edit(disp, tok, "memit")
+    for path in want.deltas:
+        assert torch.allclose(stored(disp, f"{path}.weight"), plain.get_submodule(path).weight, atol=1e-5)
+    assert torch.allclose(logits(disp, tok, PROBE), logits(plain, tok, PROBE), atol=1e-4)
+    assert got.deltas.keys() == want.deltas.keys()
+    hf_knowedit.revert_edits(disp)
+    assert_stored_equal(all_stored(disp), before)
+    assert {p: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == files
+
+
+def test_evaluate_on_a_dispatched_model_matches(base, tmp_path):
+    from tests.test_evaluation import cf_records
+
+    model, tok = base
+    plain = copy.deepcopy(model)
+    disp = dispatched(model, MAPS["edited-resident-lm-head-offloaded"], tmp_path / "offload")
+    kwargs = dict(method="rome", fluency=False, progress=False, layers=[2], config=dict(CHEAP))
+    want = hf_knowedit.evaluate(plain, tok, cf_records(), **kwargs)
+    got = hf_knowedit.evaluate(disp, tok, cf_records(), **kwargs)
+    for part in ("pre", "post"):
+        for k, v in getattr(want, part).items():
+            assert getattr(got, part)[k] == pytest.approx(v, abs=1e-3), (part, k)

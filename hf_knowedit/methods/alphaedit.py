@@ -146,7 +146,9 @@ def compute(ctx: EditContext) -> MethodResult:
     prior = dict(old_prior)  # updated per chunk here; written to the history only on commit
 
     def solve(i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> Factors:
-        return alphaedit_factors(keys, resid, P_of[layer], prior.get(layer), l2=cfg.l2)
+        old = prior.get(layer)
+        old = old.to(keys.device) if isinstance(old, torch.Tensor) else old
+        return alphaedit_factors(keys, resid, P_of[layer].to(keys.device), old, l2=cfg.l2)
 
     new_keys: dict[int, list] = {layer: [] for layer in layers}
 
