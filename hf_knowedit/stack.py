@@ -423,8 +423,8 @@ def push_edit_set(
                 "This edit rewrites facts an active edit set already rewrote (allow_conflicts=True): %s",
                 "; ".join(conflicts),
             )
-        check_dispatch(model, list(es.deltas))
         check_compatible(model, es, force=force)
+        check_dispatch(model, list(es.deltas))
         for path, d in es.deltas.items():
             dtype = _weight(model, path).dtype
             if not d.is_finite() or (not merge and not torch.isfinite(d.delta().to(dtype)).all()):
