@@ -89,3 +89,21 @@ def test_load_dataset_is_tried_when_the_cache_has_no_entry(tmp_path, monkeypatch
     calls = _fake_datasets(monkeypatch)
     sm = compute_second_moment(model, tok, 1, n_tokens=60, cache=StatsCache(tmp_path))
     assert len(calls) == 1 and sm.key.corpus.startswith("model-sampled:")  # fell back to sampling
+
+
+def test_mom2_n_keys_takes_a_multiple_of_d_in_tokens(stats_cache):
+    import hf_knowedit
+    from hf_knowedit.errors import InvalidConfigError
+    from hf_knowedit.methods.rome import ROMEConfig
+
+    model, tok = make_tiny_model("llama")  # d_in 96
+    config = ROMEConfig(mom2_corpus=CORPUS, mom2_n_keys=2.5, context_templates=0, v_num_grad_steps=1)
+    sm = stats.second_moment_for(model, tok, 1, config)
+    assert sm.n_tokens == 240 == sm.key.n_tokens
+    torch.testing.assert_close(sm.matrix.double(), _keys_by_hand(model, tok, 1, CORPUS, 240), rtol=1e-4, atol=1e-7)
+    fact = {"prompt": "The capital city of {}", "subject": "Italy", "target_new": "Paris"}
+    es = hf_knowedit.apply_edits(model, tok, fact, "rome", layers=[1], config=config)
+    assert es.stats_key.n_tokens == 240
+    for bad in (0, -1, float("nan"), "2x", True):
+        with pytest.raises(InvalidConfigError, match="mom2_n_keys"):
+            ROMEConfig(mom2_n_keys=bad)

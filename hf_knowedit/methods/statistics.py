@@ -435,9 +435,21 @@ def _accumulate(
     return SecondMoment(total / count, count, key)
 
 
+def n_tokens_for(model: nn.Module, layer: int, config: Any) -> int:
+    """Tokens averaged into ``C``: ``mom2_n_tokens``, or with ``mom2_n_keys`` (minimal precomputation,
+    "Efficient Knowledge Editing via Minimal Precomputation", ACL 2025) ``ceil(mom2_n_keys · d_in)``:
+    a few multiples of the key dimension instead of millions of tokens. ``C`` needs at least ``d_in``
+    keys to be invertible; the paper's FastROME / FastMEMIT use 2-10 × d_in."""
+    multiple = getattr(config, "mom2_n_keys", None)
+    if multiple is None:
+        return config.mom2_n_tokens
+    d_in, _ = mlp_out_dims(model, get_architecture(model), layer)
+    return max(1, math.ceil(multiple * d_in))
+
+
 def second_moment_for(model: nn.Module, tokenizer: Any, layer: int, config: Any) -> SecondMoment:
-    """``C`` at ``layer`` as a method config asks (``mom2``, ``mom2_corpus``, ``mom2_n_tokens``, ``mom2_dtype``):
-    from a corpus (cached in memory and on disk) or the identity."""
+    """``C`` at ``layer`` as a method config asks (``mom2``, ``mom2_corpus``, ``mom2_n_tokens`` or
+    ``mom2_n_keys``, ``mom2_dtype``): from a corpus (cached in memory and on disk) or the identity."""
     if config.mom2 == "identity":
         return identity_moment(model, layer)
     return compute_second_moment(
@@ -445,6 +457,6 @@ def second_moment_for(model: nn.Module, tokenizer: Any, layer: int, config: Any)
         tokenizer,
         layer,
         corpus=config.mom2_corpus,
-        n_tokens=config.mom2_n_tokens,
+        n_tokens=n_tokens_for(model, layer, config),
         dtype=getattr(torch, config.mom2_dtype),
     )
