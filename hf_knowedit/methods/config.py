@@ -221,6 +221,9 @@ class EditConfig:
         "?num>0",
     )
     mom2_dtype: str = option("float32", "accumulation dtype of C", "choice:float32|float64")
+    mom2_batch_tokens: int = option(
+        4096, "memory budget of the statistics pass: padded tokens per forward (docs/memory.md)", "int>=1"
+    )
 
     def __post_init__(self) -> None:
         owner = type(self).__name__

@@ -449,7 +449,8 @@ def n_tokens_for(model: nn.Module, layer: int, config: Any) -> int:
 
 def second_moment_for(model: nn.Module, tokenizer: Any, layer: int, config: Any) -> SecondMoment:
     """``C`` at ``layer`` as a method config asks (``mom2``, ``mom2_corpus``, ``mom2_n_tokens`` or
-    ``mom2_n_keys``, ``mom2_dtype``): from a corpus (cached in memory and on disk) or the identity."""
+    ``mom2_n_keys``, ``mom2_dtype``, ``mom2_batch_tokens``): from a corpus (cached in memory and on disk)
+    or the identity."""
     if config.mom2 == "identity":
         return identity_moment(model, layer)
     return compute_second_moment(
@@ -459,4 +460,5 @@ def second_moment_for(model: nn.Module, tokenizer: Any, layer: int, config: Any)
         corpus=config.mom2_corpus,
         n_tokens=n_tokens_for(model, layer, config),
         dtype=getattr(torch, config.mom2_dtype),
+        batch_tokens=getattr(config, "mom2_batch_tokens", DEFAULT_BATCH_TOKENS),
     )
