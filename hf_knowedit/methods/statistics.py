@@ -215,7 +215,7 @@ def sampled_corpus(
         )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes of a distributed run write the same file
         tmp.write_text(json.dumps(cache[key]))
         os.replace(tmp, path)
     return cache[key]
@@ -280,6 +280,23 @@ def _by_length(rows: list[list[int]], batch_tokens: int) -> Iterable[list[list[i
         batch.append(ids)
     if batch:
         yield batch
+
+
+def process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of the processes ``accelerate launch`` (or ``torchrun``) started, ``(0, 1)``
+    otherwise. Under a launcher (``WORLD_SIZE`` > 1) the default process group is initialised through
+    accelerate's ``PartialState`` if the script has not done it (gloo on CPUs, NCCL on GPUs)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState()
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
 
 #: column block of the accumulated ``C`` (see :func:`add_outer_blocks`)
@@ -385,9 +402,14 @@ def compute_second_moment(
     entry = _accumulate(
         model, tokenizer, layer, module, d_in, source, n_tokens, DTYPES[dtype_name], batch_tokens, max_length, key
     )
-    if disk is not None:
+    rank, world = process_group()
+    if disk is not None and rank == 0:  # one process writes the cache entry for all
         path = disk.put(entry)
         logger.info("Second moment for %s saved to %s.", module, path)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the entry is on disk before any process goes on
     memory[key] = entry
     return entry
 
@@ -407,6 +429,7 @@ def _accumulate(
     block: int | None = None,
 ) -> SecondMoment:
     block = block or STATS_BLOCK
+    rank, world = process_group()
     device = execution_device(get_module(model, module))  # C is accumulated where the module computes
     total = torch.zeros(d_in, d_in, dtype=dtype, device=device)
     blocks = [(i, min(i + block, d_in)) for i in range(0, d_in, block)]
@@ -417,7 +440,10 @@ def _accumulate(
         torch.no_grad(),
         tqdm(total=n_tokens, desc=f"second moment L{layer}", unit="tok", leave=False) as bar,
     ):
-        for batch in _batches(tokenizer, _texts(corpus), max_length, batch_tokens, n_tokens):
+        for i, batch in enumerate(_batches(tokenizer, _texts(corpus), max_length, batch_tokens, n_tokens)):
+            if i % world != rank:
+                bar.update(sum(map(len, batch)))  # another process's batch
+                continue
             ids, mask, _, _ = pad_batch(batch, 0, "right", model_device(model))
             with Trace(model, module, retain_input=True, retain_output=False, stop=True) as tr:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -425,6 +451,13 @@ def _accumulate(
             add_outer_blocks(total, keys, blocks)
             count += keys.shape[0]
             bar.update(keys.shape[0])
+    if world > 1:  # every process saw every world-th batch: sum the sums
+        import torch.distributed as dist
+
+        counted = torch.tensor([count], dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        dist.all_reduce(counted)
+        count = int(counted.item())
     mirror_upper(total, blocks)
     if count == 0:
         raise InvalidConfigError("The statistics corpus produced no tokens; pass a non-empty corpus.")
