@@ -37,7 +37,7 @@ def corpus(folder: Path) -> list[str]:
     return texts
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run(args: argparse.Namespace, on_row: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     import hf_knowedit
     from hf_knowedit.architectures import get_architecture, mlp_out_dims, num_layers
     from hf_knowedit.methods.memit import default_band
@@ -67,6 +67,19 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         t0 = time.perf_counter()
         hf_knowedit.compute_second_moment(model, tok, layer, corpus=texts, n_tokens=n_tokens, cache=False)
         return time.perf_counter() - t0
+
+    def info(pre_rome: Any, pre_memit: Any) -> dict[str, Any]:
+        return {
+            "model": "tiny random llama" if args.tiny else "SmolLM2-135M-Instruct (bundled, float32)",
+            "d_in": d_in,
+            "ROME layer": rome_layer,
+            "MEMIT layers": memit_layers,
+            "ROME records": len(cf),
+            "MEMIT records (one call)": len(flat),
+            "unedited ROME ES/PS/NS": pre_rome and {k: round(pre_rome[k], 1) for k in ("ES", "PS", "NS")},
+            "unedited MEMIT ES/PS/NS": pre_memit and {k: round(pre_memit[k], 1) for k in ("ES", "PS", "NS")},
+            "corpus texts": len(texts),
+        }
 
     pre_rome = pre_memit = None
     for label, n_keys, n_tokens in settings:
@@ -101,18 +114,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
             row.update({f"MEMIT {k}": round(post[k], 1) for k in ("ES", "PS", "NS")})
         rows.append(row)
         logger.info("%s", row)
-    info = {
-        "model": "tiny random llama" if args.tiny else "SmolLM2-135M-Instruct (bundled, float32)",
-        "d_in": d_in,
-        "ROME layer": rome_layer,
-        "MEMIT layers": memit_layers,
-        "ROME records": len(cf),
-        "MEMIT records (one call)": len(flat),
-        "unedited ROME ES/PS/NS": pre_rome and {k: round(pre_rome[k], 1) for k in ("ES", "PS", "NS")},
-        "unedited MEMIT ES/PS/NS": pre_memit and {k: round(pre_memit[k], 1) for k in ("ES", "PS", "NS")},
-        "corpus texts": len(texts),
-    }
-    return rows, info
+        if on_row is not None:
+            on_row(rows, info(pre_rome, pre_memit))
+
+    return rows, info(pre_rome, pre_memit)
 
 
 def table(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
@@ -137,12 +142,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     machine = machine_info(args.threads)
     t0 = time.perf_counter()
-    rows, info = run(args)
-    text = table(rows, info)
-    logger.info("\n%s", text)
-    if args.out:
-        write_markdown(args.out, "Minimal precomputation: C from a few multiples of d_in keys", text, machine,
-                       time.perf_counter() - t0)  # fmt: skip
+    title = "Minimal precomputation: C from a few multiples of d_in keys"
+
+    def save(rows: list, info: dict) -> None:  # after every row: a partial table survives an interrupted run
+        if args.out:
+            write_markdown(args.out, title, table(rows, info), machine, time.perf_counter() - t0)
+
+    rows, info = run(args, on_row=save)
+    logger.info("\n%s", table(rows, info))
+    save(rows, info)
 
 
 if __name__ == "__main__":
