@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 
@@ -12,6 +11,7 @@ from accelerate import dispatch_model
 
 import hf_knowedit
 from hf_knowedit import ROMEConfig
+from hf_knowedit._bundled import load_smollm2
 from tests.test_rome_smollm2 import scores
 from tests.tiny_models import assert_same, weights
 
@@ -26,7 +26,8 @@ def test_rome_at_a_disk_offloaded_layer_gives_the_undispatched_update(smollm2, d
     n = model.config.num_hidden_layers
     device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     device_map.update({f"model.layers.{i}": "cpu" if i < n // 2 else "disk" for i in range(n)})
-    disp = dispatch_model(copy.deepcopy(model), device_map=device_map, offload_dir=str(tmp_path / "offload"))
+    fresh, _ = load_smollm2()  # not a deepcopy: the session model carries hf_knowedit state (locks) once edited
+    disp = dispatch_model(fresh, device_map=device_map, offload_dir=str(tmp_path / "offload"))
     layer = n // 2 + 2  # offloaded
     assert disp.model.layers[layer].mlp.down_proj.weight.device.type == "meta"
     config = ROMEConfig(mom2_corpus=stats_corpus, mom2_n_tokens=5_000, context_templates=0)
@@ -45,8 +46,7 @@ def test_rome_at_a_disk_offloaded_layer_gives_the_undispatched_update(smollm2, d
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread", "stats_cache")
 def test_bf16_rome_on_ten_counterfact_records(smollm2, data_path, stats_corpus):
-    model = copy.deepcopy(smollm2[0]).to(torch.bfloat16)
-    tok = smollm2[1]
+    model, tok = load_smollm2(dtype=torch.bfloat16)
     cases = json.loads((data_path / "counterfact_500.json").read_text())[:10]
     config = ROMEConfig(mom2_corpus=stats_corpus, mom2_n_tokens=5_000, context_templates=2)
     base = weights(model)

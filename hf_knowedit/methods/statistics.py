@@ -111,11 +111,12 @@ def model_identity(model: nn.Module, layer: int, *, revision: str | None = None,
             continue
         seen.add(ident)
         module_path = name.rsplit(".", 1)[0]
+        memo = state.history
         if name.endswith(".weight") and module_path in state.base:
             p = state.base[module_path]  # the pristine weight under a merged edit
         elif p.device.type == "meta":
-            p = read_tensor(model, name)  # offloaded by accelerate: the values it loads
-        h.update(_param_digest(state.history, name, p).encode())
+            p, memo = read_tensor(model, name), {}  # offloaded: the values accelerate loads (a fresh tensor)
+        h.update(_param_digest(memo, name, p).encode())
     return "weights:" + h.hexdigest()[:32]
 
 
@@ -447,7 +448,7 @@ def _accumulate(
             ids, mask, _, _ = pad_batch(batch, 0, "right", model_device(model))
             with Trace(model, module, retain_input=True, retain_output=False, stop=True) as tr:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
-            keys = tr.input.reshape(-1, d_in)[mask.reshape(-1).bool().to(device)].to(dtype)  # right padding
+            keys = tr.input.to(device).reshape(-1, d_in)[mask.reshape(-1).bool().to(device)].to(dtype)  # no pads
             add_outer_blocks(total, keys, blocks)
             count += keys.shape[0]
             bar.update(keys.shape[0])
