@@ -44,7 +44,7 @@ def test_rome_solves_for_lambda_in_float64(dtype):
     model, tok = make_tiny_model("llama", dtype=dtype)
     config = ROMEConfig(**CHEAP)
     update = rank_one_update(model, tok, to_request(FACT), 2, config, second_moment_for(model, tok, 2, config), ["{}"])
-    W = model.model.layers[2].mlp.down_proj.weight.double()
+    W = model.model.layers[2].mlp.down_proj.weight.detach().double()
     k, u, v = update.k_star.double(), update.A[0].double(), update.v_star.double()
     want = (v - W @ k) / (u @ k)
     assert update.B.dtype == torch.float32
