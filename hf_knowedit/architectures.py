@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InvalidConfigError, LayerOutOfRangeError, UnsupportedArchitectureError
+from .errors import DeviceMapError, InvalidConfigError, LayerOutOfRangeError, UnsupportedArchitectureError
 
 __all__ = [
     "ArchitectureSpec",
@@ -44,6 +44,10 @@ __all__ = [
     "num_layers",
     "mlp_out_dims",
     "model_device",
+    "execution_device",
+    "read_tensor",
+    "write_tensor",
+    "check_dispatch",
     "lm_logits",
 ]
 
@@ -345,9 +349,133 @@ def mlp_out_dims(model: nn.Module, spec: ArchitectureSpec, layer: int) -> tuple[
     return (cols, rows) if spec.mlp_out_layout == "linear" else (rows, cols)
 
 
+# -----------------------------------------------------------------------------
+# devices: plain models and models dispatched by accelerate (device_map, CPU / disk offload)
+#
+# ``accelerate.dispatch_model`` (and ``from_pretrained(device_map=...)``) gives each module an
+# ``AlignDevicesHook`` whose ``execution_device`` is where the module computes. Offloaded modules keep
+# their parameters on the ``meta`` device between forwards; the values live in the hook's
+# ``weights_map`` (CPU tensors, or ``.dat`` / safetensors files on disk) and are loaded for each forward.
+# The helpers below are the only code that knows this.
+
+
+def _align_hooks(module: nn.Module) -> list[Any]:
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", None) or [hook])  # a SequentialHook holds several
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: its accelerate hook's execution device, else the device of its first
+    parameter or buffer that holds data (``cpu`` for a module without any)."""
+    for hook in _align_hooks(module):
+        device = getattr(hook, "execution_device", None)
+        if device is not None and not isinstance(device, dict):
+            return torch.device(device)
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (where inputs go)."""
+    """Where inputs go: the execution device of the token embedding on a dispatched model (which may
+    be offloaded), else the device of the model's first parameter."""
+    if getattr(model, "hf_device_map", None) is not None or _align_hooks(model):
+        try:
+            return execution_device(get_module(model, get_architecture(model).embed))
+        except (UnsupportedArchitectureError, InvalidConfigError):
+            pass
     return next(model.parameters()).device
+
+
+def _offload_slot(model: nn.Module, name: str) -> tuple[Any, str] | None:
+    """``(storage, key)`` where accelerate keeps the values of parameter ``name`` of an offloaded module
+    (the hook on the module itself, or on an ancestor that places its submodules), else None."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        owner = model.get_submodule(".".join(parts[:depth]))
+        for hook in _align_hooks(owner):
+            weights = getattr(hook, "weights_map", None)
+            if not getattr(hook, "offload", False) or weights is None:
+                continue
+            if depth < len(parts) - 1 and not getattr(hook, "place_submodules", False):
+                continue
+            key = ".".join(parts[depth:])
+            while hasattr(weights, "dataset") and hasattr(weights, "prefix"):  # accelerate's PrefixedDataset
+                weights, key = weights.dataset, weights.prefix + key
+            if isinstance(getattr(weights, "state_dict", None), dict) or isinstance(weights, dict):
+                return weights, key
+            raise DeviceMapError(
+                f"{name}: accelerate offloads it to a {type(weights).__name__}, which hf_knowedit cannot "
+                "update. Dispatch the model with accelerate's dispatch_model / from_pretrained(device_map=..., "
+                "offload_folder=...), or keep this module resident (device_map entry 'cpu' or a GPU)."
+            )
+    return None
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    module_path, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module_path), attr)
+
+
+def read_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """The values of parameter or buffer ``name`` (e.g. ``"model.layers.3.mlp.down_proj.weight"``):
+    the tensor itself, or for a module accelerate offloaded (``meta`` between forwards) the tensor it
+    loads for a forward, on the storage's device (CPU). Treat the result as read-only."""
+    tensor = _tensor(model, name)
+    if tensor.device.type != "meta":
+        return tensor
+    slot = _offload_slot(model, name)
+    if slot is None:
+        raise DeviceMapError(
+            f"{name} is on the meta device and no accelerate offload hook holds its values, so it cannot be "
+            "read or edited. Load the model with its weights (from_pretrained with device_map=... and "
+            "offload_folder=..., or accelerate.dispatch_model), not on the meta device."
+        )
+    storage, key = slot
+    return (storage.state_dict if key in getattr(storage, "state_dict", {}) else storage)[key]
+
+
+def write_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set parameter ``name`` to ``value`` (same shape and dtype) in place. For an offloaded module the
+    value replaces what accelerate loads for each forward (held in its loader's CPU state dict, so the
+    offload files on disk are never written)."""
+    tensor = _tensor(model, name)
+    slot = _offload_slot(model, name)
+    if slot is not None:
+        storage, key = slot
+        target = storage.state_dict if isinstance(getattr(storage, "state_dict", None), dict) else storage
+        target[key] = value.detach().to("cpu").clone()
+    if tensor.device.type != "meta":
+        with torch.no_grad():
+            tensor.copy_(value)
+    elif slot is None:
+        read_tensor(model, name)  # raises the DeviceMapError
+
+
+def check_dispatch(model: nn.Module, paths: list[str] | tuple[str, ...] = ()) -> None:
+    """Refuse, before anything is computed or written, a dispatched model the library cannot work on:
+    a ``hf_device_map`` entry that is not a device (``"cuda:0,1"``), or a parameter on the meta device
+    with no accelerate offload storage behind it (``paths``: modules whose weights must be readable).
+    The error names the module."""
+    for module, device in (getattr(model, "hf_device_map", None) or {}).items():
+        if device in ("disk", "meta"):
+            continue
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise DeviceMapError(
+                f"device_map puts {module or '<model>'!r} on {device!r}, which is not one device ({err}). "
+                "Give each module one device: an int GPU index, 'cuda:1', 'cpu' or 'disk' (device_map='auto' "
+                "spreads the model over all GPUs)."
+            ) from None
+    for name, param in model.named_parameters():
+        if param.device.type == "meta" and _offload_slot(model, name) is None:
+            read_tensor(model, name)  # raises the DeviceMapError naming it
+    for path in paths:
+        read_tensor(model, f"{path}.weight")
 
 
 def lm_logits(model: nn.Module, spec: ArchitectureSpec, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .architectures import get_architecture, num_layers
+from .architectures import check_dispatch, get_architecture, num_layers
 from .editset import EditSet
 from .errors import EditsDisabledError, InvalidConfigError, LayerOutOfRangeError
 from .generation import max_positions
@@ -93,6 +93,7 @@ def apply_edits(
     reqs = normalize_requests(requests)
     config = resolve_config(spec, config, overrides)
     arch = get_architecture(model)
+    check_dispatch(model)  # a device_map entry the library cannot honour: refused before any work
     reserve = template_reserve(tokenizer, config)  # a context-template prefix and its ". "
     check_request_lengths(tokenizer, reqs, max_positions(model), reserve=reserve)
     if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):

@@ -98,3 +98,8 @@ class InvalidArgumentError(KnowEditError, TypeError):
 class OutputPathError(KnowEditError, ValueError):
     """A file or directory to write cannot be used (a non-empty directory of something else, a file
     where a directory is needed, no write permission); nothing was written."""
+
+
+class DeviceMapError(KnowEditError, ValueError):
+    """A dispatched model (``device_map``, accelerate offload) places a module where the library cannot
+    read or update it; nothing was computed or written."""

@@ -224,7 +224,7 @@ class LowRankHook:
             return None
         if self.active is not None and not self.active():
             return None
-        x = args[0].float()
+        x = args[0].to(output.device).float()  # under accelerate the input may still be on the previous device
         extra = sum((x @ A.t()) @ B.t() for B, A in self._factors_on(x.device))
         return output + extra.to(output.dtype)
 

@@ -7,8 +7,12 @@ Each touched weight is a pure function of its pristine value::
 so reverting or unmerging any set recomputes the weight from ``W_base`` and gives back, bit for bit,
 what an unedited (or less edited) model had, in fp32, bf16 or fp16 alike. The price is one copy of
 each touched weight (only touched modules; one copy however many sets are stacked), kept on the
-weight's own device. Sets applied with ``merge=False`` leave the weight alone and add ``x Aᵀ Bᵀ`` to
-the module's output through a forward hook (:class:`~hf_knowedit.hooks.LowRankHook`).
+weight's own device. On a model dispatched by accelerate, a weight offloaded to CPU or disk is read
+from, and written to, what accelerate loads for each forward (``architectures.read_tensor`` /
+``write_tensor``): the merged value replaces the loader's entry in CPU memory, the offload files are
+never written, and the pristine copy is kept on the CPU. Sets applied with ``merge=False`` leave
+the weight alone and add ``x Aᵀ Bᵀ`` to the module's output through a forward hook
+(:class:`~hf_knowedit.hooks.LowRankHook`).
 
 **Guarantees.** Every call that changes edit state (apply, load, revert, merge, unmerge,
 ``merge_and_unload``, a method's commit) is a transaction: it first works out the end state — the
@@ -52,7 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import LAYOUTS, get_module
+from .architectures import LAYOUTS, check_dispatch, get_module, read_tensor, write_tensor
 from .deltas import ModuleDelta, deltas_digest, fingerprint, matches_weight
 from .editset import EditSet
 from .errors import (
@@ -202,7 +206,7 @@ def _plan(model: nn.Module, state: KnowEditState, sets: OrderedDict[str, tuple[E
             if base is None:
                 if not merged:
                     continue  # untouched now and after
-                base = plan.snapshots[path] = weight.detach().clone()
+                base = plan.snapshots[path] = read_tensor(model, f"{path}.weight").detach().clone()
             if not merged:
                 plan.weights[path] = base
                 if not base_only:
@@ -239,9 +243,7 @@ def _switch(model: nn.Module, state: KnowEditState, plan: _Plan, commit: Callabl
         if commit is not None:
             commit()
         for path, value in plan.weights.items():
-            weight = _weight(model, path)
-            if value is not weight:
-                weight.copy_(value)
+            write_tensor(model, f"{path}.weight", value)
         state.base.update(plan.snapshots)
         for path in plan.drop_base:
             state.base.pop(path, None)
@@ -279,8 +281,7 @@ def transaction(model: nn.Module, change: Callable[[OrderedDict], OrderedDict], 
 def effective_weight(model: nn.Module, path: str) -> torch.Tensor:
     """The weight ``path`` acts with, in float32: the module's weight plus the deltas of the hooked sets
     on it (what an edit computed now depends on, and what a loaded set is checked against)."""
-    weight = _weight(model, path)
-    total = weight.detach().float()
+    total = read_tensor(model, f"{path}.weight").detach().float()
     state = get_state(model, create=False)
     for active in state.sets.values() if state is not None else ():
         d = active.edit_set.deltas.get(path)
@@ -423,6 +424,7 @@ def push_edit_set(
                 "; ".join(conflicts),
             )
         check_compatible(model, es, force=force)
+        check_dispatch(model, list(es.deltas))
         for path, d in es.deltas.items():
             dtype = _weight(model, path).dtype
             if not d.is_finite() or (not merge and not torch.isfinite(d.delta().to(dtype)).all()):

@@ -213,6 +213,7 @@ def config_overrides(draw: Any, config_cls: type, cheap: bool = False) -> dict[s
             out[name] = draw(CONFIG_VALUES)
     if cheap and out.get("mom2") != "identity":  # a run computing corpus statistics is not cheap
         out.pop("mom2_n_tokens", None)
+        out.pop("mom2_n_keys", None)
         out.pop("mom2_corpus", None)
     return out
 

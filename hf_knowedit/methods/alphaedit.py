@@ -148,7 +148,9 @@ def compute(ctx: EditContext) -> MethodResult:
     prior = dict(old_prior)  # updated per chunk here; written to the history only on commit
 
     def solve(i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> Factors:
-        return alphaedit_factors(keys, resid, None, prior.get(layer), l2=cfg.l2, basis=U_of[layer])
+        old = prior.get(layer)
+        old = old.to(keys.device) if isinstance(old, torch.Tensor) else old
+        return alphaedit_factors(keys, resid, None, old, l2=cfg.l2, basis=U_of[layer].to(keys.device))
 
     new_keys: dict[int, list] = {layer: [] for layer in layers}
 

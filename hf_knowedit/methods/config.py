@@ -214,7 +214,16 @@ class EditConfig:
         "or a datasets dataset with a 'text' column",
     )
     mom2_n_tokens: int = option(DEFAULT_N_TOKENS, "tokens averaged into C", "int>=1")
+    mom2_n_keys: float | None = option(
+        None,
+        "minimal precomputation (FastROME / FastMEMIT, ACL 2025): C from this many multiples of d_in keys "
+        "(e.g. 2 or 10: ceil(mom2_n_keys * d_in) tokens), instead of mom2_n_tokens; None: mom2_n_tokens",
+        "?num>0",
+    )
     mom2_dtype: str = option("float32", "accumulation dtype of C", "choice:float32|float64")
+    mom2_batch_tokens: int = option(
+        4096, "memory budget of the statistics pass: padded tokens per forward (docs/memory.md)", "int>=1"
+    )
 
     def __post_init__(self) -> None:
         owner = type(self).__name__

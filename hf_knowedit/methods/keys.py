@@ -114,6 +114,7 @@ def compute_keys(
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
             x = tr.input.reshape(ids.shape[0], ids.shape[1], d_in)  # OPT flattens tokens
             last = mask.sum(1) - 1
-            keys[torch.tensor(group, device=device)] = x[torch.arange(len(group), device=device), last].float()
+            rows = x[torch.arange(len(group), device=x.device), last.to(x.device)]  # x: on the module's device
+            keys[torch.tensor(group, device=device)] = rows.to(device, torch.float32)
     keys = keys.reshape(len(requests), len(templates), d_in)
     return average_keys(keys, [len(g) for g in groups]) if average else keys

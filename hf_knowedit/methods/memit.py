@@ -57,7 +57,15 @@ import torch
 from huggingface_hub.utils import tqdm
 from torch import nn
 
-from ..architectures import get_architecture, get_module, layer_path, mlp_out_path, model_device, num_layers
+from ..architectures import (
+    execution_device,
+    get_architecture,
+    get_module,
+    layer_path,
+    mlp_out_path,
+    model_device,
+    num_layers,
+)
 from ..deltas import ModuleDelta
 from ..errors import BatchTooLargeError, InvalidConfigError
 from ..hooks import LowRankHook, Trace, hidden
@@ -213,7 +221,8 @@ def block_output_at_subject(
         with Trace(model, layer_path(arch, layer), retain_output=True, stop=True) as tr:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         h = hidden(tr.output)
-        out.append(h[torch.arange(len(encs)), torch.tensor([e.subject_last for e in encs])].float().cpu())
+        rows = torch.arange(len(encs), device=h.device)  # h: on the block's device
+        out.append(h[rows, torch.tensor([e.subject_last for e in encs], device=h.device)].float().cpu())
     return torch.cat(out)
 
 
@@ -285,7 +294,8 @@ def spread_updates(
             i + 1,
             len(layers),
         )
-        B, A = solve(i, layer, keys, resid)
+        device = execution_device(get_module(ctx.model, mlp_out_path(pending.arch, layer)))  # where C_l lives
+        B, A = solve(i, layer, keys.to(device), resid.to(device))
         pending.add(layer, B, A)
         all_keys[layer] = keys
     return all_keys

@@ -37,12 +37,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..architectures import get_architecture, get_module, mlp_out_path, num_layers
+from ..architectures import get_architecture, get_module, mlp_out_path, num_layers, read_tensor
 from ..deltas import ModuleDelta
 from ..errors import LayerOutOfRangeError, NonFiniteUpdateError
 from ..hooks import LowRankHook
 from ..moments import SecondMoment
 from ..requests import EditRequest
+from ..stack import effective_weight
 from ..tracing import suggest_layers
 from .config import EditConfig, option, with_aliases
 from .context import flatten, template_groups
@@ -116,10 +117,11 @@ def rank_one_update(
     templates: Sequence[str],
     *,
     fast: bool = True,
+    prior: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> RankOneUpdate:
-    """Compute one ROME edit on the model as it is (see module docstring, steps 1-4)."""
+    """Compute one ROME edit on the model as it is (see module docstring, steps 1-4). ``prior``: the
+    ``(B, A)`` factors of earlier edits of the same call, acting through hooks while this one is computed."""
     spec = get_architecture(model)
-    module = get_module(model, mlp_out_path(spec, layer))
     # 1. keys: k* over the templates; k(s) on the bare prompt (the first template is "{}")
     keys = compute_keys(model, tokenizer, [request], layer, templates, average=False)[0]  # [T, d_in]
     k_star = keys.mean(0)
@@ -130,11 +132,9 @@ def rank_one_update(
     target = optimize_targets(model, tokenizer, [request], layer, config, site="mlp", templates=templates, fast=fast)
     v_star = target.targets[0].double()
     # 4. Λ = (v* − W k) / (uᵀ k)
-    k = keys[0] if config.original_implementation else k_star
-    weight = module.weight
-    with torch.no_grad():
-        w_k = module(k.to(weight.device, weight.dtype).unsqueeze(0))[0].double()  # W k + b, active hooks included
-    denominator = torch.dot(u.to(k.device), k.double())
+    k = (keys[0] if config.original_implementation else k_star).double()
+    w_k = current_value(model, mlp_out_path(spec, layer), spec.mlp_out_layout, k, prior)
+    denominator = torch.dot(u.to(k.device), k)
     lam = (v_star.to(w_k.device) - w_k) / denominator
     A, B = u.unsqueeze(0).float(), lam.unsqueeze(1).float()
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
@@ -156,6 +156,24 @@ def rank_one_update(
     return RankOneUpdate(A, B, k_star, v_star.float(), target.steps_taken[0], target.losses[0])
 
 
+def current_value(
+    model: nn.Module, path: str, layout: str, k: torch.Tensor, prior: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()
+) -> torch.Tensor:
+    """``W k + b`` in float64, ``W`` the weight the module acts with: its (possibly merged) weight,
+    hooked edit sets, and the ``prior`` factors. Computed from the weights, not by running the module,
+    so a half-precision model or an offloaded module gives the exact value on the weights' device."""
+    with torch.no_grad():
+        weight = effective_weight(model, path).double()  # module layout, on its storage device
+        weight = weight.t() if layout == "conv1d" else weight
+        k = k.to(weight.device, torch.float64)
+        w_k = weight @ k
+        for B, A in prior:
+            w_k = w_k + B.to(w_k).matmul(A.to(w_k).matmul(k))
+        if getattr(get_module(model, path), "bias", None) is not None:
+            w_k = w_k + read_tensor(model, f"{path}.bias").to(w_k)
+    return w_k
+
+
 def compute(ctx: EditContext) -> MethodResult:
     """ROME for ``apply_edits``: one rank-one update per request, applied one after another."""
     model, tok, config = ctx.model, ctx.tokenizer, ctx.config
@@ -172,7 +190,7 @@ def compute(ctx: EditContext) -> MethodResult:
     handles = []
     try:
         for request in ctx.requests:
-            update = rank_one_update(model, tok, request, layer, config, mom2, templates)
+            update = rank_one_update(model, tok, request, layer, config, mom2, templates, prior=list(zip(Bs, As)))
             As.append(update.A)
             Bs.append(update.B)
             # the next request sees this edit (hooked, the weights stay untouched until the set is pushed)

@@ -1,0 +1,56 @@
+"""The memory model's formulas (``hf_knowedit.methods.memory``) and the budgets reaching the code."""
+
+from __future__ import annotations
+
+import pytest
+
+import hf_knowedit.methods.statistics as stats
+from hf_knowedit.methods import memory
+from hf_knowedit.methods.rome import ROMEConfig
+from tests.test_stats import CORPUS
+from tests.tiny_models import HEADS, HIDDEN, INNER, LAYERS, make_tiny_model
+
+
+def test_statistics_of_a_llama_3_8b_down_proj_fit_in_float32():
+    """d_in 14,336 (Llama-3-8B's down_proj), d_model 4,096, 32 heads, 4,096 tokens of 512 per row."""
+    got = memory.statistics_bytes(14336, 4096, 14336, 32, 4096, 512, s=2, s_C=4)
+    assert got["C"] == 4 * 14336**2 == 822_083_584  # 784 MiB
+    assert got["keys"] == (2 * 2 + 4) * 4096 * 14336
+    assert got["forward"] == 2 * (4 * 4096 * 4096 + 3 * 4096 * 14336 + 2 * 32 * 4096 * 512)
+    assert got["total"] == got["C"] + got["keys"] + got["forward"] < 2 * 2**30  # under 2 GiB
+    assert memory.statistics_bytes(14336, 4096, 14336, 32, 4096, 512, s=2, s_C=8)["C"] == 8 * 14336**2
+
+
+def test_solve_and_target_terms():
+    assert memory.solve_bytes(100, 30, 7)["total"] == 3 * 8 * 100**2 + 8 * 7 * (2 * 100 + 30)
+    assert memory.solve_bytes(100, 30, 7, "rome")["total"] == 4 * 8 * 100**2 + 8 * (2 * 100 + 30)
+    assert memory.solve_bytes(100, 30, 7, "emmet")["total"] == 2 * 8 * 100**2 + 2 * 8 * 49 + 8 * 7 * 230
+    got = memory.targets_bytes(32, 96, 4, 512, tokens=50, longest=10, layers_above=3, rows=20, s=4)
+    block = 4 * (4 * 50 * 32 + 3 * 50 * 96 + 2 * 4 * 50 * 10) + 2 * 4 * 50 * 32
+    assert got["saved"] == 3 * block and got["logits"] == 12 * 20 * 512 and got["delta"] == 16 * 20 * 32
+
+
+def test_model_shape_reads_the_tiny_llama():
+    model, _ = make_tiny_model("llama")
+    shape = memory.model_shape(model, 1)
+    assert shape == {
+        "d_in": INNER, "d_out": HIDDEN, "d_model": HIDDEN, "d_ff": INNER, "heads": HEADS, "vocab": 512,
+        "layers_above": LAYERS - 1, "s": 4,
+    }  # fmt: skip
+
+
+@pytest.mark.usefixtures("stats_cache")
+def test_mom2_batch_tokens_is_the_statistics_budget(monkeypatch):
+    seen = []
+    real = stats._by_length
+
+    def spy(rows, batch_tokens):
+        for batch in real(rows, batch_tokens):
+            seen.append((batch_tokens, max(map(len, batch)) * len(batch)))
+            yield batch
+
+    monkeypatch.setattr(stats, "_by_length", spy)
+    model, tok = make_tiny_model("llama")
+    stats.second_moment_for(model, tok, 1, ROMEConfig(mom2_corpus=CORPUS, mom2_n_tokens=300, mom2_batch_tokens=40))
+    assert seen and all(budget == 40 for budget, _ in seen)
+    assert max(padded for _, padded in seen) <= 40  # every corpus row is shorter than the budget

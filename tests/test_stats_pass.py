@@ -1,0 +1,109 @@
+"""The statistics pass: blocked accumulation of ``Σ k kᵀ`` and the cache consulted before any corpus."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+import hf_knowedit.methods.statistics as stats
+from hf_knowedit.architectures import get_architecture, mlp_out_path
+from hf_knowedit.methods.statistics import add_outer_blocks, compute_second_moment, mirror_upper, model_identity
+from hf_knowedit.moments import SecondMoment, StatsCache, StatsKey
+from tests.test_stats import CORPUS, _keys_by_hand
+from tests.tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("d_in,block", [(10, 3), (10, 10), (10, 16), (96, 32), (97, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocked_upper_triangle_accumulation_is_the_full_product(d_in, block, dtype):
+    gen = torch.Generator().manual_seed(d_in + block)
+    batches = [torch.randn(n, d_in, generator=gen, dtype=torch.float64) for n in (5, 17, 1)]
+    blocks = [(i, min(i + block, d_in)) for i in range(0, d_in, block)]
+    total = torch.zeros(d_in, d_in, dtype=dtype)
+    for keys in batches:
+        add_outer_blocks(total, keys.to(dtype), blocks)
+    mirror_upper(total, blocks)
+    want = sum(k.t() @ k for k in batches)
+    assert torch.equal(total, total.t())
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(total.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_a_pass_with_several_blocks_matches_keys_collected_by_hand(monkeypatch):
+    monkeypatch.setattr(stats, "STATS_BLOCK", 20)  # d_in 96: five blocks, the last one narrower
+    model, tok = make_tiny_model("llama")
+    sm = compute_second_moment(model, tok, 1, corpus=CORPUS, n_tokens=200, cache=False, batch_tokens=64)
+    torch.testing.assert_close(sm.matrix.double(), _keys_by_hand(model, tok, 1, CORPUS, 200), rtol=1e-4, atol=1e-7)
+
+
+def test_the_pass_makes_no_d_in_by_d_in_temporary_per_batch(monkeypatch):
+    """Every multiply of the pass writes into C in place: ``Tensor.__matmul__`` / ``torch.matmul`` (which
+    would allocate a ``d_in × d_in`` product per batch) are not called on the keys."""
+    calls = []
+    real = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return real(a, b)
+
+    model, tok = make_tiny_model("llama")
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    compute_second_moment(model, tok, 1, corpus=CORPUS, n_tokens=200, cache=False, batch_tokens=64)
+    assert not [c for c in calls if c[0][0] == 96 and c[1][-1] == 96], calls
+
+
+def _fake_datasets(monkeypatch) -> list:
+    calls: list = []
+
+    def load_dataset(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("load_dataset must not be called when the cache has C")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def test_no_load_dataset_call_when_the_cache_has_the_default_corpus_entry(tmp_path, monkeypatch):
+    model, tok = make_tiny_model("llama")
+    layer, n = 1, 500
+    path = mlp_out_path(get_architecture(model), layer)
+    key = StatsKey(
+        model_identity(model, layer), layer, path, stats.wiki_identity(stats.DEFAULT_MAX_LENGTH), n, "float32"
+    )
+    matrix = torch.randn(96, 96, generator=torch.Generator().manual_seed(0))
+    StatsCache(tmp_path).put(SecondMoment(matrix @ matrix.t() / 96, n, key))
+    calls = _fake_datasets(monkeypatch)
+    hit = compute_second_moment(model, tok, layer, n_tokens=n, cache=StatsCache(tmp_path))
+    assert calls == [] and hit.key == key
+    assert torch.allclose(hit.matrix, matrix @ matrix.t() / 96)
+
+
+def test_load_dataset_is_tried_when_the_cache_has_no_entry(tmp_path, monkeypatch):
+    monkeypatch.setattr(stats, "SAMPLED_LENGTH", 24)
+    model, tok = make_tiny_model("llama")
+    calls = _fake_datasets(monkeypatch)
+    sm = compute_second_moment(model, tok, 1, n_tokens=60, cache=StatsCache(tmp_path))
+    assert len(calls) == 1 and sm.key.corpus.startswith("model-sampled:")  # fell back to sampling
+
+
+def test_mom2_n_keys_takes_a_multiple_of_d_in_tokens(stats_cache):
+    import hf_knowedit
+    from hf_knowedit.errors import InvalidConfigError
+    from hf_knowedit.methods.rome import ROMEConfig
+
+    model, tok = make_tiny_model("llama")  # d_in 96
+    config = ROMEConfig(mom2_corpus=CORPUS, mom2_n_keys=2.5, context_templates=0, v_num_grad_steps=1)
+    sm = stats.second_moment_for(model, tok, 1, config)
+    assert sm.n_tokens == 240 == sm.key.n_tokens
+    torch.testing.assert_close(sm.matrix.double(), _keys_by_hand(model, tok, 1, CORPUS, 240), rtol=1e-4, atol=1e-7)
+    fact = {"prompt": "The capital city of {}", "subject": "Italy", "target_new": "Paris"}
+    es = hf_knowedit.apply_edits(model, tok, fact, "rome", layers=[1], config=config)
+    assert es.stats_key.n_tokens == 240
+    for bad in (0, -1, float("nan"), "2x", True):
+        with pytest.raises(InvalidConfigError, match="mom2_n_keys"):
+            ROMEConfig(mom2_n_keys=bad)
