@@ -25,6 +25,8 @@ SETTINGS = {
     "memit": dict(layers=[1, 2], mom2_update_weight=1.0),
     "alphaedit": dict(layers=[1, 2], nullspace_threshold=2.0, l2=0.5),
     "emmet": dict(layers=[1, 2]),
+    "encore": dict(layers=[1, 2], mom2_update_weight=1.0),
+    "rlsedit": dict(layers=[1, 2], mom2_update_weight=1.0),
 }
 CORPUS = [
     "The Eiffel Tower is located in Paris, the capital of France.",

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..architectures import get_module, mlp_out_path
+from ..architectures import mlp_out_path, read_tensor
 from ..errors import SingularSystemError
 from ..stack import effective_weight, get_state
 from .config import option, with_aliases
@@ -92,7 +92,7 @@ def compute(ctx: EditContext) -> MethodResult:
         path = mlp_out_path(ctx.arch, layer)
         now = effective_weight(ctx.model, path)
         base = state.base.get(path)
-        base = get_module(ctx.model, path).weight if base is None else base
+        base = read_tensor(ctx.model, f"{path}.weight") if base is None else base
         drift = (now - base.detach().float()).cpu()
         if ctx.arch.mlp_out_layout == "conv1d":  # [in, out] weights: ΔW is kept in Linear orientation
             drift = drift.t()
