@@ -279,7 +279,7 @@ def step_size(hp: EditConfig, init: torch.Tensor) -> float | torch.Tensor:
 
     Adam moves each coordinate by about the rate per step whatever the gradient's scale, so a fixed rate
     is a different strength on every model: SmolLM2-135M's residual RMS at MEMIT's band is ~5, Gemma-3-270M's
-    ~135 (0.5 moved z by 4 % of its norm in 25 steps, loss 0.64-5.0; ``docs/results/layer_sweep_gemma3.md``).
+    ~135 (0.5 moved z by 4 % of its norm in 25 steps, losses 0.26-5.0; ``docs/results/strength_families.md``).
     """
     if hp.v_lr is not None:
         return hp.v_lr
