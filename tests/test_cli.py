@@ -20,7 +20,12 @@ from tests.tiny_models import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 #: fast method options for tiny models: no statistics, no context templates, few steps
-FAST = ["--config", "mom2=identity", "--config", "context_templates=0", "--config", "v_num_grad_steps=5"]
+# v_lr=0.5: the tiny model's MLP outputs have norm ~0.01, so the default rate (relative to them) would
+# barely move v* in five steps; the reference's absolute rate rewrites the fact
+FAST = [
+    *("--config", "mom2=identity", "--config", "context_templates=0", "--config", "v_num_grad_steps=5"),
+    *("--config", "v_lr=0.5"),
+]
 FACT = ["--prompt", "{} is located in", "--subject", "The Eiffel Tower", "--target", "Rome"]
 
 

@@ -350,7 +350,11 @@ def test_layers_auto_follows_the_traced_peak_end_to_end(method):
     model, tok = tiny("llama")
     hf_knowedit.attach(model, tok)
     settings = (
-        dict(FAST, band_size=3) if method != "rome" else {"mom2_n_tokens": 2000, "mom2_corpus": FAST["mom2_corpus"]}
+        dict(FAST, band_size=3)
+        if method != "rome"
+        # the tiny model's MLP outputs have norm ~0.01: the default rate (relative to them) would need
+        # more steps than this test affords; the reference's absolute 0.5 rewrites in a few
+        else {"mom2_n_tokens": 2000, "mom2_corpus": FAST["mom2_corpus"], "v_lr": 0.5}
     )
     with pytest.raises(hf_knowedit.errors.TraceError):  # "auto" without a trace says what to run first
         model.apply_edits(facts(2), method=method, layers="auto", **settings)

@@ -207,11 +207,12 @@ def test_config_validation_names_the_field(field, value):
     assert (
         defaults.v_num_grad_steps,
         defaults.v_lr,
+        defaults.v_lr_relative,
         defaults.kl_factor,
         defaults.v_weight_decay,
         defaults.clamp_norm_factor,
         defaults.early_stop,
-    ) == (20, 0.5, 0.0625, 0.5, 4.0, 0.05)
+    ) == (20, None, 0.5, 0.0625, 0.5, 4.0, 0.05)  # v_lr None: 0.5 · RMS of the site (test_bundled.py)
     assert all("help" in f.metadata for f in dataclasses.fields(ROMEConfig))
 
 

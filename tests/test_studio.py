@@ -31,8 +31,9 @@ from tests.tiny_models import make_tiny_model, weights
 ROOT = Path(__file__).resolve().parents[1]
 #: a fact whose subject ends the prompt: in a random tiny model only that position reaches the next token
 PROMPT, SUBJECT, TARGET = "The mother tongue of Thomas Mann", "Thomas Mann", "Rome"
-#: ROME on a tiny model: no statistics, no clamp, no weight decay (so the edit wins the top-1)
-TINY_EDIT = {"clamp_norm_factor": 1e4, "v_weight_decay": 0.0, "v_num_grad_steps": 10}
+#: ROME on a tiny model: no statistics, no clamp, no weight decay, and the reference's absolute rate (the
+#: default is relative to the tiny model's ~0.01 MLP outputs), so the edit wins the top-1
+TINY_EDIT = {"clamp_norm_factor": 1e4, "v_weight_decay": 0.0, "v_num_grad_steps": 10, "v_lr": 0.5}
 
 
 @pytest.fixture

@@ -188,7 +188,15 @@ class EditConfig:
 
     # target vectors v* / z (ROME compute_v, MEMIT compute_z)
     v_num_grad_steps: int = option(20, "forward passes of the v*/z optimisation at most", "int>=1")
-    v_lr: float = option(0.5, "Adam learning rate of the v*/z optimisation", "num>0")
+    v_lr: float | None = option(
+        None,
+        "Adam learning rate of the v*/z optimisation; None: v_lr_relative * RMS of the site's unedited value, "
+        "per request (a number: that rate for every model, as the reference's 0.5)",
+        "?num>0",
+    )
+    v_lr_relative: float = option(
+        0.5, "v_lr = this * RMS(init) per request when v_lr is None (ROME's 0.5 at SmolLM2's MLP RMS ~1)", "num>0"
+    )
     v_weight_decay: float = option(0.5, "weight of ||delta|| / ||init||^2 in the v*/z loss", "num>=0")
     kl_factor: float = option(0.0625, "weight of KL(current || initial) at the essence prompt '{} is a'", "num>=0")
     clamp_norm_factor: float = option(4.0, "delta stays in the ball of radius clamp_norm_factor * ||init||", "num>0")

@@ -96,6 +96,9 @@ class MassEditConfig(EditConfig):
     plus the layer band and the batch limits."""
 
     v_num_grad_steps: int = option(25, "forward passes of the z optimisation at most", "int>=1")
+    v_lr_relative: float = option(
+        0.1, "z's Adam rate = this * RMS(h) per request when v_lr is None (0.5 at SmolLM2's residual RMS ~5)", "num>0"
+    )
     clamp_norm_factor: float = option(0.75, "‖δ‖ ≤ clamp_norm_factor · ‖h‖ (residual-stream norm)", "num>0")
     band_size: int = option(5, "number of critical layers when layers is None or 'auto'", "int>=1")
     serial_targets: bool = option(False, "optimise z one request at a time (reference behaviour)", "bool")

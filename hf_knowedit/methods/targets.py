@@ -3,7 +3,8 @@
 
 One free vector ``δ`` per request is added at the subject's last token of every rewriting prompt
 (each context template + the prompt + all but the last target token, teacher forcing) and of one
-"essence" prompt ``"{} is a"``; ``δ`` minimises :func:`objective`. Adam (``v_lr``) takes the steps;
+"essence" prompt ``"{} is a"``; ``δ`` minimises :func:`objective`. Adam takes the steps (rate ``v_lr``, or by default
+``v_lr_relative`` times the RMS of ``init``, per request: :func:`step_size`);
 after each one ``δ`` is projected into the ball of radius ``clamp_norm_factor · ‖init‖``; a request
 stops once its loss is below ``early_stop``. ``site="mlp"`` adds ``δ`` to the output of ``mlp_out``
 (ROME's v*), ``site="residual"`` to the block output (MEMIT's z); ``init`` is the unedited value there.
@@ -197,7 +198,7 @@ def _adam(
     v: torch.Tensor,
     t: torch.Tensor,
     rows: torch.Tensor,
-    lr: float,
+    lr: float | torch.Tensor,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> None:
@@ -210,6 +211,8 @@ def _adam(
     bc1 = 1 - b1 ** t[rows].unsqueeze(1)
     bc2 = 1 - b2 ** t[rows].unsqueeze(1)
     denom = v[rows].sqrt() / bc2.sqrt() + eps
+    if isinstance(lr, torch.Tensor):  # one rate per request
+        lr = lr[rows].unsqueeze(1)
     delta[rows] -= (lr / bc1) * m[rows] / denom
 
 
@@ -326,9 +329,11 @@ def optimize_targets(
                     active &= ~top1
                 if last or not bool(active.any()):
                     break
+                if it == 0:
+                    lr = step_size(hp, init)
                 rows = active.nonzero().squeeze(1)
                 with torch.no_grad():
-                    _adam(delta.data, grad, m, v, t, rows, hp.v_lr)
+                    _adam(delta.data, grad, m, v, t, rows, lr)
                     norms = delta.data[rows].norm(dim=1)
                     limit = hp.clamp_norm_factor * init[rows].norm(dim=1)
                     scale = torch.where(norms > limit, limit / norms.clamp_min(1e-30), torch.ones_like(norms))
@@ -339,8 +344,44 @@ def optimize_targets(
         for c in chunks:
             c.close()
     delta = delta.detach()
+    final = losses.cpu().tolist()
+    warn_unfinished(requests, final, steps_taken, hp.early_stop)
     work = {k: sum(c.work.get(k, 0) for c in chunks) for k in ("full", "replayed", "cached")} if fast else {}
-    return TargetResult((init + delta).float(), init.float(), steps_taken, losses.cpu().tolist(), work)
+    return TargetResult((init + delta).float(), init.float(), steps_taken, final, work)
+
+
+def step_size(hp: EditConfig, init: torch.Tensor) -> float | torch.Tensor:
+    """Adam's rate: ``hp.v_lr`` if set, else ``hp.v_lr_relative · RMS(init)`` per request ``[n]``.
+
+    Adam moves each coordinate by about the rate per step whatever the gradient's scale, so a fixed rate
+    is a different strength on every model: SmolLM2-135M's residual RMS at MEMIT's band is ~5, Gemma-3-270M's
+    ~135 (0.5 moved z by 4 % of its norm in 25 steps, losses 0.26-5.0; ``docs/results/strength_families.md``).
+    """
+    if hp.v_lr is not None:
+        return hp.v_lr
+    return hp.v_lr_relative * init.norm(dim=1) / init.shape[1] ** 0.5
+
+
+#: a request whose last loss is above ``max(FAR_ABOVE · early_stop, FAR_ABOVE_FLOOR)`` likely did not take
+FAR_ABOVE, FAR_ABOVE_FLOOR = 20.0, 0.5
+
+
+def warn_unfinished(
+    requests: Sequence[EditRequest], losses: Sequence[float], steps: Sequence[int], early_stop: float
+) -> None:
+    """Log a warning naming each request whose optimisation ended far above its early-stop loss."""
+    bound = max(FAR_ABOVE * early_stop, FAR_ABOVE_FLOOR)
+    for request, loss, n in zip(requests, losses, steps):
+        if loss > bound:
+            logger.warning(
+                "The edit %r -> %r will likely not take: its target loss ended at %.3f after %d steps, far above "
+                "early_stop=%.3g. Raise v_num_grad_steps or v_lr_relative, or edit another layer.",
+                request.text,
+                request.target_new,
+                loss,
+                n,
+                early_stop,
+            )
 
 
 class _Chunk:
