@@ -82,6 +82,10 @@ class ArchitectureSpec:
             subject on (needs attention that depends on positions, not on cache indices), ``"common"``
             every row from the earliest subject of its batch on (e.g. local attention over index
             distances), ``"off"`` never.
+        mlp_post_norm: path, relative to one block, of a norm applied to the MLP's output before it is
+            added to the residual stream (Gemma 2/3, OLMo 2/3, EXAONE 4: ``post_feedforward_layernorm``),
+            or None. The MEMIT family writes residual-stream changes into ``mlp_out``; through such a
+            norm they must first be mapped back to a change of its input (``methods/memit.py``).
     """
 
     model_type: str
@@ -95,6 +99,7 @@ class ArchitectureSpec:
     lm_head: str
     logit_softcap: str | None = None
     prefix_cache: str = "rows"
+    mlp_post_norm: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_type, str) or not self.model_type.strip():
@@ -111,6 +116,13 @@ class ArchitectureSpec:
                 f"ArchitectureSpec({self.model_type!r}).mlp_out_layout must be one of {LAYOUTS} "
                 f"('linear': nn.Linear, weight [out, in]; 'conv1d': transformers Conv1D, weight [in, out]), "
                 f"got {self.mlp_out_layout!r}"
+            )
+        if self.mlp_post_norm is not None and not (
+            isinstance(self.mlp_post_norm, str) and _PATH_RE.match(self.mlp_post_norm)
+        ):
+            raise InvalidConfigError(
+                f"ArchitectureSpec({self.model_type!r}).mlp_post_norm must be None or a dotted module path "
+                f"relative to one block (e.g. 'post_feedforward_layernorm'), got {self.mlp_post_norm!r}"
             )
         if self.prefix_cache not in PREFIX_CACHE:
             raise InvalidConfigError(
@@ -131,6 +143,8 @@ class ArchitectureSpec:
 
 S = ArchitectureSpec
 _SOFTCAP = "final_logit_softcapping"
+#: the norm Gemma 2/3, OLMo 2/3 and EXAONE 4 apply to the MLP output before the residual add
+_POST_FFN_NORM = "post_feedforward_layernorm"
 
 # fmt: off
 _TABLE: list[ArchitectureSpec] = [
@@ -173,15 +187,15 @@ _TABLE: list[ArchitectureSpec] = [
     S("seed_oss",          "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("phi3",              "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("olmo",              "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
-    S("olmo2",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
-    S("olmo3",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("olmo2",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", mlp_post_norm=_POST_FFN_NORM),
+    S("olmo3",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", mlp_post_norm=_POST_FFN_NORM),
     S("stablelm",          "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("smollm3",           "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("glm",               "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("glm4",              "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("helium",            "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("nemotron",          "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
-    S("exaone4",           "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("exaone4",           "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", mlp_post_norm=_POST_FFN_NORM),
     S("arcee",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("apertus",           "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("ernie4_5",          "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
@@ -189,8 +203,8 @@ _TABLE: list[ArchitectureSpec] = [
     S("jais2",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     # --- Gemma family (embedding scale lives inside the embedding module)
     S("gemma",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
-    S("gemma2",            "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP),
-    S("gemma3_text",       "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP),
+    S("gemma2",            "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP, mlp_post_norm=_POST_FFN_NORM),
+    S("gemma3_text",       "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP, mlp_post_norm=_POST_FFN_NORM),
     S("vaultgemma",        "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP),
 ]
 # fmt: on
@@ -319,6 +333,12 @@ def layer_path(spec: ArchitectureSpec, layer: int) -> str:
 def mlp_out_path(spec: ArchitectureSpec, layer: int) -> str:
     """Full dotted path of block ``layer``'s MLP output projection, e.g. ``"model.layers.3.mlp.down_proj"``."""
     return f"{layer_path(spec, layer)}.{spec.mlp_out}"
+
+
+def mlp_post_norm_path(spec: ArchitectureSpec, layer: int) -> str | None:
+    """Full dotted path of the norm block ``layer`` applies to its MLP output, or None (see
+    :attr:`ArchitectureSpec.mlp_post_norm`)."""
+    return None if spec.mlp_post_norm is None else f"{layer_path(spec, layer)}.{spec.mlp_post_norm}"
 
 
 def attn_out_path(spec: ArchitectureSpec, layer: int) -> str:

@@ -1,9 +1,9 @@
 """The second bundled family, Gemma-3-270M (``gemma3_text``, 18 layers): ROME on 10 CounterFact records
 reaches efficacy >= 90 % with NS within 10 points of the unedited model, with the library's default layer
 and strengths (statistics and context templates cut for the slow-test budget; measured 80 -> 70, at the
-bound). MEMIT on 20 records does not yet (ES 75, NS 76.5 -> 50 on the default band): Gemma's MLP output
-passes through ``post_feedforward_layernorm`` before the residual add, which MEMIT's linear spreading of
-the residual ignores (``docs/design.md``, "Defaults across model families")."""
+bound). MEMIT on 20 records does not yet: with its residual mapped through ``post_feedforward_layernorm``
+(``memit.through_post_norm``) the neighbourhood holds (NS 76.5 -> 76.5) but ES reaches 60, not 90
+(``docs/design.md``, "Defaults across model families"); no test pretends otherwise."""
 
 from __future__ import annotations
 

@@ -63,11 +63,12 @@ from ..architectures import (
     get_module,
     layer_path,
     mlp_out_path,
+    mlp_post_norm_path,
     model_device,
     num_layers,
 )
 from ..deltas import ModuleDelta
-from ..errors import BatchTooLargeError, InvalidConfigError
+from ..errors import BatchTooLargeError, InvalidConfigError, UnsupportedArchitectureError
 from ..hooks import LowRankHook, Trace, hidden
 from ..requests import EditRequest
 from ..tokens import encode_template, pad_batch, pad_id
@@ -214,19 +215,54 @@ def block_output_at_subject(
 ) -> torch.Tensor:
     """``h_layer`` (block output) at the subject's last token of each request's plain prompt,
     ``[n, d_model]`` float32."""
-    arch = get_architecture(model)
+    return output_at_subject(model, tokenizer, requests, layer_path(get_architecture(model), layer), batch_size)
+
+
+def output_at_subject(
+    model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], path: str, batch_size: int = 64
+) -> torch.Tensor:
+    """The output of module ``path`` at the subject's last token of each request's plain prompt,
+    ``[n, d]`` float32 on the CPU (the forward stops there)."""
     device = model_device(model)
     out = []
     for b in range(0, len(requests), batch_size):
         encs = [encode_template(tokenizer, r.prompt, r.subject) for r in requests[b : b + batch_size]]
         # right padding: real tokens keep their positions
         ids, mask, _, _ = pad_batch([e.input_ids for e in encs], pad_id(tokenizer), "right", device)
-        with Trace(model, layer_path(arch, layer), retain_output=True, stop=True) as tr:
+        with Trace(model, path, retain_output=True, stop=True) as tr:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         h = hidden(tr.output)
-        rows = torch.arange(len(encs), device=h.device)  # h: on the block's device
+        rows = torch.arange(len(encs), device=h.device)  # h: on the module's device
         out.append(h[rows, torch.tensor([e.subject_last for e in encs], device=h.device)].float().cpu())
     return torch.cat(out)
+
+
+def through_post_norm(norm: nn.Module, x: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    """The change ``Δx`` of an RMS norm's input ``x`` ``[n, d]`` that moves its output by ``change`` ``[n, d]``.
+
+    For architectures whose MLP output passes a norm before the residual add (Gemma 2/3, OLMo 2/3, EXAONE 4):
+    MEMIT's residual is a change of the block output, but ``ΔW`` changes the norm's input. The norm is
+    ``y = g ⊙ x / rms(x)``, so its outputs are exactly the ``y`` with ``rms(y / g) = 1``, whatever ``x``'s
+    scale. The wanted output ``y + change`` is brought onto that set (``u = (y + change) / g``, ``û = u / rms(u)``:
+    exact when reachable, the nearest direction otherwise) and the new input keeps the old one's scale:
+    ``Δx = rms(x) · û − x``. ``g = norm(1)`` is read from the module itself; a norm that is not of this form
+    (checked on ``x``) raises :class:`~hf_knowedit.errors.UnsupportedArchitectureError`. Float64, float32 result."""
+    x = x.double()
+    with torch.no_grad():
+        ones = torch.ones_like(x[:1]).to(torch.float32)
+        gain = norm(ones).double()[0]  # g (an eps in the norm changes it by ~eps / 2)
+        y = norm(x.float()).double()
+        rms = x.pow(2).mean(dim=1, keepdim=True).sqrt()
+    if not torch.allclose(gain * x / rms, y, rtol=1e-3, atol=1e-3 * float(y.abs().max())):
+        raise UnsupportedArchitectureError(
+            f"The norm after this architecture's MLP ({type(norm).__name__}) is not an RMS norm g ⊙ x / rms(x); "
+            "the MEMIT family cannot map residual changes through it. Edit with ROME, or set the architecture "
+            "table's mlp_post_norm for this model type to a supported norm."
+        )
+    live = gain.abs() > 1e-6 * gain.abs().max()  # coordinates the norm zeroes keep their direction
+    u = torch.where(live, (y + change.double()) / torch.where(live, gain, 1.0), x / rms)
+    u_hat = u / u.pow(2).mean(dim=1, keepdim=True).sqrt()
+    return (rms * u_hat - x).float()
 
 
 def optimize_z(ctx: EditContext, requests: Sequence[EditRequest], layer: int, templates: Sequence[str]) -> torch.Tensor:
@@ -289,6 +325,12 @@ def spread_updates(
         keys = compute_keys(ctx.model, ctx.tokenizer, list(requests), layer, templates).float().cpu()
         current = block_output_at_subject(ctx.model, ctx.tokenizer, requests, z_layer)
         resid = spread_residual(z - current, i, len(layers))
+        norm_path = mlp_post_norm_path(pending.arch, layer)
+        if norm_path is not None:  # ΔW changes the norm's input: map the block-output change through it
+            x = output_at_subject(ctx.model, ctx.tokenizer, requests, mlp_out_path(pending.arch, layer))
+            norm = get_module(ctx.model, norm_path)
+            dev = execution_device(norm)
+            resid = through_post_norm(norm, x.to(dev), resid.to(dev)).cpu()
         logger.info(
             "MEMIT layer %d: %d keys, mean residual norm %.4g (layer %d of %d)",
             layer,
