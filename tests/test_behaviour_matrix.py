@@ -41,15 +41,17 @@ FACT = {"prompt": "The capital city of {}", "subject": "Italy", "target_new": "P
 PROBE = "The capital city of Italy is"
 OTHER = {"prompt": "The official language of {}", "subject": "Japan", "target_new": "German"}
 
-CHEAP = dict(mom2="identity", context_templates=0, v_num_grad_steps=2)
+# v_lr absolute: the default rate is relative to the site's RMS, which on random tiny models is ~1e-3, so two
+# steps would barely move z (and a post-MLP norm, as OLMo 2's, then passes only that small change on)
+CHEAP = dict(mom2="identity", context_templates=0, v_num_grad_steps=2, v_lr=0.5)
 SETTINGS = {
     "rome": dict(layers=[1]),
-    "memit": dict(layers=[1, 2], mom2_update_weight=1.0),  # λ = 1 with C = I: an update of visible size
+    "memit": dict(layers=[1, 2], mom2_update_weight=1e-3),  # small λ with C = I: an update of visible size
     # with C = I every singular value (1) is below the threshold: P = I, the whole space is free
     "alphaedit": dict(layers=[1, 2], nullspace_threshold=2.0, l2=0.5),
     "emmet": dict(layers=[1, 2]),
-    "encore": dict(layers=[1, 2], mom2_update_weight=1.0),
-    "rlsedit": dict(layers=[1, 2], mom2_update_weight=1.0),
+    "encore": dict(layers=[1, 2], mom2_update_weight=1e-3),
+    "rlsedit": dict(layers=[1, 2], mom2_update_weight=1e-3),
 }
 
 

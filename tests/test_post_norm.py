@@ -43,15 +43,16 @@ def test_through_post_norm_reaches_a_reachable_output_change(scale):
 
     delta = memit.through_post_norm(norm, x, wanted)
     assert torch.allclose(rms_norm(x + delta, weight), rms_norm(x, weight) + wanted, atol=1e-4 * wanted.abs().max())
-    # the new input keeps the old one's scale (the norm ignores it)
-    assert torch.allclose((x + delta).norm(dim=1), x.norm(dim=1), rtol=1e-5)
+    # the new input stays at the old one's scale (within the factor 2 the exact branch allows)
+    assert bool(((x + delta).norm(dim=1) <= 2 * x.norm(dim=1) * (1 + 1e-6)).all())
 
 
 def test_through_post_norm_brings_an_unreachable_change_to_the_nearest_direction():
     g = torch.Generator().manual_seed(1)
     weight = torch.randn(16, generator=g) * 0.3
     x = torch.randn(3, 16, generator=g)
-    wanted = torch.randn(3, 16, generator=g)  # generally not of the form norm(x') - norm(x)
+    # twice the output plus noise: rms(v) ~ 2 > 1, out of the norm's reach at any input scale
+    wanted = rms_norm(x, weight) + 0.3 * torch.randn(3, 16, generator=g)
     delta = memit.through_post_norm(lambda t: rms_norm(t, weight), x, wanted)
     u = (rms_norm(x, weight) + wanted) / (1 + weight)
     expected = u / u.pow(2).mean(dim=1, keepdim=True).sqrt() * x.pow(2).mean(dim=1, keepdim=True).sqrt()

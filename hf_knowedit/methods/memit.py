@@ -242,27 +242,38 @@ def through_post_norm(norm: nn.Module, x: torch.Tensor, change: torch.Tensor) ->
 
     For architectures whose MLP output passes a norm before the residual add (Gemma 2/3, OLMo 2/3, EXAONE 4):
     MEMIT's residual is a change of the block output, but ``ΔW`` changes the norm's input. The norm is
-    ``y = g ⊙ x / rms(x)``, so its outputs are exactly the ``y`` with ``rms(y / g) = 1``, whatever ``x``'s
-    scale. The wanted output ``y + change`` is brought onto that set (``u = (y + change) / g``, ``û = u / rms(u)``:
-    exact when reachable, the nearest direction otherwise) and the new input keeps the old one's scale:
-    ``Δx = rms(x) · û − x``. ``g = norm(1)`` is read from the module itself; a norm that is not of this form
-    (checked on ``x``) raises :class:`~hf_knowedit.errors.UnsupportedArchitectureError`. Float64, float32 result."""
+    ``y = g ⊙ x / sqrt(mean(x²) + eps)``; ``g = norm(1)``, the row scale and ``eps`` are read from the module
+    itself (a norm not of this form, checked on ``x``, raises
+    :class:`~hf_knowedit.errors.UnsupportedArchitectureError`). With ``v = (y + change) / g``:
+
+    * if ``mean(v²) < 1`` the output is reachable exactly, by ``x' = c v``, ``c = sqrt(eps / (1 − mean(v²)))``,
+      taken when ``rms(x') ≤ 2 rms(x)`` (where eps is negligible, as in trained models, ``c`` is huge unless
+      the change keeps the output's scale);
+    * otherwise ``v`` is rescaled to the output scale the norm gives inputs of ``x``'s size (the nearest
+      reachable direction) and the input keeps its scale.
+
+    Float64, float32 result."""
     x = x.double()
     with torch.no_grad():
-        ones = torch.ones_like(x[:1]).to(torch.float32)
-        gain = norm(ones).double()[0]  # g (an eps in the norm changes it by ~eps / 2)
+        gain = norm(torch.ones_like(x[:1]).float()).double()[0]  # g, to a relative eps / 2
         y = norm(x.float()).double()
-        rms = x.pow(2).mean(dim=1, keepdim=True).sqrt()
-    if not torch.allclose(gain * x / rms, y, rtol=1e-3, atol=1e-3 * float(y.abs().max())):
+    gx = gain * x
+    inv_s = (gx * y).sum(dim=1, keepdim=True) / gx.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-300)
+    if not torch.allclose(gx * inv_s, y, rtol=1e-3, atol=1e-3 * float(y.abs().max())):
         raise UnsupportedArchitectureError(
             f"The norm after this architecture's MLP ({type(norm).__name__}) is not an RMS norm g ⊙ x / rms(x); "
             "the MEMIT family cannot map residual changes through it. Edit with ROME, or set the architecture "
             "table's mlp_post_norm for this model type to a supported norm."
         )
-    live = gain.abs() > 1e-6 * gain.abs().max()  # coordinates the norm zeroes keep their direction
-    u = torch.where(live, (y + change.double()) / torch.where(live, gain, 1.0), x / rms)
-    u_hat = u / u.pow(2).mean(dim=1, keepdim=True).sqrt()
-    return (rms * u_hat - x).float()
+    ms_x = x.pow(2).mean(dim=1, keepdim=True)
+    eps = (inv_s.pow(-2) - ms_x).clamp_min(0.0)
+    live = gain.abs() > 1e-6 * gain.abs().max()  # coordinates the norm zeroes keep their value
+    v = torch.where(live, (y + change.double()) / torch.where(live, gain, 1.0), x * inv_s)
+    ms_v = v.pow(2).mean(dim=1, keepdim=True)
+    exact = v * (eps / (1.0 - ms_v).clamp_min(1e-300)).sqrt()
+    ok = (ms_v < 1.0) & (eps > 0) & (exact.pow(2).mean(dim=1, keepdim=True) <= 4.0 * ms_x)
+    nearest = v * (ms_x.sqrt() * inv_s / ms_v.sqrt()) / inv_s
+    return (torch.where(ok, exact, nearest) - x).float()
 
 
 def optimize_z(ctx: EditContext, requests: Sequence[EditRequest], layer: int, templates: Sequence[str]) -> torch.Tensor:
