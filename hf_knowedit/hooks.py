@@ -110,9 +110,12 @@ class Trace(contextlib.AbstractContextManager):
 
         owner = threading.get_ident()
 
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        def hook(mod: nn.Module, args: tuple, *rest: Any) -> Any:
             if threading.get_ident() != owner:  # another thread's forward: not ours to trace
                 return None
+            # torch registers a with_kwargs hook in two steps; a forward running in another thread between
+            # them calls it as (module, args, output). Only that thread can see the gap, and it returned above.
+            kwargs, output = rest if len(rest) == 2 else ({}, rest[0])
             if retain_input:
                 self.input = _keep(first_input(args, kwargs), clone, detach)
             if edit_output is not None:

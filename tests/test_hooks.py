@@ -53,3 +53,27 @@ def test_stop_ends_forward_early_and_hooks_removed_after_exception(tiny):
         with Trace(model, layer_path(spec, 0), edit_output=lambda o, n: (_ for _ in ()).throw(RuntimeError("x"))):
             model(**ids)
     assert count_forward_hooks(model) == 0
+
+
+def test_a_trace_being_registered_does_not_break_another_threads_forward():
+    """torch adds a ``with_kwargs`` hook to ``_forward_hooks`` before it flags it; a forward in another thread
+    between the two calls it as ``(module, args, output)``. The gap is recreated by removing the flag."""
+    import threading
+
+    layer = torch.nn.Linear(4, 4)
+    with Trace(layer, layer) as tr:
+        flag = layer._forward_hooks_with_kwargs.pop(tr._handle.id)
+        errors, outputs = [], []
+
+        def other():
+            try:
+                outputs.append(layer(torch.ones(1, 4)))
+            except Exception as err:  # noqa: BLE001 - the assertion reports it
+                errors.append(err)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        layer._forward_hooks_with_kwargs[tr._handle.id] = flag
+    assert not errors and torch.equal(outputs[0], torch.ones(1, 4) @ layer.weight.t() + layer.bias)
+    assert tr.output is None  # the other thread's forward was not traced
