@@ -267,13 +267,34 @@ def through_post_norm(norm: nn.Module, x: torch.Tensor, change: torch.Tensor) ->
         )
     ms_x = x.pow(2).mean(dim=1, keepdim=True)
     eps = (inv_s.pow(-2) - ms_x).clamp_min(0.0)
+    target = y + change.double()
     live = gain.abs() > 1e-6 * gain.abs().max()  # coordinates the norm zeroes keep their value
-    v = torch.where(live, (y + change.double()) / torch.where(live, gain, 1.0), x * inv_s)
+    v = torch.where(live, target / torch.where(live, gain, 1.0), x * inv_s)
     ms_v = v.pow(2).mean(dim=1, keepdim=True)
     exact = v * (eps / (1.0 - ms_v).clamp_min(1e-300)).sqrt()
     ok = (ms_v < 1.0) & (eps > 0) & (exact.pow(2).mean(dim=1, keepdim=True) <= 4.0 * ms_x)
-    nearest = v * (ms_x.sqrt() * inv_s / ms_v.sqrt()) / inv_s
+    nearest = nearest_on_sphere(gain, target, ms_x * inv_s.pow(2)) / inv_s
     return (torch.where(ok, exact, nearest) - x).float()
+
+
+def nearest_on_sphere(g: torch.Tensor, t: torch.Tensor, ms: torch.Tensor, iters: int = 100) -> torch.Tensor:
+    """``argmin_w ‖g ⊙ w − t‖`` over ``mean(w²) = ms`` (per row): ``w = g t / (g² + μ)`` with ``μ`` found by
+    bisection on ``mean(w²) = ms``. Where ``g`` is small the target's coordinates are not blown up (dividing
+    ``t`` by ``g`` would let them decide the direction); a reachable target gives ``μ = 0``, ``w = t / g``."""
+    g2 = g.pow(2)
+    lo = torch.full_like(ms, -float(g2.min()) + 1e-12 * float(g2.max()))
+    hi = torch.full_like(ms, float(g2.max()))
+    while True:  # widen until mean(w(hi)²) <= ms
+        w = g * t / (g2 + hi)
+        if bool((w.pow(2).mean(dim=1, keepdim=True) <= ms).all()):
+            break
+        hi = hi * 4
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        too_big = (g * t / (g2 + mid)).pow(2).mean(dim=1, keepdim=True) > ms
+        lo, hi = torch.where(too_big, mid, lo), torch.where(too_big, hi, mid)
+    w = g * t / (g2 + hi)
+    return w * (ms / w.pow(2).mean(dim=1, keepdim=True)).sqrt()  # exactly on the sphere
 
 
 def optimize_z(ctx: EditContext, requests: Sequence[EditRequest], layer: int, templates: Sequence[str]) -> torch.Tensor:
