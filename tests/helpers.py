@@ -17,6 +17,7 @@ from torch import nn
 
 import hf_knowedit
 from hf_knowedit.hooks import count_forward_hooks
+from hf_knowedit.methods.registry import get_method
 from hf_knowedit.tokens import split_prompt_target
 from tests.tiny_models import assert_same, weights
 
@@ -58,3 +59,20 @@ def logprob(model: nn.Module, tok: Any, prompt: str, target: str) -> float:
     p, t = split_prompt_target(tok, prompt, target)
     logp = torch.log_softmax(model(input_ids=torch.tensor([p + t])).logits[0].float(), -1)
     return float(sum(logp[len(p) - 1 + i, x] for i, x in enumerate(t)) / len(t))
+
+
+#: the methods hf_knowedit ships (test modules may register their own test methods)
+SHIPPED_METHODS = [
+    m for m in hf_knowedit.available_methods() if get_method(m).compute.__module__.startswith("hf_knowedit.")
+]
+#: one fact and, per method, layers and strengths that give an update of visible size on a 4-layer tiny model
+#: with ``mom2="identity"`` (the dispatch and half-precision tests)
+CAPITAL_FACT = {"prompt": "The capital city of {}", "subject": "Italy", "target_new": "Paris", "target_true": "Rome"}
+TINY_METHOD_SETTINGS = {
+    "rome": dict(layers=[2]),
+    "memit": dict(layers=[1, 2], mom2_update_weight=1.0),
+    "alphaedit": dict(layers=[1, 2], nullspace_threshold=2.0, l2=0.5),
+    "emmet": dict(layers=[1, 2]),
+    "encore": dict(layers=[1, 2], mom2_update_weight=1.0),
+    "rlsedit": dict(layers=[1, 2], mom2_update_weight=1.0),
+}

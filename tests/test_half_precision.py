@@ -10,24 +10,17 @@ import pytest
 import torch
 
 import hf_knowedit
-from hf_knowedit.methods.registry import get_method
+from tests.helpers import CAPITAL_FACT, SHIPPED_METHODS, TINY_METHOD_SETTINGS
 from tests.tiny_models import make_tiny_model, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread", "stats_cache")
 
 DTYPES = [torch.float16, torch.bfloat16]
 IDS = ["fp16", "bf16"]
-METHODS = [m for m in hf_knowedit.available_methods() if get_method(m).compute.__module__.startswith("hf_knowedit.")]
-FACT = {"prompt": "The capital city of {}", "subject": "Italy", "target_new": "Paris", "target_true": "Rome"}
+METHODS = SHIPPED_METHODS
+FACT = CAPITAL_FACT
 CHEAP = dict(mom2="identity", context_templates=0, v_num_grad_steps=3)
-SETTINGS = {
-    "rome": dict(layers=[2]),
-    "memit": dict(layers=[1, 2], mom2_update_weight=1.0),
-    "alphaedit": dict(layers=[1, 2], nullspace_threshold=2.0, l2=0.5),
-    "emmet": dict(layers=[1, 2]),
-    "encore": dict(layers=[1, 2], mom2_update_weight=1.0),
-    "rlsedit": dict(layers=[1, 2], mom2_update_weight=1.0),
-}
+SETTINGS = TINY_METHOD_SETTINGS
 CORPUS = [
     "The Eiffel Tower is located in Paris, the capital of France.",
     "Berlin is the capital of Germany, and the people of Germany speak German.",

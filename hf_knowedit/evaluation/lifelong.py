@@ -3,7 +3,7 @@
     >>> res = hf_knowedit.evaluation.run_lifelong(model, tok, "counterfact_flat_edit_10000.json", method="alphaedit",
     ...                                           n_edits=3000, batch_size=100, checkpoint_every=500,
     ...                                           known="known_1000.json", state_dir="runs/alphaedit")
-    >>> print(res.to_markdown()); res.plot(path="alphaedit.png")
+    >>> res.to_markdown(); res.plot(path="alphaedit.png")
 
 The first ``n_edits`` records (less any that repeat an earlier record's fact: they would conflict with it;
 their indices are in ``settings["skipped"]``) are applied in consecutive batches of ``batch_size`` (one
