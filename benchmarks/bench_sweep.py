@@ -27,6 +27,8 @@ from benchlib import data_dir, machine_info, write_markdown
 logger = logging.getLogger("bench_sweep")
 
 METRICS = ("ES", "PS", "NS")
+#: the generation family (``evaluate(generation=True)``), shown when the run computed it
+GEN_METRICS = ("gen_ES", "gen_PS", "gen_NS", "gen_ES_prefix")
 
 
 def harmonic(values: list[float]) -> float:
@@ -44,7 +46,16 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
 
 def row(name: str, layers: list[int], result: Any, seconds: float) -> dict[str, Any]:
     post = {k: float(result.post[k]) for k in METRICS}
-    return {"name": name, "layers": layers, **post, "S": harmonic(list(post.values())), "s": seconds}
+    gen = {k: float(result.post[k]) for k in GEN_METRICS if k in result.post}
+    return {"name": name, "layers": layers, **post, "S": harmonic(list(post.values())), **gen, "s": seconds}
+
+
+def load_partial(path: Path | None, signature: dict[str, Any]) -> dict[str, Any]:
+    """The rows an earlier run with the same settings finished (``--json``): a killed sweep resumes."""
+    if path is None or not path.exists():
+        return {}
+    done = json.loads(path.read_text())
+    return done if done.get("signature") == signature else {}
 
 
 def run(
@@ -60,6 +71,8 @@ def run(
     stats_tokens: int,
     templates: int,
     steps: int | None,
+    generation: bool = False,
+    json_path: Path | None = None,
 ) -> dict[str, Any]:
     import hf_knowedit
     from hf_knowedit._bundled import load_bundled
@@ -78,27 +91,56 @@ def run(
     if steps is not None:
         common["v_num_grad_steps"] = steps
 
-    t0 = time.perf_counter()
-    known = json.loads((folder / "known_1000.json").read_text())[:trace_facts]
-    summary = hf_knowedit.trace_facts(model, tok, known, kinds=("mlp",), samples=trace_samples)
-    aie = [float(x) for x in summary.aie["last_subject"]["mlp"]]
-    known_rate = 100 * summary.n_facts / max(1, summary.n_facts + summary.n_skipped)
-    trace_s = time.perf_counter() - t0
-    logger.info("trace: %d of %d facts known, %.0f s", summary.n_facts, len(known), trace_s)
+    signature = dict(model=model_key, records=records, stats_tokens=stats_tokens, templates=templates,
+                     steps=steps, generation=generation, band_size=band_size, band_method=band_method,
+                     trace_facts=trace_facts, trace_samples=trace_samples)
+    partial = load_partial(json_path, signature)
+    rows: list[dict[str, Any]] = partial.get("rows", [])
+    finished = {(r["name"], tuple(r["layers"])) for r in rows}
 
-    pre = hf_knowedit.evaluate(model, tok, cases, fluency=False, progress=False).pre
+    def save(extra: dict[str, Any]) -> None:
+        partial.update(extra, signature=signature, rows=rows)
+        if json_path is not None:
+            tmp = json_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(partial, indent=1))
+            tmp.replace(json_path)
+
+    if rows:
+        logger.info("resuming: %d rows already in %s", len(rows), json_path)
+    if "aie" not in partial:
+        t0 = time.perf_counter()
+        known = json.loads((folder / "known_1000.json").read_text())[:trace_facts]
+        summary = hf_knowedit.trace_facts(model, tok, known, kinds=("mlp",), samples=trace_samples)
+        save({
+            "aie": [float(x) for x in summary.aie["last_subject"]["mlp"]],
+            "known_rate": 100 * summary.n_facts / max(1, summary.n_facts + summary.n_skipped),
+            "n_traced": summary.n_facts,
+            "trace_facts": len(known),
+        })
+        logger.info("trace: %d of %d facts known, %.0f s", summary.n_facts, len(known), time.perf_counter() - t0)
+    aie = partial["aie"]
+
+    if "pre" not in partial:
+        pre_all = hf_knowedit.evaluate(model, tok, cases, fluency=False, generation=generation, progress=False).pre
+        save({"pre": {k: float(pre_all[k]) for k in METRICS + GEN_METRICS if k in pre_all}})
+    pre = partial["pre"]
     rome_cfg = get_method("rome").config_cls(**common)
-    rows: list[dict[str, Any]] = []
     for layer in parse_layers(rome_layers, n_layers):
+        if ("rome", (layer,)) in finished:
+            continue
         t = time.perf_counter()
         res = hf_knowedit.evaluate(
-            model, tok, cases, method="rome", layers=[layer], config=rome_cfg, fluency=False, progress=False
+            model, tok, cases, method="rome", layers=[layer], config=rome_cfg, fluency=False,
+            generation=generation, progress=False,
         )
         rows.append(row("rome", [layer], res, (time.perf_counter() - t) / records))
+        save({})
         logger.info("rome layer %d: %s", layer, rows[-1])
     band_cfg = get_method(band_method).config_cls(**common, band_size=band_size)
     for start in parse_layers(bands, n_layers):
         band = list(range(start, min(start + band_size, n_layers)))
+        if (band_method, tuple(band)) in finished:
+            continue
         t = time.perf_counter()
         res = hf_knowedit.evaluate(
             model,
@@ -109,20 +151,22 @@ def run(
             layers=band,
             config=band_cfg,
             fluency=False,
+            generation=generation,
             progress=False,
         )
         rows.append(row(band_method, band, res, time.perf_counter() - t))
+        save({})
         logger.info("%s band %s: %s", band_method, band, rows[-1])
-    return {
+    result = {
         "model": model_key,
         "name": model.name_or_path,
         "n_layers": n_layers,
         "records": records,
-        "pre": {k: float(pre[k]) for k in METRICS},
+        "pre": pre,
         "aie": aie,
-        "known_rate": known_rate,
-        "n_traced": summary.n_facts,
-        "trace_facts": len(known),
+        "known_rate": partial["known_rate"],
+        "n_traced": partial["n_traced"],
+        "trace_facts": partial["trace_facts"],
         "trace_samples": trace_samples,
         "defaults": {"rome": default_layer(model), "band": default_band(n_layers, band_size)},
         "settings": {
@@ -130,14 +174,18 @@ def run(
             "context_templates": templates,
             "v_num_grad_steps": steps,
             "band_method": band_method,
+            "generation": generation,
         },
         "rows": rows,
     }
+    save(result)
+    return result
 
 
 def table(result: dict[str, Any]) -> str:
     pre, aie = result["pre"], result["aie"]
     s = result["settings"]
+    gen = [k for k in GEN_METRICS if k in pre]
     lines = [
         f"{result['name']} ({result['n_layers']} layers), {result['records']} CounterFact records "
         f"(ROME: one edit at a time, reverted; {s['band_method']}: all records in one call); statistics from "
@@ -148,10 +196,10 @@ def table(result: dict[str, Any]) -> str:
         f"Library defaults at the time of the run: ROME layer {result['defaults']['rome']}, band "
         f"{result['defaults']['band']}.",
         "",
-        "| method | layers | rel. depth | ES | PS | NS | S | MLP AIE | s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | layers | rel. depth | ES | PS | NS | S | " + "".join(f"{k} | " for k in gen) + "MLP AIE | s |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(gen) + "---|---|",
         f"| unedited | | | {pre['ES']:.1f} | {pre['PS']:.1f} | {pre['NS']:.1f} | "
-        f"{harmonic(list(pre.values())):.1f} | | |",
+        f"{harmonic([pre[k] for k in METRICS]):.1f} | " + "".join(f"{pre[k]:.1f} | " for k in gen) + " | |",
     ]
     for r in result["rows"]:
         layers = r["layers"]
@@ -161,7 +209,7 @@ def table(result: dict[str, Any]) -> str:
         unit = "s/edit" if r["name"] == "rome" else "s"
         lines.append(
             f"| {r['name']} | {shown} | {depth:.2f} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | "
-            f"{r['S']:.1f} | {effect:.3f} | {r['s']:.1f} {unit} |"
+            f"{r['S']:.1f} | " + "".join(f"{r[k]:.1f} | " for k in gen) + f"{effect:.3f} | {r['s']:.1f} {unit} |"
         )
     lines += ["", "MLP AIE per layer (last subject token): " + ", ".join(f"{x:.3f}" for x in aie)]
     return "\n".join(lines)
@@ -179,6 +227,9 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         x = [sum(r["layers"]) / len(r["layers"]) for r in rows]
         for k in (*METRICS, "S"):
             ax.plot(x, [r[k] for r in rows], marker="o", label=k)
+        for k in ("gen_ES", "gen_ES_prefix"):
+            if rows and k in rows[0]:
+                ax.plot(x, [r[k] for r in rows], marker="x", linestyle=":", label=k)
         ax.set_title(f"{method} ({result['records']} records)")
         ax.set_xlabel("layer (band: its mean)")
         twin = ax.twinx()
@@ -210,7 +261,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=None, help="v_num_grad_steps (default: the method's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="markdown table (a PNG plot beside it)")
-    parser.add_argument("--json", type=Path, default=None, help="also the raw result as JSON")
+    parser.add_argument("--json", type=Path, default=None, help="rows as they finish (a rerun resumes from it)")
+    parser.add_argument("--generation", action="store_true", help="also the generation (WILD) metrics")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for name in ("transformers", "httpx", "urllib3", "hf_knowedit"):
@@ -230,11 +282,11 @@ if __name__ == "__main__":
         args.stats_tokens,
         args.context_templates,
         args.steps,
+        args.generation,
+        args.json,
     )
     text = table(result)
     print(text)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
     if args.out:
         png = plot(result, args.out.with_suffix(".png"))
         text += f"\n\n![layer sweep]({png.name})"
