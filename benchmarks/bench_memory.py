@@ -3,9 +3,10 @@
 For the statistics pass (two batch budgets, float32 and float64 accumulation), the ROME / MEMIT solves
 and one v* optimisation on SmolLM2 (or ``--tiny``), prints predicted peak bytes above the model's
 weights next to the measured peak: on a GPU ``torch.cuda.max_memory_allocated`` minus what was
-allocated before; on a CPU the rise of the process's resident-set high-water mark (``VmHWM``, reset
-through ``/proc/self/clear_refs``) over the resident set before the step (approximate: the C allocator
-may reuse memory it already holds, so small steps can measure below the model).
+allocated before; on a CPU the peak of the running sum of every tensor allocation and free the step
+makes, as ``torch.profiler`` records them with ``profile_memory=True`` (:func:`hf_knowedit.methods.memory.measure_peak`:
+exact for tensors; the resident set is not a usable measure, since the C allocator keeps and reuses
+freed memory).
 
     python benchmarks/bench_memory.py [--tiny] [--layer 6] [--out docs/results/memory_smollm2.md]
 """
@@ -28,27 +29,12 @@ logger = logging.getLogger("bench_memory")
 MB = 2**20
 
 
-def _rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def measure(step: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes ``step()`` allocated above what was allocated before it."""
+    from hf_knowedit.methods.memory import measure_peak
+
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    before = _rss("VmRSS")
-    step()
-    return _rss("VmHWM") - before
+    return measure_peak(step, device)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -95,10 +81,22 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         logger.info("%s", rows[-1])
 
+    from hf_knowedit.methods.statistics import _MEM_KEY
+    from hf_knowedit.stack import get_state
+
     for batch_tokens in (1024, 4096):
         for dtype, s_C in ((torch.float32, 4), (torch.float64, 8)):
+            get_state(model).history.pop(_MEM_KEY, None)  # measure the pass, not the in-memory cache
             predicted = memory.statistics_bytes(
-                d_in, shape["d_model"], shape["d_ff"], shape["heads"], batch_tokens, 128, s=s, s_C=s_C
+                d_in,
+                shape["d_model"],
+                shape["d_ff"],
+                shape["heads"],
+                batch_tokens,
+                128,
+                s=s,
+                s_C=s_C,
+                eager=shape["eager"],
             )
             row(
                 f"statistics pass, T={batch_tokens}, C in {str(dtype)[6:]}",
@@ -122,12 +120,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         row(f"MEMIT solve, n={n}", memory.solve_bytes(d_in, d_out, n), lambda: memit_factors(K, R, C.matrix, 100.0))
     reqs = [to_request(r) for r in records[:10]]
     config = ROMEConfig(v_num_grad_steps=2)
-    tokens = 10 * 24  # ~24 padded tokens per prompt, one prompt per request (no templates)
-    predicted = memory.targets_bytes(
-        shape["d_model"], shape["d_ff"], shape["heads"], shape["vocab"], tokens, 24, shape["layers_above"],
-        rows=10 * 4, s=s,
-    )  # fmt: skip
-    row("v* optimisation, 10 requests", predicted, lambda: optimize_targets(model, tok, reqs, layer, config))
+    for cached in (True, False):
+        predicted = memory.targets_bytes_for(model, tok, reqs, layer, prefix_cache=cached)
+        row(
+            f"v* optimisation, 10 requests, prefix cache {'on' if cached else 'off'}",
+            predicted,
+            lambda: optimize_targets(model, tok, reqs, layer, config, prefix_cache=cached),
+        )
     return rows
 
 

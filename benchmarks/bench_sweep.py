@@ -91,9 +91,18 @@ def run(
     if steps is not None:
         common["v_num_grad_steps"] = steps
 
-    signature = dict(model=model_key, records=records, stats_tokens=stats_tokens, templates=templates,
-                     steps=steps, generation=generation, band_size=band_size, band_method=band_method,
-                     trace_facts=trace_facts, trace_samples=trace_samples)
+    signature = dict(
+        model=model_key,
+        records=records,
+        stats_tokens=stats_tokens,
+        templates=templates,
+        steps=steps,
+        generation=generation,
+        band_size=band_size,
+        band_method=band_method,
+        trace_facts=trace_facts,
+        trace_samples=trace_samples,
+    )
     partial = load_partial(json_path, signature)
     rows: list[dict[str, Any]] = partial.get("rows", [])
     finished = {(r["name"], tuple(r["layers"])) for r in rows}
@@ -111,12 +120,14 @@ def run(
         t0 = time.perf_counter()
         known = json.loads((folder / "known_1000.json").read_text())[:trace_facts]
         summary = hf_knowedit.trace_facts(model, tok, known, kinds=("mlp",), samples=trace_samples)
-        save({
-            "aie": [float(x) for x in summary.aie["last_subject"]["mlp"]],
-            "known_rate": 100 * summary.n_facts / max(1, summary.n_facts + summary.n_skipped),
-            "n_traced": summary.n_facts,
-            "trace_facts": len(known),
-        })
+        save(
+            {
+                "aie": [float(x) for x in summary.aie["last_subject"]["mlp"]],
+                "known_rate": 100 * summary.n_facts / max(1, summary.n_facts + summary.n_skipped),
+                "n_traced": summary.n_facts,
+                "trace_facts": len(known),
+            }
+        )
         logger.info("trace: %d of %d facts known, %.0f s", summary.n_facts, len(known), time.perf_counter() - t0)
     aie = partial["aie"]
 
@@ -130,8 +141,15 @@ def run(
             continue
         t = time.perf_counter()
         res = hf_knowedit.evaluate(
-            model, tok, cases, method="rome", layers=[layer], config=rome_cfg, fluency=False,
-            generation=generation, progress=False,
+            model,
+            tok,
+            cases,
+            method="rome",
+            layers=[layer],
+            config=rome_cfg,
+            fluency=False,
+            generation=generation,
+            progress=False,
         )
         rows.append(row("rome", [layer], res, (time.perf_counter() - t) / records))
         save({})

@@ -14,6 +14,7 @@ budget: ``mom2_batch_tokens`` for statistics, ``target_batch_tokens`` for z), ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,22 +22,33 @@ from torch import nn
 
 from ..architectures import get_architecture, mlp_out_dims, num_layers
 
-__all__ = ["statistics_bytes", "targets_bytes", "solve_bytes", "model_shape"]
+__all__ = ["statistics_bytes", "targets_bytes", "targets_bytes_for", "solve_bytes", "model_shape", "measure_peak"]
 
 
 def _total(terms: dict[str, int]) -> dict[str, int]:
     return {**terms, "total": sum(terms.values())}
 
 
-def forward_activation_bytes(tokens: int, d_model: int, d_ff: int, heads: int, longest: int, s: int) -> int:
+def forward_activation_bytes(
+    tokens: int, d_model: int, d_ff: int, heads: int, longest: int, s: int, eager: bool = True
+) -> int:
     """Live activations of one block's forward without gradients: the residual stream and attention
-    output (``4 T d_model``), the MLP's gate, up and product (``3 T d_ff``), and eager attention scores
-    and probabilities (``2 heads T L``), in the model's dtype."""
-    return s * (4 * tokens * d_model + 3 * tokens * d_ff + 2 * heads * tokens * longest)
+    output (``4 T d_model``), the MLP's gate, up and product (``3 T d_ff``), and, with eager attention,
+    its scores and probabilities (``2 heads T L``; sdpa and flash attention do not keep them), in the
+    model's dtype."""
+    return s * (4 * tokens * d_model + 3 * tokens * d_ff + (2 * heads * tokens * longest if eager else 0))
 
 
 def statistics_bytes(
-    d_in: int, d_model: int, d_ff: int, heads: int, tokens: int, longest: int, s: int = 4, s_C: int = 4
+    d_in: int,
+    d_model: int,
+    d_ff: int,
+    heads: int,
+    tokens: int,
+    longest: int,
+    s: int = 4,
+    s_C: int = 4,
+    eager: bool = True,
 ) -> dict[str, int]:
     """One statistics pass (:func:`hf_knowedit.methods.statistics.compute_second_moment`):
 
@@ -51,31 +63,100 @@ def statistics_bytes(
         {
             "C": s_C * d_in * d_in,
             "keys": (2 * s + s_C) * tokens * d_in,
-            "forward": forward_activation_bytes(tokens, d_model, d_ff, heads, longest, s),
+            "forward": forward_activation_bytes(tokens, d_model, d_ff, heads, longest, s, eager),
         }
     )
 
 
+def block_saved_bytes(tokens: int, d_model: int, d_ff: int, heads: int, longest: int, s: int, eager: bool) -> int:
+    """What autograd keeps of one block for its backward pass: about ``10`` vectors of ``d_model`` per
+    token (the block's input, the two norms' inputs and outputs, queries, keys, values, their rotated
+    copies, the attention output, the residual) and ``4`` of ``d_ff`` (gate, up, the activation and the
+    product), in the model's dtype; with eager attention also the scores and probabilities
+    (``2 heads T L``). Counted on SmolLM2 (sdpa) with ``saved_tensors_hooks``: 11,275 floats per token
+    against the 11,904 of this formula."""
+    return s * tokens * (10 * d_model + 4 * d_ff) + (2 * s * heads * tokens * longest if eager else 0)
+
+
 def targets_bytes(
-    d_model: int, d_ff: int, heads: int, vocab: int, tokens: int, longest: int, layers_above: int, rows: int, s: int = 4
+    d_model: int,
+    d_ff: int,
+    heads: int,
+    vocab: int,
+    tokens: int,
+    longest: int,
+    layers_above: int,
+    rows: int,
+    s: int = 4,
+    *,
+    kv: int = 0,
+    eager: bool = False,
 ) -> dict[str, int]:
     """One step of the v* / z optimisation (:func:`hf_knowedit.methods.targets.optimize_targets`, ``fast``):
 
-    * ``saved``: activations kept for the backward pass through the blocks from the edited layer up
-      (``layers_above`` blocks, each :func:`forward_activation_bytes` plus its input and normed input,
-      ``2 s T d_model``); blocks below are replayed from their recorded outputs (``replay``: ``s T d_model``);
+    * ``saved``: what autograd keeps for the blocks from the edited layer up (``layers_above`` blocks of
+      :func:`block_saved_bytes`), for the ``tokens`` the steps run (padded rows × the positions from the
+      cut on, with the prefix cache; every position without it);
+    * ``backward``: the gradients of one block in flight (as much again as one block saved);
+    * ``replay``: the recorded output of the block below the edited layer, ``s T d_model``;
+    * ``prefix cache``: the keys and values of the positions before the cut, ``kv`` elements
+      (``2 · layers · rows · prefix · d_kv``; 0 without the cache), three times: the recorded copy,
+      the step's copy of the active rows, and the prefix + suffix keys / values attention saves, ``3 s kv``;
     * ``logits``: float32 logits, their softmax and gradient at the ``rows`` positions the loss reads
       (``3 · 4 rows vocab``);
     * ``delta``: ``δ``, its gradient and Adam's two moments, one row of ``d_model`` per request (small).
+
+    :func:`targets_bytes_for` fills the symbols in from the requests themselves.
     """
-    per_block = forward_activation_bytes(tokens, d_model, d_ff, heads, longest, s) + 2 * s * tokens * d_model
+    block = block_saved_bytes(tokens, d_model, d_ff, heads, longest, s, eager)
     return _total(
         {
-            "saved": layers_above * per_block,
+            "saved": layers_above * block,
+            "backward": block,
             "replay": s * tokens * d_model,
+            "prefix cache": 3 * s * kv,
             "logits": 3 * 4 * rows * vocab,
             "delta": 4 * 4 * rows * d_model,
         }
+    )
+
+
+def targets_bytes_for(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Any,
+    layer: int,
+    *,
+    templates: Any = ("{}",),
+    kl_prompts: Any = None,
+    prefix_cache: bool = True,
+) -> dict[str, int]:
+    """:func:`targets_bytes` for these requests, as :func:`~hf_knowedit.methods.targets.optimize_targets`
+    would batch them in one chunk (rows and their lengths from the same tokenisation; the cut at each
+    row's subject last token when ``prefix_cache``)."""
+    from ..requests import to_request
+    from .targets import KL_PROMPT, _build
+
+    shape = model_shape(model, layer)
+    built = [_build(tokenizer, to_request(r), templates, kl_prompts or (KL_PROMPT,)) for r in requests]
+    lengths = [len(row) for b in built for row in b.rows]
+    cuts = [c for b in built for c in b.lookups] if prefix_cache else [0] * len(lengths)
+    width = max(n - c for n, c in zip(lengths, cuts))
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or shape["heads"]
+    d_kv = int(getattr(config, "head_dim", None) or shape["d_model"] // shape["heads"]) * int(kv_heads)
+    return targets_bytes(
+        shape["d_model"],
+        shape["d_ff"],
+        shape["heads"],
+        shape["vocab"],
+        tokens=len(lengths) * width,
+        longest=max(lengths),
+        layers_above=shape["layers_above"],
+        rows=sum(len(b.targets) + len(b.rows) - b.n_rewrite for b in built),
+        s=shape["s"],
+        kv=2 * num_layers(model) * len(lengths) * max(cuts) * d_kv,
+        eager=shape["eager"],
     )
 
 
@@ -98,7 +179,8 @@ def solve_bytes(d_in: int, d_out: int, n: int, method: str = "memit") -> dict[st
 
 def model_shape(model: nn.Module, layer: int) -> dict[str, Any]:
     """The symbols of the formulas for ``model`` at ``layer``: ``d_in``, ``d_out``, ``d_model``, ``d_ff``,
-    ``heads``, ``vocab``, ``layers_above`` and ``s`` (bytes of the model's floating dtype)."""
+    ``heads``, ``vocab``, ``layers_above``, ``s`` (bytes of the model's floating dtype) and ``eager``
+    (the model keeps attention matrices: ``attn_implementation="eager"``)."""
     spec = get_architecture(model)
     d_in, d_out = mlp_out_dims(model, spec, layer)
     config = model.config
@@ -113,4 +195,29 @@ def model_shape(model: nn.Module, layer: int) -> dict[str, Any]:
         "vocab": int(getattr(config, "vocab_size", 0)),
         "layers_above": num_layers(model, spec) - layer,
         "s": torch.finfo(dtype).bits // 8,
+        "eager": getattr(config, "_attn_implementation", None) == "eager",
     }
+
+
+def measure_peak(step: Callable[[], Any], device: torch.device | str = "cpu") -> int:
+    """Peak bytes of tensors ``step()`` held at once above what was allocated before it, to check the
+    formulas against: on a GPU ``torch.cuda.max_memory_allocated``; on the CPU the running sum of the
+    allocations and frees ``torch.profiler`` records with ``profile_memory=True`` (the resident set is
+    no measure: the C allocator keeps and reuses freed memory)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage  # an op's own allocations; frees are "[memory]" events
+        peak = max(peak, current)
+    return peak
