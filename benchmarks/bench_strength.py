@@ -6,6 +6,10 @@
    ``‖δ‖ / ‖init‖``.
 3. AlphaEdit's null space: dimension of the span of C's singular values below ``nullspace_threshold`` (2e-2,
    absolute) and below relative thresholds, per layer, with C from ``--tokens`` tokens of CounterFact prompts.
+4. The clamps (``--clamp-requests`` N): with every default, ``‖δ‖ / ‖init‖`` of N requests against the site's
+   ``clamp_norm_factor`` (ROME's v* 4, the MEMIT family's z 0.75): quantiles, how many ended at the clamp, and
+   how many ended above ``early_stop``. Both bounds (and ROME's weight decay ``‖δ‖² / ‖init‖²``) are relative
+   to ``‖init‖`` by construction; this shows whether they bind on a family.
 
     python benchmarks/bench_strength.py --model gemma3 --z-layer 6 --rome-layer 3 --c-layers 2,4,6
     python benchmarks/bench_strength.py --model smollm2 --z-layer 8 --rome-layer 6 --c-layers 4,6,8
@@ -45,6 +49,25 @@ def site_scale(model, tok) -> list[tuple[int, float, float]]:
     return [(i, rms(out.hidden_states[i + 1]), rms(outs[i])) for i in range(num_layers(model))]
 
 
+def clamps(model, tok, requests, rome_layer: int, z_layer: int) -> None:
+    from hf_knowedit.methods.memit import MEMITConfig
+    from hf_knowedit.methods.rome import ROMEConfig
+    from hf_knowedit.methods.targets import optimize_targets
+
+    print("| site | layer | clamp | ‖δ‖/‖init‖ min / median / max | at the clamp | above early_stop |")
+    print("|---|---|---|---|---|---|")
+    for site, layer, config in (("mlp (ROME v*)", rome_layer, ROMEConfig()), ("residual (z)", z_layer, MEMITConfig())):
+        r = optimize_targets(model, tok, requests, layer, config, site=site.split()[0])
+        rel = (r.deltas.norm(dim=1) / r.init.norm(dim=1)).sort().values
+        at = int((rel >= 0.999 * config.clamp_norm_factor).sum())
+        above = sum(loss > config.early_stop for loss in r.losses)
+        print(
+            f"| {site} | {layer} | {config.clamp_norm_factor} | {rel[0]:.2f} / {rel[len(rel) // 2]:.2f} / "
+            f"{rel[-1]:.2f} | {at} of {len(rel)} | {above} of {len(rel)} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gemma3")
@@ -54,6 +77,7 @@ def main() -> None:
     parser.add_argument("--rome-layer", type=int, required=True)
     parser.add_argument("--c-layers", default="")
     parser.add_argument("--tokens", type=int, default=20_000)
+    parser.add_argument("--clamp-requests", type=int, default=0, help="section 4 only, on this many requests")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -68,6 +92,9 @@ def main() -> None:
 
     cf = json.loads((data_dir(args.data) / "counterfact_500.json").read_text())
     model, tok = load_bundled(args.model)
+    if args.clamp_requests:
+        clamps(model, tok, [to_request(r) for r in cf[: args.clamp_requests]], args.rome_layer, args.z_layer)
+        return
     print("| layer | residual RMS | MLP-out RMS |\n|---|---|---|")
     for i, res, mlp in site_scale(model, tok):
         print(f"| {i} | {res:.2f} | {mlp:.3f} |")

