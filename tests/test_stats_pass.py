@@ -107,3 +107,23 @@ def test_mom2_n_keys_takes_a_multiple_of_d_in_tokens(stats_cache):
     for bad in (0, -1, float("nan"), "2x", True):
         with pytest.raises(InvalidConfigError, match="mom2_n_keys"):
             ROMEConfig(mom2_n_keys=bad)
+
+
+def test_too_few_keys_for_the_memit_family_warns_once(caplog, monkeypatch):
+    """2·d_in keys are enough for ROME but not for MEMIT (measured: ES 61 / NS 40 on 100 SmolLM2 edits)."""
+    from hf_knowedit.methods.alphaedit import AlphaEditConfig
+    from hf_knowedit.methods.memit import MEMITConfig
+    from hf_knowedit.methods.rome import ROMEConfig
+
+    monkeypatch.setattr(stats, "_WARNED_N_KEYS", set())
+    model, _ = make_tiny_model("llama")  # d_in 96
+    with caplog.at_level("WARNING", logger="hf_knowedit.methods.statistics"):
+        assert stats.n_tokens_for(model, 1, ROMEConfig(mom2_n_keys=2)) == 192
+        assert not caplog.records
+        for layer in (1, 2):
+            assert stats.n_tokens_for(model, layer, MEMITConfig(mom2_n_keys=2)) == 192
+        stats.n_tokens_for(model, 1, MEMITConfig(mom2_n_keys=10))
+        stats.n_tokens_for(model, 1, AlphaEditConfig(mom2_n_keys=4))
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2  # once per (config, value), not once per layer; none at 10
+    assert "mom2_n_keys=2 is below the 10 · d_in keys MEMITConfig" in warned[0] and "AlphaEditConfig" in warned[1]

@@ -185,6 +185,9 @@ class EditConfig:
 
     #: the reference recipe ``context_templates="reference"`` means (:data:`hf_knowedit.methods.context.RECIPES`)
     reference_context: ClassVar[str] = "memit"
+    #: the smallest ``mom2_n_keys`` measured to edit as well as many tokens (``docs/results/minimal_precomputation.md``:
+    #: ROME from 2·d_in keys kept ES / PS, NS −6 on SmolLM2); below it a warning says so
+    min_n_keys: ClassVar[float] = 2.0
 
     # target vectors v* / z (ROME compute_v, MEMIT compute_z)
     v_num_grad_steps: int = option(20, "forward passes of the v*/z optimisation at most", "int>=1")

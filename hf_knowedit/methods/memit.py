@@ -51,7 +51,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from huggingface_hub.utils import tqdm
@@ -95,6 +95,10 @@ class MassEditConfig(EditConfig):
     """Hyper-parameters every MEMIT-family method shares: :class:`~hf_knowedit.methods.config.EditConfig`
     (target vectors ``z``, context templates, statistics) with the reference's GPT-J / Llama-3 defaults,
     plus the layer band and the batch limits."""
+
+    #: MEMIT on 100 SmolLM2 edits in one call: C from 2·d_in keys ES 61 / PS 65 / NS 40, from 10·d_in
+    #: 100 / 85 / 69, from 100,000 tokens 100 / 86 / 66 (``docs/results/minimal_precomputation.md``)
+    min_n_keys: ClassVar[float] = 10.0
 
     v_num_grad_steps: int = option(25, "forward passes of the z optimisation at most", "int>=1")
     v_lr_relative: float = option(

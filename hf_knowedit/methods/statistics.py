@@ -469,6 +469,10 @@ def _accumulate(
     return SecondMoment(total / count, count, key)
 
 
+#: (config class, mom2_n_keys) pairs already warned about (once per process, not once per layer)
+_WARNED_N_KEYS: set[tuple[str, float]] = set()
+
+
 def n_tokens_for(model: nn.Module, layer: int, config: Any) -> int:
     """Tokens averaged into ``C``: ``mom2_n_tokens``, or with ``mom2_n_keys`` (minimal precomputation,
     "Efficient Knowledge Editing via Minimal Precomputation", ACL 2025) ``ceil(mom2_n_keys · d_in)``:
@@ -477,6 +481,18 @@ def n_tokens_for(model: nn.Module, layer: int, config: Any) -> int:
     multiple = getattr(config, "mom2_n_keys", None)
     if multiple is None:
         return config.mom2_n_tokens
+    least = getattr(config, "min_n_keys", 0.0)
+    if multiple < least and (type(config).__name__, multiple) not in _WARNED_N_KEYS:
+        _WARNED_N_KEYS.add((type(config).__name__, multiple))
+        logger.warning(
+            "mom2_n_keys=%g is below the %g · d_in keys %s was measured to need (with fewer, MEMIT on 100 "
+            "SmolLM2 edits fell from ES 100 / NS 69 to ES 61 / NS 40: docs/results/minimal_precomputation.md); "
+            "use mom2_n_keys >= %g.",
+            multiple,
+            least,
+            type(config).__name__,
+            least,
+        )
     d_in, _ = mlp_out_dims(model, get_architecture(model), layer)
     return max(1, math.ceil(multiple * d_in))
 
