@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchlib import data_dir, machine_info, write_markdown
+from benchlib import data_dir, machine_info, rows_table, write_markdown
 
 logger = logging.getLogger("bench_gpu")
 GiB = 2**30
@@ -235,11 +235,7 @@ def main() -> None:
     machine = machine_info()
     t0 = time.perf_counter()
     rows = [row for name in args.models.split(",") for row in bench_model(name, args, device, tok, folder)]
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    table = "\n".join(
-        ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        + ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    )
+    table = rows_table(rows)
     logger.info("\n%s", table)
     if args.out:
         write_markdown(args.out, "Big models on one GPU (random weights)", table, machine, time.perf_counter() - t0)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from benchlib import data_dir, machine_info, write_markdown
+from benchlib import data_dir, machine_info, rows_table, write_markdown
 
 logger = logging.getLogger("bench_half")
 METRICS = ("ES", "PS", "NS")
@@ -70,11 +70,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     machine, t0 = machine_info(args.threads), time.perf_counter()
     rows = run(args)
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    table = "\n".join(
-        ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        + ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    )
+    table = rows_table(rows)
     logger.info("\n%s", table)
     if args.out:
         write_markdown(args.out, "ROME in half precision against float32", table, machine, time.perf_counter() - t0)

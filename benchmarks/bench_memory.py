@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from benchlib import data_dir, machine_info, write_markdown
+from benchlib import data_dir, machine_info, rows_table, write_markdown
 
 logger = logging.getLogger("bench_memory")
 MB = 2**20
@@ -145,11 +145,7 @@ def main() -> None:
     machine = machine_info(args.threads)
     t0 = time.perf_counter()
     rows = run(args)
-    cols = list(rows[0])
-    table = "\n".join(
-        ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    )
+    table = rows_table(rows)
     logger.info("\n%s", table)
     if args.out:
         write_markdown(args.out, "Memory model: predicted vs measured peak", table, machine, time.perf_counter() - t0)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from benchlib import data_dir, machine_info, write_markdown
+from benchlib import data_dir, machine_info, rows_table, write_markdown
 
 logger = logging.getLogger("bench_minimal_stats")
 FLAT = "counterfact_flat_edit_10000.json"
@@ -121,10 +121,7 @@ def run(args: argparse.Namespace, on_row: Any = None) -> tuple[list[dict[str, An
 
 
 def table(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join([*(f"- {k}: {v}" for k, v in info.items()), "", *lines])
+    return "\n".join([*(f"- {k}: {v}" for k, v in info.items()), "", rows_table(rows)])
 
 
 def main() -> None:

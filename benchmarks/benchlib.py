@@ -67,6 +67,13 @@ def machine_line(m: dict[str, Any]) -> str:
     )
 
 
+def rows_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of dict rows: one column per key, in first-seen order; missing cells empty."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows])
+
+
 def write_markdown(path: Path, title: str, table: str, machine: dict[str, Any], wall_s: float) -> Path:
     """``# title``, the command that produced it, the machine, the wall time, then ``table``."""
     path = Path(path)
