@@ -12,6 +12,8 @@ Methods are names registered in hf_knowedit, optionally with ``+nas`` (NAS's nor
 
 Resumable: every method keeps its checkpoints in ``--state-dir/<method>``; run the same command again after a
 kill and it continues from the last checkpoint (rows identical to an uninterrupted run, seconds aside).
+``--report`` edits nothing: it writes the files from the checkpoints the state folders hold so far (streams
+still short of ``--n-edits`` are marked as such), e.g. to merge methods run by separate processes.
 
     python benchmarks/bench_lifelong.py --n-edits 300 --batch-size 100 --checkpoint-every 100     # CPU, small
     python benchmarks/bench_lifelong.py --n-edits 3000 --checkpoint-every 500                      # the issue's
@@ -80,8 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--state-dir", type=Path, default=ROOT / "runs" / "lifelong")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "lifelong_smollm2.md")
+    p.add_argument("--report", action="store_true", help="write the files from the state folders; edit nothing")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.report:
+        results = [checkpointed(args.state_dir / spec, spec) for spec in args.methods]
+        ran = args.state_dir / args.methods[0] / "machine.json"  # where the first stream started
+        write(args, results, json.loads(ran.read_text()) if ran.exists() else machine_info(args.threads), None)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -100,6 +108,10 @@ def main(argv: list[str] | None = None) -> None:
         name, options = method_options(spec)
         for method_module in (alphaedit, rlsedit):  # each stream starts from a clean method history
             method_module.reset_history(model)
+        (args.state_dir / spec).mkdir(parents=True, exist_ok=True)
+        machine_file = args.state_dir / spec / "machine.json"
+        if not machine_file.exists():  # the machine that started the stream, for --report
+            machine_file.write_text(json.dumps(machine))
         res = run_lifelong(
             model,
             tok,
@@ -122,14 +134,26 @@ def main(argv: list[str] | None = None) -> None:
         write(args, results, machine, time.perf_counter() - start)  # after every method: a kill keeps what is done
 
 
-def write(args: argparse.Namespace, results: list, machine: dict[str, Any], wall: float) -> None:
+def checkpointed(state: Path, spec: str) -> Any:
+    """The rows a stream's state folder holds so far, as a result (``--report``)."""
+    from hf_knowedit.evaluation.lifelong import LifelongResult
+
+    progress = state / "progress.json"
+    if not progress.exists():
+        raise SystemExit(f"no stream checkpoints in {state}: run the method first (without --report)")
+    saved = json.loads(progress.read_text(encoding="utf-8"))
+    settings = {k: v for k, v in saved["settings"].items() if k != "case_ids"}
+    return LifelongResult(spec, saved["rows"], settings)
+
+
+def write(args: argparse.Namespace, results: list, machine: dict[str, Any], wall: float | None) -> None:
     """The markdown (a table per method, the command), the JSON and the PNG of ``results``."""
     from hf_knowedit.evaluation import plot_lifelong
 
     png = args.out.with_suffix(".png")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot_lifelong(results, path=png)
-    tables = "\n\n".join(r.to_markdown(columns=COLUMNS) for r in results)
+    tables = "\n\n".join(r.to_markdown(columns=COLUMNS) + short_of(r) for r in results)
     settings = {k: str(v) for k, v in vars(args).items()}
     note = (
         f"Stream: the first {args.n_edits} records of `{FLAT}` in batches of {args.batch_size}, a row every "
@@ -138,11 +162,19 @@ def write(args: argparse.Namespace, results: list, machine: dict[str, Any], wall
         f"context templates {args.context_templates}. Row 0 is the unedited model (ES/PS/NS there on all "
         f"{args.n_edits} records). Curves: `{png.name}`.\n\n"
     )
-    write_markdown(args.out, "Lifelong editing on SmolLM2-135M", note + tables, machine, wall)
+    write_markdown(args.out, "Lifelong editing on SmolLM2-135M", note + tables, machine, wall, drop=("--report",))
     args.out.with_suffix(".json").write_text(
         json.dumps({"settings": settings, "machine": machine, "results": [r.to_dict() for r in results]}, indent=1)
     )
     logger.info("wrote %s, %s", args.out, png)
+
+
+def short_of(result: Any) -> str:
+    """A line under a stream that has not reached its length yet."""
+    reached, planned = result.rows[-1]["n_edits"], result.settings.get("n_edits")
+    if planned is None or reached >= planned:
+        return ""
+    return f"\n\n*Stream in progress: {reached} of {planned} edits so far (resumable from its state folder).*"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +75,18 @@ def rows_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows])
 
 
-def write_markdown(path: Path, title: str, table: str, machine: dict[str, Any], wall_s: float) -> Path:
-    """``# title``, the command that produced it, the machine, the wall time, then ``table``."""
+def write_markdown(
+    path: Path, title: str, table: str, machine: dict[str, Any], wall_s: float | None, drop: Sequence[str] = ()
+) -> Path:
+    """``# title``, the command that produced it (less the arguments in ``drop``), the machine, the wall time
+    (``None``: not known, e.g. a report merged from several runs), then ``table``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + [a for a in sys.argv[1:] if a not in drop])
+    wall = "" if wall_s is None else f" Wall time {wall_s / 60:.1f} min."
     text = (
         f"# {title}\n\nReproduce: `{command}` (data folder from `--data` or `HF_KNOWEDIT_DATA`).\n\n"
-        f"Machine: {machine_line(machine)}. Wall time {wall_s / 60:.1f} min.\n\n{table}\n"
+        f"Machine: {machine_line(machine)}.{wall}\n\n{table}\n"
     )
     path.write_text(text, encoding="utf-8")
     return path

@@ -136,7 +136,17 @@ def test_killed_stream_resumes_identically(stats_cache, one_thread, tmp_path, mo
         run(fresh, tok, state_dir=tmp_path / "killed")
     monkeypatch.setattr(lifelong, "apply_edits", real)
     assert hf_knowedit.list_edits(fresh) == []  # the killed run's model was cleaned up
+    scored = []
+    real_scores = lifelong.Scorer.scores
+
+    def counting(self, idx):
+        scored.append(len(idx))
+        return real_scores(self, idx)
+
+    monkeypatch.setattr(lifelong.Scorer, "scores", counting)
     resumed = run(again, tok, state_dir=tmp_path / "killed", keep_edits=True)
+    # the unedited scores come from the killed run's baseline.json: only the checkpoint at 8 edits is scored
+    assert scored == [8]
     assert stable(resumed.rows) == stable(whole.rows)
     assert_same(weights(again), weights(model))
     from hf_knowedit.methods import alphaedit
@@ -147,6 +157,23 @@ def test_killed_stream_resumes_identically(stats_cache, one_thread, tmp_path, mo
     hf_knowedit.revert_edits(again)
     done = run(again, tok, state_dir=tmp_path / "killed")
     assert stable(done.rows) == stable(whole.rows) and hf_knowedit.list_edits(again) == []
+
+
+def test_row_zero_reuses_the_unedited_scores(stats_cache, one_thread, monkeypatch):
+    model, tok = tiny("llama")
+    scored = []
+    real_scores = lifelong.Scorer.scores
+
+    def counting(self, idx):
+        scored.append(len(idx))
+        return real_scores(self, idx)
+
+    monkeypatch.setattr(lifelong.Scorer, "scores", counting)
+    res = run(model, tok)
+    assert scored == [8, 4, 8]  # the baseline once (it is row 0), then the records edited at each checkpoint
+    monkeypatch.setattr(lifelong.Scorer, "scores", real_scores)
+    check = hf_knowedit.evaluate(model, tok, stream(), fluency=False, progress=False)  # edits were reverted
+    assert res.rows[0]["ES"] == pytest.approx(check.pre["ES"]) and res.rows[0]["NS"] == pytest.approx(check.pre["NS"])
 
 
 def test_bad_arguments_fail_typed_and_leave_model_untouched(stats_cache, one_thread, tmp_path):

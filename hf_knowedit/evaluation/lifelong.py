@@ -25,7 +25,8 @@ unedited model; then every ``checkpoint_every`` edits (and after the last batch)
 * ``failed``: edits that raised so far (their records stay unedited and count as failures).
 
 **Resuming.** With ``state_dir``, each checkpoint writes the batches' edit sets (PEFT adapters, exact
-float32 factors), the method history (e.g. AlphaEdit's accumulated keys) and the rows, rows last. A run
+float32 factors), the method history (e.g. AlphaEdit's accumulated keys) and the rows, rows last; the
+unedited model's scores of all records (row 0, and locality's reference) are kept in ``baseline.json``. A run
 called again with the same ``state_dir`` and settings on the *unedited* model loads the sets and the
 history of its last checkpoint and continues from there: the rows are those of an uninterrupted run
 (seconds aside). At the end the stream's edits are reverted (``keep_edits=False``), as ``evaluate`` does.
@@ -59,6 +60,7 @@ from . import generative as G
 from . import metrics as M
 from .datasets import load_records
 from .protocols import Scorer, case_metrics, encode_record
+from .scoring import TargetScore
 
 logger = logging.getLogger(__name__)
 
@@ -318,12 +320,13 @@ def run_lifelong(
     )
     fluency_prompts = [p for i in sample for p in (recs[i].generation_prompts or recs[i].rewrite_prompts)]
     text = heldout_text or HELDOUT
-    pre = scorer.scores(range(n))  # the unedited scores (locality's reference), on the unedited model
+    pre = _baseline(state_path, settings, scorer, n)  # the unedited scores (locality's reference)
 
     def checkpoint(done: int, edit_s: float, failed: int, touched: set[str]) -> dict[str, float]:
         t = time.perf_counter()
         idx = list(range(done)) if done else list(range(n))
-        cases = [case_metrics(recs[i], s, pre[i]) for i, s in zip(idx, scorer.scores(idx))]
+        now = scorer.scores(idx) if done else pre  # row 0 is the unedited model: its scores are ``pre``
+        cases = [case_metrics(recs[i], s, pre[i]) for i, s in zip(idx, now)]
         sample_now = [k for k, i in enumerate(sample) if i < done] if done else list(range(len(sample)))
         gens = [g for g in gen_scorer.gen(sample_now) if g]
         row: dict[str, float] = {"n_edits": done, **M.aggregate(cases), **M.aggregate(gens)}
@@ -382,6 +385,36 @@ def run_lifelong(
             for name in reversed(names):
                 revert_edits(model, name)
     return LifelongResult(method, rows, {k: v for k, v in settings.items() if k != "case_ids"})
+
+
+def _baseline(path: Path | None, settings: dict[str, Any], scorer: Scorer, n: int) -> list[Any]:
+    """The unedited model's scores of all ``n`` records, from ``path/baseline.json`` when a run with the same
+    settings wrote it (a resumed 3,000-record stream skips a full scoring pass), else scored and written."""
+    file = None if path is None else path / "baseline.json"
+    if file is not None and file.exists():
+        with open(file, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved["settings"] == json.loads(json.dumps(settings)):
+            return [_scores_from_json(s) for s in saved["scores"]]
+    pre = scorer.scores(range(n))
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".json.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"settings": settings, "scores": [_scores_to_json(s) for s in pre]}, f)
+        os.replace(tmp, file)
+    return pre
+
+
+def _scores_to_json(scores: dict[str, list[tuple[Any, Any]]]) -> dict[str, Any]:
+    return {g: [[None if t is None else asdict(t) for t in pair] for pair in pairs] for g, pairs in scores.items()}
+
+
+def _scores_from_json(saved: dict[str, Any]) -> dict[str, list[tuple[Any, Any]]]:
+    def target(t: dict[str, Any] | None) -> TargetScore | None:
+        return None if t is None else TargetScore(*(tuple(t[k]) for k in ("logprobs", "predicted", "target_ids")))
+
+    return {g: [(target(a), target(b)) for a, b in pairs] for g, pairs in saved.items()}
 
 
 def _read_progress(path: Path | None, settings: dict[str, Any]) -> dict[str, Any] | None:
