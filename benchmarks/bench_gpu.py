@@ -181,7 +181,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tok: 
 
     layers = default_band(shape["layers_above"] + layer, 5)
     for n in args.memit:
-        records = flat[:n]
+        records = distinct_facts(flat, n)
         with Peak(device) as peak:
             t0 = time.perf_counter()
             hf_knowedit.apply_edits(model, tok, records, "memit", layers=layers, config=config)
@@ -191,9 +191,9 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tok: 
         hf_knowedit.revert_edits(model)
         rows.append(
             {
-                **base, "step": f"MEMIT {n} edits (one call, layers {layers[0]}-{layers[-1]})",
+                **base, "step": f"MEMIT {len(records)} edits (one call, layers {layers[0]}-{layers[-1]})",
                 "seconds": round(seconds, 1), "tokens/s": "", "peak GiB": round(peak.bytes / GiB, 2),
-                "model GiB": "", "efficacy": f"{wins}/{min(n, 100)} (first 100)",
+                "model GiB": "", "efficacy": f"{wins}/{min(len(records), 100)} (first 100)",
             }
         )  # fmt: skip
         logger.info("%s", rows[-1])
@@ -201,6 +201,22 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tok: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def distinct_facts(records: list[dict], n: int) -> list[dict]:
+    """The first ``n`` records that each rewrite a different (subject, relation) fact: the flat CounterFact
+    file repeats some facts with other new objects, which one MEMIT call rejects (``EditConflictError``)."""
+    from hf_knowedit.requests import to_request
+
+    kept, seen = [], set()
+    for record in records:
+        key = to_request(record).relation_key
+        if key not in seen:
+            seen.add(key)
+            kept.append(record)
+            if len(kept) == n:
+                break
+    return kept
 
 
 def _efficacy(model: Any, tok: Any, record: dict) -> int:
