@@ -176,6 +176,30 @@ def test_row_zero_reuses_the_unedited_scores(stats_cache, one_thread, monkeypatc
     assert res.rows[0]["ES"] == pytest.approx(check.pre["ES"]) and res.rows[0]["NS"] == pytest.approx(check.pre["NS"])
 
 
+def test_another_stream_reuses_a_copied_baseline_of_the_same_model(stats_cache, one_thread, tmp_path, monkeypatch):
+    model, tok = tiny("llama")
+    run(model, tok, state_dir=tmp_path / "alphaedit")
+    scored = []
+    real_scores = lifelong.Scorer.scores
+
+    def counting(self, idx):
+        scored.append(len(idx))
+        return real_scores(self, idx)
+
+    monkeypatch.setattr(lifelong.Scorer, "scores", counting)
+    for name in ("memit", "other-model"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "baseline.json").write_bytes((tmp_path / "alphaedit" / "baseline.json").read_bytes())
+    run(model, tok, state_dir=tmp_path / "memit", method="memit")
+    assert scored == [4, 8]  # the same records on the same model: the copied unedited scores are used
+    other, _ = tiny("llama")
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(1.01)
+    scored.clear()
+    run(other, tok, state_dir=tmp_path / "other-model")
+    assert scored == [8, 4, 8]  # another model: the baseline is scored again
+
+
 def test_bad_arguments_fail_typed_and_leave_model_untouched(stats_cache, one_thread, tmp_path):
     model, tok = tiny("llama")
     before = snapshot(model)

@@ -50,6 +50,7 @@ from huggingface_hub.utils import tqdm
 from torch import nn
 
 from ..architectures import get_module, model_device
+from ..deltas import fingerprint
 from ..editing import apply_edits, get_method
 from ..editset import EditSet
 from ..errors import InvalidConfigError, InvalidDataError, KnowEditError
@@ -388,20 +389,24 @@ def run_lifelong(
 
 
 def _baseline(path: Path | None, settings: dict[str, Any], scorer: Scorer, n: int) -> list[Any]:
-    """The unedited model's scores of all ``n`` records, from ``path/baseline.json`` when a run with the same
-    settings wrote it (a resumed 3,000-record stream skips a full scoring pass), else scored and written."""
+    """The unedited model's scores of all ``n`` records, from ``path/baseline.json`` when it was written for
+    the same records and the same model (the sha256 of its input embeddings), else scored and written. The
+    method plays no part: a resumed stream, or another method's stream given a copy of the file, skips a
+    full scoring pass (one 3,000-record pass is ~8 CPU-minutes on SmolLM2)."""
+    key = {k: settings[k] for k in ("n_edits", "case_ids", "skipped")}
+    key["model"] = fingerprint(scorer.model.get_input_embeddings().weight)["sha256"]
     file = None if path is None else path / "baseline.json"
     if file is not None and file.exists():
         with open(file, encoding="utf-8") as f:
             saved = json.load(f)
-        if saved["settings"] == json.loads(json.dumps(settings)):
+        if saved.get("key") == json.loads(json.dumps(key)):
             return [_scores_from_json(s) for s in saved["scores"]]
     pre = scorer.scores(range(n))
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(".json.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"settings": settings, "scores": [_scores_to_json(s) for s in pre]}, f)
+            json.dump({"key": key, "scores": [_scores_to_json(s) for s in pre]}, f)
         os.replace(tmp, file)
     return pre
 
