@@ -65,6 +65,18 @@ def run(model, tok, state_dir=None, **kw):
     return lifelong.run_lifelong(model, tok, stream(), **{**args, **ALPHA, **kw})
 
 
+def count_scored(monkeypatch):
+    """From now on, the number of records each ``Scorer.scores`` call scores, in order."""
+    scored, real = [], lifelong.Scorer.scores
+
+    def counting(self, idx):
+        scored.append(len(idx))
+        return real(self, idx)
+
+    monkeypatch.setattr(lifelong.Scorer, "scores", counting)
+    return scored
+
+
 def stable(rows):
     return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
 
@@ -136,14 +148,7 @@ def test_killed_stream_resumes_identically(stats_cache, one_thread, tmp_path, mo
         run(fresh, tok, state_dir=tmp_path / "killed")
     monkeypatch.setattr(lifelong, "apply_edits", real)
     assert hf_knowedit.list_edits(fresh) == []  # the killed run's model was cleaned up
-    scored = []
-    real_scores = lifelong.Scorer.scores
-
-    def counting(self, idx):
-        scored.append(len(idx))
-        return real_scores(self, idx)
-
-    monkeypatch.setattr(lifelong.Scorer, "scores", counting)
+    scored = count_scored(monkeypatch)
     resumed = run(again, tok, state_dir=tmp_path / "killed", keep_edits=True)
     # the unedited scores come from the killed run's baseline.json: only the checkpoint at 8 edits is scored
     assert scored == [8]
@@ -161,17 +166,9 @@ def test_killed_stream_resumes_identically(stats_cache, one_thread, tmp_path, mo
 
 def test_row_zero_reuses_the_unedited_scores(stats_cache, one_thread, monkeypatch):
     model, tok = tiny("llama")
-    scored = []
-    real_scores = lifelong.Scorer.scores
-
-    def counting(self, idx):
-        scored.append(len(idx))
-        return real_scores(self, idx)
-
-    monkeypatch.setattr(lifelong.Scorer, "scores", counting)
+    scored = count_scored(monkeypatch)
     res = run(model, tok)
     assert scored == [8, 4, 8]  # the baseline once (it is row 0), then the records edited at each checkpoint
-    monkeypatch.setattr(lifelong.Scorer, "scores", real_scores)
     check = hf_knowedit.evaluate(model, tok, stream(), fluency=False, progress=False)  # edits were reverted
     assert res.rows[0]["ES"] == pytest.approx(check.pre["ES"]) and res.rows[0]["NS"] == pytest.approx(check.pre["NS"])
 
@@ -179,14 +176,7 @@ def test_row_zero_reuses_the_unedited_scores(stats_cache, one_thread, monkeypatc
 def test_another_stream_reuses_a_copied_baseline_of_the_same_model(stats_cache, one_thread, tmp_path, monkeypatch):
     model, tok = tiny("llama")
     run(model, tok, state_dir=tmp_path / "alphaedit")
-    scored = []
-    real_scores = lifelong.Scorer.scores
-
-    def counting(self, idx):
-        scored.append(len(idx))
-        return real_scores(self, idx)
-
-    monkeypatch.setattr(lifelong.Scorer, "scores", counting)
+    scored = count_scored(monkeypatch)
     for name in ("memit", "other-model"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "baseline.json").write_bytes((tmp_path / "alphaedit" / "baseline.json").read_bytes())
