@@ -7,8 +7,9 @@ Each method runs :func:`hf_knowedit.run_lifelong` on the first ``--n-edits`` rec
 ``known_1000.json``; seconds; weight-norm growth of the edited layers). Writes one markdown file with a table per
 method and the command, a JSON file and a PNG of the curves.
 
-Methods are names registered in hf_knowedit, optionally with ``+nas`` (NAS's norm-anchored z):
-``memit``, ``alphaedit``, ``alphaedit+nas``, ``encore``, ``encore+nas``, ...
+Methods are names registered in hf_knowedit, optionally with ``+nas`` (NAS's norm-anchored z) and
+``+option=value`` (any method option): ``memit``, ``alphaedit``, ``alphaedit+nas``, ``encore``,
+``encore+norm_anchor=original``, ...
 
 Resumable: every method keeps its checkpoints in ``--state-dir/<method>``; run the same command again after a
 kill and it continues from the last checkpoint (rows identical to an uninterrupted run, seconds aside).
@@ -60,12 +61,22 @@ COLUMNS = (
 
 
 def method_options(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"alphaedit+nas"`` -> ``("alphaedit", {"nas": True})``."""
+    """``"alphaedit+nas"`` -> ``("alphaedit", {"nas": True})``; ``"encore+norm_anchor=original"`` ->
+    ``("encore", {"norm_anchor": "original"})`` (a value is read as JSON when it parses, else kept as text)."""
     name, *flags = spec.split("+")
-    unknown = [f for f in flags if f != "nas"]
-    if unknown:
-        raise SystemExit(f"unknown method flag(s) {unknown} in {spec!r}; the only flag is '+nas'")
-    return name, ({"nas": True} if flags else {})
+    options: dict[str, Any] = {}
+    for flag in flags:
+        key, sep, value = flag.partition("=")
+        if not sep:
+            if key != "nas":
+                raise SystemExit(f"unknown method flag {flag!r} in {spec!r}: use '+nas' or '+option=value'")
+            options["nas"] = True
+            continue
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
 
 
 def main(argv: list[str] | None = None) -> None:

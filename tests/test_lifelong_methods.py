@@ -1,6 +1,7 @@
 """Lifelong methods against transcriptions of their papers' formulas: NAS (norm-anchored z), ENCORE's
 norm-constrained closed form and its most-probable early stopping (MPES); sequential ENCORE keeps exact
-adapters (low rank first, dense once earlier edits enter the update)."""
+adapters (low rank with the paper's increment penalty; dense once the pull-back towards the original weight
+brings earlier edits into the update)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 import hf_knowedit
 from hf_knowedit.architectures import get_architecture, get_module, layer_path, mlp_out_path
+from hf_knowedit.errors import InvalidConfigError
 from hf_knowedit.hooks import hidden, replace_hidden
 from hf_knowedit.methods import encore, rlsedit
 from hf_knowedit.methods.encore import ENCOREConfig, encore_update
@@ -84,7 +86,7 @@ def test_encore_update_is_the_papers_closed_form_and_its_minimum():
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])  # Linear and Conv1D weights
-def test_sequential_encore_pulls_back_the_drift_and_stays_exact(model_type, monkeypatch):
+def test_sequential_encore_anchored_at_the_original_pulls_back_the_drift_and_stays_exact(model_type, monkeypatch):
     model, tok = tiny(model_type)
     spec = get_architecture(model)
     pristine = weights(model)
@@ -96,7 +98,7 @@ def test_sequential_encore_pulls_back_the_drift_and_stays_exact(model_type, monk
         return real(keys, resid, cov, lam, alpha, drift)
 
     monkeypatch.setattr(encore, "encore_update", spy)
-    opts = dict(layers=[1, 2], v_num_grad_steps=3, context_templates=0, **FAST)
+    opts = dict(layers=[1, 2], v_num_grad_steps=3, context_templates=0, norm_anchor="original", **FAST)
     first = hf_knowedit.apply_edits(model, tok, facts(2), method="encore", **opts)
     assert all(not bool(d.any()) for d in seen) and not any(d.dense for d in first.deltas.values())
     after_first = weights(model)
@@ -116,6 +118,31 @@ def test_sequential_encore_pulls_back_the_drift_and_stays_exact(model_type, monk
     assert torch.allclose(merged, pristine[path].double() + summed, atol=1e-5)
     hf_knowedit.revert_edits(model)
     assert all(torch.equal(weights(model)[k], v) for k, v in pristine.items())
+
+
+def test_sequential_encore_by_default_penalises_only_the_increment(monkeypatch):
+    """The paper's norm term ‖Ŵ − W₀‖² with W₀ the weight before the call: no drift enters the solve, every
+    call is MEMIT with α on the ridge, stored as rank-n factors, and the stream reverts bit-exactly."""
+    model, tok = tiny("llama")
+    pristine = weights(model)
+    seen = []
+    real = encore.encore_update
+
+    def spy(keys, resid, cov, lam, alpha, drift):
+        seen.append(drift)
+        return real(keys, resid, cov, lam, alpha, drift)
+
+    monkeypatch.setattr(encore, "encore_update", spy)
+    opts = dict(layers=[1, 2], v_num_grad_steps=3, context_templates=0, **FAST)
+    sets = [hf_knowedit.apply_edits(model, tok, facts(2, i), method="encore", **opts) for i in (0, 2)]
+    assert sets[1].config["norm_anchor"] == "previous"
+    assert len(seen) == 4 and all(d is None for d in seen)  # two layers, two calls
+    assert all(not d.dense and d.rank <= 2 for es in sets for d in es.deltas.values())
+    assert any(not torch.equal(weights(model)[k], v) for k, v in pristine.items())
+    hf_knowedit.revert_edits(model)
+    assert all(torch.equal(weights(model)[k], v) for k, v in pristine.items())
+    with pytest.raises(InvalidConfigError, match="norm_anchor"):
+        hf_knowedit.apply_edits(model, tok, facts(1), method="encore", norm_anchor="pristine", **opts)
 
 
 def test_mpes_stops_when_the_new_object_is_the_arg_max():

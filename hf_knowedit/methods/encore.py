@@ -6,28 +6,31 @@ MEMIT, with the two changes the paper finds keep 10,000 sequential edits from de
    object is the most probable continuation (the arg-max at every target token of every rewriting prompt,
    teacher forced), instead of driving its loss towards zero: over-optimised targets overfit and inflate
    the edited layers. (``most_probable_stop=True``; MEMIT's loss threshold ``early_stop`` still applies.)
-2. **A norm constraint in the closed form.** Each layer's update also pays for how far the edited weight
-   moves from the original one, ``α ‖W + ΔW − W₀‖²_F``, beside MEMIT's preservation and memorisation terms::
+2. **A norm constraint in the closed form.** Each layer's update also pays for its own size, the paper's
+   ``λ_n ‖Ŵ − W₀‖²_F`` with ``W₀`` the weight before this call (``norm_anchor="previous"``, the default)::
 
-       min_ΔW  λ ‖ΔW K₀‖² + ‖(W + ΔW) K − V‖² + α ‖W + ΔW − W₀‖²_F
+       min_ΔW  λ ‖ΔW K₀‖² + ‖(W + ΔW) K − V‖² + α ‖ΔW‖²_F
 
-       ΔW = (R Kᵀ − α (W − W₀)) (λC + K Kᵀ + α I)⁻¹          R = V − W K (the residual this layer writes)
+       ΔW = R Kᵀ (λC + K Kᵀ + α I)⁻¹          R = V − W K (the residual this layer writes)
 
-   (:func:`encore_update`). ``W`` is the weight the layer acts with now (earlier batches included), ``W₀``
-   its pristine copy. The first edit of a model (``W = W₀``) is MEMIT with ``α`` added to the ridge; later
-   ones also pull the accumulated change back, which keeps ``‖W‖`` from growing along a stream (MEMIT's edited
-   layers grow more than 10x over 10,000 edits in the paper, AlphaEdit's about 2x).
+   MEMIT with ``α`` added to the ridge, stored as exact rank-``n`` factors. ``norm_anchor="original"``
+   measures the distance from the *unedited* weight instead, ``α ‖W + ΔW − W₀‖²_F`` (``W₀`` pristine)::
+
+       ΔW = (R Kᵀ − α (W − W₀)) (λC + K Kᵀ + α I)⁻¹
+
+   (:func:`encore_update`). That also pulls the accumulated change of earlier calls back, which keeps
+   ``‖W‖`` flat along a stream, but over 3,000 edits on SmolLM2 it undid most earlier edits (ES 45 at the
+   end, ``docs/results/lifelong_smollm2_3000.md``). Its delta has the rank of ``W − W₀`` (all earlier edits),
+   so it is stored dense: exact, the adapter format's dense form
+   (:meth:`~hf_knowedit.deltas.ModuleDelta.from_factors`).
 
 ``α`` (``norm_weight``) is relative: ``α = norm_weight · λ · tr(C) / d_in``, the mean eigenvalue of ``λC``
 scaled, so it means the same on every model (default 0.1; the paper's absolute values are tuned per model).
 
-**Storage.** Without earlier edits the update is MEMIT's exact rank-``n`` factors. With them the pull-back
-term has the rank of ``W − W₀`` (all earlier edits), so the delta is stored dense — exact, the
-adapter format's dense form (:meth:`~hf_knowedit.deltas.ModuleDelta.from_factors`).
-
     >>> for batch in batches:
     ...     model.apply_edits(batch, method="encore")
     >>> model.apply_edits(batch, method="encore", nas=True)   # with NAS's norm-anchored z (methods/nas.py)
+    >>> model.apply_edits(batch, method="encore", norm_anchor="original")   # pull back towards W₀
 """
 
 from __future__ import annotations
@@ -52,15 +55,21 @@ class ENCOREConfig(MEMITConfig):
 
     most_probable_stop: bool = option(True, "MPES: stop z once the new object is the arg-max everywhere", "bool")
     norm_weight: float = option(0.1, "α relative to the mean eigenvalue of λC (norm constraint)", "num>=0")
+    norm_anchor: str = option(
+        "previous",
+        "the norm term's reference: 'previous' (the weight before this call: ‖ΔW‖², the paper) or "
+        "'original' (the unedited weight: also pulls earlier edits back)",
+        "choice:previous|original",
+    )
 
 
 def encore_update(
-    keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float, alpha: float, drift: torch.Tensor
+    keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float, alpha: float, drift: torch.Tensor | None
 ) -> Factors:
     """``ΔW = (R Kᵀ − α D) (λC + K Kᵀ + α I)⁻¹`` as factors ``(B, A)``, float64 solve, float32 out.
 
     ``keys [n, d_in]``, ``resid [n, d_out]`` (rows are vectors), ``drift = D = W − W₀ [d_out, d_in]``.
-    ``D = 0``: ``B = Rᵀ``, ``A = K (λC + KKᵀ + αI)⁻¹`` (rank ``n``); else ``B = [Rᵀ, −αD]``,
+    ``D = 0`` or ``None`` (the increment form): ``B = Rᵀ``, ``A = K (λC + KKᵀ + αI)⁻¹`` (rank ``n``); else ``B = [Rᵀ, −αD]``,
     ``A = [K M⁻¹; M⁻¹]`` (stored dense by the caller's ``ModuleDelta.from_factors``)."""
     K = keys.double()
     d_in = K.shape[1]
@@ -72,10 +81,9 @@ def encore_update(
         raise SingularSystemError(
             "ENCORE's system λC + KKᵀ + αI is singular; raise norm_weight or mom2_update_weight."
         ) from None
-    drift = drift.to(K.device)
-    if not bool(drift.any()) or alpha == 0:
+    if drift is None or alpha == 0 or not bool(drift.any()):
         return resid.double().t().float(), (K @ inv).float()
-    B = torch.cat([resid.double().t(), -alpha * drift.double()], dim=1)
+    B = torch.cat([resid.double().t(), -alpha * drift.to(K.device).double()], dim=1)
     A = torch.cat([K @ inv, inv], dim=0)
     return B.float(), A.float()
 
@@ -89,11 +97,12 @@ def compute(ctx: EditContext) -> MethodResult:
         cov = stats[layer].matrix
         lam = scaled_mom2_weight(keys.shape[1], ctx.config.mom2_update_weight)
         alpha = ctx.config.norm_weight * lam * float(torch.diagonal(cov.double()).mean())
+        if ctx.config.norm_anchor == "previous":
+            return encore_update(keys, resid, cov, lam, alpha, None)
         path = mlp_out_path(ctx.arch, layer)
-        now = effective_weight(ctx.model, path)
         base = state.base.get(path)
         base = read_tensor(ctx.model, f"{path}.weight") if base is None else base
-        drift = (now - base.detach().float()).cpu()
+        drift = (effective_weight(ctx.model, path) - base.detach().float()).cpu()
         if ctx.arch.mlp_out_layout == "conv1d":  # [in, out] weights: ΔW is kept in Linear orientation
             drift = drift.t()
         return encore_update(keys, resid, cov, lam, alpha, drift)
