@@ -120,6 +120,7 @@ def _sync(model: Any) -> None:
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, tok: Any, folder: Path) -> list[dict]:
     import hf_knowedit
+    from hf_knowedit.evaluation.datasets import first_per_fact, load_records
     from hf_knowedit.methods import memory
     from hf_knowedit.methods.memit import default_band
     from hf_knowedit.methods.rome import default_layer
@@ -180,8 +181,10 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tok: 
     logger.info("%s", rows[-1])
 
     layers = default_band(shape["layers_above"] + layer, 5)
+    # the flat file repeats some facts with another new object, which one MEMIT call rejects (EditConflictError)
+    distinct, _ = first_per_fact(load_records(flat))
     for n in args.memit:
-        records = distinct_facts(flat, n)
+        records = [flat[r.index] for r in distinct[:n]]
         with Peak(device) as peak:
             t0 = time.perf_counter()
             hf_knowedit.apply_edits(model, tok, records, "memit", layers=layers, config=config)
@@ -201,22 +204,6 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tok: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
-
-
-def distinct_facts(records: list[dict], n: int) -> list[dict]:
-    """The first ``n`` records that each rewrite a different (subject, relation) fact: the flat CounterFact
-    file repeats some facts with other new objects, which one MEMIT call rejects (``EditConflictError``)."""
-    from hf_knowedit.requests import to_request
-
-    kept, seen = [], set()
-    for record in records:
-        key = to_request(record).relation_key
-        if key not in seen:
-            seen.add(key)
-            kept.append(record)
-            if len(kept) == n:
-                break
-    return kept
 
 
 def _efficacy(model: Any, tok: Any, record: dict) -> int:

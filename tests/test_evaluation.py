@@ -20,7 +20,7 @@ from hf_knowedit.deltas import ModuleDelta
 from hf_knowedit.errors import InvalidConfigError, InvalidDataError, SingularSystemError, UnknownMethodError
 from hf_knowedit.evaluation import metrics as M
 from hf_knowedit.evaluation import protocols
-from hf_knowedit.evaluation.datasets import detect_schema, load_records
+from hf_knowedit.evaluation.datasets import detect_schema, first_per_fact, load_records
 from hf_knowedit.evaluation.scoring import TargetScore, score_targets
 from hf_knowedit.generation import generate_texts
 from hf_knowedit.methods.registry import MethodResult, register_method
@@ -501,3 +501,10 @@ def test_bad_arguments_and_duplicate_facts_leave_model_untouched():
     with pytest.raises(InvalidDataError, match=r"record 2 \(case_id 9\).*repeat.*record 0"):
         hf_knowedit.evaluate(model, tok, dup, method="evaltest-harm", protocol="batch", fluency=False, progress=False)
     assert_untouched(model, before)
+
+
+def test_first_per_fact_keeps_each_facts_first_record_in_order():
+    recs = cf_records() + [cf_record(new="Madrid", case_id=9), cf_record(prompt="{} stands in", case_id=10)]
+    kept, repeats = first_per_fact(load_records(recs))
+    assert [r.case_id for r in kept] == [r["case_id"] for r in cf_records()] + [10]  # another relation is kept
+    assert [(r.index, r.case_id) for r in repeats] == [(len(cf_records()), 9)]

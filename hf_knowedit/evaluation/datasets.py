@@ -279,6 +279,18 @@ def load_records(
     return [parse_record(r, i, schema, zsre_target=zsre_target) for i, r in enumerate(raw)]
 
 
+def first_per_fact(records: Sequence[EvalRecord]) -> tuple[list[EvalRecord], list[EvalRecord]]:
+    """Each fact's first record, and the later records that repeat a fact (same subject and relation, e.g.
+    another new object), both in order: a stream or one batch can only take the first."""
+    kept: list[EvalRecord] = []
+    repeats: list[EvalRecord] = []
+    seen: set = set()
+    for r in records:
+        (repeats if r.request.relation_key in seen else kept).append(r)
+        seen.add(r.request.relation_key)
+    return kept, repeats
+
+
 def check_distinct(records: Sequence[EvalRecord]) -> None:
     """Refuse two records that rewrite the same subject and relation (they cannot be one batch)."""
     seen: dict = {}

@@ -59,7 +59,7 @@ from ..hooks import frozen
 from ..stack import effective_weight, get_edit_set, get_state, list_edits, load_edits, revert_edits
 from . import generative as G
 from . import metrics as M
-from .datasets import load_records
+from .datasets import first_per_fact, load_records
 from .protocols import Scorer, case_metrics, encode_record
 from .scoring import TargetScore
 
@@ -273,10 +273,7 @@ def run_lifelong(
         raise InvalidConfigError(
             f"checkpoint_every ({checkpoint_every}) must be a multiple of batch_size ({batch_size})."
         )
-    recs, skipped, seen = [], [], set()
-    for r in load_records(records, limit=n_edits):  # a later record about the same fact would conflict
-        (skipped if r.request.relation_key in seen else recs).append(r)
-        seen.add(r.request.relation_key)
+    recs, skipped = first_per_fact(load_records(records, limit=n_edits))  # a repeated fact would conflict
     if skipped:
         logger.warning(
             "Skipping %d record(s) that repeat an earlier fact: %s", len(skipped), [r.where for r in skipped]
@@ -417,7 +414,7 @@ def _scores_to_json(scores: dict[str, list[tuple[Any, Any]]]) -> dict[str, Any]:
 
 def _scores_from_json(saved: dict[str, Any]) -> dict[str, list[tuple[Any, Any]]]:
     def target(t: dict[str, Any] | None) -> TargetScore | None:
-        return None if t is None else TargetScore(*(tuple(t[k]) for k in ("logprobs", "predicted", "target_ids")))
+        return None if t is None else TargetScore(**{k: tuple(v) for k, v in t.items()})
 
     return {g: [(target(a), target(b)) for a, b in pairs] for g, pairs in saved.items()}
 

@@ -69,8 +69,8 @@ def encore_update(
     """``ΔW = (R Kᵀ − α D) (λC + K Kᵀ + α I)⁻¹`` as factors ``(B, A)``, float64 solve, float32 out.
 
     ``keys [n, d_in]``, ``resid [n, d_out]`` (rows are vectors), ``drift = D = W − W₀ [d_out, d_in]``.
-    ``D = 0`` or ``None`` (the increment form): ``B = Rᵀ``, ``A = K (λC + KKᵀ + αI)⁻¹`` (rank ``n``); else ``B = [Rᵀ, −αD]``,
-    ``A = [K M⁻¹; M⁻¹]`` (stored dense by the caller's ``ModuleDelta.from_factors``)."""
+    ``D = 0`` or ``None`` (the increment form): ``B = Rᵀ``, ``A = K (λC + KKᵀ + αI)⁻¹`` (rank ``n``);
+    else ``B = [Rᵀ, −αD]``, ``A = [K M⁻¹; M⁻¹]`` (stored dense by the caller's ``ModuleDelta.from_factors``)."""
     K = keys.double()
     d_in = K.shape[1]
     eye = torch.eye(d_in, dtype=torch.float64, device=K.device)
