@@ -16,6 +16,9 @@ kill and it continues from the last checkpoint (rows identical to an uninterrupt
 ``--report`` edits nothing: it writes the files from the checkpoints the state folders hold so far (streams
 still short of ``--n-edits`` are marked as such), e.g. to merge methods run by separate processes.
 
+The markdown ends with the issue's targets (each stream's last row against its row 0, :data:`TARGETS`).
+A hand-written ``## Reading`` section at the end of an existing ``--out`` file is kept when the file is rewritten.
+
     python benchmarks/bench_lifelong.py --n-edits 300 --batch-size 100 --checkpoint-every 100     # CPU, small
     python benchmarks/bench_lifelong.py --n-edits 3000 --checkpoint-every 500                      # the issue's
     python benchmarks/bench_lifelong.py --n-edits 10000 --checkpoint-every 1000 --device cuda     # GPU
@@ -38,6 +41,17 @@ logger = logging.getLogger("bench_lifelong")
 #: tokens of the second-moment statistics (as bench_memit; cached on disk after the first run)
 N_TOKENS = 20_000
 FLAT = "counterfact_flat_edit_10000.json"
+#: the issue's targets for the best method at 3,000 edits: (heading, passes(last, unedited), shown value)
+TARGETS = (
+    ("ES (≥ 90)", lambda r, r0: r["ES"] >= 90, lambda r, r0: f"{r['ES']:.1f}"),
+    ("NS drop (≤ 10)", lambda r, r0: r0["NS"] - r["NS"] <= 10, lambda r, r0: f"{r0['NS'] - r['NS']:.1f}"),
+    ("GE change (≤ 5 %)", lambda r, r0: abs(r["GE"] / r0["GE"] - 1) <= 0.05,
+     lambda r, r0: f"{100 * (r['GE'] / r0['GE'] - 1):+.1f} %"),
+    ("ppl change (≤ 10 %)", lambda r, r0: r["ppl"] / r0["ppl"] - 1 <= 0.10,
+     lambda r, r0: f"{100 * (r['ppl'] / r0['ppl'] - 1):+.1f} %"),
+    ("known-fact drop (≤ 5)", lambda r, r0: r0["known_acc"] - r["known_acc"] <= 5,
+     lambda r, r0: f"{r0['known_acc'] - r['known_acc']:.0f}"),
+)  # fmt: skip
 KNOWN = "known_1000.json"
 COLUMNS = (
     "n_edits",
@@ -173,11 +187,31 @@ def write(args: argparse.Namespace, results: list, machine: dict[str, Any], wall
         f"context templates {args.context_templates}. Row 0 is the unedited model (ES/PS/NS there on all "
         f"{args.n_edits} records). Curves: `{png.name}`.\n\n"
     )
-    write_markdown(args.out, "Lifelong editing on SmolLM2-135M", note + tables, machine, wall, drop=("--report",))
+    reading = ""
+    if args.out.exists():  # keep the hand-written reading of an earlier report
+        old = args.out.read_text(encoding="utf-8")
+        reading = old[old.index("\n## Reading") :].strip("\n") if "\n## Reading" in old else ""
+    body = note + tables + "\n\n" + targets_table(results) + ("\n\n" + reading if reading else "")
+    write_markdown(args.out, "Lifelong editing on SmolLM2-135M", body, machine, wall, drop=("--report",))
     args.out.with_suffix(".json").write_text(
         json.dumps({"settings": settings, "machine": machine, "results": [r.to_dict() for r in results]}, indent=1)
     )
     logger.info("wrote %s, %s", args.out, png)
+
+
+def targets_table(results: list) -> str:
+    """Each stream's last row against its unedited row 0, one column per target (✗: missed)."""
+    lines = [
+        "## Targets\n",
+        "Last row of each stream against its row 0 (unedited); ✗ marks a missed target.\n",
+        "| method | edits reached | " + " | ".join(t[0] for t in TARGETS) + " |",
+        "|---|---|" + "---|" * len(TARGETS),
+    ]
+    for res in results:
+        r0, r = res.rows[0], res.rows[-1]
+        cells = [show(r, r0) + ("" if passes(r, r0) else " ✗") for _, passes, show in TARGETS]
+        lines.append(f"| {res.method} | {r['n_edits']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def short_of(result: Any) -> str:

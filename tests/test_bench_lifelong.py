@@ -1,0 +1,54 @@
+"""The lifelong benchmark's own logic: method specs and the targets table (the streams themselves are benchmarks)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_lifelong  # noqa: E402
+from hf_knowedit.evaluation.lifelong import LifelongResult  # noqa: E402
+
+
+def test_method_specs_take_nas_and_any_option():
+    assert bench_lifelong.method_options("memit") == ("memit", {})
+    assert bench_lifelong.method_options("alphaedit+nas") == ("alphaedit", {"nas": True})
+    assert bench_lifelong.method_options("encore+norm_anchor=original+norm_weight=0.01") == (
+        "encore",
+        {"norm_anchor": "original", "norm_weight": 0.01},
+    )
+    with pytest.raises(SystemExit, match="unknown method flag 'fast'"):
+        bench_lifelong.method_options("memit+fast")
+
+
+def test_targets_table_marks_each_missed_target():
+    r0 = {"n_edits": 0, "ES": 30.0, "NS": 70.0, "GE": 500.0, "ppl": 30.0, "known_acc": 20.0}
+    good = {"n_edits": 3000, "ES": 92.0, "NS": 61.0, "GE": 480.0, "ppl": 32.9, "known_acc": 16.0}
+    bad = {"n_edits": 1500, "ES": 89.9, "NS": 59.0, "GE": 530.0, "ppl": 33.1, "known_acc": 14.0}
+    table = bench_lifelong.targets_table([LifelongResult("a", [r0, good], {}), LifelongResult("b", [r0, bad], {})])
+    rows = {
+        line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| a") or line.startswith("| b")
+    }
+    assert rows["| a"] == "| a | 3000 | 92.0 | 9.0 | -4.0 % | +9.7 % | 4 |"
+    assert rows["| b"] == "| b | 1500 | 89.9 ✗ | 11.0 ✗ | +6.0 % ✗ | +10.3 % ✗ | 6 ✗ |"
+
+
+def test_a_rewritten_report_keeps_its_hand_written_reading(tmp_path):
+    r0 = {"n_edits": 0, "ES": 30.0, "NS": 70.0, "GE": 500.0, "ppl": 30.0, "known_acc": 20.0}
+    res = [LifelongResult("a", [r0, {**r0, "n_edits": 100, "ES": 95.0}], {"n_edits": 100})]
+    out = tmp_path / "report.md"
+    args = argparse.Namespace(
+        out=out, n_edits=100, batch_size=100, checkpoint_every=100, gen_sample=10, n_known=10, context_templates=0
+    )
+    bench_lifelong.write(args, res, bench_lifelong.machine_info(1), None)
+    first = out.read_text()
+    assert "## Targets" in first and "| a | 100 | 95.0 |" in first and "## Reading" not in first
+    out.write_text(first + "\n## Reading\n\nWhy the numbers are what they are.\n")
+    res[0].rows.append({**r0, "n_edits": 200, "ES": 91.0})
+    bench_lifelong.write(args, res, bench_lifelong.machine_info(1), None)
+    again = out.read_text()
+    assert "| a | 200 | 91.0 |" in again and again.count("## Reading") == 1
+    assert again.endswith("## Reading\n\nWhy the numbers are what they are.\n")
