@@ -293,11 +293,11 @@ def first_per_fact(records: Sequence[EvalRecord]) -> tuple[list[EvalRecord], lis
 
 def check_distinct(records: Sequence[EvalRecord]) -> None:
     """Refuse two records that rewrite the same subject and relation (they cannot be one batch)."""
-    seen: dict = {}
-    for i, r in enumerate(records):
-        j = seen.setdefault(r.request.relation_key, i)
-        if j != i:
-            raise InvalidDataError(
-                f"{r.where}: fields 'subject' and 'prompt' repeat the fact of {records[j].where} "
-                f"({r.request.text!r}); batch protocols need one record per fact: drop one of them."
-            )
+    kept, repeats = first_per_fact(records)
+    if repeats:
+        r = repeats[0]
+        first = next(k for k in kept if k.request.relation_key == r.request.relation_key)
+        raise InvalidDataError(
+            f"{r.where}: fields 'subject' and 'prompt' repeat the fact of {first.where} "
+            f"({r.request.text!r}); batch protocols need one record per fact: drop one of them."
+        )
