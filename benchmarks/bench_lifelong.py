@@ -200,18 +200,32 @@ def write(args: argparse.Namespace, results: list, machine: dict[str, Any], wall
 
 
 def targets_table(results: list) -> str:
-    """Each stream's last row against its unedited row 0, one column per target (✗: missed)."""
+    """Each stream's last row against its unedited row 0, one column per target (✗: missed), and how far
+    the stream kept every target (:func:`all_met_until`)."""
     lines = [
         "## Targets\n",
-        "Last row of each stream against its row 0 (unedited); ✗ marks a missed target.\n",
-        "| method | edits reached | " + " | ".join(t[0] for t in TARGETS) + " |",
-        "|---|---|" + "---|" * len(TARGETS),
+        "Last row of each stream against its row 0 (unedited); ✗ marks a missed target. *All met until*: the last "
+        "checkpoint up to which every row met every target (— when the first one missed one).\n",
+        "| method | edits reached | " + " | ".join(t[0] for t in TARGETS) + " | all met until |",
+        "|---|---|" + "---|" * (len(TARGETS) + 1),
     ]
     for res in results:
         r0, r = res.rows[0], res.rows[-1]
         cells = [show(r, r0) + ("" if passes(r, r0) else " ✗") for _, passes, show in TARGETS]
-        lines.append(f"| {res.method} | {r['n_edits']} | " + " | ".join(cells) + " |")
+        until = all_met_until(res.rows)
+        lines.append(f"| {res.method} | {r['n_edits']} | " + " | ".join(cells) + f" | {until or '—'} |")
     return "\n".join(lines)
+
+
+def all_met_until(rows: list[dict]) -> int | None:
+    """``n_edits`` of the last checkpoint before the first row (after the unedited row 0) that misses a target;
+    ``None`` when the first edited row already misses one."""
+    until = None
+    for r in rows[1:]:
+        if not all(passes(r, rows[0]) for _, passes, _ in TARGETS):
+            break
+        until = r["n_edits"]
+    return until
 
 
 def short_of(result: Any) -> str:

@@ -32,8 +32,18 @@ def test_targets_table_marks_each_missed_target():
     rows = {
         line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| a") or line.startswith("| b")
     }
-    assert rows["| a"] == "| a | 3000 | 92.0 | 9.0 | -4.0 % | +9.7 % | 4 |"
-    assert rows["| b"] == "| b | 1500 | 89.9 ✗ | 11.0 ✗ | +6.0 % ✗ | +10.3 % ✗ | 6 ✗ |"
+    assert rows["| a"] == "| a | 3000 | 92.0 | 9.0 | -4.0 % | +9.7 % | 4 | 3000 |"
+    assert rows["| b"] == "| b | 1500 | 89.9 ✗ | 11.0 ✗ | +6.0 % ✗ | +10.3 % ✗ | 6 ✗ | — |"
+
+
+def test_all_met_until_stops_at_the_first_row_that_misses_a_target():
+    r0 = {"n_edits": 0, "ES": 30.0, "NS": 70.0, "GE": 500.0, "ppl": 30.0, "known_acc": 20.0}
+    ok = [{**r0, "n_edits": n, "ES": 95.0} for n in (500, 1000)]
+    worse = {**r0, "n_edits": 1500, "ES": 95.0, "ppl": 34.0}  # perplexity +13 %
+    recovered = {**r0, "n_edits": 2000, "ES": 95.0}  # a later row that passes again does not count
+    assert bench_lifelong.all_met_until([r0, *ok, worse, recovered]) == 1000
+    assert bench_lifelong.all_met_until([r0, *ok]) == 1000
+    assert bench_lifelong.all_met_until([r0, worse]) is None
 
 
 def test_a_rewritten_report_keeps_its_hand_written_reading(tmp_path):
