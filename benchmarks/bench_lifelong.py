@@ -47,8 +47,7 @@ TARGETS = (
     ("NS drop (≤ 10)", lambda r, r0: r0["NS"] - r["NS"] <= 10, lambda r, r0: f"{r0['NS'] - r['NS']:.1f}"),
     ("GE change (≤ 5 %)", lambda r, r0: abs(r["GE"] / r0["GE"] - 1) <= 0.05,
      lambda r, r0: f"{100 * (r['GE'] / r0['GE'] - 1):+.1f} %"),
-    ("ppl change (≤ 10 %)", lambda r, r0: r["ppl"] / r0["ppl"] - 1 <= 0.10,
-     lambda r, r0: f"{100 * (r['ppl'] / r0['ppl'] - 1):+.1f} %"),
+    ("ppl change (≤ 10 %)", lambda r, r0: r["ppl"] / r0["ppl"] - 1 <= 0.10, lambda r, r0: change(r["ppl"] / r0["ppl"])),
     ("known-fact drop (≤ 5)", lambda r, r0: r0["known_acc"] - r["known_acc"] <= 5,
      lambda r, r0: f"{r0['known_acc'] - r['known_acc']:.0f}"),
 )  # fmt: skip
@@ -72,6 +71,11 @@ COLUMNS = (
     "edit_s",
     "failed",
 )
+
+
+def change(ratio: float) -> str:
+    """A ratio as a signed percent change, or as a factor once it is 10× or more (a collapsed model's perplexity)."""
+    return f"×{ratio:.3g}" if ratio >= 10 else f"{100 * (ratio - 1):+.1f} %"
 
 
 def method_options(spec: str) -> tuple[str, dict[str, Any]]:

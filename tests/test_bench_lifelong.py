@@ -36,6 +36,12 @@ def test_targets_table_marks_each_missed_target():
     assert rows["| b"] == "| b | 1500 | 89.9 ✗ | 11.0 ✗ | +6.0 % ✗ | +10.3 % ✗ | 6 ✗ | — |"
 
 
+def test_a_collapsed_perplexity_reads_as_a_factor():
+    assert bench_lifelong.change(1.097) == "+9.7 %"
+    assert bench_lifelong.change(0.9) == "-10.0 %"
+    assert bench_lifelong.change(9.4e7) == "×9.4e+07"
+
+
 def test_all_met_until_stops_at_the_first_row_that_misses_a_target():
     r0 = {"n_edits": 0, "ES": 30.0, "NS": 70.0, "GE": 500.0, "ppl": 30.0, "known_acc": 20.0}
     ok = [{**r0, "n_edits": n, "ES": 95.0} for n in (500, 1000)]
@@ -62,3 +68,25 @@ def test_a_rewritten_report_keeps_its_hand_written_reading(tmp_path):
     again = out.read_text()
     assert "| a | 200 | 91.0 |" in again and again.count("## Reading") == 1
     assert again.endswith("## Reading\n\nWhy the numbers are what they are.\n")
+
+
+def test_the_plot_keys_methods_once_and_goes_logarithmic_for_a_collapsed_stream(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from hf_knowedit.evaluation import plot_lifelong
+
+    r0 = {"n_edits": 0, "ES": 30.0, "GE": 500.0, "ppl": 30.0, "known_acc": 20.0, "norm_growth": 1.0}
+    fine = LifelongResult("fine", [r0, {**r0, "n_edits": 100, "ppl": 33.0, "norm_growth": 1.1}], {})
+    broken = LifelongResult("broken", [r0, {**r0, "n_edits": 100, "ppl": 3e6, "norm_growth": 1.5}], {})
+    fig = plot_lifelong([fine, broken], path=tmp_path / "curves.png")
+    try:
+        ax_ppl, ax_norm = fig.axes[2], fig.axes[3]
+        assert ax_ppl.get_yscale() == "log" and ax_norm.get_yscale() == "linear"
+        assert [t.get_text() for t in fig.legends[0].get_texts()] == ["fine", "broken"]
+        assert [t.get_text() for t in ax_ppl.get_legend().get_texts()] == ["GE", "ppl", "known_acc"]
+        assert (tmp_path / "curves.png").stat().st_size > 0
+        fig2 = plot_lifelong([fine])
+        assert fig2.axes[2].get_yscale() == "linear"
+        plt.close(fig2)
+    finally:
+        plt.close(fig)

@@ -122,6 +122,7 @@ def plot_lifelong(results: Sequence[LifelongResult], path: Any = None) -> Any:
     if path is not None:
         matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [
@@ -132,6 +133,7 @@ def plot_lifelong(results: Sequence[LifelongResult], path: Any = None) -> Any:
     ]
     styles = ["-", "--", ":", "-."]  # one colour per stream, one line style per metric
     for ax, names, label, relative in panels:
+        top = 0.0
         for r, res in enumerate(results):
             xs = [row["n_edits"] for row in res.rows]
             for m, name in enumerate(names):
@@ -140,11 +142,17 @@ def plot_lifelong(results: Sequence[LifelongResult], path: Any = None) -> Any:
                     continue
                 if relative and res.rows and res.rows[0].get(name):
                     ys = [None if y is None else y / res.rows[0][name] for y in ys]
-                ax.plot(xs, ys, styles[m % len(styles)], color=f"C{r % 10}", marker="o", label=f"{res.method} {name}")
+                top = max([top, *(y for y in ys if y is not None)])
+                ax.plot(xs, ys, styles[m % len(styles)], color=f"C{r % 10}", marker="o", markersize=3)
+        if top >= 10 and label != "percent" and "generation" not in label:
+            ax.set_yscale("log")  # a collapsed stream (perplexity ×10⁶) would flatten every other curve
         ax.set_xlabel("number of edits")
         ax.set_ylabel(label)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        metric_keys = [Line2D([], [], color="gray", linestyle=styles[m % len(styles)]) for m in range(len(names))]
+        ax.legend(metric_keys, names, fontsize=7, title="metric", title_fontsize=7)
+    method_keys = [Line2D([], [], color=f"C{r % 10}", marker="o") for r in range(len(results))]
+    fig.legend(method_keys, [res.method for res in results], loc="lower center", ncol=min(len(results), 4))
+    fig.tight_layout(rect=(0, 0.03 * (1 + (len(results) - 1) // 4), 1, 1))
     if path is not None:
         fig.savefig(path, bbox_inches="tight", dpi=120)
     return fig
