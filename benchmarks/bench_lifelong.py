@@ -46,7 +46,7 @@ TARGETS = (
     ("ES (≥ 90)", lambda r, r0: r["ES"] >= 90, lambda r, r0: f"{r['ES']:.1f}"),
     ("NS drop (≤ 10)", lambda r, r0: r0["NS"] - r["NS"] <= 10, lambda r, r0: f"{r0['NS'] - r['NS']:.1f}"),
     ("GE change (≤ 5 %)", lambda r, r0: abs(r["GE"] / r0["GE"] - 1) <= 0.05,
-     lambda r, r0: f"{100 * (r['GE'] / r0['GE'] - 1):+.1f} %"),
+     lambda r, r0: change(r["GE"] / r0["GE"])),
     ("ppl change (≤ 10 %)", lambda r, r0: r["ppl"] / r0["ppl"] - 1 <= 0.10, lambda r, r0: change(r["ppl"] / r0["ppl"])),
     ("known-fact drop (≤ 5)", lambda r, r0: r0["known_acc"] - r["known_acc"] <= 5,
      lambda r, r0: f"{r0['known_acc'] - r['known_acc']:.0f}"),

@@ -126,13 +126,13 @@ def plot_lifelong(results: Sequence[LifelongResult], path: Any = None) -> Any:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [
-        (axes[0, 0], ("ES", "PS", "NS"), "percent", False),
-        (axes[0, 1], ("gen_ES", "gen_PS", "gen_NS", "gen_ES_prefix"), "percent (generation)", False),
-        (axes[1, 0], ("GE", "ppl", "known_acc"), "relative to unedited", True),
-        (axes[1, 1], ("norm_growth", "norm_growth_max"), "‖W‖ / ‖W₀‖ of edited layers", False),
-    ]
+        (axes[0, 0], ("ES", "PS", "NS"), "percent", False, False),
+        (axes[0, 1], ("gen_ES", "gen_PS", "gen_NS", "gen_ES_prefix"), "percent (generation)", False, False),
+        (axes[1, 0], ("GE", "ppl", "known_acc"), "relative to unedited", True, True),
+        (axes[1, 1], ("norm_growth", "norm_growth_max"), "‖W‖ / ‖W₀‖ of edited layers", False, True),
+    ]  # (axes, metrics, label, divide by row 0, a ratio: log scale once it spans 10×)
     styles = ["-", "--", ":", "-."]  # one colour per stream, one line style per metric
-    for ax, names, label, relative in panels:
+    for ax, names, label, relative, ratio in panels:
         top = 0.0
         for r, res in enumerate(results):
             xs = [row["n_edits"] for row in res.rows]
@@ -144,7 +144,7 @@ def plot_lifelong(results: Sequence[LifelongResult], path: Any = None) -> Any:
                     ys = [None if y is None else y / res.rows[0][name] for y in ys]
                 top = max([top, *(y for y in ys if y is not None)])
                 ax.plot(xs, ys, styles[m % len(styles)], color=f"C{r % 10}", marker="o", markersize=3)
-        if top >= 10 and label != "percent" and "generation" not in label:
+        if ratio and top >= 10:
             ax.set_yscale("log")  # a collapsed stream (perplexity ×10⁶) would flatten every other curve
         ax.set_xlabel("number of edits")
         ax.set_ylabel(label)
