@@ -233,30 +233,42 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any], path: Path) -> Path:
+def figure(result: dict[str, Any]) -> Any:
+    """One panel per method that has rows (ROME by layer, the band method by its band's mean layer), the
+    metrics in percent in depth order, the MLP's indirect effect per layer on a second axis; one key below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, method in zip(axes, ("rome", result["settings"]["band_method"])):
-        rows = [r for r in result["rows"] if r["name"] == method]
+    methods = [m for m in ("rome", result["settings"]["band_method"]) if any(r["name"] == m for r in result["rows"])]
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4.8), sharey=True, squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        rows = sorted((r for r in result["rows"] if r["name"] == method), key=lambda r: sum(r["layers"]))
         x = [sum(r["layers"]) / len(r["layers"]) for r in rows]
         for k in (*METRICS, "S"):
             ax.plot(x, [r[k] for r in rows], marker="o", label=k)
-        for k in ("gen_ES", "gen_ES_prefix"):
-            if rows and k in rows[0]:
+        for k in ("gen_ES", "gen_PS", "gen_ES_prefix"):
+            if k in rows[0]:
                 ax.plot(x, [r[k] for r in rows], marker="x", linestyle=":", label=k)
         ax.set_title(f"{method} ({result['records']} records)")
         ax.set_xlabel("layer (band: its mean)")
         twin = ax.twinx()
         twin.plot(range(result["n_layers"]), result["aie"], color="grey", linestyle="--", label="MLP AIE")
         twin.set_ylabel("MLP AIE")
-    axes[0].set_ylabel("percent")
-    axes[0].legend(loc="lower left")
+    axes[0][0].set_ylabel("percent")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    twin_handles, twin_labels = twin.get_legend_handles_labels()
+    fig.legend(handles + twin_handles, labels + twin_labels, loc="lower center", ncol=4 * len(methods), frameon=False)
     fig.suptitle(f"Layer sweep: {result['name']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.16 / len(methods), 1, 1))
+    return fig
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = figure(result)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)

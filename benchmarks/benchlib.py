@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -82,7 +83,8 @@ def write_markdown(
     (``None``: not known, e.g. a report merged from several runs), then ``table``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + [a for a in sys.argv[1:] if a not in drop])
+    args = [os.path.relpath(sys.argv[0], ROOT)] + [a for a in sys.argv[1:] if a not in drop]
+    command = "python " + shlex.join(args)  # quoted: an empty value ("--bands ''") survives a paste into a shell
     wall = "" if wall_s is None else f" Wall time {wall_s / 60:.1f} min."
     text = (
         f"# {title}\n\nReproduce: `{command}` (data folder from `--data` or `HF_KNOWEDIT_DATA`).\n\n"
