@@ -98,10 +98,10 @@ def test_reproduce_line_is_a_command_a_shell_runs_as_given(tmp_path, monkeypatch
     import benchlib
 
     script = str(benchlib.ROOT / "benchmarks" / "bench_sweep.py")
-    argv = [script, "--bands", "", "--methods", "encore+norm_anchor=original", "--threads", "2"]
+    argv = [script, "--bands", "", "--methods", "encore+norm_anchor=original", "--report"]
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setattr(benchlib, "machine_line", lambda machine: "test machine")
-    out = benchlib.write_markdown(tmp_path / "r.md", "t", "| a |", {}, None, drop=("--threads", "2"))
+    out = benchlib.write_markdown(tmp_path / "r.md", "t", "| a |", {}, None, drop=("--report",))
     line = next(l for l in out.read_text().splitlines() if l.startswith("Reproduce:"))
     command = line.split("`")[1]
     expected = ["python", "benchmarks/bench_sweep.py", "--bands", "", "--methods", "encore+norm_anchor=original"]
