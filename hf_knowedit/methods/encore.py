@@ -6,6 +6,8 @@ MEMIT, with the two changes the paper finds keep 10,000 sequential edits from de
    object is the most probable continuation (the arg-max at every target token of every rewriting prompt,
    teacher forced), instead of driving its loss towards zero: over-optimised targets overfit and inflate
    the edited layers. (``most_probable_stop=True``; MEMIT's loss threshold ``early_stop`` still applies.)
+   On SmolLM2, 1,000 sequential edits without MPES: perplexity +43 % against +8 %, and ES 86.7 against
+   90.3 (``docs/results/lifelong_smollm2_encore_probes.md``).
 2. **A norm constraint in the closed form.** Each layer's update also pays for its own size, the paper's
    ``λ_n ‖Ŵ − W₀‖²_F`` with ``W₀`` the weight before this call (``norm_anchor="previous"``, the default)::
 
@@ -31,7 +33,7 @@ scaled, so it means the same on every model (default 0.1; the paper's absolute v
 
     >>> for batch in batches:
     ...     model.apply_edits(batch, method="encore")
-    >>> model.apply_edits(batch, method="encore", nas=True)   # with NAS's norm-anchored z (methods/nas.py)
+    >>> model.apply_edits(batch, method="encore", nas=True)   # NAS's norm-anchored z (its ES wore faster on SmolLM2)
     >>> model.apply_edits(batch, method="encore", norm_anchor="original")   # pull back towards W₀
 """
 
