@@ -233,6 +233,11 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def depth(row: dict[str, Any]) -> float:
+    """A row's x position: its layer, or its band's mean layer."""
+    return sum(row["layers"]) / len(row["layers"])
+
+
 def figure(result: dict[str, Any]) -> Any:
     """One panel per method that has rows (ROME by layer, the band method by its band's mean layer), the
     metrics in percent in depth order, the MLP's indirect effect per layer on a second axis; one key below."""
@@ -241,15 +246,16 @@ def figure(result: dict[str, Any]) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in ("rome", result["settings"]["band_method"]) if any(r["name"] == m for r in result["rows"])]
+    ran = [m for m in ("rome", result["settings"]["band_method"]) if any(r["name"] == m for r in result["rows"])]
+    methods = ran or ["rome"]  # a trace-only run (no layers, no bands) still shows the indirect effect
     fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4.8), sharey=True, squeeze=False)
     for ax, method in zip(axes[0], methods):
-        rows = sorted((r for r in result["rows"] if r["name"] == method), key=lambda r: sum(r["layers"]))
-        x = [sum(r["layers"]) / len(r["layers"]) for r in rows]
-        for k in (*METRICS, "S"):
+        rows = sorted((r for r in result["rows"] if r["name"] == method), key=depth)
+        x = [depth(r) for r in rows]
+        for k in (*METRICS, "S") if rows else ():
             ax.plot(x, [r[k] for r in rows], marker="o", label=k)
         for k in ("gen_ES", "gen_PS", "gen_ES_prefix"):
-            if k in rows[0]:
+            if rows and k in rows[0]:
                 ax.plot(x, [r[k] for r in rows], marker="x", linestyle=":", label=k)
         ax.set_title(f"{method} ({result['records']} records)")
         ax.set_xlabel("layer (band: its mean)")

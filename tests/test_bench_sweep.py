@@ -36,3 +36,22 @@ def test_sweep_figure_draws_rows_in_depth_order_and_skips_empty_methods():
         assert labels == ["ES", "PS", "NS", "S", "gen_ES", "MLP AIE"]
     finally:
         plt.close(fig)
+
+
+def test_a_trace_only_sweep_still_plots_the_indirect_effect():
+    result = {
+        "rows": [],
+        "settings": {"band_method": "memit"},
+        "records": 0,
+        "n_layers": 4,
+        "aie": [0.1, 0.3, 0.2, 0.0],
+        "name": "tiny",
+    }
+    import matplotlib.pyplot as plt
+
+    fig = bench_sweep.figure(result)
+    try:
+        curves = {line.get_label(): list(line.get_ydata()) for ax in fig.axes for line in ax.get_lines()}
+        assert curves == {"MLP AIE": [0.1, 0.3, 0.2, 0.0]}
+    finally:
+        plt.close(fig)
