@@ -867,13 +867,20 @@ def _requests(items: list[dict[str, Any]], path: Path) -> list[EditRequest]:
     return out
 
 
-def _looks_local(source: str) -> bool:
-    return (
+def looks_local(source: str) -> bool:
+    """Whether ``source`` reads as a local path rather than a Hub repo id: absolute, starting with ``.``
+    or ``~``, more than one ``/``, the OS's own separator, or a first component that is a folder here
+    (``edits/eifel`` when ``edits/`` exists). Such a path that does not exist is reported as missing,
+    without asking the Hub."""
+    if (
         os.path.isabs(source)
         or source.startswith((".", "~"))
         or source.count("/") > 1
         or (os.sep != "/" and os.sep in source)
-    )
+    ):
+        return True
+    head, sep, _ = source.partition("/")
+    return bool(sep) and os.path.isdir(head)
 
 
 def fetch_adapter(
@@ -901,7 +908,7 @@ def fetch_adapter(
         if revision is not None:
             logger.warning("revision=%r is ignored: %s is a local directory.", revision, source)
         return Path(source)
-    if os.path.exists(source) or _looks_local(source):
+    if os.path.exists(source) or looks_local(source):
         raise AdapterFormatError(
             f"No adapter directory at {source!r}. Pass a directory written by "
             "EditSet.save_pretrained, or a Hub repo id such as 'user/my-edit'."

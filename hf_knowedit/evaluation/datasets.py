@@ -234,13 +234,39 @@ def parse_record(record: Any, index: int = 0, schema: str | None = None, *, zsre
     )
 
 
+#: where benchmark data is looked for when neither ``data=`` nor ``$HF_KNOWEDIT_DATA`` names a folder
+#: (relative to the working directory: the layout of a checkout with the benchmark files beside it)
+DEFAULT_DATA_DIR = Path("..") / "shared" / "data"
+
+
 def data_dir(data: str | os.PathLike | None = None) -> Path:
-    """``data``, else ``$HF_KNOWEDIT_DATA``; raises :class:`InvalidDataError` when neither is set."""
+    """``data``, else ``$HF_KNOWEDIT_DATA``, else ``../shared/data`` when that folder exists.
+
+    Raises :class:`InvalidDataError` when none of them names a folder."""
     if data is None:
         data = os.environ.get("HF_KNOWEDIT_DATA")
     if not data:
-        raise InvalidDataError("No benchmark data folder: pass data=... or set HF_KNOWEDIT_DATA.")
+        if DEFAULT_DATA_DIR.is_dir():
+            return DEFAULT_DATA_DIR
+        raise InvalidDataError(
+            "No benchmark data folder: pass data=... (or --data), set HF_KNOWEDIT_DATA, or put the files in "
+            f"{DEFAULT_DATA_DIR}."
+        )
     return Path(data)
+
+
+def find_data_file(path: str | os.PathLike) -> Path:
+    """``path`` itself when it exists; a bare file name (no folder part) that does not exist here is
+    looked up in :func:`data_dir`. Returns ``path`` unchanged when it is found nowhere, so the caller
+    reports it as missing."""
+    p = Path(path).expanduser()
+    if p.exists() or p.name != str(path):
+        return p
+    try:
+        candidate = data_dir() / p.name
+    except InvalidDataError:
+        return p
+    return candidate if candidate.exists() else p
 
 
 def load_records(
