@@ -23,6 +23,7 @@ import torch
 
 import hf_knowedit
 from hf_knowedit._bundled import load_smollm2
+from hf_knowedit.evaluation.datasets import readable_prompt
 from hf_knowedit.tokens import subject_token_span
 
 N_TOKENS = 5_000  # tokens of statistics corpus (a demo: small, so the first run is quick on a CPU)
@@ -139,8 +140,10 @@ def main() -> None:
     edit = model.apply_edits(record, method="rome", **stats_options(args.data))
     print(f"  {edit!r}")
     show_top("edited  ", top_k(model, tok, prompt))
-    for para in record.get("paraphrase_prompts", [])[:1]:
-        show_top(f"paraphrase {para!r}", top_k(model, tok, para, 3))
+    # scored whole; shown from the sentence that names the subject (CounterFact prefixes noise), the
+    # cleanest of the record's paraphrases
+    for para in sorted(record.get("paraphrase_prompts", []), key=lambda p: len(readable_prompt(p, rw["subject"])))[:1]:
+        show_top(f"paraphrase {readable_prompt(para, rw['subject'])!r}", top_k(model, tok, para, 3))
     with model.disable_edits():
         show_top("disabled", top_k(model, tok, prompt))
 

@@ -508,3 +508,32 @@ def test_first_per_fact_keeps_each_facts_first_record_in_order():
     kept, repeats = first_per_fact(load_records(recs))
     assert [r.case_id for r in kept] == [r["case_id"] for r in cf_records()] + [10]  # another relation is kept
     assert [(r.index, r.case_id) for r in repeats] == [(len(cf_records()), 9)]
+
+
+@pytest.mark.parametrize(
+    "prompt, subject, shown",
+    [
+        (
+            "References\n\nCategory:Populated places in the Moses Kotane Local Municipality Cologne is a twin city of",
+            "Cologne",
+            "Category:Populated places in the Moses Kotane Local Municipality Cologne is a twin city of",
+        ),
+        (
+            'Agent who was first seen in "Puppy Unplugged". What is the twin city of Cologne? It is',
+            "Cologne",
+            "What is the twin city of Cologne? It is",
+        ),
+        (
+            "1900)\n March 4\n Richard Manuel (b. Institut Polaire, created in",
+            "Institut Polaire",
+            "Institut Polaire, created in",
+        ),
+        ("Palgrave Macmillan, 2013. Shanghai is a twin city of", "Shanghai", "Shanghai is a twin city of"),
+        ("  The Eiffel Tower is in", "Eiffel Tower", "The Eiffel Tower is in"),
+        ("  no subject here ", "Paris", "no subject here"),
+    ],
+)
+def test_readable_prompt_starts_at_the_sentence_naming_the_subject(prompt, subject, shown):
+    from hf_knowedit.evaluation.datasets import readable_prompt
+
+    assert readable_prompt(prompt, subject) == shown

@@ -269,6 +269,21 @@ def find_data_file(path: str | os.PathLike) -> Path:
     return candidate if candidate.exists() else p
 
 
+def readable_prompt(prompt: str, subject: str) -> str:
+    """``prompt`` from the start of the sentence that names ``subject``, for display.
+
+    CounterFact's paraphrase prompts begin with unrelated generated text (``"References\n\nCategory:…
+    Cologne is a twin city of"``); scoring uses them whole, as the paper does, and only what is shown is
+    cut. The sentence starts after the last ``". "``, ``"? "``, ``"! "`` or newline before the subject's
+    first mention; a prompt without the subject is returned stripped."""
+    at = prompt.find(subject)
+    if at < 0:
+        return prompt.strip()
+    head = prompt[:at]
+    start = max([head.rfind(mark) + len(mark) for mark in (". ", "? ", "! ", "\n")] + [0])
+    return prompt[start:].strip()
+
+
 def load_records(
     source: str | os.PathLike | Iterable[Any],
     schema: str | None = None,
