@@ -507,6 +507,39 @@ def _peaks(effects: dict[str, Any]) -> dict[str, int]:
     return {k: int(torch.nan_to_num(v.float(), nan=float("-inf")).argmax()) for k, v in effects.items()}
 
 
+#: a peak MLP indirect effect under this share of the total effect (clean − corrupted probability) does not
+#: stand above the trace's noise: no layer is suggested from it
+MIN_EFFECT_SHARE = 0.1
+
+
+def _suggest(model: Any, trace: Any, effects: dict[str, Any], total: float, band: int, out: Output) -> dict:
+    """The layers to edit that a trace supports (``{}`` without an MLP trace), said on ``out``: the MLP's
+    peak at the last subject token when it is at least ``MIN_EFFECT_SHARE`` of the total effect, else
+    the measured defaults, with the reason."""
+    import hf_knowedit
+
+    from .architectures import num_layers
+    from .methods.memit import default_band
+    from .methods.rome import default_layer
+
+    if "mlp" not in effects:
+        return {}
+    n_layers = num_layers(model)
+    peak = float(effects["mlp"].float().nan_to_num(nan=float("-inf")).max())
+    if total > 0 and peak >= MIN_EFFECT_SHARE * total:
+        rome = hf_knowedit.suggest_layers(trace, kind="mlp", count=1)
+        memit = hf_knowedit.suggest_layers(trace, kind="mlp", count=min(band, n_layers))
+        out.say(f"suggested layers: rome --layers {rome[0]}; memit --layers {memit[0]}-{memit[-1]}")
+        return {"rome": rome, "memit": memit}
+    rome, memit = [default_layer(model)], default_band(n_layers, min(band, n_layers))
+    out.say(
+        f"no MLP layer stands out at the last subject token (peak {peak:+.4f} is under "
+        f"{MIN_EFFECT_SHARE:.0%} of the total effect {total:+.4f}); keep the measured defaults: "
+        f"rome --layers {rome[0]}; memit --layers {memit[0]}-{memit[-1]} (docs/layers.md)"
+    )
+    return {}
+
+
 def cmd_trace(args: argparse.Namespace, out: Output) -> int:
     import hf_knowedit
 
@@ -547,12 +580,8 @@ def cmd_trace(args: argparse.Namespace, out: Output) -> int:
         )
         summary = hf_knowedit.trace_facts(model, tok, facts, require_correct=not args.all_facts, **options)
         peaks = _peaks(summary.aie["last_subject"])
-        suggested = {}
-        if "mlp" in summary.aie["last_subject"]:
-            suggested = {
-                "rome": hf_knowedit.suggest_layers(summary, kind="mlp", count=1),
-                "memit": hf_knowedit.suggest_layers(summary, kind="mlp", count=min(args.band, n_layers)),
-            }
+        total = summary.mean_clean - summary.mean_corrupted
+        suggested = _suggest(model, summary, summary.aie["last_subject"], total, args.band, out)
         out.say(
             f"{summary.n_facts} facts traced ({summary.n_skipped} skipped: the model does not predict their "
             f"attribute{'' if args.all_facts else '; --all-facts traces them too'})"
@@ -577,23 +606,13 @@ def cmd_trace(args: argparse.Namespace, out: Output) -> int:
             out.say("trace saved to", args.save)
         effects = {k: result.indirect_effect(k)[result.last_subject_token] for k in result.scores}
         peaks = _peaks(effects)
-        suggested = {}
-        if "mlp" in result.scores:
-            suggested = {
-                "rome": hf_knowedit.suggest_layers(result, kind="mlp", count=1),
-                "memit": hf_knowedit.suggest_layers(result, kind="mlp", count=min(args.band, n_layers)),
-            }
+        suggested = _suggest(model, result, effects, result.clean_prob - result.corrupted_prob, args.band, out)
         out.say(f"answer {result.answer!r}: clean p={result.clean_prob:.4f}, corrupted p={result.corrupted_prob:.4f}")
         for kind, layer in peaks.items():
             effect = float(effects[kind][layer])
             out.say(f"peak indirect effect of {kind} at the last subject token: layer {layer} ({effect:+.4f})")
         data = {**result.to_dict(), "peak_layers": peaks, "suggested_layers": suggested}
         figure = result
-    if suggested:
-        out.say(
-            f"suggested layers: rome --layers {suggested['rome'][0]}; "
-            f"memit --layers {suggested['memit'][0]}-{suggested['memit'][-1]}"
-        )
     if args.plot:
         figure.plot(args.plot)
         out.say("plot written to", args.plot)

@@ -279,7 +279,8 @@ def test_bad_input_fails_before_loading_the_model(capsys, no_model, bad_files, c
 # trace
 
 
-def test_trace_one_fact(capsys, tiny, tmp_path):
+def test_trace_one_fact(capsys, tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "MIN_EFFECT_SHARE", float("-inf"))  # a random model's trace is all noise
     plot, saved = tmp_path / "trace.png", tmp_path / "trace.json"
     code, out, _ = run(
         capsys,
@@ -334,7 +335,8 @@ def test_trace_rng_reference_maps_to_trace_config(capsys, tiny):
     assert not torch.allclose(torch.tensor(ref["scores"]["mlp"]), torch.tensor(default["scores"]["mlp"]))
 
 
-def test_trace_facts_file_plots_the_average_and_suggests_layers(capsys, tiny, tmp_path):
+def test_trace_facts_file_plots_the_average_and_suggests_layers(capsys, tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "MIN_EFFECT_SHARE", float("-inf"))  # a random model's trace is all noise
     facts = [
         {"prompt": "The Eiffel Tower is located in", "subject": "The Eiffel Tower", "attribute": "Paris"},
         {"template": "{} is the capital of", "subject": "Berlin", "attribute": "Germany"},
@@ -697,3 +699,31 @@ def test_eval_finds_a_bare_data_file_name_where_the_readme_says(capsys, tiny, tm
     monkeypatch.chdir(tmp_path / "repo")
     code, _, err = run(capsys, "eval", "counterfact_999.json", "--no-fluency")  # nowhere: still a clean error
     assert code == 1 and "counterfact_999.json: no such file" in err
+
+
+def test_trace_suggests_a_layer_only_when_the_effect_stands_above_noise(capsys, tiny, monkeypatch):
+    """A peak MLP effect under ``MIN_EFFECT_SHARE`` of the total effect suggests nothing and points to the
+    measured defaults (a +0.0065 'peak' once suggested layer 14 on SmolLM2 against signal at 0-5)."""
+    fact = ["--prompt", "{} is located in", "--subject", "The Eiffel Tower", "--samples", 2, "--kinds", "mlp"]
+    monkeypatch.setattr(cli, "MIN_EFFECT_SHARE", float("inf"))
+    code, out, _ = run(capsys, "trace", *fact)
+    assert code == 0 and "no MLP layer stands out" in out and "suggested layers" not in out
+    assert "keep the measured defaults: rome --layers 1; memit --layers 0-2" in out  # 4 layers: round(0.2*3), band
+    assert run_json(capsys, "trace", *fact)["suggested_layers"] == {}
+    monkeypatch.setattr(cli, "MIN_EFFECT_SHARE", float("-inf"))
+    data = run_json(capsys, "trace", *fact)
+    assert len(data["suggested_layers"]["rome"]) == 1
+
+
+def test_a_trace_shows_progress_once_it_runs_a_few_seconds(monkeypatch, capsys):
+    """``progress=None`` (the default) shows the bar for a trace that runs longer than ``PROGRESS_DELAY_S``
+    whatever its size (a one-fact CPU trace once ran minutes without one); ``progress=False`` never."""
+    from hf_knowedit.tracing import engine
+
+    model, tok = make_tiny_model("llama")
+    monkeypatch.setattr(engine, "PROGRESS_DELAY_S", 0.0)
+    args = (model, tok, "The Eiffel Tower is located in", "The Eiffel Tower")
+    hf_knowedit.trace_fact(*args, kinds=("mlp",), samples=2)
+    assert "causal trace" in capsys.readouterr().err
+    hf_knowedit.trace_fact(*args, kinds=("mlp",), samples=2, progress=False)
+    assert "causal trace" not in capsys.readouterr().err

@@ -60,7 +60,7 @@ class TraceConfig:
         memory_mb: activation memory budget per batched forward pass.
         reuse_lower_layers: replay the corrupted run's lower blocks and KV cache instead of recomputing
             them (exact; off only to check that it is).
-        progress: show a progress bar (None: for long traces).
+        progress: show a progress bar (True: at once; None: once a trace has run a few seconds; False: never).
     """
 
     kinds: tuple[str, ...] = KINDS

@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 Restoration = Sequence[tuple[str, int, int]]  # ((kind, layer, token), ...)
 
+#: seconds a trace runs before its progress bar appears (``progress=None``)
+PROGRESS_DELAY_S = 3.0
+
 
 def module_path(spec: ArchitectureSpec, kind: str, layer: int) -> str:
     """The module whose output a ``kind`` restoration at ``layer`` sets back."""
@@ -232,11 +235,15 @@ class CausalTracer:
             per_chunk = max(1, self._rows_per_chunk(self.n_tokens - prefix) // self.samples)
             chunks += [(prefix, cells[j : j + per_chunk]) for j in range(0, len(cells), per_chunk)]
         out = torch.empty(len(restorations), dtype=torch.float32)
-        show = self.progress if self.progress is not None else len(restorations) * self.samples >= 20000
+        # progress=None: the bar appears once the trace has run PROGRESS_DELAY_S seconds (a CPU trace of
+        # one fact can take minutes, a GPU trace of many finishes unseen)
+        delay = 0 if self.progress else PROGRESS_DELAY_S
         with (
             torch.no_grad(),
             frozen(self.model, params=False),
-            tqdm(total=len(restorations), desc="causal trace", disable=not show, unit="cell") as bar,
+            tqdm(
+                total=len(restorations), desc="causal trace", disable=self.progress is False, delay=delay, unit="cell"
+            ) as bar,
         ):
             for prefix, chunk in chunks:
                 probs = self._run_chunk(prefix, chunk[0][0], [c[2] for c in chunk])
