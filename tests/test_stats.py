@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -203,3 +204,34 @@ def test_batches_take_the_first_tokens_in_order_and_group_rows_by_length():
     assert all(len(b) * max(map(len, b)) <= 170 for b in batches)
     padded = sum(len(b) * max(map(len, b)) for b in batches)
     assert padded < 1.25 * n_tokens  # length grouping; text order would pad about 2x here
+
+
+def test_the_sampled_corpus_grows_and_its_texts_never_depend_on_the_count_asked(tmp_path, monkeypatch):
+    """One corpus per model and seed: a larger token count extends what is there (only the missing blocks
+    are sampled, the file on disk is reused), and text ``i`` is the same whether sampled at once or later."""
+    import hf_knowedit.methods.statistics as stats
+
+    monkeypatch.setattr(stats, "SAMPLED_LENGTH", 12)
+    calls = []
+    real = stats.generate_texts
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stats, "generate_texts", counting)
+    block = stats.SAMPLED_BLOCK
+    model, tok = make_tiny_model("llama")
+    small = stats.sampled_corpus(model, tok, 100, length=12, directory=tmp_path)
+    assert calls == [block] and len(small) == math.ceil(1.1 * 100 / 12)
+    large = stats.sampled_corpus(model, tok, 12 * block, length=12, directory=tmp_path)  # 1.1x: two blocks
+    assert calls == [block, block] and large[: len(small)] == small
+    again = stats.sampled_corpus(model, tok, 50, length=12, directory=tmp_path)
+    assert calls == [block, block] and again == small[: len(again)]  # from memory, nothing sampled
+
+    fresh, tok2 = make_tiny_model("llama")  # same weights, new state: read from the file
+    assert stats.sampled_corpus(fresh, tok2, 12 * block, length=12, directory=tmp_path) == large
+    assert calls == [block, block]
+    at_once, tok3 = make_tiny_model("llama")  # no file: both blocks sampled in one go give the same texts
+    assert stats.sampled_corpus(at_once, tok3, 12 * block, length=12) == large
+    assert calls[-1] == 2 * block

@@ -171,6 +171,9 @@ def _wikitext() -> Any:
 
 SAMPLED_LENGTH = 128
 SAMPLED_STARTS = ("The", "In", "A", "It", "This", "He", "She", "After", "There", "According to", "When", "On")
+#: the sampled corpus grows by whole blocks of this many texts (every start 4 times), one batch each, so
+#: text ``i`` depends on ``(seed, i)`` alone: never on how many texts were asked for, or when
+SAMPLED_BLOCK = 4 * len(SAMPLED_STARTS)
 
 
 def sampled_corpus(
@@ -182,44 +185,58 @@ def sampled_corpus(
     length: int = SAMPLED_LENGTH,
     directory: str | Path | None = None,
 ) -> list[str]:
-    """Texts sampled from the base model itself (top-k 50, seeded), about ``n_tokens`` tokens in all.
+    """Texts sampled from the base model itself (top-k 50), about ``n_tokens`` tokens in all.
 
-    Cached per model in ``get_state(model).history`` and, with ``directory``, as a JSON file there
-    (``corpus--<weights fingerprint>--seed<seed>-len<length>-n<texts>.json``) so other layers and
-    later sessions reuse it (sampling is the slow part on a CPU).
+    Text ``i`` starts with ``SAMPLED_STARTS[i % 12]`` and is drawn with its own generator seeded from
+    ``(seed, i)``, in blocks of :data:`SAMPLED_BLOCK`: the texts for a smaller ``n_tokens`` are the first
+    texts of a larger one. One corpus per model and seed grows as needed, cached in
+    ``get_state(model).history`` and, with ``directory``, as a JSON file there
+    (``corpus--<weights fingerprint>--seed<seed>-len<length>.json``), so statistics for any token count,
+    any layer and later sessions reuse what was sampled (sampling is the slow part on a CPU).
     """
     length = max(8, min(length, max_positions(model) - 8))
     n_texts = max(1, math.ceil(1.1 * n_tokens / length))
-    per_start = math.ceil(n_texts / len(SAMPLED_STARTS))
+    wanted = SAMPLED_BLOCK * math.ceil(n_texts / SAMPLED_BLOCK)
     cache = get_state(model).history.setdefault(_CORPUS_KEY, {})
-    key = (seed, length, per_start)
-    if key in cache:
-        return cache[key]
+    texts: list[str] = cache.get((seed, length), [])
     path = None
     if directory is not None:
         ident = model_identity(model, num_layers(model) - 1, whole=True).split(":")[-1]
-        path = Path(directory) / f"corpus--{ident}--seed{seed}-len{length}-n{per_start * len(SAMPLED_STARTS)}.json"
-        if path.exists():
-            cache[key] = json.loads(path.read_text())
-            logger.info("Model-sampled statistics corpus loaded from %s.", path)
-            return cache[key]
-    logger.warning(
-        "No Wikipedia-like corpus available (needs the 'datasets' package and the Hub): sampling "
-        "%d texts of %d tokens from the model itself (seed %d) for the second-moment statistics.",
-        per_start * len(SAMPLED_STARTS),
-        length,
-        seed,
-    )
-    with disable_edits(model):
-        cache[key] = generate_texts(
-            model, tokenizer, SAMPLED_STARTS, max_new_tokens=length, seed=seed, per_prompt=per_start, top_k=50
+        path = Path(directory) / f"corpus--{ident}--seed{seed}-len{length}.json"
+        if len(texts) < wanted and path.exists():
+            stored = json.loads(path.read_text())
+            if len(stored) > len(texts):
+                texts = stored
+                logger.info("Model-sampled statistics corpus (%d texts) loaded from %s.", len(texts), path)
+    if len(texts) < wanted:
+        have = len(texts) - len(texts) % SAMPLED_BLOCK  # a partial block (never written) is sampled again
+        rows = range(have, wanted)
+        logger.warning(
+            "No Wikipedia-like corpus available (needs the 'datasets' package and the Hub): sampling %d texts "
+            "of %d tokens (%d tokens) from the model itself for the second-moment statistics%s%s.",
+            len(rows),
+            length,
+            len(rows) * length,
+            f", after the {have} already sampled" if have else "",
+            f"; kept in {path} for every later token count and session" if path is not None else "",
         )
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes of a distributed run write the same file
-        tmp.write_text(json.dumps(cache[key]))
-        os.replace(tmp, path)
-    return cache[key]
+        with disable_edits(model):
+            texts = texts[:have] + generate_texts(
+                model,
+                tokenizer,
+                [SAMPLED_STARTS[i % len(SAMPLED_STARTS)] for i in rows],
+                max_new_tokens=length,
+                row_seeds=[(int(seed) << 32) + i for i in rows],
+                top_k=50,
+                batch_size=SAMPLED_BLOCK,
+            )
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes of a distributed run write the same file
+            tmp.write_text(json.dumps(texts))
+            os.replace(tmp, path)
+    cache[(seed, length)] = texts
+    return texts[:n_texts]
 
 
 def wiki_identity(max_length: int) -> str:
@@ -237,7 +254,9 @@ def resolve_corpus(
     if wiki is not None:
         logger.info("Second-moment corpus: %s.", "/".join(WIKI))
         return wiki, wiki_identity(max_length)
-    return None, f"model-sampled:seed={seed};length={SAMPLED_LENGTH};top_k=50;max_length={max_length}"
+    return None, (
+        f"model-sampled:seed={seed};length={SAMPLED_LENGTH};top_k=50;max_length={max_length};rows={SAMPLED_BLOCK}"
+    )
 
 
 # -----------------------------------------------------------------------------
