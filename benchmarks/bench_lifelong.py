@@ -63,6 +63,7 @@ COLUMNS = (
     "gen_NS",
     "gen_ES_prefix",
     "gen_ES_neg",
+    "gen_ES_neg_n",
     "GE",
     "ppl",
     "known_acc",

@@ -91,6 +91,8 @@ def test_rows_hold_checked_measurements(stats_cache, one_thread, tmp_path):
     first, last = res.rows[0], res.rows[-1]
     assert {"ES", "PS", "NS", "S", "gen_ES", "gen_NS", "GE", "ppl", "known_acc", "norm_growth"} <= set(last)
     assert first["norm_growth"] == first["norm_growth_max"] == 1.0 and last["failed"] == 0
+    # gen_ES_neg is averaged over the sampled records whose edit took, and the row says how many
+    assert all(0 <= r["gen_ES_neg_n"] <= 3 and (r["gen_ES_neg_n"] > 0) == ("gen_ES_neg" in r) for r in res.rows)
     # perplexity: transformers' own LM loss over the held-out text in windows of the model's 128 positions
     # (each window restarts the context and overlaps the previous by one token: every token predicted once)
     ids, nll, count = tok(lifelong.HELDOUT)["input_ids"], 0.0, 0

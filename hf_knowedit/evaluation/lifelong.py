@@ -14,6 +14,7 @@ unedited model; then every ``checkpoint_every`` edits (and after the last batch)
   (row 0: on all records of the stream, the unedited baseline);
 * the generation metrics (:mod:`.generative`: ``gen_ES``, ``gen_PS``, ``gen_NS``, prefix, negation) on a
   fixed random sample of ``gen_sample`` records (seeded), those of them edited so far (row 0: all of them);
+  ``gen_ES_neg_n``: how many of them have a ``gen_ES_neg`` (only records whose edit took);
 * ``GE``: fluency of sampled continuations of the whole sample's prompts (generation prompts where the schema
   has them, else the rewrite prompts; one seeded generator per prompt);
 * ``ppl``: perplexity of a fixed held-out text (``heldout_text``; default: :data:`HELDOUT`);
@@ -74,6 +75,7 @@ ROW_ORDER = (
     *M.ROME_METRICS,
     *M.ZSRE_METRICS,
     *G.GEN_METRICS,
+    "gen_ES_neg_n",
     "ppl",
     "known_acc",
     "norm_growth",
@@ -82,6 +84,8 @@ ROW_ORDER = (
     "eval_s",
     "failed",
 )
+#: row fields that are counts (shown without decimals)
+COUNTS = ("n_edits", "gen_ES_neg_n", "failed")
 
 
 @dataclass
@@ -101,7 +105,7 @@ class LifelongResult:
         cols = [c for c in (columns or ROW_ORDER) if c in have]
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in self.rows:
-            cells = [_fmt(r.get(c), 0 if c in ("n_edits", "failed") else 3 if "growth" in c else digits) for c in cols]
+            cells = [_fmt(r.get(c), 0 if c in COUNTS else 3 if "growth" in c else digits) for c in cols]
             lines.append("| " + " | ".join(cells) + " |")
         return f"**{self.method}** lifelong stream, batches of {self.settings.get('batch_size')}\n\n" + "\n".join(lines)
 
@@ -336,6 +340,8 @@ def run_lifelong(
         sample_now = [k for k, i in enumerate(sample) if i < done] if done else list(range(len(sample)))
         gens = [g for g in gen_scorer.gen(sample_now) if g]
         row: dict[str, float] = {"n_edits": done, **M.aggregate(cases), **M.aggregate(gens)}
+        if gens:
+            row["gen_ES_neg_n"] = sum("gen_ES_neg" in g for g in gens)  # the records it is computed on
         if fluency_prompts:
             row["GE"] = fluency(model, tokenizer, fluency_prompts, seed, fluency_new_tokens)
         row["ppl"] = perplexity(model, tokenizer, text)
