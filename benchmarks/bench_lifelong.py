@@ -3,8 +3,9 @@
 Each method runs :func:`hf_knowedit.run_lifelong` on the first ``--n-edits`` records of
 ``counterfact_flat_edit_10000.json`` in batches of ``--batch-size``, with a checkpoint row every
 ``--checkpoint-every`` edits (ES/PS/NS on all edits so far; generation metrics and fluency on a fixed sample of
-``--gen-sample`` records; perplexity of a held-out text; accuracy on the first ``--n-known`` facts of
-``known_1000.json``; seconds; weight-norm growth of the edited layers). Writes one markdown file with a table per
+``--gen-sample`` records; accuracy on the first ``--n-known`` facts of ``known_1000.json`` that mention no subject
+of the stream; perplexity of the next 200 such facts, as sentences; seconds; weight-norm growth of the edited
+layers). Writes one markdown file with a table per
 method and the command, a JSON file and a PNG of the curves.
 
 Methods are names registered in hf_knowedit, optionally with ``+nas`` (NAS's norm-anchored z) and
@@ -63,6 +64,7 @@ COLUMNS = (
     "gen_NS",
     "gen_ES_prefix",
     "gen_ES_neg",
+    "gen_ES_neg_n",
     "GE",
     "ppl",
     "known_acc",
@@ -187,7 +189,9 @@ def write(args: argparse.Namespace, results: list, machine: dict[str, Any], wall
     note = (
         f"Stream: the first {args.n_edits} records of `{FLAT}` in batches of {args.batch_size}, a row every "
         f"{args.checkpoint_every} edits; generation metrics and GE on a fixed sample of {args.gen_sample} records; "
-        f"known-fact accuracy on the first {args.n_known} facts of `{KNOWN}`; statistics from {N_TOKENS} tokens; "
+        f"known-fact accuracy on the first {args.n_known} facts of `{KNOWN}` that mention no subject of the stream "
+        f"(`known_excluded` in the JSON's settings: how many were passed over), perplexity on the next 200 such facts "
+        f"as sentences; statistics from {N_TOKENS} tokens; "
         f"context templates {args.context_templates}. Row 0 is the unedited model (ES/PS/NS there on all "
         f"{args.n_edits} records). Curves: `{png.name}`.\n\n"
     )

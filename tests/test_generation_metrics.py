@@ -65,6 +65,55 @@ def test_string_rules():
     assert G.negate("Lionel Messi plays for", "Lionel Messi") is None
 
 
+@pytest.mark.parametrize(
+    ("continuation", "answer"),
+    [
+        (" St. Petersburg, on the Neva. It is", "St. Petersburg"),
+        (" Mr. Bean. Then", "Mr. Bean"),
+        (" J. K. Rowling. She", "J. K. Rowling"),
+        (" the U.S. Army and Navy. Both", "U.S. Army and Navy"),
+        (" Washington, D.C. in 1800", "Washington, D.C. in 1800"),
+        (" 3.5 million people. Most", "3.5 million people"),
+        (" Mt. Everest", "Mt. Everest"),
+        (" e.g. Paris", "e.g. Paris"),
+    ],
+)
+def test_abbreviations_initials_and_numbers_do_not_end_the_answer(continuation, answer):
+    cut = G.cut_at_boundary(continuation)
+    assert G.starts_with(cut, answer) and G.contains(cut, answer.split()[-1])
+
+
+@pytest.mark.parametrize(
+    ("continuation", "cut"),
+    [
+        (" Paris. London is", "Paris"),
+        (" Rome. St. Peter's is there", "Rome"),
+        (" in 1990. He left", "in 1990"),
+        (" the ship Mr. Jones sailed. Later", "the ship Mr. Jones sailed"),
+        (" Italy! Yes", "Italy"),
+        (" Italy? No", "Italy"),
+        (" Italy\nFrance", "Italy"),
+        (" the U.S.\nNext", "the U.S."),
+        (" over. Done", "over"),
+    ],
+)
+def test_sentence_ends_still_end_the_answer(continuation, cut):
+    assert G.cut_at_boundary(continuation) == cut
+    assert not G.contains(G.cut_at_boundary(" Paris. London is"), "London")
+
+
+def test_negation_counts_only_where_the_edit_took_and_the_model_said_something():
+    case = dict(paraphrase=["Rome"], neighborhood=["Paris"], prefixed=[], target_new="Rome", neighborhood_target="x")
+    took = G.generation_case(["Rome"], negated=["Paris, surely"], **case)
+    assert took["gen_ES"] == 1.0 and took["gen_ES_neg"] == 1.0
+    assert G.generation_case(["Rome"], negated=["Rome, of course"], **case)["gen_ES_neg"] == 0.0
+    # an unedited model (the rewrite prompt does not say Rome) and an empty continuation give no value
+    assert "gen_ES_neg" not in G.generation_case(["Paris"], negated=["Paris"], **case)
+    assert "gen_ES_neg" not in G.generation_case(["Rome"], negated=[""], **case)
+    assert "gen_ES_neg" not in G.generation_case(["Rome"], negated=[" ."], **case)
+    assert "gen_ES_neg" not in G.generation_case(["Rome"], negated=[], **case)
+
+
 def test_random_prefix_is_seeded_unrelated_and_long_enough():
     tok = make_tiny_tokenizer(False)
     a, b = G.random_prefix(tok, 3, 50), G.random_prefix(tok, 4, 50)
@@ -111,14 +160,10 @@ def test_crafted_lm_gives_known_generation_metrics():
         neighborhood=rec["neighborhood_prompts"],
     )
     got = hf_knowedit.evaluate(model, tok, [flipped], fluency=False, generation=True, progress=False).pre
-    assert (got["gen_ES"], got["gen_PS"], got["gen_ES_in"], got["gen_PS_in"], got["gen_ES_neg"]) == (
-        0.0,
-        50.0,
-        0.0,
-        50.0,
-        100.0,
-    )
+    assert (got["gen_ES"], got["gen_PS"], got["gen_ES_in"], got["gen_PS_in"]) == (0.0, 50.0, 0.0, 50.0)
     assert (got["gen_NS"], got["gen_NS_in"]) == (50.0, 100.0)  # neighbours must now say Rome
+    # the rewrite prompt does not say Paris, so not saying it after "not" shows nothing: no gen_ES_neg
+    assert "gen_ES_neg" not in got
 
 
 def test_generation_prompts_and_records_without_negation():

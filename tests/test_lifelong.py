@@ -21,11 +21,30 @@ from .test_memit import FAST, facts, tiny
 from .tiny_models import assert_same, weights
 
 ALPHA = {k: v for k, v in FAST.items() if k != "mom2_update_weight"}
+# facts about subjects the stream does not edit: the first three are probed, the rest are the held-out text
 KNOWN = [
-    {"prompt": "The Eiffel Tower is located in", "attribute": "Paris"},
-    {"prompt": "Berlin is the capital of", "attribute": "Germany"},
-    {"prompt": "Toyota is headquartered in", "attribute": "Japan"},
+    {"prompt": p, "attribute": a}
+    for p, a in (
+        ("Berlin is the capital of", "Germany"),
+        ("Mount Fuji is located in", "Japan"),
+        ("The Louvre is a museum in", "Paris"),
+        ("Madrid is the capital of", "Spain"),
+        ("The Amazon River flows through", "Brazil"),
+        ("Albert Einstein was born in", "Germany"),
+        ("Marie Curie worked in", "Paris"),
+        ("William Shakespeare wrote in", "English"),
+        ("Mount Everest is located in", "Nepal"),
+        ("The Beatles were formed in", "Liverpool"),
+        ("Pablo Picasso was a painter from", "Spain"),
+        ("Barack Obama was born in", "Hawaii"),
+        ("Google was founded in", "California"),
+        ("Thomas Mann wrote in", "German"),
+        ("London is the capital of", "England"),
+        ("Rome is the capital of", "Italy"),
+        ("Tokyo is the capital of", "Japan"),
+    )
 ]
+HELDOUT = " ".join(f"{f['prompt']} {f['attribute']}." for f in KNOWN[3:])
 VOLATILE = ("edit_s", "eval_s")
 
 
@@ -91,9 +110,11 @@ def test_rows_hold_checked_measurements(stats_cache, one_thread, tmp_path):
     first, last = res.rows[0], res.rows[-1]
     assert {"ES", "PS", "NS", "S", "gen_ES", "gen_NS", "GE", "ppl", "known_acc", "norm_growth"} <= set(last)
     assert first["norm_growth"] == first["norm_growth_max"] == 1.0 and last["failed"] == 0
+    # gen_ES_neg is averaged over the sampled records whose edit took, and the row says how many
+    assert all(0 <= r["gen_ES_neg_n"] <= 3 and (r["gen_ES_neg_n"] > 0) == ("gen_ES_neg" in r) for r in res.rows)
     # perplexity: transformers' own LM loss over the held-out text in windows of the model's 128 positions
     # (each window restarts the context and overlaps the previous by one token: every token predicted once)
-    ids, nll, count = tok(lifelong.HELDOUT)["input_ids"], 0.0, 0
+    ids, nll, count = tok(HELDOUT)["input_ids"], 0.0, 0
     assert len(ids) > 128
     for s in range(0, len(ids) - 1, 127):
         chunk = torch.tensor([ids[s : s + 128]])
@@ -102,7 +123,7 @@ def test_rows_hold_checked_measurements(stats_cache, one_thread, tmp_path):
     assert count == len(ids) - 1 and last["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
     # known facts: a fact counts when the greedy next tokens spell the attribute (decoded one step at a time)
     hits = 0
-    for fact in KNOWN:
+    for fact in KNOWN[:3]:
         x = tok(fact["prompt"], return_tensors="pt")["input_ids"]
         want = tok(" " + fact["attribute"], add_special_tokens=False)["input_ids"]
         for _ in want:
@@ -129,11 +150,12 @@ def test_rows_hold_checked_measurements(stats_cache, one_thread, tmp_path):
     plt.close(fig)
 
 
-def test_killed_stream_resumes_identically(stats_cache, one_thread, tmp_path, monkeypatch):
+@pytest.mark.parametrize("merge", [True, False])
+def test_killed_stream_resumes_identically(stats_cache, one_thread, tmp_path, monkeypatch, merge):
     model, tok = tiny("llama")
     fresh = copy.deepcopy(model)
     again = copy.deepcopy(model)
-    whole = run(model, tok, state_dir=tmp_path / "whole", keep_edits=True)
+    whole = run(model, tok, state_dir=tmp_path / "whole", keep_edits=True, merge=merge)
     calls = []
     real = lifelong.apply_edits
 
@@ -145,14 +167,17 @@ def test_killed_stream_resumes_identically(stats_cache, one_thread, tmp_path, mo
 
     monkeypatch.setattr(lifelong, "apply_edits", dies_at_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        run(fresh, tok, state_dir=tmp_path / "killed")
+        run(fresh, tok, state_dir=tmp_path / "killed", merge=merge)
     monkeypatch.setattr(lifelong, "apply_edits", real)
     assert hf_knowedit.list_edits(fresh) == []  # the killed run's model was cleaned up
     scored = count_scored(monkeypatch)
-    resumed = run(again, tok, state_dir=tmp_path / "killed", keep_edits=True)
+    resumed = run(again, tok, state_dir=tmp_path / "killed", keep_edits=True, merge=merge)
     # the unedited scores come from the killed run's baseline.json: only the checkpoint at 8 edits is scored
     assert scored == [8]
     assert stable(resumed.rows) == stable(whole.rows)
+    # the reloaded sets are merged or hooked as the stream's own were
+    assert [e.merged for e in hf_knowedit.list_edits(again)] == [e.merged for e in hf_knowedit.list_edits(model)]
+    assert [e.merged for e in hf_knowedit.list_edits(again)] == [merge] * 4
     assert_same(weights(again), weights(model))
     from hf_knowedit.methods import alphaedit
 
@@ -160,7 +185,7 @@ def test_killed_stream_resumes_identically(stats_cache, one_thread, tmp_path, mo
     assert a.edits == b.edits == 8 and all(torch.equal(a.prior[k], b.prior[k]) for k in b.prior)
     # a finished stream called again returns its rows without editing
     hf_knowedit.revert_edits(again)
-    done = run(again, tok, state_dir=tmp_path / "killed")
+    done = run(again, tok, state_dir=tmp_path / "killed", merge=merge)
     assert stable(done.rows) == stable(whole.rows) and hf_knowedit.list_edits(again) == []
 
 
@@ -177,17 +202,58 @@ def test_another_stream_reuses_a_copied_baseline_of_the_same_model(stats_cache, 
     model, tok = tiny("llama")
     run(model, tok, state_dir=tmp_path / "alphaedit")
     scored = count_scored(monkeypatch)
-    for name in ("memit", "other-model"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "baseline.json").write_bytes((tmp_path / "alphaedit" / "baseline.json").read_bytes())
+    (tmp_path / "memit").mkdir()
+    (tmp_path / "memit" / "baseline.json").write_bytes((tmp_path / "alphaedit" / "baseline.json").read_bytes())
     run(model, tok, state_dir=tmp_path / "memit", method="memit")
     assert scored == [4, 8]  # the same records on the same model: the copied unedited scores are used
-    other, _ = tiny("llama")
-    with torch.no_grad():
-        other.get_input_embeddings().weight.mul_(1.01)
-    scored.clear()
-    run(other, tok, state_dir=tmp_path / "other-model")
-    assert scored == [8, 4, 8]  # another model: the baseline is scored again
+    for k, weight in enumerate(("model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight", "lm_head.weight")):
+        other, _ = tiny("llama")
+        with torch.no_grad():
+            other.get_parameter(weight).mul_(1.01)
+        (tmp_path / f"other-{k}").mkdir()
+        (tmp_path / f"other-{k}" / "baseline.json").write_bytes((tmp_path / "alphaedit" / "baseline.json").read_bytes())
+        scored.clear()
+        run(other, tok, state_dir=tmp_path / f"other-{k}")
+        assert scored == [8, 4, 8], weight  # another model (any weight of it): the baseline is scored again
+
+
+def test_known_facts_about_the_streams_subjects_are_neither_probed_nor_held_out(stats_cache, one_thread, monkeypatch):
+    model, tok = tiny("llama")
+    eiffel = {"prompt": "The Eiffel Tower is located in", "attribute": "Paris"}  # record 0's subject: first batch
+    toyota = {"prompt": "Toyota is headquartered in", "attribute": "Japan"}  # record 7's: the last batch
+    apple = {"prompt": "Apple's first computer was sold in", "attribute": "California"}  # record 5's
+    known = [eiffel, KNOWN[0], toyota, KNOWN[1], apple, KNOWN[2], *KNOWN[3:]]
+    probed, texts = [], []
+    real_known, real_ppl = lifelong.known_accuracy, lifelong.perplexity
+    monkeypatch.setattr(lifelong, "known_accuracy", lambda m, t, f, n: probed.append(f) or real_known(m, t, f, n))
+    monkeypatch.setattr(lifelong, "perplexity", lambda m, t, text: texts.append(text) or real_ppl(m, t, text))
+    res = run(model, tok, known=known)
+    # every row probes the same facts: those about a subject anywhere in the stream are passed over from row 0
+    assert probed == [[(f["prompt"], f["attribute"]) for f in KNOWN[:3]]] * 3
+    assert res.settings["known_excluded"] == 3 and res.settings["n_known"] == 3
+    # perplexity: the facts after the probes, none of them about the stream, none a prefix sentence
+    assert texts == [HELDOUT] * 3 and not any(s in HELDOUT for s in hf_knowedit.evaluation.generative.FILLER)
+    assert res.settings["heldout"] == "known" and res.settings["heldout_chars"] == len(HELDOUT)
+    assert lifelong.mentions("Apple's founder", {"Apple"}) and not lifelong.mentions("Applebee's menu", {"Apple"})
+    assert lifelong.mentions("He moved to Washington, D.C. in 1800", {"Washington, D.C."})
+    # without known facts or a text of its own, a stream has no perplexity to measure
+    bare = run(model, tok, known=None, n_edits=2, checkpoint_every=2)
+    assert "ppl" not in bare.rows[-1] and bare.settings["heldout"] is None
+
+
+def test_a_stream_on_an_offloaded_model_reads_its_weights_through_accelerate(stats_cache, one_thread, tmp_path):
+    from accelerate import dispatch_model
+
+    from .test_dispatch import MAPS
+
+    model, tok = tiny("llama")
+    disp = dispatch_model(copy.deepcopy(model), device_map=MAPS["edited-offloaded"], offload_dir=str(tmp_path / "o"))
+    plain = run(model, tok, merge=False)
+    offloaded = run(disp, tok, merge=False, state_dir=tmp_path / "s")  # the baseline's key reads every weight
+    assert offloaded.rows[-1]["norm_growth_max"] > 1.0
+    for a, b in zip(plain.rows, offloaded.rows):
+        for k in ("ES", "NS", "ppl", "known_acc", "norm_growth", "norm_growth_max"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5), k
 
 
 def test_bad_arguments_fail_typed_and_leave_model_untouched(stats_cache, one_thread, tmp_path):

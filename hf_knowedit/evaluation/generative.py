@@ -22,7 +22,10 @@ Robustness (each on the rewrite prompt, exact match):
 * ``gen_ES_neg``: "Is Model Editing Built on Sand?" negates the prompt; where the rewrite prompt has a copula
   after the subject (:func:`negate`: "X is located in" -> "X is not located in"), success is that the
   continuation does **not** start with ``target_new`` (an edit learned as a fact, not as a shortcut from the
-  subject to the target, should not be asserted after "not"). Records without a copula give no value.
+  subject to the target, should not be asserted after "not"). It is computed only where the edit took (the
+  rewrite prompt's own continuation starts with ``target_new``) and the negated continuation is not empty:
+  an unedited model, or one that says nothing, would otherwise succeed by default. Records without a
+  copula, where the edit did not take, or with an empty negated continuation give no value.
   Questions: zsRE's rewrite prompts are questions already, so its ``gen_ES`` is the question form.
 
 Each per-record value is a fraction over that record's prompts; :func:`~.metrics.aggregate` averages
@@ -64,7 +67,15 @@ FILLER = (
     "The coffee was too hot, so she waited a minute.",
 )
 
+#: words that end in a period without ending a sentence (compared case-insensitively): titles, place-name
+#: prefixes ("St. Petersburg", "Mt. Everest"), company suffixes, months
+ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st mt ft gen col lt sgt capt rev gov sen rep pres hon inc ltd co corp bros vs "
+    "ave blvd jan feb mar apr jun jul aug sep sept oct nov dec".split()
+)
+
 _BOUNDARY = re.compile(r"\n|[.!?](?=\s|$)")
+_INITIALS = re.compile(r"(?:[^\W\d_]\.)*[^\W\d_]")  # "J", "U.S", "e.g" (the final period is the boundary's)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _COPULA = re.compile(r"\b(is|was|are|were)\b")
 _PUNCT = set(string.punctuation)
@@ -72,9 +83,20 @@ _PUNCT = set(string.punctuation)
 
 def cut_at_boundary(continuation: str) -> str:
     """The continuation up to its first newline or sentence end (``.``, ``!`` or ``?`` followed by a space
-    or the end), stripped."""
-    m = _BOUNDARY.search(continuation)
-    return (continuation if m is None else continuation[: m.start()]).strip()
+    or the end), stripped. A period that ends an abbreviation is no sentence end: a single letter or a
+    chain of them (initials "J. K. Rowling", "U.S.", "e.g."), or a word of :data:`ABBREVIATIONS` ("St.
+    Petersburg", "Mr. Bean"); a period inside a number ("3.5") is followed by no space, so never one."""
+    for m in _BOUNDARY.finditer(continuation):
+        if m.group() == "." and _abbreviation(continuation[: m.start()]):
+            continue
+        return continuation[: m.start()].strip()
+    return continuation.strip()
+
+
+def _abbreviation(before: str) -> bool:
+    """Whether the word that ``before`` ends with (the text up to a period) is an abbreviation."""
+    word = before.rsplit(None, 1)[-1].lstrip("([\"'\u201c\u2018") if before and not before[-1].isspace() else ""
+    return bool(_INITIALS.fullmatch(word)) or word.casefold() in ABBREVIATIONS
 
 
 def normalize(text: str) -> list[str]:
@@ -128,7 +150,12 @@ def generation_case(
     target_new: str,
     neighborhood_target: str,
 ) -> dict[str, float]:
-    """One record's generation metrics (fractions) from its cut continuations (:func:`cut_at_boundary`)."""
+    """One record's generation metrics (fractions) from its cut continuations (:func:`cut_at_boundary`).
+
+    ``negated`` continues the first rewrite prompt negated (:func:`negate`); ``gen_ES_neg`` is left out
+    unless that prompt's own continuation starts with ``target_new`` (the edit took) and the negated one
+    says something: otherwise "does not start with target_new" would hold for an unedited model or an
+    empty continuation and show nothing."""
     out = {
         "gen_ES": fmean(starts_with(c, target_new) for c in rewrite),
         "gen_PS": fmean(starts_with(c, target_new) for c in paraphrase),
@@ -139,6 +166,7 @@ def generation_case(
     }
     if prefixed:
         out["gen_ES_prefix"] = fmean(starts_with(c, target_new) for c in prefixed)
-    if negated:
-        out["gen_ES_neg"] = fmean(not starts_with(c, target_new) for c in negated)
+    said = [c for c in negated if normalize(c)]
+    if said and starts_with(rewrite[0], target_new):  # the negated prompt is rewrite[0] with "not"
+        out["gen_ES_neg"] = fmean(not starts_with(c, target_new) for c in said)
     return out

@@ -14,31 +14,42 @@ unedited model; then every ``checkpoint_every`` edits (and after the last batch)
   (row 0: on all records of the stream, the unedited baseline);
 * the generation metrics (:mod:`.generative`: ``gen_ES``, ``gen_PS``, ``gen_NS``, prefix, negation) on a
   fixed random sample of ``gen_sample`` records (seeded), those of them edited so far (row 0: all of them);
+  ``gen_ES_neg_n``: how many of them have a ``gen_ES_neg`` (only records whose edit took);
 * ``GE``: fluency of sampled continuations of the whole sample's prompts (generation prompts where the schema
   has them, else the rewrite prompts; one seeded generator per prompt);
-* ``ppl``: perplexity of a fixed held-out text (``heldout_text``; default: :data:`HELDOUT`);
-* ``known_acc``: retention of facts the model knew: share of the first ``n_known`` known facts (ROME's
-  ``known_1000.json``: ``prompt`` -> ``attribute``) whose greedy continuation starts with the attribute;
+* ``ppl``: perplexity of a fixed held-out text: ``heldout_text``, or by default the ``n_heldout`` known facts
+  after the probed ones, as sentences ("``prompt`` ``attribute``.", joined by spaces); text used nowhere else in
+  the stream (not the prefix sentences of ``gen_ES_prefix``, not a record's prompts). No ``ppl`` without either;
+* ``known_acc``: retention of facts the model knew: share of ``n_known`` known facts (ROME's
+  ``known_1000.json``: ``prompt`` -> ``attribute``) whose greedy continuation starts with the attribute. The
+  probes are the file's first ``n_known`` facts whose prompt does not mention (:func:`mentions`) the subject
+  of any record of the **whole stream**, so every row, row 0 included, checks the same facts, none of which an
+  edit of the stream rewrites; ``settings["known_excluded"]`` counts the facts passed over;
 * ``edit_s`` (seconds spent editing so far) and ``eval_s`` (seconds this row took);
 * ``norm_growth`` / ``norm_growth_max``: mean / largest ``‖W‖_F / ‖W₀‖_F`` over the modules the stream edited
-  (ENCORE's diagnostic: MEMIT's edited layers grow > 10x over 10,000 edits);
+  (ENCORE's diagnostic: MEMIT's edited layers grow > 10x over 10,000 edits), read through the architecture
+  table's :func:`~hf_knowedit.architectures.read_tensor` (accelerate-offloaded weights included);
 * ``failed``: edits that raised so far (their records stay unedited and count as failures).
 
 **Resuming.** With ``state_dir``, each checkpoint writes the batches' edit sets (PEFT adapters, exact
 float32 factors), the method history (e.g. AlphaEdit's accumulated keys) and the rows, rows last; the
-unedited model's scores of all records (row 0, and locality's reference) are kept in ``baseline.json``. A run
-called again with the same ``state_dir`` and settings on the *unedited* model loads the sets and the
-history of its last checkpoint and continues from there: the rows are those of an uninterrupted run
-(seconds aside). At the end the stream's edits are reverted (``keep_edits=False``), as ``evaluate`` does.
+unedited model's scores of all records (row 0, and locality's reference) are kept in ``baseline.json``, keyed
+by the records and a hash of every weight of the model. A run called again with the same ``state_dir`` and
+settings on the *unedited* model loads the sets (merged, or hooked when the stream runs with
+``merge=False``) and the history of its last checkpoint and continues from there: the rows are those of an
+uninterrupted run (seconds aside). At the end the stream's edits are reverted (``keep_edits=False``), as
+``evaluate`` does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,8 +60,7 @@ import torch
 from huggingface_hub.utils import tqdm
 from torch import nn
 
-from ..architectures import get_module, model_device
-from ..deltas import fingerprint
+from ..architectures import model_device, read_tensor
 from ..editing import apply_edits, get_method
 from ..editset import EditSet
 from ..errors import InvalidConfigError, InvalidDataError, KnowEditError
@@ -65,15 +75,13 @@ from .scoring import TargetScore
 
 logger = logging.getLogger(__name__)
 
-#: the default held-out text for perplexity (plain prose, no benchmark facts)
-HELDOUT = " ".join(G.FILLER)
-
 #: row fields in display order (metrics absent for a schema are left out)
 ROW_ORDER = (
     "n_edits",
     *M.ROME_METRICS,
     *M.ZSRE_METRICS,
     *G.GEN_METRICS,
+    "gen_ES_neg_n",
     "ppl",
     "known_acc",
     "norm_growth",
@@ -82,6 +90,8 @@ ROW_ORDER = (
     "eval_s",
     "failed",
 )
+#: row fields that are counts (shown without decimals)
+COUNTS = ("n_edits", "gen_ES_neg_n", "failed")
 
 
 @dataclass
@@ -101,7 +111,7 @@ class LifelongResult:
         cols = [c for c in (columns or ROW_ORDER) if c in have]
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in self.rows:
-            cells = [_fmt(r.get(c), 0 if c in ("n_edits", "failed") else 3 if "growth" in c else digits) for c in cols]
+            cells = [_fmt(r.get(c), 0 if c in COUNTS else 3 if "growth" in c else digits) for c in cols]
             lines.append("| " + " | ".join(cells) + " |")
         return f"**{self.method}** lifelong stream, batches of {self.settings.get('batch_size')}\n\n" + "\n".join(lines)
 
@@ -204,18 +214,20 @@ def fluency(model: nn.Module, tokenizer: Any, prompts: Sequence[str], seed: int,
 
 def norm_growth(model: nn.Module, paths: Iterable[str]) -> tuple[float, float]:
     """Mean and largest ``‖W‖_F / ‖W₀‖_F`` over ``paths`` (``W``: the weight the module acts with now,
-    hooked sets included; ``W₀``: its pristine copy where a set is merged, else the module's weight)."""
+    hooked sets included; ``W₀``: its pristine copy where a set is merged, else the module's weight, read
+    with :func:`~hf_knowedit.architectures.read_tensor` so that offloaded modules work)."""
     state = get_state(model)
     ratios = []
     for path in sorted(paths):
         base = state.base.get(path)
-        base = get_module(model, path).weight if base is None else base  # pristine where a set is merged
+        base = read_tensor(model, f"{path}.weight") if base is None else base  # pristine where a set is merged
         ratios.append(float(effective_weight(model, path).norm() / base.detach().float().norm()))
     return (sum(ratios) / len(ratios), max(ratios)) if ratios else (1.0, 1.0)
 
 
-def load_known(source: Any, n: int) -> list[tuple[str, str]]:
-    """The first ``n`` facts of ``known_1000.json`` (a path or a list of dicts with ``prompt`` and ``attribute``)."""
+def load_known(source: Any, n: int | None = None) -> list[tuple[str, str]]:
+    """The first ``n`` (``None``: all) facts of ``known_1000.json`` (a path or a list of dicts with ``prompt``
+    and ``attribute``)."""
     if source is None or n == 0:
         return []
     if isinstance(source, (str, os.PathLike)):
@@ -227,6 +239,36 @@ def load_known(source: Any, n: int) -> list[tuple[str, str]]:
             raise InvalidDataError(f"known fact {i}: needs string fields 'prompt' and 'attribute', got {r!r}.")
         facts.append((r["prompt"], r["attribute"]))
     return facts
+
+
+_CUTS = re.compile(r"\b|(?<=\s)|(?=\s)")
+
+
+def mentions(text: str, subjects: set[str]) -> bool:
+    """Whether ``text`` holds one of ``subjects`` as whole words: a span that starts and ends at a word
+    boundary or a space (``"Apple's"`` mentions ``Apple``, ``"Applebee's"`` does not). Case-sensitive."""
+    cuts = sorted({0, len(text), *(m.start() for m in _CUTS.finditer(text))})
+    return any(text[i:j] in subjects for k, i in enumerate(cuts) for j in cuts[k + 1 :])
+
+
+def split_known(
+    facts: Sequence[tuple[str, str]], subjects: set[str], n_known: int, n_heldout: int
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]], int]:
+    """The probes (the first ``n_known`` facts whose prompt :func:`mentions` none of ``subjects``), the
+    held-out facts (the next ``n_heldout`` such facts) and how many facts were passed over to pick the probes."""
+    probes: list[tuple[str, str]] = []
+    heldout: list[tuple[str, str]] = []
+    excluded = 0
+    for fact in facts:
+        if len(probes) == n_known and len(heldout) == n_heldout:
+            break
+        if mentions(fact[0], subjects):
+            excluded += len(probes) < n_known
+        elif len(probes) < n_known:
+            probes.append(fact)
+        else:
+            heldout.append(fact)
+    return probes, heldout, excluded
 
 
 # ----------------------------------------------------------------------------- the stream
@@ -251,6 +293,7 @@ def run_lifelong(
     known: Any = None,
     n_known: int = 100,
     heldout_text: str | None = None,
+    n_heldout: int = 200,
     seed: int = 0,
     state_dir: str | os.PathLike | None = None,
     keep_edits: bool = False,
@@ -267,8 +310,9 @@ def run_lifelong(
         method: a registered editing method; ``**edit_kwargs`` go to every ``apply_edits`` call.
         batch_size / checkpoint_every: edits per batch; a row every this many edits (a multiple of ``batch_size``).
         gen_sample: records in the fixed, seeded sample for generation metrics and fluency.
-        known / n_known: ``known_1000.json`` (path or list) and how many of its facts to check.
-        heldout_text: text for perplexity (default :data:`HELDOUT`).
+        known / n_known: ``known_1000.json`` (path or list) and how many of its facts to check (facts that
+            mention a subject of the stream are passed over).
+        heldout_text / n_heldout: text for perplexity; by default the ``n_heldout`` known facts after the probes.
         state_dir: folder for checkpoints; a run found there with the same settings is continued.
         keep_edits: leave the stream's edits on the model at the end (default: revert them).
     """
@@ -277,6 +321,7 @@ def run_lifelong(
     _check_int("checkpoint_every", checkpoint_every, 1)
     _check_int("gen_sample", gen_sample, 0)
     _check_int("n_known", n_known, 0)
+    _check_int("n_heldout", n_heldout, 0)
     if checkpoint_every % batch_size:
         raise InvalidConfigError(
             f"checkpoint_every ({checkpoint_every}) must be a multiple of batch_size ({batch_size})."
@@ -286,7 +331,10 @@ def run_lifelong(
         logger.warning(
             "Skipping %d record(s) that repeat an earlier fact: %s", len(skipped), [r.where for r in skipped]
         )
-    facts = load_known(known, n_known)
+    facts, heldout, known_excluded = split_known(
+        load_known(known), {r.request.subject for r in recs}, n_known, n_heldout
+    )
+    text = heldout_text or " ".join(f"{p} {a}." for p, a in heldout)
     if list_edits(model):
         raise InvalidConfigError(
             "run_lifelong needs the unedited model (it has active edit sets); revert them first "
@@ -300,11 +348,13 @@ def run_lifelong(
         "checkpoint_every": checkpoint_every,
         "gen_sample": gen_sample,
         "n_known": len(facts),
+        "known_excluded": known_excluded,
         "seed": seed,
         "case_ids": [r.case_id for r in recs[:5]] + [r.case_id for r in recs[-5:]],
         "skipped": [r.index for r in skipped],
         "edit_kwargs": {k: repr(v) for k, v in sorted(edit_kwargs.items())},
-        "heldout_chars": len(heldout_text or HELDOUT),
+        "heldout": "heldout_text" if heldout_text else "known" if text else None,
+        "heldout_chars": len(text),
         "gen_max_new_tokens": gen_max_new_tokens,
         "fluency_new_tokens": fluency_new_tokens,
     }
@@ -325,7 +375,6 @@ def run_lifelong(
         gen_max_new_tokens=gen_max_new_tokens,
     )
     fluency_prompts = [p for i in sample for p in (recs[i].generation_prompts or recs[i].rewrite_prompts)]
-    text = heldout_text or HELDOUT
     pre = _baseline(state_path, settings, scorer, n)  # the unedited scores (locality's reference)
 
     def checkpoint(done: int, edit_s: float, failed: int, touched: set[str]) -> dict[str, float]:
@@ -336,9 +385,12 @@ def run_lifelong(
         sample_now = [k for k, i in enumerate(sample) if i < done] if done else list(range(len(sample)))
         gens = [g for g in gen_scorer.gen(sample_now) if g]
         row: dict[str, float] = {"n_edits": done, **M.aggregate(cases), **M.aggregate(gens)}
+        if gens:
+            row["gen_ES_neg_n"] = sum("gen_ES_neg" in g for g in gens)  # the records it is computed on
         if fluency_prompts:
             row["GE"] = fluency(model, tokenizer, fluency_prompts, seed, fluency_new_tokens)
-        row["ppl"] = perplexity(model, tokenizer, text)
+        if text:
+            row["ppl"] = perplexity(model, tokenizer, text)
         if facts:
             row["known_acc"] = known_accuracy(model, tokenizer, facts, gen_max_new_tokens)
         row["norm_growth"], row["norm_growth_max"] = norm_growth(model, touched)
@@ -350,7 +402,7 @@ def run_lifelong(
     if saved is not None:
         rows, edit_s, failed = saved["rows"], saved["edit_s"], saved["failed"]
         for name in saved["sets"]:
-            es = load_edits(model, state_path / "sets" / name, name=name)
+            es = load_edits(model, state_path / "sets" / name, name=name, merge=edit_kwargs.get("merge", True))
             names.append(name)
             touched |= set(es.deltas)
         history = torch.load(state_path / saved["history"], weights_only=False)
@@ -395,25 +447,37 @@ def run_lifelong(
 
 def _baseline(path: Path | None, settings: dict[str, Any], scorer: Scorer, n: int) -> list[Any]:
     """The unedited model's scores of all ``n`` records, from ``path/baseline.json`` when it was written for
-    the same records and the same model (the sha256 of its input embeddings), else scored and written. The
+    the same records and the same model (:func:`weights_sha256`), else scored and written. The
     method plays no part: a resumed stream, or another method's stream given a copy of the file, skips a
     full scoring pass (one 3,000-record pass is ~8 CPU-minutes on SmolLM2)."""
+    if path is None:
+        return scorer.scores(range(n))
     key = {k: settings[k] for k in ("n_edits", "case_ids", "skipped")}
-    key["model"] = fingerprint(scorer.model.get_input_embeddings().weight)["sha256"]
-    file = None if path is None else path / "baseline.json"
-    if file is not None and file.exists():
+    key["model"] = weights_sha256(scorer.model)
+    file = path / "baseline.json"
+    if file.exists():
         with open(file, encoding="utf-8") as f:
             saved = json.load(f)
         if saved.get("key") == json.loads(json.dumps(key)):
             return [_scores_from_json(s) for s in saved["scores"]]
     pre = scorer.scores(range(n))
-    if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"key": key, "scores": [_scores_to_json(s) for s in pre]}, f)
-        os.replace(tmp, file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"key": key, "scores": [_scores_to_json(s) for s in pre]}, f)
+    os.replace(tmp, file)
     return pre
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of every parameter of ``model``: names, dtypes, shapes and bytes (offloaded ones read with
+    :func:`~hf_knowedit.architectures.read_tensor`)."""
+    h = hashlib.sha256()
+    for name, _ in model.named_parameters():
+        t = read_tensor(model, name).detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def _scores_to_json(scores: dict[str, list[tuple[Any, Any]]]) -> dict[str, Any]:
