@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from hf_knowedit._bundled import load_smollm2
     from hf_knowedit.evaluation import run_lifelong
-    from hf_knowedit.methods import alphaedit, rlsedit
+    from hf_knowedit.methods import alphaedit, encore, rlsedit
 
     machine = machine_info(args.threads)
     start = time.perf_counter()
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for spec in args.methods:
         name, options = method_options(spec)
-        for method_module in (alphaedit, rlsedit):  # each stream starts from a clean method history
+        for method_module in (alphaedit, encore, rlsedit):  # each stream starts from a clean method history
             method_module.reset_history(model)
         (args.state_dir / spec).mkdir(parents=True, exist_ok=True)
         machine_file = args.state_dir / spec / "machine.json"

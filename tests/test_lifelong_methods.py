@@ -93,9 +93,9 @@ def test_sequential_encore_anchored_at_the_original_pulls_back_the_drift_and_sta
     seen = []
     real = encore.encore_update
 
-    def spy(keys, resid, cov, lam, alpha, drift):
+    def spy(keys, resid, cov, lam, alpha, drift, **kwargs):
         seen.append(drift.clone())
-        return real(keys, resid, cov, lam, alpha, drift)
+        return real(keys, resid, cov, lam, alpha, drift, **kwargs)
 
     monkeypatch.setattr(encore, "encore_update", spy)
     opts = dict(layers=[1, 2], v_num_grad_steps=3, context_templates=0, norm_anchor="original", **FAST)
@@ -128,9 +128,9 @@ def test_sequential_encore_by_default_penalises_only_the_increment(monkeypatch):
     seen = []
     real = encore.encore_update
 
-    def spy(keys, resid, cov, lam, alpha, drift):
+    def spy(keys, resid, cov, lam, alpha, drift, **kwargs):
         seen.append(drift)
-        return real(keys, resid, cov, lam, alpha, drift)
+        return real(keys, resid, cov, lam, alpha, drift, **kwargs)
 
     monkeypatch.setattr(encore, "encore_update", spy)
     opts = dict(layers=[1, 2], v_num_grad_steps=3, context_templates=0, **FAST)

@@ -19,12 +19,12 @@ Everything else — target vectors ``z``, keys, the residual spread over the lay
 exact low-rank storage — is MEMIT's (:mod:`hf_knowedit.methods.memit`).
 
 **State.** ``K_p K_pᵀ`` per layer is the model's AlphaEdit history, kept in
-``get_state(model).history`` (no globals). It grows only after an edit set has been activated
-(``MethodResult.commit``), so a failed call leaves it untouched. Each edit set also carries its
-own keys in ``EditSet.state`` (``"alphaedit.keys.<layer>"``), so a saved sequence can rebuild the
-history on another model with :func:`restore_history`. Reverting an edit set does not remove its
-keys from the history (they only make later edits more conservative); :func:`reset_history`
-starts afresh explicitly.
+``get_state(model).history`` (no globals; :mod:`hf_knowedit.methods.key_history`, shared with ENCORE). It
+grows only after an edit set has been activated (``MethodResult.commit``), so a failed call leaves it
+untouched. Each edit set also carries its own keys in ``EditSet.state`` (``"alphaedit.keys.<layer>"``), so a
+saved sequence can rebuild the history on another model with :func:`restore_history`. Reverting an edit set
+does not remove its keys from the history (they only make later edits more conservative);
+:func:`reset_history` starts afresh explicitly.
 
     >>> for batch in batches:
     ...     model.apply_edits(batch, method="alphaedit")
@@ -43,8 +43,9 @@ from torch import nn
 
 from ..editset import EditSet
 from ..errors import InvalidConfigError
-from ..stack import get_state
+from . import key_history
 from .config import option, with_aliases
+from .key_history import KeyHistory, PriorKeys
 from .memit import Factors, MassEditConfig, mass_edit, prepare
 from .registry import EditContext, MethodResult, register_method
 from .solvers import alphaedit_factors, nullspace_basis
@@ -52,7 +53,7 @@ from .solvers import alphaedit_factors, nullspace_basis
 logger = logging.getLogger(__name__)
 
 HISTORY_KEY = "alphaedit"
-STATE_PREFIX = "alphaedit.keys."
+STATE_PREFIX = key_history.state_prefix(HISTORY_KEY)
 
 
 @with_aliases
@@ -67,7 +68,7 @@ class AlphaEditConfig(MassEditConfig):
 
 
 @dataclass
-class AlphaEditHistory:
+class AlphaEditHistory(KeyHistory):
     """What AlphaEdit remembers on one model.
 
     Attributes:
@@ -77,14 +78,12 @@ class AlphaEditHistory:
             ``[d_in, r]``; the projector is ``P = UUᵀ``), a cache.
     """
 
-    prior: dict[int, torch.Tensor] = field(default_factory=dict)
-    edits: int = 0
     projectors: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
 
 def get_history(model: nn.Module) -> AlphaEditHistory:
     """The AlphaEdit history of ``model`` (empty if it has none)."""
-    return get_state(model).history.get(HISTORY_KEY) or AlphaEditHistory()
+    return key_history.get(model, HISTORY_KEY, AlphaEditHistory)
 
 
 def history_size(model: nn.Module) -> int:
@@ -96,29 +95,14 @@ def reset_history(model: nn.Module) -> None:
     """Forget the keys of earlier AlphaEdit batches (and cached projectors) on ``model``.
 
     Active edit sets stay active; the next AlphaEdit call simply no longer protects their keys."""
-    get_state(model).history.pop(HISTORY_KEY, None)
+    key_history.reset(model, HISTORY_KEY)
 
 
 def restore_history(model: nn.Module, edit_sets: Iterable[EditSet]) -> int:
     """Add the keys stored in AlphaEdit ``edit_sets`` (e.g. loaded from disk, in order) to the
     history of ``model``. Returns the number of edits added. Use it on a model whose history was
     reset (or never written), or keys are counted twice."""
-    state = get_state(model)
-    old = state.history.get(HISTORY_KEY) or AlphaEditHistory()
-    prior, added = dict(old.prior), 0
-    for es in edit_sets:
-        keys = {int(k[len(STATE_PREFIX) :]): v for k, v in es.state.items() if k.startswith(STATE_PREFIX)}
-        if not keys:
-            raise InvalidConfigError(
-                f"Edit set {es.name!r} ({es.method}) carries no AlphaEdit keys; "
-                "only sets made with method='alphaedit' can restore the history."
-            )
-        for layer, K in keys.items():
-            K = K.double()
-            prior[layer] = prior.get(layer, 0) + K.t() @ K
-        added += len(es.requests)
-    state.history[HISTORY_KEY] = AlphaEditHistory(prior, old.edits + added, dict(old.projectors))  # all or nothing
-    return added
+    return key_history.restore(model, edit_sets, HISTORY_KEY, AlphaEditHistory)
 
 
 def compute(ctx: EditContext) -> MethodResult:
@@ -126,7 +110,6 @@ def compute(ctx: EditContext) -> MethodResult:
     cfg: AlphaEditConfig = ctx.config
     chunks, layers, stats, templates = prepare(ctx)
     history: AlphaEditHistory | None = ctx.history.get(HISTORY_KEY)
-    old_prior = dict(history.prior) if history else {}
     cached = dict(history.projectors) if history else {}
 
     projectors: dict[tuple, torch.Tensor] = {}
@@ -145,34 +128,24 @@ def compute(ctx: EditContext) -> MethodResult:
         logger.info("AlphaEdit layer %d: null space of dimension %d / %d", layer, rank, U.shape[0])
         projectors[key] = U
     U_of = {key[0]: U for key, U in projectors.items()}
-    prior = dict(old_prior)  # updated per chunk here; written to the history only on commit
+    prior = PriorKeys(history or AlphaEditHistory(), HISTORY_KEY, layers)  # the model's only on commit
 
     def solve(i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> Factors:
-        old = prior.get(layer)
-        old = old.to(keys.device) if isinstance(old, torch.Tensor) else old
+        old = prior.get(layer, keys.device)
         return alphaedit_factors(keys, resid, None, old, l2=cfg.l2, basis=U_of[layer].to(keys.device))
 
-    new_keys: dict[int, list] = {layer: [] for layer in layers}
-
-    def remember(keys: dict[int, torch.Tensor]) -> None:  # later chunks protect this chunk's keys
-        for layer, K in keys.items():
-            prior[layer] = prior.get(layer, 0) + K.double().t() @ K.double()
-            new_keys[layer].append(K)
-
-    deltas = mass_edit(ctx, chunks, layers, templates, solve, on_keys=remember)
-    state = {f"{STATE_PREFIX}{layer}": torch.cat(ks).float() for layer, ks in new_keys.items()}
-
-    new_history = AlphaEditHistory(
-        prior={**(history.prior if history else {}), **prior},
-        edits=(history.edits if history else 0) + len(ctx.requests),
-        projectors={**cached, **projectors},
-    )
+    deltas = mass_edit(ctx, chunks, layers, templates, solve, on_keys=prior.remember)
+    new_history = prior.updated(len(ctx.requests), projectors={**cached, **projectors})
 
     def commit() -> None:  # runs inside the stack's switch: one assignment, nothing half-done
         ctx.history[HISTORY_KEY] = new_history
 
     return MethodResult(
-        deltas=deltas, layers=layers, stats_key={l: s.key for l, s in stats.items()}, state=state, commit=commit
+        deltas=deltas,
+        layers=layers,
+        stats_key={l: s.key for l, s in stats.items()},
+        state=prior.state(),
+        commit=commit,
     )
 
 

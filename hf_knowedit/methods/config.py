@@ -253,8 +253,8 @@ class EditConfig:
     @classmethod
     def from_reference(cls, source: Any, **overrides: Any) -> ReferenceConfig:
         """This config from a reference hyper-parameter file: kmeng01/rome and kmeng01/memit's
-        ``hparams/*/*.json``, unified-model-editing's EMMET JSON, AlphaEdit's, or EasyEdit's
-        ``hparams/*/*.yaml``.
+        ``hparams/*/*.json``, unified-model-editing's EMMET JSON, ENCORE's (SasyaTitech/NAS
+        ``hparams/ENCORE/*.json``), AlphaEdit's, or EasyEdit's ``hparams/*/*.yaml``.
 
         ``source``: a path (``.json`` / ``.yaml`` / ``.yml``), the file's text, or the parsed dict. YAML
         needs PyYAML (imported only then). ``**overrides`` set fields afterwards, as for the class itself.
@@ -313,6 +313,7 @@ _SAME = (
     "mom2_dtype",
     "emmet_lambda",
     "update_norm_lambda",
+    "add_prev_edits",
     "nullspace_threshold",
     "original_implementation",
 )
@@ -330,9 +331,12 @@ _WHY = {
     "mom2_n_samples": "counts Wikipedia articles (~44M key vectors at 100,000); mom2_n_tokens counts tokens",
     "mom2_dataset": "mom2_corpus=None uses wikitext-103 when reachable; pass a datasets dataset for another corpus",
     "v_loss_layer": "the loss is read at the model's last layer (every reference file uses num_layers - 1)",
-    "calculate_objective_value": "EMMET diagnostics, not part of the update",
+    "calculate_objective_value": "diagnostics (EMMET's objective; ENCORE: recompute the statistics), not the update",
     "prob_cutoff": "unused by the reference's EMMET update",
-    "norm_control": "unused by the reference's EMMET update",
+    "norm_control": "unused by the reference's EMMET and ENCORE updates",
+    "dynamic_multiplier": "unused by the reference's ENCORE update",
+    "random_vector_preservation": "unused by the reference's ENCORE update",
+    "sequential": "the reference ENCORE's switch for its key cache; add_prev_edits decides here",
 }
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -413,6 +417,13 @@ def _map_reference(cls: type, data: dict[str, Any], source: str, overrides: dict
                 mapped[key] = f"`{target}` = {value!r}"
             else:
                 ignored[key] = f"{cls.__name__} has no counterpart (this method does not use it)"
+        elif key == "prob_cutoff" and "prob_cutoff" in names:  # ENCORE's MPES rule; 0: no MPES
+            if value == 0:
+                values["most_probable_stop"] = False
+                mapped[key] = "`most_probable_stop` = False (0: no early stopping by probability)"
+            else:
+                values["prob_cutoff"], values["most_probable_stop"] = value, True
+                mapped[key] = f"`prob_cutoff` = {value!r} (with `most_probable_stop` = True)"
         elif key == "mom2_adjustment":
             if not isinstance(value, bool):
                 raise InvalidConfigError(f"from_reference: mom2_adjustment must be true or false, got {value!r}.")

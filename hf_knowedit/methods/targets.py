@@ -6,8 +6,9 @@ One free vector ``δ`` per request is added at the subject's last token of every
 "essence" prompt ``"{} is a"``; ``δ`` minimises :func:`objective`. Adam takes the steps (rate ``v_lr``, or by default
 ``v_lr_relative`` times the RMS of ``init``, per request: :func:`step_size`);
 after each one ``δ`` is projected into the ball of radius ``clamp_norm_factor · ‖init‖``; a request
-stops once its loss is below ``early_stop``. ``site="mlp"`` adds ``δ`` to the output of ``mlp_out``
-(ROME's v*), ``site="residual"`` to the block output (MEMIT's z); ``init`` is the unedited value there.
+stops once its loss is below ``early_stop`` (or by ENCORE's MPES rule, :func:`mpes_stop`). ``site="mlp"``
+adds ``δ`` to the output of ``mlp_out`` (ROME's v*), ``site="residual"`` to the block output (MEMIT's z);
+``init`` is the unedited value there.
 
 Speed (``fast=True``, the default): ``δ`` enters at the edited layer, so the blocks below it run
 once per optimisation: their output is recorded and, during the steps, replayed by stand-in blocks
@@ -136,6 +137,7 @@ class _Request:
     lookups: list[int]
     n_rewrite: int
     targets: list[tuple[int, int, int]] = field(default_factory=list)  # (row, position, token id)
+    checked: list[bool] = field(default_factory=list)  # per rewriting row: does MPES's arg-max test read it?
 
 
 def _cache_argument(backbone: nn.Module) -> str | None:
@@ -181,7 +183,8 @@ def _build(tokenizer: Any, req: EditRequest, templates: Sequence[str], kl_prompt
         enc = encode_template(tokenizer, kl, req.subject)
         rows.append(enc.input_ids)
         lookups.append(enc.subject_last)
-    return _Request(rows, lookups, len(templates), targets)
+    checked = [t != "{}" for t in templates]  # MPES leaves out the bare prompt, unless it is the only one
+    return _Request(rows, lookups, len(templates), targets, checked if any(checked) else [True] * len(templates))
 
 
 def _structure(output: Any) -> Any:
@@ -214,6 +217,21 @@ def _adam(
     if isinstance(lr, torch.Tensor):  # one rate per request
         lr = lr[rows].unsqueeze(1)
     delta[rows] -= (lr / bc1) * m[rows] / denom
+
+
+def mpes_stop(top1_steps: torch.Tensor, mean_prob: torch.Tensor, prob_cutoff: float) -> torch.Tensor:
+    """ENCORE's most-probable early stopping (MPES) as its authors' ``compute_z`` (``prob_cutoff``): which
+    requests stop at this forward pass (before its Adam step).
+
+    ``prob_cutoff = −N`` (a negative whole number): once the forward passes at which the new object is the
+    arg-max at every target token of every rewriting prompt but the bare ``"{}"`` one number ``N``
+    (``top1_steps``, counted along the run, not reset when a pass misses): ``−1`` stops at the first such
+    pass, ``−N`` allows up to ``N − 1`` more Adam steps. ``0 < prob_cutoff < 1``: once ``mean_prob``, the new
+    object's probability (``exp`` of the token-averaged NLL) averaged over all rewriting prompts, exceeds it.
+    """
+    if prob_cutoff < 0:
+        return top1_steps >= -prob_cutoff
+    return mean_prob > prob_cutoff
 
 
 def optimize_targets(
@@ -300,7 +318,8 @@ def optimize_targets(
     t = torch.zeros(n, dtype=torch.float64, device=device)
     active = torch.ones(n, dtype=torch.bool, device=device)
     losses = torch.zeros(n, dtype=torch.float64, device=device)
-    top1 = torch.zeros(n, dtype=torch.bool, device=device)  # every target token is the arg-max (MPES)
+    top1_steps = torch.zeros(n, dtype=torch.long, device=device)  # passes with every checked token top-1 (MPES)
+    mean_prob = torch.zeros(n, dtype=torch.float64, device=device)  # over the rewriting prompts (MPES)
     steps_taken = [0] * n
     try:
         with torch.enable_grad():
@@ -319,14 +338,15 @@ def optimize_targets(
                     if it == 0:
                         init[c.index] = c.init
                     losses[c.index[local]] = loss_i.detach().double()
-                    top1[c.index[local]] = c.top1
+                    top1_steps[c.index[local]] += c.top1.long()
+                    mean_prob[c.index[local]] = c.mean_prob.double()
                     if not last:
                         grad += torch.autograd.grad(loss_i.sum(), delta)[0]
                 if progress is not None:
                     progress(it, losses.detach().cpu().clone())
                 active &= ~(losses < hp.early_stop)  # stopped requests are frozen from here on
                 if getattr(hp, "most_probable_stop", False):  # ENCORE's MPES (methods/encore.py)
-                    active &= ~top1
+                    active &= ~mpes_stop(top1_steps, mean_prob, getattr(hp, "prob_cutoff", -1))
                 if last or not bool(active.any()):
                     break
                 if it == 0:
@@ -408,6 +428,9 @@ class _Chunk:
         self.owner = torch.tensor(owner, device=device)
         self.lookups = torch.tensor(lookups, device=device)
         self.is_kl = torch.tensor(kind, device=device).bool()
+        self.checked = torch.tensor(
+            [c for _, req in items for c in req.checked + [False] * (len(req.rows) - req.n_rewrite)], device=device
+        )
         self.tgt_row = torch.tensor(tgt_row, device=device)
         self.tgt_pos = torch.tensor(tgt_pos, device=device)
         self.tgt_tok = torch.tensor(tgt_tok, device=device)
@@ -613,11 +636,15 @@ class _Chunk:
         per_row = torch.zeros(n_rows, device=device).index_add(0, row_of_t, -logp)
         count = torch.zeros(n_rows, device=device).index_add(0, row_of_t, torch.ones_like(logp))
         row_nll = per_row / count.clamp_min(1)
-        missed = (tgt_logits.argmax(-1) != self.tgt_tok[keep]).float()
+        missed = ((tgt_logits.argmax(-1) != self.tgt_tok[keep]) & self.checked[row_of_t]).float()
         self.top1 = (torch.zeros(len(self.items), device=device).index_add(0, self.owner[row_of_t], missed) == 0)[
             active_t
         ]
         is_rewrite = ~self.is_kl
+        prob = torch.zeros(len(self.items), device=device).index_add(
+            0, self.owner[is_rewrite], row_nll[is_rewrite].detach().neg().exp()
+        )
+        self.mean_prob = (prob / self.n_rewrite)[active_t]
         nll = torch.zeros(len(self.items), device=device).index_add(0, self.owner[is_rewrite], row_nll[is_rewrite])
         nll = nll / self.n_rewrite
         # KL(current ‖ initial) at the essence prompts
