@@ -235,3 +235,16 @@ def test_the_sampled_corpus_grows_and_its_texts_never_depend_on_the_count_asked(
     at_once, tok3 = make_tiny_model("llama")  # no file: both blocks sampled in one go give the same texts
     assert stats.sampled_corpus(at_once, tok3, 12 * block, length=12) == large
     assert calls[-1] == 2 * block
+
+
+def test_sampled_corpora_of_two_seeds_differ_and_so_do_texts_sharing_a_start():
+    """Each text is sampled, not decoded greedily: texts with the same start differ, and so do seeds (a seed
+    once shifted past the generator's 32 bits gave every seed the same corpus)."""
+    import hf_knowedit.methods.statistics as stats
+
+    model, tok = make_tiny_model("llama")
+    zero = stats.sampled_corpus(model, tok, 300, seed=0, length=12)
+    one = stats.sampled_corpus(model, tok, 300, seed=1, length=12)
+    n = len(stats.SAMPLED_STARTS)
+    assert zero[0] != zero[n] and zero[0].startswith("The") and zero[n].startswith("The")
+    assert all(a != b for a, b in zip(zero, one))

@@ -176,6 +176,12 @@ SAMPLED_STARTS = ("The", "In", "A", "It", "This", "He", "She", "After", "There",
 SAMPLED_BLOCK = 4 * len(SAMPLED_STARTS)
 
 
+def _row_seed(seed: int, i: int) -> int:
+    """Text ``i``'s generator seed, distinct for every ``(seed, i)`` with ``i < 2**20`` (a CPU generator
+    keeps only a seed's low 32 bits, so ``seed`` takes the 12 bits above ``i``)."""
+    return (int(seed) % 4096) * (1 << 20) + i
+
+
 def sampled_corpus(
     model: nn.Module,
     tokenizer: Any,
@@ -226,7 +232,7 @@ def sampled_corpus(
                 tokenizer,
                 [SAMPLED_STARTS[i % len(SAMPLED_STARTS)] for i in rows],
                 max_new_tokens=length,
-                row_seeds=[(int(seed) << 32) + i for i in rows],
+                row_seeds=[_row_seed(seed, i) for i in rows],
                 top_k=50,
                 batch_size=SAMPLED_BLOCK,
             )
