@@ -32,9 +32,11 @@ forward running in another thread at the same time passes through them untouched
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import FrameType
 from typing import Any
 
 import torch
@@ -315,11 +317,20 @@ class ModelGate:
     tensor copies), then lets them go. The switching thread's own forwards pass. So a forward
     running in another thread computes the model before a switch or after it, never halfway.
     Writers are preferred: a waiting switch holds back new forwards.
+
+    A reader is remembered by the frame that called the pre-hook (the module's call), so a forward
+    that ends without the exit hook (torch calls ``always_call`` hooks for an ``Exception`` only, not
+    for ``KeyboardInterrupt`` or ``SystemExit``) is recognised as over: its frame is no longer on its
+    thread's stack. A waiting switch looks every :data:`POLL` seconds; the thread's next forward
+    looks too.
     """
+
+    #: seconds between a waiting switch's checks for forwards that ended without the exit hook
+    POLL = 0.05
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._readers: dict[int, int] = {}
+        self._readers: dict[int, list[FrameType]] = {}  # thread -> frames of the forwards it is inside
         self._writer: int | None = None
         self._depth = 0
         self._waiting = 0
@@ -327,7 +338,7 @@ class ModelGate:
 
     def install(self, model: nn.Module) -> None:
         def enter(module: nn.Module, args: Any) -> None:
-            self._enter()
+            self._enter(sys._getframe(1))
 
         def leave(module: nn.Module, args: Any, output: Any) -> None:
             self._leave()
@@ -343,23 +354,43 @@ class ModelGate:
             handle.remove()
         self._handles = []
 
-    def _enter(self) -> None:
+    def _prune(self, thread: int, top: FrameType | None) -> None:
+        """Forget ``thread``'s readers whose frame is not on the stack that ``top`` starts (under the lock)."""
+        live = set()
+        while top is not None:
+            live.add(id(top))
+            top = top.f_back
+        frames = [f for f in self._readers.get(thread, ()) if id(f) in live]
+        if frames:
+            self._readers[thread] = frames
+        else:
+            self._readers.pop(thread, None)
+
+    def _enter(self, frame: FrameType) -> None:
         me = threading.get_ident()
         with self._cond:
-            if self._writer != me and not self._readers.get(me):
+            if me in self._readers:  # a forward inside a forward, or one interrupted earlier
+                self._prune(me, frame.f_back)
+            if self._writer != me and me not in self._readers:
                 while self._writer is not None or self._waiting:
                     self._cond.wait()
-            self._readers[me] = self._readers.get(me, 0) + 1
+            self._readers.setdefault(me, []).append(frame)
 
     def _leave(self) -> None:
         me = threading.get_ident()
         with self._cond:
-            count = self._readers.get(me, 0) - 1
-            if count > 0:
-                self._readers[me] = count
-            else:
+            frames = self._readers.get(me)
+            if frames:
+                frames.pop()
+            if not frames:
                 self._readers.pop(me, None)
             self._cond.notify_all()
+
+    def _others_reading(self, me: int) -> bool:
+        stacks = sys._current_frames()
+        for thread in [t for t in self._readers if t != me]:
+            self._prune(thread, stacks.get(thread))
+        return any(t != me for t in self._readers)
 
     @contextlib.contextmanager
     def switching(self) -> Iterator[None]:
@@ -369,8 +400,8 @@ class ModelGate:
             if self._writer != me:
                 self._waiting += 1
                 try:
-                    while self._writer is not None or any(t != me for t in self._readers):
-                        self._cond.wait()
+                    while self._writer is not None or self._others_reading(me):
+                        self._cond.wait(self.POLL)
                 finally:
                     self._waiting -= 1
                 self._writer = me
