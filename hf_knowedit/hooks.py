@@ -198,7 +198,9 @@ def count_forward_hooks(model: nn.Module) -> int:
 class LowRankHook:
     """A forward hook adding ``Σ x Aᵢᵀ Bᵢᵀ`` over its ``factors`` ``[(B [out, r], A [r, in]), ...]`` to a
     module's output, computed in float32 and cast to the output's dtype; factors are copied to the
-    input's device once. ``active()`` (if given) is asked on every call; False leaves the output alone.
+    input's device once (threads making their first forward on a device at the same time may each
+    copy them; each factor still acts once). ``active()`` (if given) is asked on every call; False
+    leaves the output alone.
 
     ``factors`` may grow while the hook is registered (MEMIT adds each layer's update as it goes).
     ``owner=threading.get_ident()`` makes it act only in that thread (updates in progress inside a
@@ -219,9 +221,11 @@ class LowRankHook:
         self._on: dict[Any, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def _factors_on(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        cached = self._on.setdefault(device, [])
-        for B, A in self.factors[len(cached) :]:
-            cached.append((B.to(device), A.to(device)))
+        cached = self._on.get(device, [])
+        if len(cached) < len(self.factors):
+            # copy on write, never append: threads here at once each build a whole list, and one is kept
+            cached = cached + [(B.to(device), A.to(device)) for B, A in self.factors[len(cached) :]]
+            self._on[device] = cached
         return cached
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:

@@ -95,3 +95,46 @@ def test_an_interrupted_forward_in_a_thread_that_lives_on_does_not_block_switche
     finally:
         release.set()
         server.join(STUCK)
+
+
+# -----------------------------------------------------------------------------
+# B. a hooked set's first forward on a device, from two threads at once
+
+
+def test_two_first_forwards_at_once_apply_a_hooked_set_once(monkeypatch):
+    """Both threads found no factors on the device and both added their copies: the set acted twice,
+    for good. Here both are held at the copy until the other has arrived there too."""
+    model, tok = make_tiny_model("llama")
+    hf_knowedit.attach(model, tok)
+    es = stack.push_edit_set(model, random_set(model, 1), merge=False, name="a")
+    watched = next(iter(es.deltas.values())).B
+    arrived = {"n": 0}
+    both = threading.Condition()
+    real_to = torch.Tensor.to
+
+    def rendezvous_to(self, *args, **kwargs):
+        if self is watched and threading.current_thread().name.startswith("first-forward"):
+            with both:  # hold until the other thread copies too (or give up after a while)
+                arrived["n"] += 1
+                both.notify_all()
+                both.wait_for(lambda: arrived["n"] >= 2, timeout=5.0)
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", rendezvous_to)
+    outs = [None, None]
+
+    def forward(i):
+        outs[i] = logits(model)
+
+    threads = [threading.Thread(target=forward, args=(i,), name=f"first-forward-{i}", daemon=True) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(STUCK)
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    assert arrived["n"] == 2  # the interleaving happened
+    after = logits(model)
+    hf_knowedit.merge_edits(model)
+    merged = logits(model)
+    for out in (*outs, after):
+        torch.testing.assert_close(out, merged, rtol=1e-4, atol=1e-5)
