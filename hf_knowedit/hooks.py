@@ -16,6 +16,8 @@ Also here, because they are hooks or hook-like scopes too:
 
 * :class:`LowRankHook`: adds ``x Aᵀ Bᵀ`` to a module's output (hooked edit sets, updates in
   progress inside ROME and MEMIT);
+* :class:`PrivateWeights`: a module's output computed with other weights, in one thread only (the
+  base model for hf_knowedit's own passes while other threads keep the edited one);
 * :func:`frozen`: eval mode (each module's own flag restored) and no parameter gradients;
 * :class:`ReplayBlock` and :func:`replaced_blocks`: stand-ins for decoder blocks whose output is
   already known (lower layers during tracing and target optimisation), swapped into the
@@ -24,7 +26,7 @@ Also here, because they are hooks or hook-like scopes too:
   them back only while an edit switches weights.
 
 **Threads.** Helpers that exist only for hf_knowedit's own computation (``Trace``, a
-``LowRankHook`` with an ``owner``, ``ReplayBlock``) act only in the thread that made them: a
+``LowRankHook`` with an ``owner``, ``PrivateWeights``, ``ReplayBlock``) act only in the thread that made them: a
 forward running in another thread at the same time passes through them untouched (a
 ``ReplayBlock`` runs the real block for it), so serving code never sees them.
 """
@@ -32,6 +34,7 @@ forward running in another thread at the same time passes through them untouched
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import threading
 from collections import OrderedDict
@@ -43,6 +46,15 @@ import torch
 from torch import nn
 
 from .architectures import ArchitectureSpec, get_module
+from .errors import NotPicklableError
+
+#: what to do instead of pickling a model that carries hf_knowedit state
+PICKLE_HINT = (
+    "This model carries hf_knowedit state (the edit stack, its lock and the forward gate), which cannot be "
+    "pickled (pickle, torch.save(model)). Save the weights with model.save_pretrained(...) (after "
+    "merge_and_unload() to bake active edits in) and edit sets with EditSet.save_pretrained, or call "
+    "hf_knowedit.detach(model) before pickling. copy.deepcopy(model) works: it gives an independent copy."
+)
 
 EditFn = Callable[[Any, str], Any]
 
@@ -238,6 +250,29 @@ class LowRankHook:
         return output + extra.to(output.dtype)
 
 
+class PrivateWeights:
+    """A forward hook that, in the thread that made it, replaces a module's output with what the module's
+    own ``forward`` computes with ``params`` (name -> tensor) in place of its parameters. It runs that
+    ``forward`` on a shallow copy of the module, so the module itself, and every other thread's forward,
+    never see those values. Register it with ``with_kwargs=True``.
+
+        >>> module.register_forward_hook(PrivateWeights({"weight": W0, "bias": b}), with_kwargs=True, prepend=True)
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor | None]) -> None:
+        self.params = params
+        self.owner = threading.get_ident()
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if threading.get_ident() != self.owner:
+            return None
+        device = hidden(output).device  # under accelerate the inputs may still be on the previous device
+        view = copy.copy(module)
+        view.__dict__["_parameters"] = {n: None if t is None else t.to(device) for n, t in self.params.items()}
+        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+        return type(module).forward(view, *args, **kwargs)
+
+
 # -----------------------------------------------------------------------------
 # eval-mode scope
 
@@ -341,17 +376,37 @@ class ModelGate:
         self._handles: list[Any] = []
 
     def install(self, model: nn.Module) -> None:
-        def enter(module: nn.Module, args: Any) -> None:
-            self._enter(sys._getframe(1))
+        self._handles = [
+            model.register_forward_pre_hook(self._pre_hook),
+            model.register_forward_hook(self._post_hook, always_call=True),
+        ]
 
-        def leave(module: nn.Module, args: Any, output: Any) -> None:
+    # bound methods, not closures, so that a deep copy of the model gets hooks bound to the copy's gate
+    def _pre_hook(self, module: nn.Module, args: Any) -> None:
+        self._enter(sys._getframe(1))
+
+    def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._leave()
+
+    _pre_hook.is_model_gate = _post_hook.is_model_gate = True  # type: ignore[attr-defined]
+
+    def run_as_reader(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` as one reader (a whole ``generate``): no switch happens while it runs,
+        and the forwards it makes in this thread pass."""
+        self._enter(sys._getframe())
+        try:
+            return fn(*args, **kwargs)
+        finally:
             self._leave()
 
-        enter.is_model_gate = leave.is_model_gate = True  # type: ignore[attr-defined]
-        self._handles = [
-            model.register_forward_pre_hook(enter),
-            model.register_forward_hook(leave, always_call=True),
-        ]
+    def __deepcopy__(self, memo: dict[int, Any]) -> ModelGate:
+        """A fresh gate (no readers, no writer) whose handles remove the copied model's hooks."""
+        new = memo[id(self)] = ModelGate()
+        new._handles = copy.deepcopy(self._handles, memo)
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise NotPicklableError(PICKLE_HINT)
 
     def remove(self) -> None:
         for handle in self._handles:
