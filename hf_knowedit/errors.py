@@ -103,3 +103,8 @@ class OutputPathError(KnowEditError, ValueError):
 class DeviceMapError(KnowEditError, ValueError):
     """A dispatched model (``device_map``, accelerate offload) places a module where the library cannot
     read or update it; nothing was computed or written."""
+
+
+class NotPicklableError(KnowEditError, TypeError):
+    """A model carrying hf_knowedit state was pickled (``pickle``, ``torch.save(model)``); detach it or save
+    it with ``save_pretrained`` instead (``copy.deepcopy`` works)."""

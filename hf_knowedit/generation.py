@@ -7,7 +7,9 @@ seeded once per call, so neither the caller's random state nor batch boundaries 
 change the result. ``seed=None`` decodes greedily. ``row_seeds`` gives every row its own sampling
 generator (:class:`RowSampler`), so a row's text does not depend on which other rows share its batch:
 fluency generates many records in one batch and still gets each record's own numbers.
-The model runs as it is: wrap the call in ``disable_edits(model)`` to generate from the base model.
+The model runs as it is: wrap the call in ``disable_edits(model)`` to generate from the base model
+(for every thread), or in :func:`~hf_knowedit.stack.base_view` (for the calling thread only, as the
+library's own passes do).
 """
 
 from __future__ import annotations

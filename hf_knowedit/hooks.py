@@ -16,6 +16,8 @@ Also here, because they are hooks or hook-like scopes too:
 
 * :class:`LowRankHook`: adds ``x Aᵀ Bᵀ`` to a module's output (hooked edit sets, updates in
   progress inside ROME and MEMIT);
+* :class:`PrivateWeights`: a module's output computed with other weights, in one thread only (the
+  base model for hf_knowedit's own passes while other threads keep the edited one);
 * :func:`frozen`: eval mode (each module's own flag restored) and no parameter gradients;
 * :class:`ReplayBlock` and :func:`replaced_blocks`: stand-ins for decoder blocks whose output is
   already known (lower layers during tracing and target optimisation), swapped into the
@@ -24,7 +26,7 @@ Also here, because they are hooks or hook-like scopes too:
   them back only while an edit switches weights.
 
 **Threads.** Helpers that exist only for hf_knowedit's own computation (``Trace``, a
-``LowRankHook`` with an ``owner``, ``ReplayBlock``) act only in the thread that made them: a
+``LowRankHook`` with an ``owner``, ``PrivateWeights``, ``ReplayBlock``) act only in the thread that made them: a
 forward running in another thread at the same time passes through them untouched (a
 ``ReplayBlock`` runs the real block for it), so serving code never sees them.
 """
@@ -32,15 +34,27 @@ forward running in another thread at the same time passes through them untouched
 from __future__ import annotations
 
 import contextlib
+import copy
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import FrameType
 from typing import Any
 
 import torch
 from torch import nn
 
 from .architectures import ArchitectureSpec, get_module
+from .errors import NotPicklableError
+
+#: what to do instead of pickling a model that carries hf_knowedit state
+PICKLE_HINT = (
+    "This model carries hf_knowedit state (the edit stack, its lock and the forward gate), which cannot be "
+    "pickled (pickle, torch.save(model)). Save the weights with model.save_pretrained(...) (after "
+    "merge_and_unload() to bake active edits in) and edit sets with EditSet.save_pretrained, or call "
+    "hf_knowedit.detach(model) before pickling. copy.deepcopy(model) works: it gives an independent copy."
+)
 
 EditFn = Callable[[Any, str], Any]
 
@@ -196,7 +210,9 @@ def count_forward_hooks(model: nn.Module) -> int:
 class LowRankHook:
     """A forward hook adding ``Σ x Aᵢᵀ Bᵢᵀ`` over its ``factors`` ``[(B [out, r], A [r, in]), ...]`` to a
     module's output, computed in float32 and cast to the output's dtype; factors are copied to the
-    input's device once. ``active()`` (if given) is asked on every call; False leaves the output alone.
+    input's device once (threads making their first forward on a device at the same time may each
+    copy them; each factor still acts once). ``active()`` (if given) is asked on every call; False
+    leaves the output alone.
 
     ``factors`` may grow while the hook is registered (MEMIT adds each layer's update as it goes).
     ``owner=threading.get_ident()`` makes it act only in that thread (updates in progress inside a
@@ -217,9 +233,11 @@ class LowRankHook:
         self._on: dict[Any, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def _factors_on(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        cached = self._on.setdefault(device, [])
-        for B, A in self.factors[len(cached) :]:
-            cached.append((B.to(device), A.to(device)))
+        cached = self._on.get(device, [])
+        if len(cached) < len(self.factors):
+            # copy on write, never append: threads here at once each build a whole list, and one is kept
+            cached = cached + [(B.to(device), A.to(device)) for B, A in self.factors[len(cached) :]]
+            self._on[device] = cached
         return cached
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -230,6 +248,29 @@ class LowRankHook:
         x = args[0].to(output.device).float()  # under accelerate the input may still be on the previous device
         extra = sum((x @ A.t()) @ B.t() for B, A in self._factors_on(x.device))
         return output + extra.to(output.dtype)
+
+
+class PrivateWeights:
+    """A forward hook that, in the thread that made it, replaces a module's output with what the module's
+    own ``forward`` computes with ``params`` (name -> tensor) in place of its parameters. It runs that
+    ``forward`` on a shallow copy of the module, so the module itself, and every other thread's forward,
+    never see those values. Register it with ``with_kwargs=True``.
+
+        >>> module.register_forward_hook(PrivateWeights({"weight": W0, "bias": b}), with_kwargs=True, prepend=True)
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor | None]) -> None:
+        self.params = params
+        self.owner = threading.get_ident()
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if threading.get_ident() != self.owner:
+            return None
+        device = hidden(output).device  # under accelerate the inputs may still be on the previous device
+        view = copy.copy(module)
+        view.__dict__["_parameters"] = {n: None if t is None else t.to(device) for n, t in self.params.items()}
+        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+        return type(module).forward(view, *args, **kwargs)
 
 
 # -----------------------------------------------------------------------------
@@ -315,51 +356,100 @@ class ModelGate:
     tensor copies), then lets them go. The switching thread's own forwards pass. So a forward
     running in another thread computes the model before a switch or after it, never halfway.
     Writers are preferred: a waiting switch holds back new forwards.
+
+    A reader is remembered by the frame that called the pre-hook (the module's call), so a forward
+    that ends without the exit hook (torch calls ``always_call`` hooks for an ``Exception`` only, not
+    for ``KeyboardInterrupt`` or ``SystemExit``) is recognised as over: its frame is no longer on its
+    thread's stack. A waiting switch looks every :data:`POLL` seconds; the thread's next forward
+    looks too.
     """
+
+    #: seconds between a waiting switch's checks for forwards that ended without the exit hook
+    POLL = 0.05
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._readers: dict[int, int] = {}
+        self._readers: dict[int, list[FrameType]] = {}  # thread -> frames of the forwards it is inside
         self._writer: int | None = None
         self._depth = 0
         self._waiting = 0
         self._handles: list[Any] = []
 
     def install(self, model: nn.Module) -> None:
-        def enter(module: nn.Module, args: Any) -> None:
-            self._enter()
+        self._handles = [
+            model.register_forward_pre_hook(self._pre_hook),
+            model.register_forward_hook(self._post_hook, always_call=True),
+        ]
 
-        def leave(module: nn.Module, args: Any, output: Any) -> None:
+    # bound methods, not closures, so that a deep copy of the model gets hooks bound to the copy's gate
+    def _pre_hook(self, module: nn.Module, args: Any) -> None:
+        self._enter(sys._getframe(1))
+
+    def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._leave()
+
+    _pre_hook.is_model_gate = _post_hook.is_model_gate = True  # type: ignore[attr-defined]
+
+    def run_as_reader(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` as one reader (a whole ``generate``): no switch happens while it runs,
+        and the forwards it makes in this thread pass."""
+        self._enter(sys._getframe())
+        try:
+            return fn(*args, **kwargs)
+        finally:
             self._leave()
 
-        enter.is_model_gate = leave.is_model_gate = True  # type: ignore[attr-defined]
-        self._handles = [
-            model.register_forward_pre_hook(enter),
-            model.register_forward_hook(leave, always_call=True),
-        ]
+    def __deepcopy__(self, memo: dict[int, Any]) -> ModelGate:
+        """A fresh gate (no readers, no writer) whose handles remove the copied model's hooks."""
+        new = memo[id(self)] = ModelGate()
+        new._handles = copy.deepcopy(self._handles, memo)
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise NotPicklableError(PICKLE_HINT)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
-    def _enter(self) -> None:
+    def _prune(self, thread: int, top: FrameType | None) -> None:
+        """Forget ``thread``'s readers whose frame is not on the stack that ``top`` starts (under the lock)."""
+        live = set()
+        while top is not None:
+            live.add(id(top))
+            top = top.f_back
+        frames = [f for f in self._readers.get(thread, ()) if id(f) in live]
+        if frames:
+            self._readers[thread] = frames
+        else:
+            self._readers.pop(thread, None)
+
+    def _enter(self, frame: FrameType) -> None:
         me = threading.get_ident()
         with self._cond:
-            if self._writer != me and not self._readers.get(me):
+            if me in self._readers:  # a forward inside a forward, or one interrupted earlier
+                self._prune(me, frame.f_back)
+            if self._writer != me and me not in self._readers:
                 while self._writer is not None or self._waiting:
                     self._cond.wait()
-            self._readers[me] = self._readers.get(me, 0) + 1
+            self._readers.setdefault(me, []).append(frame)
 
     def _leave(self) -> None:
         me = threading.get_ident()
         with self._cond:
-            count = self._readers.get(me, 0) - 1
-            if count > 0:
-                self._readers[me] = count
-            else:
+            frames = self._readers.get(me)
+            if frames:
+                frames.pop()
+            if not frames:
                 self._readers.pop(me, None)
             self._cond.notify_all()
+
+    def _others_reading(self, me: int) -> bool:
+        stacks = sys._current_frames()
+        for thread in [t for t in self._readers if t != me]:
+            self._prune(thread, stacks.get(thread))
+        return any(t != me for t in self._readers)
 
     @contextlib.contextmanager
     def switching(self) -> Iterator[None]:
@@ -369,8 +459,8 @@ class ModelGate:
             if self._writer != me:
                 self._waiting += 1
                 try:
-                    while self._writer is not None or any(t != me for t in self._readers):
-                        self._cond.wait()
+                    while self._writer is not None or self._others_reading(me):
+                        self._cond.wait(self.POLL)
                 finally:
                     self._waiting -= 1
                 self._writer = me

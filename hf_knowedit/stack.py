@@ -25,7 +25,19 @@ hooks, the stack, pristine copies and method history exactly as they were.
 tracing, statistics); a :class:`~hf_knowedit.hooks.ModelGate` on the model's forward lets other
 threads keep running forwards meanwhile and holds them back only during the switch, so a serving
 thread computes the model before an edit or after it, never halfway and never one of the stand-ins
-used while computing.
+used while computing. The passes that need the unedited model (statistics, context templates, the
+sampled corpus) run under :func:`base_view`, which is the base model in their own thread only.
+A forward that Ctrl-C stops leaves no reader behind in the gate.
+
+**generate.** The state replaces ``model.generate`` by one that runs the whole call as one reader of
+the gate: every token of one call, the KV cache included, comes from the same weights; a switch
+waits for the calls in flight (holding back new forwards meanwhile), so a long generation delays an
+edit by up to its own length. (A streamer or logits processor of that call must not wait for another
+thread's edit: that edit waits for the call.)
+
+**Copies.** ``copy.deepcopy(model)`` gives an independent model (its own stack, pristine copies,
+lock and gate; hooked sets follow the copy's state). Pickling raises
+:class:`~hf_knowedit.errors.NotPicklableError`. Copy a model while no other thread edits it.
 
 **disable_edits** runs the base model: merged weights go back to their pristine values and hooked
 sets stop acting, for every thread. Inside the block edit state cannot change: apply, load,
@@ -41,12 +53,14 @@ active set into the weights for good, PEFT's name for it).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import logging
 import os
 import signal
 import threading
+import types
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -68,8 +82,9 @@ from .errors import (
     InvalidConfigError,
     KnowEditError,
     NonFiniteUpdateError,
+    NotPicklableError,
 )
-from .hooks import LowRankHook, ModelGate
+from .hooks import PICKLE_HINT, LowRankHook, ModelGate, PrivateWeights
 from .requests import EditRequest
 
 logger = logging.getLogger(__name__)
@@ -88,7 +103,11 @@ class _Active:
 
 @dataclass
 class KnowEditState:
-    """Everything hf_knowedit keeps on a model instance (one attribute, no globals)."""
+    """Everything hf_knowedit keeps on a model instance (one attribute, no globals).
+
+    ``copy.deepcopy(model)`` gives an independent model: its own copy of this state (stack, pristine
+    copies, history, tokenizer), its own lock and gate, and hooked sets that follow the copy's state.
+    Pickling raises :class:`~hf_knowedit.errors.NotPicklableError` (the lock and the gate cannot travel)."""
 
     tokenizer: Any = None
     sets: OrderedDict[str, _Active] = field(default_factory=OrderedDict)
@@ -98,9 +117,29 @@ class KnowEditState:
     counter: int = 0
     lock: Any = field(default_factory=threading.RLock, repr=False)
     gate: ModelGate = field(default_factory=ModelGate, repr=False)
+    viewing: set[int] = field(default_factory=set, repr=False)  # threads inside base_view
+
+    def hooks_active(self) -> bool:
+        """Whether hooked sets act in the calling thread (not inside disable_edits, nor its base_view)."""
+        return not self.disabled and threading.get_ident() not in self.viewing
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KnowEditState:
+        new = memo[id(self)] = KnowEditState.__new__(KnowEditState)
+        for f in dataclasses.fields(self):
+            if f.name == "lock":
+                new.lock = threading.RLock()
+            elif f.name == "viewing":
+                new.viewing = set()
+            else:
+                setattr(new, f.name, copy.deepcopy(getattr(self, f.name), memo))
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise NotPicklableError(PICKLE_HINT)
 
 
 def get_state(model: nn.Module, create: bool = True) -> KnowEditState | None:
+    """The state on ``model`` (created, with the forward gate and the gated ``generate``, if ``create``)."""
     state = model.__dict__.get(STATE_ATTR)
     if state is None and create:
         with _CREATE:
@@ -108,15 +147,34 @@ def get_state(model: nn.Module, create: bool = True) -> KnowEditState | None:
             if state is None:
                 state = KnowEditState()
                 state.gate.install(model)
+                if callable(getattr(type(model), "generate", None)) and "generate" not in model.__dict__:
+                    model.__dict__["generate"] = types.MethodType(_gated_generate(type(model).generate), model)
                 model.__dict__[STATE_ATTR] = state
     return state
 
 
+def _gated_generate(generate: Callable) -> Callable:
+    """``generate`` as one reader of the model's gate: every token of one call comes from the same weights
+    (a switch waits for calls in flight)."""
+
+    @functools.wraps(generate)
+    def gated(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state = self.__dict__.get(STATE_ATTR)
+        if state is None:
+            return generate(self, *args, **kwargs)
+        return state.gate.run_as_reader(generate, self, *args, **kwargs)
+
+    gated.is_model_gate = True  # type: ignore[attr-defined]
+    return gated
+
+
 def forget_state(model: nn.Module) -> None:
-    """Remove everything hf_knowedit keeps on ``model`` (its state attribute and forward gate)."""
+    """Remove everything hf_knowedit keeps on ``model`` (its state attribute, forward gate and gated ``generate``)."""
     state = model.__dict__.pop(STATE_ATTR, None)
     if state is not None:
         state.gate.remove()
+    if getattr(model.__dict__.get("generate"), "is_model_gate", False):
+        del model.__dict__["generate"]
 
 
 @contextlib.contextmanager
@@ -225,9 +283,7 @@ def _plan(model: nn.Module, state: KnowEditState, sets: OrderedDict[str, tuple[E
             plan.weights[path] = new
     for name, (es, merged, _) in sets.items():
         if not merged and not _kept(state, name, es, merged):
-            plan.hooks[name] = [
-                (p, LowRankHook([(d.B, d.A)], active=lambda: not state.disabled)) for p, d in es.deltas.items()
-            ]
+            plan.hooks[name] = [(p, LowRankHook([(d.B, d.A)], active=state.hooks_active)) for p, d in es.deltas.items()]
     return plan
 
 
@@ -515,6 +571,38 @@ def disable_edits(model: nn.Module) -> Iterator[nn.Module]:
                 _plan(model, state, _current(state), all_paths=True) if state.disabled == 1 else _Plan(_current(state))
             )
             _switch(model, state, back, lambda: setattr(state, "disabled", state.disabled - 1))
+
+
+@contextlib.contextmanager
+def base_view(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model *in the calling thread only* for the duration; every other thread keeps the
+    edited model (what hf_knowedit's own passes use: statistics, context templates, the sampled corpus).
+
+    In this thread, hooked sets stop acting and each module with merged sets computes with its pristine
+    weight (:class:`~hf_knowedit.hooks.PrivateWeights`, the module's own ``forward`` on a private copy),
+    so outputs are bit for bit those of ``disable_edits``, and nothing any other thread sees changes.
+    Holds the model lock: edit state cannot change meanwhile (other threads' edits wait)."""
+    with model_lock(model) as state:
+        me = threading.get_ident()
+        if state.disabled or me in state.viewing or not state.sets:  # already the base model here
+            yield model
+            return
+        handles = []
+        state.viewing.add(me)
+        try:
+            for path in sorted(state.base):
+                module = get_module(model, path)
+                params = {
+                    n: p if p is None else read_tensor(model, f"{path}.{n}") for n, p in module._parameters.items()
+                }
+                params["weight"] = state.base[path]
+                hook = PrivateWeights(params)
+                handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=True))
+            yield model
+        finally:
+            for handle in handles:
+                handle.remove()
+            state.viewing.discard(me)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..errors import InvalidConfigError
 from ..generation import generate_texts
-from ..stack import disable_edits, get_state
+from ..stack import base_view, get_state
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def context_templates(model: nn.Module, tokenizer: Any, *, n: int = 5, length: i
     key = (n, length, seed)
     if key not in cache:
         starts = [STARTS[i % len(STARTS)] for i in range(n)]
-        with disable_edits(model):  # templates come from the unedited model
+        with base_view(model):  # templates come from the unedited model (other threads keep the edited one)
             texts = generate_texts(model, tokenizer, starts, max_new_tokens=length, seed=seed) if n else []
         cache[key] = ["{}"] + [_clean(t) + "{}" for t in texts]
         logger.info("Context templates (seed %d): %s", seed, cache[key])
@@ -139,7 +139,7 @@ def reference_templates(
     if key not in cache:
         specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if isinstance(t, str)]
         groups: list[list[str]] = [["{}"]]
-        with disable_edits(model):  # templates come from the unedited model
+        with base_view(model):  # templates come from the unedited model (other threads keep the edited one)
             for length, count in pairs:
                 if start_kind == "bos":
                     per_start = [(_bos_start(tokenizer), count)]

@@ -50,7 +50,7 @@ from ..errors import InvalidConfigError
 from ..generation import generate_texts, max_positions
 from ..hooks import Trace, frozen
 from ..moments import DTYPES, SecondMoment, StatsCache, StatsKey, identity_moment
-from ..stack import disable_edits, get_state, locked
+from ..stack import base_view, get_state, locked
 from ..tokens import pad_batch
 from .config import DEFAULT_N_TOKENS
 
@@ -226,7 +226,7 @@ def sampled_corpus(
             f", after the {have} already sampled" if have else "",
             f"; kept in {path} for every later token count and session" if path is not None else "",
         )
-        with disable_edits(model):
+        with base_view(model):
             texts = texts[:have] + generate_texts(
                 model,
                 tokenizer,
@@ -381,8 +381,9 @@ def compute_second_moment(
         revision: identify the model as ``name@revision`` instead of by a weight fingerprint.
         seed: seed of the model-sampled default corpus.
 
-    The forward passes run on the base model (edits disabled), in eval mode without gradients, and
-    stop right after the edited module. Results are reused from memory, then from ``cache``.
+    The forward passes run on the base model (:func:`~hf_knowedit.stack.base_view`: in this thread only,
+    other threads keep serving the edited model), in eval mode without gradients, and stop right after
+    the edited module. Results are reused from memory, then from ``cache``.
     """
     for name, value, low in (
         ("n_tokens", n_tokens, 1),
@@ -462,7 +463,7 @@ def _accumulate(
     count = 0
     with (
         frozen(model),
-        disable_edits(model),
+        base_view(model),
         torch.no_grad(),
         tqdm(total=n_tokens, desc=f"second moment L{layer}", unit="tok", leave=False) as bar,
     ):
