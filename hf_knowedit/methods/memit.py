@@ -63,6 +63,7 @@ from ..architectures import (
     get_module,
     layer_path,
     mlp_out_path,
+    mlp_post_norm_gain_eps,
     mlp_post_norm_path,
     model_device,
     num_layers,
@@ -241,44 +242,56 @@ def output_at_subject(
     return torch.cat(out)
 
 
-def through_post_norm(norm: nn.Module, x: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
-    """The change ``Δx`` of an RMS norm's input ``x`` ``[n, d]`` that moves its output by ``change`` ``[n, d]``.
+def through_post_norm(
+    norm: nn.Module, gain: torch.Tensor, eps: float, x: torch.Tensor, change: torch.Tensor
+) -> torch.Tensor:
+    """The change ``Δx`` of an RMS norm's input ``x`` ``[n, d]`` that moves its output as near as it can to
+    ``y + change`` (``[n, d]``) while keeping each row's scale ``mean(x²)``.
 
     For architectures whose MLP output passes a norm before the residual add (Gemma 2/3, OLMo 2/3, EXAONE 4):
     MEMIT's residual is a change of the block output, but ``ΔW`` changes the norm's input. The norm is
-    ``y = g ⊙ x / sqrt(mean(x²) + eps)``; ``g = norm(1)``, the row scale and ``eps`` are read from the module
-    itself (a norm not of this form, checked on ``x``, raises
-    :class:`~hf_knowedit.errors.UnsupportedArchitectureError`). With ``v = (y + change) / g``:
+    ``y = g ⊙ x / sqrt(mean(x²) + eps)`` with the gain ``g`` and ``eps`` read from the module through the
+    architecture table (:func:`~hf_knowedit.architectures.mlp_post_norm_gain_eps`); ``norm`` itself is run
+    on ``x`` to check that form (a norm that computes something else raises
+    :class:`~hf_knowedit.errors.UnsupportedArchitectureError`).
 
-    * if ``mean(v²) < 1`` the output is reachable exactly, by ``x' = c v``, ``c = sqrt(eps / (1 − mean(v²)))``,
-      taken when ``rms(x') ≤ 2 rms(x)`` (where eps is negligible, as in trained models, ``c`` is huge unless
-      the change keeps the output's scale);
-    * otherwise ``v`` is rescaled to the output scale the norm gives inputs of ``x``'s size (the nearest
-      reachable direction) and the input keeps its scale.
+    At input scale ``r² = mean(x²)`` the norm's outputs are exactly the ``y' = g ⊙ w`` with
+    ``mean(w²) = r² / (r² + eps)``, the input being ``x' = w sqrt(r² + eps)``. The target is replaced by the
+    nearest such output (:func:`nearest_on_sphere`), so every output of an input of ``x``'s scale is reached
+    exactly, whatever ``r`` is relative to 1 or to ``eps``. Deliberately not used: a target with
+    ``m = mean((t / g)²) < 1`` is also the output of ``x' = c t / g``, ``c = sqrt(eps / (1 − m))``, at another
+    scale. Unless ``eps`` is comparable to ``r²`` that moves the output's size by ``O(eps / r²)`` for an
+    input cancelled towards ``sqrt(eps)`` (a smaller target) or blown up (a larger one): ``ΔW`` would have to
+    cancel the MLP output at this key while its other contexts' keys, which the same ``ΔW`` moves differently,
+    go through a norm that then magnifies what is left by ``1 / sqrt(eps)``. The part of a target the norm
+    cannot give at this scale (its size, where it differs) is logged at debug level and left out.
 
-    Float64, float32 result."""
+    Float64 inside, float32 result on ``x``'s device."""
     x = x.double()
-    with torch.no_grad():
-        gain = norm(torch.ones_like(x[:1]).float()).double()[0]  # g, to a relative eps / 2
-        y = norm(x.float()).double()
-    gx = gain * x
-    inv_s = (gx * y).sum(dim=1, keepdim=True) / gx.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-300)
-    if not torch.allclose(gx * inv_s, y, rtol=1e-3, atol=1e-3 * float(y.abs().max())):
-        raise UnsupportedArchitectureError(
-            f"The norm after this architecture's MLP ({type(norm).__name__}) is not an RMS norm g ⊙ x / rms(x); "
-            "the MEMIT family cannot map residual changes through it. Edit with ROME, or set the architecture "
-            "table's mlp_post_norm for this model type to a supported norm."
-        )
+    g = gain.to(x.device, torch.float64)
     ms_x = x.pow(2).mean(dim=1, keepdim=True)
-    eps = (inv_s.pow(-2) - ms_x).clamp_min(0.0)
+    y = g * x / (ms_x + eps).sqrt()
+    with torch.no_grad():
+        actual = norm(x.float()).double()
+    if not torch.allclose(actual, y, rtol=1e-3, atol=1e-3 * float(y.abs().max())):
+        raise UnsupportedArchitectureError(
+            f"The norm after this architecture's MLP ({type(norm).__name__}) does not compute "
+            f"(offset + weight) ⊙ x / sqrt(mean(x²) + eps) with the table's gain offset and eps = {eps:g}; the "
+            "MEMIT family cannot map residual changes through it. Edit with ROME, or correct the architecture "
+            "table's mlp_post_norm_eps / mlp_post_norm_gain_offset for this model type."
+        )
     target = y + change.double()
-    live = gain.abs() > 1e-6 * gain.abs().max()  # coordinates the norm zeroes keep their value
-    v = torch.where(live, target / torch.where(live, gain, 1.0), x * inv_s)
-    ms_v = v.pow(2).mean(dim=1, keepdim=True)
-    exact = v * (eps / (1.0 - ms_v).clamp_min(1e-300)).sqrt()
-    ok = (ms_v < 1.0) & (eps > 0) & (exact.pow(2).mean(dim=1, keepdim=True) <= 4.0 * ms_x)
-    nearest = nearest_on_sphere(gain, target, ms_x * inv_s.pow(2)) / inv_s
-    return (torch.where(ok, exact, nearest) - x).float()
+    radius2 = ms_x / (ms_x + eps)  # mean(w²) of every output at this input scale
+    w = nearest_on_sphere(g, target, radius2)
+    if logger.isEnabledFor(logging.DEBUG):
+        miss = (g * w - target).norm(dim=1) / change.double().norm(dim=1).clamp_min(1e-300)
+        logger.debug(
+            "post-MLP norm: the nearest outputs at the inputs' scale miss the targets by %.3g (mean), %.3g (max) "
+            "of the wanted change",
+            float(miss.mean()),
+            float(miss.max()),
+        )
+    return (w * (ms_x + eps).sqrt() - x).float()
 
 
 def nearest_on_sphere(g: torch.Tensor, t: torch.Tensor, ms: torch.Tensor, iters: int = 100) -> torch.Tensor:
@@ -365,8 +378,9 @@ def spread_updates(
         if norm_path is not None:  # ΔW changes the norm's input: map the block-output change through it
             x = output_at_subject(ctx.model, ctx.tokenizer, requests, mlp_out_path(pending.arch, layer))
             norm = get_module(ctx.model, norm_path)
+            gain, eps = mlp_post_norm_gain_eps(ctx.model, pending.arch, layer)
             dev = execution_device(norm)
-            resid = through_post_norm(norm, x.to(dev), resid.to(dev)).cpu()
+            resid = through_post_norm(norm, gain, eps, x.to(dev), resid.to(dev)).cpu()
         logger.info(
             "MEMIT layer %d: %d keys, mean residual norm %.4g (layer %d of %d)",
             layer,
