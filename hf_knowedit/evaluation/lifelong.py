@@ -25,11 +25,13 @@ unedited model; then every ``checkpoint_every`` edits (and after the last batch)
 * ``failed``: edits that raised so far (their records stay unedited and count as failures).
 
 **Resuming.** With ``state_dir``, each checkpoint writes the batches' edit sets (PEFT adapters, exact
-float32 factors), the method history (e.g. AlphaEdit's accumulated keys) and the rows, rows last; the
-unedited model's scores of all records (row 0, and locality's reference) are kept in ``baseline.json``. A run
-called again with the same ``state_dir`` and settings on the *unedited* model loads the sets and the
-history of its last checkpoint and continues from there: the rows are those of an uninterrupted run
-(seconds aside). At the end the stream's edits are reverted (``keep_edits=False``), as ``evaluate`` does.
+float32 factors), the method history (e.g. AlphaEdit's accumulated keys; RLSEdit's ``P``, ``8 d_in²`` bytes
+per layer: :func:`hf_knowedit.methods.memory.state_bytes`; only the latest history file is kept) and the rows,
+rows last; the unedited model's scores of all records (row 0, and locality's reference) are kept in
+``baseline.json``. A run called again with the same ``state_dir`` and settings on the *unedited* model loads
+the sets and the history of its last checkpoint and continues from there: the rows are those of an
+uninterrupted run (seconds aside). At the end the stream's edits are reverted (``keep_edits=False``), as
+``evaluate`` does.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ __all__ = [
     "memit_factors",
     "nullspace_basis",
     "nullspace_projector",
+    "prior_inverse",
     "spread_residual",
 ]
 
@@ -100,6 +101,24 @@ def cached_inverse(moment: Any) -> Callable[[torch.Tensor], torch.Tensor] | None
     if float(pivots.min()) == 0.0 or float((pivots.max() / pivots.min()) ** 2) > MAX_CONDITION:
         return None
     return moment.solve
+
+
+def prior_inverse(moment: Any, mom2_weight: float) -> torch.Tensor:
+    """``(λC)⁻¹`` (float64, ``[d_in, d_in]``) through ``C``'s cached Cholesky factor, with its checks
+    (:func:`cached_inverse`): where ``C`` is singular or numerically singular (its factor needed a jitter, or
+    its pivots spread beyond :data:`MAX_CONDITION`) it raises :class:`SingularSystemError`, as MEMIT's solve
+    does for ``λC + KKᵀ``, instead of inverting noise."""
+    if mom2_weight <= 0:
+        raise SingularSystemError(f"λC with λ = {mom2_weight} is singular; set mom2_update_weight > 0.")
+    solve = cached_inverse(moment)
+    if solve is None:
+        raise SingularSystemError(
+            f"The second moment C at {moment.key.module} is singular or numerically singular (condition number "
+            f"above {MAX_CONDITION:.0e}), so (λC)⁻¹ is noise; collect statistics from more tokens "
+            f"(mom2_n_tokens >> d_in = {moment.d_in}) or use mom2='identity'."
+        )
+    eye = torch.eye(moment.d_in, dtype=torch.float64, device=moment.matrix.device)
+    return solve(eye).div_(mom2_weight)
 
 
 def spread_residual(resid: torch.Tensor, index: int, num_layers: int) -> torch.Tensor:
