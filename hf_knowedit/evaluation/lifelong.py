@@ -399,7 +399,7 @@ def _baseline(path: Path | None, settings: dict[str, Any], scorer: Scorer, n: in
     """The unedited model's scores of all ``n`` records, from ``path/baseline.json`` when it was written for
     the same records and the same model (the sha256 of its input embeddings), else scored and written. The
     method plays no part: a resumed stream, or another method's stream given a copy of the file, skips a
-    full scoring pass (one 3,000-record pass is ~8 CPU-minutes on SmolLM2)."""
+    full scoring pass."""
     key = {k: settings[k] for k in ("n_edits", "case_ids", "skipped")}
     key["model"] = fingerprint(scorer.model.get_input_embeddings().weight)["sha256"]
     file = None if path is None else path / "baseline.json"

@@ -94,17 +94,32 @@ LayerSolver = Callable[[int, int, torch.Tensor, torch.Tensor], Factors]
 @dataclass
 class MassEditConfig(EditConfig):
     """Hyper-parameters every MEMIT-family method shares: :class:`~hf_knowedit.methods.config.EditConfig`
-    (target vectors ``z``, context templates, statistics) with the reference's GPT-J / Llama-3 defaults,
-    plus the layer band and the batch limits."""
+    (target vectors ``z``, context templates, statistics), plus the layer band and the batch limits.
 
-    #: MEMIT on 100 SmolLM2 edits in one call: C from 2·d_in keys ES 61 / PS 65 / NS 40, from 10·d_in
-    #: 100 / 85 / 69, from 100,000 tokens 100 / 86 / 66 (``docs/results/minimal_precomputation.md``)
+    Against the reference's ``hparams/MEMIT/EleutherAI_gpt-j-6B.json`` and AlphaEdit's
+    ``hparams/MEMIT/Llama3-8B.json``: ``v_num_grad_steps`` 25, ``v_weight_decay`` 0.5, ``kl_factor`` 0.0625,
+    ``clamp_norm_factor`` 0.75, ``early_stop`` 0.05 and ``mom2_dtype`` float32 are theirs. What differs:
+
+    * Adam's rate is relative: ``v_lr=None`` means ``v_lr_relative · RMS(h)`` per request; theirs is an absolute
+      0.5 (GPT-J) or 0.1 (Llama-3-8B), which ``v_lr=`` restores.
+    * λ (:class:`MEMITConfig`) scales with the key dimension: 15,000 at GPT-J's d_in of 16,384 as theirs,
+      13,125 at Llama-3-8B's 14,336 where theirs is 15,000.
+    * The band is ``band_size=5`` layers from ``round(L / 8)``: ``[4..8]`` on Llama-3-8B as theirs, on GPT-J
+      ``[4..8]`` against their ``[3..8]``.
+    * All ``z`` are optimised in one batch (``serial_targets=True``: one request at a time, as theirs).
+    * ``C`` averages ``mom2_n_tokens`` = 100,000 tokens of the default corpus; theirs 100,000 Wikipedia
+      articles (``mom2_n_samples``).
+    * ``context_templates=5`` are five prefixes of ``context_length`` new tokens from seeded sampling;
+      ``"reference"`` follows their recipe (lengths counting the start word).
+
+    :meth:`~hf_knowedit.methods.config.EditConfig.from_reference` reads their files as they are."""
+
+    #: below this many multiples of d_in keys (``mom2_n_keys``) a warning says C is too coarse for MEMIT
+    #: (``docs/results/minimal_precomputation.md``)
     min_n_keys: ClassVar[float] = 10.0
 
     v_num_grad_steps: int = option(25, "forward passes of the z optimisation at most", "int>=1")
-    v_lr_relative: float = option(
-        0.1, "z's Adam rate = this * RMS(h) per request when v_lr is None (0.5 at SmolLM2's residual RMS ~5)", "num>0"
-    )
+    v_lr_relative: float = option(0.1, "z's Adam rate = this * RMS(h) per request when v_lr is None", "num>0")
     clamp_norm_factor: float = option(0.75, "‖δ‖ ≤ clamp_norm_factor · ‖h‖ (residual-stream norm)", "num>0")
     band_size: int = option(5, "number of critical layers when layers is None or 'auto'", "int>=1")
     serial_targets: bool = option(False, "optimise z one request at a time (reference behaviour)", "bool")
@@ -120,7 +135,8 @@ class MassEditConfig(EditConfig):
 class MEMITConfig(MassEditConfig):
     """MEMIT hyper-parameters: :class:`MassEditConfig` plus λ. The reference uses 15,000 for GPT-J and
     Llama-3-8B and 20,000 for GPT-2 XL; λ's effect depends on the key dimension, so the default
-    (``None``) scales GPT-J's value to the model (:func:`hf_knowedit.methods.solvers.scaled_mom2_weight`)."""
+    (``None``) scales GPT-J's value to the model (:func:`hf_knowedit.methods.solvers.scaled_mom2_weight`):
+    equal to the reference's on GPT-J only."""
 
     mom2_update_weight: float | None = option(
         None, "λ: weight of preserving C against writing the edits (None: 15000 * d_in / 16384)", "?num>=0"

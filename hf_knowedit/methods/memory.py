@@ -81,8 +81,7 @@ def block_saved_bytes(tokens: int, d_model: int, d_ff: int, heads: int, longest:
     token (the block's input, the two norms' inputs and outputs, queries, keys, values, their rotated
     copies, the attention output, the residual) and ``4`` of ``d_ff`` (gate, up, the activation and the
     product), in the model's dtype; with eager attention also the scores and probabilities
-    (``2 heads T L``). Counted on SmolLM2 (sdpa) with ``saved_tensors_hooks``: 11,275 floats per token
-    against the 11,904 of this formula."""
+    (``2 heads T L``); checked against ``saved_tensors_hooks`` counts in ``docs/memory.md``."""
     return s * tokens * (10 * d_model + 4 * d_ff) + (2 * s * heads * tokens * longest if eager else 0)
 
 

@@ -139,8 +139,7 @@ def scaled_mom2_weight(d_in: int, value: float | None = None) -> float:
     One edit with key ``k`` writes the fraction ``a / (1 + a)`` of its residual, ``a = kᵀC⁻¹k / λ``,
     and for a key drawn like the ones ``C`` was measured on ``kᵀC⁻¹k ≈ d_in``. Keeping ``a`` at
     GPT-J's value therefore means λ ∝ d_in: SmolLM2-135M (d_in 1,536) gets λ ≈ 1,406, Llama-3-8B
-    (14,336) ≈ 13,125. With the unscaled 15,000, SmolLM2 reached ES 70 on 20 CounterFact edits
-    instead of 100 (``docs/benchmarks.md``).
+    (14,336) ≈ 13,125 (measured effect: ``docs/design.md``).
     """
     return float(value) if value is not None else REFERENCE_MOM2_WEIGHT * d_in / REFERENCE_D_IN
 
