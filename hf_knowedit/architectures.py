@@ -21,6 +21,7 @@ Only dense-MLP models are listed. To add a model, describe it and register it::
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields
 from typing import Any
@@ -86,6 +87,11 @@ class ArchitectureSpec:
             added to the residual stream (Gemma 2/3, OLMo 2/3, EXAONE 4: ``post_feedforward_layernorm``),
             or None. The MEMIT family writes residual-stream changes into ``mlp_out``; through such a
             norm they must first be mapped back to a change of its input (``methods/memit.py``).
+        mlp_post_norm_eps: name of that norm module's attribute holding its epsilon (OLMo 2/3 and
+            EXAONE 4: ``variance_epsilon``; Gemma 2/3: ``eps``).
+        mlp_post_norm_gain_offset: that norm is the RMS norm ``(offset + weight) ⊙ x / sqrt(mean(x²) + eps)``
+            of its ``weight`` parameter: ``0.0`` for OLMo 2/3 and EXAONE 4, ``1.0`` for Gemma 2/3
+            (``1 + weight``).
     """
 
     model_type: str
@@ -100,6 +106,8 @@ class ArchitectureSpec:
     logit_softcap: str | None = None
     prefix_cache: str = "rows"
     mlp_post_norm: str | None = None
+    mlp_post_norm_eps: str = "variance_epsilon"
+    mlp_post_norm_gain_offset: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_type, str) or not self.model_type.strip():
@@ -124,6 +132,18 @@ class ArchitectureSpec:
                 f"ArchitectureSpec({self.model_type!r}).mlp_post_norm must be None or a dotted module path "
                 f"relative to one block (e.g. 'post_feedforward_layernorm'), got {self.mlp_post_norm!r}"
             )
+        if not (isinstance(self.mlp_post_norm_eps, str) and _IDENT_RE.match(self.mlp_post_norm_eps)):
+            raise InvalidConfigError(
+                f"ArchitectureSpec({self.model_type!r}).mlp_post_norm_eps must name the post-MLP norm's epsilon "
+                f"attribute (e.g. 'variance_epsilon' or 'eps'), got {self.mlp_post_norm_eps!r}"
+            )
+        offset = self.mlp_post_norm_gain_offset
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+            raise InvalidConfigError(
+                f"ArchitectureSpec({self.model_type!r}).mlp_post_norm_gain_offset must be a finite number, the "
+                f"post-MLP norm's gain being offset + weight (0.0 for weight, 1.0 for Gemma's 1 + weight), "
+                f"got {offset!r}"
+            )
         if self.prefix_cache not in PREFIX_CACHE:
             raise InvalidConfigError(
                 f"ArchitectureSpec({self.model_type!r}).prefix_cache must be one of {PREFIX_CACHE}, "
@@ -145,6 +165,8 @@ S = ArchitectureSpec
 _SOFTCAP = "final_logit_softcapping"
 #: the norm Gemma 2/3, OLMo 2/3 and EXAONE 4 apply to the MLP output before the residual add
 _POST_FFN_NORM = "post_feedforward_layernorm"
+#: Gemma's RMS norms keep their epsilon in ``eps`` and scale by ``1 + weight``
+_GEMMA_POST_FFN_NORM = dict(mlp_post_norm=_POST_FFN_NORM, mlp_post_norm_eps="eps", mlp_post_norm_gain_offset=1.0)
 
 # fmt: off
 _TABLE: list[ArchitectureSpec] = [
@@ -203,8 +225,8 @@ _TABLE: list[ArchitectureSpec] = [
     S("jais2",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     # --- Gemma family (embedding scale lives inside the embedding module)
     S("gemma",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
-    S("gemma2",            "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP, mlp_post_norm=_POST_FFN_NORM),
-    S("gemma3_text",       "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP, mlp_post_norm=_POST_FFN_NORM),
+    S("gemma2",            "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP, **_GEMMA_POST_FFN_NORM),
+    S("gemma3_text",       "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP, **_GEMMA_POST_FFN_NORM),
     S("vaultgemma",        "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP),
 ]
 # fmt: on
@@ -339,6 +361,27 @@ def mlp_post_norm_path(spec: ArchitectureSpec, layer: int) -> str | None:
     """Full dotted path of the norm block ``layer`` applies to its MLP output, or None (see
     :attr:`ArchitectureSpec.mlp_post_norm`)."""
     return None if spec.mlp_post_norm is None else f"{layer_path(spec, layer)}.{spec.mlp_post_norm}"
+
+
+def mlp_post_norm_gain_eps(model: nn.Module, spec: ArchitectureSpec, layer: int) -> tuple[torch.Tensor, float]:
+    """The gain ``g = offset + weight`` (``[d]`` float64, CPU) and the epsilon of block ``layer``'s post-MLP
+    norm, read from the module as the table says (:attr:`ArchitectureSpec.mlp_post_norm_eps`,
+    ``mlp_post_norm_gain_offset``). A norm without them raises
+    :class:`~hf_knowedit.errors.UnsupportedArchitectureError`."""
+    path = mlp_post_norm_path(spec, layer)
+    if path is None:
+        raise UnsupportedArchitectureError(f"{spec.model_type!r} has no post-MLP norm in the architecture table")
+    norm = get_module(model, path)
+    eps = getattr(norm, spec.mlp_post_norm_eps, None)
+    has_weight = isinstance(getattr(norm, "weight", None), torch.Tensor)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not has_weight:
+        raise UnsupportedArchitectureError(
+            f"The post-MLP norm {path} ({type(norm).__name__}) has no float attribute "
+            f"{spec.mlp_post_norm_eps!r} or no weight: set the architecture table's mlp_post_norm_eps for "
+            f"{spec.model_type!r} to the attribute holding its epsilon (register_architecture)."
+        )
+    gain = spec.mlp_post_norm_gain_offset + read_tensor(model, f"{path}.weight").detach().double().cpu()
+    return gain, float(eps)
 
 
 def attn_out_path(spec: ArchitectureSpec, layer: int) -> str:

@@ -247,6 +247,9 @@ def test_register_architecture_round_trip():
         ("model_type", ""),
         ("logit_softcap", "final logit"),
         ("prefix_cache", "yes"),
+        ("mlp_post_norm_eps", "variance epsilon"),
+        ("mlp_post_norm_gain_offset", "1 + weight"),
+        ("mlp_post_norm_gain_offset", float("nan")),
     ],
 )
 def test_bad_spec_field_is_named(field, value):

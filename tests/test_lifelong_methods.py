@@ -5,6 +5,8 @@ brings earlier edits into the update)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -221,4 +223,30 @@ def test_sequential_rlsedit_carries_p_through_the_history(monkeypatch):
     assert history.edits == 4 and all(torch.equal(v, p2) for v in history.P.values())
     assert not any(d.dense for es in (first, second) for d in es.deltas.values())  # rank n each
     rlsedit.reset_history(model)
+    assert rlsedit.HISTORY_KEY not in hf_knowedit.stack.get_state(model).history
+
+
+@pytest.mark.parametrize("method", ["memit", "rlsedit"])
+def test_a_singular_second_moment_raises_and_leaves_the_model_as_it_was(method, monkeypatch):
+    """RLSEdit's prior ``(λC)⁻¹`` goes through C's checked factor: on a C of half rank it raises
+    :class:`SingularSystemError` as MEMIT does, instead of inverting rounding noise into a huge ``ΔW``."""
+    from hf_knowedit.errors import SingularSystemError
+    from hf_knowedit.methods import memit
+    from hf_knowedit.moments import SecondMoment, identity_moment
+
+    model, tok = tiny("llama")
+
+    def singular(model, tokenizer, layer, config):
+        eye = identity_moment(model, layer)
+        X = torch.randn(eye.d_in, eye.d_in // 2, generator=torch.Generator().manual_seed(layer), dtype=torch.float64)
+        return SecondMoment(X @ X.t() / X.shape[1], X.shape[1], dataclasses.replace(eye.key, corpus="half rank"))
+
+    monkeypatch.setattr(memit, "second_moment_for", singular)
+    before = weights(model)
+    with pytest.raises(SingularSystemError):
+        hf_knowedit.apply_edits(
+            model, tok, facts(2), method=method, layers=[2], v_num_grad_steps=2, context_templates=0
+        )
+    after = weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
     assert rlsedit.HISTORY_KEY not in hf_knowedit.stack.get_state(model).history

@@ -89,3 +89,43 @@ def test_targets_model_bounds_the_measured_v_star_step(cached):
     )
     assert (predicted["prefix cache"] > 0) == cached
     assert 0.8 * measured <= predicted["total"] <= 1.2 * measured  # 0.94 and 1.01 at this commit
+
+
+def test_rlsedit_update_and_state_are_in_the_model():
+    """RLSEdit's update of one layer's ``P`` allocates what ``solve_bytes(..., "rlsedit")`` says (within 20 %)
+    on top of ``P``, the prior ``(λC)⁻¹`` no more, and the history holds ``state_bytes(...)["kept"]``."""
+    from hf_knowedit.methods import rlsedit
+    from hf_knowedit.methods.solvers import prior_inverse
+    from hf_knowedit.moments import SecondMoment, StatsKey
+
+    d_in, d_out, n = 400, 64, 8
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(d_in, 4 * d_in, generator=g, dtype=torch.float64)
+    moment = SecondMoment(X @ X.t() / X.shape[1], X.shape[1], StatsKey("m", 0, "mlp", "corpus", 1, "float64"))
+    moment.cholesky()  # cached before the measure, as after the statistics pass
+    keys, resid = torch.randn(n, d_in, generator=g), torch.randn(n, d_out, generator=g)
+    predicted = memory.solve_bytes(d_in, d_out, n, "rlsedit")
+    P = prior_inverse(moment, 3.0)
+    for step in (lambda: rlsedit.rls_update(keys, resid, P), lambda: prior_inverse(moment, 3.0)):
+        measured = memory.measure_peak(step)
+        assert 0.8 * measured <= predicted["total"] <= 1.2 * measured, (measured, predicted)
+    assert memory.state_bytes(d_in, 3) == {
+        "kept": 3 * 8 * d_in**2,
+        "during a call": 3 * 8 * d_in**2,
+        "total": 48 * d_in**2,
+    }
+    assert memory.state_bytes(d_in, 3, "memit") == {"total": 0}
+
+
+def test_the_rlsedit_history_holds_the_state_the_model_predicts():
+    import hf_knowedit
+    from hf_knowedit.methods import rlsedit
+    from hf_knowedit.stack import get_state
+    from tests.test_memit import FAST, facts
+
+    model, tok = make_tiny_model("llama")
+    hf_knowedit.apply_edits(
+        model, tok, facts(2), method="rlsedit", layers=[1, 2], v_num_grad_steps=2, context_templates=0, **FAST
+    )
+    P = get_state(model).history[rlsedit.HISTORY_KEY].P
+    assert sum(p.numel() * p.element_size() for p in P.values()) == memory.state_bytes(INNER, 2)["kept"]

@@ -32,11 +32,12 @@ unedited model; then every ``checkpoint_every`` edits (and after the last batch)
 * ``failed``: edits that raised so far (their records stay unedited and count as failures).
 
 **Resuming.** With ``state_dir``, each checkpoint writes the batches' edit sets (PEFT adapters, exact
-float32 factors), the method history (e.g. AlphaEdit's accumulated keys) and the rows, rows last; the
-unedited model's scores of all records (row 0, and locality's reference) are kept in ``baseline.json``, keyed
-by the records and a hash of every weight of the model. A run called again with the same ``state_dir`` and
-settings on the *unedited* model loads the sets (merged, or hooked when the stream runs with
-``merge=False``) and the history of its last checkpoint and continues from there: the rows are those of an
+float32 factors), the method history (e.g. AlphaEdit's accumulated keys; RLSEdit's ``P``, ``8 d_in²`` bytes
+per layer: :func:`hf_knowedit.methods.memory.state_bytes`; only the latest history file is kept) and the rows,
+rows last; the unedited model's scores of all records (row 0, and locality's reference) are kept in
+``baseline.json``, keyed by the records and a hash of every weight of the model. A run called again with the
+same ``state_dir`` and settings on the *unedited* model loads the sets (merged, or hooked when the stream runs
+with ``merge=False``) and the history of its last checkpoint and continues from there: the rows are those of an
 uninterrupted run (seconds aside). At the end the stream's edits are reverted (``keep_edits=False``), as
 ``evaluate`` does.
 """
@@ -449,7 +450,7 @@ def _baseline(path: Path | None, settings: dict[str, Any], scorer: Scorer, n: in
     """The unedited model's scores of all ``n`` records, from ``path/baseline.json`` when it was written for
     the same records and the same model (:func:`weights_sha256`), else scored and written. The
     method plays no part: a resumed stream, or another method's stream given a copy of the file, skips a
-    full scoring pass (one 3,000-record pass is ~8 CPU-minutes on SmolLM2)."""
+    full scoring pass."""
     if path is None:
         return scorer.scores(range(n))
     key = {k: settings[k] for k in ("n_edits", "case_ids", "skipped")}

@@ -185,8 +185,8 @@ class EditConfig:
 
     #: the reference recipe ``context_templates="reference"`` means (:data:`hf_knowedit.methods.context.RECIPES`)
     reference_context: ClassVar[str] = "memit"
-    #: the smallest ``mom2_n_keys`` measured to edit as well as many tokens (``docs/results/minimal_precomputation.md``:
-    #: ROME from 2·d_in keys kept ES / PS, NS −6 on SmolLM2); below it a warning says so
+    #: below this many multiples of d_in keys (``mom2_n_keys``) a warning says C is too coarse for the method
+    #: (``docs/results/minimal_precomputation.md``)
     min_n_keys: ClassVar[float] = 2.0
 
     # target vectors v* / z (ROME compute_v, MEMIT compute_z)
@@ -197,9 +197,7 @@ class EditConfig:
         "per request (a number: that rate for every model, as the reference's 0.5)",
         "?num>0",
     )
-    v_lr_relative: float = option(
-        0.5, "v_lr = this * RMS(init) per request when v_lr is None (ROME's 0.5 at SmolLM2's MLP RMS ~1)", "num>0"
-    )
+    v_lr_relative: float = option(0.5, "v_lr = this * RMS(init) per request when v_lr is None", "num>0")
     v_weight_decay: float = option(0.5, "weight of ||delta|| / ||init||^2 in the v*/z loss", "num>=0")
     kl_factor: float = option(0.0625, "weight of KL(current || initial) at the essence prompt '{} is a'", "num>=0")
     clamp_norm_factor: float = option(4.0, "delta stays in the ball of radius clamp_norm_factor * ||init||", "num>0")

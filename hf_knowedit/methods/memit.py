@@ -63,6 +63,7 @@ from ..architectures import (
     get_module,
     layer_path,
     mlp_out_path,
+    mlp_post_norm_gain_eps,
     mlp_post_norm_path,
     model_device,
     num_layers,
@@ -93,17 +94,32 @@ LayerSolver = Callable[[int, int, torch.Tensor, torch.Tensor], Factors]
 @dataclass
 class MassEditConfig(EditConfig):
     """Hyper-parameters every MEMIT-family method shares: :class:`~hf_knowedit.methods.config.EditConfig`
-    (target vectors ``z``, context templates, statistics) with the reference's GPT-J / Llama-3 defaults,
-    plus the layer band and the batch limits."""
+    (target vectors ``z``, context templates, statistics), plus the layer band and the batch limits.
 
-    #: MEMIT on 100 SmolLM2 edits in one call: C from 2·d_in keys ES 61 / PS 65 / NS 40, from 10·d_in
-    #: 100 / 85 / 69, from 100,000 tokens 100 / 86 / 66 (``docs/results/minimal_precomputation.md``)
+    Against the reference's ``hparams/MEMIT/EleutherAI_gpt-j-6B.json`` and AlphaEdit's
+    ``hparams/MEMIT/Llama3-8B.json``: ``v_num_grad_steps`` 25, ``v_weight_decay`` 0.5, ``kl_factor`` 0.0625,
+    ``clamp_norm_factor`` 0.75, ``early_stop`` 0.05 and ``mom2_dtype`` float32 are theirs. What differs:
+
+    * Adam's rate is relative: ``v_lr=None`` means ``v_lr_relative · RMS(h)`` per request; theirs is an absolute
+      0.5 (GPT-J) or 0.1 (Llama-3-8B), which ``v_lr=`` restores.
+    * λ (:class:`MEMITConfig`) scales with the key dimension: 15,000 at GPT-J's d_in of 16,384 as theirs,
+      13,125 at Llama-3-8B's 14,336 where theirs is 15,000.
+    * The band is ``band_size=5`` layers from ``round(L / 8)``: ``[4..8]`` on Llama-3-8B as theirs, on GPT-J
+      ``[4..8]`` against their ``[3..8]``.
+    * All ``z`` are optimised in one batch (``serial_targets=True``: one request at a time, as theirs).
+    * ``C`` averages ``mom2_n_tokens`` = 100,000 tokens of the default corpus; theirs 100,000 Wikipedia
+      articles (``mom2_n_samples``).
+    * ``context_templates=5`` are five prefixes of ``context_length`` new tokens from seeded sampling;
+      ``"reference"`` follows their recipe (lengths counting the start word).
+
+    :meth:`~hf_knowedit.methods.config.EditConfig.from_reference` reads their files as they are."""
+
+    #: below this many multiples of d_in keys (``mom2_n_keys``) a warning says C is too coarse for MEMIT
+    #: (``docs/results/minimal_precomputation.md``)
     min_n_keys: ClassVar[float] = 10.0
 
     v_num_grad_steps: int = option(25, "forward passes of the z optimisation at most", "int>=1")
-    v_lr_relative: float = option(
-        0.1, "z's Adam rate = this * RMS(h) per request when v_lr is None (0.5 at SmolLM2's residual RMS ~5)", "num>0"
-    )
+    v_lr_relative: float = option(0.1, "z's Adam rate = this * RMS(h) per request when v_lr is None", "num>0")
     clamp_norm_factor: float = option(0.75, "‖δ‖ ≤ clamp_norm_factor · ‖h‖ (residual-stream norm)", "num>0")
     band_size: int = option(5, "number of critical layers when layers is None or 'auto'", "int>=1")
     serial_targets: bool = option(False, "optimise z one request at a time (reference behaviour)", "bool")
@@ -119,7 +135,8 @@ class MassEditConfig(EditConfig):
 class MEMITConfig(MassEditConfig):
     """MEMIT hyper-parameters: :class:`MassEditConfig` plus λ. The reference uses 15,000 for GPT-J and
     Llama-3-8B and 20,000 for GPT-2 XL; λ's effect depends on the key dimension, so the default
-    (``None``) scales GPT-J's value to the model (:func:`hf_knowedit.methods.solvers.scaled_mom2_weight`)."""
+    (``None``) scales GPT-J's value to the model (:func:`hf_knowedit.methods.solvers.scaled_mom2_weight`):
+    equal to the reference's on GPT-J only."""
 
     mom2_update_weight: float | None = option(
         None, "λ: weight of preserving C against writing the edits (None: 15000 * d_in / 16384)", "?num>=0"
@@ -241,44 +258,56 @@ def output_at_subject(
     return torch.cat(out)
 
 
-def through_post_norm(norm: nn.Module, x: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
-    """The change ``Δx`` of an RMS norm's input ``x`` ``[n, d]`` that moves its output by ``change`` ``[n, d]``.
+def through_post_norm(
+    norm: nn.Module, gain: torch.Tensor, eps: float, x: torch.Tensor, change: torch.Tensor
+) -> torch.Tensor:
+    """The change ``Δx`` of an RMS norm's input ``x`` ``[n, d]`` that moves its output as near as it can to
+    ``y + change`` (``[n, d]``) while keeping each row's scale ``mean(x²)``.
 
     For architectures whose MLP output passes a norm before the residual add (Gemma 2/3, OLMo 2/3, EXAONE 4):
     MEMIT's residual is a change of the block output, but ``ΔW`` changes the norm's input. The norm is
-    ``y = g ⊙ x / sqrt(mean(x²) + eps)``; ``g = norm(1)``, the row scale and ``eps`` are read from the module
-    itself (a norm not of this form, checked on ``x``, raises
-    :class:`~hf_knowedit.errors.UnsupportedArchitectureError`). With ``v = (y + change) / g``:
+    ``y = g ⊙ x / sqrt(mean(x²) + eps)`` with the gain ``g`` and ``eps`` read from the module through the
+    architecture table (:func:`~hf_knowedit.architectures.mlp_post_norm_gain_eps`); ``norm`` itself is run
+    on ``x`` to check that form (a norm that computes something else raises
+    :class:`~hf_knowedit.errors.UnsupportedArchitectureError`).
 
-    * if ``mean(v²) < 1`` the output is reachable exactly, by ``x' = c v``, ``c = sqrt(eps / (1 − mean(v²)))``,
-      taken when ``rms(x') ≤ 2 rms(x)`` (where eps is negligible, as in trained models, ``c`` is huge unless
-      the change keeps the output's scale);
-    * otherwise ``v`` is rescaled to the output scale the norm gives inputs of ``x``'s size (the nearest
-      reachable direction) and the input keeps its scale.
+    At input scale ``r² = mean(x²)`` the norm's outputs are exactly the ``y' = g ⊙ w`` with
+    ``mean(w²) = r² / (r² + eps)``, the input being ``x' = w sqrt(r² + eps)``. The target is replaced by the
+    nearest such output (:func:`nearest_on_sphere`), so every output of an input of ``x``'s scale is reached
+    exactly, whatever ``r`` is relative to 1 or to ``eps``. Deliberately not used: a target with
+    ``m = mean((t / g)²) < 1`` is also the output of ``x' = c t / g``, ``c = sqrt(eps / (1 − m))``, at another
+    scale. Unless ``eps`` is comparable to ``r²`` that moves the output's size by ``O(eps / r²)`` for an
+    input cancelled towards ``sqrt(eps)`` (a smaller target) or blown up (a larger one): ``ΔW`` would have to
+    cancel the MLP output at this key while its other contexts' keys, which the same ``ΔW`` moves differently,
+    go through a norm that then magnifies what is left by ``1 / sqrt(eps)``. The part of a target the norm
+    cannot give at this scale (its size, where it differs) is logged at debug level and left out.
 
-    Float64, float32 result."""
+    Float64 inside, float32 result on ``x``'s device."""
     x = x.double()
-    with torch.no_grad():
-        gain = norm(torch.ones_like(x[:1]).float()).double()[0]  # g, to a relative eps / 2
-        y = norm(x.float()).double()
-    gx = gain * x
-    inv_s = (gx * y).sum(dim=1, keepdim=True) / gx.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-300)
-    if not torch.allclose(gx * inv_s, y, rtol=1e-3, atol=1e-3 * float(y.abs().max())):
-        raise UnsupportedArchitectureError(
-            f"The norm after this architecture's MLP ({type(norm).__name__}) is not an RMS norm g ⊙ x / rms(x); "
-            "the MEMIT family cannot map residual changes through it. Edit with ROME, or set the architecture "
-            "table's mlp_post_norm for this model type to a supported norm."
-        )
+    g = gain.to(x.device, torch.float64)
     ms_x = x.pow(2).mean(dim=1, keepdim=True)
-    eps = (inv_s.pow(-2) - ms_x).clamp_min(0.0)
+    y = g * x / (ms_x + eps).sqrt()
+    with torch.no_grad():
+        actual = norm(x.float()).double()
+    if not torch.allclose(actual, y, rtol=1e-3, atol=1e-3 * float(y.abs().max())):
+        raise UnsupportedArchitectureError(
+            f"The norm after this architecture's MLP ({type(norm).__name__}) does not compute "
+            f"(offset + weight) ⊙ x / sqrt(mean(x²) + eps) with the table's gain offset and eps = {eps:g}; the "
+            "MEMIT family cannot map residual changes through it. Edit with ROME, or correct the architecture "
+            "table's mlp_post_norm_eps / mlp_post_norm_gain_offset for this model type."
+        )
     target = y + change.double()
-    live = gain.abs() > 1e-6 * gain.abs().max()  # coordinates the norm zeroes keep their value
-    v = torch.where(live, target / torch.where(live, gain, 1.0), x * inv_s)
-    ms_v = v.pow(2).mean(dim=1, keepdim=True)
-    exact = v * (eps / (1.0 - ms_v).clamp_min(1e-300)).sqrt()
-    ok = (ms_v < 1.0) & (eps > 0) & (exact.pow(2).mean(dim=1, keepdim=True) <= 4.0 * ms_x)
-    nearest = nearest_on_sphere(gain, target, ms_x * inv_s.pow(2)) / inv_s
-    return (torch.where(ok, exact, nearest) - x).float()
+    radius2 = ms_x / (ms_x + eps)  # mean(w²) of every output at this input scale
+    w = nearest_on_sphere(g, target, radius2)
+    if logger.isEnabledFor(logging.DEBUG):
+        miss = (g * w - target).norm(dim=1) / change.double().norm(dim=1).clamp_min(1e-300)
+        logger.debug(
+            "post-MLP norm: the nearest outputs at the inputs' scale miss the targets by %.3g (mean), %.3g (max) "
+            "of the wanted change",
+            float(miss.mean()),
+            float(miss.max()),
+        )
+    return (w * (ms_x + eps).sqrt() - x).float()
 
 
 def nearest_on_sphere(g: torch.Tensor, t: torch.Tensor, ms: torch.Tensor, iters: int = 100) -> torch.Tensor:
@@ -365,8 +394,9 @@ def spread_updates(
         if norm_path is not None:  # ΔW changes the norm's input: map the block-output change through it
             x = output_at_subject(ctx.model, ctx.tokenizer, requests, mlp_out_path(pending.arch, layer))
             norm = get_module(ctx.model, norm_path)
+            gain, eps = mlp_post_norm_gain_eps(ctx.model, pending.arch, layer)
             dev = execution_device(norm)
-            resid = through_post_norm(norm, x.to(dev), resid.to(dev)).cpu()
+            resid = through_post_norm(norm, gain, eps, x.to(dev), resid.to(dev)).cpu()
         logger.info(
             "MEMIT layer %d: %d keys, mean residual norm %.4g (layer %d of %d)",
             layer,

@@ -22,7 +22,15 @@ from torch import nn
 
 from ..architectures import get_architecture, mlp_out_dims, num_layers
 
-__all__ = ["statistics_bytes", "targets_bytes", "targets_bytes_for", "solve_bytes", "model_shape", "measure_peak"]
+__all__ = [
+    "statistics_bytes",
+    "targets_bytes",
+    "targets_bytes_for",
+    "solve_bytes",
+    "state_bytes",
+    "model_shape",
+    "measure_peak",
+]
 
 
 def _total(terms: dict[str, int]) -> dict[str, int]:
@@ -73,8 +81,7 @@ def block_saved_bytes(tokens: int, d_model: int, d_ff: int, heads: int, longest:
     token (the block's input, the two norms' inputs and outputs, queries, keys, values, their rotated
     copies, the attention output, the residual) and ``4`` of ``d_ff`` (gate, up, the activation and the
     product), in the model's dtype; with eager attention also the scores and probabilities
-    (``2 heads T L``). Counted on SmolLM2 (sdpa) with ``saved_tensors_hooks``: 11,275 floats per token
-    against the 11,904 of this formula."""
+    (``2 heads T L``); checked against ``saved_tensors_hooks`` counts in ``docs/memory.md``."""
     return s * tokens * (10 * d_model + 4 * d_ff) + (2 * s * heads * tokens * longest if eager else 0)
 
 
@@ -167,14 +174,40 @@ def solve_bytes(d_in: int, d_out: int, n: int, method: str = "memit") -> dict[st
       the identity and ``C + jitter·I`` it is computed from: ``4 · 8 d_in²``;
     * ``memit`` / ``alphaedit``: ``λC`` (or ``P``), ``K Kᵀ`` and the system matrix: ``3 · 8 d_in²``,
       plus keys and residuals ``8 n (d_in + d_out)`` and the solution ``8 n d_in``;
-    * ``emmet``: ``C`` and its factor ``2 · 8 d_in²`` plus the ``n × n`` system ``2 · 8 n²``.
+    * ``emmet``: ``C`` and its factor ``2 · 8 d_in²`` plus the ``n × n`` system ``2 · 8 n²``;
+    * ``rlsedit``: on top of the layer's ``P`` (:func:`state_bytes`), the updated ``P`` and its symmetrised
+      copy ``2 · 8 d_in²`` (on a model's first batch: the identity and ``P₀ = (λC)⁻¹``, as many), the
+      ``n × n`` system ``8 n²`` and ``K``, ``PK``, the gain and the residuals ``8 n (3 d_in + d_out)``.
     """
     vectors = 8 * n * (2 * d_in + d_out)
     if method == "rome":
         return _total({"C, I, C + jitter·I, factor (float64)": 4 * 8 * d_in * d_in, "vectors": 8 * (2 * d_in + d_out)})
     if method == "emmet":
         return _total({"C float64 + factor": 2 * 8 * d_in * d_in, "n×n system": 2 * 8 * n * n, "vectors": vectors})
+    if method == "rlsedit":
+        return _total(
+            {
+                "new P, symmetrised (float64)": 2 * 8 * d_in * d_in,
+                "n×n system": 8 * n * n,
+                "vectors": 8 * n * (3 * d_in + d_out),
+            }
+        )
     return _total({"d_in² matrices": 3 * 8 * d_in * d_in, "vectors": vectors})
+
+
+def state_bytes(d_in: int, layers: int, method: str = "rlsedit") -> dict[str, int]:
+    """The ``d_in²`` state a lifelong method keeps for a band of ``layers`` layers, at the peak of a call:
+
+    * ``rlsedit``: ``kept``: ``P = (λC + Σ K Kᵀ)⁻¹`` per layer, ``8 d_in²`` each (float64), held in the
+      model's history between calls and so written into every lifelong checkpoint
+      (:func:`hf_knowedit.evaluation.lifelong.run_lifelong` saves the history; it keeps the latest only);
+      ``during a call``: the new ``P`` of every layer, held next to the old one until the edit set is
+      committed, as much again.
+
+    Other methods: ``{"total": 0}``."""
+    if method != "rlsedit":
+        return _total({})
+    return _total({"kept": layers * 8 * d_in * d_in, "during a call": layers * 8 * d_in * d_in})
 
 
 def model_shape(model: nn.Module, layer: int) -> dict[str, Any]:

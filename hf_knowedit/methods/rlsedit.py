@@ -20,8 +20,13 @@ residual spread, so it is one solver and one history here, with an exact rank-``
 oracle (the batch least-squares solution over all edits). UltraEdit edits other modules (gate / up projections)
 from gradients with running feature normalisation, with no covariance: a different pipeline.
 
+The prior goes through ``C``'s cached, checked Cholesky factor (:func:`~hf_knowedit.methods.solvers.prior_inverse`):
+a singular or numerically singular ``C`` raises :class:`~hf_knowedit.errors.SingularSystemError`, as MEMIT does.
+
 **State.** ``P`` per layer is committed to ``get_state(model).history`` only once the edit set is active (as
-AlphaEdit's keys); :func:`reset_history` starts afresh. Reverting a set does not rewind ``P``.
+AlphaEdit's keys); :func:`reset_history` starts afresh. Reverting a set does not rewind ``P``. It is
+``8 d_in²`` bytes per layer (float64; ``d_in`` the key dimension), held twice during a call, and it is written
+into every lifelong checkpoint with the history (:func:`hf_knowedit.methods.memory.state_bytes`).
 
     >>> for batch in batches:
     ...     model.apply_edits(batch, method="rlsedit")
@@ -39,7 +44,7 @@ from ..stack import get_state
 from .config import with_aliases
 from .memit import Factors, MEMITConfig, mass_edit, prepare
 from .registry import EditContext, MethodResult, register_method
-from .solvers import scaled_mom2_weight
+from .solvers import prior_inverse, scaled_mom2_weight
 
 HISTORY_KEY = "rlsedit"
 
@@ -74,8 +79,8 @@ def rls_update(keys: torch.Tensor, resid: torch.Tensor, P: torch.Tensor) -> tupl
     except torch.linalg.LinAlgError:
         raise SingularSystemError("RLSEdit's system I + KᵀPK is singular; check the statistics.") from None
     B = resid.double().t().to(P.device)  # [d_out, n]
-    P_new = P - PK @ gain
-    return (B.float(), gain.float()), (P_new + P_new.t()) / 2
+    P_new = torch.addmm(P, PK, gain, alpha=-1.0)  # no d_in² temporary for PK @ gain
+    return (B.float(), gain.float()), (P_new + P_new.t()).mul_(0.5)
 
 
 def compute(ctx: EditContext) -> MethodResult:
@@ -88,9 +93,7 @@ def compute(ctx: EditContext) -> MethodResult:
         key = (layer, stats[layer].key)
         if key not in P:
             lam = scaled_mom2_weight(keys.shape[1], ctx.config.mom2_update_weight)
-            P[key], info = torch.linalg.inv_ex(lam * stats[layer].matrix.double())  # P₀ = (λC)⁻¹, MEMIT's prior
-            if int(info) != 0:
-                raise SingularSystemError(f"RLSEdit: λC of layer {layer} is singular; collect more statistics.")
+            P[key] = prior_inverse(stats[layer], lam)  # P₀ = (λC)⁻¹, MEMIT's prior
         factors, P[key] = rls_update(keys, resid, P[key])
         return factors
 

@@ -61,9 +61,23 @@ DEFAULT_LAYER_FRACTION = 0.2
 @with_aliases
 @dataclass
 class ROMEConfig(EditConfig):
-    """ROME / r-ROME hyper-parameters (defaults: the reference ``hparams/ROME/*.json``); the shared
-    fields (``v_num_grad_steps``, ``v_lr``, ``clamp_norm_factor``, ``mom2_*``, ...) are
-    :class:`~hf_knowedit.methods.config.EditConfig`'s."""
+    """ROME / r-ROME hyper-parameters; the shared fields (``v_num_grad_steps``, ``v_lr``,
+    ``clamp_norm_factor``, ``mom2_*``, ...) are :class:`~hf_knowedit.methods.config.EditConfig`'s.
+
+    Against the reference's ``hparams/ROME/gpt2-xl.json``: ``v_num_grad_steps`` 20, ``v_weight_decay`` 0.5,
+    ``kl_factor`` 0.0625, ``clamp_norm_factor`` 4, ``early_stop`` 0.05 and ``mom2_dtype`` float32 are theirs.
+    What differs:
+
+    * r-ROME by default (``original_implementation=True``: the reference's update);
+    * Adam's rate is relative: ``v_lr=None`` means ``v_lr_relative · RMS(v's init)`` per request; theirs is an
+      absolute 0.5, which ``v_lr=0.5`` restores;
+    * ``C`` averages ``mom2_n_tokens`` = 100,000 tokens of the default corpus; theirs 100,000 Wikipedia
+      articles (``mom2_n_samples``);
+    * ``context_templates=5``: five prefixes of 10 new tokens; theirs 10 of 5 and 10 of 10 tokens sampled from
+      the beginning of text (``context_templates="reference"``);
+    * the layer (``layers=None``) is :func:`default_layer`, not a config field.
+
+    :meth:`~hf_knowedit.methods.config.EditConfig.from_reference` reads their files as they are."""
 
     #: ``context_templates="reference"``: ROME's recipe (20 prefixes sampled from the beginning of text)
     reference_context: ClassVar[str] = "rome"
@@ -76,7 +90,7 @@ class ROMEConfig(EditConfig):
 def default_layer(model: nn.Module) -> int:
     """``round(0.2 * (L - 1))``: SmolLM2-135M (30 layers) → 6, GPT-J (28) → 5 (reference 5),
     Llama-7B (32) → 6 (reference 5), GPT-2 XL (48) → 9 (reference 17, where the trace peak is flat
-    over layers ~10-20). Measured on SmolLM2; pass ``layers=`` or ``"auto"`` to override."""
+    over layers ~10-20). Chosen by measurement (``docs/layers.md``); pass ``layers=`` or ``"auto"`` to override."""
     return int(round(DEFAULT_LAYER_FRACTION * (num_layers(model) - 1)))
 
 

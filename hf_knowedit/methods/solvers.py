@@ -50,6 +50,7 @@ __all__ = [
     "memit_factors",
     "nullspace_basis",
     "nullspace_projector",
+    "prior_inverse",
     "spread_residual",
 ]
 
@@ -102,6 +103,24 @@ def cached_inverse(moment: Any) -> Callable[[torch.Tensor], torch.Tensor] | None
     return moment.solve
 
 
+def prior_inverse(moment: Any, mom2_weight: float) -> torch.Tensor:
+    """``(λC)⁻¹`` (float64, ``[d_in, d_in]``) through ``C``'s cached Cholesky factor, with its checks
+    (:func:`cached_inverse`): where ``C`` is singular or numerically singular (its factor needed a jitter, or
+    its pivots spread beyond :data:`MAX_CONDITION`) it raises :class:`SingularSystemError`, as MEMIT's solve
+    does for ``λC + KKᵀ``, instead of inverting noise."""
+    if mom2_weight <= 0:
+        raise SingularSystemError(f"λC with λ = {mom2_weight} is singular; set mom2_update_weight > 0.")
+    solve = cached_inverse(moment)
+    if solve is None:
+        raise SingularSystemError(
+            f"The second moment C at {moment.key.module} is singular or numerically singular (condition number "
+            f"above {MAX_CONDITION:.0e}), so (λC)⁻¹ is noise; collect statistics from more tokens "
+            f"(mom2_n_tokens >> d_in = {moment.d_in}) or use mom2='identity'."
+        )
+    eye = torch.eye(moment.d_in, dtype=torch.float64, device=moment.matrix.device)
+    return solve(eye).div_(mom2_weight)
+
+
 def spread_residual(resid: torch.Tensor, index: int, num_layers: int) -> torch.Tensor:
     """MEMIT's residual spreading: layer ``index`` (0-based, ascending) of ``num_layers`` takes
     ``resid / (num_layers - index)`` — the remaining error shared equally by the layers left."""
@@ -120,8 +139,7 @@ def scaled_mom2_weight(d_in: int, value: float | None = None) -> float:
     One edit with key ``k`` writes the fraction ``a / (1 + a)`` of its residual, ``a = kᵀC⁻¹k / λ``,
     and for a key drawn like the ones ``C`` was measured on ``kᵀC⁻¹k ≈ d_in``. Keeping ``a`` at
     GPT-J's value therefore means λ ∝ d_in: SmolLM2-135M (d_in 1,536) gets λ ≈ 1,406, Llama-3-8B
-    (14,336) ≈ 13,125. With the unscaled 15,000, SmolLM2 reached ES 70 on 20 CounterFact edits
-    instead of 100 (``docs/benchmarks.md``).
+    (14,336) ≈ 13,125 (measured effect: ``docs/design.md``).
     """
     return float(value) if value is not None else REFERENCE_MOM2_WEIGHT * d_in / REFERENCE_D_IN
 

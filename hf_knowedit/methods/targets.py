@@ -30,16 +30,11 @@ Batching (``batched=True``): all requests are optimised together, in chunks of a
 ``batch_tokens`` padded tokens. Losses of different requests are independent, Adam is applied per
 request row with its own moments, and a request that stops early is frozen exactly, so batched and
 serial runs do the same arithmetic on differently shaped (padded) matrices: they differ by rounding,
-amplified along the Adam path where a request does not converge (SmolLM2-135M, the first 100 requests
-of ``counterfact_flat_edit_10000.json``, MEMIT's layer 8 and defaults, no context templates; 70 of them
-ran all 25 steps above ``early_stop``: every request took the same number of steps, and ``‖z_b − z_s‖ /
-‖z_s − init‖`` had median 4e-6, 98 requests below 1e-4, the two largest 5e-4 and 6e-4, both not
-converged). The one discrete difference is the early-stop threshold: a request whose loss lands within
-rounding of ``early_stop`` after some step stops there in one run and takes one more Adam step in the
-other, and one step moves z by a few percent of that distance (1.7 % and 7.4 % measured for requests
-stopping after 21 and 10 steps; more for one stopping within a few steps). That is the likely source of
-the 0.15 in ``docs/results/memit_targets_100.md`` (2026-11-26), which the rerun above did not reproduce.
-Requests with the same ``TargetResult.steps_taken`` in both runs agree up to amplified rounding.
+amplified along the Adam path where a request does not converge. The one discrete difference is the
+early-stop threshold: a request whose loss lands within rounding of ``early_stop`` after some step stops
+there in one run and takes one more Adam step in the other. Requests with the same
+``TargetResult.steps_taken`` in both runs agree up to amplified rounding (measured: ``docs/design.md``,
+"Parity with the reference code").
 """
 
 from __future__ import annotations
@@ -374,8 +369,7 @@ def step_size(hp: EditConfig, init: torch.Tensor) -> float | torch.Tensor:
     """Adam's rate: ``hp.v_lr`` if set, else ``hp.v_lr_relative · RMS(init)`` per request ``[n]``.
 
     Adam moves each coordinate by about the rate per step whatever the gradient's scale, so a fixed rate
-    is a different strength on every model: SmolLM2-135M's residual RMS at MEMIT's band is ~5, Gemma-3-270M's
-    ~135 (0.5 moved z by 4 % of its norm in 25 steps, losses 0.26-5.0; ``docs/results/strength_families.md``).
+    is a different strength on every model (measured: ``docs/design.md``, "Defaults across model families").
     """
     if hp.v_lr is not None:
         return hp.v_lr
