@@ -1,7 +1,7 @@
 """Lifelong methods against transcriptions of their papers' formulas (NAS: ``test_nas.py``): the z-to-‖h‖
 rescaling (``z_to_hidden_norm``), ENCORE's norm-constrained closed form and its most-probable early stopping
-(MPES); sequential ENCORE keeps exact adapters (low rank with the paper's increment penalty; dense once the pull-back towards the original weight
-brings earlier edits into the update)."""
+(MPES); sequential ENCORE keeps exact adapters (low rank with the paper's increment penalty; dense once the
+pull-back towards the original weight brings earlier edits into the update)."""
 
 from __future__ import annotations
 
