@@ -7,7 +7,7 @@ Each method runs :func:`hf_knowedit.run_lifelong` on the first ``--n-edits`` rec
 ``known_1000.json``; seconds; weight-norm growth of the edited layers). Writes one markdown file with a table per
 method and the command, a JSON file and a PNG of the curves.
 
-Methods are names registered in hf_knowedit, optionally with ``+nas`` (NAS's norm-anchored z) and
+Methods are names registered in hf_knowedit, optionally with ``+nas`` (NAS, ``methods/nas.py``) and
 ``+option=value`` (any method option): ``memit``, ``alphaedit``, ``alphaedit+nas``, ``encore``,
 ``encore+norm_anchor=original``, ...
 
