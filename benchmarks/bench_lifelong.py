@@ -8,7 +8,7 @@ of the stream; perplexity of the next 200 such facts, as sentences; seconds; wei
 layers). Writes one markdown file with a table per
 method and the command, a JSON file and a PNG of the curves.
 
-Methods are names registered in hf_knowedit, optionally with ``+nas`` (NAS's norm-anchored z) and
+Methods are names registered in hf_knowedit, optionally with ``+nas`` (NAS, ``methods/nas.py``) and
 ``+option=value`` (any method option): ``memit``, ``alphaedit``, ``alphaedit+nas``, ``encore``,
 ``encore+norm_anchor=original``, ...
 

@@ -1,7 +1,7 @@
-"""Lifelong methods against transcriptions of their papers' formulas: NAS (norm-anchored z), ENCORE's
-norm-constrained closed form and its most-probable early stopping (MPES); sequential ENCORE keeps exact
-adapters (low rank with the paper's increment penalty; dense once the pull-back towards the original weight
-brings earlier edits into the update)."""
+"""Lifelong methods against transcriptions of their papers' formulas (NAS: ``test_nas.py``): the z-to-‖h‖
+rescaling (``z_to_hidden_norm``), ENCORE's norm-constrained closed form and its most-probable early stopping
+(MPES); sequential ENCORE keeps exact adapters (low rank with the paper's increment penalty; dense once the
+pull-back towards the original weight brings earlier edits into the update)."""
 
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ from .tiny_models import weights
 pytestmark = pytest.mark.usefixtures("one_thread", "stats_cache")
 
 
-def test_nas_rescales_each_z_to_the_norm_of_its_hidden_state():
+def test_z_to_hidden_norm_rescales_each_z_to_the_norm_of_its_hidden_state():
     model, tok = tiny("llama")
     reqs = facts(3)
     plain = optimize_z(context(model, tok, reqs), reqs, 2, ["{}"])
-    anchored = optimize_z(context(model, tok, reqs, nas=True), reqs, 2, ["{}"])
+    anchored = optimize_z(context(model, tok, reqs, z_to_hidden_norm=True), reqs, 2, ["{}"])
     h = block_output_at_subject(model, tok, reqs, 2)  # the hidden state z starts from (plain prompt)
     for z, a, hh in zip(plain, anchored, h):
-        want = z.double() * (hh.double().norm() / z.double().norm())  # NAS: z · ‖h‖ / ‖z‖
+        want = z.double() * (hh.double().norm() / z.double().norm())  # z · ‖h‖ / ‖z‖
         assert torch.allclose(a.double(), want, rtol=1e-5, atol=1e-6)
         assert float(z.norm()) != pytest.approx(float(hh.norm()), rel=1e-3)  # it really rescaled
     es = hf_knowedit.apply_edits(
@@ -41,12 +41,12 @@ def test_nas_rescales_each_z_to_the_norm_of_its_hidden_state():
         tok,
         reqs,
         method="alphaedit",
-        nas=True,
+        z_to_hidden_norm=True,
         layers=[1, 2],
         v_num_grad_steps=3,
         **{k: v for k, v in FAST.items() if k != "mom2_update_weight"},
     )
-    assert es.config["nas"] is True
+    assert es.config["z_to_hidden_norm"] is True
 
 
 def test_encore_update_is_the_papers_closed_form_and_its_minimum():

@@ -77,7 +77,7 @@ from ..tracing import suggest_layers
 from .config import EditConfig, option, with_aliases
 from .context import flatten, template_groups
 from .keys import compute_keys
-from .nas import norm_anchor_scale
+from .nas import anchored_targets, mlp_values, reference_norm, rescale_to_hidden_norm
 from .registry import EditContext, MethodResult, register_method
 from .solvers import cached_inverse, memit_factors, scaled_mom2_weight, spread_residual
 from .statistics import second_moment_for
@@ -127,7 +127,23 @@ class MassEditConfig(EditConfig):
     max_batch: int = option(10_000, "most requests in one solve", "int>=1")
     chunk: bool = option(False, "edit batches above max_batch in chunks instead of refusing", "bool")
     dense_fraction: float = option(0.5, "store ΔW dense when its rank > this · min(d_in, d_out)", "(0,1]")
-    nas: bool = option(False, "NAS: rescale each solved z to the norm of the hidden state it started from", "bool")
+    nas: bool = option(
+        False, "NAS: rescale the MLP value v* = v0 + δ to the original model's reference norm (methods/nas.py)", "bool"
+    )
+    nas_reference_size: int = option(
+        1000, "NAS: most requests (of the first NAS call) whose ‖v*‖ set the reference norm", "int>=1"
+    )
+    z_to_hidden_norm: bool = option(
+        False, "rescale each solved z to the norm of the hidden state it started from (not NAS)", "bool"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.nas and self.z_to_hidden_norm:
+            raise InvalidConfigError(
+                f"{type(self).__name__}: nas=True and z_to_hidden_norm=True both rescale z; choose one "
+                "(nas is the paper's NAS, z_to_hidden_norm the whole z rescaled to ‖h‖)."
+            )
 
 
 @with_aliases
@@ -253,6 +269,7 @@ def output_at_subject(
         with Trace(model, path, retain_output=True, stop=True) as tr:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         h = hidden(tr.output)
+        h = h.reshape(ids.shape[0], ids.shape[1], -1) if h.dim() == 2 else h  # OPT's fc2 flattens tokens
         rows = torch.arange(len(encs), device=h.device)  # h: on the module's device
         out.append(h[rows, torch.tensor([e.subject_last for e in encs], device=h.device)].float().cpu())
     return torch.cat(out)
@@ -364,7 +381,20 @@ def optimize_z(ctx: EditContext, requests: Sequence[EditRequest], layer: int, te
         int((losses >= cfg.early_stop).sum()),
         cfg.early_stop,
     )
-    z = norm_anchor_scale(result.targets, result.init) if cfg.nas else result.targets  # NAS (methods/nas.py)
+    z = result.targets
+    if cfg.nas:  # NAS (methods/nas.py): the MLP's value v0 + δ anchored to the original model's norm
+        reference = reference_norm(ctx.model, ctx.tokenizer, ctx.requests, layer, cfg)
+        v0 = mlp_values(ctx.model, ctx.tokenizer, requests, layer, templates[0]).to(z.device)
+        z, dropped = anchored_targets(z, result.init, v0, reference)
+        logger.info(
+            "NAS at layer %d: v* rescaled to ν = %.4g; %d of %d requests above 2ν keep v0 (δ dropped)",
+            layer,
+            reference,
+            int(dropped.sum()),
+            n,
+        )
+    elif cfg.z_to_hidden_norm:
+        z = rescale_to_hidden_norm(z, result.init)
     return z.float().cpu()
 
 
@@ -450,7 +480,10 @@ def mass_edit(
 ) -> dict[str, ModuleDelta]:
     """Edit the chunks one after another (each on top of the previous ones, through hooks) with the
     layer solver ``solve``; ``on_keys(keys per layer)`` after each chunk. Returns one
-    :class:`ModuleDelta` per layer, exact factors or dense above ``dense_fraction`` of full rank."""
+    :class:`ModuleDelta` per layer, exact factors or dense above ``dense_fraction`` of full rank.
+    With ``nas``, NAS's reference norm is measured (or read from the cache) first, before any update is hooked in."""
+    if getattr(ctx.config, "nas", False):
+        reference_norm(ctx.model, ctx.tokenizer, ctx.requests, layers[-1], ctx.config)
     with PendingDeltas(ctx.model) as pending:
         for chunk in chunks:
             keys = spread_updates(ctx, chunk, layers, templates, solve, pending)
