@@ -1077,9 +1077,17 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
         out.say(f"  {r.text!r}: {r.target_true!r} -> {r.target_new!r}")
     if len(es.requests) > args.show:
         out.say(f"  ... and {len(es.requests) - args.show} more (--show N lists more)")
+    vllm = None
+    if args.vllm:
+        from .serving import check_vllm
+
+        check = check_vllm(es)
+        out.say("  " + check.advice(args.source))
+        vllm = {"fits": check.fits, "rank": check.rank, "max_lora_rank": check.max_lora_rank}
     out.result(
         {
             **_edit_summary(es),
+            **({"vllm": vllm} if vllm is not None else {}),
             "revision": es.revision,
             "config": es.config,
             "metrics": es.metrics,
@@ -1387,6 +1395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("show", "describe a saved edit adapter (directory or Hub id)")
     p.add_argument("source")
     p.add_argument("--show", type=int, default=20, metavar="N", help="list N facts (default 20)")
+    p.add_argument(
+        "--vllm", action="store_true", help="say whether vLLM serves it as a LoRA, with which flags, or how to fit it"
+    )
     p.set_defaults(func=cmd_show)
     return ap
 

@@ -727,3 +727,23 @@ def test_a_trace_shows_progress_once_it_runs_a_few_seconds(monkeypatch, capsys):
     assert "causal trace" in capsys.readouterr().err
     hf_knowedit.trace_fact(*args, kinds=("mlp",), samples=2, progress=False)
     assert "causal trace" not in capsys.readouterr().err
+
+
+def test_show_vllm_says_how_vllm_serves_the_adapter(capsys, tiny, tmp_path):
+    out_dir = tmp_path / "eiffel"
+    run(
+        capsys,
+        "edit",
+        "--prompt",
+        "{} is in",
+        "--subject",
+        "The Eiffel Tower",
+        "--target",
+        "Rome",
+        *FAST,
+        "--out",
+        out_dir,
+    )
+    code, out, _ = run(capsys, "show", out_dir, "--vllm")
+    assert code == 0 and "vLLM: loads with --enable-lora; rank 1: the default --max-lora-rank 16 holds it" in out
+    assert run_json(capsys, "show", out_dir, "--vllm")["vllm"] == {"fits": True, "rank": 1, "max_lora_rank": 1}

@@ -20,9 +20,9 @@ from torch import nn
 
 from ..architectures import get_architecture, mlp_out_dims, mlp_out_path, model_device
 from ..errors import InvalidConfigError
-from ..hooks import Trace
+from ..hooks import Trace, hidden
 from ..requests import EditRequest
-from ..tokens import encode_template, pad_batch
+from ..tokens import encode_template, pad_batch, pad_id
 
 #: padded tokens per forward pass when computing keys or targets
 DEFAULT_BATCH_TOKENS = 2048
@@ -118,3 +118,23 @@ def compute_keys(
             keys[torch.tensor(group, device=device)] = rows.to(device, torch.float32)
     keys = keys.reshape(len(requests), len(templates), d_in)
     return average_keys(keys, [len(g) for g in groups]) if average else keys
+
+
+def output_at_subject(
+    model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], path: str, batch_size: int = 64
+) -> torch.Tensor:
+    """The output of module ``path`` at the subject's last token of each request's plain prompt,
+    ``[n, d]`` float32 on the CPU (the forward stops there)."""
+    device = model_device(model)
+    out = []
+    for b in range(0, len(requests), batch_size):
+        encs = [encode_template(tokenizer, r.prompt, r.subject) for r in requests[b : b + batch_size]]
+        # right padding: real tokens keep their positions
+        ids, mask, _, _ = pad_batch([e.input_ids for e in encs], pad_id(tokenizer), "right", device)
+        with Trace(model, path, retain_output=True, stop=True) as tr:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        h = hidden(tr.output)
+        h = h.reshape(ids.shape[0], ids.shape[1], -1) if h.dim() == 2 else h  # OPT's fc2 flattens tokens
+        rows = torch.arange(len(encs), device=h.device)  # h: on the module's device
+        out.append(h[rows, torch.tensor([e.subject_last for e in encs], device=h.device)].float().cpu())
+    return torch.cat(out)

@@ -65,18 +65,16 @@ from ..architectures import (
     mlp_out_path,
     mlp_post_norm_gain_eps,
     mlp_post_norm_path,
-    model_device,
     num_layers,
 )
 from ..deltas import ModuleDelta
 from ..errors import BatchTooLargeError, InvalidConfigError, UnsupportedArchitectureError
-from ..hooks import LowRankHook, Trace, hidden
+from ..hooks import LowRankHook
 from ..requests import EditRequest
-from ..tokens import encode_template, pad_batch, pad_id
 from ..tracing import suggest_layers
 from .config import EditConfig, option, with_aliases
 from .context import flatten, template_groups
-from .keys import compute_keys
+from .keys import compute_keys, output_at_subject
 from .nas import anchored_targets, mlp_values, reference_norm, rescale_to_hidden_norm
 from .registry import EditContext, MethodResult, register_method
 from .solvers import cached_inverse, memit_factors, scaled_mom2_weight, spread_residual
@@ -253,26 +251,6 @@ def block_output_at_subject(
     """``h_layer`` (block output) at the subject's last token of each request's plain prompt,
     ``[n, d_model]`` float32."""
     return output_at_subject(model, tokenizer, requests, layer_path(get_architecture(model), layer), batch_size)
-
-
-def output_at_subject(
-    model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], path: str, batch_size: int = 64
-) -> torch.Tensor:
-    """The output of module ``path`` at the subject's last token of each request's plain prompt,
-    ``[n, d]`` float32 on the CPU (the forward stops there)."""
-    device = model_device(model)
-    out = []
-    for b in range(0, len(requests), batch_size):
-        encs = [encode_template(tokenizer, r.prompt, r.subject) for r in requests[b : b + batch_size]]
-        # right padding: real tokens keep their positions
-        ids, mask, _, _ = pad_batch([e.input_ids for e in encs], pad_id(tokenizer), "right", device)
-        with Trace(model, path, retain_output=True, stop=True) as tr:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        h = hidden(tr.output)
-        h = h.reshape(ids.shape[0], ids.shape[1], -1) if h.dim() == 2 else h  # OPT's fc2 flattens tokens
-        rows = torch.arange(len(encs), device=h.device)  # h: on the module's device
-        out.append(h[rows, torch.tensor([e.subject_last for e in encs], device=h.device)].float().cpu())
-    return torch.cat(out)
 
 
 def through_post_norm(

@@ -58,7 +58,7 @@ from ..architectures import get_architecture, mlp_out_path, mlp_post_norm_path
 from ..requests import EditRequest
 from ..stack import base_view, get_state
 from .config import EditConfig
-from .keys import DEFAULT_BATCH_TOKENS, prefixed
+from .keys import DEFAULT_BATCH_TOKENS, output_at_subject, prefixed
 from .statistics import model_identity
 from .targets import optimize_targets
 
@@ -118,7 +118,6 @@ def mlp_values(
     """``v0``: what block ``layer``'s MLP adds to the residual stream (the output of its post-MLP norm where
     the architecture has one) at the subject's last token of each request's prompt in ``template``,
     ``[n, d_model]`` float32 on the CPU, on the model as it is."""
-    from .memit import output_at_subject  # memit imports this module
 
     spec = get_architecture(model)
     path = mlp_post_norm_path(spec, layer) or mlp_out_path(spec, layer)
