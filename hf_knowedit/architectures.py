@@ -48,6 +48,8 @@ __all__ = [
     "execution_device",
     "read_tensor",
     "write_tensor",
+    "stage_tensor",
+    "saved_tensor",
     "check_dispatch",
     "lm_logits",
 ]
@@ -501,16 +503,39 @@ def read_tensor(model: nn.Module, name: str) -> torch.Tensor:
     return (storage.state_dict if key in getattr(storage, "state_dict", {}) else storage)[key]
 
 
-def write_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def stage_tensor(model: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
+    """What :func:`write_tensor` stores for ``value`` (same shape and dtype as parameter ``name``): for a
+    module accelerate offloaded, a private CPU copy (its loader keeps the tensor itself); else ``value``,
+    which is copied into the parameter in place. Staging is where a write allocates: stage first, then
+    ``write_tensor(..., staged=True)`` allocates no tensor."""
+    if _offload_slot(model, name) is None:
+        return value
+    return value.detach().to("cpu").clone()
+
+
+def saved_tensor(model: nn.Module, name: str, equal_to: torch.Tensor | None = None) -> torch.Tensor:
+    """The current values of parameter ``name``, staged (see :func:`stage_tensor`), so that
+    ``write_tensor(..., staged=True)`` puts them back bit for bit. For an offloaded module that is the
+    loader's entry itself (writes replace entries, never change them); for a resident one a copy, or
+    ``equal_to`` (a tensor on the parameter's device known to hold exactly its current values)."""
+    if _offload_slot(model, name) is not None:
+        return read_tensor(model, name)
+    return equal_to if equal_to is not None else _tensor(model, name).detach().clone()
+
+
+def write_tensor(model: nn.Module, name: str, value: torch.Tensor, *, staged: bool = False) -> None:
     """Set parameter ``name`` to ``value`` (same shape and dtype) in place. For an offloaded module the
     value replaces what accelerate loads for each forward (held in its loader's CPU state dict, so the
-    offload files on disk are never written)."""
+    offload files on disk are never written). ``staged=True``: ``value`` comes from :func:`stage_tensor`
+    (or :func:`saved_tensor`) and is stored as it is, so the write allocates no tensor."""
+    if not staged:
+        value = stage_tensor(model, name, value)
     tensor = _tensor(model, name)
     slot = _offload_slot(model, name)
     if slot is not None:
         storage, key = slot
         target = storage.state_dict if isinstance(getattr(storage, "state_dict", None), dict) else storage
-        target[key] = value.detach().to("cpu").clone()
+        target[key] = value
     if tensor.device.type != "meta":
         with torch.no_grad():
             tensor.copy_(value)

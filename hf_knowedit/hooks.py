@@ -143,7 +143,7 @@ class Trace(contextlib.AbstractContextManager):
         self._handle = module.register_forward_hook(hook, with_kwargs=True)
 
     def close(self) -> None:
-        self._handle.remove()
+        remove_hooks([self._handle])
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.close()
@@ -188,12 +188,28 @@ class TraceDict(OrderedDict, contextlib.AbstractContextManager):
             raise
 
     def close(self) -> None:
-        for trace in self.values():
-            trace.close()
+        remove_hooks([trace._handle for trace in self.values()])
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.close()
         return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+def remove_hooks(handles: Iterable[Any]) -> None:
+    """Remove every hook in ``handles`` (``RemovableHandle``s), also when a removal raises: a failed
+    removal is tried once more, the other hooks are removed all the same, and the first error is
+    raised at the end. So a helper hook is not left on the model by an error, or an exception raised
+    into the thread, while it is taken off."""
+    first: BaseException | None = None
+    for handle in handles:
+        try:
+            handle.remove()
+        except BaseException as err:  # noqa: BLE001 - raised below, after the other hooks are off
+            first = first or err
+            with contextlib.suppress(BaseException):
+                handle.remove()
+    if first is not None:
+        raise first
 
 
 def count_forward_hooks(model: nn.Module) -> int:

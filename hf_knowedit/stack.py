@@ -7,19 +7,24 @@ Each touched weight is a pure function of its pristine value::
 so reverting or unmerging any set recomputes the weight from ``W_base`` and gives back, bit for bit,
 what an unedited (or less edited) model had, in fp32, bf16 or fp16 alike. The price is one copy of
 each touched weight (only touched modules; one copy however many sets are stacked), kept on the
-weight's own device. On a model dispatched by accelerate, a weight offloaded to CPU or disk is read
-from, and written to, what accelerate loads for each forward (``architectures.read_tensor`` /
-``write_tensor``): the merged value replaces the loader's entry in CPU memory, the offload files are
-never written, and the pristine copy is kept on the CPU. Sets applied with ``merge=False`` leave
-the weight alone and add ``x Aᵀ Bᵀ`` to the module's output through a forward hook
-(:class:`~hf_knowedit.hooks.LowRankHook`).
+weight's own device; and while a call rewrites a weight that holds merged deltas, one more copy of
+its current value to roll back to (held for the whole block inside ``disable_edits``). On a model
+dispatched by accelerate, a weight offloaded to CPU or disk is read from, and written to, what
+accelerate loads for each forward (``architectures.read_tensor`` / ``write_tensor``): the merged
+value replaces the loader's entry in CPU memory, the offload files are never written, and the
+pristine copy is kept on the CPU. Sets applied with ``merge=False`` leave the weight alone and add
+``x Aᵀ Bᵀ`` to the module's output through a forward hook (:class:`~hf_knowedit.hooks.LowRankHook`).
 
 **Guarantees.** Every call that changes edit state (apply, load, revert, merge, unmerge,
-``merge_and_unload``, a method's commit) is a transaction: it first works out the end state — the
-new weights in their final dtype (checked finite there), pristine copies, hooks, the new stack —
-and only then switches, in one step that an exception cannot interrupt halfway (a Ctrl-C that
-arrives during the switch is raised right after it). Any error before the switch leaves weights,
-hooks, the stack, pristine copies and method history exactly as they were.
+``merge_and_unload``, entering and leaving ``disable_edits``, a method's commit) is a transaction:
+it first works out the end state — the new weights in their final dtype (checked finite there),
+pristine copies, copies of the current weights to roll back to, hooks, the new stack — and only
+then switches, allocating nothing more. The switch writes weights, registers and removes hooks,
+puts the new stack in place and runs the method's commit last; if any step raises (a failed write
+or hook operation, an exception raised into the thread), the steps done are undone from those
+copies and the error is raised: weights, hooks (in their order), the stack, pristine copies and
+method history are exactly as before. Python signal handlers (Ctrl-C, a SIGTERM or SIGALRM handler
+that raises) are held back during the switch and run right after it.
 
 **Threads.** One lock per model serialises the calls that change or borrow the model (edits,
 tracing, statistics); a :class:`~hf_knowedit.hooks.ModelGate` on the model's forward lets other
@@ -70,7 +75,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import LAYOUTS, check_dispatch, get_module, read_tensor, write_tensor
+from .architectures import (
+    LAYOUTS,
+    check_dispatch,
+    get_module,
+    read_tensor,
+    saved_tensor,
+    stage_tensor,
+    write_tensor,
+)
 from .deltas import ModuleDelta, deltas_digest, fingerprint, matches_weight
 from .editset import EditSet
 from .errors import (
@@ -84,7 +97,7 @@ from .errors import (
     NonFiniteUpdateError,
     NotPicklableError,
 )
-from .hooks import PICKLE_HINT, LowRankHook, ModelGate, PrivateWeights
+from .hooks import PICKLE_HINT, LowRankHook, ModelGate, PrivateWeights, remove_hooks
 from .requests import EditRequest
 
 logger = logging.getLogger(__name__)
@@ -200,19 +213,27 @@ def locked(func: Callable) -> Callable:
 
 @contextlib.contextmanager
 def _uninterrupted() -> Iterator[None]:
-    """Defer Ctrl-C (SIGINT) until the block is done, so a switch cannot stop halfway."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # fmt: skip
+    """Hold back Python signal handlers until the block is done: Ctrl-C's KeyboardInterrupt, and any
+    handler a program installed (a SIGTERM or SIGALRM handler that raises). A signal that arrives
+    meanwhile runs its handler right after the block. Signal handlers run only in the main thread,
+    so elsewhere there is nothing to hold back."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received: list[Any] = []
-    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    received: list[tuple[int, Any]] = []
+    held: dict[int, Callable] = {}
     try:
+        for sig in signal.valid_signals():
+            handler = signal.getsignal(sig)
+            if callable(handler):  # a Python handler (SIG_DFL, SIG_IGN and C handlers are not called here)
+                held[sig] = handler
+                signal.signal(sig, lambda signum, frame: received.append((signum, frame)))
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            raise KeyboardInterrupt
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+        for signum, frame in received:
+            held[signum](signum, frame)
 
 
 def _weight(model: nn.Module, path: str) -> torch.Tensor:
@@ -229,25 +250,39 @@ def _layout_delta(delta: torch.Tensor, layout: str) -> torch.Tensor:
 
 @dataclass
 class _Plan:
-    """The end state of one call: ``sets`` (name -> (edit set, merged, digest)) and what it takes."""
+    """Everything one call changes, made before anything changes: the switch allocates no tensor.
 
-    sets: OrderedDict[str, tuple[EditSet, bool, str]]
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> new weight value (final dtype)
-    snapshots: dict[str, torch.Tensor] = field(default_factory=dict)  # new pristine copies
-    drop_base: list[str] = field(default_factory=list)  # paths no merged set touches any more
-    hooks: dict[str, list[tuple[str, LowRankHook]]] = field(default_factory=dict)  # new hooks per set name
+    ``writes``: module path -> (new weight, current weight), both staged for ``write_tensor``; the
+    current one is what a failed switch writes back. ``sets`` / ``base``: the new stack and pristine
+    copies (None: they stay as they are). ``hook``: hooks to register (the set that owns them, the
+    module, the hook); ``unhook``: hooks to remove (handle, hook, the order of its module's hooks)."""
+
+    writes: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    sets: OrderedDict[str, _Active] | None = None
+    base: dict[str, torch.Tensor] | None = None
+    hook: list[tuple[_Active, nn.Module, LowRankHook]] = field(default_factory=list)
+    unhook: list[tuple[Any, Callable, tuple[int, ...]]] = field(default_factory=list)
+
+    def inverse(self) -> _Plan:
+        """The plan that writes the current weights back (of a plan that changes weights only)."""
+        return _Plan({path: (old, new) for path, (new, old) in self.writes.items()})
 
 
 def _current(state: KnowEditState) -> OrderedDict[str, tuple[EditSet, bool, str]]:
     return OrderedDict((n, (a.edit_set, a.merged, a.digest)) for n, a in state.sets.items())
 
 
+def _merged_now(state: KnowEditState, path: str) -> bool:
+    """Whether the weight at ``path`` holds a merged delta now (else it equals its pristine value)."""
+    return not state.disabled and any(a.merged and path in a.edit_set.deltas for a in state.sets.values())
+
+
 def _plan(model: nn.Module, state: KnowEditState, sets: OrderedDict[str, tuple[EditSet, bool, str]],
-          *, base_only: bool = False, all_paths: bool = False) -> _Plan:  # fmt: skip
-    """Work out weights, pristine copies and hooks for the stack ``sets``; nothing is written. Only
-    modules of sets that come, go or change mode are recomputed (``all_paths``: every touched module).
-    ``base_only``: the weights as if no set were merged (``disable_edits``)."""
-    plan = _Plan(sets)
+          *, base_only: bool = False) -> _Plan:  # fmt: skip
+    """Work out weights, pristine copies, the new stack and its hooks for the stack ``sets``; nothing
+    is changed. Only modules of sets that come, go or change mode are recomputed. ``base_only``: the
+    pristine weights of the merged modules, nothing else (``disable_edits``)."""
+    plan = _Plan()
     before = _current(state)
 
     def same(stack: OrderedDict, name: str, es: EditSet, merged: bool) -> bool:
@@ -255,35 +290,51 @@ def _plan(model: nn.Module, state: KnowEditState, sets: OrderedDict[str, tuple[E
 
     changed = [es for n, (es, m, _) in sets.items() if not same(before, n, es, m)]
     changed += [es for n, (es, m, _) in before.items() if not same(sets, n, es, m)]
-    paths = set(state.base) if all_paths or base_only else {p for es in changed for p in es.deltas}
+    paths = set(state.base) if base_only else {p for es in changed for p in es.deltas}
+    base = dict(state.base)
     with torch.no_grad():
         for path in sorted(paths):
-            merged = [es for es, m, _ in sets.values() if m and path in es.deltas and not base_only]
-            weight = _weight(model, path)
-            base = state.base.get(path)
-            if base is None:
+            name = f"{path}.weight"
+            merged = [] if base_only else [es for es, m, _ in sets.values() if m and path in es.deltas]
+            pristine = base.get(path)
+            if pristine is None:
                 if not merged:
                     continue  # untouched now and after
-                base = plan.snapshots[path] = read_tensor(model, f"{path}.weight").detach().clone()
-            if not merged:
-                plan.weights[path] = base
-                if not base_only:
-                    plan.drop_base.append(path)
-                continue
-            total = base.float()
-            for es in merged:
-                total = total + _layout_delta(es.deltas[path].delta(base.device), es.layouts.get(path, "linear"))
-            new = total.to(weight.dtype)
-            if not torch.isfinite(new).all():
-                raise NonFiniteUpdateError(
-                    f"Merging into {path} would give non-finite weights in {str(weight.dtype).removeprefix('torch.')}; "
-                    "nothing was written. The update is too large for this dtype: lower the learning rate or "
-                    "clamp, check the statistics, or apply it hooked (merge=False) to a float32 model."
-                )
-            plan.weights[path] = new
-    for name, (es, merged, _) in sets.items():
-        if not merged and not _kept(state, name, es, merged):
-            plan.hooks[name] = [(p, LowRankHook([(d.B, d.A)], active=state.hooks_active)) for p, d in es.deltas.items()]
+                pristine = base[path] = read_tensor(model, name).detach().clone()
+            new = pristine
+            if merged:
+                total = pristine.float()
+                for es in merged:
+                    delta = es.deltas[path].delta(pristine.device)
+                    total = total + _layout_delta(delta, es.layouts.get(path, "linear"))
+                dtype = _weight(model, path).dtype
+                new = total.to(dtype)
+                if not torch.isfinite(new).all():
+                    raise NonFiniteUpdateError(
+                        f"Merging into {path} would give non-finite weights in {str(dtype).removeprefix('torch.')}; "
+                        "nothing was written. The update is too large for this dtype: lower the learning rate or "
+                        "clamp, check the statistics, or apply it hooked (merge=False) to a float32 model."
+                    )
+            elif not base_only:
+                del base[path]  # no merged set touches it any more
+            now = saved_tensor(model, name, None if _merged_now(state, path) else pristine)
+            plan.writes[path] = (stage_tensor(model, name, new), now)
+    if base_only:
+        return plan
+    plan.sets, plan.base = OrderedDict(), base
+    for name, (es, merged, digest) in sets.items():
+        kept = _kept(state, name, es, merged)
+        active = plan.sets[name] = _Active(es, merged, digest, list(state.sets[name].hooks) if kept else [])
+        if not merged and not kept:
+            for p, d in es.deltas.items():
+                hook = LowRankHook([(d.B, d.A)], active=state.hooks_active)
+                plan.hook.append((active, get_module(model, p), hook))
+    for name, old in state.sets.items():
+        if not (name in sets and _kept(state, name, *sets[name][:2])):
+            for handle in old.hooks:
+                hooks = handle.hooks_dict_ref()
+                if hooks is not None and handle.id in hooks:
+                    plan.unhook.append((handle, hooks[handle.id], tuple(hooks)))
     return plan
 
 
@@ -293,27 +344,58 @@ def _kept(state: KnowEditState, name: str, es: EditSet, merged: bool) -> bool:
     return old is not None and old.edit_set is es and not old.merged and not merged
 
 
+def _put_back(handle: Any, hook: Callable, order: tuple[int, ...]) -> None:
+    """Undo ``handle.remove()``: the hook back on its module, the module's hooks in their old ``order``."""
+    hooks = handle.hooks_dict_ref()
+    if hooks is None:
+        return
+    hooks.setdefault(handle.id, hook)
+    for key in order:
+        if key in hooks:
+            hooks.move_to_end(key)
+
+
 def _switch(model: nn.Module, state: KnowEditState, plan: _Plan, commit: Callable[[], None] | None = None) -> None:
-    """Make ``plan`` the model's state in one step (``commit`` first: if it raises, nothing changed)."""
+    """Make ``plan`` the model's state, whole or not at all.
+
+    In order: write the weights, register the new hooks, remove the old ones, put the new stack and
+    pristine copies in place, and last ``commit`` (a method's state update, e.g. AlphaEdit's history,
+    which must change nothing if it raises). The plan made every tensor, so no step allocates one.
+    An exception at any step (a failed write, hook registration or removal, a failing ``commit``, an
+    exception raised into the thread from outside) undoes the steps done so far, in reverse: weights
+    are written back from the plan's copies of their current values (nothing is allocated), hooks
+    are put back in their order, stack and pristine copies restored; then it is raised again.
+    Python signal handlers are held back meanwhile (:func:`_uninterrupted`), so Ctrl-C or a SIGTERM
+    handler that raises stops neither the switch nor its undoing halfway: it is raised right after."""
+    undo: list[Callable[[], None]] = []
     with state.gate.switching(), _uninterrupted(), torch.no_grad():
-        if commit is not None:
-            commit()
-        for path, value in plan.weights.items():
-            write_tensor(model, f"{path}.weight", value)
-        state.base.update(plan.snapshots)
-        for path in plan.drop_base:
-            state.base.pop(path, None)
-        new_sets: OrderedDict[str, _Active] = OrderedDict()
-        for name, (es, merged, digest) in plan.sets.items():
-            kept = _kept(state, name, es, merged)
-            new_sets[name] = _Active(es, merged, digest, list(state.sets[name].hooks) if kept else [])
-            for path, hook in plan.hooks.get(name, []):
-                new_sets[name].hooks.append(get_module(model, path).register_forward_hook(hook))
-        for name, old in state.sets.items():
-            if not (name in plan.sets and _kept(state, name, *plan.sets[name][:2])):
-                for handle in old.hooks:
-                    handle.remove()
-        state.sets = new_sets
+        try:
+            for path, (new, old) in plan.writes.items():
+                undo.append(functools.partial(write_tensor, model, f"{path}.weight", old, staged=True))
+                write_tensor(model, f"{path}.weight", new, staged=True)
+            for active, module, hook in plan.hook:
+                handle = module.register_forward_hook(hook)
+                undo.append(handle.remove)
+                active.hooks.append(handle)
+            for handle, hook, order in plan.unhook:
+                undo.append(functools.partial(_put_back, handle, hook, order))
+                handle.remove()
+            if plan.sets is not None:
+                undo.append(functools.partial(_restore_stack, state, state.sets, state.base))
+                state.sets, state.base = plan.sets, plan.base
+            if commit is not None:
+                commit()
+        except BaseException:
+            for step in reversed(undo):
+                try:
+                    step()
+                except BaseException:  # noqa: BLE001 - undo the other steps; the first error is raised
+                    logger.exception("Undoing a failed edit-state switch failed at one step.")
+            raise
+
+
+def _restore_stack(state: KnowEditState, sets: OrderedDict[str, _Active], base: dict[str, torch.Tensor]) -> None:
+    state.sets, state.base = sets, base
 
 
 def _not_disabled(state: KnowEditState, what: str) -> None:
@@ -327,7 +409,7 @@ def _not_disabled(state: KnowEditState, what: str) -> None:
 def transaction(model: nn.Module, change: Callable[[OrderedDict], OrderedDict], what: str,
                 commit: Callable[[], None] | None = None) -> None:  # fmt: skip
     """Apply ``change(current stack) -> new stack`` to ``model`` as one transaction (see the module
-    docstring); ``commit`` runs inside the switch."""
+    docstring); ``commit`` runs last, once everything else has switched."""
     with model_lock(model) as state:
         _not_disabled(state, what)
         plan = _plan(model, state, change(_current(state)))
@@ -560,17 +642,28 @@ def disable_edits(model: nn.Module) -> Iterator[nn.Module]:
     """``with model.disable_edits(): ...`` runs the base model, in every thread; edits come back on exit.
 
     Edit state cannot change inside the block (:class:`~hf_knowedit.errors.EditsDisabledError`), and
-    other threads' edits wait until it ends."""
+    other threads' edits wait until it ends. Both switches are planned on entry: leaving writes back
+    copies of the edited weights made then, so it allocates nothing and cannot run out of memory.
+    Should leaving fail all the same, it is undone and tried once more, and the error is raised."""
     with model_lock(model) as state:
-        step = _plan(model, state, _current(state), base_only=True) if not state.disabled else None
-        _switch(model, state, step or _Plan(_current(state)), lambda: setattr(state, "disabled", state.disabled + 1))
+        if state.disabled:  # nested: the base model runs already
+            state.disabled += 1
+            try:
+                yield model
+            finally:
+                state.disabled -= 1
+            return
+        enter = _plan(model, state, _current(state), base_only=True)
+        leave = enter.inverse()
+        _switch(model, state, enter, lambda: setattr(state, "disabled", state.disabled + 1))
         try:
             yield model
         finally:
-            back = (
-                _plan(model, state, _current(state), all_paths=True) if state.disabled == 1 else _Plan(_current(state))
-            )
-            _switch(model, state, back, lambda: setattr(state, "disabled", state.disabled - 1))
+            try:
+                _switch(model, state, leave, lambda: setattr(state, "disabled", state.disabled - 1))
+            except BaseException:
+                _switch(model, state, leave, lambda: setattr(state, "disabled", state.disabled - 1))
+                raise
 
 
 @contextlib.contextmanager
@@ -600,9 +693,10 @@ def base_view(model: nn.Module) -> Iterator[nn.Module]:
                 handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=True))
             yield model
         finally:
-            for handle in handles:
-                handle.remove()
-            state.viewing.discard(me)
+            try:
+                remove_hooks(handles)
+            finally:
+                state.viewing.discard(me)
 
 
 @dataclass(frozen=True)
@@ -665,7 +759,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             return model
         names = list(state.sets)
         plan = _plan(model, state, OrderedDict((n, (es, True, d)) for n, (es, _, d) in _current(state).items()))
-        plan.sets, plan.snapshots, plan.drop_base = OrderedDict(), {}, list(state.base)
+        plan.sets, plan.base = OrderedDict(), {}  # pristine copies go with the last step
         _switch(model, state, plan)
     logger.info("Merged and unloaded edit sets %s: they are now part of the weights.", names)
     return model

@@ -137,7 +137,7 @@ def compute(ctx: EditContext) -> MethodResult:
     deltas = mass_edit(ctx, chunks, layers, templates, solve, on_keys=prior.remember)
     new_history = prior.updated(len(ctx.requests), projectors={**cached, **projectors})
 
-    def commit() -> None:  # runs inside the stack's switch: one assignment, nothing half-done
+    def commit() -> None:  # the last step of the stack's switch, once the set is active: one assignment
         ctx.history[HISTORY_KEY] = new_history
 
     return MethodResult(

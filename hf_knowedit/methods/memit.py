@@ -69,7 +69,7 @@ from ..architectures import (
 )
 from ..deltas import ModuleDelta
 from ..errors import BatchTooLargeError, InvalidConfigError, UnsupportedArchitectureError
-from ..hooks import LowRankHook
+from ..hooks import LowRankHook, remove_hooks
 from ..requests import EditRequest
 from ..tracing import suggest_layers
 from .config import EditConfig, option, with_aliases
@@ -229,9 +229,10 @@ class PendingDeltas:
         return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        try:
+            remove_hooks(self._handles)
+        finally:
+            self._handles.clear()
 
     def __enter__(self) -> PendingDeltas:
         return self

@@ -49,7 +49,9 @@ class MethodResult:
     layers: list[int]
     stats_key: Any = None
     state: dict[str, torch.Tensor] = field(default_factory=dict)
-    commit: Callable[[], None] | None = None  # run only once the set is active (e.g. update history)
+    #: run as the last step of activating the set (e.g. update history); if it raises, the set is not
+    #: activated, so it must change nothing before raising (one assignment)
+    commit: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ def compute(ctx: EditContext) -> MethodResult:
     deltas = mass_edit(ctx, chunks, layers, templates, solve)
     new_history = RLSHistory({**history.P, **P}, history.edits + len(ctx.requests))
 
-    def commit() -> None:  # inside the stack's switch
+    def commit() -> None:  # the last step of the stack's switch, once the set is active
         ctx.history[HISTORY_KEY] = new_history
 
     return MethodResult(deltas=deltas, layers=layers, stats_key={l: s.key for l, s in stats.items()}, commit=commit)

@@ -40,7 +40,7 @@ from torch import nn
 from ..architectures import get_architecture, get_module, mlp_out_path, num_layers, read_tensor
 from ..deltas import ModuleDelta
 from ..errors import LayerOutOfRangeError, NonFiniteUpdateError
-from ..hooks import LowRankHook
+from ..hooks import LowRankHook, remove_hooks
 from ..moments import SecondMoment
 from ..requests import EditRequest
 from ..stack import effective_weight
@@ -214,8 +214,7 @@ def compute(ctx: EditContext) -> MethodResult:
                 )
             )
     finally:
-        for h in handles:
-            h.remove()
+        remove_hooks(handles)
     delta = ModuleDelta.from_factors(torch.cat(Bs, dim=1), torch.cat(As, dim=0))
     return MethodResult(deltas={path: delta}, layers=[layer], stats_key=mom2.key)
 
