@@ -11,7 +11,10 @@ on tiny models (never with the library's own helpers):
 * ``from_reference``: the reference's JSON and EasyEdit's YAML hyper-parameter files (field names as in
   ``hparams/ROME/*.json``, ``hparams/MEMIT/*.json``, ``hparams/EMMET/*.json``, EasyEdit ``hparams/*/*.yaml``);
 * tracing: ``require_correct`` (the whole attribute, or the reference's ``expect`` test), and the
-  reference's noise (``trace_with_patch``'s ``numpy.random.RandomState(1)``, ``collect_embedding_std``).
+  reference's noise (``trace_with_patch``'s ``numpy.random.RandomState(1)``, ``collect_embedding_std``);
+* MEMIT: the per-layer update loop of ``memit/memit_main.py`` (``execute_memit``) given the same ``z`` and
+  ``C``, and ``compute_z``'s early stop (first pass with ``loss < early_stop``, at most ``v_num_grad_steps - 1``
+  Adam steps).
 """
 
 from __future__ import annotations
@@ -66,13 +69,15 @@ def reference_key(model, tok, text, layer):
     return seen["x"][0, -1].double()
 
 
-def reference_compute_ks(model, tok, requests, layer, context_templates):
+def reference_compute_ks(model, tok, requests, layer, context_templates, dtype=torch.float64):
     """``memit/compute_ks.py``: keys of every ``context.format(prompt)`` per context type, the mean within
-    each type, then the mean over the types."""
+    each type, then the mean over the types (in ``dtype``; the reference's is the model's, float32 here)."""
     out = []
     for r in requests:
         type_means = [
-            torch.stack([reference_key(model, tok, c.format(r.prompt).format(r.subject), layer) for c in ctype]).mean(0)
+            torch.stack(
+                [reference_key(model, tok, c.format(r.prompt).format(r.subject), layer).to(dtype) for c in ctype]
+            ).mean(0)
             for ctype in context_templates
         ]
         out.append(torch.stack(type_means).mean(0))
@@ -655,3 +660,136 @@ def test_a_reference_config_edits_a_model():
     es = hf_knowedit.apply_edits(model, tok, REQUESTS[:1], "memit", config=ref.config, layers=[1, 2])
     assert es.config["mom2_update_weight"] == 15000 and es.config["context_templates"] == "reference"
     hf_knowedit.revert_edits(model)
+
+
+# -----------------------------------------------------------------------------
+# 7. MEMIT: the per-layer update loop and z's early stop
+
+#: REQUESTS and three more, the subject last in each prompt
+MEMIT_REQUESTS = [
+    *REQUESTS,
+    EditRequest("The author of this book is {}", "William Shakespeare", "Picasso", "Shakespeare"),
+    EditRequest("The company that developed Windows is {}", "Microsoft", "Google", "Microsoft"),
+    EditRequest("The river that flows through Brazil is the {}", "Amazon River", "Nile", "Amazon"),
+]
+
+
+def reference_block_output(model, tok, text, layer):
+    """The output of block ``layer`` at the last token of ``text`` (a plain forward with a hook)."""
+    seen = {}
+
+    def hook(module, args, output):
+        seen["h"] = (output[0] if isinstance(output, tuple) else output).detach()
+
+    handle = model.model.layers[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(**tok(text, return_tensors="pt"))
+    finally:
+        handle.remove()
+    return seen["h"][0, -1]
+
+
+def reference_execute_memit(model, tok, requests, layers, zs, covs, mom2_update_weight, context_templates, solve_dtype):
+    """``memit/memit_main.py`` ``execute_memit`` after the ``z`` (``zs``: ``[d_model, n]`` float32, columns are
+    requests). For each layer in ascending order, on the model edited so far: ``layer_ks = compute_ks(...).T``
+    (float32), ``cur_zs`` the block output of the last layer at the subject's last token,
+    ``targets = zs - cur_zs`` (float32); in ``solve_dtype`` (the reference's: float64)
+    ``adj_k = solve(λ C + K Kᵀ, K)``, ``resid = targets / (len(layers) - i)``, ``upd = resid @ adj_kᵀ``; the
+    weight becomes ``original + upd.float()`` in place. The weights are restored at the end; returns each
+    layer's ``upd`` (``[d_out, d_in]``, float64)."""
+    weights = {layer: model.model.layers[layer].mlp.down_proj.weight for layer in layers}
+    originals = {layer: w.detach().clone() for layer, w in weights.items()}
+    deltas = {}
+    try:
+        for i, layer in enumerate(layers):
+            layer_ks = reference_compute_ks(model, tok, requests, layer, context_templates, torch.float32).T
+            cur_zs = torch.stack([reference_block_output(model, tok, r.text, layers[-1]) for r in requests], 1)
+            targets = zs - cur_zs
+            layer_ks, targets = layer_ks.to(solve_dtype), targets.to(solve_dtype)
+            adj_k = torch.linalg.solve(
+                mom2_update_weight * covs[layer].to(solve_dtype) + layer_ks @ layer_ks.T, layer_ks
+            )
+            resid = targets / (len(layers) - i)
+            upd_matrix = resid @ adj_k.T
+            with torch.no_grad():
+                weights[layer][...] = originals[layer] + upd_matrix.float()
+            deltas[layer] = upd_matrix.double()
+    finally:
+        with torch.no_grad():
+            for layer, w in weights.items():
+                w[...] = originals[layer]
+    return deltas
+
+
+@pytest.mark.parametrize("through_cholesky", [True, False])
+def test_memit_layer_updates_are_the_reference_loop_given_the_same_z_and_c(through_cholesky, monkeypatch):
+    """MEMIT's ``ΔW`` per layer equals ``execute_memit``'s (transcribed above) for the same ``z``, ``C`` and
+    λ, to float32 rounding: keys recomputed on the model edited so far, residual ``z − h`` shared by the
+    layers left, solve in float64. Both of the library's solves: through ``C``'s cached Cholesky factor
+    (Woodbury) and with ``λC + KKᵀ`` formed.
+
+    ``z`` is ``h + ½‖h‖ u`` (``u`` a fixed random direction): with ``z`` close to ``h`` the residual
+    ``z − h`` divides the forward's rounding of ``h`` by ``‖z − h‖ / ‖h‖`` (the optimised ``z`` of this model
+    is 3.5 % away: 2e-6), which would hide a float32 step. C from 150 tokens (condition ≈ 2.6e3) and λ = 1
+    (``λC + KKᵀ``: ≈ 2.8e4) make one visible. Measured: 2.8-6.9e-7 here; the library's solve in float32:
+    3.5-4.1e-6 through the factor, 0.8-1.1e-4 formed (the reference's in float32: 0.9-1.4e-4); without the
+    division by the layers left, or keys and residual not recomputed after each layer: 60-200 %."""
+    model, tok = make_tiny_model("llama")
+    layers, requests, mom2_update_weight = [0, 1, 2], MEMIT_REQUESTS, 1.0
+    h = memit.block_output_at_subject(model, tok, requests, layers[-1])
+    u = torch.randn(h.shape, generator=torch.Generator().manual_seed(0))
+    z = h + 0.5 * h.norm(dim=1, keepdim=True) * u / u.norm(dim=1, keepdim=True)
+    seen, solver = {}, memit.memit_factors
+
+    def spy(keys, resid, cov, weight, **kwargs):
+        assert (kwargs["cov_solve"] is not None) == through_cholesky
+        seen[len(seen)] = (cov.clone(), weight)
+        return solver(keys, resid, cov, weight, **kwargs)
+
+    monkeypatch.setattr(memit, "memit_factors", spy)
+    monkeypatch.setattr(memit, "optimize_z", lambda *args: z.clone())
+    if not through_cholesky:
+        monkeypatch.setattr(memit, "cached_inverse", lambda moment: None)
+    es = hf_knowedit.apply_edits(
+        model, tok, requests, "memit", layers=layers, merge=False, context_templates=PREFIXES,
+        mom2_update_weight=mom2_update_weight, **dict(STATS, mom2_n_tokens=150),  # C's condition ≈ 2.6e3
+    )  # fmt: skip
+    got = {layer: d.delta().double() for layer, d in zip(layers, es.deltas.values())}
+    hf_knowedit.revert_edits(model)
+    covs = {layer: seen[i][0] for i, layer in enumerate(layers)}
+    assert all(seen[i][1] == mom2_update_weight for i in seen)
+    args = (model, tok, requests, layers, z.T.float(), covs, mom2_update_weight, [["{}"], PREFIXES])
+    want = reference_execute_memit(*args, solve_dtype=torch.float64)
+    float32_solve = reference_execute_memit(*args, solve_dtype=torch.float32)
+
+    def gap(a, b):
+        return [float((a[layer] - b[layer]).norm() / b[layer].norm()) for layer in layers]
+
+    assert max(gap(got, want)) < 1.5e-6, gap(got, want)
+    assert min(gap(float32_solve, want)) > 1e-5, gap(float32_solve, want)  # the tolerance sees a float32 solve
+
+
+def test_z_stops_at_the_first_pass_below_early_stop_as_compute_z():
+    """``compute_z``: each pass computes the loss, stops if ``loss < early_stop`` (strictly), else takes an Adam
+    step unless it is the last of ``v_num_grad_steps`` passes. So a run stops after as many steps as passes
+    came before the first loss below the threshold, with the ``z`` of an unstopped run of that many steps."""
+    from hf_knowedit.methods.targets import optimize_targets
+
+    model, tok = make_tiny_model("llama")
+    n_passes = 8
+    kw = dict(site="residual", templates=["{}", *PREFIXES[:2]], v_weight_decay=0.0, clamp_norm_factor=1e4)
+    trace = []
+    free = optimize_targets(
+        model, tok, REQUESTS[:1], 2, v_num_grad_steps=n_passes, early_stop=0.0,
+        progress=lambda it, losses: trace.append(float(losses[0])), **kw,
+    )  # fmt: skip
+    assert free.steps_taken == [n_passes - 1] and len(trace) == n_passes
+    assert len(set(trace)) == n_passes  # every threshold below picks a different pass
+    for threshold in [*trace, max(trace) * 2]:
+        steps = next((it for it, loss in enumerate(trace) if loss < threshold), n_passes - 1)
+        run = optimize_targets(model, tok, REQUESTS[:1], 2, v_num_grad_steps=n_passes, early_stop=threshold, **kw)
+        assert run.steps_taken == [steps], (threshold, trace)
+        assert run.losses == [trace[steps]]
+        unstopped = optimize_targets(model, tok, REQUESTS[:1], 2, v_num_grad_steps=steps + 1, early_stop=0.0, **kw)
+        assert torch.equal(run.targets, unstopped.targets)
