@@ -1,8 +1,9 @@
 """The screenshot in the README (docs/img/studio.png): the Edit Studio on the bundled SmolLM2-135M after an edit.
 
 Serves the studio from a thread, drives Debian's Chromium with Playwright (``make studio-deps``), traces
-"The Eiffel Tower is located in the city of", rewrites it to Rome with ROME at the suggested layer
-(statistics ``identity``, no context templates: seconds on a CPU), and saves a full-page screenshot.
+"The Eiffel Tower is located in the city of", rewrites it to Rome with the studio's defaults (ROME at its
+default layer, *Layer(s)* left blank; statistics ``identity``; no context templates: seconds on a CPU), and
+saves a full-page screenshot. The neighbour "The Louvre museum is located in the city of" keeps Paris.
 
     python examples/studio_screenshot.py [--out docs/img/studio.png] [--chromium /usr/bin/chromium]
 """

@@ -43,6 +43,8 @@ METHODS = ("rome", "memit", "alphaedit", "emmet")
 STATS_IDENTITY = "identity (instant; demo quality)"
 STATS_SAMPLED = "sampled from the model (computed once per layer, cached)"
 DEFAULT_N_TOKENS = 5000
+#: the session of calls that name none (scripts, tests, one user)
+LOCAL = "local"
 #: (prompt, subject, new target, paraphrase, neighbour) shown as examples
 EXAMPLES = [
     (
@@ -158,13 +160,16 @@ class TraceView:
     clean_prob: float
     corrupted_prob: float
     seconds: float
+    default_layer: int  # ROME's default layer, where an edit goes while *Layer(s)* is blank
 
     def summary(self) -> str:
         return (
             f"Traced answer **{self.answer.strip()!r}**: p = {self.clean_prob:.3f} clean, "
             f"{self.corrupted_prob:.3f} with the subject corrupted ({self.seconds:.1f} s). "
             f"Suggested layer: **{self.suggested_layer}** (peak indirect effect of the {self.kind} output at "
-            "the last subject token); it is now in *Layer(s)* below."
+            f"the last subject token). The peak is not the best layer to edit: with *Layer(s)* blank, ROME edits "
+            f"its measured default layer {self.default_layer}, which spills less onto neighbours; type "
+            f"{self.suggested_layer} there to edit at the peak."
         )
 
 
@@ -191,13 +196,30 @@ class EditView:
         return [[r["what"], r["prompt"], fmt_top(r["before"]), fmt_top(r["after"])] for r in self.rows]
 
 
+@dataclasses.dataclass
+class Session:
+    """One session's edit sets: ``sets`` maps a name to ``(set, merged, digest)`` (the stack's own entry),
+    oldest first; ``off`` holds the names of the disabled ones."""
+
+    sets: OrderedDict[str, tuple[Any, bool, str]] = dataclasses.field(default_factory=OrderedDict)
+    off: set[str] = dataclasses.field(default_factory=set)
+
+
 class Studio:
     """The Edit Studio's logic on one model, without any UI: every method takes and returns plain data and
-    raises the library's typed errors. One lock serialises the calls (one model, possibly many browser tabs).
+    raises the library's typed errors.
 
-    Disabling an edit takes its set off the model (weights restored exactly) and keeps it here; enabling
-    puts it back at its place in the stack, so a set computed on top of another one acts on the same weights
-    as before."""
+    **Sessions.** One model serves every browser session, and each session sees only its own edits: every
+    method takes a ``session`` id (the browser session's; :data:`LOCAL` by default, for scripts and one
+    user) and, under one lock, first switches the model's stack to that session's enabled sets (plus the
+    sets that were active before the studio started, which act for every session), as one transaction.
+    So one session's "before" is its own model without its newest edit, never another session's edit, and
+    its list, disable / enable, revert, save and push act on its own sets only. :meth:`forget` drops a
+    session's sets (the app calls it when the browser tab closes or reloads).
+
+    Disabling an edit takes its set off the model (weights restored exactly) and keeps it in the session;
+    enabling puts it back at its place in the session's stack, so a set computed on top of another one acts
+    on the same weights as before."""
 
     def __init__(self, model: Any, tokenizer: Any, *, model_name: str | None = None, top_k: int = 5,
                  gen_tokens: int = 24, workdir: str | Path | None = None,
@@ -206,6 +228,8 @@ class Studio:
         own choices (statistics, context templates) and ``edit(**config)`` take precedence."""
         import hf_knowedit
 
+        from .stack import get_state
+
         hf_knowedit.attach(model, tokenizer)
         self.model, self.tokenizer = model, tokenizer
         self.model_name = model_name or getattr(model.config, "_name_or_path", None) or type(model).__name__
@@ -213,8 +237,10 @@ class Studio:
         self.edit_config = dict(edit_config or {})
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="hf_knowedit_studio-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.order: list[str] = []  # names of the sets made or loaded here, oldest first
-        self.disabled: OrderedDict[str, Any] = OrderedDict()  # name -> EditSet taken off the model
+        self.sessions: dict[str, Session] = {}
+        state = get_state(model, create=False)
+        #: sets active before the studio started: they act for every session and no session switches them
+        self.shared: list[str] = list(state.sets) if state is not None else []
         self.lock = threading.RLock()
         self._plots = 0
 
@@ -226,35 +252,40 @@ class Studio:
 
         return num_layers(self.model)
 
-    def predict(self, prompt: str, k: int | None = None) -> list[tuple[str, float]]:
-        """The model's top ``k`` next tokens after ``prompt`` with their probabilities."""
+    def predict(self, prompt: str, k: int | None = None, *, session: str = LOCAL) -> list[tuple[str, float]]:
+        """The top ``k`` next tokens after ``prompt`` with their probabilities, on ``session``'s model."""
         import torch
 
         from .architectures import model_device
 
         prompt = self._text(prompt, "a prompt", "e.g. 'The Eiffel Tower is located in the city of'")
         with self.lock:
+            self._use(session)
             ids = self.tokenizer(prompt, return_tensors="pt").to(model_device(self.model))
             with torch.no_grad():
                 probs = self.model(**ids).logits[0, -1].float().softmax(-1)
         p, i = probs.topk(k or self.top_k)
         return [(self.tokenizer.decode(int(t)), round(float(q), 4)) for t, q in zip(i, p)]
 
-    def generate(self, prompt: str, max_new_tokens: int | None = None) -> str:
-        """A greedy continuation of ``prompt`` (the prompt included)."""
+    def generate(self, prompt: str, max_new_tokens: int | None = None, *, session: str = LOCAL) -> str:
+        """A greedy continuation of ``prompt`` (the prompt included) on ``session``'s model."""
         from .generation import generate_texts
 
         prompt = self._text(prompt, "a prompt", "")
         with self.lock:
+            self._use(session)
             text = generate_texts(
                 self.model, self.tokenizer, [prompt], max_new_tokens=max_new_tokens or self.gen_tokens, seed=None
             )[0]
         return text.replace("\n", " ").strip()
 
     def trace(self, prompt: str, subject: str, *, samples: int = 3, kinds: Sequence[str] = KINDS,
-              progress: Progress = _no_progress) -> TraceView:  # fmt: skip
-        """Causal trace of the model's answer to ``prompt`` with ``subject`` corrupted; heatmaps as a PNG."""
+              progress: Progress = _no_progress, session: str = LOCAL) -> TraceView:  # fmt: skip
+        """Causal trace of ``session``'s model's answer to ``prompt`` with ``subject`` corrupted; heatmaps as a
+        PNG. The suggested layer is only reported: edits stay at the method's default layer unless asked."""
         import hf_knowedit
+
+        from .methods.rome import default_layer
 
         prompt = self._text(prompt, "a prompt", "e.g. 'The Eiffel Tower is located in the city of'")
         subject = self._text(subject, "the subject", "the entity in the prompt, e.g. 'The Eiffel Tower'")
@@ -262,9 +293,10 @@ class Studio:
         if not kinds:
             raise InvalidConfigError("Pick at least one kind to trace: hidden, mlp or attn.")
         with self.lock:
+            self._use(session)
             start = time.perf_counter()
             progress(0.0, "Top predictions")
-            top = self.predict(prompt)
+            top = self.predict(prompt, session=session)
             progress(0.05, f"Causal tracing: {len(kinds)} kind(s) x {self.n_layers} layers x {int(samples)} samples")
             result = hf_knowedit.trace_fact(self.model, self.tokenizer, prompt, subject, samples=int(samples),
                                             kinds=tuple(kinds))  # fmt: skip
@@ -276,7 +308,7 @@ class Studio:
             result.plot(path)
             # matplotlib figures made without pyplot are freed with the object; nothing global to close
             return TraceView(top, str(path), layer, kind, result.answer, result.clean_prob, result.corrupted_prob,
-                             time.perf_counter() - start)  # fmt: skip
+                             time.perf_counter() - start, default_layer(self.model))  # fmt: skip
 
     # -- editing --------------------------------------------------------------------------------
 
@@ -294,14 +326,18 @@ class Studio:
         paraphrase: str = "",
         neighbour: str = "",
         progress: Progress = _no_progress,
+        session: str = LOCAL,
         **config: Any,
     ) -> EditView:
-        """Rewrite ``subject``'s fact in ``prompt`` to ``target`` and compare before / after.
+        """Rewrite ``subject``'s fact in ``prompt`` to ``target`` on ``session``'s model (the new set is that
+        session's) and compare before / after.
 
         ``stats``: :data:`STATS_IDENTITY` (``mom2="identity"``: no statistics) or :data:`STATS_SAMPLED`
         (``n_tokens`` tokens of text sampled from the model, computed once per layer and cached on disk).
         ``**config`` sets further method options (e.g. ``v_num_grad_steps``)."""
         import hf_knowedit
+
+        from .stack import get_state
 
         prompt = self._text(prompt, "a prompt", "the fact to rewrite, e.g. 'The Eiffel Tower is located in'")
         subject = self._text(subject, "the subject", "the entity in the prompt, e.g. 'The Eiffel Tower'")
@@ -322,9 +358,10 @@ class Studio:
         probes += [("paraphrase", p.strip()) for p in [paraphrase] if p and p.strip()]
         probes += [("neighbour", p.strip()) for p in [neighbour] if p and p.strip()]
         with self.lock:
+            own = self._use(session)
             progress(0.0, "Predictions before the edit")
-            before = [self.predict(p) for _, p in probes]
-            gen_before = self.generate(prompt)
+            before = [self.predict(p, session=session) for _, p in probes]
+            gen_before = self.generate(prompt, session=session)
             what = (
                 "statistics skipped"
                 if stats == STATS_IDENTITY
@@ -335,154 +372,180 @@ class Studio:
             es = hf_knowedit.apply_edits(self.model, self.tokenizer, request, method, layers=parse_layers(layers),
                                          config=cfg)  # fmt: skip
             seconds = time.perf_counter() - start
-            self.order.append(es.name)
+            active = get_state(self.model).sets[es.name]
+            own.sets[es.name] = (active.edit_set, active.merged, active.digest)
             progress(0.85, "Predictions after the edit")
-            after = [self.predict(p) for _, p in probes]
-            gen_after = self.generate(prompt)
+            after = [self.predict(p, session=session) for _, p in probes]
+            gen_after = self.generate(prompt, session=session)
         rows = [{"what": w, "prompt": p, "before": b, "after": a} for (w, p), b, a in zip(probes, before, after)]
         return EditView(es.name, es.method, list(es.layers), seconds, rows, gen_before, gen_after)
 
     # -- the edits ------------------------------------------------------------------------------
 
-    def edits(self) -> list[dict[str, Any]]:
-        """Every edit set made or loaded here (and any other active one), oldest first, with its status."""
-        import hf_knowedit
-
+    def edits(self, *, session: str = LOCAL) -> list[dict[str, Any]]:
+        """``session``'s edit sets, oldest first, with their status, after the sets every session shares
+        (active before the studio started)."""
         with self.lock:
-            active = {e.name: e for e in hf_knowedit.list_edits(self.model)}
-            names = [n for n in self.order if n in active or n in self.disabled]
-            names += [n for n in active if n not in names]
+            own = self._use(session)
             rows = []
-            for name in names:
-                es = self._edit_set(name)
+            for name in [*self._shared_active(), *own.sets]:
+                es, merged = self._entry(name, own)[:2]
                 facts = "; ".join(f"{r.subject} → {r.target_new}" for r in es.requests[:3])
                 if len(es.requests) > 3:
                     facts += f" (+{len(es.requests) - 3} more)"
-                if name in active:
-                    status = "active (merged)" if active[name].merged else "active (hooked)"
-                else:
+                if name not in own.sets:
+                    status = "shared (active for every session)"
+                elif name in own.off:
                     status = "disabled"
+                else:
+                    status = "active (merged)" if merged else "active (hooked)"
                 rows.append({"name": name, "method": es.method, "facts": facts,
                              "layers": ", ".join(map(str, es.layers)), "status": status})  # fmt: skip
             return rows
 
-    def names(self) -> list[str]:
-        return [r["name"] for r in self.edits()]
+    def names(self, *, session: str = LOCAL) -> list[str]:
+        return [r["name"] for r in self.edits(session=session)]
 
-    def toggle(self, name: str) -> str:
-        """Disable an active edit (its set comes off the model, weights restored exactly) or enable a disabled
-        one (back at its place in the stack). Returns what happened."""
-        import hf_knowedit
+    def toggle(self, name: str, *, session: str = LOCAL) -> str:
+        """Disable one of ``session``'s active edits (its set comes off the model, weights restored exactly)
+        or enable a disabled one (back at its place in the session's stack). Returns what happened."""
+        from .stack import conflict_error, find_conflicts
 
-        from .stack import conflict_error, find_conflicts, get_edit_set, get_state, transaction
-
-        name = self._name(name)
         with self.lock:
-            if name in self.disabled:
-                es = self.disabled[name]
-                conflicts = find_conflicts(self.model, es)
+            own = self._use(session)
+            name = self._own(name, own, "disable or enable")
+            if name in own.off:
+                conflicts = find_conflicts(self.model, own.sets[name][0])
                 if conflicts:
                     raise conflict_error(conflicts)
-                rank = {n: i for i, n in enumerate(self.order)}
-                from .deltas import deltas_digest
+            own.off ^= {name}
+            try:
+                self._use(session)
+            except BaseException:
+                own.off ^= {name}  # the switch is whole or nothing: the model is as before
+                raise
+            if name in own.off:
+                return f"Disabled **{name}** (the model acts as without it; enable it again with the same button)."
+            return f"Enabled **{name}**."
 
-                digest = deltas_digest(es.deltas, es.layouts)
-
-                def put_back(stack: OrderedDict) -> OrderedDict:
-                    items = list(stack.items()) + [(name, (es, True, digest))]
-                    items.sort(key=lambda kv: rank.get(kv[0], len(rank)))  # sorted() is stable
-                    return OrderedDict(items)
-
-                transaction(self.model, put_back, "Enabling an edit set")
-                del self.disabled[name]
-                return f"Enabled **{name}**."
-            state = get_state(self.model, create=False)
-            if state is None or name not in state.sets:
-                raise self._unknown(name)
-            es = get_edit_set(self.model, name)
-            hf_knowedit.revert_edits(self.model, name)
-            self.disabled[name] = es
-            if name not in self.order:
-                self.order.append(name)
-            return f"Disabled **{name}** (the model acts as without it; enable it again with the same button)."
-
-    def revert(self, name: str) -> str:
-        """Remove an edit for good (active: reverted bit-exactly; disabled: forgotten)."""
-        import hf_knowedit
-
-        name = self._name(name)
+    def revert(self, name: str, *, session: str = LOCAL) -> str:
+        """Remove one of ``session``'s edits for good (active: reverted bit-exactly; disabled: forgotten)."""
         with self.lock:
-            if name in self.disabled:
-                del self.disabled[name]
-            else:
-                hf_knowedit.revert_edits(self.model, name)
-            if name in self.order:
-                self.order.remove(name)
+            own = self._use(session)
+            name = self._own(name, own, "revert")
+            sets, off = OrderedDict(own.sets), set(own.off)
+            del own.sets[name]
+            own.off.discard(name)
+            try:
+                self._use(session)
+            except BaseException:
+                own.sets, own.off = sets, off
+                raise
             return f"Reverted **{name}**."
 
-    def save(self, name: str, directory: str, max_rank: Any = None) -> str:
-        """Save an edit as a PEFT-LoRA adapter directory (truncated to ``max_rank`` when given; 0 or blank:
-        exact)."""
-        name = self._name(name)
+    def save(self, name: str, directory: str, max_rank: Any = None, *, session: str = LOCAL) -> str:
+        """Save one of ``session``'s edits as a PEFT-LoRA adapter directory (truncated to ``max_rank`` when
+        given; 0 or blank: exact)."""
         directory = self._text(directory, "a directory", "where to write the adapter, e.g. 'edits/eiffel'")
-        es, note = self._maybe_truncated(name, max_rank)
         with self.lock:
+            name, es, note = self._maybe_truncated(name, max_rank, session)
             path = es.save_pretrained(Path(directory).expanduser())
         return f"Saved **{name}** to `{path}`{note}."
 
-    def push(self, name: str, repo_id: str, max_rank: Any = None) -> str:
-        """Push an edit to a Hub repo (truncated to ``max_rank`` when given)."""
-        name = self._name(name)
+    def push(self, name: str, repo_id: str, max_rank: Any = None, *, session: str = LOCAL) -> str:
+        """Push one of ``session``'s edits to a Hub repo (truncated to ``max_rank`` when given)."""
         repo_id = self._text(repo_id, "a Hub repo id", "e.g. 'me/eiffel-edit'")
         if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id):
             raise InvalidConfigError(f"{repo_id!r} is not a Hub repo id (e.g. 'me/eiffel-edit').")
-        es, note = self._maybe_truncated(name, max_rank)
         with self.lock:
-            url = es.push_to_hub(repo_id)
+            name, es, note = self._maybe_truncated(name, max_rank, session)
+        url = es.push_to_hub(repo_id)
         return f"Pushed **{name}** to {url}{note}."
+
+    def forget(self, session: str) -> None:
+        """Drop ``session``'s edit sets (the browser tab closed); the model goes back to the shared sets."""
+        with self.lock:
+            if self.sessions.pop(session, None) is not None:
+                self._switch(Session())
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    def _use(self, session: str) -> Session:
+        """Switch the model to ``session``'s edits and return them (call under ``self.lock``)."""
+        if not isinstance(session, str) or not session:
+            raise InvalidRequestError(f"A session id must be a non-empty string, got {session!r}.")
+        own = self.sessions.setdefault(session, Session())
+        self._switch(own)
+        return own
+
+    def _switch(self, own: Session) -> None:
+        """One transaction: the shared sets, then ``own``'s enabled sets in their order; nothing else."""
+        from .stack import get_state, transaction
+
+        state = get_state(self.model)
+        shared = self._shared_active()
+        mine = [n for n in own.sets if n not in own.off]
+        if list(state.sets) == shared + mine and all(state.sets[n].edit_set is own.sets[n][0] for n in mine):
+            return  # already this session's model
+
+        def change(stack: OrderedDict) -> OrderedDict:
+            return OrderedDict([*((n, stack[n]) for n in shared), *((n, own.sets[n]) for n in mine)])
+
+        transaction(self.model, change, "Switching to this session's edits")
+
+    def _shared_active(self) -> list[str]:
+        from .stack import get_state
+
+        state = get_state(self.model)
+        return [n for n in self.shared if n in state.sets]
+
+    def _entry(self, name: str, own: Session) -> tuple[Any, bool, str]:
+        from .stack import get_state
+
+        if name in own.sets:
+            return own.sets[name]
+        active = get_state(self.model).sets[name]
+        return active.edit_set, active.merged, active.digest
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _maybe_truncated(self, name: str, max_rank: Any) -> tuple[Any, str]:
-        with self.lock:
-            es = self._edit_set(name)
+    def _maybe_truncated(self, name: Any, max_rank: Any, session: str) -> tuple[str, Any, str]:
+        own = self._use(session)
+        name = self._name(name, own)
+        es = self._entry(name, own)[0]
         if (
             max_rank is None
             or max_rank == ""
             or max_rank == 0
             or (isinstance(max_rank, float) and max_rank != max_rank)
         ):
-            return es, ""  # blank or 0: the exact edit
+            return name, es, ""  # blank or 0: the exact edit
         if isinstance(max_rank, bool) or not isinstance(max_rank, (int, float)) or int(max_rank) != max_rank:
             raise InvalidConfigError(f"Max rank must be a whole number (or blank), got {max_rank!r}.")
         small = es.truncate(int(max_rank))
         error = small.metrics["truncation"]["max_relative_error"]
-        return small, f", truncated to rank {int(max_rank)} (largest relative error {error:.4f})"
+        return name, small, f", truncated to rank {int(max_rank)} (largest relative error {error:.4f})"
 
-    def _edit_set(self, name: str) -> Any:
-        from .stack import get_edit_set
-
-        if name in self.disabled:
-            return self.disabled[name]
-        return get_edit_set(self.model, name)
-
-    def _name(self, name: Any) -> str:
-        from .stack import list_edits
-
+    def _name(self, name: Any, own: Session) -> str:
+        """``name`` if it is one of ``own``'s sets or a shared one; never another session's."""
         if not isinstance(name, str) or not name.strip():
             raise InvalidRequestError("Pick an edit in the list first.")
         name = name.strip()
-        with self.lock:
-            known = {e.name for e in list_edits(self.model)} | set(self.disabled)
-        if name not in known:
-            raise self._unknown(name)
+        if name not in own.sets and name not in self._shared_active():
+            from .errors import EditSetNotFoundError
+
+            names = ", ".join([*self._shared_active(), *own.sets]) or "none yet"
+            raise EditSetNotFoundError(f"No edit named {name!r} in this session; pick one of the list ({names}).")
         return name
 
-    def _unknown(self, name: str) -> KnowEditError:
-        from .errors import EditSetNotFoundError
-
-        names = ", ".join(self.names()) or "none yet"
-        return EditSetNotFoundError(f"No edit named {name!r}; pick one of the list ({names}).")
+    def _own(self, name: Any, own: Session, what: str) -> str:
+        name = self._name(name, own)
+        if name not in own.sets:
+            raise InvalidRequestError(
+                f"{name!r} was active before the studio started and acts for every session; the studio does not "
+                f"{what} it (restart the studio without it to change that)."
+            )
+        return name
 
     @staticmethod
     def _text(value: Any, what: str, hint: str) -> str:
@@ -504,7 +567,11 @@ after. **3 · Manage** the edits: disable, revert, save as a PEFT-LoRA adapter, 
 more onto neighbours, fine for a demo); **sampled** computes them once per layer from a few thousand tokens of text
 sampled from the model (a minute or more per layer on a CPU the first time, then cached). Context templates are
 0 by default (each adds text to optimise over). Tracing a 30-layer model with 3 corrupted samples takes 15 s to a
-minute on 2 CPU cores (fewer samples or kinds: less); a ROME edit with identity statistics, a few seconds."""
+minute on 2 CPU cores (fewer samples or kinds: less); a ROME edit with identity statistics, a few seconds.
+
+*Shared model, your own edits:* everyone on this page uses one model, but each browser tab sees and manages only
+its own edits (the others' are switched off while your requests run). Closing or reloading the tab drops your
+edits: save the ones to keep."""
 
 
 def build_app(studio: Studio, *, title: str = "hf_knowedit Edit Studio") -> Any:
@@ -530,33 +597,45 @@ def build_app(studio: Studio, *, title: str = "hf_knowedit Edit Studio") -> Any:
             logger.error("%s", ui_message(err), exc_info=logger.isEnabledFor(logging.DEBUG))
             raise ui_error(ui_message(err)) from None
 
-    def edits_update(selected: str | None = None) -> tuple[Any, Any]:
-        rows = studio.edits()
+    def per_session(fn: Callable) -> Callable:
+        """gradio passes the browser's request to the parameter annotated ``gr.Request``; this module's
+        annotations are strings (``from __future__ import annotations``) that gradio cannot resolve here."""
+        fn.__annotations__["request"] = gr.Request
+        return fn
+
+    def sid(request: Any) -> str:
+        """The browser session's id (gradio's per-tab ``session_hash``)."""
+        return getattr(request, "session_hash", None) or LOCAL
+
+    def edits_update(session: str, selected: str | None = None) -> tuple[Any, Any]:
+        rows = studio.edits(session=session)
         names = [r["name"] for r in rows]
         value = selected if selected in names else (names[-1] if names else None)
         table = [[r["name"], r["method"], r["facts"], r["layers"], r["status"]] for r in rows]
         return table, gr.update(choices=names, value=value)
 
-    def on_predict(prompt):
+    @per_session
+    def on_predict(prompt, request):
         with shown_errors():
-            return as_label(studio.predict(prompt))
+            return as_label(studio.predict(prompt, session=sid(request)))
 
-    def on_trace(prompt, subject, samples, kinds, progress=gr.Progress(track_tqdm=True)):
+    @per_session
+    def on_trace(prompt, subject, samples, kinds, request, progress=gr.Progress(track_tqdm=True)):
         with shown_errors():
-            view = studio.trace(
-                prompt, subject, samples=int(samples), kinds=kinds, progress=lambda f, d: progress(f, desc=d)
-            )
-            return as_label(view.top), view.plot, view.summary(), str(view.suggested_layer)
+            view = studio.trace(prompt, subject, samples=int(samples), kinds=kinds,
+                                progress=lambda f, d: progress(f, desc=d), session=sid(request))  # fmt: skip
+            return as_label(view.top), view.plot, view.summary()
 
+    @per_session
     def on_edit(prompt, subject, target, method, layers, stats, n_tokens, templates, paraphrase, neighbour,
-                progress=gr.Progress(track_tqdm=True)):  # fmt: skip
+                request, progress=gr.Progress(track_tqdm=True)):  # fmt: skip
         with shown_errors():
             view = studio.edit(
                 prompt, subject, target, method=method, layers=layers, stats=stats, n_tokens=n_tokens,
                 context_templates=int(templates), paraphrase=paraphrase, neighbour=neighbour,
-                progress=lambda f, d: progress(f, desc=d),
+                progress=lambda f, d: progress(f, desc=d), session=sid(request),
             )  # fmt: skip
-            table, choice = edits_update(view.name)
+            table, choice = edits_update(sid(request), view.name)
             return (
                 view.summary(),
                 as_label(view.rows[0]["before"]),
@@ -568,24 +647,36 @@ def build_app(studio: Studio, *, title: str = "hf_knowedit Edit Studio") -> Any:
                 choice,
             )
 
-    def on_toggle(name):
+    @per_session
+    def on_toggle(name, request):
         with shown_errors():
-            message = studio.toggle(name)
-            return (message, *edits_update(name))
+            message = studio.toggle(name, session=sid(request))
+            return (message, *edits_update(sid(request), name))
 
-    def on_revert(name):
+    @per_session
+    def on_revert(name, request):
         with shown_errors():
-            message = studio.revert(name)
-            return (message, *edits_update())
+            message = studio.revert(name, session=sid(request))
+            return (message, *edits_update(sid(request)))
 
-    def on_save(name, directory, max_rank):
+    @per_session
+    def on_save(name, directory, max_rank, request):
         with shown_errors():
-            return studio.save(name, directory, max_rank)
+            return studio.save(name, directory, max_rank, session=sid(request))
 
-    def on_push(name, repo, max_rank, progress=gr.Progress()):
+    @per_session
+    def on_push(name, repo, max_rank, request, progress=gr.Progress()):
         with shown_errors():
             progress(0.1, desc="Uploading to the Hub")
-            return studio.push(name, repo, max_rank)
+            return studio.push(name, repo, max_rank, session=sid(request))
+
+    @per_session
+    def on_load(request):
+        return edits_update(sid(request))
+
+    @per_session
+    def on_unload(request):
+        studio.forget(sid(request))
 
     first = EXAMPLES[0]
     with gr.Blocks(title=title, analytics_enabled=False) as app:
@@ -651,7 +742,7 @@ def build_app(studio: Studio, *, title: str = "hf_knowedit Edit Studio") -> Any:
         manage_info = gr.Markdown(elem_id="manage-info")
 
         predict_btn.click(on_predict, [prompt], [top])
-        trace_btn.click(on_trace, [prompt, subject, samples, kinds], [top, heatmap, trace_info, layers])
+        trace_btn.click(on_trace, [prompt, subject, samples, kinds], [top, heatmap, trace_info])
         edit_btn.click(
             on_edit,
             [prompt, subject, target, method, layers, stats, n_tokens, templates, paraphrase, neighbour],
@@ -661,7 +752,8 @@ def build_app(studio: Studio, *, title: str = "hf_knowedit Edit Studio") -> Any:
         revert_btn.click(on_revert, [name], [manage_info, edits_table, name])
         save_btn.click(on_save, [name, directory, max_rank], [manage_info])
         push_btn.click(on_push, [name, repo, max_rank], [manage_info])
-        app.load(lambda: edits_update(), None, [edits_table, name])
+        app.load(on_load, None, [edits_table, name])
+        app.unload(on_unload)
     return app
 
 

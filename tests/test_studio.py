@@ -346,3 +346,87 @@ def test_gradio_app_builds(app):
     ids = {c.get("props", {}).get("elem_id") for c in blocks.config["components"]}
     assert {"prompt", "subject", "trace-btn", "heatmap", "edit-btn", "before", "after", "edits", "revert-btn"} <= ids
     assert json.dumps(blocks.config)  # serialisable: what the browser receives
+
+
+# -- sessions: one model, each browser session its own edits ------------------------------------------
+
+
+def test_sessions_see_only_their_own_edits(app):
+    base = app.predict(PROMPT)
+    a = edit(app, session="A")
+    assert app.predict(PROMPT, session="A")[0][0].strip() == TARGET
+    assert app.predict(PROMPT, session="B") == base  # B's model is the base model
+    b = edit(app, target="German", session="B")  # no conflict with A's edit: it is not B's
+    assert b.rows[0]["before"] == base  # B's "before" never shows A's edit
+    assert b.rows[0]["after"][0][0].strip() == "German"
+    assert [r["name"] for r in app.edits(session="B")] == [b.name]
+    assert [r["name"] for r in app.edits(session="A")] == [a.name]
+    assert [e.name for e in hf_knowedit.list_edits(app.model)] == [a.name]  # B's Apply did not stack on A's
+    assert app.predict(PROMPT, session="A") == a.rows[0]["after"]  # A's edit is still active for A
+    assert app.predict(PROMPT, session="B") == b.rows[0]["after"]
+    assert app.edits() == [] and app.predict(PROMPT) == base  # the default session has none
+
+
+def test_a_session_cannot_touch_another_sessions_edits(app, tmp_path):
+    base = weights(app.model)
+    a = edit(app, session="A").name
+    edited = weights(app.model)
+    for act in (app.toggle, app.revert, lambda n, session: app.save(n, str(tmp_path / "x"), session=session)):
+        with pytest.raises(EditSetNotFoundError, match="none yet"):
+            act(a, session="B")
+    assert not (tmp_path / "x").exists()
+    assert all(torch.equal(base[k], v) for k, v in weights(app.model).items())  # B's model: the base model
+    assert [r["status"] for r in app.edits(session="A")] == ["active (merged)"]
+    assert all(torch.equal(edited[k], v) for k, v in weights(app.model).items())
+    assert "Disabled" in app.toggle(a, session="A") and app.predict(PROMPT, session="A") == app.predict(PROMPT)
+    assert "Enabled" in app.toggle(a, session="A")
+    app.forget("A")  # the tab closed: its edits are dropped and the model is the base model again
+    assert hf_knowedit.list_edits(app.model) == [] and app.edits(session="A") == []
+    assert all(torch.equal(base[k], v) for k, v in weights(app.model).items())
+
+
+def test_sets_active_before_the_studio_are_shared_and_kept(tmp_path, one_thread):
+    model, tok = make_tiny_model("llama")
+    hf_knowedit.apply_edits(model, tok, {"prompt": PROMPT, "subject": SUBJECT, "target_new": TARGET}, "rome",
+                            layers=[1], config={**TINY_EDIT, "mom2": "identity"}, name="loaded")  # fmt: skip
+    app = Studio(model, tok, workdir=tmp_path, edit_config=TINY_EDIT)
+    mine = app.edit("The mother tongue of Pablo Picasso", "Pablo Picasso", "German", layers="1", session="A").name
+    assert [(r["name"], r["status"]) for r in app.edits(session="B")] == [
+        ("loaded", "shared (active for every session)")
+    ]
+    assert app.predict(PROMPT, session="B")[0][0].strip() == TARGET
+    with pytest.raises(InvalidRequestError, match="acts for every session"):
+        app.revert("loaded", session="B")
+    assert "Saved **loaded**" in app.save("loaded", str(tmp_path / "shared"), session="B")
+    assert [e.name for e in hf_knowedit.list_edits(model)] == ["loaded"]
+    app.edits(session="A")
+    assert [e.name for e in hf_knowedit.list_edits(model)] == ["loaded", mine]
+
+
+def test_trace_suggests_a_layer_but_the_edit_keeps_the_default(app):
+    from hf_knowedit.methods.rome import default_layer
+
+    view = app.trace(PROMPT, SUBJECT, samples=1, kinds=["mlp"])
+    assert view.default_layer == default_layer(app.model)
+    assert f"ROME edits its measured default layer {view.default_layer}" in view.summary()
+    assert "it is now in *Layer(s)*" not in view.summary()
+
+
+def test_the_app_gives_each_browser_session_its_own_edits(app):
+    """Two gradio clients (two sessions) on the served app: one's edit is not the other's."""
+    pytest.importorskip("gradio", reason="the studio UI needs gradio: make studio-deps")
+    from gradio_client import Client
+
+    blocks, url = studio.launch(app, port=studio.free_port(), block=False, quiet=True)
+    try:
+        a, b = Client(url, verbose=False), Client(url, verbose=False)
+        base = a.predict(PROMPT, api_name="/on_predict")["label"]
+        out = a.predict(PROMPT, SUBJECT, TARGET, "rome", "1", studio.STATS_IDENTITY, 10, 0, "", "",
+                        api_name="/on_edit")  # fmt: skip
+        assert out[2]["label"] == TARGET and out[6]["data"][0][0] == "rome-1"
+        assert b.predict(PROMPT, api_name="/on_predict")["label"] == base
+        assert a.predict(PROMPT, api_name="/on_predict")["label"] == TARGET
+        assert b.predict(api_name="/on_load")[0]["data"] in ([], [[]], [["", "", "", "", ""]])
+        assert len(app.sessions) == 2 and all(len(s.sets) == (1 if s.sets else 0) for s in app.sessions.values())
+    finally:
+        blocks.close()
