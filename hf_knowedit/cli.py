@@ -996,9 +996,12 @@ def _model_config(args: argparse.Namespace) -> Any:
 
 def cmd_export(args: argparse.Namespace, out: Output) -> int:
     from .editset import EditSet
-    from .export_gguf import export_gguf_lora, write_modelfile
+    from .export_gguf import export_gguf_lora, merge_to_gguf, write_modelfile
 
+    if not args.gguf_lora and not args.merge_to_gguf:
+        raise UsageError("give --gguf-lora OUT.gguf and/or --merge-to-gguf OUT.gguf: what to write")
     _check_output_file(args.gguf_lora, "--gguf-lora", (".gguf",))
+    _check_output_file(args.merge_to_gguf, "--merge-to-gguf", (".gguf",))
     _check_model_arg(args)
     base = args.base_gguf
     if base is None and args.model == BUNDLED:
@@ -1007,20 +1010,27 @@ def cmd_export(args: argparse.Namespace, out: Output) -> int:
         base = str(gguf_dir() / GGUF_FILE)
     if base is not None and not Path(base).expanduser().is_file():
         raise BaseModelMismatchError(f"--base-gguf {base}: no such file; pass the base model's .gguf file.")
+    if args.merge_to_gguf and base is None:
+        raise UsageError("--merge-to-gguf needs --base-gguf FILE: the GGUF to merge the edit into")
     es = EditSet.from_pretrained(args.adapter)
     if args.max_rank is not None:
         es = _truncated(es, args.max_rank, args.adapter, out)
-    written = export_gguf_lora(
-        es, args.gguf_lora, _model_config(args), base_gguf=base, dtype=args.gguf_dtype, force=args.force
-    )
-    data: dict[str, Any] = {"source": args.adapter, **_edit_summary(es), "gguf_lora": str(written)}
-    out.say(f"llama.cpp LoRA adapter written to {written} ({args.gguf_dtype}, base {base or 'not checked'})")
-    if base is not None:
-        modelfile = write_modelfile(written, base)
-        data["modelfile"] = str(modelfile)
-        out.say(f"Ollama Modelfile written to {modelfile} (ollama create NAME -f {modelfile})")
-    else:
-        out.say("no --base-gguf: the base was not checked and no Ollama Modelfile was written")
+    config = _model_config(args)
+    data: dict[str, Any] = {"source": args.adapter, **_edit_summary(es)}
+    if args.gguf_lora:
+        written = export_gguf_lora(es, args.gguf_lora, config, base_gguf=base, dtype=args.gguf_dtype, force=args.force)
+        data["gguf_lora"] = str(written)
+        out.say(f"llama.cpp LoRA adapter written to {written} ({args.gguf_dtype}, base {base or 'not checked'})")
+        if base is not None:
+            data["modelfile"] = str(write_modelfile(written, base))
+            out.say(f"Ollama Modelfile written to {data['modelfile']} (ollama create NAME -f {data['modelfile']})")
+        else:
+            out.say("no --base-gguf: the base was not checked and no Ollama Modelfile was written")
+    if args.merge_to_gguf:
+        merged = merge_to_gguf(es, args.merge_to_gguf, config, base, type=args.type, force=args.force)
+        data["merged_gguf"] = str(merged)
+        data["merged_modelfile"] = str(write_modelfile(None, merged))
+        out.say(f"merged GGUF written to {merged} (edited tensors {args.type}, the rest as in {base})")
     out.result(data)
     return 0
 
@@ -1199,6 +1209,7 @@ modules of rank <= R are kept exactly. docs/serving.md has measured effects on e
   ollama create smollm2-angola -f angola.Modelfile                   # the Modelfile written beside it
   llama-cli -m SmolLM2-135M-Instruct.Q4_1.gguf --lora angola.gguf -p "Angola is located in"
   hf-knowedit export edits/x --gguf-lora x.gguf --model Qwen/Qwen3-0.6B --base-gguf qwen3-0.6b-q8_0.gguf
+  hf-knowedit export edits/angola --merge-to-gguf smollm2-angola.gguf --type q8_0   # one merged file
 
 The adapter's tensors are the edit's exact LoRA factors (f32 by default) with alpha = rank, so llama.cpp's
 scale alpha/rank is 1. --base-gguf (default: the bundled model's GGUF) is checked against the edit's base-weight
@@ -1404,7 +1415,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("export", "write an edit adapter for llama.cpp / Ollama (a GGUF LoRA adapter)", [model_opts])
     p.add_argument("adapter", help="adapter directory or Hub id")
-    p.add_argument("--gguf-lora", required=True, metavar="OUT.gguf", help="the llama.cpp LoRA adapter file to write")
+    p.add_argument("--gguf-lora", metavar="OUT.gguf", help="the llama.cpp LoRA adapter file to write")
+    p.add_argument(
+        "--merge-to-gguf", metavar="OUT.gguf", help="write a copy of the base GGUF with the edited tensors replaced"
+    )
+    p.add_argument(
+        "--type", choices=("f16", "f32", "q8_0"), default="f16", help="--merge-to-gguf: edited tensors' type (f16)"
+    )
     p.add_argument(
         "--base-gguf",
         metavar="FILE",

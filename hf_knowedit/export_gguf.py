@@ -42,10 +42,20 @@ from .version import __version__
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LORA_DTYPES", "gguf_tensor_name", "export_gguf_lora", "write_modelfile", "read_base_tensor"]
+__all__ = [
+    "LORA_DTYPES",
+    "MERGED_TYPES",
+    "gguf_tensor_name",
+    "export_gguf_lora",
+    "merge_to_gguf",
+    "write_modelfile",
+    "read_base_tensor",
+]
 
 #: the factor dtypes an adapter file may hold (``f32``: exact)
 LORA_DTYPES = ("f32", "f16")
+#: the types an edited tensor of a merged GGUF may be written in (the others keep the base file's)
+MERGED_TYPES = ("f32", "f16", "q8_0")
 _GENERAL_ARCH = "general.architecture"
 
 
@@ -254,16 +264,82 @@ def export_gguf_lora(
     return out
 
 
-def write_modelfile(adapter: str | Path, base_gguf: str | Path, path: str | Path | None = None) -> Path:
-    """An Ollama ``Modelfile`` (``FROM`` the base GGUF, ``ADAPTER`` the exported file, absolute paths),
-    by default beside the adapter as ``<adapter name>.Modelfile``; ``ollama create NAME -f`` it."""
-    adapter, base = Path(adapter).expanduser().absolute(), Path(base_gguf).expanduser().absolute()
-    target = Path(path).expanduser().absolute() if path is not None else adapter.with_suffix(".Modelfile")
-    text = (
-        f"# Ollama: ollama create <name> -f {target.name}\n"
-        f"# The edit in {adapter.name} applies to exactly this base model.\n"
-        f"FROM {base}\n"
-        f"ADAPTER {adapter}\n"
-    )
-    _atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def merge_to_gguf(
+    es: Any,
+    path: str | Path,
+    model: Any,
+    base_gguf: str | Path,
+    *,
+    type: str = "f16",
+    force: bool = False,
+) -> Path:
+    """Write a copy of ``base_gguf`` whose edited weights are ``W + ΔW``: every metadata key and every other
+    tensor copied as it is (same quantisation), each edited tensor dequantised, updated in float32 and
+    written as ``type`` (``f32``, ``f16`` or ``q8_0``: re-quantising to the base's 4-bit type would round
+    most of a rank-one edit away). The edit's provenance and requests go under ``hf_knowedit.*`` keys.
+
+    The base is checked first as in :func:`export_gguf_lora` (``force=True`` skips the fingerprint);
+    the file is written atomically. Needs gguf >= 0.11 (to read metadata values)."""
+    if type not in MERGED_TYPES:
+        raise InvalidConfigError(f"type must be one of {MERGED_TYPES}, got {type!r}.")
+    if not es.deltas:
+        raise InvalidConfigError("The edit set changes no module; there is nothing to merge.")
+    gguf = _gguf()
+    spec = _gguf_spec(model)
+    out = _output(path)
+    if Path(base_gguf).expanduser().absolute() == out:
+        raise OutputPathError(f"{path} is the base GGUF itself; write the merged model to another file.")
+    names = {gguf_tensor_name(spec.model_type, p): p for p in sorted(es.deltas)}
+    reader = _reader(base_gguf)
+    check_base(es, spec, reader, {p: n for n, p in names.items()}, force=force)
+    if not all(hasattr(f, "contents") for f in reader.fields.values()):
+        raise InvalidConfigError("Merging into a GGUF needs gguf >= 0.11: pip install -U gguf.")
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[type]  # fmt: skip
+
+    def edited(name: str) -> np.ndarray:
+        weight = read_base_tensor(reader, name)
+        new = (torch.from_numpy(weight).double() + es.deltas[names[name]].delta().double()).float().numpy()
+        if type == "f32":
+            return new
+        if type == "f16":
+            return new.astype(np.float16)
+        return gguf.quants.quantize(new, qtype)
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, spec.gguf_arch)
+        writer.data_alignment = reader.alignment  # general.alignment, when the base sets one, is copied below
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF.") or key == _GENERAL_ARCH:
+                continue  # the header's own fields, and the one the writer sets
+            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+        _provenance(writer, es)
+        for tensor in reader.tensors:
+            if tensor.name in names:
+                data = edited(tensor.name)
+                writer.add_tensor(tensor.name, data, raw_dtype=qtype if type == "q8_0" else None)
+            else:
+                writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape, raw_dtype=tensor.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    _atomic_write(out, write)
+    logger.info("Wrote the merged GGUF %s (%d edited tensor(s) as %s).", out, len(names), type)
+    return out
+
+
+def write_modelfile(adapter: str | Path | None, base_gguf: str | Path, path: str | Path | None = None) -> Path:
+    """An Ollama ``Modelfile``: ``FROM`` the base GGUF and ``ADAPTER`` the exported adapter (absolute paths),
+    by default beside the adapter as ``<adapter name>.Modelfile``; for a merged GGUF (``adapter=None``)
+    ``FROM`` it alone, beside it. ``ollama create NAME -f`` it."""
+    base = Path(base_gguf).expanduser().absolute()
+    where = Path(adapter).expanduser().absolute() if adapter is not None else base
+    target = Path(path).expanduser().absolute() if path is not None else where.with_suffix(".Modelfile")
+    lines = [f"# Ollama: ollama create <name> -f {target.name}", f"FROM {base}"]
+    if adapter is not None:
+        lines += [f"ADAPTER {where}"]
+    _atomic_write(target, lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
     return target

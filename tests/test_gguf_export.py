@@ -206,6 +206,11 @@ def test_modelfile(tmp_path):
     assert path == tmp_path / "edit.Modelfile"
     lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
     assert lines == [f"FROM {tmp_path / 'base.gguf'}", f"ADAPTER {tmp_path / 'edit.gguf'}"]
+    merged = write_modelfile(None, tmp_path / "merged.gguf")
+    assert merged == tmp_path / "merged.Modelfile"
+    assert [line for line in merged.read_text().splitlines() if not line.startswith("#")] == [
+        f"FROM {tmp_path / 'merged.gguf'}"
+    ]
 
 
 def test_cli_export(tmp_path, capsys):
@@ -223,6 +228,14 @@ def test_cli_export(tmp_path, capsys):
     out.unlink()
     assert main([*args, "--base-gguf", str(other)]) == 1
     assert "fingerprint" in capsys.readouterr().err and not out.exists()
+    merged = tmp_path / "merged.gguf"
+    cmd = ["export", str(tmp_path / "adapter"), "--merge-to-gguf", str(merged), "--model", str(tmp_path / "model")]
+    assert main([*cmd, "--base-gguf", str(base), "--type", "f32", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["merged_gguf"] == str(merged) and "gguf_lora" not in data
+    assert _tensors(gguf.GGUFReader(merged))["blk.1.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    with pytest.raises(SystemExit):  # usage: nothing to write
+        main(["export", str(tmp_path / "adapter"), "--model", str(tmp_path / "model")])
 
 
 # -----------------------------------------------------------------------------
@@ -310,3 +323,55 @@ def test_llama_cpp_answers_with_the_exported_edit(key, request, stats_corpus, tm
     )  # fmt: skip
     assert float(change_hf[new]) > 1.0
     assert float(gap.max()) < TOLERANCE
+
+
+# -----------------------------------------------------------------------------
+# merged GGUF
+
+
+@pytest.mark.parametrize("type_", ["f32", "f16", "q8_0"])
+def test_merged_gguf_copies_the_base_and_replaces_the_edited_tensors(tmp_path, type_):
+    from hf_knowedit.export_gguf import merge_to_gguf
+
+    model, _ = make_tiny_model("llama")
+    es = random_set(model, [1, 2])
+    base = base_gguf(model, tmp_path / "base.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+    for path in es.fingerprints:  # the edit was made on the dequantised base, as the bundled models are
+        tensor = _tensors(gguf.GGUFReader(base))[gguf_tensor_name(model, path)]
+        get_module(model, path).weight.data.copy_(
+            torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())
+        )
+    es = dataclasses.replace(es, fingerprints={})
+    out = merge_to_gguf(es, tmp_path / "merged.gguf", model, base, type=type_)
+    before, after = gguf.GGUFReader(base), gguf.GGUFReader(out)
+    for key, field in before.fields.items():
+        if not key.startswith("GGUF."):
+            assert after.fields[key].contents() == field.contents(), key
+    assert json.loads(after.fields["hf_knowedit.requests"].contents())[0]["subject"] == "Angola"
+    old, new = _tensors(before), _tensors(after)
+    assert sorted(old) == sorted(new)
+    edited = {gguf_tensor_name(model, p): d for p, d in es.deltas.items()}
+    for name, t in old.items():
+        if name not in edited:
+            assert new[name].tensor_type == t.tensor_type and np.array_equal(new[name].data, t.data), name
+            continue
+        assert new[name].tensor_type.name == type_.upper()
+        want = gguf.quants.dequantize(t.data, t.tensor_type) + edited[name].delta().numpy()
+        got = gguf.quants.dequantize(new[name].data, new[name].tensor_type)
+        err = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert err < {"f32": 1e-7, "f16": 1e-3, "q8_0": 1e-2}[type_], (name, err)
+
+
+def test_merged_gguf_refuses_bad_input(tmp_path):
+    from hf_knowedit.export_gguf import merge_to_gguf
+
+    model, _ = make_tiny_model("llama")
+    es = random_set(model, [1])
+    base = base_gguf(model, tmp_path / "base.gguf")
+    with pytest.raises(InvalidConfigError, match="type"):
+        merge_to_gguf(es, tmp_path / "m.gguf", model, base, type="q4_0")
+    with pytest.raises(OutputPathError, match="base GGUF itself"):
+        merge_to_gguf(es, base, model, base)
+    with pytest.raises(BaseModelMismatchError, match="fingerprint"):
+        merge_to_gguf(es, tmp_path / "m.gguf", model, base_gguf(model, tmp_path / "other.gguf", perturb=0.01))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.gguf", "other.gguf"]
