@@ -287,6 +287,7 @@ def test_llama_cpp_answers_with_the_exported_edit(key, request, stats_corpus, tm
     import hf_knowedit
     from hf_knowedit import ROMEConfig
     from hf_knowedit._bundled import MODELS, gguf_dir
+    from hf_knowedit.export_gguf import merge_to_gguf
 
     pytest.importorskip("llama_cpp")
     model, tok = request.getfixturevalue(key)
@@ -305,24 +306,32 @@ def test_llama_cpp_answers_with_the_exported_edit(key, request, stats_corpus, tm
         model.revert_edits()
     adapter = es.save_gguf_lora(tmp_path / "edit.gguf", model, base_gguf=base)
 
+    merged = merge_to_gguf(es, tmp_path / "merged.gguf", model, base, type="f16")
+
     cpp_base, said_base = _cpp_run(_llama(base), ids, 4)
     cpp_edit, said_edit = _cpp_run(_llama(base, adapter), ids, 4)
-    said_base, said_edit = tok.decode(said_base), tok.decode(said_edit)
+    cpp_merged, said_merged = _cpp_run(_llama(merged), ids, 4)
+    said_base, said_edit, said_merged = (tok.decode(t) for t in (said_base, said_edit, said_merged))
     assert FACT["target_new"] in said_edit and FACT["target_new"] not in said_base, (said_base, said_edit)
     assert FACT["target_true"] in said_base, said_base
+    assert FACT["target_new"] in said_merged, said_merged
 
-    change_hf, change_cpp = hf_edit - hf_base, cpp_edit - cpp_base
+    change_hf, change_cpp, change_merged = hf_edit - hf_base, cpp_edit - cpp_base, cpp_merged - cpp_base
     top = torch.cat([hf_base.topk(20).indices, hf_edit.topk(20).indices, torch.tensor([new, true])]).unique()
-    gap = (change_cpp - change_hf)[top].abs()
+    gap, gap_merged = (change_cpp - change_hf)[top].abs(), (change_merged - change_hf)[top].abs()
     base_gap = (cpp_base - hf_base)[top].abs()
     logging.getLogger(__name__).warning(
-        "%s: edit raises log p(%r) by %.3f (transformers) / %.3f (llama.cpp); |change llama.cpp - transformers| "
-        "over %d top tokens: max %.4f, mean %.4f; |base llama.cpp - transformers|: max %.4f; greedy %r -> %r",
-        key, FACT["target_new"], float(change_hf[new]), float(change_cpp[new]), len(top), float(gap.max()),
-        float(gap.mean()), float(base_gap.max()), said_base, said_edit,
+        "%s: edit changes log p(%r) by %.4f (transformers) / %.4f (llama.cpp + adapter) / %.4f (merged f16), "
+        "log p(%r) by %.4f / %.4f / %.4f; |change, llama.cpp - transformers| over %d tokens: adapter max %.4f "
+        "mean %.4f, merged max %.4f mean %.4f; |log p, llama.cpp base - transformers base| max %.4f mean %.4f; "
+        "greedy base %r, adapter %r, merged %r",
+        key, FACT["target_new"], float(change_hf[new]), float(change_cpp[new]), float(change_merged[new]),
+        FACT["target_true"], float(change_hf[true]), float(change_cpp[true]), float(change_merged[true]), len(top),
+        float(gap.max()), float(gap.mean()), float(gap_merged.max()), float(gap_merged.mean()),
+        float(base_gap.max()), float(base_gap.mean()), said_base, said_edit, said_merged,
     )  # fmt: skip
     assert float(change_hf[new]) > 1.0
-    assert float(gap.max()) < TOLERANCE
+    assert float(gap.max()) < TOLERANCE and float(gap_merged.max()) < TOLERANCE
 
 
 # -----------------------------------------------------------------------------
