@@ -50,6 +50,7 @@ __all__ = [
     "merge_to_gguf",
     "write_modelfile",
     "read_base_tensor",
+    "rewrite_gguf",
 ]
 
 #: the factor dtypes an adapter file may hold (``f32``: exact)
@@ -264,6 +265,34 @@ def export_gguf_lora(
     return out
 
 
+def rewrite_gguf(reader: Any, path: Path, arch: str, replace: Any, add_keys: Any = None) -> None:
+    """Write a copy of the GGUF open in ``reader`` to ``path``: every metadata key (then ``add_keys(writer)``)
+    and every tensor, where ``replace(tensor)`` returns None to copy it as it is, or ``(array, raw_dtype)``
+    for a new value (``raw_dtype`` None for float arrays, the quantisation type for quantised bytes)."""
+    gguf = _gguf()
+    if not all(hasattr(f, "contents") for f in reader.fields.values()):
+        raise InvalidConfigError("Rewriting a GGUF needs gguf >= 0.11: pip install -U gguf.")
+    writer = gguf.GGUFWriter(path, arch)
+    writer.data_alignment = reader.alignment  # general.alignment, when the base sets one, is copied below
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == _GENERAL_ARCH:
+            continue  # the header's own fields, and the one the writer sets
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+    if add_keys is not None:
+        add_keys(writer)
+    for tensor in reader.tensors:
+        new = replace(tensor)
+        if new is None:
+            writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape, raw_dtype=tensor.tensor_type)
+        else:
+            writer.add_tensor(tensor.name, new[0], raw_dtype=new[1])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def merge_to_gguf(
     es: Any,
     path: str | Path,
@@ -292,8 +321,6 @@ def merge_to_gguf(
     names = {gguf_tensor_name(spec.model_type, p): p for p in sorted(es.deltas)}
     reader = _reader(base_gguf)
     check_base(es, spec, reader, {p: n for n, p in names.items()}, force=force)
-    if not all(hasattr(f, "contents") for f in reader.fields.values()):
-        raise InvalidConfigError("Merging into a GGUF needs gguf >= 0.11: pip install -U gguf.")
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0}[type]  # fmt: skip
 
@@ -306,27 +333,12 @@ def merge_to_gguf(
             return new.astype(np.float16)
         return gguf.quants.quantize(new, qtype)
 
-    def write(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(tmp, spec.gguf_arch)
-        writer.data_alignment = reader.alignment  # general.alignment, when the base sets one, is copied below
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF.") or key == _GENERAL_ARCH:
-                continue  # the header's own fields, and the one the writer sets
-            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
-        _provenance(writer, es)
-        for tensor in reader.tensors:
-            if tensor.name in names:
-                data = edited(tensor.name)
-                writer.add_tensor(tensor.name, data, raw_dtype=qtype if type == "q8_0" else None)
-            else:
-                writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape, raw_dtype=tensor.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+    def replace(tensor: Any) -> tuple[np.ndarray, Any] | None:
+        if tensor.name not in names:
+            return None
+        return edited(tensor.name), qtype if type == "q8_0" else None
 
-    _atomic_write(out, write)
+    _atomic_write(out, lambda tmp: rewrite_gguf(reader, tmp, spec.gguf_arch, replace, lambda w: _provenance(w, es)))
     logger.info("Wrote the merged GGUF %s (%d edited tensor(s) as %s).", out, len(names), type)
     return out
 
