@@ -11,7 +11,7 @@ DATA   ?= $(or $(HF_KNOWEDIT_DATA),$(wildcard ../shared/data))
 export HF_KNOWEDIT_DATA := $(DATA)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow quality format bench studio studio-deps clean
+.PHONY: setup demo test test-slow quality format bench studio studio-deps gguf-deps clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,12 @@ studio-deps: $(STAMP)
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 	$(PY) -m pip install -q -e ".[studio]" playwright
+
+# llama.cpp for the GGUF export's slow tests (tests/test_gguf_export.py skips them without it): llama-cpp-python
+# compiles llama.cpp from source, CPU only, portable (no -march=native); minutes, see docs/results/gguf_export.md
+gguf-deps: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
+		$(PY) -m pip install -q -e ".[gguf]"
 
 # the Edit Studio on the bundled model, http://127.0.0.1:7860 (STUDIO_ARGS="--port 8000 --model ID")
 studio: $(STAMP)

@@ -94,6 +94,11 @@ class ArchitectureSpec:
         mlp_post_norm_gain_offset: that norm is the RMS norm ``(offset + weight) ⊙ x / sqrt(mean(x²) + eps)``
             of its ``weight`` parameter: ``0.0`` for OLMo 2/3 and EXAONE 4, ``1.0`` for Gemma 2/3
             (``1 + weight``).
+        gguf_arch: llama.cpp's name of this architecture (``general.architecture`` of its GGUF files,
+            e.g. ``"llama"``, ``"gemma3"``), or None: edits of this model_type cannot be exported to GGUF.
+        gguf_mlp_out: llama.cpp's name of the ``mlp_out`` tensor within one block (``"ffn_down"``: block
+            ``i``'s weight is ``blk.{i}.ffn_down.weight``), or None. Declared together with ``gguf_arch``
+            (:mod:`hf_knowedit.export_gguf`).
     """
 
     model_type: str
@@ -110,6 +115,8 @@ class ArchitectureSpec:
     mlp_post_norm: str | None = None
     mlp_post_norm_eps: str = "variance_epsilon"
     mlp_post_norm_gain_offset: float = 0.0
+    gguf_arch: str | None = None
+    gguf_mlp_out: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_type, str) or not self.model_type.strip():
@@ -151,6 +158,14 @@ class ArchitectureSpec:
                 f"ArchitectureSpec({self.model_type!r}).prefix_cache must be one of {PREFIX_CACHE}, "
                 f"got {self.prefix_cache!r}"
             )
+        if (self.gguf_arch is None) != (self.gguf_mlp_out is None) or not all(
+            v is None or (isinstance(v, str) and _IDENT_RE.match(v)) for v in (self.gguf_arch, self.gguf_mlp_out)
+        ):
+            raise InvalidConfigError(
+                f"ArchitectureSpec({self.model_type!r}).gguf_arch and gguf_mlp_out must both be None or both be "
+                f"llama.cpp names (e.g. gguf_arch='llama', gguf_mlp_out='ffn_down'), got "
+                f"{self.gguf_arch!r} and {self.gguf_mlp_out!r}"
+            )
         if self.logit_softcap is not None and not (
             isinstance(self.logit_softcap, str) and _IDENT_RE.match(self.logit_softcap)
         ):
@@ -169,6 +184,8 @@ _SOFTCAP = "final_logit_softcapping"
 _POST_FFN_NORM = "post_feedforward_layernorm"
 #: Gemma's RMS norms keep their epsilon in ``eps`` and scale by ``1 + weight``
 _GEMMA_POST_FFN_NORM = dict(mlp_post_norm=_POST_FFN_NORM, mlp_post_norm_eps="eps", mlp_post_norm_gain_offset=1.0)
+#: llama.cpp's name of the MLP output projection in one block (``blk.{i}.ffn_down.weight``)
+_FFN_DOWN = "ffn_down"
 
 # fmt: off
 _TABLE: list[ArchitectureSpec] = [
@@ -200,14 +217,14 @@ _TABLE: list[ArchitectureSpec] = [
     S("starcoder2",        "model",              "model.layers",               "mlp.c_proj",          "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("nanochat",          "model",              "model.layers",               "mlp.fc2",             "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP),
     # --- Llama style: model.layers[i].mlp.down_proj (gated, fused gate_up, or plain up/down MLP)
-    S("llama",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("llama",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", gguf_arch="llama", gguf_mlp_out=_FFN_DOWN),
     S("mistral",           "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("ministral",         "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("ministral3",        "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("diffllama",         "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("cwm",               "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
-    S("qwen2",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
-    S("qwen3",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    S("qwen2",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", gguf_arch="qwen2", gguf_mlp_out=_FFN_DOWN),
+    S("qwen3",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", gguf_arch="qwen3", gguf_mlp_out=_FFN_DOWN),
     S("seed_oss",          "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("phi3",              "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("olmo",              "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
@@ -226,9 +243,9 @@ _TABLE: list[ArchitectureSpec] = [
     S("hunyuan_v1_dense",  "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("jais2",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     # --- Gemma family (embedding scale lives inside the embedding module)
-    S("gemma",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
-    S("gemma2",            "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP, **_GEMMA_POST_FFN_NORM),
-    S("gemma3_text",       "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP, **_GEMMA_POST_FFN_NORM),
+    S("gemma",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", gguf_arch="gemma", gguf_mlp_out=_FFN_DOWN),
+    S("gemma2",            "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP, **_GEMMA_POST_FFN_NORM, gguf_arch="gemma2", gguf_mlp_out=_FFN_DOWN),
+    S("gemma3_text",       "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP, **_GEMMA_POST_FFN_NORM, gguf_arch="gemma3", gguf_mlp_out=_FFN_DOWN),
     S("vaultgemma",        "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP),
 ]
 # fmt: on

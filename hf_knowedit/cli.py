@@ -10,6 +10,7 @@
     hf-knowedit apply edits/angola --merge-to merged/
     hf-knowedit list edits/  |  hf-knowedit show edits/angola
     hf-knowedit truncate edits/cf100 --rank 64 --out edits/cf100-r64
+    hf-knowedit export edits/angola --gguf-lora angola.gguf   (llama.cpp / Ollama)
     hf-knowedit studio                      (a local web UI; needs the [studio] extra)
 
 Every subcommand takes ``--json`` (one JSON document on stdout; logs and progress bars go to
@@ -1005,6 +1006,60 @@ def cmd_truncate(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _model_config(args: argparse.Namespace) -> Any:
+    """The config of ``--model`` (no weights loaded): the bundled model's from its cache or its GGUF."""
+    from transformers import AutoConfig
+
+    if args.model != BUNDLED:
+        return AutoConfig.from_pretrained(args.model)
+    from ._bundled import GGUF_FILE, converted_dir, gguf_dir
+
+    if (converted_dir() / "config.json").exists():
+        return AutoConfig.from_pretrained(converted_dir())
+    return AutoConfig.from_pretrained(gguf_dir(), gguf_file=GGUF_FILE)
+
+
+def cmd_export(args: argparse.Namespace, out: Output) -> int:
+    from .editset import EditSet
+    from .export_gguf import export_gguf_lora, merge_to_gguf, write_modelfile
+
+    if not args.gguf_lora and not args.merge_to_gguf:
+        raise UsageError("give --gguf-lora OUT.gguf and/or --merge-to-gguf OUT.gguf: what to write")
+    _check_output_file(args.gguf_lora, "--gguf-lora", (".gguf",))
+    _check_output_file(args.merge_to_gguf, "--merge-to-gguf", (".gguf",))
+    _check_model_arg(args)
+    base = args.base_gguf
+    if base is None and args.model == BUNDLED:
+        from ._bundled import GGUF_FILE, gguf_dir
+
+        base = str(gguf_dir() / GGUF_FILE)
+    if base is not None and not Path(base).expanduser().is_file():
+        raise BaseModelMismatchError(f"--base-gguf {base}: no such file; pass the base model's .gguf file.")
+    if args.merge_to_gguf and base is None:
+        raise UsageError("--merge-to-gguf needs --base-gguf FILE: the GGUF to merge the edit into")
+    es = EditSet.from_pretrained(args.adapter)
+    if args.max_rank is not None:
+        es = _truncated(es, args.max_rank, args.adapter, out)
+    config = _model_config(args)
+    data: dict[str, Any] = {"source": args.adapter, **_edit_summary(es)}
+    if args.gguf_lora:
+        written = export_gguf_lora(es, args.gguf_lora, config, base_gguf=base, dtype=args.gguf_dtype, force=args.force)
+        data["gguf_lora"] = str(written)
+        out.say(f"llama.cpp LoRA adapter written to {written} ({args.gguf_dtype}, base {base or 'not checked'})")
+        if base is not None:
+            data["modelfile"] = str(write_modelfile(written, base))
+            out.say(f"Ollama Modelfile written to {data['modelfile']} (ollama create NAME -f {data['modelfile']})")
+        else:
+            out.say("no --base-gguf: the base was not checked and no Ollama Modelfile was written")
+    if args.merge_to_gguf:
+        merged = merge_to_gguf(es, args.merge_to_gguf, config, base, type=args.type, force=args.force)
+        data["merged_gguf"] = str(merged)
+        data["merged_modelfile"] = str(write_modelfile(None, merged))
+        out.say(f"merged GGUF written to {merged} (edited tensors {args.type}, the rest as in {base})")
+    out.result(data)
+    return 0
+
+
 def cmd_studio(args: argparse.Namespace, out: Output) -> int:
     if importlib.util.find_spec("gradio") is None:
         raise InvalidConfigError(
@@ -1134,6 +1189,7 @@ EPILOGS = {
   hf-knowedit stats compute --layers 6
   hf-knowedit apply edits/angola --merge-to merged/
   hf-knowedit truncate edits/cf100 --rank 64 --out edits/cf100-r64
+  hf-knowedit export edits/angola --gguf-lora angola.gguf   # llama.cpp / Ollama LoRA adapter
   hf-knowedit list edits/
   hf-knowedit studio                       # a local web UI (pip install 'hf_knowedit[studio]')
 
@@ -1181,6 +1237,16 @@ statistics: ROME-family methods need C = E[k kᵀ] at each edited layer, compute
 
 Each module's delta becomes its best rank-R approximation (SVD, computed in float64 from the LoRA factors);
 modules of rank <= R are kept exactly. docs/serving.md has measured effects on edit quality.""",
+    "export": """examples:
+  hf-knowedit export edits/angola --gguf-lora angola.gguf            # bundled SmolLM2: base GGUF checked
+  ollama create smollm2-angola -f angola.Modelfile                   # the Modelfile written beside it
+  llama-cli -m SmolLM2-135M-Instruct.Q4_1.gguf --lora angola.gguf -p "Angola is located in"
+  hf-knowedit export edits/x --gguf-lora x.gguf --model Qwen/Qwen3-0.6B --base-gguf qwen3-0.6b-q8_0.gguf
+  hf-knowedit export edits/angola --merge-to-gguf smollm2-angola.gguf --type q8_0   # one merged file
+
+The adapter's tensors are the edit's exact LoRA factors (f32 by default) with alpha = rank, so llama.cpp's
+scale alpha/rank is 1. --base-gguf (default: the bundled model's GGUF) is checked against the edit's base-weight
+fingerprints before anything is written. docs/serving.md shows serving with llama.cpp and Ollama.""",
     "studio": """examples:
   hf-knowedit studio                                  # bundled SmolLM2-135M, offline: http://127.0.0.1:7860
   hf-knowedit studio --model gpt2 --port 8000
@@ -1379,6 +1445,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="save the truncated adapter into this directory")
     p.add_argument("--push", metavar="REPO", help="push the truncated adapter to this Hub repo id")
     p.set_defaults(func=cmd_truncate)
+
+    p = command("export", "write an edit adapter for llama.cpp / Ollama (a GGUF LoRA adapter)", [model_opts])
+    p.add_argument("adapter", help="adapter directory or Hub id")
+    p.add_argument("--gguf-lora", metavar="OUT.gguf", help="the llama.cpp LoRA adapter file to write")
+    p.add_argument(
+        "--merge-to-gguf", metavar="OUT.gguf", help="write a copy of the base GGUF with the edited tensors replaced"
+    )
+    p.add_argument(
+        "--type", choices=("f16", "f32", "q8_0"), default="f16", help="--merge-to-gguf: edited tensors' type (f16)"
+    )
+    p.add_argument(
+        "--base-gguf",
+        metavar="FILE",
+        help="the base model's GGUF: checked against the edit, and named in the Ollama Modelfile written beside "
+        "the adapter (default with --model bundled: the bundled GGUF)",
+    )
+    p.add_argument("--gguf-dtype", choices=("f32", "f16"), default="f32", help="factor dtype (default f32: exact)")
+    p.add_argument("--force", action="store_true", help="export even if the base GGUF's weights differ")
+    p.add_argument("--max-rank", type=_positive_int, metavar="R", help="truncate every module's delta to rank R first")
+    p.set_defaults(func=cmd_export)
 
     p = command(
         "studio", "the Edit Studio: a local web UI to trace, edit, compare, disable, revert and save (gradio)",

@@ -98,6 +98,26 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
             name=f"{self.name}-r{int(rank)}" if self.name else None,
         )
 
+    def save_gguf_lora(
+        self,
+        path: str | Path,
+        model: Any,
+        *,
+        base_gguf: str | Path | None = None,
+        dtype: str = "f32",
+        force: bool = False,
+    ) -> Path:
+        """Write this set as a llama.cpp LoRA adapter (``.gguf``) for llama.cpp, Ollama, LM Studio and
+        llama-cpp-python; ``model`` (the model, its config or ``model_type``) selects llama.cpp's tensor
+        names from the architecture table. With ``base_gguf`` the base file is checked first. See
+        :func:`hf_knowedit.export_gguf.export_gguf_lora` (needs the ``gguf`` package).
+
+        >>> es.save_gguf_lora("angola.gguf", model, base_gguf="SmolLM2-135M-Instruct.Q4_1.gguf")
+        """
+        from .export_gguf import export_gguf_lora
+
+        return export_gguf_lora(self, path, model, base_gguf=base_gguf, dtype=dtype, force=force)
+
     # -- Hub / disk (ModelHubMixin); the format lives in hf_knowedit.adapter_files ------------
 
     def __new__(cls, *args: Any, **kwargs: Any) -> EditSet:
