@@ -49,7 +49,7 @@ studio-deps: $(STAMP)
 		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 	$(PY) -m pip install -q -e ".[studio]" playwright
 
-# llama.cpp for the GGUF export's slow tests (tests/test_gguf_export.py skips them without it): llama-cpp-python
+# llama.cpp for the GGUF export's slow tests (tests/test_gguf_export.py fails without it): llama-cpp-python
 # compiles llama.cpp from source, CPU only, portable (no -march=native); minutes, see docs/results/gguf_export.md
 gguf-deps: $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \

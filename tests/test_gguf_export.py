@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -24,8 +25,6 @@ from hf_knowedit.errors import (
 from hf_knowedit.export_gguf import export_gguf_lora, gguf_tensor_name, write_modelfile
 from tests.test_stack import random_set
 from tests.tiny_models import make_tiny_model
-
-gguf = pytest.importorskip("gguf")
 
 
 def _kv(reader, key):
@@ -257,8 +256,17 @@ TOLERANCE_F32 = 0.02
 TOLERANCE_QUANTISED = 0.5
 
 
+def _llama_cpp():
+    """llama-cpp-python, or a failure that says how to install it (a skipped proof is no proof)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.fail("The llama.cpp tests need llama-cpp-python: make gguf-deps (builds llama.cpp from source).")
+    return llama_cpp
+
+
 def _llama(path, lora=None, f32_cache=False):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = _llama_cpp()
     kwargs = {"lora_path": str(lora)} if lora is not None else {}
     if f32_cache:  # llama.cpp keeps keys and values in f16 by default
         kwargs.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
@@ -307,7 +315,7 @@ def test_llama_cpp_answers_with_the_exported_edit(key, request, stats_corpus, tm
     from hf_knowedit._bundled import MODELS, gguf_dir
     from hf_knowedit.export_gguf import merge_to_gguf
 
-    pytest.importorskip("llama_cpp")
+    _llama_cpp()
     model, tok = request.getfixturevalue(key)
     spec = MODELS[key]
     base = spec.locate(gguf_dir(key), tmp_path) / spec.gguf_file
