@@ -52,7 +52,7 @@ studio-deps: $(STAMP)
 # llama.cpp for the GGUF export's slow tests (tests/test_gguf_export.py fails without it): llama-cpp-python
 # compiles llama.cpp from source, CPU only, portable (no -march=native); minutes, see docs/results/gguf_export.md
 gguf-deps: $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
 		$(PY) -m pip install -q -e ".[gguf]"
 
 # the Edit Studio on the bundled model, http://127.0.0.1:7860 (STUDIO_ARGS="--port 8000 --model ID")
