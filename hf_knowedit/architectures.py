@@ -86,13 +86,13 @@ class ArchitectureSpec:
             every row from the earliest subject of its batch on (e.g. local attention over index
             distances), ``"off"`` never.
         mlp_post_norm: path, relative to one block, of a norm applied to the MLP's output before it is
-            added to the residual stream (Gemma 2/3, OLMo 2/3, EXAONE 4: ``post_feedforward_layernorm``),
-            or None. The MEMIT family writes residual-stream changes into ``mlp_out``; through such a
+            added to the residual stream (Gemma 2/3, OLMo 2/3, EXAONE 4: ``post_feedforward_layernorm``;
+            GLM-4: ``post_mlp_layernorm``), or None. The MEMIT family writes residual-stream changes into ``mlp_out``; through such a
             norm they must first be mapped back to a change of its input (``methods/memit.py``).
-        mlp_post_norm_eps: name of that norm module's attribute holding its epsilon (OLMo 2/3 and
-            EXAONE 4: ``variance_epsilon``; Gemma 2/3: ``eps``).
+        mlp_post_norm_eps: name of that norm module's attribute holding its epsilon (OLMo 2/3, EXAONE 4
+            and GLM-4: ``variance_epsilon``; Gemma 2/3: ``eps``).
         mlp_post_norm_gain_offset: that norm is the RMS norm ``(offset + weight) ⊙ x / sqrt(mean(x²) + eps)``
-            of its ``weight`` parameter: ``0.0`` for OLMo 2/3 and EXAONE 4, ``1.0`` for Gemma 2/3
+            of its ``weight`` parameter: ``0.0`` for OLMo 2/3, EXAONE 4 and GLM-4, ``1.0`` for Gemma 2/3
             (``1 + weight``).
     """
 
@@ -216,7 +216,8 @@ _TABLE: list[ArchitectureSpec] = [
     S("stablelm",          "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("smollm3",           "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("glm",               "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
-    S("glm4",              "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    # GLM-4 norms the MLP output (post_mlp_layernorm: weight ⊙ x / rms, variance_epsilon) before the residual add
+    S("glm4",              "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", mlp_post_norm="post_mlp_layernorm"),
     S("helium",            "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("nemotron",          "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("exaone4",           "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", mlp_post_norm=_POST_FFN_NORM),
