@@ -102,7 +102,6 @@ def gemma3_wrapped(gemma3):
     wrapper.model.language_model.load_state_dict(text.model.state_dict())
     with torch.no_grad():
         wrapper.lm_head.weight.copy_(text.lm_head.weight)
-    wrapper.config._name_or_path = text.config._name_or_path  # the same statistics-cache name
     return text, wrapper, tok
 
 
