@@ -1,16 +1,30 @@
-"""Where things live inside each supported transformers causal LM.
+"""Where things live inside each supported transformers model, and how it scales what it computes.
 
 One declarative table, keyed by ``config.model_type`` and nothing else: no guessing from
 class names, module names or weight shapes. Each row was checked against the modules of a
-freshly instantiated ``*ForCausalLM`` in transformers 5.24 (see ``tests/test_architectures.py``).
+freshly instantiated model in transformers 5.25 (see ``tests/test_architectures.py``).
 
 Paths are dotted attribute paths; integer segments index ``nn.ModuleList``\\ s. ``backbone``,
-``layers``, ``embed``, ``final_norm`` and ``lm_head`` are relative to the ``*ForCausalLM``;
+``layers``, ``embed``, ``final_norm`` and ``lm_head`` are relative to the loaded model;
 ``mlp_out`` and ``attn_out`` are relative to one decoder block. The module at ``mlp_out`` is
 the one ROME/MEMIT rewrite: its input is the key ``k`` (the MLP inner activation), its output
 the value ``v`` added to the residual stream.
 
-Only dense-MLP models are listed. To add a model, describe it and register it::
+Two kinds of models are listed, both with a dense MLP in every decoder block:
+
+* text decoders (``*ForCausalLM``), some of which scale what they compute: Granite divides its
+  logits by ``logits_scaling`` and scales each block's MLP and attention output by
+  ``residual_multiplier`` before the residual add, Command-R multiplies its logits by
+  ``logit_scale`` (the columns ``logit_scale``, ``logit_divisor``, ``residual_multiplier``);
+* multimodal wrappers around a text decoder (``*ForConditionalGeneration``: Gemma 3 4B-27B,
+  Mistral Small 3, Qwen2.5-VL, Qwen3-VL, LLaVA, LLaVA-NeXT): the paths lead into the wrapper's
+  ``model.language_model`` and to its ``lm_head``, so edits, traces and adapters name the
+  wrapper's own modules and the vision tower is never touched; the decoder's settings are read
+  from the sub-config the ``text_config`` column names. Only text prompts are edited and traced.
+
+Every setting read from the model's config (soft-cap, logit scales, residual multiplier, heads,
+vocabulary, sliding window) is read through :func:`decoder_config`. To add a model, describe it
+and register it::
 
     import hf_knowedit
     hf_knowedit.register_architecture(hf_knowedit.ArchitectureSpec(
@@ -52,6 +66,9 @@ __all__ = [
     "saved_tensor",
     "check_dispatch",
     "lm_logits",
+    "decoder_config",
+    "config_setting",
+    "residual_scale",
 ]
 
 LAYOUTS = ("linear", "conv1d")  # nn.Linear: weight [out, in]; transformers Conv1D: weight [in, out]
@@ -61,6 +78,14 @@ PREFIX_CACHE = ("rows", "common", "off")
 _PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|[0-9]+))*$")
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PATH_FIELDS = ("backbone", "layers", "mlp_out", "attn_out", "embed", "final_norm", "lm_head")
+#: the columns that name a config attribute, with an example of each
+_CONFIG_FIELDS = {
+    "logit_softcap": "final_logit_softcapping",
+    "text_config": "text_config",
+    "logit_scale": "logit_scale",
+    "logit_divisor": "logits_scaling",
+    "residual_multiplier": "residual_multiplier",
+}
 
 
 @dataclass(frozen=True)
@@ -86,19 +111,31 @@ class ArchitectureSpec:
             every row from the earliest subject of its batch on (e.g. local attention over index
             distances), ``"off"`` never.
         mlp_post_norm: path, relative to one block, of a norm applied to the MLP's output before it is
-            added to the residual stream (Gemma 2/3, OLMo 2/3, EXAONE 4: ``post_feedforward_layernorm``),
-            or None. The MEMIT family writes residual-stream changes into ``mlp_out``; through such a
+            added to the residual stream (Gemma 2/3, OLMo 2/3, EXAONE 4: ``post_feedforward_layernorm``;
+            GLM-4: ``post_mlp_layernorm``), or None. The MEMIT family writes residual-stream changes into ``mlp_out``; through such a
             norm they must first be mapped back to a change of its input (``methods/memit.py``).
-        mlp_post_norm_eps: name of that norm module's attribute holding its epsilon (OLMo 2/3 and
-            EXAONE 4: ``variance_epsilon``; Gemma 2/3: ``eps``).
+        mlp_post_norm_eps: name of that norm module's attribute holding its epsilon (OLMo 2/3, EXAONE 4
+            and GLM-4: ``variance_epsilon``; Gemma 2/3: ``eps``).
         mlp_post_norm_gain_offset: that norm is the RMS norm ``(offset + weight) ⊙ x / sqrt(mean(x²) + eps)``
-            of its ``weight`` parameter: ``0.0`` for OLMo 2/3 and EXAONE 4, ``1.0`` for Gemma 2/3
+            of its ``weight`` parameter: ``0.0`` for OLMo 2/3, EXAONE 4 and GLM-4, ``1.0`` for Gemma 2/3
             (``1 + weight``).
         gguf_arch: llama.cpp's name of this architecture (``general.architecture`` of its GGUF files,
             e.g. ``"llama"``, ``"gemma3"``), or None: edits of this model_type cannot be exported to GGUF.
         gguf_mlp_out: llama.cpp's name of the ``mlp_out`` tensor within one block (``"ffn_down"``: block
             ``i``'s weight is ``blk.{i}.ffn_down.weight``), or None. Declared together with ``gguf_arch``
             (:mod:`hf_knowedit.export_gguf`).
+        text_config: name of the config attribute holding the text decoder's config (multimodal wrappers:
+            ``"text_config"``), or None when the model's config is the decoder's. Every config attribute
+            named in this table, and every decoder setting the library reads, comes from there
+            (:func:`decoder_config`).
+        logit_scale: name of the config attribute the model multiplies its logits by (Command-R:
+            ``logit_scale``), or None.
+        logit_divisor: name of the config attribute the model divides its logits by (Granite:
+            ``logits_scaling``), or None.
+        residual_multiplier: name of the config attribute each block multiplies its MLP (and attention)
+            output by before adding it to the residual stream (Granite: ``residual_multiplier``), or None.
+            The MEMIT family's residual targets are divided by it before they are written into ``mlp_out``
+            (``methods/memit.py``); NAS's ``v0`` is the MLP output times it.
     """
 
     model_type: str
@@ -117,6 +154,10 @@ class ArchitectureSpec:
     mlp_post_norm_gain_offset: float = 0.0
     gguf_arch: str | None = None
     gguf_mlp_out: str | None = None
+    text_config: str | None = None
+    logit_scale: str | None = None
+    logit_divisor: str | None = None
+    residual_multiplier: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_type, str) or not self.model_type.strip():
@@ -166,13 +207,13 @@ class ArchitectureSpec:
                 f"llama.cpp names (e.g. gguf_arch='llama', gguf_mlp_out='ffn_down'), got "
                 f"{self.gguf_arch!r} and {self.gguf_mlp_out!r}"
             )
-        if self.logit_softcap is not None and not (
-            isinstance(self.logit_softcap, str) and _IDENT_RE.match(self.logit_softcap)
-        ):
-            raise InvalidConfigError(
-                f"ArchitectureSpec({self.model_type!r}).logit_softcap must be None or the name of a config "
-                f"attribute (e.g. 'final_logit_softcapping'), got {self.logit_softcap!r}"
-            )
+        for name, example in _CONFIG_FIELDS.items():
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and _IDENT_RE.match(value)):
+                raise InvalidConfigError(
+                    f"ArchitectureSpec({self.model_type!r}).{name} must be None or the name of a config "
+                    f"attribute (e.g. {example!r}), got {value!r}"
+                )
 
 
 # -----------------------------------------------------------------------------
@@ -183,6 +224,8 @@ _SOFTCAP = "final_logit_softcapping"
 #: the norm Gemma 2/3, OLMo 2/3 and EXAONE 4 apply to the MLP output before the residual add
 _POST_FFN_NORM = "post_feedforward_layernorm"
 #: Gemma's RMS norms keep their epsilon in ``eps`` and scale by ``1 + weight``
+#: multimodal wrappers keep the text decoder's settings in this sub-config
+_TEXT = "text_config"
 _GEMMA_POST_FFN_NORM = dict(mlp_post_norm=_POST_FFN_NORM, mlp_post_norm_eps="eps", mlp_post_norm_gain_offset=1.0)
 #: llama.cpp's name of the MLP output projection in one block (``blk.{i}.ffn_down.weight``)
 _FFN_DOWN = "ffn_down"
@@ -233,7 +276,8 @@ _TABLE: list[ArchitectureSpec] = [
     S("stablelm",          "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("smollm3",           "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("glm",               "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
-    S("glm4",              "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    # GLM-4 norms the MLP output (post_mlp_layernorm: weight ⊙ x / rms, variance_epsilon) before the residual add
+    S("glm4",              "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", mlp_post_norm="post_mlp_layernorm"),
     S("helium",            "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("nemotron",          "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("exaone4",           "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", mlp_post_norm=_POST_FFN_NORM),
@@ -247,6 +291,20 @@ _TABLE: list[ArchitectureSpec] = [
     S("gemma2",            "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP, **_GEMMA_POST_FFN_NORM, gguf_arch="gemma2", gguf_mlp_out=_FFN_DOWN),
     S("gemma3_text",       "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP, **_GEMMA_POST_FFN_NORM, gguf_arch="gemma3", gguf_mlp_out=_FFN_DOWN),
     S("vaultgemma",        "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP),
+    # --- scaled logits and residuals: the model's own multipliers, read from its config
+    S("granite",           "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", logit_divisor="logits_scaling", residual_multiplier="residual_multiplier"),
+    # Command-R: attention and MLP in parallel on one input norm
+    S("cohere",            "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", logit_scale="logit_scale"),
+    S("cohere2",           "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", logit_scale="logit_scale"),
+    # --- multimodal wrappers (*ForConditionalGeneration): the text decoder is model.language_model, the
+    # LM head the wrapper's own; the vision tower (model.vision_tower / model.visual) is never touched.
+    # Gemma3ForConditionalGeneration applies no final-logit soft-cap (Gemma 3 sets none), so no column.
+    S("gemma3"           , "model.language_model", "model.language_model.layers", "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.language_model.embed_tokens", "model.language_model.norm",  "lm_head", **_GEMMA_POST_FFN_NORM, text_config=_TEXT),
+    S("mistral3"         , "model.language_model", "model.language_model.layers", "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.language_model.embed_tokens", "model.language_model.norm",  "lm_head", text_config=_TEXT),
+    S("qwen2_5_vl"       , "model.language_model", "model.language_model.layers", "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.language_model.embed_tokens", "model.language_model.norm",  "lm_head", text_config=_TEXT),
+    S("qwen3_vl"         , "model.language_model", "model.language_model.layers", "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.language_model.embed_tokens", "model.language_model.norm",  "lm_head", text_config=_TEXT),
+    S("llava"            , "model.language_model", "model.language_model.layers", "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.language_model.embed_tokens", "model.language_model.norm",  "lm_head", text_config=_TEXT),
+    S("llava_next"       , "model.language_model", "model.language_model.layers", "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.language_model.embed_tokens", "model.language_model.norm",  "lm_head", text_config=_TEXT),
 ]
 # fmt: on
 del S
@@ -583,15 +641,54 @@ def check_dispatch(model: nn.Module, paths: list[str] | tuple[str, ...] = ()) ->
         read_tensor(model, f"{path}.weight")
 
 
+def decoder_config(model_or_config: Any, spec: ArchitectureSpec | None = None) -> Any:
+    """The config holding the text decoder's settings: ``config.<spec.text_config>`` for a multimodal wrapper
+    (its ``text_config``), else the model's config itself. ``model_or_config``: a model or its config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    spec = spec if spec is not None else get_architecture(config)
+    if spec.text_config is None:
+        return config
+    sub = getattr(config, spec.text_config, None)
+    if sub is None:
+        raise InvalidConfigError(
+            f"{type(config).__name__} has no {spec.text_config!r}, where the architecture table says "
+            f"{spec.model_type!r} keeps its text decoder's config; load the model with its full config, or "
+            "correct the table's text_config for this model type (register_architecture)."
+        )
+    return sub
+
+
+def config_setting(model: nn.Module, spec: ArchitectureSpec, column: str) -> float | None:
+    """The value of the decoder-config attribute that the table's ``column`` (e.g. ``"logit_divisor"``) names,
+    or None where the column is None or the attribute is unset."""
+    name = getattr(spec, column)
+    return None if name is None else getattr(decoder_config(model, spec), name, None)
+
+
+def residual_scale(model: nn.Module, spec: ArchitectureSpec) -> float:
+    """What each block multiplies its MLP output by before the residual add (``spec.residual_multiplier``;
+    1.0 without one)."""
+    value = config_setting(model, spec, "residual_multiplier")
+    return 1.0 if value is None else float(value)
+
+
 def lm_logits(model: nn.Module, spec: ArchitectureSpec, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Next-token logits from final hidden states: the table's ``lm_head``, then the logit soft-cap
-    ``cap · tanh(logits / cap)`` where ``spec.logit_softcap`` names a set config attribute (Gemma 2).
+    """Next-token logits from final hidden states, as the model makes them: the table's ``lm_head``, then
+    the model's logit scaling (times ``spec.logit_scale``, Command-R; divided by ``spec.logit_divisor``,
+    Granite), then the soft-cap ``cap · tanh(logits / cap)`` where ``spec.logit_softcap`` names a set config
+    attribute (Gemma 2). Settings are read from :func:`decoder_config`.
 
     The one place logits are made from hidden states, so callers can run the backbone alone and
     apply the head only at the positions they read.
     """
     logits = get_module(model, spec.lm_head)(hidden_states)
-    cap = getattr(model.config, spec.logit_softcap, None) if spec.logit_softcap else None
+    scale = config_setting(model, spec, "logit_scale")
+    if scale is not None:
+        logits = logits * scale
+    divisor = config_setting(model, spec, "logit_divisor")
+    if divisor is not None:
+        logits = logits / divisor
+    cap = config_setting(model, spec, "logit_softcap")
     if cap:
         logits = cap * torch.tanh(logits / cap)
     return logits

@@ -23,15 +23,19 @@ from torch import nn
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
-from .architectures import model_device
-from .errors import InvalidConfigError
+from .architectures import decoder_config, model_device
+from .errors import InvalidConfigError, UnsupportedArchitectureError
 from .hooks import frozen
 from .tokens import pad_batch, pad_id
 
 
 def max_positions(model: nn.Module) -> int:
-    """The longest sequence the model's position embeddings allow (large if the config does not say)."""
-    config = model.config
+    """The longest sequence the model's position embeddings allow (large if the config does not say), read
+    from the text decoder's config (:func:`~hf_knowedit.architectures.decoder_config`) for a supported model."""
+    try:
+        config = decoder_config(model)
+    except UnsupportedArchitectureError:
+        config = model.config
     for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:

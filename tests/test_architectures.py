@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import types
@@ -14,13 +15,16 @@ from transformers.pytorch_utils import Conv1D
 from hf_knowedit.architectures import (
     ARCHITECTURES,
     attn_out_path,
+    decoder_config,
     get_architecture,
     get_module,
     layer_path,
+    lm_logits,
     mlp_out_dims,
     mlp_out_path,
     num_layers,
     register_architecture,
+    residual_scale,
     supported_architectures,
 )
 from hf_knowedit.errors import (
@@ -31,9 +35,9 @@ from hf_knowedit.errors import (
 )
 
 try:
-    from tiny_models import HIDDEN, LAYERS, TINY_MLP_INNER, TINY_MODEL_TYPES, make_tiny_model
+    from tiny_models import HIDDEN, LAYERS, TINY_MLP_INNER, TINY_MODEL_TYPES, TINY_WRAPPERS, make_tiny_model
 except ImportError:  # tests/ imported as a package
-    from tests.tiny_models import HIDDEN, LAYERS, TINY_MLP_INNER, TINY_MODEL_TYPES, make_tiny_model
+    from tests.tiny_models import HIDDEN, LAYERS, TINY_MLP_INNER, TINY_MODEL_TYPES, TINY_WRAPPERS, make_tiny_model
 
 PROMPT = "The Eiffel Tower is located in the city of"
 
@@ -80,7 +84,13 @@ def test_named_modules_exist(model_type):
     names = dict(model.named_modules())
 
     backbone = get_module(model, spec.backbone)
-    assert backbone is model.base_model
+    if model_type in TINY_WRAPPERS:  # the text decoder inside the wrapper's base model, beside its vision tower
+        assert spec.text_config == "text_config" and backbone is model.base_model.language_model
+        assert decoder_config(model) is model.config.text_config is backbone.config
+        vision = [n for n in names if n.startswith(("model.vision_tower.", "model.visual."))]
+        assert vision and not any(n.startswith(spec.backbone + ".") for n in vision)  # the tower is outside it
+    else:
+        assert backbone is model.base_model and decoder_config(model) is model.config
     for path in (spec.layers, spec.embed, spec.final_norm):
         assert path in names and path.startswith(spec.backbone + "."), path
 
@@ -90,7 +100,7 @@ def test_named_modules_exist(model_type):
 
     embed = get_module(model, spec.embed)
     assert isinstance(embed, nn.Embedding) and embed is model.get_input_embeddings()
-    assert embed.num_embeddings == model.config.vocab_size
+    assert embed.num_embeddings == decoder_config(model).vocab_size
     lm_head = get_module(model, spec.lm_head)
     assert lm_head is model.get_output_embeddings()
     assert isinstance(get_module(model, spec.final_norm), nn.Module)
@@ -118,35 +128,65 @@ def test_mlp_out_dims(model_type):
 
 
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
-def test_backbone_and_lm_head_reproduce_logits(model_type):
+def test_lm_logits_of_the_backbone_reproduce_the_models_logits(model_type):
+    """``lm_logits(backbone(ids))`` is the model's own logits: its head, logit scale or divisor and soft-cap."""
     model, tok = _tiny(model_type)
     spec = get_architecture(model)
+    config = decoder_config(model)
     ids = _ids(tok)
     backbone, lm_head = get_module(model, spec.backbone), get_module(model, spec.lm_head)
     final_norm = get_module(model, spec.final_norm)
 
     seen = {}
     handle = final_norm.register_forward_hook(lambda m, i, o: seen.__setitem__("norm", o))
-    cap_before = getattr(model.config, spec.logit_softcap) if spec.logit_softcap else None
+    cap_before = getattr(config, spec.logit_softcap) if spec.logit_softcap else None
     try:
         if spec.logit_softcap:  # a small cap, so that forgetting it would be visible
-            assert hasattr(model.config, spec.logit_softcap)
-            setattr(model.config, spec.logit_softcap, 0.5)
+            assert hasattr(config, spec.logit_softcap)
+            setattr(config, spec.logit_softcap, 0.5)
         with torch.no_grad():
             logits = model(input_ids=ids).logits
             hidden = backbone(input_ids=ids)[0]
-            mine = lm_head(hidden)
+            head = lm_head(hidden)
+            mine = lm_logits(model, spec, hidden)
     finally:
         handle.remove()
         if spec.logit_softcap:
-            setattr(model.config, spec.logit_softcap, cap_before)
+            setattr(config, spec.logit_softcap, cap_before)
 
     # the backbone's output is the final norm's output
     torch.testing.assert_close(seen["norm"], hidden, rtol=0, atol=0)
-    if spec.logit_softcap:
-        assert not torch.allclose(mine, logits, atol=1e-4)  # the cap does bite
-        mine = 0.5 * torch.tanh(mine / 0.5)
+    if spec.logit_softcap or spec.logit_scale or spec.logit_divisor:  # the tiny configs make each one bite
+        assert not torch.allclose(head, logits, atol=1e-4)
+    else:
+        torch.testing.assert_close(head, logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(mine, logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_residual_scale_is_how_the_block_adds_its_mlp_output(model_type):
+    """A change ``u`` of ``mlp_out``'s output moves the block's output by ``residual_scale · u`` (models
+    without a post-MLP norm; with one, ``methods/memit.py`` maps changes through it)."""
+    model, tok = _tiny(model_type)
+    spec = get_architecture(model)
+    if spec.mlp_post_norm is not None:
+        pytest.skip("the post-MLP norm is checked in tests/test_post_norm.py")
+    ids = _ids(tok)
+    u = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(0))
+    block = get_module(model, layer_path(spec, 1))
+    outputs = []
+    handle = block.register_forward_hook(lambda m, a, o: outputs.append((o[0] if isinstance(o, tuple) else o).clone()))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+            with hooked(get_module(model, mlp_out_path(spec, 1)), lambda m, a, o: o + u):
+                model(input_ids=ids)
+    finally:
+        handle.remove()
+    clean, moved = (h.reshape(-1, HIDDEN) for h in outputs)
+    scale = residual_scale(model, spec)
+    assert scale == (0.5 if model_type == "granite" else 1.0)
+    torch.testing.assert_close(moved - clean, (scale * u).expand_as(clean), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
@@ -194,6 +234,22 @@ def test_hooks_on_mlp_out_and_attn_out(model_type):
     finally:
         handle.remove()
     assert not torch.allclose(clean, edited)
+
+
+@contextlib.contextmanager
+def hooked(module, hook):
+    """Keeps ``hook`` on ``module``'s forward output while open."""
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_decoder_config_names_a_missing_text_config():
+    wrapper = types.SimpleNamespace(config=types.SimpleNamespace(model_type="gemma3"))
+    with pytest.raises(InvalidConfigError, match="text_config"):
+        decoder_config(wrapper)
 
 
 # -----------------------------------------------------------------------------
@@ -246,6 +302,10 @@ def test_register_architecture_round_trip():
         ("lm_head", None),
         ("model_type", ""),
         ("logit_softcap", "final logit"),
+        ("text_config", "text.config"),
+        ("logit_scale", 0.0625),
+        ("logit_divisor", "logits scaling"),
+        ("residual_multiplier", ""),
         ("prefix_cache", "yes"),
         ("mlp_post_norm_eps", "variance epsilon"),
         ("mlp_post_norm_gain_offset", "1 + weight"),

@@ -89,7 +89,12 @@ def test_trimmed_mean_is_the_authors(n):
 
 @pytest.mark.parametrize(
     "model_type, pre_mlp",
-    [("llama", "post_attention_layernorm"), ("gemma3_text", "pre_feedforward_layernorm"), ("opt", "final_layer_norm")],
+    [
+        ("llama", "post_attention_layernorm"),
+        ("gemma3_text", "pre_feedforward_layernorm"),
+        ("opt", "final_layer_norm"),
+        ("granite", "post_attention_layernorm"),  # v0: the MLP output times residual_multiplier
+    ],
 )
 def test_v0_is_what_the_mlp_adds_to_the_residual_stream(model_type, pre_mlp):
     """``h − v0`` is the residual stream before the MLP: the input of the MLP's pre-norm (Gemma: v0 after the

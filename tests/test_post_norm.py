@@ -63,10 +63,10 @@ def rows_at(ms, n, d, seed):
 
 def test_the_table_names_the_post_mlp_norm_of_exactly_the_post_norm_families():
     with_norm = sorted(t for t, spec in ARCHITECTURES.items() if spec.mlp_post_norm is not None)
-    assert with_norm == ["exaone4", "gemma2", "gemma3_text", "olmo2", "olmo3"]
+    assert with_norm == ["exaone4", "gemma2", "gemma3", "gemma3_text", "glm4", "olmo2", "olmo3"]
 
 
-@pytest.mark.parametrize("model_type", ["exaone4", "gemma2", "gemma3_text", "olmo2", "olmo3"])
+@pytest.mark.parametrize("model_type", ["exaone4", "gemma2", "gemma3", "gemma3_text", "glm4", "olmo2", "olmo3"])
 def test_the_table_reads_the_gain_and_epsilon_of_each_post_norm_family(model_type):
     norm, weight, gain, eps = post_norm(model_type)
     assert eps == EPS

@@ -5,8 +5,11 @@ so a test can be parametrised over :data:`TINY_MODEL_TYPES`::
 
     model, tok = make_tiny_model("llama")
 
-All models share the same shape: hidden size 32, MLP inner size 96 (where the config
+All text decoders share the same shape: hidden size 32, MLP inner size 96 (where the config
 lets us choose it; see :data:`TINY_MLP_INNER` for the exceptions), 4 layers, 4 heads.
+The multimodal wrappers (:data:`TINY_WRAPPERS`: ``*ForConditionalGeneration``) hold such a
+decoder and a one-layer vision tower of hidden size 16. Models whose config scales logits or
+residuals (Granite, Command-R) get values other than 1, so that forgetting a scale shows.
 They are in eval mode with the eager attention implementation.
 
 The tokenizer is one small byte-level BPE trained in-process on a built-in English
@@ -23,7 +26,13 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 # -----------------------------------------------------------------------------
 # tokenizer
@@ -119,6 +128,10 @@ _LLAMA_LIKE: dict[str, Any] = dict(
     head_dim=HIDDEN // HEADS,
     max_position_embeddings=MAX_POSITIONS,
 )
+#: the vision towers of the multimodal wrappers
+_VISION: dict[str, Any] = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2)
+#: Qwen-VL's multimodal rotary embedding: temporal / height / width sections of the head_dim // 2 frequencies
+_MROPE: dict[str, Any] = dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2])
 _GPT2_LIKE: dict[str, Any] = dict(n_embd=HIDDEN, n_inner=INNER, n_layer=LAYERS, n_head=HEADS, n_positions=MAX_POSITIONS)
 
 # model_type -> (tokenizer prepends BOS?, config kwargs)
@@ -250,9 +263,91 @@ _TINY: dict[str, tuple[bool, dict[str, Any]]] = {
     "gemma2": (True, dict(_LLAMA_LIKE)),
     "gemma3_text": (True, dict(_LLAMA_LIKE)),
     "vaultgemma": (True, dict(_LLAMA_LIKE)),
+    # --- scaled logits and residuals (values other than the defaults' 1, so that each one shows)
+    "granite": (
+        True,
+        dict(
+            _LLAMA_LIKE,
+            logits_scaling=4.0,
+            residual_multiplier=0.5,
+            embedding_multiplier=3.0,
+            attention_multiplier=0.25,
+        ),
+    ),
+    "cohere": (True, dict(_LLAMA_LIKE, logit_scale=0.25)),
+    "cohere2": (True, dict(_LLAMA_LIKE, logit_scale=0.25)),
+    # --- multimodal wrappers: a tiny text decoder (text_config) and a tiny vision tower (vision_config)
+    "gemma3": (
+        True,
+        dict(
+            # Gemma3ForConditionalGeneration applies no final-logit soft-cap: a cap here must change nothing
+            text_config=dict(_LLAMA_LIKE, model_type="gemma3_text", final_logit_softcapping=0.5),
+            vision_config=dict(_VISION, model_type="siglip_vision_model", image_size=28, patch_size=14),
+            mm_tokens_per_image=4,
+        ),
+    ),
+    "mistral3": (
+        True,
+        dict(
+            text_config=dict(_LLAMA_LIKE, model_type="mistral"),
+            vision_config=dict(_VISION, model_type="pixtral", head_dim=8, image_size=28, patch_size=14),
+            spatial_merge_size=2,
+        ),
+    ),
+    "qwen2_5_vl": (
+        False,
+        dict(
+            text_config=dict(_LLAMA_LIKE, rope_parameters=_MROPE),
+            vision_config=dict(
+                depth=1,
+                hidden_size=16,
+                intermediate_size=24,
+                num_heads=2,
+                out_hidden_size=HIDDEN,
+                fullatt_block_indexes=[0],
+                window_size=28,
+                patch_size=14,
+                spatial_merge_size=2,
+            ),
+        ),
+    ),
+    "qwen3_vl": (
+        False,
+        dict(
+            text_config=dict(_LLAMA_LIKE, rope_parameters=_MROPE),
+            vision_config=dict(
+                depth=1,
+                hidden_size=16,
+                intermediate_size=24,
+                num_heads=2,
+                out_hidden_size=HIDDEN,
+                deepstack_visual_indexes=[0],
+                patch_size=14,
+                spatial_merge_size=2,
+                num_position_embeddings=16,
+            ),
+        ),
+    ),
+    "llava": (
+        True,
+        dict(
+            text_config=dict(_LLAMA_LIKE, model_type="llama"),
+            vision_config=dict(_VISION, model_type="clip_vision_model", image_size=28, patch_size=14),
+        ),
+    ),
+    "llava_next": (
+        True,
+        dict(
+            text_config=dict(_LLAMA_LIKE, model_type="llama"),
+            vision_config=dict(_VISION, model_type="clip_vision_model", image_size=28, patch_size=14),
+            image_grid_pinpoints=[[28, 28]],
+        ),
+    ),
 }
 
 TINY_MODEL_TYPES: list[str] = list(_TINY)
+#: the multimodal wrappers (``*ForConditionalGeneration``, built with ``AutoModelForImageTextToText``)
+TINY_WRAPPERS: frozenset[str] = frozenset(t for t, (_, kwargs) in _TINY.items() if "text_config" in kwargs)
 
 # The MLP inner size (input dim of the rewritten projection) of each tiny model.
 # Bloom and MPT hard-code 4 * hidden.
@@ -265,7 +360,11 @@ def tiny_config(model_type: str, **overrides: Any):
         raise KeyError(f"no tiny model for {model_type!r}; known: {', '.join(TINY_MODEL_TYPES)}")
     _, kwargs = _TINY[model_type]
     vocab = len(make_tiny_tokenizer(False))
-    kwargs = dict(kwargs, vocab_size=vocab, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    tokens = dict(vocab_size=vocab, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    if model_type in TINY_WRAPPERS:  # the text decoder's settings live in its own config
+        kwargs = dict(kwargs, text_config=dict(kwargs["text_config"], **tokens))
+    else:
+        kwargs = dict(kwargs, **tokens)
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 
@@ -273,13 +372,15 @@ def tiny_config(model_type: str, **overrides: Any):
 def make_tiny_model(
     model_type: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """A tiny random ``*ForCausalLM`` of ``model_type`` in eval mode, and its tokenizer.
+    """A tiny random ``*ForCausalLM`` (``*ForConditionalGeneration`` for :data:`TINY_WRAPPERS`) of
+    ``model_type`` in eval mode, and its tokenizer.
 
     Deterministic for a given ``seed``. The tokenizer is shared (cached); the model is new.
     """
     config = tiny_config(model_type)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+    auto = AutoModelForImageTextToText if model_type in TINY_WRAPPERS else AutoModelForCausalLM
+    model = auto.from_config(config, dtype=dtype, attn_implementation="eager")
     model.eval()
     return model, make_tiny_tokenizer(_TINY[model_type][0])
 

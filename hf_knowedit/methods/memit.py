@@ -66,6 +66,7 @@ from ..architectures import (
     mlp_post_norm_gain_eps,
     mlp_post_norm_path,
     num_layers,
+    residual_scale,
 )
 from ..deltas import ModuleDelta
 from ..errors import BatchTooLargeError, InvalidConfigError, UnsupportedArchitectureError
@@ -398,7 +399,8 @@ def spread_updates(
     for i, layer in enumerate(layers):
         keys = compute_keys(ctx.model, ctx.tokenizer, list(requests), layer, templates).float().cpu()
         current = block_output_at_subject(ctx.model, ctx.tokenizer, requests, z_layer)
-        resid = spread_residual(z - current, i, len(layers))
+        # the block adds residual_scale · (MLP output) to the stream (Granite's residual_multiplier)
+        resid = spread_residual(z - current, i, len(layers)) / residual_scale(ctx.model, pending.arch)
         norm_path = mlp_post_norm_path(pending.arch, layer)
         if norm_path is not None:  # ΔW changes the norm's input: map the block-output change through it
             x = output_at_subject(ctx.model, ctx.tokenizer, requests, mlp_out_path(pending.arch, layer))

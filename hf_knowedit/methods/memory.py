@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import get_architecture, mlp_out_dims, num_layers
+from ..architectures import decoder_config, get_architecture, mlp_out_dims, num_layers
 
 __all__ = [
     "statistics_bytes",
@@ -149,7 +149,7 @@ def targets_bytes_for(
     lengths = [len(row) for b in built for row in b.rows]
     cuts = [c for b in built for c in b.lookups] if prefix_cache else [0] * len(lengths)
     width = max(n - c for n, c in zip(lengths, cuts))
-    config = model.config
+    config = decoder_config(model)
     kv_heads = getattr(config, "num_key_value_heads", None) or shape["heads"]
     d_kv = int(getattr(config, "head_dim", None) or shape["d_model"] // shape["heads"]) * int(kv_heads)
     return targets_bytes(
@@ -216,7 +216,7 @@ def model_shape(model: nn.Module, layer: int) -> dict[str, Any]:
     (the model keeps attention matrices: ``attn_implementation="eager"``)."""
     spec = get_architecture(model)
     d_in, d_out = mlp_out_dims(model, spec, layer)
-    config = model.config
+    config = decoder_config(model, spec)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
     return {

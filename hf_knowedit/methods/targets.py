@@ -52,6 +52,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..architectures import (
     ArchitectureSpec,
+    decoder_config,
     get_architecture,
     get_module,
     layer_path,
@@ -153,7 +154,7 @@ def _cache_mode(model: nn.Module, spec: ArchitectureSpec, backbone: nn.Module) -
     if spec.prefix_cache == "off" or _cache_argument(backbone) is None:
         logger.debug("%s: no prefix cache, v*/z steps run over every position.", spec.model_type)
         return "off"
-    config = model.config
+    config = decoder_config(model, spec)
     windowed = (
         bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
     )

@@ -36,6 +36,7 @@ from torch import nn
 from ..architectures import (
     ArchitectureSpec,
     attn_out_path,
+    decoder_config,
     get_architecture,
     get_module,
     layer_path,
@@ -200,7 +201,7 @@ class CausalTracer:
     # -- restorations -----------------------------------------------------------
 
     def _rows_per_chunk(self, seq_len: int) -> int:
-        cfg = self.model.config
+        cfg = decoder_config(self.model, self.spec)
         d = get_module(self.model, self.spec.embed).weight.shape[-1]
         heads = getattr(cfg, "num_attention_heads", None) or max(1, d // 64)
         inner = getattr(get_module(self.model, mlp_out_path(self.spec, 0)), "weight").numel() // d
