@@ -8,6 +8,7 @@ import copy
 import json
 
 import pytest
+import torch
 
 import hf_knowedit
 from hf_knowedit.errors import InvalidConfigError, InvalidDataError
@@ -19,7 +20,7 @@ from hf_knowedit.generation import generate_texts
 from .helpers import assert_untouched, snapshot
 from .test_evaluation import cf_record
 from .test_generation_metrics import chain_lm
-from .tiny_models import EOS, EOS_ID, make_tiny_model, make_tiny_tokenizer
+from .tiny_models import EOS_ID, make_tiny_model, make_tiny_tokenizer
 
 #: a template that ends the prompt with " is", so a crafted bigram model answers from that token
 TEMPLATE = (
@@ -174,9 +175,14 @@ KNOWN = [
 
 def test_crafted_lm_gives_known_chat_metrics_in_both_forms():
     tok = make_tiny_tokenizer(False)
-    # "Q: ...\nA:" ends in ":" -> " Rome"; the template ends in " is" -> " Paris"; both then end the turn,
-    # after which the chain would go on (an answer that did not stop would name both cities)
-    model = chain_lm(tok, {":": " Rome", " is": " Paris", " Rome": EOS, " Paris": EOS, EOS: " Rome"})
+    # "Q: ...\nA:" ends in ":" -> " Rome"; the template ends in " is" -> " Paris"; both then end the turn with
+    # ".", the model's end-of-turn token (in its generation config, as chat models list theirs), after which
+    # the chain would go on: an answer that did not stop there would name both cities
+    model = chain_lm(tok, {":": " Rome", " is": " Paris", " Rome": ".", " Paris": ".", ".": " Rome"})
+    model.generation_config.eos_token_id = [EOS_ID, *tok(".")["input_ids"]]
+    (paris,), (rome,) = tok(" Paris")["input_ids"], tok(" Rome")["input_ids"]
+    with torch.no_grad():  # second choice after " Paris": a generation that never stops says " Rome" next
+        model.lm_head.weight[rome, paris] = 5.0 / len(tok) ** 0.5
     rec = with_relation(
         cf_record(
             paraphrases=("The Eiffel Tower is in",),
