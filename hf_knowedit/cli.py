@@ -738,6 +738,7 @@ def cmd_eval(args: argparse.Namespace, out: Output) -> int:
         protocol=args.protocol,
         batch_size=args.batch_size,
         fluency=not args.no_fluency,
+        chat=args.chat,
         progress=not args.no_progress,
         **kwargs,
     )
@@ -1186,6 +1187,7 @@ EPILOGS = {
   hf-knowedit trace --prompt "The Eiffel Tower is located in" --subject "Eiffel Tower" --plot trace.png
   hf-knowedit edit --prompt "{} is located in" --subject Angola --target Antarctica --out edits/angola
   hf-knowedit eval counterfact_500.json --method rome --limit 10 --no-fluency
+  hf-knowedit eval counterfact_500.json --method rome --limit 10 --no-fluency --chat   # asked as questions
   hf-knowedit stats compute --layers 6
   hf-knowedit apply edits/angola --merge-to merged/
   hf-knowedit truncate edits/cf100 --rank 64 --out edits/cf100-r64
@@ -1217,6 +1219,7 @@ statistics: ROME-family methods need C = E[k kᵀ] at each edited layer, compute
     "eval": """examples:
   hf-knowedit eval counterfact_500.json --limit 20                     # the unedited model
   hf-knowedit eval counterfact_500.json --method rome --limit 10 --no-fluency
+  hf-knowedit eval counterfact_500.json --method rome --limit 10 --no-fluency --chat   # asked as questions
   hf-knowedit eval zsre_eval_1037.json --method memit --protocol batch --limit 100 --json > memit.json
   hf-knowedit eval counterfact_500.json --method alphaedit --protocol sequential --batch-size 10 --out report.md""",
     "stats": """examples:
@@ -1388,6 +1391,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--schema", choices=("counterfact", "counterfact_flat", "zsre"), help="default: detected")
     p.add_argument("--no-fluency", action="store_true", help="skip the fluency metric (GE): much faster")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="also ask each edit, paraphrase and neighbour as a question through the model's chat template "
+        "(Q:/A: without one): chat_ES, chat_PS, chat_NS, chat_keep (known_1000.json from the data folder)",
+    )
     p.add_argument("--out", metavar="FILE", help="also write the report here (.md, or .json)")
     p.set_defaults(func=cmd_eval)
 

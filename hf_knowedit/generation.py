@@ -102,6 +102,8 @@ def generate_texts(
     per_prompt: int = 1,
     batch_size: int = 64,
     row_seeds: Sequence[int] | None = None,
+    stop_ids: Sequence[int] | None = None,
+    add_special_tokens: bool = True,
 ) -> list[str]:
     """``prompt + continuation`` for each prompt, ``per_prompt`` times each, in the order of ``prompts``.
 
@@ -110,6 +112,9 @@ def generate_texts(
     the RNG seeded inside :func:`torch.random.fork_rng`; ``seed=None``: greedy decoding.
     ``row_seeds`` (one per prompt; ``per_prompt`` must be 1): top-``k`` sampling with one generator per
     row (:class:`RowSampler`), independent of batching; ``seed`` is then ignored.
+    ``stop_ids``: a row stops at the first of these tokens (an answer's end of turn), which is not part
+    of its text; other rows of the batch go on. ``add_special_tokens=False`` tokenizes prompts that
+    carry their special tokens already (a rendered chat template).
     """
     if not prompts:
         return []
@@ -117,7 +122,11 @@ def generate_texts(
         raise InvalidConfigError(f"row_seeds needs one seed per prompt ({len(prompts)}) and per_prompt=1.")
     device = model_device(model)
     pad = pad_id(tokenizer)
-    rows = [(p, list(tokenizer(p)["input_ids"])) for p in prompts for _ in range(per_prompt)]
+    rows = [
+        (p, list(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]))
+        for p in prompts
+        for _ in range(per_prompt)
+    ]
     width = max(len(ids) for _, ids in rows)
     new_tokens = max(1, min(max_new_tokens, max_positions(model) - width))
     sample = seed is not None and row_seeds is None
@@ -127,6 +136,11 @@ def generate_texts(
         top_p=1.0 if sample else None,
         temperature=1.0 if sample else None,
     )
+    # without stop tokens every row gets exactly new_tokens tokens; with them a row ends at the first one
+    if stop_ids:
+        options["eos_token_id"] = list(stop_ids)
+    else:
+        options["min_new_tokens"] = new_tokens
     rng_devices = [] if device.type == "cpu" else [device.index or 0]
     out: list[str] = []
     with torch.random.fork_rng(devices=rng_devices, device_type=device.type), frozen(model, params=False):
@@ -152,7 +166,6 @@ def generate_texts(
                     input_ids=ids,
                     attention_mask=mask,
                     max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
                     pad_token_id=pad,
                     num_beams=1,
                     use_cache=True,
@@ -162,5 +175,8 @@ def generate_texts(
                 )
                 bar.update(new_tokens - ticks.done)
                 for (start, _), row in zip(chunk, gen):
-                    out.append(_join(start, tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True)))
+                    new = row[ids.shape[1] :].tolist()
+                    if stop_ids:
+                        new = new[: next((k for k, t in enumerate(new) if t in stop_ids), len(new))]
+                    out.append(_join(start, tokenizer.decode(new, skip_special_tokens=True)))
     return out

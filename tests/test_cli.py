@@ -679,6 +679,14 @@ def test_unknown_keys_warning_does_not_claim_a_newer_version(tmp_path, caplog):
     assert "was written by a newer" not in text
 
 
+def test_eval_chat_adds_the_chat_metrics(capsys, tiny, tmp_path, data_path):
+    records = json.loads((data_path / "counterfact_500.json").read_text())[:2]
+    path = write_jsonl(tmp_path / "cf.jsonl", records)
+    data = run_json(capsys, "eval", path, "--no-fluency", "--chat")
+    assert {"chat_ES", "chat_PS", "chat_NS", "chat_keep"} <= set(data["pre"]) and data["settings"]["chat"]
+    assert "chat_ES" not in run_json(capsys, "eval", path, "--no-fluency")["pre"]
+
+
 def test_eval_finds_a_bare_data_file_name_where_the_readme_says(capsys, tiny, tmp_path, data_path, monkeypatch):
     """``hf-knowedit eval counterfact_500.json`` from a folder without that file reads it from
     ``$HF_KNOWEDIT_DATA``, else from ``../shared/data`` (the README's layout)."""

@@ -293,3 +293,37 @@ def test_fluency_and_known_helpers_match_their_definitions(one_thread):
     assert math.isnan(lifelong.known_accuracy(model, tok, []))
     with pytest.raises(hf_knowedit.errors.InvalidDataError, match="known fact 0"):
         lifelong.load_known([{"prompt": "x"}], 5)
+
+
+def test_chat_rows_on_the_generation_sample(stats_cache, one_thread):
+    """``chat=True`` adds the chat metrics to every row, from the sampled records edited so far; row 0 holds
+    the unedited model's numbers on the whole sample, as ``evaluate(chat=True)`` gives them."""
+    model, tok = tiny("llama")
+    recs = [
+        {
+            "case_id": i,
+            "requested_rewrite": {
+                "prompt": r.prompt,
+                "subject": r.subject,
+                "target_new": {"str": r.target_new},
+                "target_true": {"str": r.target_true},
+                "relation_id": "P17",
+            },
+            "paraphrase_prompts": ["Everyone knows that " + r.text],
+            "neighborhood_prompts": ["The Louvre is located in"],
+        }
+        for i, r in enumerate(facts(4))
+    ]
+    known = [
+        {"prompt": "Mount Fuji is located in", "subject": "Mount Fuji", "attribute": "Japan", "relation_id": "P17"}
+    ]
+    res = lifelong.run_lifelong(
+        model, tok, recs, method="memit", batch_size=2, checkpoint_every=2, gen_sample=4, known=known, n_known=0,
+        n_heldout=0, chat=True, gen_max_new_tokens=4, progress=False, v_num_grad_steps=2, context_templates=0, **FAST,
+    )  # fmt: skip
+    assert all({"chat_ES", "chat_PS", "chat_NS", "chat_keep"} <= set(r) for r in res.rows)
+    assert res.settings["chat"] is True and "chat_ES" in res.to_markdown()
+    unedited = hf_knowedit.evaluate(model, tok, recs, fluency=False, chat=True, chat_known=known, progress=False)
+    assert {k: res.rows[0][k] for k in ("chat_ES", "chat_PS", "chat_NS", "chat_keep")} == {
+        k: unedited.pre[k] for k in ("chat_ES", "chat_PS", "chat_NS", "chat_keep")
+    }

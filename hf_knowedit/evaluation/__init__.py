@@ -17,6 +17,9 @@ Metrics (see :mod:`hf_knowedit.evaluation.metrics` for the exact definitions):
 * Both datasets, generation (``generation=True``, :mod:`.generative`): greedy continuations with no
   teacher forcing, exact match / contains (``gen_ES, gen_PS, gen_NS, gen_ES_in, ...``), under a random
   50-token prefix (``gen_ES_prefix``) and negation (``gen_ES_neg``).
+* Both datasets, questions (``chat=True``, :mod:`.chat`): the edit, its paraphrase and its neighbours asked
+  as questions through the model's chat template (``Q: ... A:`` without one), greedy answers matched by
+  written-down rules: ``chat_ES, chat_PS, chat_NS, chat_keep``.
 * Both datasets, the *other* family: EasyEdit's teacher-forced ``rewrite_acc, rephrase_acc, locality``.
 
 Modules: :mod:`.scoring` (batched, padding-side-exact target scoring), :mod:`.datasets` (loaders),
@@ -35,6 +38,7 @@ from torch import nn
 
 from ..errors import InvalidConfigError
 from ..generation import generate_texts
+from . import chat as chat_forms
 from . import generative, metrics
 from .datasets import SCHEMAS, EvalRecord, load_records
 from .lifelong import LifelongResult, plot_lifelong, run_lifelong
@@ -59,6 +63,10 @@ def evaluate(
     generation: bool = False,
     gen_max_new_tokens: int = 20,
     prefix_tokens: int = 50,
+    chat: bool = False,
+    chat_max_new_tokens: int = 32,
+    chat_known: Any = "known_1000.json",
+    chat_keep_n: int = 2,
     seed: int | None = 0,
     max_new_tokens: int = 90,
     score_batch_size: int = 32,
@@ -85,6 +93,12 @@ def evaluate(
             "generation (WILD)".
         gen_max_new_tokens: tokens generated per prompt for the generation metrics (fixed, never the target's length).
         prefix_tokens: length of the random context prefix of ``gen_ES_prefix`` (0: no prefix metric).
+        chat: also compute the chat metrics (:mod:`.chat`: ``chat_ES, chat_PS, chat_NS, chat_keep``), family
+            "chat (questions)"; CounterFact (full schema, by ``relation_id``) and zsRE records.
+        chat_max_new_tokens: most tokens of one answer (it stops earlier at the end of the turn).
+        chat_known: the unrelated known questions of ``chat_keep``: ``known_1000.json`` (a path, or a bare
+            name looked up in the benchmark data folder) or its list of facts; ``None`` leaves ``chat_keep`` out.
+        chat_keep_n: known questions per record.
         seed: seed of the top-5 sampling used for ``GE`` (per record ``seed + index``); ``None`` = greedy.
         max_new_tokens: tokens generated per generation prompt.
         score_batch_size: sequences per forward pass when scoring.
@@ -101,6 +115,7 @@ def evaluate(
         raise InvalidConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
     start = time.perf_counter()
     recs = load_records(records, schema, limit=limit, zsre_target=zsre_target)
+    known = chat_forms.load_known_facts(chat_known) if chat and chat_known is not None and chat_keep_n else []
     encoded = [encode_record(tokenizer, r) for r in recs]
     scorer = Scorer(
         model,
@@ -113,6 +128,10 @@ def evaluate(
         generation=generation,
         gen_max_new_tokens=gen_max_new_tokens,
         prefix_tokens=prefix_tokens,
+        chat=chat,
+        chat_max_new_tokens=chat_max_new_tokens,
+        chat_known=known,
+        chat_keep_n=chat_keep_n,
     )
     parts = run_protocol(
         model,
@@ -143,11 +162,19 @@ def evaluate(
         "generation": generation,
         "gen_max_new_tokens": gen_max_new_tokens,
         "prefix_tokens": prefix_tokens,
+        "chat": chat,
         "max_new_tokens": max_new_tokens,
         "score_batch_size": score_batch_size,
         "padding_side": getattr(tokenizer, "padding_side", None),
         "edit_kwargs": {k: repr(v) for k, v in edit_kwargs.items()},
     }
+    if chat:
+        settings.update(
+            chat_form="chat template" if chat_forms.has_chat_template(tokenizer) else "Q: ... A:",
+            chat_max_new_tokens=chat_max_new_tokens,
+            chat_known=chat_known if chat_known is None or isinstance(chat_known, str) else repr(type(chat_known)),
+            chat_keep_n=chat_keep_n if known else 0,
+        )
     if protocol == "sequential":
         settings.update(batch_size=batch_size, curve_every=curve_every)
     return EvalResult(

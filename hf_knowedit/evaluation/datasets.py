@@ -79,6 +79,8 @@ class EvalRecord:
             (``target_true`` for CounterFact, ``loc_ans`` for zsRE).
         generation_prompts: prompts for the fluency metric (CounterFact full schema only).
         index / case_id: position in the source list and the dataset's id.
+        relation_id: CounterFact's Wikidata relation (``requested_rewrite.relation_id``, e.g. ``"P17"``),
+            which picks the record's questions in the chat metrics; ``None`` where the schema has none.
     """
 
     request: EditRequest
@@ -92,6 +94,7 @@ class EvalRecord:
     generation_prompts: tuple[str, ...] = ()
     index: int = 0
     case_id: Any = None
+    relation_id: str | None = None
 
     @property
     def where(self) -> str:
@@ -192,6 +195,7 @@ def parse_record(record: Any, index: int = 0, schema: str | None = None, *, zsre
             _prompts(record, "generation_prompts", where) if gen else (),
             index,
             case_id,
+            record["requested_rewrite"].get("relation_id"),
         )
     if schema == "counterfact_flat":
         subject, prompt = _text(record, "subject", where), _text(record, "prompt", where)

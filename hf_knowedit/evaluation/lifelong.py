@@ -15,6 +15,9 @@ unedited model; then every ``checkpoint_every`` edits (and after the last batch)
 * the generation metrics (:mod:`.generative`: ``gen_ES``, ``gen_PS``, ``gen_NS``, prefix, negation) on a
   fixed random sample of ``gen_sample`` records (seeded), those of them edited so far (row 0: all of them);
   ``gen_ES_neg_n``: how many of them have a ``gen_ES_neg`` (only records whose edit took);
+* with ``chat=True``, the chat metrics (:mod:`.chat`: ``chat_ES``, ``chat_PS``, ``chat_NS``, ``chat_keep``, the
+  questions asked through the chat template) on the same sample, those of them edited so far (row 0: all of
+  them); ``chat_keep`` asks ``known``'s facts (none without ``known``);
 * ``GE``: fluency of sampled continuations of the whole sample's prompts (generation prompts where the schema
   has them, else the rewrite prompts; one seeded generator per prompt);
 * ``ppl``: perplexity of a fixed held-out text: ``heldout_text``, or by default the ``n_heldout`` known facts
@@ -68,6 +71,7 @@ from ..errors import InvalidConfigError, InvalidDataError, KnowEditError
 from ..generation import generate_texts, max_positions
 from ..hooks import frozen
 from ..stack import effective_weight, get_edit_set, get_state, list_edits, load_edits, revert_edits
+from . import chat as C
 from . import generative as G
 from . import metrics as M
 from .datasets import first_per_fact, load_records
@@ -83,6 +87,7 @@ ROW_ORDER = (
     *M.ZSRE_METRICS,
     *G.GEN_METRICS,
     "gen_ES_neg_n",
+    *C.CHAT_METRICS,
     "ppl",
     "known_acc",
     "norm_growth",
@@ -299,6 +304,7 @@ def run_lifelong(
     state_dir: str | os.PathLike | None = None,
     keep_edits: bool = False,
     gen_max_new_tokens: int = 20,
+    chat: bool = False,
     fluency_new_tokens: int = 50,
     score_batch_size: int = 32,
     progress: bool = True,
@@ -316,6 +322,7 @@ def run_lifelong(
         heldout_text / n_heldout: text for perplexity; by default the ``n_heldout`` known facts after the probes.
         state_dir: folder for checkpoints; a run found there with the same settings is continued.
         keep_edits: leave the stream's edits on the model at the end (default: revert them).
+        chat: also measure the chat metrics on the generation sample (CounterFact full schema or zsRE).
     """
     get_method(method)
     _check_int("batch_size", batch_size, 1)
@@ -359,6 +366,8 @@ def run_lifelong(
         "gen_max_new_tokens": gen_max_new_tokens,
         "fluency_new_tokens": fluency_new_tokens,
     }
+    if chat:  # only then, so that a stream saved without the option still resumes
+        settings["chat"] = True
     state_path = None if state_dir is None else Path(state_dir)
     saved = _read_progress(state_path, settings)
 
@@ -374,6 +383,8 @@ def run_lifelong(
         generation=True,
         seed=seed,
         gen_max_new_tokens=gen_max_new_tokens,
+        chat=chat,
+        chat_known=C.load_known_facts(known) if chat and known is not None else (),
     )
     fluency_prompts = [p for i in sample for p in (recs[i].generation_prompts or recs[i].rewrite_prompts)]
     pre = _baseline(state_path, settings, scorer, n)  # the unedited scores (locality's reference)
@@ -388,6 +399,7 @@ def run_lifelong(
         row: dict[str, float] = {"n_edits": done, **M.aggregate(cases), **M.aggregate(gens)}
         if gens:
             row["gen_ES_neg_n"] = sum("gen_ES_neg" in g for g in gens)  # the records it is computed on
+        row.update(M.aggregate([c for c in gen_scorer.chat_metrics(sample_now) if c]))
         if fluency_prompts:
             row["GE"] = fluency(model, tokenizer, fluency_prompts, seed, fluency_new_tokens)
         if text:

@@ -39,6 +39,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from statistics import fmean
 
+from .chat import CHAT_METRICS
 from .generative import GEN_METRICS
 from .scoring import TargetScore
 
@@ -135,7 +136,7 @@ def aggregate(cases: Sequence[Mapping[str, float | None]]) -> dict[str, float]:
         out["S"] = harmonic_mean([out["ES"], out["PS"], out["NS"]])
     if all(k in out for k in ("Efficacy", "Paraphrase", "Specificity")):
         out["Score"] = harmonic_mean([out["Efficacy"], out["Paraphrase"], out["Specificity"]])
-    order = ROME_METRICS + ZSRE_METRICS + GEN_METRICS + TOKEN_ACC_METRICS
+    order = ROME_METRICS + ZSRE_METRICS + GEN_METRICS + CHAT_METRICS + TOKEN_ACC_METRICS
     return {k: out[k] for k in sorted(out, key=lambda k: order.index(k) if k in order else len(order))}
 
 

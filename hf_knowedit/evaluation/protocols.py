@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from huggingface_hub.utils import tqdm
@@ -34,6 +34,7 @@ from ..editing import apply_edits, get_method
 from ..errors import InvalidConfigError, InvalidDataError, KnowEditError
 from ..generation import generate_texts
 from ..stack import revert_edits
+from . import chat as C
 from . import generative as G
 from . import metrics as M
 from .datasets import PROMPT_FIELDS, TARGET_FIELDS, EvalRecord, check_distinct
@@ -137,8 +138,9 @@ def case_metrics(rec: EvalRecord, post: RecordScores, pre: RecordScores, ge: flo
 
 @dataclass
 class Scorer:
-    """Scores records on the model as it is now (see :func:`score_records`), plus fluency and the generation
-    metrics (:mod:`.generative`), each generated for many records in one batched call."""
+    """Scores records on the model as it is now (see :func:`score_records`), plus fluency, the generation
+    metrics (:mod:`.generative`) and the chat metrics (:mod:`.chat`), each generated for many records in one
+    batched call. With ``chat``, every record's questions are built (and checked) when the scorer is made."""
 
     model: nn.Module
     tokenizer: Any
@@ -151,6 +153,15 @@ class Scorer:
     gen_max_new_tokens: int = 20
     prefix_tokens: int = 50
     gen_batch_size: int = 64
+    chat: bool = False
+    chat_max_new_tokens: int = 32
+    chat_known: Sequence[C.KnownFact] = ()
+    chat_keep_n: int = 2
+    chat_probes: list[dict[str, list[C.Probe]]] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.chat:
+            self.chat_probes = [C.record_probes(e.record, self.chat_known, self.chat_keep_n) for e in self.encoded]
 
     def scores(self, idx: Sequence[int]) -> list[RecordScores]:
         return score_records(self.model, self.tokenizer, [self.encoded[i] for i in idx], batch_size=self.batch_size)
@@ -227,17 +238,44 @@ class Scorer:
             )
         return out
 
+    def chat_metrics(self, idx: Sequence[int]) -> list[dict[str, float] | None]:
+        """Chat metrics of each record (fractions): every question of every record answered greedily in one
+        call, through the chat template where the tokenizer has one (:mod:`.chat`)."""
+        if not self.chat:
+            return [None] * len(idx)
+        probes = [self.chat_probes[i] for i in idx]
+        questions = [p.question for g in probes for group in C.GROUPS for p in g[group]]
+        prompts = [C.chat_prompt(self.tokenizer, q) for q in questions]
+        templated = C.has_chat_template(self.tokenizer)
+        texts = generate_texts(
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=self.chat_max_new_tokens,
+            seed=None,
+            batch_size=self.gen_batch_size,
+            stop_ids=C.stop_ids(self.model, self.tokenizer),
+            add_special_tokens=not templated,
+        )
+        answers = iter(C.answer_of(t[len(p) :], templated) for p, t in zip(prompts, texts))
+        return [
+            C.chat_case(
+                g, {group: [next(answers) for _ in g[group]] for group in C.GROUPS}, self.encoded[i].record.target_new
+            )
+            for i, g in zip(idx, probes)
+        ]
+
     def cases(
         self, idx: Sequence[int], pre: Sequence[RecordScores] | None = None, now: Sequence[RecordScores] | None = None
     ) -> list[dict[str, float]]:
         """All per-record metrics of records ``idx`` on the model as it is now; ``pre`` holds the unedited
         scores of all records (``None``: the model is the unedited one); ``now``: scores already computed."""
         now = self.scores(idx) if now is None else now
-        ges, gens = self.ge_many(idx), self.gen(idx)
+        ges, gens, chats = self.ge_many(idx), self.gen(idx), self.chat_metrics(idx)
         out = []
         for k, i in enumerate(idx):
             case = case_metrics(self.encoded[i].record, now[k], now[k] if pre is None else pre[i], ges[k])
-            out.append({**case, **(gens[k] or {})})
+            out.append({**case, **(gens[k] or {}), **(chats[k] or {})})
         return out
 
 

@@ -7,12 +7,18 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .chat import CHAT_METRICS
 from .generative import GEN_METRICS
 from .metrics import ROME_METRICS, TOKEN_ACC_METRICS, ZSRE_METRICS
 
-#: the probability-comparison family (papers), generation (WILD-style, no teacher forcing) and the
-#: teacher-forced token accuracy family (EasyEdit)
-FAMILIES = {"paper": ROME_METRICS + ZSRE_METRICS, "generation": GEN_METRICS, "token_accuracy": TOKEN_ACC_METRICS}
+#: the probability-comparison family (papers), generation (WILD-style, no teacher forcing), questions asked
+#: in the model's chat form, and the teacher-forced token accuracy family (EasyEdit)
+FAMILIES = {
+    "paper": ROME_METRICS + ZSRE_METRICS,
+    "generation": GEN_METRICS,
+    "chat": CHAT_METRICS,
+    "token_accuracy": TOKEN_ACC_METRICS,
+}
 
 
 def family_label(metric: str) -> str:
@@ -21,6 +27,8 @@ def family_label(metric: str) -> str:
         return "token accuracy (EasyEdit)"
     if metric in GEN_METRICS:
         return "generation (WILD)"
+    if metric in CHAT_METRICS:
+        return "chat (questions)"
     return "paper"
 
 
