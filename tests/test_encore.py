@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -360,3 +361,21 @@ def test_a_reference_encore_config_edits_a_model():
     es = hf_knowedit.apply_edits(model, tok, facts(1), "encore", config=ref.config, layers=LAYERS)
     assert es.config["update_norm_lambda"] == 20 and es.config["prob_cutoff"] == -2
     hf_knowedit.revert_edits(model)
+
+
+def test_requests_mpes_stopped_are_not_warned_about(monkeypatch, caplog):
+    """MPES stops above ``early_stop`` on purpose (the new object is top-1): no "will likely not take"
+    warning for those requests, while one that ran out of steps is still named."""
+    model, tok = tiny("llama")
+    reqs = facts(3)
+
+    def first_only(top1_steps, mean_prob, prob_cutoff):  # MPES stops request 0 at once, never the others
+        return torch.arange(len(top1_steps)) == 0
+
+    monkeypatch.setattr(targets_module, "mpes_stop", first_only)
+    cfg = ENCOREConfig(v_weight_decay=1e-3, clamp_norm_factor=4.0)
+    with caplog.at_level(logging.WARNING, logger="hf_knowedit.methods.targets"):
+        optimize_targets(model, tok, reqs, 2, cfg, **{**MPES, "v_num_grad_steps": 2, "early_stop": 1e-9})
+    warned = [r.getMessage() for r in caplog.records if "will likely not take" in r.getMessage()]
+    assert not any(repr(reqs[0].text) in w for w in warned)
+    assert any(repr(reqs[1].text) in w for w in warned)

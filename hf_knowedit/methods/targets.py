@@ -317,6 +317,7 @@ def optimize_targets(
     top1_steps = torch.zeros(n, dtype=torch.long, device=device)  # passes with every checked token top-1 (MPES)
     mean_prob = torch.zeros(n, dtype=torch.float64, device=device)  # over the rewriting prompts (MPES)
     steps_taken = [0] * n
+    by_mpes = torch.zeros(n, dtype=torch.bool, device=device)  # stopped because the new object is top-1
     try:
         with torch.enable_grad():
             if fast:
@@ -342,7 +343,9 @@ def optimize_targets(
                     progress(it, losses.detach().cpu().clone())
                 active &= ~(losses < hp.early_stop)  # stopped requests are frozen from here on
                 if getattr(hp, "most_probable_stop", False):  # ENCORE's MPES (methods/encore.py)
-                    active &= ~mpes_stop(top1_steps, mean_prob, getattr(hp, "prob_cutoff", -1))
+                    reached = mpes_stop(top1_steps, mean_prob, getattr(hp, "prob_cutoff", -1)) & active
+                    by_mpes |= reached
+                    active &= ~reached
                 if last or not bool(active.any()):
                     break
                 if it == 0:
@@ -361,7 +364,8 @@ def optimize_targets(
             c.close()
     delta = delta.detach()
     final = losses.cpu().tolist()
-    warn_unfinished(requests, final, steps_taken, hp.early_stop)
+    unfinished = [i for i in range(n) if not bool(by_mpes[i])]  # MPES stops on purpose above early_stop
+    warn_unfinished(*([seq[i] for i in unfinished] for seq in (requests, final, steps_taken)), hp.early_stop)
     work = {k: sum(c.work.get(k, 0) for c in chunks) for k in ("full", "replayed", "cached")} if fast else {}
     return TargetResult((init + delta).float(), init.float(), steps_taken, final, work)
 
