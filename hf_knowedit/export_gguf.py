@@ -304,8 +304,9 @@ def merge_to_gguf(
 ) -> Path:
     """Write a copy of ``base_gguf`` whose edited weights are ``W + ΔW``: every metadata key and every other
     tensor copied as it is (same quantisation), each edited tensor dequantised, updated in float32 and
-    written as ``type`` (``f32``, ``f16`` or ``q8_0``: re-quantising to the base's 4-bit type would round
-    most of a rank-one edit away). The edit's provenance and requests go under ``hf_knowedit.*`` keys.
+    written as ``type`` (``f32``, ``f16`` or ``q8_0``; how edits fare when the edited tensors are re-quantised
+    to the base's 4-bit type is measured in ``docs/results/quantised_edits.md``). The edit's provenance and
+    requests go under ``hf_knowedit.*`` keys.
 
     The base is checked first as in :func:`export_gguf_lora` (``force=True`` skips the fingerprint);
     the file is written atomically. Needs gguf >= 0.11 (to read metadata values)."""
