@@ -136,6 +136,9 @@ def main() -> None:
         }
     )
 
+    sys.stdout.write(rows_table(rows) + "\n\n")
+    sys.stdout.flush()
+
     # 2. the same C within noise
     layer = default_layer(model)
     n_texts = math.ceil(1.1 * args.c_tokens / length)
@@ -161,6 +164,9 @@ def main() -> None:
         },
     ]
 
+    sys.stdout.write(rows_table(c_rows) + "\n\n")
+    sys.stdout.flush()
+
     # 3. the README's first edit on empty statistics/corpus caches, Python and CLI
     edit_rows = []
     if not args.no_first_edit:
@@ -170,12 +176,13 @@ def main() -> None:
                 env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
                 seconds, code = timed_process(argv, env)
             edit_rows.append({"first edit": what, "wall s": f"{seconds:.0f}", "exit": code, "target": "< 180 s"})
+            sys.stdout.write(f"{what}: {seconds:.0f} s, exit {code}\n")
+            sys.stdout.flush()
 
     table = rows_table(rows) + "\n\n" + rows_table(c_rows)
     if edit_rows:
         table += "\n\n" + rows_table(edit_rows)
     wall = time.perf_counter() - t_start
-    sys.stdout.write(table + "\n")
     if args.out:
         write_markdown(args.out, "First run: the default statistics corpus and the first edit", table, machine, wall)
 
