@@ -530,6 +530,7 @@ def test_first_per_fact_keeps_each_facts_first_record_in_order():
         ),
         ("Palgrave Macmillan, 2013. Shanghai is a twin city of", "Shanghai", "Shanghai is a twin city of"),
         ("  The Eiffel Tower is in", "Eiffel Tower", "The Eiffel Tower is in"),
+        ("The Eiffel Tower, a landmark, stands in", "Eiffel Tower", "The Eiffel Tower, a landmark, stands in"),
         ("  no subject here ", "Paris", "no subject here"),
     ],
 )

@@ -284,7 +284,7 @@ def readable_prompt(prompt: str, subject: str) -> str:
     if at < 0:
         return prompt.strip()
     head = prompt[:at]
-    start = max([head.rfind(mark) + len(mark) for mark in (". ", "? ", "! ", "\n")] + [0])
+    start = max([head.rfind(mark) + len(mark) for mark in (". ", "? ", "! ", "\n") if mark in head] + [0])
     return prompt[start:].strip()
 
 
