@@ -3,7 +3,7 @@
 Every record is turned into questions:
 
 * **CounterFact**: one hand-written question and one paraphrase question per ``relation_id``
-  (``data/counterfact_questions.json``, written for hf_knowedit from CounterFact's relation templates;
+  (``data/relation_questions.json``, written for hf_knowedit from CounterFact's relation templates;
   :func:`question_table`). The edit's question is ``question`` about the subject, the paraphrase is
   ``paraphrase`` about it; each neighbourhood prompt becomes ``question`` about *its* subject, found by
   matching the prompt against the relation's CounterFact statement templates (``statements``, the
@@ -49,7 +49,7 @@ CHAT_METRICS = ("chat_ES", "chat_PS", "chat_NS", "chat_keep")
 GROUPS = ("rewrite", "paraphrase", "neighborhood", "keep")
 
 #: the question table shipped with the package
-QUESTIONS_FILE = Path(__file__).parent / "data" / "counterfact_questions.json"
+QUESTIONS_FILE = Path(__file__).parent / "data" / "relation_questions.json"
 
 #: the prompt of a tokenizer without a chat template
 QA_FORM = "Q: {}\nA:"
