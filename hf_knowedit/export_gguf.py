@@ -206,6 +206,17 @@ def _provenance(writer: Any, es: Any) -> None:
     writer.add_string("hf_knowedit.requests", json.dumps([r.to_dict() for r in es.requests], ensure_ascii=False))
 
 
+def _start(es: Any, model: Any, path: str | Path, choice: tuple[str, str, tuple], what: str) -> tuple:
+    """The checks both exports make before reading anything: ``choice = (name, value, allowed)`` is valid
+    and ``es`` changes some module. Returns ``(gguf module, architecture row, output path)``."""
+    name, value, allowed = choice
+    if value not in allowed:
+        raise InvalidConfigError(f"{name} must be one of {allowed}, got {value!r}.")
+    if not es.deltas:
+        raise InvalidConfigError(f"The edit set changes no module; there is nothing to {what}.")
+    return _gguf(), _gguf_spec(model), _output(path)
+
+
 def export_gguf_lora(
     es: Any,
     path: str | Path,
@@ -231,13 +242,7 @@ def export_gguf_lora(
     llama.cpp names or a module is not its ``mlp_out``; ``BaseModelMismatchError`` for a wrong base;
     ``InvalidConfigError`` for an unknown dtype or an empty edit set. Returns the path written.
     """
-    if dtype not in LORA_DTYPES:
-        raise InvalidConfigError(f"dtype must be one of {LORA_DTYPES}, got {dtype!r}.")
-    if not es.deltas:
-        raise InvalidConfigError("The edit set changes no module; there is nothing to export.")
-    gguf = _gguf()
-    spec = _gguf_spec(model)
-    out = _output(path)
+    gguf, spec, out = _start(es, model, path, ("dtype", dtype, LORA_DTYPES), "export")
     names = {p: gguf_tensor_name(spec.model_type, p) for p in sorted(es.deltas)}
     if base_gguf is not None:
         check_base(es, spec, _reader(base_gguf), names, force=force)
@@ -310,13 +315,7 @@ def merge_to_gguf(
 
     The base is checked first as in :func:`export_gguf_lora` (``force=True`` skips the fingerprint);
     the file is written atomically. Needs gguf >= 0.11 (to read metadata values)."""
-    if type not in MERGED_TYPES:
-        raise InvalidConfigError(f"type must be one of {MERGED_TYPES}, got {type!r}.")
-    if not es.deltas:
-        raise InvalidConfigError("The edit set changes no module; there is nothing to merge.")
-    gguf = _gguf()
-    spec = _gguf_spec(model)
-    out = _output(path)
+    gguf, spec, out = _start(es, model, path, ("type", type, MERGED_TYPES), "merge")
     if Path(base_gguf).expanduser().absolute() == out:
         raise OutputPathError(f"{path} is the base GGUF itself; write the merged model to another file.")
     names = {gguf_tensor_name(spec.model_type, p): p for p in sorted(es.deltas)}
