@@ -1,4 +1,5 @@
-"""Lifelong editing on SmolLM2-135M: a stream of CounterFact edits per method, measured every k edits.
+"""Lifelong editing on a bundled model (SmolLM2-135M; Gemma-3-270M with ``--model gemma3``): a stream of
+CounterFact edits per method, measured every k edits.
 
 Each method runs :func:`hf_knowedit.run_lifelong` on the first ``--n-edits`` records of
 ``counterfact_flat_edit_10000.json`` in batches of ``--batch-size``, with a checkpoint row every
@@ -65,6 +66,10 @@ COLUMNS = (
     "gen_ES_prefix",
     "gen_ES_neg",
     "gen_ES_neg_n",
+    "chat_ES",
+    "chat_PS",
+    "chat_NS",
+    "chat_keep",
     "GE",
     "ppl",
     "known_acc",
@@ -101,6 +106,8 @@ def method_options(spec: str) -> tuple[str, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3"), help="bundled model to edit")
+    p.add_argument("--chat", action="store_true", help="also the chat metrics (chat_ES/PS/NS/keep) on the sample")
     p.add_argument("--methods", nargs="+", default=["memit", "alphaedit", "alphaedit+nas", "encore"])
     p.add_argument("--n-edits", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=100)
@@ -124,13 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from hf_knowedit._bundled import load_smollm2
+    from hf_knowedit._bundled import load_bundled
     from hf_knowedit.evaluation import run_lifelong
     from hf_knowedit.methods import alphaedit, encore, rlsedit
 
     machine = machine_info(args.threads)
     start = time.perf_counter()
-    model, tok = load_smollm2()
+    model, tok = load_bundled(args.model)
     if args.device:
         model.to(args.device)
     data = data_dir(args.data)
@@ -157,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             state_dir=args.state_dir / spec,
             mom2_n_tokens=N_TOKENS,
             context_templates=args.context_templates,
+            chat=args.chat,
             **options,
         )
         res.method = spec
@@ -200,7 +208,8 @@ def write(args: argparse.Namespace, results: list, machine: dict[str, Any], wall
         old = args.out.read_text(encoding="utf-8")
         reading = old[old.index("\n## Reading") :].strip("\n") if "\n## Reading" in old else ""
     body = note + tables + "\n\n" + targets_table(results) + ("\n\n" + reading if reading else "")
-    write_markdown(args.out, "Lifelong editing on SmolLM2-135M", body, machine, wall, drop=("--report",))
+    title = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M"}[args.model]
+    write_markdown(args.out, f"Lifelong editing on {title}", body, machine, wall, drop=("--report",))
     args.out.with_suffix(".json").write_text(
         json.dumps({"settings": settings, "machine": machine, "results": [r.to_dict() for r in results]}, indent=1)
     )

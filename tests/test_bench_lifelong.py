@@ -57,7 +57,14 @@ def test_a_rewritten_report_keeps_its_hand_written_reading(tmp_path):
     res = [LifelongResult("a", [r0, {**r0, "n_edits": 100, "ES": 95.0}], {"n_edits": 100})]
     out = tmp_path / "report.md"
     args = argparse.Namespace(
-        out=out, n_edits=100, batch_size=100, checkpoint_every=100, gen_sample=10, n_known=10, context_templates=0
+        out=out,
+        n_edits=100,
+        batch_size=100,
+        checkpoint_every=100,
+        gen_sample=10,
+        n_known=10,
+        context_templates=0,
+        model="smollm2",
     )
     bench_lifelong.write(args, res, bench_lifelong.machine_info(1), None)
     first = out.read_text()
