@@ -55,6 +55,9 @@ __all__ = [
     "get_module",
     "layer_path",
     "mlp_out_path",
+    "mlp_path",
+    "mlp_out_gate_path",
+    "experts_path",
     "attn_out_path",
     "num_layers",
     "mlp_out_dims",
@@ -78,6 +81,8 @@ PREFIX_CACHE = ("rows", "common", "off")
 _PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|[0-9]+))*$")
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PATH_FIELDS = ("backbone", "layers", "mlp_out", "attn_out", "embed", "final_norm", "lm_head")
+#: block-relative paths a row may leave None
+_OPTIONAL_PATH_FIELDS = ("mlp", "mlp_out_gate", "experts")
 #: the columns that name a config attribute, with an example of each
 _CONFIG_FIELDS = {
     "logit_softcap": "final_logit_softcapping",
@@ -132,6 +137,19 @@ class ArchitectureSpec:
             ``logit_scale``), or None.
         logit_divisor: name of the config attribute the model divides its logits by (Granite:
             ``logits_scaling``), or None.
+        mlp: path, relative to one block, of the whole MLP whose output is added to the residual stream, when
+            that is more than ``mlp_out``'s output (a mixture-of-experts block: its shared expert, whose
+            ``down_proj`` is ``mlp_out``, plus its routed experts), or None: ``mlp_out``. Causal tracing's
+            ``"mlp"`` restorations set back this module's output (:mod:`hf_knowedit.tracing`).
+        mlp_out_gate: path, relative to one block, of a ``Linear`` with one output whose sigmoid the block
+            multiplies ``mlp_out``'s output by, per token (Qwen2-MoE, Qwen3.5-MoE, Qwen3-Next:
+            ``mlp.shared_expert_gate``), or None. The MEMIT family divides its residual targets by that
+            gate at each subject's last token before writing them into ``mlp_out`` (``methods/memit.py``).
+        experts: path, relative to one block, of the routed experts of a mixture-of-experts block (a module
+            holding the experts' 3-D weights, e.g. ``mlp.experts``; its forward receives the hidden states,
+            the top-k expert indices and their weights), or None for a dense MLP. Edits write into
+            ``mlp_out``, not into the routed experts; the column tells routing measurements
+            (:mod:`hf_knowedit.evaluation.routing`) where the routing decisions are.
         residual_multiplier: name of the config attribute each block multiplies its MLP (and attention)
             output by before adding it to the residual stream (Granite: ``residual_multiplier``), or None.
             The MEMIT family's residual targets are divided by it before they are written into ``mlp_out``
@@ -158,6 +176,9 @@ class ArchitectureSpec:
     logit_scale: str | None = None
     logit_divisor: str | None = None
     residual_multiplier: str | None = None
+    mlp: str | None = None
+    mlp_out_gate: str | None = None
+    experts: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_type, str) or not self.model_type.strip():
@@ -182,6 +203,13 @@ class ArchitectureSpec:
                 f"ArchitectureSpec({self.model_type!r}).mlp_post_norm must be None or a dotted module path "
                 f"relative to one block (e.g. 'post_feedforward_layernorm'), got {self.mlp_post_norm!r}"
             )
+        for name in _OPTIONAL_PATH_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and _PATH_RE.match(value)):
+                raise InvalidConfigError(
+                    f"ArchitectureSpec({self.model_type!r}).{name} must be None or a dotted module path "
+                    f"relative to one block (e.g. 'mlp.experts'), got {value!r}"
+                )
         if not (isinstance(self.mlp_post_norm_eps, str) and _IDENT_RE.match(self.mlp_post_norm_eps)):
             raise InvalidConfigError(
                 f"ArchitectureSpec({self.model_type!r}).mlp_post_norm_eps must name the post-MLP norm's epsilon "
@@ -432,6 +460,24 @@ def layer_path(spec: ArchitectureSpec, layer: int) -> str:
 def mlp_out_path(spec: ArchitectureSpec, layer: int) -> str:
     """Full dotted path of block ``layer``'s MLP output projection, e.g. ``"model.layers.3.mlp.down_proj"``."""
     return f"{layer_path(spec, layer)}.{spec.mlp_out}"
+
+
+def mlp_path(spec: ArchitectureSpec, layer: int) -> str:
+    """Full dotted path of the module whose output is block ``layer``'s whole MLP contribution: the
+    :attr:`ArchitectureSpec.mlp` module (a mixture-of-experts block), else ``mlp_out``."""
+    return mlp_out_path(spec, layer) if spec.mlp is None else f"{layer_path(spec, layer)}.{spec.mlp}"
+
+
+def mlp_out_gate_path(spec: ArchitectureSpec, layer: int) -> str | None:
+    """Full dotted path of the sigmoid gate on block ``layer``'s ``mlp_out`` output, or None
+    (:attr:`ArchitectureSpec.mlp_out_gate`)."""
+    return None if spec.mlp_out_gate is None else f"{layer_path(spec, layer)}.{spec.mlp_out_gate}"
+
+
+def experts_path(spec: ArchitectureSpec, layer: int) -> str | None:
+    """Full dotted path of block ``layer``'s routed experts, or None for a dense MLP
+    (:attr:`ArchitectureSpec.experts`)."""
+    return None if spec.experts is None else f"{layer_path(spec, layer)}.{spec.experts}"
 
 
 def mlp_post_norm_path(spec: ArchitectureSpec, layer: int) -> str | None:

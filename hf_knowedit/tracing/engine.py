@@ -42,6 +42,7 @@ from ..architectures import (
     layer_path,
     lm_logits,
     mlp_out_path,
+    mlp_path,
     model_device,
     num_layers,
 )
@@ -63,7 +64,7 @@ def module_path(spec: ArchitectureSpec, kind: str, layer: int) -> str:
     """The module whose output a ``kind`` restoration at ``layer`` sets back."""
     if kind == "hidden":
         return layer_path(spec, layer)
-    return mlp_out_path(spec, layer) if kind == "mlp" else attn_out_path(spec, layer)
+    return mlp_path(spec, layer) if kind == "mlp" else attn_out_path(spec, layer)
 
 
 def _as_3d(t: torch.Tensor, seq_len: int) -> torch.Tensor:
