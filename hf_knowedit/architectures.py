@@ -255,6 +255,8 @@ _POST_FFN_NORM = "post_feedforward_layernorm"
 #: multimodal wrappers keep the text decoder's settings in this sub-config
 _TEXT = "text_config"
 _GEMMA_POST_FFN_NORM = dict(mlp_post_norm=_POST_FFN_NORM, mlp_post_norm_eps="eps", mlp_post_norm_gain_offset=1.0)
+#: a mixture-of-experts block at ``mlp`` with routed experts and ungated shared experts
+_MOE_SHARED_EXPERTS = dict(mlp="mlp", experts="mlp.experts")
 #: llama.cpp's name of the MLP output projection in one block (``blk.{i}.ffn_down.weight``)
 _FFN_DOWN = "ffn_down"
 
@@ -324,6 +326,17 @@ _TABLE: list[ArchitectureSpec] = [
     # Command-R: attention and MLP in parallel on one input norm
     S("cohere",            "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", logit_scale="logit_scale"),
     S("cohere2",           "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", logit_scale="logit_scale"),
+    # --- mixture-of-experts blocks with a shared expert: edits write into the shared expert's down projection
+    # (every token passes it; the routed experts and the routers are not written), tracing's "mlp" is the
+    # whole block (shared + routed experts). Blocks that hold a dense MLP instead (DeepSeek's and GLM-4.5's
+    # first `first_k_dense_replace` layers, Llama 4's non-MoE layers) have no shared expert to edit.
+    S("deepseek_v2",       "model",              "model.layers",               "mlp.shared_experts.down_proj", "linear", "self_attn.o_proj",  "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_SHARED_EXPERTS),
+    S("deepseek_v3",       "model",              "model.layers",               "mlp.shared_experts.down_proj", "linear", "self_attn.o_proj",  "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_SHARED_EXPERTS),
+    S("glm4_moe",          "model",              "model.layers",               "mlp.shared_experts.down_proj", "linear", "self_attn.o_proj",  "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_SHARED_EXPERTS),
+    S("dots1",             "model",              "model.layers",               "mlp.shared_experts.down_proj", "linear", "self_attn.o_proj",  "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_SHARED_EXPERTS),
+    S("ernie4_5_moe",      "model",              "model.layers",               "mlp.shared_experts.down_proj", "linear", "self_attn.o_proj",  "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_SHARED_EXPERTS),
+    S("hunyuan_v1_moe",    "model",              "model.layers",               "mlp.shared_mlp.down_proj", "linear", "self_attn.o_proj",      "model.embed_tokens",             "model.norm",                         "lm_head", mlp="mlp", experts="mlp.experts"),
+    S("llama4_text",       "model",              "model.layers",               "feed_forward.shared_expert.down_proj", "linear", "self_attn.o_proj", "model.embed_tokens",      "model.norm",                         "lm_head", mlp="feed_forward", experts="feed_forward.experts"),
     # --- multimodal wrappers (*ForConditionalGeneration): the text decoder is model.language_model, the
     # LM head the wrapper's own; the vision tower (model.vision_tower / model.visual) is never touched.
     # Gemma3ForConditionalGeneration applies no final-logit soft-cap (Gemma 3 sets none), so no column.

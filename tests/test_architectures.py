@@ -90,7 +90,9 @@ def test_named_modules_exist(model_type):
         vision = [n for n in names if n.startswith(("model.vision_tower.", "model.visual."))]
         assert vision and not any(n.startswith(spec.backbone + ".") for n in vision)  # the tower is outside it
     else:
-        assert backbone is model.base_model and decoder_config(model) is model.config
+        # Llama4ForCausalLM's base_model_prefix ("language_model") names no attribute: base_model is the model
+        base = model.model if model.base_model is model else model.base_model
+        assert backbone is base and decoder_config(model) is model.config
     for path in (spec.layers, spec.embed, spec.final_norm):
         assert path in names and path.startswith(spec.backbone + "."), path
 

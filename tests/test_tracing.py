@@ -51,7 +51,10 @@ def test_trace_every_architecture(model_type):
     assert oracle.subject_range == (s0, s1) and [oracle.answer] == tracer.answer_ids
     restorations = [everything, [], [("hidden", L - 1, T - 1)], [("mlp", 1, s1 - 1), ("attn", 2, T - 1)]]
     want = torch.tensor([oracle.prob(r) for r in restorations], dtype=probs.dtype)
-    torch.testing.assert_close(probs, want, rtol=1e-5, atol=1e-9)
+    # a mixture-of-experts block sums each expert's tokens in an order set by the batch it sees (index_add):
+    # the batched and the one-by-one forwards differ in the last bits there
+    rtol = 1e-4 if get_architecture(model).experts is not None else 1e-5
+    torch.testing.assert_close(probs, want, rtol=rtol, atol=1e-9)
 
     result = trace_fact(model, tok, PROMPT, SUBJECT, samples=2, window=2, noise=0.5)
     assert set(result.scores) == {"hidden", "mlp", "attn"}

@@ -128,6 +128,21 @@ _LLAMA_LIKE: dict[str, Any] = dict(
     head_dim=HIDDEN // HEADS,
     max_position_embeddings=MAX_POSITIONS,
 )
+#: mixture-of-experts blocks: 4 routed experts of half the inner size, 2 of them per token (each family reads
+#: the names it knows)
+_MOE: dict[str, Any] = dict(
+    num_experts=4,
+    n_routed_experts=4,
+    num_local_experts=4,
+    moe_num_experts=4,
+    num_experts_per_tok=2,
+    moe_k=2,
+    moe_intermediate_size=INNER // 2,
+    n_group=1,
+    topk_group=1,
+)
+#: DeepSeek's multi-head latent attention (its keys and values are per head: num_key_value_heads = heads)
+_MLA: dict[str, Any] = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
 #: the vision towers of the multimodal wrappers
 _VISION: dict[str, Any] = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2)
 #: Qwen-VL's multimodal rotary embedding: temporal / height / width sections of the head_dim // 2 frequencies
@@ -276,6 +291,30 @@ _TINY: dict[str, tuple[bool, dict[str, Any]]] = {
     ),
     "cohere": (True, dict(_LLAMA_LIKE, logit_scale=0.25)),
     "cohere2": (True, dict(_LLAMA_LIKE, logit_scale=0.25)),
+    # --- mixture-of-experts with shared experts: 4 routed experts (top 2), shared experts of inner size INNER,
+    # every block a MoE block (no leading dense layers)
+    "deepseek_v2": (
+        True,
+        dict(_LLAMA_LIKE, **_MOE, **_MLA, num_key_value_heads=HEADS, n_shared_experts=2, first_k_dense_replace=0),
+    ),
+    "deepseek_v3": (
+        True,
+        # DeepSeek-V3 reads head_dim as the rotary part of a head (qk_rope_head_dim)
+        dict(
+            _LLAMA_LIKE,
+            **_MOE,
+            **_MLA,
+            num_key_value_heads=HEADS,
+            head_dim=4,
+            n_shared_experts=2,
+            first_k_dense_replace=0,
+        ),
+    ),
+    "glm4_moe": (True, dict(_LLAMA_LIKE, **_MOE, n_shared_experts=2, first_k_dense_replace=0)),
+    "dots1": (True, dict(_LLAMA_LIKE, **_MOE, n_shared_experts=2, first_k_dense_replace=0)),
+    "ernie4_5_moe": (True, dict(_LLAMA_LIKE, **_MOE, moe_num_shared_experts=2, moe_layer_start_index=0)),
+    "hunyuan_v1_moe": (True, dict(_LLAMA_LIKE, **_MOE, num_shared_expert=1)),
+    "llama4_text": (True, dict(_LLAMA_LIKE, **_MOE, interleave_moe_layer_step=1)),
     # --- multimodal wrappers: a tiny text decoder (text_config) and a tiny vision tower (vision_config)
     "gemma3": (
         True,

@@ -62,6 +62,7 @@ from ..architectures import (
     get_architecture,
     get_module,
     layer_path,
+    mlp_out_gate_path,
     mlp_out_path,
     mlp_post_norm_gain_eps,
     mlp_post_norm_path,
@@ -401,6 +402,9 @@ def spread_updates(
         current = block_output_at_subject(ctx.model, ctx.tokenizer, requests, z_layer)
         # the block adds residual_scale · (MLP output) to the stream (Granite's residual_multiplier)
         resid = spread_residual(z - current, i, len(layers)) / residual_scale(ctx.model, pending.arch)
+        gate_path = mlp_out_gate_path(pending.arch, layer)
+        if gate_path is not None:  # the block scales mlp_out's output by sigmoid(gate) (Qwen2-MoE's shared expert)
+            resid = resid / torch.sigmoid(output_at_subject(ctx.model, ctx.tokenizer, requests, gate_path))
         norm_path = mlp_post_norm_path(pending.arch, layer)
         if norm_path is not None:  # ΔW changes the norm's input: map the block-output change through it
             x = output_at_subject(ctx.model, ctx.tokenizer, requests, mlp_out_path(pending.arch, layer))

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import get_architecture, mlp_out_path, mlp_post_norm_path, residual_scale
+from ..architectures import get_architecture, mlp_path, mlp_post_norm_path, residual_scale
 from ..requests import EditRequest
 from ..stack import base_view, get_state
 from .config import EditConfig
@@ -116,11 +116,12 @@ def mlp_values(
     model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], layer: int, template: str = "{}"
 ) -> torch.Tensor:
     """``v0``: what block ``layer``'s MLP adds to the residual stream (the output of its post-MLP norm where
-    the architecture has one, times its residual multiplier where it has one: Granite) at the subject's last
+    the architecture has one, of its whole mixture-of-experts block where it is one, times its residual
+    multiplier where it has one: Granite) at the subject's last
     token of each request's prompt in ``template``, ``[n, d_model]`` float32 on the CPU, on the model as it is."""
 
     spec = get_architecture(model)
-    path = mlp_post_norm_path(spec, layer) or mlp_out_path(spec, layer)
+    path = mlp_post_norm_path(spec, layer) or mlp_path(spec, layer)
     prompts = [dataclasses.replace(r, prompt=prefixed(template, r)) for r in requests]
     with torch.no_grad():
         return output_at_subject(model, tokenizer, prompts, path) * residual_scale(model, spec)
