@@ -11,7 +11,7 @@ DATA   ?= $(or $(HF_KNOWEDIT_DATA),$(wildcard ../shared/data))
 export HF_KNOWEDIT_DATA := $(DATA)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow quality format bench studio studio-deps gguf-deps clean
+.PHONY: setup demo test test-slow quality format bench models-doc studio studio-deps gguf-deps clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,10 @@ studio: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(if $(DATA),--data $(DATA)) $(BENCH_ARGS)
+
+# docs/models.md: every architecture-table row x each capability, run on the tiny models (about a minute)
+models-doc: $(STAMP)
+	$(PY) benchmarks/gen_models.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
