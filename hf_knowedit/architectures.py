@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -49,6 +50,10 @@ __all__ = [
     "ArchitectureSpec",
     "ARCHITECTURES",
     "LAYOUTS",
+    "LAYOUT_PARAM",
+    "edited_param",
+    "to_param",
+    "from_param",
     "register_architecture",
     "get_architecture",
     "supported_architectures",
@@ -74,7 +79,12 @@ __all__ = [
     "residual_scale",
 ]
 
-LAYOUTS = ("linear", "conv1d")  # nn.Linear: weight [out, in]; transformers Conv1D: weight [in, out]
+#: how ``mlp_out`` stores the matrix ``W [out, in]`` the methods edit: nn.Linear's ``weight`` is ``W``; transformers'
+#: Conv1D ``weight`` is ``Wᵀ``; ``"experts"``: ``mlp_out`` is a mixture-of-experts block's routed experts
+#: (:mod:`hf_knowedit.experts`) whose ``down_proj [E, out, I]`` holds ``W = [W_0 … W_{E-1}]``, ``in = E·I``
+LAYOUTS = ("linear", "conv1d", "experts")
+#: the parameter of ``mlp_out`` that holds ``W`` in each layout
+LAYOUT_PARAM = {"linear": "weight", "conv1d": "weight", "experts": "down_proj"}
 #: how the v*/z steps may skip the positions before the subject (ArchitectureSpec.prefix_cache)
 PREFIX_CACHE = ("rows", "common", "off")
 
@@ -103,7 +113,9 @@ class ArchitectureSpec:
             (``last_hidden_state``) is the final-normed hidden state fed to ``lm_head``.
         layers: path from the ``*ForCausalLM`` to the ``nn.ModuleList`` of decoder blocks.
         mlp_out: path, relative to one block, of the MLP output projection (the edited weight).
-        mlp_out_layout: ``"linear"`` (weight ``[out, in]``) or ``"conv1d"`` (weight ``[in, out]``).
+        mlp_out_layout: ``"linear"`` (weight ``[out, in]``), ``"conv1d"`` (weight ``[in, out]``) or ``"experts"``
+            (``mlp_out`` is the routed experts module of a mixture-of-experts block, edited as one matrix
+            ``[W_0 … W_{E-1}]`` acting on the routing-weighted keys of all experts: :mod:`hf_knowedit.experts`).
         attn_out: path, relative to one block, of the attention output projection.
         embed: path from the ``*ForCausalLM`` to the token embedding.
         final_norm: path from the ``*ForCausalLM`` to the final norm.
@@ -193,7 +205,8 @@ class ArchitectureSpec:
         if self.mlp_out_layout not in LAYOUTS:
             raise InvalidConfigError(
                 f"ArchitectureSpec({self.model_type!r}).mlp_out_layout must be one of {LAYOUTS} "
-                f"('linear': nn.Linear, weight [out, in]; 'conv1d': transformers Conv1D, weight [in, out]), "
+                f"('linear': nn.Linear, weight [out, in]; 'conv1d': transformers Conv1D, weight [in, out]; "
+                f"'experts': a mixture-of-experts block's routed experts, down_proj [E, out, I]), "
                 f"got {self.mlp_out_layout!r}"
             )
         if self.mlp_post_norm is not None and not (
@@ -257,6 +270,8 @@ _TEXT = "text_config"
 _GEMMA_POST_FFN_NORM = dict(mlp_post_norm=_POST_FFN_NORM, mlp_post_norm_eps="eps", mlp_post_norm_gain_offset=1.0)
 #: a mixture-of-experts block at ``mlp`` with routed experts and ungated shared experts
 _MOE_SHARED_EXPERTS = dict(mlp="mlp", experts="mlp.experts")
+#: a mixture-of-experts block at ``mlp`` whose routed experts are the edited module
+_MOE_ROUTED = dict(mlp="mlp", experts="mlp.experts")
 #: llama.cpp's name of the MLP output projection in one block (``blk.{i}.ffn_down.weight``)
 _FFN_DOWN = "ffn_down"
 
@@ -337,6 +352,14 @@ _TABLE: list[ArchitectureSpec] = [
     S("ernie4_5_moe",      "model",              "model.layers",               "mlp.shared_experts.down_proj", "linear", "self_attn.o_proj",  "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_SHARED_EXPERTS),
     S("hunyuan_v1_moe",    "model",              "model.layers",               "mlp.shared_mlp.down_proj", "linear", "self_attn.o_proj",      "model.embed_tokens",             "model.norm",                         "lm_head", mlp="mlp", experts="mlp.experts"),
     S("llama4_text",       "model",              "model.layers",               "feed_forward.shared_expert.down_proj", "linear", "self_attn.o_proj", "model.embed_tokens",      "model.norm",                         "lm_head", mlp="feed_forward", experts="feed_forward.experts"),
+    # --- mixture-of-experts blocks without a shared expert: edits write the routed experts' down_proj as one
+    # matrix [W_0 … W_{E-1}] on the routing-weighted keys (layout "experts", hf_knowedit/experts.py)
+    S("mixtral",           "model",              "model.layers",               "mlp.experts",         "experts", "self_attn.o_proj",          "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_ROUTED),
+    S("qwen3_moe",         "model",              "model.layers",               "mlp.experts",         "experts", "self_attn.o_proj",          "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_ROUTED),
+    S("olmoe",             "model",              "model.layers",               "mlp.experts",         "experts", "self_attn.o_proj",          "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_ROUTED),
+    S("phimoe",            "model",              "model.layers",               "mlp.experts",         "experts", "self_attn.o_proj",          "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_ROUTED),
+    S("minimax_m2",        "model",              "model.layers",               "mlp.experts",         "experts", "self_attn.o_proj",          "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_ROUTED),
+    S("granitemoe",        "model",              "model.layers",               "block_sparse_moe.experts", "experts", "self_attn.o_proj",     "model.embed_tokens",             "model.norm",                         "lm_head", mlp="block_sparse_moe", experts="block_sparse_moe.experts", logit_divisor="logits_scaling", residual_multiplier="residual_multiplier"),
     # --- multimodal wrappers (*ForConditionalGeneration): the text decoder is model.language_model, the
     # LM head the wrapper's own; the vision tower (model.vision_tower / model.visual) is never touched.
     # Gemma3ForConditionalGeneration applies no final-logit soft-cap (Gemma 3 sets none), so no column.
@@ -540,12 +563,44 @@ def mlp_out_dims(model: nn.Module, spec: ArchitectureSpec, layer: int) -> tuple[
     if not 0 <= _check_index(layer) < n:
         raise LayerOutOfRangeError(f"layer {layer} is out of range: the model has {n} layers [0, {n})")
     path = mlp_out_path(spec, layer)
-    weight = getattr(get_module(model, path), "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    name = LAYOUT_PARAM[spec.mlp_out_layout]
+    weight = getattr(get_module(model, path), name, None)
+    dims = 3 if spec.mlp_out_layout == "experts" else 2
+    if not isinstance(weight, torch.Tensor) or weight.dim() != dims:
         shape = None if weight is None else tuple(getattr(weight, "shape", ()))
-        raise InvalidConfigError(f"{path} has no 2-D weight (got shape {shape}); cannot edit it")
+        raise InvalidConfigError(f"{path} has no {dims}-D {name} (got shape {shape}); cannot edit it")
+    if spec.mlp_out_layout == "experts":
+        experts, out, inner = weight.shape
+        return experts * inner, out
     rows, cols = weight.shape
     return (cols, rows) if spec.mlp_out_layout == "linear" else (rows, cols)
+
+
+def edited_param(path: str, layout: str) -> str:
+    """The name of the parameter holding the edited matrix of module ``path`` in ``layout``
+    (``"model.layers.3.mlp.down_proj.weight"``, ``"model.layers.3.mlp.experts.down_proj"``)."""
+    return f"{path}.{LAYOUT_PARAM[layout]}"
+
+
+def to_param(delta: torch.Tensor, layout: str, shape: Sequence[int]) -> torch.Tensor:
+    """``ΔW [out, in]`` arranged as a change of the parameter of ``shape`` that stores ``W`` in ``layout``:
+    itself (``linear``), transposed (``conv1d``), or ``[E, out, I]`` blocks (``experts``). Exact (no arithmetic)."""
+    if layout == "conv1d":
+        return delta.t()
+    if layout == "experts":
+        experts, out, inner = shape
+        return delta.reshape(out, experts, inner).permute(1, 0, 2)
+    return delta
+
+
+def from_param(param: torch.Tensor, layout: str) -> torch.Tensor:
+    """The matrix ``W [out, in]`` a parameter stores in ``layout`` (the inverse of :func:`to_param`)."""
+    if layout == "conv1d":
+        return param.t()
+    if layout == "experts":
+        experts, out, inner = param.shape
+        return param.permute(1, 0, 2).reshape(out, experts * inner)
+    return param
 
 
 # -----------------------------------------------------------------------------
@@ -677,10 +732,11 @@ def write_tensor(model: nn.Module, name: str, value: torch.Tensor, *, staged: bo
         read_tensor(model, name)  # raises the DeviceMapError
 
 
-def check_dispatch(model: nn.Module, paths: list[str] | tuple[str, ...] = ()) -> None:
+def check_dispatch(model: nn.Module, params: Sequence[str] = ()) -> None:
     """Refuse, before anything is computed or written, a dispatched model the library cannot work on:
     a ``hf_device_map`` entry that is not a device (``"cuda:0,1"``), or a parameter on the meta device
-    with no accelerate offload storage behind it (``paths``: modules whose weights must be readable).
+    with no accelerate offload storage behind it (``params``: parameters that must be readable, e.g. the
+    :func:`edited_param` of each edited module).
     The error names the module."""
     for module, device in (getattr(model, "hf_device_map", None) or {}).items():
         if device in ("disk", "meta"):
@@ -696,8 +752,8 @@ def check_dispatch(model: nn.Module, paths: list[str] | tuple[str, ...] = ()) ->
     for name, param in model.named_parameters():
         if param.device.type == "meta" and _offload_slot(model, name) is None:
             read_tensor(model, name)  # raises the DeviceMapError naming it
-    for path in paths:
-        read_tensor(model, f"{path}.weight")
+    for name in params:
+        read_tensor(model, name)
 
 
 def decoder_config(model_or_config: Any, spec: ArchitectureSpec | None = None) -> Any:

@@ -112,14 +112,15 @@ def apply_edits(
         ctx = EditContext(model, tokenizer, reqs, config, layers, arch, state.history)
         with frozen(model):
             result = spec.compute(ctx)
+        layouts = {p: arch.mlp_out_layout for p in result.deltas}
         es = EditSet(
             deltas=result.deltas,
             requests=reqs,
             method=spec.name,
             config=dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
             layers=list(result.layers),
-            fingerprints=weight_fingerprints(model, list(result.deltas)),
-            layouts={p: arch.mlp_out_layout for p in result.deltas},
+            fingerprints=weight_fingerprints(model, list(result.deltas), layouts),
+            layouts=layouts,
             base_model=getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
             revision=getattr(model.config, "_commit_hash", None),
             stats_key=result.stats_key,

@@ -47,6 +47,7 @@ from torch import nn
 
 from .architectures import ArchitectureSpec, get_module
 from .errors import NotPicklableError
+from .experts import module_key
 
 #: what to do instead of pickling a model that carries hf_knowedit state
 PICKLE_HINT = (
@@ -101,8 +102,8 @@ def _keep(value: Any, clone: bool, detach: bool) -> Any:
 class Trace(contextlib.AbstractContextManager):
     """Hook one module (by dotted path, or the module itself).
 
-    Attributes after the forward pass: ``input`` (first positional input) and
-    ``output`` (the module's output, after ``edit_output``).
+    Attributes after the forward pass: ``input`` (first positional input), ``args`` (all positional
+    inputs; both with ``retain_input``) and ``output`` (the module's output, after ``edit_output``).
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class Trace(contextlib.AbstractContextManager):
         module = path if isinstance(path, nn.Module) else get_module(model, path)
         name = path if isinstance(path, str) else type(path).__name__
         self.input: Any = None
+        self.args: tuple = ()
         self.output: Any = None
 
         owner = threading.get_ident()
@@ -132,6 +134,7 @@ class Trace(contextlib.AbstractContextManager):
             kwargs, output = rest if len(rest) == 2 else ({}, rest[0])
             if retain_input:
                 self.input = _keep(first_input(args, kwargs), clone, detach)
+                self.args = _keep(tuple(args), clone, detach)
             if edit_output is not None:
                 output = edit_output(output, name)
             if retain_output:
@@ -232,7 +235,9 @@ class LowRankHook:
 
     ``factors`` may grow while the hook is registered (MEMIT adds each layer's update as it goes).
     ``owner=threading.get_ident()`` makes it act only in that thread (updates in progress inside a
-    method); without it, it acts in every thread (hooked edit sets).
+    method); without it, it acts in every thread (hooked edit sets). ``layout``: the module's
+    ``mlp_out_layout``; for ``"experts"`` the factors act on the routed keys (:mod:`hf_knowedit.experts`),
+    not on the first input.
 
         >>> handle = module.register_forward_hook(LowRankHook([(B, A)]))
     """
@@ -242,8 +247,10 @@ class LowRankHook:
         factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
         active: Callable[[], bool] | None = None,
         owner: int | None = None,
+        layout: str = "linear",
     ) -> None:
         self.factors: list[tuple[torch.Tensor, torch.Tensor]] = list(factors)
+        self.layout = layout
         self.active = active
         self.owner = owner
         self._on: dict[Any, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -261,7 +268,8 @@ class LowRankHook:
             return None
         if self.active is not None and not self.active():
             return None
-        x = args[0].to(output.device).float()  # under accelerate the input may still be on the previous device
+        x = module_key(self.layout, module, args)
+        x = x.to(output.device).float()  # under accelerate the input may still be on the previous device
         extra = sum((x @ A.t()) @ B.t() for B, A in self._factors_on(x.device))
         return output + extra.to(output.dtype)
 

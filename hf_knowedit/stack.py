@@ -76,12 +76,16 @@ import torch
 from torch import nn
 
 from .architectures import (
+    LAYOUT_PARAM,
     LAYOUTS,
     check_dispatch,
+    edited_param,
+    from_param,
     get_module,
     read_tensor,
     saved_tensor,
     stage_tensor,
+    to_param,
     write_tensor,
 )
 from .deltas import ModuleDelta, deltas_digest, fingerprint, matches_weight
@@ -236,12 +240,21 @@ def _uninterrupted() -> Iterator[None]:
             held[signum](signum, frame)
 
 
-def _weight(model: nn.Module, path: str) -> torch.Tensor:
-    return get_module(model, path).weight
+def _weight(model: nn.Module, path: str, layout: str = "linear") -> torch.Tensor:
+    """The parameter of module ``path`` that holds the edited matrix in ``layout`` (:data:`LAYOUT_PARAM`)."""
+    return getattr(get_module(model, path), LAYOUT_PARAM[layout])
 
 
-def _layout_delta(delta: torch.Tensor, layout: str) -> torch.Tensor:
-    return delta.t() if layout == "conv1d" else delta
+def _param_shape(delta_shape: tuple, layout: str, shape: tuple) -> tuple | None:
+    """The shape of the parameter a delta of ``delta_shape`` ``(out, in)`` changes in ``layout``, given the
+    model's parameter ``shape`` (an experts layout takes its expert count from it); None if none fits."""
+    out, d_in = delta_shape
+    if layout == "conv1d":
+        return (d_in, out)
+    if layout == "experts":
+        experts = shape[0] if len(shape) == 3 else 0
+        return (experts, out, d_in // experts) if experts and d_in % experts == 0 else None
+    return (out, d_in)
 
 
 # -----------------------------------------------------------------------------
@@ -252,7 +265,7 @@ def _layout_delta(delta: torch.Tensor, layout: str) -> torch.Tensor:
 class _Plan:
     """Everything one call changes, made before anything changes: the switch allocates no tensor.
 
-    ``writes``: module path -> (new weight, current weight), both staged for ``write_tensor``; the
+    ``writes``: parameter name -> (new weight, current weight), both staged for ``write_tensor``; the
     current one is what a failed switch writes back. ``sets`` / ``base``: the new stack and pristine
     copies (None: they stay as they are). ``hook``: hooks to register (the set that owns them, the
     module, the hook); ``unhook``: hooks to remove (handle, hook, the order of its module's hooks)."""
@@ -265,7 +278,7 @@ class _Plan:
 
     def inverse(self) -> _Plan:
         """The plan that writes the current weights back (of a plan that changes weights only)."""
-        return _Plan({path: (old, new) for path, (new, old) in self.writes.items()})
+        return _Plan({name: (old, new) for name, (new, old) in self.writes.items()})
 
 
 def _current(state: KnowEditState) -> OrderedDict[str, tuple[EditSet, bool, str]]:
@@ -294,7 +307,8 @@ def _plan(model: nn.Module, state: KnowEditState, sets: OrderedDict[str, tuple[E
     base = dict(state.base)
     with torch.no_grad():
         for path in sorted(paths):
-            name = f"{path}.weight"
+            layout = _layout_of(state, sets, path)
+            name = edited_param(path, layout)
             merged = [] if base_only else [es for es, m, _ in sets.values() if m and path in es.deltas]
             pristine = base.get(path)
             if pristine is None:
@@ -306,8 +320,8 @@ def _plan(model: nn.Module, state: KnowEditState, sets: OrderedDict[str, tuple[E
                 total = pristine.float()
                 for es in merged:
                     delta = es.deltas[path].delta(pristine.device)
-                    total = total + _layout_delta(delta, es.layouts.get(path, "linear"))
-                dtype = _weight(model, path).dtype
+                    total = total + to_param(delta, es.layouts.get(path, "linear"), pristine.shape)
+                dtype = _weight(model, path, layout).dtype
                 new = total.to(dtype)
                 if not torch.isfinite(new).all():
                     raise NonFiniteUpdateError(
@@ -318,7 +332,7 @@ def _plan(model: nn.Module, state: KnowEditState, sets: OrderedDict[str, tuple[E
             elif not base_only:
                 del base[path]  # no merged set touches it any more
             now = saved_tensor(model, name, None if _merged_now(state, path) else pristine)
-            plan.writes[path] = (stage_tensor(model, name, new), now)
+            plan.writes[name] = (stage_tensor(model, name, new), now)
     if base_only:
         return plan
     plan.sets, plan.base = OrderedDict(), base
@@ -327,7 +341,7 @@ def _plan(model: nn.Module, state: KnowEditState, sets: OrderedDict[str, tuple[E
         active = plan.sets[name] = _Active(es, merged, digest, list(state.sets[name].hooks) if kept else [])
         if not merged and not kept:
             for p, d in es.deltas.items():
-                hook = LowRankHook([(d.B, d.A)], active=state.hooks_active)
+                hook = LowRankHook([(d.B, d.A)], active=state.hooks_active, layout=es.layouts.get(p, "linear"))
                 plan.hook.append((active, get_module(model, p), hook))
     for name, old in state.sets.items():
         if not (name in sets and _kept(state, name, *sets[name][:2])):
@@ -370,9 +384,9 @@ def _switch(model: nn.Module, state: KnowEditState, plan: _Plan, commit: Callabl
     undo: list[Callable[[], None]] = []
     with state.gate.switching(), _uninterrupted(), torch.no_grad():
         try:
-            for path, (new, old) in plan.writes.items():
-                undo.append(functools.partial(write_tensor, model, f"{path}.weight", old, staged=True))
-                write_tensor(model, f"{path}.weight", new, staged=True)
+            for name, (new, old) in plan.writes.items():
+                undo.append(functools.partial(write_tensor, model, name, old, staged=True))
+                write_tensor(model, name, new, staged=True)
             for active, module, hook in plan.hook:
                 handle = module.register_forward_hook(hook)
                 undo.append(handle.remove)
@@ -416,36 +430,52 @@ def transaction(model: nn.Module, change: Callable[[OrderedDict], OrderedDict], 
         _switch(model, state, plan, commit)
 
 
-def effective_weight(model: nn.Module, path: str) -> torch.Tensor:
-    """The weight ``path`` acts with, in float32: the module's weight plus the deltas of the hooked sets
+def effective_weight(model: nn.Module, path: str, layout: str = "linear") -> torch.Tensor:
+    """The weight ``path`` acts with, in float32 and in the parameter's own arrangement (``layout``:
+    :data:`~hf_knowedit.architectures.LAYOUTS`): the module's parameter plus the deltas of the hooked sets
     on it (what an edit computed now depends on, and what a loaded set is checked against)."""
-    total = read_tensor(model, f"{path}.weight").detach().float()
+    total = read_tensor(model, edited_param(path, layout)).detach().float()
     state = get_state(model, create=False)
     for active in state.sets.values() if state is not None else ():
         d = active.edit_set.deltas.get(path)
         if d is not None and not active.merged:
-            total = total + _layout_delta(d.delta(total.device), active.edit_set.layouts.get(path, "linear"))
+            total = total + to_param(d.delta(total.device), active.edit_set.layouts.get(path, "linear"), total.shape)
     return total
+
+
+def _layout_of(state: KnowEditState, sets: Any, path: str) -> str:
+    """How module ``path`` stores its edited matrix, as the edit sets touching it (now or planned) record."""
+    for es in [a.edit_set for a in state.sets.values()] + [entry[0] for entry in sets.values()]:
+        if path in es.deltas:
+            return es.layouts.get(path, "linear")
+    return "linear"
+
+
+def _fingerprinted(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """What a fingerprint of ``weight`` is taken of: the parameter itself, or for routed experts the matrix
+    ``[out, E·I]`` it holds (a fingerprint sketches a 2-D matrix)."""
+    return from_param(weight, layout) if layout == "experts" else weight
 
 
 def check_compatible(model: nn.Module, es: EditSet, force: bool = False) -> None:
     """Shapes and fingerprints of the effective weights of every touched module, before anything is written."""
     for path, d in es.deltas.items():
+        layout = es.layouts.get(path, "linear")
         try:
-            w = _weight(model, path)
+            w = _weight(model, path, layout)
         except (AttributeError, KeyError, IndexError, InvalidConfigError) as err:
             raise BaseModelMismatchError(
                 f"The edit set touches {path!r}, which this model does not have; it was made for another architecture."
             ) from err
-        layout = es.layouts.get(path, "linear")
-        want = tuple(_layout_delta(torch.empty(d.shape, device="meta"), layout).shape)
+        want = _param_shape(tuple(d.shape), layout, tuple(w.shape))
         if tuple(w.shape) != want:
             raise BaseModelMismatchError(
                 f"{path}: the edit set expects a weight of shape {want}, the model has "
                 f"{tuple(w.shape)}; it was made for another model."
             )
         fp = es.fingerprints.get(path)
-        if fp is not None and not matches_weight(fp, effective_weight(model, path), w.dtype):
+        acting = _fingerprinted(effective_weight(model, path, layout), layout)
+        if fp is not None and not matches_weight(fp, acting, w.dtype):
             if not force:
                 raise BaseModelMismatchError(
                     f"{path}: the weights differ from those the edit set was computed on (fingerprint "
@@ -455,9 +485,18 @@ def check_compatible(model: nn.Module, es: EditSet, force: bool = False) -> None
             logger.warning("Applying edit set to %s despite a base-weight fingerprint mismatch (force=True).", path)
 
 
-def weight_fingerprints(model: nn.Module, paths: list[str]) -> dict[str, dict[str, Any]]:
-    """Fingerprints of the effective weights at ``paths`` (recorded in a new edit set)."""
-    return {p: fingerprint(effective_weight(model, p), _weight(model, p).dtype) for p in paths}
+def weight_fingerprints(
+    model: nn.Module, paths: list[str], layouts: dict[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Fingerprints of the effective weights at ``paths`` (recorded in a new edit set; ``layouts``: path ->
+    layout, default ``"linear"``)."""
+    layouts = layouts or {}
+    out = {}
+    for p in paths:
+        layout = layouts.get(p, "linear")
+        acting = _fingerprinted(effective_weight(model, p, layout), layout)
+        out[p] = fingerprint(acting, _weight(model, p, layout).dtype)
+    return out
 
 
 def conflict_error(conflicts: list[str]) -> EditConflictError:
@@ -562,9 +601,9 @@ def push_edit_set(
                 "; ".join(conflicts),
             )
         check_compatible(model, es, force=force)
-        check_dispatch(model, list(es.deltas))
+        check_dispatch(model, [edited_param(p, es.layouts.get(p, "linear")) for p in es.deltas])
         for path, d in es.deltas.items():
-            dtype = _weight(model, path).dtype
+            dtype = _weight(model, path, es.layouts.get(path, "linear")).dtype
             if not d.is_finite() or (not merge and not torch.isfinite(d.delta().to(dtype)).all()):
                 raise NonFiniteUpdateError(
                     f"The update for {path} is not finite in {str(dtype).removeprefix('torch.')}; nothing was "
@@ -688,7 +727,7 @@ def base_view(model: nn.Module) -> Iterator[nn.Module]:
                 params = {
                     n: p if p is None else read_tensor(model, f"{path}.{n}") for n, p in module._parameters.items()
                 }
-                params["weight"] = state.base[path]
+                params[LAYOUT_PARAM[_layout_of(state, {}, path)]] = state.base[path]
                 hook = PrivateWeights(params)
                 handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=True))
             yield model

@@ -14,8 +14,10 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_knowedit.architectures import (
     ARCHITECTURES,
+    LAYOUT_PARAM,
     attn_out_path,
     decoder_config,
+    from_param,
     get_architecture,
     get_module,
     layer_path,
@@ -33,6 +35,7 @@ from hf_knowedit.errors import (
     LayerOutOfRangeError,
     UnsupportedArchitectureError,
 )
+from hf_knowedit.experts import module_key
 
 try:
     from tiny_models import HIDDEN, LAYERS, TINY_MLP_INNER, TINY_MODEL_TYPES, TINY_WRAPPERS, make_tiny_model
@@ -107,12 +110,15 @@ def test_named_modules_exist(model_type):
     assert lm_head is model.get_output_embeddings()
     assert isinstance(get_module(model, spec.final_norm), nn.Module)
 
-    layout_class = {"linear": nn.Linear, "conv1d": Conv1D}[spec.mlp_out_layout]
+    # routed experts: a module holding 3-D expert weights (tests/test_experts.py checks their form)
+    layout_class = {"linear": nn.Linear, "conv1d": Conv1D, "experts": nn.Module}[spec.mlp_out_layout]
     for i in range(len(layers)):
         assert get_module(model, layer_path(spec, i)) is layers[i]
         for path in (mlp_out_path(spec, i), attn_out_path(spec, i)):
             assert path in names, path
         assert isinstance(get_module(model, mlp_out_path(spec, i)), layout_class)
+        if spec.mlp_out_layout == "experts":
+            assert get_module(model, mlp_out_path(spec, i)).down_proj.dim() == 3
         assert get_module(layers[i], spec.mlp_out) is get_module(model, mlp_out_path(spec, i))
         assert get_module(layers[i], spec.attn_out) is get_module(model, attn_out_path(spec, i))
 
@@ -185,7 +191,7 @@ def test_residual_scale_is_how_the_block_adds_its_mlp_output(model_type):
         handle.remove()
     clean, moved = (h.reshape(-1, HIDDEN) for h in outputs)
     scale = residual_scale(model, spec)
-    assert scale == (0.5 if model_type == "granite" else 1.0)
+    assert scale == (0.5 if model_type in ("granite", "granitemoe") else 1.0)
     torch.testing.assert_close(moved - clean, (scale * u).expand_as(clean), rtol=1e-4, atol=1e-5)
 
 
@@ -200,7 +206,8 @@ def test_hooks_on_mlp_out_and_attn_out(model_type):
     seen = {}
 
     def on_mlp(module, args, output):  # clone: Falcon adds the attention output to it in place
-        seen["k"], seen["v"] = args[0].detach().clone(), output.detach().clone()
+        key = module_key(spec.mlp_out_layout, module, args)  # routed experts: the routing-weighted keys
+        seen["k"], seen["v"] = key.detach().clone(), output.detach().clone()
 
     def on_attn(module, args, output):
         seen["attn"] = output[0] if isinstance(output, tuple) else output
@@ -219,9 +226,10 @@ def test_hooks_on_mlp_out_and_attn_out(model_type):
     assert k.shape[:-1].numel() == ids.numel()  # one key per token (OPT flattens batch and time)
     assert seen["attn"].shape[-1] == HIDDEN
 
-    # the declared layout reproduces the module: v = k W^T + b (linear) or k W + b (conv1d)
-    weight = mlp_out.weight
-    expected = k @ (weight.T if spec.mlp_out_layout == "linear" else weight)
+    # the declared layout reproduces the module: v = k W^T + b, W read from the parameter as the layout says
+    # (linear: the weight; conv1d: its transpose; experts: [W_0 … W_{E-1}] from down_proj [E, d, I])
+    weight = from_param(getattr(mlp_out, LAYOUT_PARAM[spec.mlp_out_layout]), spec.mlp_out_layout)
+    expected = k.to(weight.dtype) @ weight.T
     if getattr(mlp_out, "bias", None) is not None:
         expected = expected + mlp_out.bias
     torch.testing.assert_close(expected, v, rtol=1e-5, atol=1e-6)

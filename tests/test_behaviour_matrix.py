@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import hf_knowedit
-from hf_knowedit.architectures import get_architecture, mlp_out_path
+from hf_knowedit.architectures import edited_param, get_architecture, mlp_out_path
 from hf_knowedit.editset import EditSet
 from hf_knowedit.errors import KnowEditError, LayerOutOfRangeError, SubjectNotFoundError
 from hf_knowedit.hooks import count_forward_hooks
@@ -110,7 +110,7 @@ def test_apply_changes_the_edited_weights_and_revert_restores_them(arch, method)
     assert set(es.deltas) == {mlp_out_path(spec, layer) for layer in layers}
     after = weights(model)
     changed = {k for k, v in after.items() if not torch.equal(v, before.weights[k])}
-    assert changed == {f"{path}.weight" for path in es.deltas}  # those weights, and nothing else
+    assert changed == {edited_param(path, spec.mlp_out_layout) for path in es.deltas}  # those, and nothing else
     assert [e.name for e in hf_knowedit.list_edits(model)] == ["edit"]
     hf_knowedit.revert_edits(model)
     assert_untouched(model, before)

@@ -315,6 +315,24 @@ _TINY: dict[str, tuple[bool, dict[str, Any]]] = {
     "ernie4_5_moe": (True, dict(_LLAMA_LIKE, **_MOE, moe_num_shared_experts=2, moe_layer_start_index=0)),
     "hunyuan_v1_moe": (True, dict(_LLAMA_LIKE, **_MOE, num_shared_expert=1)),
     "llama4_text": (True, dict(_LLAMA_LIKE, **_MOE, interleave_moe_layer_step=1)),
+    # --- mixture-of-experts without a shared expert: the routed experts are edited (layout "experts")
+    "mixtral": (True, dict(_LLAMA_LIKE, **_MOE, intermediate_size=INNER // 2)),
+    "qwen3_moe": (True, dict(_LLAMA_LIKE, **_MOE, norm_topk_prob=True)),
+    "olmoe": (True, dict(_LLAMA_LIKE, **_MOE, intermediate_size=INNER // 2)),
+    "phimoe": (True, dict(_LLAMA_LIKE, **_MOE, intermediate_size=INNER // 2)),
+    "minimax_m2": (True, dict(_LLAMA_LIKE, **_MOE, intermediate_size=INNER // 2)),
+    "granitemoe": (
+        True,
+        dict(
+            _LLAMA_LIKE,
+            **_MOE,
+            intermediate_size=INNER // 2,
+            logits_scaling=4.0,
+            residual_multiplier=0.5,
+            embedding_multiplier=3.0,
+            attention_multiplier=0.25,
+        ),
+    ),
     # --- multimodal wrappers: a tiny text decoder (text_config) and a tiny vision tower (vision_config)
     "gemma3": (
         True,
@@ -390,7 +408,13 @@ TINY_WRAPPERS: frozenset[str] = frozenset(t for t, (_, kwargs) in _TINY.items() 
 
 # The MLP inner size (input dim of the rewritten projection) of each tiny model.
 # Bloom and MPT hard-code 4 * hidden.
-TINY_MLP_INNER: dict[str, int] = {t: INNER for t in _TINY} | {"bloom": 4 * HIDDEN, "mpt": 4 * HIDDEN}
+#: The routed experts' edited matrix [W_0 … W_3] takes the keys of all 4 experts of inner size INNER // 2.
+TINY_ROUTED_MOE = ("mixtral", "qwen3_moe", "olmoe", "phimoe", "minimax_m2", "granitemoe")
+TINY_MLP_INNER: dict[str, int] = (
+    {t: INNER for t in _TINY}
+    | {"bloom": 4 * HIDDEN, "mpt": 4 * HIDDEN}
+    | {t: 4 * (INNER // 2) for t in TINY_ROUTED_MOE}
+)
 
 
 def tiny_config(model_type: str, **overrides: Any):

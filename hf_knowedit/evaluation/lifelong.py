@@ -64,7 +64,7 @@ import torch
 from huggingface_hub.utils import tqdm
 from torch import nn
 
-from ..architectures import model_device, read_tensor
+from ..architectures import edited_param, get_architecture, model_device, read_tensor
 from ..editing import apply_edits, get_method
 from ..editset import EditSet
 from ..errors import InvalidConfigError, InvalidDataError, KnowEditError
@@ -223,11 +223,12 @@ def norm_growth(model: nn.Module, paths: Iterable[str]) -> tuple[float, float]:
     hooked sets included; ``W₀``: its pristine copy where a set is merged, else the module's weight, read
     with :func:`~hf_knowedit.architectures.read_tensor` so that offloaded modules work)."""
     state = get_state(model)
+    layout = get_architecture(model).mlp_out_layout
     ratios = []
     for path in sorted(paths):
         base = state.base.get(path)
-        base = read_tensor(model, f"{path}.weight") if base is None else base  # pristine where a set is merged
-        ratios.append(float(effective_weight(model, path).norm() / base.detach().float().norm()))
+        base = read_tensor(model, edited_param(path, layout)) if base is None else base  # pristine if merged
+        ratios.append(float(effective_weight(model, path, layout).norm() / base.detach().float().norm()))
     return (sum(ratios) / len(ratios), max(ratios)) if ratios else (1.0, 1.0)
 
 

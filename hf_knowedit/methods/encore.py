@@ -63,7 +63,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..architectures import mlp_out_path, read_tensor
+from ..architectures import edited_param, from_param, mlp_out_path, read_tensor
 from ..editset import EditSet
 from ..errors import InvalidConfigError, SingularSystemError
 from ..stack import effective_weight, get_state
@@ -188,9 +188,9 @@ def compute(ctx: EditContext) -> MethodResult:
     def drift_of(layer: int) -> torch.Tensor:  # W − W₀, Linear orientation, on the CPU
         path = mlp_out_path(ctx.arch, layer)
         base = state.base.get(path)
-        base = read_tensor(ctx.model, f"{path}.weight") if base is None else base
-        drift = (effective_weight(ctx.model, path) - base.detach().float()).cpu()
-        return drift.t() if ctx.arch.mlp_out_layout == "conv1d" else drift  # [in, out] weights
+        layout = ctx.arch.mlp_out_layout
+        base = read_tensor(ctx.model, edited_param(path, layout)) if base is None else base
+        return from_param((effective_weight(ctx.model, path, layout) - base.detach().float()).cpu(), layout)
 
     def solve(i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> Factors:
         cov = stats[layer].matrix

@@ -220,7 +220,7 @@ class PendingDeltas:
 
     def add(self, layer: int, B: torch.Tensor, A: torch.Tensor) -> None:
         if layer not in self.hooks:
-            self.hooks[layer] = LowRankHook([], owner=threading.get_ident())
+            self.hooks[layer] = LowRankHook([], owner=threading.get_ident(), layout=self.arch.mlp_out_layout)
             module = get_module(self.model, mlp_out_path(self.arch, layer))
             self._handles.append(module.register_forward_hook(self.hooks[layer]))
         self.hooks[layer].factors.append((B.float(), A.float()))

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..architectures import get_architecture, get_module, mlp_out_path, num_layers, read_tensor
+from ..architectures import from_param, get_architecture, get_module, mlp_out_path, num_layers, read_tensor
 from ..deltas import ModuleDelta
 from ..errors import LayerOutOfRangeError, NonFiniteUpdateError
 from ..hooks import LowRankHook, remove_hooks
@@ -177,8 +177,7 @@ def current_value(
     hooked edit sets, and the ``prior`` factors. Computed from the weights, not by running the module,
     so a half-precision model or an offloaded module gives the exact value on the weights' device."""
     with torch.no_grad():
-        weight = effective_weight(model, path).double()  # module layout, on its storage device
-        weight = weight.t() if layout == "conv1d" else weight
+        weight = from_param(effective_weight(model, path, layout).double(), layout)  # [out, in], storage device
         k = k.to(weight.device, torch.float64)
         w_k = weight @ k
         for B, A in prior:
@@ -210,7 +209,7 @@ def compute(ctx: EditContext) -> MethodResult:
             # the next request sees this edit (hooked, the weights stay untouched until the set is pushed)
             handles.append(
                 get_module(model, path).register_forward_hook(
-                    LowRankHook([(update.B, update.A)], owner=threading.get_ident())
+                    LowRankHook([(update.B, update.A)], owner=threading.get_ident(), layout=spec.mlp_out_layout)
                 )
             )
     finally:

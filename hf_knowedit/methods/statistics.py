@@ -37,6 +37,7 @@ from huggingface_hub.utils import tqdm
 from torch import nn
 
 from ..architectures import (
+    edited_param,
     execution_device,
     get_architecture,
     get_module,
@@ -47,6 +48,7 @@ from ..architectures import (
     read_tensor,
 )
 from ..errors import InvalidConfigError
+from ..experts import traced_key
 from ..generation import generate_texts, max_positions
 from ..hooks import Trace, frozen
 from ..moments import DTYPES, SecondMoment, StatsCache, StatsKey, identity_moment
@@ -112,7 +114,7 @@ def model_identity(model: nn.Module, layer: int, *, revision: str | None = None,
         seen.add(ident)
         module_path = name.rsplit(".", 1)[0]
         memo = state.history
-        if name.endswith(".weight") and module_path in state.base:
+        if module_path in state.base and name == edited_param(module_path, spec.mlp_out_layout):
             p = state.base[module_path]  # the pristine weight under a merged edit
         elif p.device.type == "meta":
             p, memo = read_tensor(model, name), {}  # offloaded: the values accelerate loads (a fresh tensor)
@@ -456,6 +458,7 @@ def _accumulate(
     block: int | None = None,
 ) -> SecondMoment:
     block = block or STATS_BLOCK
+    layout = get_architecture(model).mlp_out_layout
     rank, world = process_group()
     device = execution_device(get_module(model, module))  # C is accumulated where the module computes
     total = torch.zeros(d_in, d_in, dtype=dtype, device=device)
@@ -474,7 +477,8 @@ def _accumulate(
             ids, mask, _, _ = pad_batch(batch, 0, "right", model_device(model))
             with Trace(model, module, retain_input=True, retain_output=False, stop=True) as tr:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
-            keys = tr.input.to(device).reshape(-1, d_in)[mask.reshape(-1).bool().to(device)].to(dtype)  # no pads
+            keys = traced_key(layout, get_module(model, module), tr).to(device).reshape(-1, d_in)
+            keys = keys[mask.reshape(-1).bool().to(device)].to(dtype)  # no pads
             add_outer_blocks(total, keys, blocks)
             count += keys.shape[0]
             bar.update(keys.shape[0])

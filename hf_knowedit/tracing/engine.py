@@ -41,7 +41,7 @@ from ..architectures import (
     get_module,
     layer_path,
     lm_logits,
-    mlp_out_path,
+    mlp_out_dims,
     mlp_path,
     model_device,
     num_layers,
@@ -205,7 +205,7 @@ class CausalTracer:
         cfg = decoder_config(self.model, self.spec)
         d = get_module(self.model, self.spec.embed).weight.shape[-1]
         heads = getattr(cfg, "num_attention_heads", None) or max(1, d // 64)
-        inner = getattr(get_module(self.model, mlp_out_path(self.spec, 0)), "weight").numel() // d
+        inner = mlp_out_dims(self.model, self.spec, 0)[0]
         elem = torch.finfo(self.dtype).bits // 8
         per_row = elem * seq_len * (8 * d + 2 * inner + 2 * heads * self.n_tokens)
         per_row += 8 * len(self.answer_ids) * getattr(cfg, "vocab_size", 0)
