@@ -10,12 +10,20 @@ Paths are dotted attribute paths; integer segments index ``nn.ModuleList``\\ s. 
 the one ROME/MEMIT rewrite: its input is the key ``k`` (the MLP inner activation), its output
 the value ``v`` added to the residual stream.
 
-Two kinds of models are listed, both with a dense MLP in every decoder block:
+Three kinds of models are listed, all with a dense MLP in every decoder block:
 
 * text decoders (``*ForCausalLM``), some of which scale what they compute: Granite divides its
   logits by ``logits_scaling`` and scales each block's MLP and attention output by
   ``residual_multiplier`` before the residual add, Command-R multiplies its logits by
   ``logit_scale`` (the columns ``logit_scale``, ``logit_divisor``, ``residual_multiplier``);
+* hybrid stacks (``*ForCausalLM``), where attention is mixed with state-space (Mamba2) or
+  short-convolution token mixers: LFM2 and Bamba alternate attention blocks with convolution or
+  Mamba2 blocks, which have no ``attn_out`` module (:func:`attention_layers`; causal tracing restores
+  attention outputs only in attention blocks); Falcon-H1 runs attention and Mamba2 side by side in
+  every block and scales its MLP output by ``mlp_multipliers[1]`` and its logits by
+  ``lm_head_multiplier``. Their caches hold recurrent / convolution state besides keys and values,
+  so the v*/z steps run every position (``prefix_cache="off"``) and causal tracing runs full-length
+  forwards instead of resuming from a cache;
 * multimodal wrappers around a text decoder (``*ForConditionalGeneration``: Gemma 3 4B-27B,
   Mistral Small 3, Qwen2.5-VL, Qwen3-VL, LLaVA, LLaVA-NeXT): the paths lead into the wrapper's
   ``model.language_model`` and to its ``lm_head``, so edits, traces and adapters name the
@@ -64,6 +72,7 @@ __all__ = [
     "mlp_out_gate_path",
     "experts_path",
     "attn_out_path",
+    "attention_layers",
     "num_layers",
     "mlp_out_dims",
     "model_device",
@@ -90,6 +99,8 @@ PREFIX_CACHE = ("rows", "common", "off")
 
 _PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|[0-9]+))*$")
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: a config attribute, or entry ``i`` of a list attribute: ``"mlp_multipliers[1]"``
+_SETTING_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\[([0-9]+)\])?$")
 _PATH_FIELDS = ("backbone", "layers", "mlp_out", "attn_out", "embed", "final_norm", "lm_head")
 #: block-relative paths a row may leave None
 _OPTIONAL_PATH_FIELDS = ("mlp", "mlp_out_gate", "experts")
@@ -101,6 +112,8 @@ _CONFIG_FIELDS = {
     "logit_divisor": "logits_scaling",
     "residual_multiplier": "residual_multiplier",
 }
+#: the columns that may name an entry of a list attribute (``name[i]``)
+_INDEXED_CONFIG_FIELDS = ("logit_scale", "logit_divisor", "residual_multiplier")
 
 
 @dataclass(frozen=True)
@@ -116,7 +129,8 @@ class ArchitectureSpec:
         mlp_out_layout: ``"linear"`` (weight ``[out, in]``), ``"conv1d"`` (weight ``[in, out]``) or ``"experts"``
             (``mlp_out`` is the routed experts module of a mixture-of-experts block, edited as one matrix
             ``[W_0 … W_{E-1}]`` acting on the routing-weighted keys of all experts: :mod:`hf_knowedit.experts`).
-        attn_out: path, relative to one block, of the attention output projection.
+        attn_out: path, relative to one block, of the attention output projection. In hybrid stacks only the
+            attention blocks have it (:func:`attention_layers`).
         embed: path from the ``*ForCausalLM`` to the token embedding.
         final_norm: path from the ``*ForCausalLM`` to the final norm.
         lm_head: path from the ``*ForCausalLM`` to the LM head.
@@ -126,7 +140,8 @@ class ArchitectureSpec:
             subject's last token (:mod:`hf_knowedit.methods.targets`): ``"rows"`` each row from its own
             subject on (needs attention that depends on positions, not on cache indices), ``"common"``
             every row from the earliest subject of its batch on (e.g. local attention over index
-            distances), ``"off"`` never.
+            distances), ``"off"`` never (hybrid stacks, whose caches hold recurrent / convolution state that
+            cannot be cut at each row's subject).
         mlp_post_norm: path, relative to one block, of a norm applied to the MLP's output before it is
             added to the residual stream (Gemma 2/3, OLMo 2/3, EXAONE 4: ``post_feedforward_layernorm``;
             GLM-4: ``post_mlp_layernorm``), or None. The MEMIT family writes residual-stream changes into ``mlp_out``; through such a
@@ -146,9 +161,10 @@ class ArchitectureSpec:
             named in this table, and every decoder setting the library reads, comes from there
             (:func:`decoder_config`).
         logit_scale: name of the config attribute the model multiplies its logits by (Command-R:
-            ``logit_scale``), or None.
+            ``logit_scale``; Falcon-H1: ``lm_head_multiplier``), or None.
         logit_divisor: name of the config attribute the model divides its logits by (Granite:
-            ``logits_scaling``), or None.
+            ``logits_scaling``), or None. These two and ``residual_multiplier`` may also name entry ``i`` of
+            a list attribute as ``"name[i]"`` (:func:`config_setting`).
         mlp: path, relative to one block, of the whole MLP whose output is added to the residual stream, when
             that is more than ``mlp_out``'s output (a mixture-of-experts block: its shared expert, whose
             ``down_proj`` is ``mlp_out``, plus its routed experts), or None: ``mlp_out``. Causal tracing's
@@ -162,8 +178,9 @@ class ArchitectureSpec:
             the top-k expert indices and their weights), or None for a dense MLP. Edits write into
             ``mlp_out``, not into the routed experts; the column tells routing measurements
             (:mod:`hf_knowedit.evaluation.routing`) where the routing decisions are.
-        residual_multiplier: name of the config attribute each block multiplies its MLP (and attention)
-            output by before adding it to the residual stream (Granite: ``residual_multiplier``), or None.
+        residual_multiplier: name of the config attribute each block multiplies its MLP output by before
+            adding it to the residual stream (Granite: ``residual_multiplier``, which scales the attention
+            output too; Falcon-H1: ``mlp_multipliers[1]``, its MLP's down multiplier), or None.
             The MEMIT family's residual targets are divided by it before they are written into ``mlp_out``
             (``methods/memit.py``); NAS's ``v0`` is the MLP output times it.
     """
@@ -250,10 +267,11 @@ class ArchitectureSpec:
             )
         for name, example in _CONFIG_FIELDS.items():
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, str) and _IDENT_RE.match(value)):
+            pattern, form = (_SETTING_RE, " or name[i]") if name in _INDEXED_CONFIG_FIELDS else (_IDENT_RE, "")
+            if value is not None and not (isinstance(value, str) and pattern.match(value)):
                 raise InvalidConfigError(
                     f"ArchitectureSpec({self.model_type!r}).{name} must be None or the name of a config "
-                    f"attribute (e.g. {example!r}), got {value!r}"
+                    f"attribute{form} (e.g. {example!r}), got {value!r}"
                 )
 
 
@@ -360,6 +378,16 @@ _TABLE: list[ArchitectureSpec] = [
     S("phimoe",            "model",              "model.layers",               "mlp.experts",         "experts", "self_attn.o_proj",          "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_ROUTED),
     S("minimax_m2",        "model",              "model.layers",               "mlp.experts",         "experts", "self_attn.o_proj",          "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_ROUTED),
     S("granitemoe",        "model",              "model.layers",               "block_sparse_moe.experts", "experts", "self_attn.o_proj",     "model.embed_tokens",             "model.norm",                         "lm_head", mlp="block_sparse_moe", experts="block_sparse_moe.experts", logit_divisor="logits_scaling", residual_multiplier="residual_multiplier"),
+    # --- hybrid stacks: attention mixed with state-space (Mamba2) or short-convolution blocks, a dense MLP in every
+    # block. Blocks without attention have no attn_out module (attention_layers). Their caches hold recurrent / conv
+    # state, which the v*/z prefix cache cannot cut per row: prefix_cache="off".
+    # Falcon-H1: attention and Mamba2 side by side in every block; its MLP multiplies down_proj's output by
+    # mlp_multipliers[1] and its head's output by lm_head_multiplier (the other multipliers act inside modules)
+    S("falcon_h1",         "model",              "model.layers",               "feed_forward.down_proj", "linear", "self_attn.o_proj",         "model.embed_tokens",             "model.final_layernorm",              "lm_head", prefix_cache="off", logit_scale="lm_head_multiplier", residual_multiplier="mlp_multipliers[1]"),
+    # LFM2: short-convolution blocks (conv.out_proj) and attention blocks; the final norm is embedding_norm
+    S("lfm2",              "model",              "model.layers",               "feed_forward.w2",     "linear", "self_attn.out_proj",         "model.embed_tokens",             "model.embedding_norm",               "lm_head", prefix_cache="off"),
+    # Bamba: Mamba2 blocks (mamba.out_proj) and attention blocks
+    S("bamba",             "model",              "model.layers",               "feed_forward.down_proj", "linear", "self_attn.o_proj",         "model.embed_tokens",             "model.final_layernorm",              "lm_head", prefix_cache="off"),
     # --- multimodal wrappers (*ForConditionalGeneration): the text decoder is model.language_model, the
     # LM head the wrapper's own; the vision tower (model.vision_tower / model.visual) is never touched.
     # Gemma3ForConditionalGeneration applies no final-logit soft-cap (Gemma 3 sets none), so no column.
@@ -546,6 +574,24 @@ def mlp_post_norm_gain_eps(model: nn.Module, spec: ArchitectureSpec, layer: int)
 def attn_out_path(spec: ArchitectureSpec, layer: int) -> str:
     """Full dotted path of block ``layer``'s attention output projection, e.g. ``"model.layers.3.self_attn.o_proj"``."""
     return f"{layer_path(spec, layer)}.{spec.attn_out}"
+
+
+def attention_layers(model: nn.Module, spec: ArchitectureSpec | None = None) -> list[int]:
+    """The decoder blocks that have the table's ``attn_out`` module: every block, except in hybrid stacks whose
+    other blocks mix tokens with a state-space or convolution mixer instead (LFM2, Bamba). A model where no
+    block has it raises :class:`~hf_knowedit.errors.InvalidConfigError` naming the path."""
+    spec = spec if spec is not None else get_architecture(model)
+    blocks = get_module(model, spec.layers)
+    found = []
+    for i, block in enumerate(blocks):
+        try:
+            get_module(block, spec.attn_out)
+        except InvalidConfigError:
+            continue
+        found.append(i)
+    if not found and len(blocks):
+        get_module(model, attn_out_path(spec, 0))  # raises, naming what block 0 has
+    return found
 
 
 def num_layers(model: nn.Module, spec: ArchitectureSpec | None = None) -> int:
@@ -775,9 +821,22 @@ def decoder_config(model_or_config: Any, spec: ArchitectureSpec | None = None) -
 
 def config_setting(model: nn.Module, spec: ArchitectureSpec, column: str) -> float | None:
     """The value of the decoder-config attribute that the table's ``column`` (e.g. ``"logit_divisor"``) names,
-    or None where the column is None or the attribute is unset."""
-    name = getattr(spec, column)
-    return None if name is None else getattr(decoder_config(model, spec), name, None)
+    or None where the column is None or the attribute is unset. ``"name[i]"`` reads entry ``i`` of a list
+    attribute (Falcon-H1's ``mlp_multipliers[1]``); a shorter list raises
+    :class:`~hf_knowedit.errors.InvalidConfigError`."""
+    ref = getattr(spec, column)
+    if ref is None:
+        return None
+    name, index = _SETTING_RE.match(ref).groups()
+    value = getattr(decoder_config(model, spec), name, None)
+    if index is None or value is None:
+        return value
+    if not isinstance(value, (list, tuple)) or int(index) >= len(value):
+        raise InvalidConfigError(
+            f"The architecture table's {column} for {spec.model_type!r} reads {ref!r}, but config.{name} is "
+            f"{value!r}; correct the config, or the table's {column} (register_architecture)."
+        )
+    return value[int(index)]
 
 
 def residual_scale(model: nn.Module, spec: ArchitectureSpec) -> float:

@@ -94,7 +94,10 @@ class NaiveTracer:
 
             return fn
 
-        paths = {_path(model, kind, l) for kind in KINDS for l in range(self.n_layers)}
+        names = dict(model.named_modules())
+        paths = {_path(model, kind, l) for kind in KINDS for l in range(self.n_layers)} & set(names)
+        #: blocks with attention (hybrid stacks: not every block)
+        self.attention = [l for l in range(self.n_layers) if _path(model, "attn", l) in names]
         with torch.no_grad(), _hooks(model, {p: keep(p) for p in paths}):
             logits = model(input_ids=torch.tensor([self.input_ids]), use_cache=False).logits[0, -1].float()
         self.answer = int(logits.argmax())
@@ -132,13 +135,15 @@ class NaiveTracer:
 
     def grid(self, kind: str, window_size: int = 10) -> torch.Tensor:
         """``[n_tokens, n_layers]``: the score of every cell, one forward pass each; an MLP / attention
-        cell restores that kind's outputs over the window of layers around its layer."""
+        cell restores that kind's outputs over the window of layers around its layer (an attention cell: those
+        of its window's blocks with attention; NaN where there is none)."""
         T, L = len(self.input_ids), self.n_layers
         out = torch.zeros(T, L)
         for t in range(T):
             for l in range(L):
                 layers = [l] if kind == "hidden" else window(l, window_size, L)
-                out[t, l] = self.prob([(kind, j, t) for j in layers])
+                layers = [j for j in layers if kind != "attn" or j in self.attention]
+                out[t, l] = self.prob([(kind, j, t) for j in layers]) if layers else float("nan")
         return out
 
 

@@ -61,6 +61,10 @@ FACTS = [
 ]
 
 
+#: the hybrid stacks (attention mixed with Mamba2 / short-convolution blocks): their MLP projections as LoRA targets
+HYBRIDS = ["falcon_h1", "lfm2", "bamba"]
+
+
 def edited(model_type="gpt2", dtype=torch.float32, seed=0, **kw):
     """A tiny model with one adaptertest edit set applied, and that set."""
     model, tok = make_tiny_model(model_type, seed=seed, dtype=dtype)
@@ -179,7 +183,7 @@ def test_model_card(tmp_path):
 # -- loading behaves like applying ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", *HYBRIDS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_loaded_set_is_bit_exact_like_a_fresh_one(model_type, dtype, tmp_path):
     model, tok, es = edited(model_type, dtype=dtype, dense_layer=2)
@@ -225,7 +229,7 @@ def test_load_edits_from_an_edit_set_and_functional_form(tmp_path):
 # -- PEFT and transformers interop ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", *HYBRIDS])
 def test_peft_and_transformers_give_the_same_logits(model_type, tmp_path):
     from peft import PeftModel
 

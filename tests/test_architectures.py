@@ -15,7 +15,9 @@ from transformers.pytorch_utils import Conv1D
 from hf_knowedit.architectures import (
     ARCHITECTURES,
     LAYOUT_PARAM,
+    attention_layers,
     attn_out_path,
+    config_setting,
     decoder_config,
     from_param,
     get_architecture,
@@ -43,6 +45,8 @@ except ImportError:  # tests/ imported as a package
     from tests.tiny_models import HIDDEN, LAYERS, TINY_MLP_INNER, TINY_MODEL_TYPES, TINY_WRAPPERS, make_tiny_model
 
 PROMPT = "The Eiffel Tower is located in the city of"
+#: the blocks with attention of the tiny hybrid stacks whose other blocks have none (tests/tiny_models.py)
+HYBRID_ATTENTION = {"lfm2": [1, 3], "bamba": [1, 3]}
 
 
 @functools.cache
@@ -112,15 +116,18 @@ def test_named_modules_exist(model_type):
 
     # routed experts: a module holding 3-D expert weights (tests/test_experts.py checks their form)
     layout_class = {"linear": nn.Linear, "conv1d": Conv1D, "experts": nn.Module}[spec.mlp_out_layout]
+    attention = attention_layers(model, spec)
+    assert attention == HYBRID_ATTENTION.get(model_type, list(range(LAYERS)))
     for i in range(len(layers)):
         assert get_module(model, layer_path(spec, i)) is layers[i]
-        for path in (mlp_out_path(spec, i), attn_out_path(spec, i)):
-            assert path in names, path
+        assert mlp_out_path(spec, i) in names
+        assert (attn_out_path(spec, i) in names) == (i in attention)
         assert isinstance(get_module(model, mlp_out_path(spec, i)), layout_class)
         if spec.mlp_out_layout == "experts":
             assert get_module(model, mlp_out_path(spec, i)).down_proj.dim() == 3
         assert get_module(layers[i], spec.mlp_out) is get_module(model, mlp_out_path(spec, i))
-        assert get_module(layers[i], spec.attn_out) is get_module(model, attn_out_path(spec, i))
+        if i in attention:
+            assert get_module(layers[i], spec.attn_out) is get_module(model, attn_out_path(spec, i))
 
 
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
@@ -191,7 +198,8 @@ def test_residual_scale_is_how_the_block_adds_its_mlp_output(model_type):
         handle.remove()
     clean, moved = (h.reshape(-1, HIDDEN) for h in outputs)
     scale = residual_scale(model, spec)
-    assert scale == (0.5 if model_type in ("granite", "granitemoe") else 1.0)
+    # falcon_h1: mlp_multipliers[1]
+    assert scale == {"granite": 0.5, "granitemoe": 0.5, "falcon_h1": 0.5}.get(model_type, 1.0)
     torch.testing.assert_close(moved - clean, (scale * u).expand_as(clean), rtol=1e-4, atol=1e-5)
 
 
@@ -202,7 +210,7 @@ def test_hooks_on_mlp_out_and_attn_out(model_type):
     ids = _ids(tok)
     d_in, d_out = mlp_out_dims(model, spec, 0)
     mlp_out = get_module(model, mlp_out_path(spec, 0))
-    attn_out = get_module(model, attn_out_path(spec, 0))
+    attn_out = get_module(model, attn_out_path(spec, attention_layers(model, spec)[0]))
     seen = {}
 
     def on_mlp(module, args, output):  # clone: Falcon adds the attention output to it in place
@@ -314,6 +322,10 @@ def test_register_architecture_round_trip():
         ("logit_scale", 0.0625),
         ("logit_divisor", "logits scaling"),
         ("residual_multiplier", ""),
+        ("residual_multiplier", "mlp_multipliers[-1]"),
+        ("logit_scale", "lm_head_multiplier[0"),
+        ("text_config", "text_configs[0]"),  # only the multiplier columns take an index
+        ("logit_softcap", "final_logit_softcapping[0]"),
         ("prefix_cache", "yes"),
         ("mlp_post_norm_eps", "variance epsilon"),
         ("mlp_post_norm_gain_offset", "1 + weight"),
@@ -326,6 +338,34 @@ def test_bad_spec_field_is_named(field, value):
         register_architecture(dataclasses.replace(get_architecture("llama"), **fields))
     assert isinstance(info.value, InvalidConfigError)
     assert "bad_spec" not in ARCHITECTURES
+
+
+def test_a_multiplier_column_reads_an_entry_of_a_list_setting():
+    """``"name[i]"`` reads ``config.name[i]`` (Falcon-H1's ``mlp_multipliers[1]``); an entry the list lacks is a
+    typed error naming the column, an unset attribute none."""
+    model, _ = _tiny("falcon_h1")
+    spec = get_architecture(model)
+    assert model.config.mlp_multipliers == [1.5, 0.5]
+    assert config_setting(model, spec, "residual_multiplier") == residual_scale(model, spec) == 0.5
+    assert (
+        config_setting(
+            model, dataclasses.replace(spec, residual_multiplier="mlp_multipliers[0]"), "residual_multiplier"
+        )
+        == 1.5
+    )
+    with pytest.raises(InvalidConfigError, match=r"residual_multiplier.*mlp_multipliers\[2\]"):
+        config_setting(
+            model, dataclasses.replace(spec, residual_multiplier="mlp_multipliers[2]"), "residual_multiplier"
+        )
+    with pytest.raises(InvalidConfigError, match="lm_head_multiplier"):
+        config_setting(model, dataclasses.replace(spec, logit_scale="lm_head_multiplier[0]"), "logit_scale")
+    assert config_setting(model, dataclasses.replace(spec, logit_divisor="not_set[3]"), "logit_divisor") is None
+
+
+def test_attention_layers_of_a_model_without_its_attn_out_name_the_path():
+    model, _ = _tiny("llama")
+    with pytest.raises(InvalidConfigError, match="not_there"):
+        attention_layers(model, dataclasses.replace(get_architecture(model), attn_out="self_attn.not_there"))
 
 
 def test_paths_and_missing_modules():

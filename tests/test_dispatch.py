@@ -17,6 +17,7 @@ import torch
 from accelerate import dispatch_model
 
 import hf_knowedit
+from hf_knowedit.architectures import get_architecture
 from hf_knowedit.errors import DeviceMapError
 from tests.helpers import CAPITAL_FACT, SHIPPED_METHODS, TINY_METHOD_SETTINGS, logits
 from tests.tiny_models import make_tiny_model
@@ -269,3 +270,26 @@ def test_evaluate_on_a_dispatched_model_matches(base, tmp_path):
     for part in ("pre", "post"):
         for k, v in getattr(want, part).items():
             assert getattr(got, part)[k] == pytest.approx(v, abs=1e-3), (part, k)
+
+
+@pytest.mark.parametrize("model_type", ["falcon_h1", "lfm2", "bamba"])
+def test_an_edit_on_a_dispatched_hybrid_stack_equals_the_undispatched_edit(model_type, tmp_path):
+    """The hybrid stacks (Mamba2 / convolution blocks beside attention) with the edited blocks on disk: MEMIT's
+    update, merged and hooked logits, and a bit-exact revert of what accelerate loads."""
+    model, tok = make_tiny_model(model_type)
+    spec = get_architecture(model)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", spec.final_norm: "cpu", "lm_head": "cpu"}
+    device_map |= {f"model.layers.{i}": "disk" if i in (1, 2) else "cpu" for i in range(4)}
+    plain = copy.deepcopy(model)
+    disp = dispatched(model, device_map, tmp_path / "offload")
+    before = all_stored(disp)
+    want = edit(plain, tok, "memit", merge=True)
+    got = edit(disp, tok, "memit", merge=True)
+    for path in want.deltas:
+        assert torch.allclose(got.deltas[path].delta(), want.deltas[path].delta(), atol=1e-5, rtol=1e-4), path
+    edited = logits(plain, tok, PROBE)
+    assert torch.allclose(logits(disp, tok, PROBE), edited, atol=1e-4)
+    hf_knowedit.unmerge_edits(disp)
+    assert torch.allclose(logits(disp, tok, PROBE), edited, atol=1e-4)
+    hf_knowedit.revert_edits(disp)
+    assert_stored_equal(all_stored(disp), before)

@@ -88,3 +88,23 @@ def test_every_method_on_a_half_precision_model_merges_in_float32_and_reverts_ex
     hf_knowedit.revert_edits(model)
     for k, v in weights(model).items():
         assert torch.equal(v, base[k]), k
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("method", ["rome", "memit"])
+@pytest.mark.parametrize("model_type", ["falcon_h1", "lfm2", "bamba"])
+def test_hybrid_stacks_in_half_precision_merge_in_float32_and_revert_exactly(model_type, method, dtype):
+    """The hybrid stacks (Mamba2 / convolution blocks beside attention) take the same path as the dense models."""
+    model, tok = make_tiny_model(model_type, dtype=dtype)
+    base = weights(model)
+    config = {**CHEAP, **SETTINGS[method]}
+    layers = config.pop("layers")
+    es = hf_knowedit.apply_edits(model, tok, [FACT], method=method, layers=layers, config=config)
+    for path, d in es.deltas.items():
+        assert d.A.dtype == d.B.dtype == torch.float32 and d.is_finite()
+        want = (base[f"{path}.weight"].float() + d.B.float() @ d.A.float()).to(dtype)
+        got = model.get_submodule(path).weight
+        assert got.dtype == dtype and torch.equal(got, want) and not torch.equal(got, base[f"{path}.weight"]), path
+    hf_knowedit.revert_edits(model)
+    for k, v in weights(model).items():
+        assert torch.equal(v, base[k]), k

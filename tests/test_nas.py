@@ -94,6 +94,9 @@ def test_trimmed_mean_is_the_authors(n):
         ("gemma3_text", "pre_feedforward_layernorm"),
         ("opt", "final_layer_norm"),
         ("granite", "post_attention_layernorm"),  # v0: the MLP output times residual_multiplier
+        ("falcon_h1", "pre_ff_layernorm"),  # v0: down_proj's output times mlp_multipliers[1]
+        ("lfm2", "ffn_norm"),
+        ("bamba", "pre_ff_layernorm"),
     ],
 )
 def test_v0_is_what_the_mlp_adds_to_the_residual_stream(model_type, pre_mlp):

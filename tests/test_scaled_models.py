@@ -1,5 +1,6 @@
 """Models that scale their logits and residuals (Granite: ``logits_scaling``, ``residual_multiplier``,
-``embedding_multiplier``; Command-R: ``logit_scale``), beyond the table-wide checks of
+``embedding_multiplier``; Command-R: ``logit_scale``; Falcon-H1: ``lm_head_multiplier``, ``mlp_multipliers``,
+``embedding_multiplier`` and the multipliers inside its attention and Mamba2 mixers), beyond the table-wide checks of
 ``tests/test_architectures.py`` (``lm_logits`` against the model's logits, ``residual_scale`` against a
 block's output): what the MEMIT family writes into ``mlp_out`` lands on its target, and causal tracing
 corrupts the subject as much as on an unscaled model."""
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import hf_knowedit
-from hf_knowedit.architectures import ARCHITECTURES, get_architecture, layer_path
+from hf_knowedit.architectures import ARCHITECTURES, get_architecture, layer_path, lm_logits, residual_scale
 from hf_knowedit.methods import memit
 from hf_knowedit.requests import EditRequest
 from hf_knowedit.tracing import trace_fact
@@ -28,9 +29,11 @@ def block_output(model, tok, layer):
     """Block ``layer``'s output at the subject's last token of :data:`REQUEST`'s prompt."""
     spec = get_architecture(model)
     captured = {}
-    handle = model.get_submodule(layer_path(spec, layer)).register_forward_hook(
-        lambda m, i, o: captured.setdefault("h", (o[0] if isinstance(o, tuple) else o).detach())
-    )
+
+    def keep(module, args, output):  # returns None: the block's output is left as it is (a tuple or not)
+        captured.setdefault("h", (output[0] if isinstance(output, tuple) else output).detach())
+
+    handle = model.get_submodule(layer_path(spec, layer)).register_forward_hook(keep)
     text = REQUEST.prompt.format(REQUEST.subject)
     subject_last = len(tok(text[: len(REQUEST.subject)]).input_ids) - 1
     try:
@@ -41,11 +44,14 @@ def block_output(model, tok, layer):
     return captured["h"][0, subject_last]
 
 
-def test_one_layer_memit_moves_a_granite_block_output_to_its_target(monkeypatch):
-    """The block adds ``residual_multiplier · ΔW k`` to the stream, so MEMIT writes ``R / residual_multiplier``."""
-    model, tok = make_tiny_model("granite")
+@pytest.mark.parametrize("model_type", ["granite", "falcon_h1"])
+def test_one_layer_memit_moves_a_scaled_block_output_to_its_target(model_type, monkeypatch):
+    """The block adds ``m · ΔW k`` to the stream, so MEMIT writes ``R / m`` (Granite: ``m = residual_multiplier``;
+    Falcon-H1: its MLP's down multiplier ``mlp_multipliers[1]``)."""
+    model, tok = make_tiny_model(model_type)
     spec = get_architecture(model)
-    assert model.config.residual_multiplier == 0.5
+    assert residual_scale(model, spec) == 0.5
+    assert (model.config.residual_multiplier if model_type == "granite" else model.config.mlp_multipliers[1]) == 0.5
     layer = 1
     h0 = memit.block_output_at_subject(model, tok, [REQUEST], layer)
     change = 0.5 * h0.norm() * torch.randn(h0.shape, generator=torch.Generator().manual_seed(1)) / h0.shape[1] ** 0.5
@@ -68,16 +74,34 @@ def test_one_layer_memit_moves_a_granite_block_output_to_its_target(monkeypatch)
 
     assert float((reached() - z[0]).norm() / change.norm()) < 0.01
     # without the table's residual_multiplier the block moves only half way
-    monkeypatch.setitem(ARCHITECTURES, "granite", dataclasses.replace(spec, residual_multiplier=None))
+    monkeypatch.setitem(ARCHITECTURES, model_type, dataclasses.replace(spec, residual_multiplier=None))
     assert float((reached() - z[0]).norm() / change.norm()) > 0.4
 
 
-def test_tracing_corrupts_granite_as_if_its_embedding_multiplier_were_in_the_weights():
-    """The noise std is measured on the embedding module's output and the noise added there; Granite scales
-    both by ``embedding_multiplier`` afterwards. So a trace of the model equals the trace of the same model
-    with the multiplier moved into the embedding weights (multiplier 1): nothing to correct for."""
-    scaled, tok = make_tiny_model("granite")
-    folded, _ = make_tiny_model("granite")
+def test_falcon_h1_logits_are_its_head_times_lm_head_multiplier():
+    """``lm_logits`` of the backbone's output is Falcon-H1's own logits (its head times ``lm_head_multiplier``, 1/4
+    here); the multipliers inside the blocks (attention, Mamba2, the MLP's gate) need no column: they act inside
+    modules the library never rewrites, before ``mlp_out``'s input (the key) or inside the token mixers."""
+    model, tok = make_tiny_model("falcon_h1")
+    spec = get_architecture(model)
+    assert model.config.lm_head_multiplier == 0.25 and spec.logit_scale == "lm_head_multiplier"
+    ids = tok("The Eiffel Tower is located in", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        hidden = model.model(input_ids=ids)[0]
+        torch.testing.assert_close(lm_logits(model, spec, hidden), logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.lm_head(hidden) * 0.25, logits, rtol=1e-5, atol=1e-6)
+        unscaled = dataclasses.replace(spec, logit_scale=None)
+        assert not torch.allclose(lm_logits(model, unscaled, hidden), logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["granite", "falcon_h1"])
+def test_tracing_corrupts_as_if_the_embedding_multiplier_were_in_the_weights(model_type):
+    """The noise std is measured on the embedding module's output and the noise added there; Granite and
+    Falcon-H1 scale both by ``embedding_multiplier`` afterwards. So a trace of the model equals the trace of the
+    same model with the multiplier moved into the embedding weights (multiplier 1): nothing to correct for."""
+    scaled, tok = make_tiny_model(model_type)
+    folded, _ = make_tiny_model(model_type)
     m = scaled.config.embedding_multiplier
     assert m == 3.0
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """Causal tracing on every tiny architecture, plus API behaviour (bad input, targets, save/load, plots)."""
 
+import logging
 import math
 
 import pytest
@@ -20,7 +21,7 @@ from hf_knowedit.tracing import (
 )
 from tests.helpers import assert_untouched, snapshot
 from tests.oracles import NaiveTracer
-from tests.tiny_models import TINY_MODEL_TYPES, make_tiny_model
+from tests.tiny_models import TINY_HYBRIDS, TINY_MODEL_TYPES, make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,16 +33,21 @@ def _close(a: float, b: float) -> bool:
 
 
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
-def test_trace_every_architecture(model_type):
+def test_trace_every_architecture(model_type, caplog):
     model, tok = make_tiny_model(model_type)
     before = snapshot(model)
-    tracer = CausalTracer(model, tok, PROMPT, SUBJECT, samples=2, noise=0.5)
+    with caplog.at_level(logging.DEBUG, logger="hf_knowedit.tracing.engine"):
+        tracer = CausalTracer(model, tok, PROMPT, SUBJECT, samples=2, noise=0.5)
     L, T = tracer.n_layers, tracer.n_tokens
     s0, s1 = tracer.subject_range
     assert tok.decode(tracer.input_ids[s0:s1]).strip() == SUBJECT
-    assert tracer.use_kv  # the KV-cache self-check passes on every table architecture
+    # the KV-cache self-check passes on every table architecture but the hybrid stacks, whose caches hold
+    # recurrent / convolution state: they take full-length forwards, and say so
+    assert tracer.use_kv == (model_type not in TINY_HYBRIDS)
+    assert ("recurrent / convolution state" in caplog.text) == (model_type in TINY_HYBRIDS)
+    a = max(l for l in tracer.attention_layers if l <= 2)  # block 2, or the hybrid stacks' attention block 1
     everything = [("hidden", l, t) for l in range(L) for t in range(T)]
-    probs = tracer.score([everything, [], [("hidden", L - 1, T - 1)], [("mlp", 1, s1 - 1), ("attn", 2, T - 1)]])
+    probs = tracer.score([everything, [], [("hidden", L - 1, T - 1)], [("mlp", 1, s1 - 1), ("attn", a, T - 1)]])
     assert _close(probs[0].item(), tracer.clean_prob)  # restore everything -> clean
     assert _close(probs[1].item(), tracer.corrupted_prob)  # restore nothing -> corrupted
     assert _close(probs[2].item(), tracer.clean_prob)  # last block at the last token is the final state
@@ -49,7 +55,7 @@ def test_trace_every_architecture(model_type):
     # the batched tracer (replayed lower blocks, KV-cache prefixes) agrees with plain forwards, one per restoration
     oracle = NaiveTracer(model, tok, PROMPT, SUBJECT, tracer.corruption.noise)
     assert oracle.subject_range == (s0, s1) and [oracle.answer] == tracer.answer_ids
-    restorations = [everything, [], [("hidden", L - 1, T - 1)], [("mlp", 1, s1 - 1), ("attn", 2, T - 1)]]
+    restorations = [everything, [], [("hidden", L - 1, T - 1)], [("mlp", 1, s1 - 1), ("attn", a, T - 1)]]
     want = torch.tensor([oracle.prob(r) for r in restorations], dtype=probs.dtype)
     # a mixture-of-experts block sums each expert's tokens in an order set by the batch it sees (index_add):
     # the batched and the one-by-one forwards differ in the last bits there
@@ -58,9 +64,16 @@ def test_trace_every_architecture(model_type):
 
     result = trace_fact(model, tok, PROMPT, SUBJECT, samples=2, window=2, noise=0.5)
     assert set(result.scores) == {"hidden", "mlp", "attn"}
-    for scores in result.scores.values():
-        assert scores.shape == (T, L) and torch.isfinite(scores).all()
-        assert torch.all(scores[:s0] == result.corrupted_prob)  # before the subject nothing changes
+    # window 2: layers l - 1 and l; a window of a hybrid stack without an attention block has no attention cell
+    no_attention = [l for l in range(L) if not {l - 1, l} & set(tracer.attention_layers)]
+    assert no_attention == ([0] if model_type in ("lfm2", "bamba") else [])
+    for kind, scores in result.scores.items():
+        assert scores.shape == (T, L)
+        traced = [l for l in range(L) if kind != "attn" or l not in no_attention]
+        assert (
+            torch.isfinite(scores[:, traced]).all() and scores[:, no_attention if kind == "attn" else []].isnan().all()
+        )
+        assert torch.all(scores[:s0, traced] == result.corrupted_prob)  # before the subject nothing changes
     assert _close(result.scores["hidden"][T - 1, L - 1].item(), result.clean_prob)
     torch.testing.assert_close(
         result.scores["hidden"][s1 - 1, 0],
@@ -72,10 +85,12 @@ def test_trace_every_architecture(model_type):
     assert_untouched(model, before)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "opt", "falcon", "llama", "gpt_neox", "mpt"])
+@pytest.mark.parametrize("model_type", ["gpt2", "opt", "falcon", "llama", "gpt_neox", "mpt", "lfm2", "bamba"])
 def test_trace_fact_grids_match_the_per_cell_oracle(model_type):
     """Every cell of every kind (windows clipped at both ends, tokens before the subject included)
-    against tests/oracles.py: one plain forward pass per cell, clean states copied back by hooks."""
+    against tests/oracles.py: one plain forward pass per cell, clean states copied back by hooks. In the
+    hybrid stacks LFM2 and Bamba (attention in blocks 1 and 3) a window of 3 around block 3 holds one attention
+    block, and none of the cells is NaN; with window 1 the attention cells of blocks 0 and 2 are NaN."""
     model, tok = make_tiny_model(model_type)
     with torch.no_grad():  # logits of a realistic range, so that cells differ visibly
         get_module(model, get_architecture(model).final_norm).weight.mul_(8.0)
@@ -91,6 +106,22 @@ def test_trace_fact_grids_match_the_per_cell_oracle(model_type):
         want = oracle.grid(kind, window_size=3)
         assert float(want.max() - want.min()) > 1e-3 * float(want.max()), "a flat grid would not tell cells apart"
         torch.testing.assert_close(result.scores[kind], want, rtol=1e-5, atol=1e-7, msg=lambda m, k=kind: f"{k}: {m}")
+    if model_type in ("lfm2", "bamba"):
+        result = trace_fact(model, tok, PROMPT, SUBJECT, kinds="attn", **dict(options, window=1))
+        want = oracle.grid("attn", window_size=1)
+        assert want[:, [0, 2]].isnan().all() and not want[:, [1, 3]].isnan().any()
+        torch.testing.assert_close(result.scores["attn"], want, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+@pytest.mark.parametrize("model_type", ["lfm2", "bamba"])
+def test_restoring_attention_in_a_block_without_attention_is_a_trace_error(model_type):
+    model, tok = make_tiny_model(model_type)
+    before = snapshot(model)
+    tracer = CausalTracer(model, tok, PROMPT, SUBJECT, samples=2, noise=0.5)
+    assert tracer.attention_layers == [1, 3]
+    with pytest.raises(TraceError, match=r"block 2 .* no attention.*\[1, 3\]"):
+        tracer.score([[("attn", 1, 3)], [("attn", 2, 3)]])
+    assert_untouched(model, before)
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import pytest
 import torch
 
-from hf_knowedit.architectures import get_architecture, get_module, layer_path, mlp_out_path
+from hf_knowedit.architectures import ARCHITECTURES, get_architecture, get_module, layer_path, mlp_out_path
 from hf_knowedit.errors import InvalidConfigError, LayerOutOfRangeError
 from hf_knowedit.hooks import Trace, hidden
 from hf_knowedit.methods.keys import compute_keys
@@ -123,6 +126,8 @@ def test_fast_path_runs_lower_blocks_once():
 # (Mistral's sliding-window cache layers)
 PREFIX_MODES = {"llama": "rows", "gpt2": "rows", "gpt_neox": "rows", "gemma": "rows", "opt": "rows"}
 PREFIX_MODES |= {"gpt_neo": "common", "bloom": "common", "mistral": "off"}
+# the hybrid stacks' caches hold recurrent / convolution state: the table turns the prefix cache off
+PREFIX_MODES |= {"falcon_h1": "off", "lfm2": "off", "bamba": "off"}
 
 
 @pytest.mark.parametrize("model_type", list(PREFIX_MODES))
@@ -152,6 +157,27 @@ def test_prefix_cache_gives_the_targets_of_every_position(model_type):
         assert (work["cached"] < work["replayed"]) == (mode == "rows")  # "Apple" starts "{} was founded by"
         assert (one["cached"] < one["replayed"]) == (mode != "off")
     assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("model_type", ["falcon_h1", "lfm2", "bamba"])
+def test_a_cache_with_recurrent_state_is_never_cut(model_type, monkeypatch, caplog):
+    """The hybrid stacks' rows say prefix_cache="off" (logged); a row that asked for the cache anyway would
+    still run every position, since their caches are not plain key / value caches (logged too)."""
+    model, tok = make_tiny_model(model_type)
+    kw = dict(site="mlp", templates=TEMPLATES, v_num_grad_steps=3, **FREE)
+    spec = get_architecture(model)
+    assert spec.prefix_cache == "off"
+    with caplog.at_level(logging.DEBUG, logger="hf_knowedit.methods.targets"):
+        off = optimize_targets(model, tok, REQUESTS, 2, **kw)
+    assert "prefix_cache='off'" in caplog.text
+    caplog.clear()
+    monkeypatch.setitem(ARCHITECTURES, model_type, dataclasses.replace(spec, prefix_cache="rows"))
+    with caplog.at_level(logging.DEBUG, logger="hf_knowedit.methods.targets"):
+        asked = optimize_targets(model, tok, REQUESTS, 2, **kw)
+    assert "not a plain DynamicCache" in caplog.text
+    for result in (off, asked):
+        assert result.step_work["cached"] == result.step_work["replayed"]
+    torch.testing.assert_close(asked.targets, off.targets, rtol=0, atol=0)
 
 
 def test_prefix_cache_gives_the_same_rome_and_memit_updates(monkeypatch):

@@ -9,7 +9,10 @@ All text decoders share the same shape: hidden size 32, MLP inner size 96 (where
 lets us choose it; see :data:`TINY_MLP_INNER` for the exceptions), 4 layers, 4 heads.
 The multimodal wrappers (:data:`TINY_WRAPPERS`: ``*ForConditionalGeneration``) hold such a
 decoder and a one-layer vision tower of hidden size 16. Models whose config scales logits or
-residuals (Granite, Command-R) get values other than 1, so that forgetting a scale shows.
+residuals (Granite, Command-R, Falcon-H1) get values other than 1, so that forgetting a scale shows.
+The hybrid stacks mix block kinds: LFM2 and Bamba have attention in blocks 1 and 3 and a short
+convolution (LFM2) or a Mamba2 mixer (Bamba) in blocks 0 and 2; Falcon-H1 runs attention and Mamba2
+side by side in every block.
 They are in eval mode with the eager attention implementation.
 
 The tokenizer is one small byte-level BPE trained in-process on a built-in English
@@ -147,6 +150,8 @@ _MLA: dict[str, Any] = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4,
 _VISION: dict[str, Any] = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2)
 #: Qwen-VL's multimodal rotary embedding: temporal / height / width sections of the head_dim // 2 frequencies
 _MROPE: dict[str, Any] = dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2])
+#: the Mamba2 mixers of the hybrid stacks: 4 heads of 16 channels, state size 8
+_MAMBA2: dict[str, Any] = dict(mamba_n_heads=4, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=8, mamba_d_conv=4)
 _GPT2_LIKE: dict[str, Any] = dict(n_embd=HIDDEN, n_inner=INNER, n_layer=LAYERS, n_head=HEADS, n_positions=MAX_POSITIONS)
 
 # model_type -> (tokenizer prepends BOS?, config kwargs)
@@ -333,6 +338,36 @@ _TINY: dict[str, tuple[bool, dict[str, Any]]] = {
             attention_multiplier=0.25,
         ),
     ),
+    # --- hybrid stacks: attention beside or between state-space (Mamba2) / short-convolution mixers
+    # Falcon-H1: attention and Mamba2 in parallel in every block; every multiplier other than 1
+    "falcon_h1": (
+        True,
+        dict(
+            _LLAMA_LIKE,
+            **_MAMBA2,
+            mamba_d_ssm=2 * HIDDEN,
+            mlp_multipliers=[1.5, 0.5],
+            lm_head_multiplier=0.25,
+            embedding_multiplier=3.0,
+            key_multiplier=0.7,
+            attention_in_multiplier=0.8,
+            attention_out_multiplier=0.6,
+            ssm_multipliers=[0.9, 1.1, 1.2, 0.8, 1.3],
+            ssm_in_multiplier=1.2,
+            ssm_out_multiplier=0.7,
+        ),
+    ),
+    # LFM2: short-convolution blocks 0, 2 and attention blocks 1, 3; no rounding of the MLP size
+    "lfm2": (
+        True,
+        dict(
+            _LLAMA_LIKE,
+            layer_types=["conv", "full_attention", "conv", "full_attention"],
+            block_auto_adjust_ff_dim=False,
+        ),
+    ),
+    # Bamba: Mamba2 blocks 0, 2 and attention blocks 1, 3
+    "bamba": (True, dict(_LLAMA_LIKE, **_MAMBA2, attn_layer_indices=[1, 3])),
     # --- multimodal wrappers: a tiny text decoder (text_config) and a tiny vision tower (vision_config)
     "gemma3": (
         True,
@@ -405,6 +440,8 @@ _TINY: dict[str, tuple[bool, dict[str, Any]]] = {
 TINY_MODEL_TYPES: list[str] = list(_TINY)
 #: the multimodal wrappers (``*ForConditionalGeneration``, built with ``AutoModelForImageTextToText``)
 TINY_WRAPPERS: frozenset[str] = frozenset(t for t, (_, kwargs) in _TINY.items() if "text_config" in kwargs)
+#: the hybrid stacks (attention mixed with Mamba2 / short-convolution mixers; caches with recurrent state)
+TINY_HYBRIDS: frozenset[str] = frozenset({"falcon_h1", "lfm2", "bamba"})
 
 # The MLP inner size (input dim of the rewritten projection) of each tiny model.
 # Bloom and MPT hard-code 4 * hidden.

@@ -22,7 +22,9 @@ suffix is left-aligned, its true positions are passed as ``position_ids`` and th
 gap between the row's prefix and suffix (``ArchitectureSpec.prefix_cache="rows"``); where attention
 depends on cache indices (sliding / local windows) or the model takes no ``position_ids``, every row
 starts at the chunk's earliest subject (``"common"``); a model that returns no plain ``DynamicCache``
-runs every position (logged at debug level). ``TargetResult.step_work`` counts the token-layers a step
+runs every position (logged at debug level), and so do the hybrid stacks, whose caches hold recurrent /
+convolution state that cannot be cut at each row's subject (the table's ``prefix_cache="off"``).
+``TargetResult.step_work`` counts the token-layers a step
 runs on each path. ``fast=False`` runs the whole model with full logits at every step (the
 reference's cost; for benchmarks).
 
@@ -152,7 +154,8 @@ def _cache_mode(model: nn.Module, spec: ArchitectureSpec, backbone: nn.Module) -
     ``prefix_cache="common"``); ``"off"``: today's path over every position.
     """
     if spec.prefix_cache == "off" or _cache_argument(backbone) is None:
-        logger.debug("%s: no prefix cache, v*/z steps run over every position.", spec.model_type)
+        why = "the architecture table's prefix_cache='off'" if spec.prefix_cache == "off" else "no cache argument"
+        logger.debug("%s: no prefix cache (%s), v*/z steps run over every position.", spec.model_type, why)
         return "off"
     config = decoder_config(model, spec)
     windowed = (

@@ -18,7 +18,9 @@ Restorations (one heatmap each, rows = input tokens, columns = layers):
   consecutive layers centred on ``l`` (layers ``max(0, l - window//2) .. min(L, l + ceil(window/2)) - 1``),
   as in the paper (single-layer MLP restorations are too weak to see, App. B.2). The MLP output is
   the output of the table's ``mlp_out`` projection, the attention output that of ``attn_out``
-  (restoring the projection's output at a token restores the module's output there).
+  (restoring the projection's output at a token restores the module's output there). In hybrid stacks
+  whose blocks alternate attention with convolution or Mamba2 mixers (LFM2, Bamba), an ``"attn"`` cell
+  restores the attention outputs of the window's attention blocks; a cell whose window has none is NaN.
 
 The noise level ``noise="auto"`` is 3 × the standard deviation of the embedding-layer outputs of the
 subject tokens of :data:`DEFAULT_SUBJECTS` (the paper measures it over the subjects of its 1,000 known

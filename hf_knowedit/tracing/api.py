@@ -43,6 +43,8 @@ def trace_fact(
         subject: the entity in ``prompt`` whose tokens are corrupted (first occurrence).
         target: trace ``p(target)`` instead of the clean top next token (multi-token: teacher forced).
         positions: token indices to trace (default all); other rows of ``scores`` are NaN.
+            In hybrid stacks an ``"attn"`` cell restores the attention outputs of the blocks of its window
+            that have attention; a cell whose window has none is NaN.
         config: a :class:`~hf_knowedit.tracing.TraceConfig`; ``**options`` set its fields by keyword
             (``kinds``, ``samples``, ``noise``, ``window``, ``corruption``, ``seed``, ``rng``, ``subjects``,
             ``memory_mb``, ``reuse_lower_layers``, ``progress``). ``subjects`` sets the entities whose
@@ -68,14 +70,17 @@ def trace_fact(
     scores = {k: torch.full((T, L), float("nan")) for k in kinds}
     jobs, where = [], []
     for kind in kinds:
+        windows = {l: [l] if kind == "hidden" else cfg.window_layers(l, L) for l in range(L)}
+        if kind == "attn":  # a hybrid stack's window without attention restores nothing: its cells stay NaN
+            windows = {l: [j for j in w if j in tracer.attention_layers] for l, w in windows.items()}
+            windows = {l: w for l, w in windows.items() if w}
         for t in rows:
-            if t < s0:  # before the corruption: clean == corrupted there, restoring is a no-op
-                scores[kind][t] = tracer.corrupted_prob
-                continue
-            for l in range(L):
-                layers = [l] if kind == "hidden" else cfg.window_layers(l, L)
-                jobs.append([(kind, j, t) for j in layers])
-                where.append((kind, t, l))
+            for l, layers in windows.items():
+                if t < s0:  # before the corruption: clean == corrupted there, restoring is a no-op
+                    scores[kind][t, l] = tracer.corrupted_prob
+                else:
+                    jobs.append([(kind, j, t) for j in layers])
+                    where.append((kind, t, l))
     if jobs:
         for (kind, t, l), p in zip(where, tracer.score(jobs).tolist()):
             scores[kind][t, l] = p

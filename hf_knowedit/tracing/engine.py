@@ -15,7 +15,12 @@
   attention), so those positions are not recomputed: one corrupted forward over them builds a KV cache
   (the model's own ``Cache``), repeated over the batch, and only positions ``t..`` are run. Whether the
   model's cache reproduces a full forward exactly is checked once per trace on a probe cell; if not (or
-  if the model has no cache), full-length forwards are used.
+  if the model has no cache, or its cache holds recurrent / convolution state besides keys and values:
+  the hybrid stacks), full-length forwards are used (logged at debug level).
+
+Hybrid stacks: an ``"attn"`` restoration restores the attention output of the blocks that have attention
+(:func:`~hf_knowedit.architectures.attention_layers`); naming a block without attention (an LFM2
+convolution block, a Bamba Mamba2 block) raises :class:`~hf_knowedit.errors.TraceError`.
 
 Both reuses are exact (equal to a plain forward up to float rounding; ``reuse_lower_layers=False`` turns
 them off). The tests check them on every architecture of the table against an independent tracer.
@@ -35,6 +40,7 @@ from torch import nn
 
 from ..architectures import (
     ArchitectureSpec,
+    attention_layers,
     attn_out_path,
     decoder_config,
     get_architecture,
@@ -65,6 +71,12 @@ def module_path(spec: ArchitectureSpec, kind: str, layer: int) -> str:
     if kind == "hidden":
         return layer_path(spec, layer)
     return mlp_path(spec, layer) if kind == "mlp" else attn_out_path(spec, layer)
+
+
+def _holds_state(cache: Any) -> bool:
+    """Whether a cache (or one layer of it) keeps recurrent or convolution state besides keys and values
+    (state-space and convolution mixers of hybrid stacks)."""
+    return any(hasattr(cache, name) for name in ("conv_states", "recurrent_states", "ssm_states"))
 
 
 def _as_3d(t: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -111,6 +123,8 @@ class CausalTracer:
         self.reuse_lower_layers, self.progress = cfg.reuse_lower_layers, cfg.progress
         self.spec = get_architecture(model)
         self.n_layers = num_layers(model, self.spec)
+        #: the blocks whose attention output an ``"attn"`` restoration can set back (all but in hybrid stacks)
+        self.attention_layers = attention_layers(model, self.spec)
         self.device = model_device(model)
         self.dtype = next(model.parameters()).dtype
 
@@ -142,6 +156,10 @@ class CausalTracer:
             self._clean_run(target_ids)
             self._corrupted_run()
 
+    def _layers(self, kind: str) -> list[int]:
+        """The blocks a ``kind`` restoration can name."""
+        return self.attention_layers if kind == "attn" else list(range(self.n_layers))
+
     # -- the two reference runs -------------------------------------------------
 
     def _logprobs(self, last_hidden: torch.Tensor) -> torch.Tensor:
@@ -157,7 +175,7 @@ class CausalTracer:
         return out[0]
 
     def _clean_run(self, target_ids: list[int]) -> None:
-        paths = [module_path(self.spec, kind, l) for kind in KINDS for l in range(self.n_layers)]
+        paths = [module_path(self.spec, kind, l) for kind in KINDS for l in self._layers(kind)]
         ids = torch.tensor([self.input_ids], device=self.device)
         with TraceDict(self.model, paths, clone=True, detach=True) as td:
             last = self._backbone(ids)
@@ -228,6 +246,12 @@ class CausalTracer:
                         f"bad restoration {(k, l, t)}: kind in {KINDS}, layer in [0, {self.n_layers}), "
                         f"token in [0, {self.n_tokens})."
                     )
+                if l not in self._layers(k):
+                    raise TraceError(
+                        f"bad restoration {(k, l, t)}: block {l} of this {self.spec.model_type!r} model has no "
+                        f"attention; restore attention in blocks {self.attention_layers}, or restore 'hidden' / "
+                        "'mlp' there."
+                    )
             start = min((l for _, l, _ in triples), default=self.n_layers) if self.reuse_lower_layers else 0
             prefix = min([t for _, _, t in triples] + [first_scored]) if self.use_kv else 0
             groups.setdefault(prefix, []).append((start, i, triples))
@@ -284,6 +308,12 @@ class CausalTracer:
             with self._corrupt(1):
                 out = backbone(input_ids=self.corrupted_ids[:, :prefix], use_cache=True)
             cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+            recurrent = list(dict.fromkeys(type(x).__name__ for x in getattr(cache, "layers", ()) if _holds_state(x)))
+            if recurrent or _holds_state(cache):
+                raise TraceError(
+                    f"its cache holds recurrent / convolution state ({', '.join(recurrent) or type(cache).__name__}), "
+                    "which is not resumed here: full-length forwards"
+                )
             cache.batch_repeat_interleave(n)
             kwargs = {"use_cache": True, name: cache}
         ids = self.corrupted_ids[:, prefix:].repeat_interleave(n, dim=0)
