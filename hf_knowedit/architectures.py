@@ -10,7 +10,9 @@ Paths are dotted attribute paths; integer segments index ``nn.ModuleList``\\ s. 
 the one ROME/MEMIT rewrite: its input is the key ``k`` (the MLP inner activation), its output
 the value ``v`` added to the residual stream.
 
-Two kinds of models are listed, both with a dense MLP in every decoder block:
+Two kinds of models are listed, with a dense MLP in every decoder block, or (Qwen2-MoE) a
+mixture-of-experts block whose shared expert holds ``mlp_out`` (columns ``mlp``, ``mlp_out_gate``,
+``experts``; edits never write into the routed experts):
 
 * text decoders (``*ForCausalLM``), some of which scale what they compute: Granite divides its
   logits by ``logits_scaling`` and scales each block's MLP and attention output by
@@ -314,6 +316,9 @@ _TABLE: list[ArchitectureSpec] = [
     S("ernie4_5",          "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("hunyuan_v1_dense",  "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("jais2",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    # --- mixture of experts with a shared expert: edits write into the shared expert's down_proj, whose output
+    # the block multiplies by sigmoid(shared_expert_gate(x)) and adds to the routed experts' output
+    S("qwen2_moe",         "model",              "model.layers",               "mlp.shared_expert.down_proj", "linear", "self_attn.o_proj",   "model.embed_tokens",             "model.norm",                         "lm_head", mlp="mlp", mlp_out_gate="mlp.shared_expert_gate", experts="mlp.experts"),
     # --- Gemma family (embedding scale lives inside the embedding module)
     S("gemma",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", gguf_arch="gemma", gguf_mlp_out=_FFN_DOWN),
     S("gemma2",            "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP, **_GEMMA_POST_FFN_NORM, gguf_arch="gemma2", gguf_mlp_out=_FFN_DOWN),
