@@ -109,8 +109,8 @@ def routing_snapshot(model: nn.Module, tokenizer: Any, texts: Sequence[str], bat
     again, also when the forward raises. The model's weights and mode are left as they are.
 
     Raises :class:`~hf_knowedit.errors.UnsupportedArchitectureError` for a model without routed experts in
-    the architecture table, :class:`~hf_knowedit.errors.InvalidConfigError` for empty texts or a bad
-    ``batch_size``.
+    the architecture table, :class:`~hf_knowedit.errors.InvalidConfigError` for no texts, a text without tokens
+    or a bad ``batch_size``, :class:`~hf_knowedit.errors.InvalidRequestError` for a text that is not a string.
     """
     texts = _check_texts(texts, batch_size)
     modules = _experts_modules(model)
