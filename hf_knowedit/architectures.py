@@ -10,9 +10,9 @@ Paths are dotted attribute paths; integer segments index ``nn.ModuleList``\\ s. 
 the one ROME/MEMIT rewrite: its input is the key ``k`` (the MLP inner activation), its output
 the value ``v`` added to the residual stream.
 
-Three kinds of models are listed, all with a dense MLP in every decoder block:
+Four kinds of models are listed:
 
-* text decoders (``*ForCausalLM``), some of which scale what they compute: Granite divides its
+* dense text decoders (``*ForCausalLM``), some of which scale what they compute: Granite divides its
   logits by ``logits_scaling`` and scales each block's MLP and attention output by
   ``residual_multiplier`` before the residual add, Command-R multiplies its logits by
   ``logit_scale`` (the columns ``logit_scale``, ``logit_divisor``, ``residual_multiplier``);
@@ -28,7 +28,15 @@ Three kinds of models are listed, all with a dense MLP in every decoder block:
   Mistral Small 3, Qwen2.5-VL, Qwen3-VL, LLaVA, LLaVA-NeXT): the paths lead into the wrapper's
   ``model.language_model`` and to its ``lm_head``, so edits, traces and adapters name the
   wrapper's own modules and the vision tower is never touched; the decoder's settings are read
-  from the sub-config the ``text_config`` column names. Only text prompts are edited and traced.
+  from the sub-config the ``text_config`` column names. Only text prompts are edited and traced;
+* mixture-of-experts decoders, whose blocks route each token to a few experts (the ``experts``
+  column names the routed experts, ``mlp`` the whole block that causal tracing restores). Where a
+  block has a shared expert that every token passes (DeepSeek-V2/V3, GLM-4.5, dots1, ERNIE-4.5,
+  Hunyuan, Llama 4, Qwen2-MoE), ``mlp_out`` is that expert's down projection and the routed experts
+  are not written (Qwen2-MoE gates it per token: ``mlp_out_gate``). Otherwise (Mixtral, Qwen3-MoE,
+  OLMoE, PhiMoE, MiniMax-M2, GraniteMoE) ``mlp_out`` is the routed experts module itself, edited as
+  one matrix on the routing-weighted keys of all its experts (``mlp_out_layout="experts"``,
+  :mod:`hf_knowedit.experts`). The routers are never written.
 
 Every setting read from the model's config (soft-cap, logit scales, residual multiplier, heads,
 vocabulary, sliding window) is read through :func:`decoder_config`. To add a model, describe it
@@ -349,6 +357,9 @@ _TABLE: list[ArchitectureSpec] = [
     S("ernie4_5",          "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("hunyuan_v1_dense",  "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
     S("jais2",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head"),
+    # --- mixture of experts with a shared expert: edits write into the shared expert's down_proj, whose output
+    # the block multiplies by sigmoid(shared_expert_gate(x)) and adds to the routed experts' output
+    S("qwen2_moe",         "model",              "model.layers",               "mlp.shared_expert.down_proj", "linear", "self_attn.o_proj",   "model.embed_tokens",             "model.norm",                         "lm_head", mlp="mlp", mlp_out_gate="mlp.shared_expert_gate", experts="mlp.experts"),
     # --- Gemma family (embedding scale lives inside the embedding module)
     S("gemma",             "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", gguf_arch="gemma", gguf_mlp_out=_FFN_DOWN),
     S("gemma2",            "model",              "model.layers",               "mlp.down_proj",       "linear", "self_attn.o_proj",           "model.embed_tokens",             "model.norm",                         "lm_head", _SOFTCAP, **_GEMMA_POST_FFN_NORM, gguf_arch="gemma2", gguf_mlp_out=_FFN_DOWN),

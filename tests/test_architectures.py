@@ -25,6 +25,7 @@ from hf_knowedit.architectures import (
     layer_path,
     lm_logits,
     mlp_out_dims,
+    mlp_out_gate_path,
     mlp_out_path,
     num_layers,
     register_architecture,
@@ -181,25 +182,36 @@ def test_lm_logits_of_the_backbone_reproduce_the_models_logits(model_type):
 @pytest.mark.parametrize("model_type", [t for t in TINY_MODEL_TYPES if ARCHITECTURES[t].mlp_post_norm is None])
 def test_residual_scale_is_how_the_block_adds_its_mlp_output(model_type):
     """A change ``u`` of ``mlp_out``'s output moves the block's output by ``residual_scale · u`` (models
-    without a post-MLP norm; with one, ``methods/memit.py`` maps changes through it: tests/test_post_norm.py)."""
+    without a post-MLP norm; with one, ``methods/memit.py`` maps changes through it: tests/test_post_norm.py),
+    times ``sigmoid(mlp_out_gate(x))`` per token where the table declares that gate (Qwen2-MoE)."""
     model, tok = _tiny(model_type)
     spec = get_architecture(model)
     ids = _ids(tok)
     u = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(0))
     block = get_module(model, layer_path(spec, 1))
-    outputs = []
-    handle = block.register_forward_hook(lambda m, a, o: outputs.append((o[0] if isinstance(o, tuple) else o).clone()))
+    outputs, gates = [], []
+    handles = [
+        block.register_forward_hook(lambda m, a, o: outputs.append((o[0] if isinstance(o, tuple) else o).clone()))
+    ]
+    gate_path = mlp_out_gate_path(spec, 1)
+    if gate_path is not None:
+        handles.append(get_module(model, gate_path).register_forward_hook(lambda m, a, o: gates.append(o.clone())))
     try:
         with torch.no_grad():
             model(input_ids=ids)
             with hooked(get_module(model, mlp_out_path(spec, 1)), lambda m, a, o: o + u):
                 model(input_ids=ids)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     clean, moved = (h.reshape(-1, HIDDEN) for h in outputs)
     scale = residual_scale(model, spec)
     # falcon_h1: mlp_multipliers[1]
     assert scale == {"granite": 0.5, "granitemoe": 0.5, "falcon_h1": 0.5}.get(model_type, 1.0)
+    if gate_path is not None:
+        assert model_type == "qwen2_moe" and len(gates) == 2
+        scale = scale * torch.sigmoid(gates[0].reshape(-1, 1))
+        assert not torch.allclose(scale, torch.ones_like(scale), atol=0.1)  # the gate does scale
     torch.testing.assert_close(moved - clean, (scale * u).expand_as(clean), rtol=1e-4, atol=1e-5)
 
 

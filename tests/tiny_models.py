@@ -253,6 +253,17 @@ _TINY: dict[str, tuple[bool, dict[str, Any]]] = {
     "stablelm": (False, dict(_LLAMA_LIKE)),
     "starcoder2": (False, dict(_LLAMA_LIKE)),
     "jais2": (False, dict(_LLAMA_LIKE)),
+    # --- mixture of experts: 4 routed experts (top-2) beside a shared expert of the usual inner size
+    "qwen2_moe": (
+        False,
+        dict(
+            _LLAMA_LIKE,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=HIDDEN,
+            shared_expert_intermediate_size=INNER,
+        ),
+    ),
     # --- Llama-style (gated or plain MLP with down_proj)
     "llama": (True, dict(_LLAMA_LIKE)),
     "mistral": (True, dict(_LLAMA_LIKE)),
