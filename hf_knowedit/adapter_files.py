@@ -9,12 +9,14 @@ A saved edit set is a directory (or a Hub repo) with these files::
 
     adapter_model.safetensors   PEFT LoRA weights: base_model.model.<module>.lora_A.weight  [r, in]
                                                    base_model.model.<module>.lora_B.weight  [out, r]
-    adapter_config.json         PEFT LoraConfig: peft_type LORA, exact target_modules, rank_pattern,
-                                alpha_pattern (alpha = rank, so the scaling is 1), fan_in_fan_out
-                                (GPT-2's Conv1D), base_model_name_or_path, revision
+    adapter_config.json         PEFT LoraConfig: peft_type LORA, exact target_modules (and
+                                target_parameters for routed experts), r = the largest rank,
+                                rank_pattern, alpha_pattern (alpha = rank, so the scaling is 1),
+                                fan_in_fan_out (GPT-2's Conv1D), base_model_name_or_path, revision
     knowedit_config.json        library version, method and its config, layers, the requests,
-                                statistics key, per-module layout / dense flag / base-weight
-                                fingerprint, metrics, sha256 of the safetensors files
+                                statistics key, per-module layout / dense flag / rank / shape /
+                                expert count / base-weight fingerprint, metrics, sha256 of the
+                                safetensors files
     knowedit_state.safetensors  method state that travels with the set (only when there is some)
     README.md                   model card
 
@@ -24,6 +26,17 @@ A saved edit set is a directory (or a Hub repo) with these files::
 layout. A *dense* delta (``ModuleDelta.dense``, stored when a rank would exceed half the matrix
 size) is exact full-rank factors with one identity factor, so it is an ordinary LoRA of rank
 ``min(in, out)`` that PEFT loads too; ``knowedit_config.json`` flags it.
+
+Routed experts (layout ``experts``, :mod:`hf_knowedit.experts`): the delta ``ΔW = B @ A`` ``[d, E·I]``
+of ``down_proj [E, d, I]`` is PEFT's LoRA on that parameter (``target_parameters: ["<path>.down_proj"]``,
+PEFT >= 0.19, which reads a 3-D ``[E, out, in]`` parameter as such), saved under the module's keys
+``base_model.model.<path>.lora_A.weight`` ``[r·E, I]`` (expert ``e``'s rows ``e·r … e·r + r − 1`` =
+``A[:, e·I:(e+1)·I]``) and ``lora_B.weight`` ``[d, r·E]`` (column ``j·E + e`` = ``B[:, j]``, the same ``B``
+for every expert): PEFT's update of expert ``e`` is ``B @ A_e``, ours exactly (:func:`to_peft_experts`).
+Reading takes ``A`` and ``B`` back bit for bit (:func:`from_peft_experts`); an adapter made by PEFT, whose
+experts' ``lora_B`` blocks differ, loads as the exact per-expert delta of rank ``r·E``. ``rank_pattern`` /
+``alpha_pattern`` name a parameter only where its rank differs from ``r`` (PEFT 0.21 warns, wrongly, that
+such keys match no module, though it applies them). Linear modules and routed experts mix in one adapter.
 
 Loading reads JSON and safetensors only: no pickle, no code from a repo, no ``trust_remote_code``.
 The Hub token is passed to ``huggingface_hub`` and never written to a file or a log.
@@ -53,6 +66,7 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .architectures import LAYOUT_PARAM, LAYOUTS, edited_param
 from .deltas import ModuleDelta
 from .errors import AdapterFormatError, InvalidRequestError, KnowEditError
 from .moments import StatsKey
@@ -69,6 +83,8 @@ MODEL_CARD = "README.md"
 #: version of the knowedit_config.json layout; a newer one still loads (with a warning)
 FORMAT_VERSION = 1
 _PREFIX = "base_model.model."
+#: the parameter of a routed-experts module that its edits change (PEFT's ``target_parameters`` name it)
+LAYOUT_NAME = LAYOUT_PARAM["experts"]
 _KNOWN_KEYS = {
     "format",
     "format_version",
@@ -96,17 +112,40 @@ CARD_MAX_FACTS = 50
 # writing
 
 
-def adapter_config(es: Any) -> dict[str, Any]:
-    """PEFT's ``adapter_config.json`` for ``es``: one rank and ``lora_alpha = rank`` per module."""
-    layouts = {es.layouts.get(p, "linear") for p in es.deltas}
-    if len(layouts) > 1:
+def _expert_count(es: Any, path: str) -> int:
+    """``es.num_experts[path]``, checked: the number of routed experts whose blocks ``ΔW``'s columns are."""
+    experts, columns = (getattr(es, "num_experts", None) or {}).get(path), es.deltas[path].shape[1]
+    if not _is_int(experts, 1) or columns % experts:
         raise AdapterFormatError(
-            "This edit set mixes Linear and Conv1D modules, which one PEFT adapter cannot express "
-            "(fan_in_fan_out is global); save the modules of each layout as separate edit sets."
+            f"{path} has layout 'experts' but EditSet.num_experts[{path!r}] is {experts!r}; set it to the model's "
+            f"number of routed experts (an int dividing ΔW's {columns} columns) to save the set as an adapter."
         )
+    return experts
+
+
+def _peft_target(path: str, layout: str) -> str:
+    """What PEFT's config names for module ``path``: the module (``target_modules``), or for routed experts
+    the parameter holding ``W`` (``target_parameters``, ``<path>.down_proj``)."""
+    return edited_param(path, layout) if layout == "experts" else path
+
+
+def adapter_config(es: Any) -> dict[str, Any]:
+    """PEFT's ``adapter_config.json`` for ``es``: one rank and ``lora_alpha = rank`` per module (routed experts:
+    per parameter, written only where it differs from ``r``; see the module docstring)."""
+    layouts = {p: es.layouts.get(p, "linear") for p in es.deltas}
+    if "conv1d" in layouts.values() and len(set(layouts.values())) > 1:
+        raise AdapterFormatError(
+            "This edit set mixes Conv1D modules with Linear or routed-experts ones, which one PEFT adapter cannot "
+            "express (fan_in_fan_out is global, and PEFT's LoRA on parameters refuses it); save the modules of "
+            "each layout as separate edit sets."
+        )
+    experts = sorted(p for p, layout in layouts.items() if layout == "experts")
+    for path in experts:
+        _expert_count(es, path)
     ranks = {p: d.rank for p, d in es.deltas.items()}
     r = max(ranks.values(), default=1)
-    return {
+    pattern = {_peft_target(p, layouts[p]): k for p, k in ranks.items() if layouts[p] != "experts" or k != r}
+    config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": es.base_model,
@@ -114,10 +153,14 @@ def adapter_config(es: Any) -> dict[str, Any]:
         "inference_mode": True,
         "r": r,
         "lora_alpha": r,
-        "target_modules": sorted(es.deltas),
-        "rank_pattern": dict(sorted(ranks.items())),
-        "alpha_pattern": dict(sorted(ranks.items())),
-        "fan_in_fan_out": layouts == {"conv1d"},
+        "target_modules": sorted(p for p in es.deltas if layouts[p] != "experts"),
+    }
+    if experts:
+        config["target_parameters"] = [_peft_target(p, "experts") for p in experts]
+    return config | {
+        "rank_pattern": dict(sorted(pattern.items())),
+        "alpha_pattern": dict(sorted(pattern.items())),
+        "fan_in_fan_out": set(layouts.values()) == {"conv1d"},
         "lora_dropout": 0.0,
         "bias": "none",
         "use_rslora": False,
@@ -129,12 +172,38 @@ def adapter_config(es: Any) -> dict[str, Any]:
     }
 
 
+def to_peft_experts(A: torch.Tensor, B: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's factors of ``ΔW = B @ A`` (``[d, E·I]``) on a routed-experts parameter ``[E, d, I]``:
+    ``lora_A [r·E, I]`` whose rows ``e·r … e·r + r − 1`` are expert ``e``'s columns ``A[:, e·I:(e+1)·I]``, and
+    ``lora_B [d, r·E]`` whose column ``j·E + e`` is ``B[:, j]`` for every ``e``. Exact (no arithmetic)."""
+    r = A.shape[0]
+    return A.reshape(r, experts, -1).transpose(0, 1).reshape(experts * r, -1), B.repeat_interleave(experts, dim=1)
+
+
+def from_peft_experts(lora_a: torch.Tensor, lora_b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(A, B, shared)`` with ``B @ A = [B_0 A_0 … B_{E-1} A_{E-1}]`` for PEFT's factors of rank ``r`` per expert
+    (``lora_A [r·E, I]``, ``lora_B [d, r·E]``; :func:`to_peft_experts`). Where every expert's ``B_e`` is the same
+    (``shared``: hf_knowedit writes them so) they are the rank-``r`` ``A [r, E·I]``, ``B = B_e`` that
+    :func:`to_peft_experts` wrote, bit for bit; otherwise the exact rank-``r·E`` factors ``[B_0 … B_{E-1}]`` and
+    ``blockdiag(A_0, …, A_{E-1})``."""
+    experts = lora_a.shape[0] // r
+    a = lora_a.reshape(experts, r, -1)  # [E, r, I]
+    b = lora_b.reshape(lora_b.shape[0], r, experts)  # [d, r, E]
+    if all(torch.equal(b[..., e], b[..., 0]) for e in range(1, experts)):
+        return a.transpose(0, 1).reshape(r, -1).contiguous(), b[..., 0].contiguous(), True
+    return torch.block_diag(*a), b.permute(0, 2, 1).reshape(lora_b.shape[0], -1).contiguous(), False
+
+
 def adapter_tensors(es: Any) -> dict[str, torch.Tensor]:
-    """PEFT state-dict keys -> float32 CPU factors (``lora_A = A``, ``lora_B = B``)."""
+    """PEFT state-dict keys -> float32 CPU factors (``lora_A = A``, ``lora_B = B``; routed experts:
+    :func:`to_peft_experts`). The keys name the module, for routed experts too."""
     out = {}
     for path, d in sorted(es.deltas.items()):
-        out[f"{_PREFIX}{path}.lora_A.weight"] = d.A.detach().float().cpu().contiguous().clone()
-        out[f"{_PREFIX}{path}.lora_B.weight"] = d.B.detach().float().cpu().contiguous().clone()
+        A, B = d.A.detach().float().cpu(), d.B.detach().float().cpu()
+        if es.layouts.get(path, "linear") == "experts":
+            A, B = to_peft_experts(A, B, _expert_count(es, path))
+        out[f"{_PREFIX}{path}.lora_A.weight"] = A.contiguous().clone()
+        out[f"{_PREFIX}{path}.lora_B.weight"] = B.contiguous().clone()
     return out
 
 
@@ -178,6 +247,14 @@ def _stats_key(value: Any) -> Any:
     return value
 
 
+def _module_entry(es: Any, path: str) -> dict[str, Any]:
+    d, layout = es.deltas[path], es.layouts.get(path, "linear")
+    entry = {"layout": layout, "dense": bool(d.dense), "rank": d.rank, "shape": list(d.shape)}
+    if layout == "experts":
+        entry["num_experts"] = _expert_count(es, path)
+    return entry | {"fingerprint": es.fingerprints.get(path)}
+
+
 def knowedit_config(es: Any, files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """What only hf_knowedit knows about ``es`` (the content of ``knowedit_config.json``)."""
     return {
@@ -193,16 +270,7 @@ def knowedit_config(es: Any, files: dict[str, dict[str, Any]] | None = None) -> 
         "stats_key": _jsonable(es.stats_key),
         "base_model": es.base_model,
         "revision": es.revision,
-        "modules": {
-            p: {
-                "layout": es.layouts.get(p, "linear"),
-                "dense": bool(d.dense),
-                "rank": d.rank,
-                "shape": list(d.shape),
-                "fingerprint": es.fingerprints.get(p),
-            }
-            for p, d in sorted(es.deltas.items())
-        },
+        "modules": {p: _module_entry(es, p) for p in sorted(es.deltas)},
         "metrics": _jsonable(es.metrics),
         "state": STATE_WEIGHTS if es.state else None,
         "files": files or {},
@@ -462,6 +530,12 @@ def model_card(
             " Modules marked dense hold their update exactly as full-rank factors (one of them the identity)."
             if any(d.dense for d in es.deltas.values())
             else ""
+        )
+        + (
+            " Routed-experts modules are a LoRA on their `down_proj` parameter (PEFT's `target_parameters`; "
+            "PEFT >= 0.19), one rank-r update per expert."
+            if es.num_experts
+            else ""
         ),
         "",
         "## Edited facts",
@@ -656,12 +730,24 @@ def _check_peft(peft: dict[str, Any], path: Path) -> None:
     if not _is_int(peft.get("r"), 1):
         raise _invalid(path, "r", "an int >= 1", peft.get("r"))
     _optional(peft, "lora_alpha", _is_number, path, "a finite number")
+    params = _optional(peft, "target_parameters", lambda v: isinstance(v, list), path, "a list of parameter names")
+    for i, name in enumerate(params or []):
+        _check_module_name(path, f"target_parameters[{i}]", name)
+        if name.rpartition(".")[2] != LAYOUT_NAME:
+            raise AdapterFormatError(
+                f"{path}: target_parameters[{i}] is {_show(name)}; hf_knowedit reads LoRA on the routed experts' "
+                f"{LAYOUT_NAME!r} parameter only (what its edits change). Load this adapter with "
+                "peft.PeftModel.from_pretrained instead."
+            )
     targets = peft.get("target_modules")
+    if targets is None and params:
+        targets = []  # only parameters are targeted
     if not isinstance(targets, list):
         raise _invalid(path, "target_modules", "a list of module names", targets)
     for i, name in enumerate(targets):
         _check_module_name(path, f"target_modules[{i}]", name)
-    if len(set(targets)) != len(targets):
+    named = targets + list(params or [])
+    if len(set(named)) != len(named):
         raise _invalid(path, "target_modules", "a list of distinct module names", targets)
     for key, check, want in (
         ("rank_pattern", lambda v: _is_int(v, 1), "an int >= 1"),
@@ -669,9 +755,10 @@ def _check_peft(peft: dict[str, Any], path: Path) -> None:
     ):
         patterns = _optional(peft, key, lambda v: isinstance(v, dict), path, "an object {module name: value}")
         for name, value in (patterns or {}).items():
-            if name not in targets:
+            if name not in named:
                 raise AdapterFormatError(
-                    f"{path}: field {key!r} is invalid: its key {_show(name)} is not one of target_modules. "
+                    f"{path}: field {key!r} is invalid: its key {_show(name)} is not one of target_modules or "
+                    "target_parameters. "
                     "hf_knowedit's adapters name every module exactly (keys are never regular expressions); "
                     "save the adapter again (EditSet.save_pretrained) or download it again."
                 )
@@ -730,7 +817,8 @@ def _check_meta(meta: dict[str, Any], path: Path) -> None:
         field = f"modules[{name!r}]"
         if not isinstance(info, dict):
             raise _invalid(path, field, "an object {layout, dense, rank, shape, fingerprint}", info)
-        _optional(info, "layout", lambda v: v in ("linear", "conv1d"), path, "'linear' or 'conv1d'", f"{field}.layout")
+        _optional(info, "layout", lambda v: v in LAYOUTS, path, " or ".join(map(repr, LAYOUTS)), f"{field}.layout")
+        _optional(info, "num_experts", lambda v: _is_int(v, 1), path, "an int >= 1", f"{field}.num_experts")
         _optional(info, "dense", lambda v: isinstance(v, bool), path, "true or false", f"{field}.dense")
         _optional(info, "rank", lambda v: _is_int(v, 1), path, "an int >= 1", f"{field}.rank")
         _optional(
@@ -777,11 +865,20 @@ def read_adapter(directory: str | Path) -> dict[str, Any]:
     files = meta.get("files") or {}
     tensors = _read_safetensors(directory / ADAPTER_WEIGHTS, (files.get(ADAPTER_WEIGHTS) or {}).get("sha256"))
     modules = meta["modules"]
-    targets = peft["target_modules"]
-    if sorted(targets) != sorted(modules):
+    params = peft.get("target_parameters") or []
+    layouts = {p: (info.get("layout") or "linear") for p, info in modules.items()}
+    named = {p: _peft_target(p, layout) for p, layout in layouts.items()}
+    if sorted(peft.get("target_modules") or []) != sorted(n for p, n in named.items() if layouts[p] != "experts") or (
+        sorted(params) != sorted(n for p, n in named.items() if layouts[p] == "experts")
+    ):
         raise AdapterFormatError(
-            f"target_modules in {ADAPTER_CONFIG} ({targets}) and the modules in "
-            f"{KNOWEDIT_CONFIG} ({sorted(modules)}) differ; save the adapter again."
+            f"target_modules ({peft.get('target_modules')}) and target_parameters ({params}) in {ADAPTER_CONFIG} "
+            f"do not name the modules in {KNOWEDIT_CONFIG} ({sorted(modules)}; routed experts by their "
+            f"'{LAYOUT_NAME}' parameter, the others by module); save the adapter again."
+        )
+    if params and peft.get("fan_in_fan_out"):
+        raise AdapterFormatError(
+            f"{ADAPTER_CONFIG} sets fan_in_fan_out and targets parameters, which PEFT refuses; save the adapter again."
         )
     expected = {f"{_PREFIX}{p}.lora_{ab}.weight" for p in modules for ab in "AB"}
     if set(tensors) != expected:
@@ -789,41 +886,31 @@ def read_adapter(directory: str | Path) -> dict[str, Any]:
             f"{ADAPTER_WEIGHTS} holds {sorted(set(tensors) - expected) or 'no extra'} keys and "
             f"lacks {sorted(expected - set(tensors)) or 'none'}; save the adapter again."
         )
-    deltas, fingerprints, layouts = {}, {}, {}
+    deltas, fingerprints, num_experts = {}, {}, {}
     for path, info in modules.items():
         A, B = tensors[f"{_PREFIX}{path}.lora_A.weight"], tensors[f"{_PREFIX}{path}.lora_B.weight"]
-        r = _pattern_value(peft.get("rank_pattern"), path, peft["r"])
-        alpha = _pattern_value(peft.get("alpha_pattern"), path, peft.get("lora_alpha", r))
+        layout = layouts[path]
+        r = _pattern_value(peft.get("rank_pattern"), named[path], peft["r"])
+        alpha = _pattern_value(peft.get("alpha_pattern"), named[path], peft.get("lora_alpha", r))
         alpha = r if alpha is None else alpha
-        shape = info.get("shape")
-        if (
-            A.dim() != 2
-            or B.dim() != 2
-            or A.shape[0] != r
-            or B.shape[1] != r
-            or (shape is not None and [B.shape[0], A.shape[1]] != list(shape))
-            or info.get("rank", r) != r
-        ):
-            raise AdapterFormatError(
-                f"{path}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form a rank-{r} "
-                f"update of shape {shape} (rank {info.get('rank', r)} in {KNOWEDIT_CONFIG}); the adapter files "
-                "are inconsistent. Save it again."
-            )
         if not (A.is_floating_point() and B.is_floating_point()):
             raise AdapterFormatError(
                 f"{path}: lora_A / lora_B hold {A.dtype} / {B.dtype}, not floating-point numbers; "
                 "save the adapter again."
             )
-        layout = info.get("layout") or "linear"
-        if bool(peft.get("fan_in_fan_out")) != (layout == "conv1d"):
-            raise AdapterFormatError(
-                f"{path}: layout {layout!r} disagrees with fan_in_fan_out="
-                f"{peft.get('fan_in_fan_out')} in {ADAPTER_CONFIG}; save the adapter again."
-            )
+        if layout == "experts":
+            A, B, dense, num_experts[path] = _experts_factors(path, A, B, r, info)
+        else:
+            _check_factors(path, A, B, r, info)
+            dense = bool(info.get("dense", False))
+            if bool(peft.get("fan_in_fan_out")) != (layout == "conv1d"):
+                raise AdapterFormatError(
+                    f"{path}: layout {layout!r} disagrees with fan_in_fan_out="
+                    f"{peft.get('fan_in_fan_out')} in {ADAPTER_CONFIG}; save the adapter again."
+                )
         if alpha != r:  # not written by us, but PEFT would scale by alpha / r
             B = (B.double() * (alpha / r)).float()
-        deltas[path] = ModuleDelta(A=A, B=B, dense=bool(info.get("dense", False)))
-        layouts[path] = layout
+        deltas[path] = ModuleDelta(A=A, B=B, dense=dense)
         if info.get("fingerprint") is not None:
             fingerprints[path] = info["fingerprint"]
     state: dict[str, torch.Tensor] = {}
@@ -847,7 +934,65 @@ def read_adapter(directory: str | Path) -> dict[str, Any]:
         metrics=dict(meta.get("metrics") or {}),
         state=state,
         name=meta.get("name"),
+        num_experts=num_experts,
     )
+
+
+def _inconsistent(path: str, A: torch.Tensor, B: torch.Tensor, what: str) -> AdapterFormatError:
+    return AdapterFormatError(
+        f"{path}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form {what}; the adapter files are "
+        "inconsistent. Save it again."
+    )
+
+
+def _check_factors(path: str, A: torch.Tensor, B: torch.Tensor, r: int, info: dict[str, Any]) -> None:
+    """``A [r, in]``, ``B [out, r]`` of the shape and rank ``knowedit_config.json`` records."""
+    shape = info.get("shape")
+    if (
+        A.dim() != 2
+        or B.dim() != 2
+        or A.shape[0] != r
+        or B.shape[1] != r
+        or (shape is not None and [B.shape[0], A.shape[1]] != list(shape))
+        or info.get("rank", r) != r
+    ):
+        what = f"a rank-{r} update of shape {shape} (rank {info.get('rank', r)} in {KNOWEDIT_CONFIG})"
+        raise _inconsistent(path, A, B, what)
+
+
+def _experts_factors(
+    path: str, A: torch.Tensor, B: torch.Tensor, r: int, info: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, bool, int]:
+    """Our ``(A, B, dense, E)`` from PEFT's factors of a routed-experts parameter (``lora_A [r·E, I]``,
+    ``lora_B [d, r·E]``; :func:`from_peft_experts`), checked against ``knowedit_config.json``'s expert count,
+    shape and rank. An adapter whose experts' ``lora_B`` blocks differ (made by PEFT, not by hf_knowedit) loads
+    as the exact rank-``r·E`` per-expert delta when ``knowedit_config.json`` records no rank for it."""
+    experts = A.shape[0] // r if A.dim() == 2 else 0
+    shape, want = info.get("shape"), info.get("num_experts", experts)
+    if (
+        A.dim() != 2
+        or B.dim() != 2
+        or experts < 1
+        or A.shape[0] != r * experts
+        or B.shape[1] != A.shape[0]
+        or want != experts
+        or (shape is not None and [B.shape[0], experts * A.shape[1]] != list(shape))
+    ):
+        what = (
+            f"rank-{r} factors of {want} routed experts (lora_A [{r}·E, I], lora_B [d, {r}·E]) of a "
+            f"[d, E·I] update of shape {shape}"
+        )
+        raise _inconsistent(path, A, B, what)
+    if info.get("rank", r) != r:
+        raise _inconsistent(path, A, B, f"the rank-{info['rank']} edit {KNOWEDIT_CONFIG} records (rank_pattern: {r})")
+    A, B, shared = from_peft_experts(A, B, r)
+    if not shared and "rank" in info:
+        raise AdapterFormatError(
+            f"{path}: the experts' lora_B blocks differ, which hf_knowedit never writes (every expert's block is "
+            f"the edit's B), yet {KNOWEDIT_CONFIG} records an hf_knowedit edit of rank {info['rank']}; the adapter "
+            "files are inconsistent. Save it again."
+        )
+    return A, B, bool(info.get("dense", False)) and shared, experts
 
 
 def _requests(items: list[dict[str, Any]], path: Path) -> list[EditRequest]:

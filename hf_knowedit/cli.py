@@ -629,6 +629,7 @@ def _edit_summary(es: Any) -> dict[str, Any]:
         "edits": len(es.requests),
         "layers": list(es.layers),
         "ranks": {p: d.rank for p, d in es.deltas.items()},
+        **({"num_experts": dict(es.num_experts)} if es.num_experts else {}),
         "base_model": es.base_model,
     }
 
@@ -1123,12 +1124,18 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_show(args: argparse.Namespace, out: Output) -> int:
+    from .architectures import LAYOUT_PARAM
     from .editset import EditSet
 
     es = EditSet.from_pretrained(args.source)
     out.say(repr(es))
     out.say(f"  base model: {es.base_model or '?'}" + (f" @ {es.revision}" if es.revision else ""))
     out.say(f"  method: {es.method}, layers {es.layers}")
+    for path, experts in sorted(es.num_experts.items()):
+        out.say(
+            f"  {path}: {experts} routed experts, rank {es.deltas[path].rank} "
+            f"(LoRA on its {LAYOUT_PARAM['experts']} parameter: PEFT target_parameters)"
+        )
     for r in es.requests[: args.show]:
         out.say(f"  {r.text!r}: {r.target_true!r} -> {r.target_new!r}")
     if len(es.requests) > args.show:

@@ -28,6 +28,7 @@ from .stack import (
     check_flag,
     check_name,
     conflict_error,
+    expert_counts,
     find_conflicts,
     model_lock,
     push_edit_set,
@@ -125,5 +126,6 @@ def apply_edits(
             revision=getattr(model.config, "_commit_hash", None),
             stats_key=result.stats_key,
             state=result.state,
+            num_experts=expert_counts(model, layouts),
         )
         return push_edit_set(model, es, merge=merge, name=name, allow_conflicts=allow_conflicts, commit=result.commit)

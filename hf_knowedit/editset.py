@@ -36,12 +36,15 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
         method: e.g. ``"rome"``; ``config``: the method's hyper-parameters as a dict.
         layers: the edited layer indices.
         fingerprints: module path -> :func:`fingerprint` of the weights the deltas were computed on.
-        layouts: module path -> ``"linear"`` / ``"conv1d"`` (how the weight stores ``ΔW``).
+        layouts: module path -> ``"linear"`` / ``"conv1d"`` / ``"experts"`` (how the weight stores ``ΔW``).
         base_model: name or path of the base model, and ``revision`` if known.
         stats_key: identity of the second-moment statistics used, if any.
         metrics: evaluation results, when available.
         state: method state that must travel with the set (e.g. AlphaEdit's accumulated keys).
         name: the name under which the set is active on a model.
+        num_experts: module path -> the number of routed experts ``E`` of an ``"experts"`` module (its
+            ``ΔW [d, E·I]`` is ``E`` blocks of ``I`` columns, one per expert); checked against the model on load,
+            needed to save the set as an adapter.
     """
 
     deltas: dict[str, ModuleDelta]
@@ -57,6 +60,7 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
     metrics: dict[str, Any] = field(default_factory=dict)
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     name: str | None = None
+    num_experts: dict[str, int] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         ranks = {m.split(".")[-3] if m.count(".") >= 3 else m: d.rank for m, d in self.deltas.items()}

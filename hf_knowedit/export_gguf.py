@@ -214,6 +214,14 @@ def _start(es: Any, model: Any, path: str | Path, choice: tuple[str, str, tuple]
         raise InvalidConfigError(f"{name} must be one of {allowed}, got {value!r}.")
     if not es.deltas:
         raise InvalidConfigError(f"The edit set changes no module; there is nothing to {what}.")
+    experts = sorted(p for p in es.deltas if es.layouts.get(p, "linear") == "experts")
+    if experts:
+        raise UnsupportedArchitectureError(
+            f"GGUF export of routed-experts edits is not supported ({', '.join(experts)}): llama.cpp keeps a "
+            "mixture-of-experts layer's experts in one 3-D tensor, which this export does not map. Merge the edit "
+            "instead (hf-knowedit apply ADAPTER --merge-to DIR) and convert the merged checkpoint with llama.cpp's "
+            "convert_hf_to_gguf.py."
+        )
     return _gguf(), _gguf_spec(model), _output(path)
 
 
@@ -239,8 +247,9 @@ def export_gguf_lora(
         dtype: ``"f32"`` (exact) or ``"f16"``.
 
     Raises :class:`~hf_knowedit.errors.UnsupportedArchitectureError` when the row declares no
-    llama.cpp names or a module is not its ``mlp_out``; ``BaseModelMismatchError`` for a wrong base;
-    ``InvalidConfigError`` for an unknown dtype or an empty edit set. Returns the path written.
+    llama.cpp names, a module is not its ``mlp_out``, or the set edits routed experts (layout
+    ``experts``); ``BaseModelMismatchError`` for a wrong base; ``InvalidConfigError`` for an unknown
+    dtype or an empty edit set. Returns the path written.
     """
     gguf, spec, out = _start(es, model, path, ("dtype", dtype, LORA_DTYPES), "export")
     names = {p: gguf_tensor_name(spec.model_type, p) for p in sorted(es.deltas)}

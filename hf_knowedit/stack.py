@@ -467,6 +467,13 @@ def check_compatible(model: nn.Module, es: EditSet, force: bool = False) -> None
             raise BaseModelMismatchError(
                 f"The edit set touches {path!r}, which this model does not have; it was made for another architecture."
             ) from err
+        experts = es.num_experts.get(path) if layout == "experts" else None
+        if experts is not None and (w.dim() != 3 or w.shape[0] != experts):
+            have = f"{w.shape[0]} experts" if w.dim() == 3 else f"a weight of shape {tuple(w.shape)}"
+            raise BaseModelMismatchError(
+                f"{path}: the edit set changes {experts} routed experts, the model has {have}; it was made for "
+                "another model."
+            )
         want = _param_shape(tuple(d.shape), layout, tuple(w.shape))
         if tuple(w.shape) != want:
             raise BaseModelMismatchError(
@@ -483,6 +490,11 @@ def check_compatible(model: nn.Module, es: EditSet, force: bool = False) -> None
                     "on, in order), or pass force=True to apply it anyway."
                 )
             logger.warning("Applying edit set to %s despite a base-weight fingerprint mismatch (force=True).", path)
+
+
+def expert_counts(model: nn.Module, layouts: dict[str, str]) -> dict[str, int]:
+    """The number of routed experts of every ``experts``-layout module in ``layouts`` (recorded in a new edit set)."""
+    return {p: int(_weight(model, p, "experts").shape[0]) for p, layout in layouts.items() if layout == "experts"}
 
 
 def weight_fingerprints(
@@ -532,11 +544,25 @@ def check_edit_set(es: Any) -> None:
         raise InvalidArgumentError(f"Expected an EditSet, got {type(es).__name__}.")
     if not isinstance(es.deltas, dict) or not es.deltas:
         raise InvalidArgumentError("EditSet.deltas must be a non-empty dict of module path -> ModuleDelta.")
+    if not isinstance(es.num_experts, dict) or not set(es.num_experts) <= set(es.deltas):
+        raise InvalidArgumentError("EditSet.num_experts must be a dict keyed by module paths of EditSet.deltas.")
     for path, d in es.deltas.items():
         if not isinstance(path, str) or not isinstance(d, ModuleDelta):
             raise InvalidArgumentError(f"EditSet.deltas[{path!r}] must be a ModuleDelta keyed by a module path.")
         if es.layouts.get(path, "linear") not in LAYOUTS:
             raise InvalidArgumentError(f"EditSet.layouts[{path!r}] must be one of {LAYOUTS}.")
+        experts = es.num_experts.get(path)
+        if experts is not None and (
+            es.layouts.get(path) != "experts"
+            or isinstance(experts, bool)
+            or not isinstance(experts, int)
+            or experts < 1
+            or d.shape[1] % experts
+        ):
+            raise InvalidArgumentError(
+                f"EditSet.num_experts[{path!r}] must be the expert count (an int >= 1 dividing ΔW's {d.shape[1]} "
+                f"columns) of a module of layout 'experts'; got {experts!r} for layout {es.layouts.get(path)!r}."
+            )
         fp = es.fingerprints.get(path)
         if fp is not None and not (isinstance(fp, dict) and {"shape", "sha256", "sketch"} <= set(fp)):
             raise InvalidArgumentError(f"EditSet.fingerprints[{path!r}] is not a fingerprint (shape, sha256, sketch).")

@@ -1,6 +1,7 @@
 """Edit sets as adapters on disk: the PEFT format, round trips, PEFT / transformers interop,
 bad input (typed errors, model untouched) and atomic saves."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,15 +15,23 @@ from safetensors import safe_open
 
 import hf_knowedit
 from hf_knowedit import adapter_files as adapters
-from hf_knowedit.architectures import get_architecture, get_module, mlp_out_dims, mlp_out_path
+from hf_knowedit.architectures import (
+    edited_param,
+    from_param,
+    get_architecture,
+    get_module,
+    mlp_out_dims,
+    mlp_out_path,
+    to_param,
+)
 from hf_knowedit.deltas import ModuleDelta, fingerprint
 from hf_knowedit.editset import EditSet
-from hf_knowedit.errors import AdapterFormatError, BaseModelMismatchError
+from hf_knowedit.errors import AdapterFormatError, BaseModelMismatchError, InvalidArgumentError
 from hf_knowedit.methods.registry import MethodResult, register_method
 from hf_knowedit.requests import EditRequest
 from tests.helpers import assert_untouched, logits, snapshot
 from tests.test_stack import random_set
-from tests.tiny_models import assert_same, make_tiny_model, weights
+from tests.tiny_models import TINY_ROUTED_MOE, assert_same, make_tiny_model, tiny_config, weights
 
 ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "knowedit_config.json"]
 
@@ -229,7 +238,7 @@ def test_load_edits_from_an_edit_set_and_functional_form(tmp_path):
 # -- PEFT and transformers interop ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama", *HYBRIDS])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", *HYBRIDS, *TINY_ROUTED_MOE])  # Conv1D, Linear, experts
 def test_peft_and_transformers_give_the_same_logits(model_type, tmp_path):
     from peft import PeftModel
 
@@ -244,17 +253,222 @@ def test_peft_and_transformers_give_the_same_logits(model_type, tmp_path):
     fresh, _ = make_tiny_model(model_type)
     hf_knowedit.attach(fresh, tok).load_edits(str(tmp_path / "a"))
     torch.testing.assert_close(logits(fresh, tok), ours, atol=1e-5, rtol=1e-5)
+    hooked, _ = make_tiny_model(model_type)
+    hf_knowedit.load_edits(hooked, str(tmp_path / "a"), merge=False)
+    torch.testing.assert_close(logits(hooked, tok), ours, atol=1e-5, rtol=1e-5)
 
     peft_model = PeftModel.from_pretrained(make_tiny_model(model_type)[0], str(tmp_path / "a"))
     torch.testing.assert_close(logits(peft_model, tok), ours, atol=1e-5, rtol=1e-5)
     # merging in PEFT gives the same weights we compute (up to float rounding)
     merged = peft_model.merge_and_unload()
     for p in es.deltas:
-        torch.testing.assert_close(get_module(merged, p).weight, get_module(fresh, p).weight, atol=1e-6, rtol=1e-6)
+        name = edited_param(p, es.layouts[p])
+        torch.testing.assert_close(merged.get_parameter(name), fresh.get_parameter(name), atol=1e-6, rtol=1e-6)
 
     tf_model, _ = make_tiny_model(model_type)
     tf_model.load_adapter(str(tmp_path / "a"))
     torch.testing.assert_close(logits(tf_model, tok), ours, atol=1e-5, rtol=1e-5)
+
+
+# -- routed experts: PEFT's LoRA on the experts' 3-D down_proj (target_parameters) -------------------
+
+EXPERTS = "model.layers.1.mlp.experts"  # the tiny Mixtral's experts module at layer 1: down_proj [4, 32, 48]
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(directory.iterdir())}
+
+
+def test_experts_format_is_what_peft_writes_and_reads_back_bit_exactly(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok, es = edited("mixtral", layers=[1, 2], rank=3)
+    model.revert_edits()
+    es.save_pretrained(tmp_path / "ours")
+    paths = sorted(es.deltas)
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == [] and cfg["target_parameters"] == [f"{p}.down_proj" for p in paths]
+    assert cfg["r"] == cfg["lora_alpha"] == 3 and cfg["rank_pattern"] == cfg["alpha_pattern"] == {}
+    meta = json.loads((tmp_path / "ours" / "knowedit_config.json").read_text())
+    assert {p: (m["layout"], m["num_experts"], m["shape"]) for p, m in meta["modules"].items()} == {
+        p: ("experts", 4, [32, 4 * 48]) for p in paths
+    }
+
+    # PEFT's own adapter on the same parameters has the same keys, shapes and dtype, and the same config
+    peft_cfg = LoraConfig(r=3, lora_alpha=3, target_modules=[], target_parameters=cfg["target_parameters"])
+    get_peft_model(make_tiny_model("mixtral")[0], peft_cfg).save_pretrained(tmp_path / "peft")
+
+    def shapes(d):
+        with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
+            return {k: (tuple(f.get_tensor(k).shape), f.get_tensor(k).dtype) for k in f.keys()}
+
+    assert shapes(tmp_path / "ours") == shapes(tmp_path / "peft")
+    ours = LoraConfig.from_pretrained(tmp_path / "ours")
+    assert (ours.target_parameters, ours.r, ours.lora_alpha) == (cfg["target_parameters"], 3, 3)
+
+    # expert e's rows of lora_A are its columns of A; every expert's lora_B block is B (column j·E + e = B[:, j])
+    with safe_open(str(tmp_path / "ours" / "adapter_model.safetensors"), "pt") as f:
+        for p, d in es.deltas.items():
+            lora_a, lora_b = (
+                f.get_tensor(f"base_model.model.{p}.lora_A.weight"),
+                f.get_tensor(f"base_model.model.{p}.lora_B.weight"),
+            )
+            for e in range(4):
+                assert torch.equal(lora_a[3 * e : 3 * e + 3], d.A[:, 48 * e : 48 * (e + 1)])
+                assert torch.equal(lora_b[:, e::4], d.B)
+    back = EditSet.from_pretrained(tmp_path / "ours")
+    assert back.num_experts == {p: 4 for p in paths} and back.layouts == es.layouts
+    for p, d in es.deltas.items():
+        assert torch.equal(back.deltas[p].A, d.A) and torch.equal(back.deltas[p].B, d.B)
+
+
+def test_experts_and_linear_modules_in_one_adapter(tmp_path):
+    from peft import PeftModel
+
+    model, tok, es = edited("mixtral", layers=[1], rank=2)
+    model.revert_edits()
+    g = torch.Generator().manual_seed(3)
+    attn = "model.layers.2.self_attn.o_proj"
+    es.deltas[attn] = ModuleDelta(A=torch.randn(3, 32, generator=g), B=torch.randn(32, 3, generator=g))
+    es.layouts[attn] = "linear"
+    es.save_pretrained(tmp_path / "mixed")
+    cfg = json.loads((tmp_path / "mixed" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == [attn] and cfg["target_parameters"] == [f"{EXPERTS}.down_proj"]
+    assert cfg["r"] == 3 and cfg["rank_pattern"] == {attn: 3, f"{EXPERTS}.down_proj": 2}  # PEFT applies both
+
+    ours, _ = make_tiny_model("mixtral")
+    hf_knowedit.load_edits(ours, tmp_path / "mixed", merge=False)
+    want = logits(ours, tok)
+    assert not torch.allclose(want, logits(make_tiny_model("mixtral")[0], tok), atol=1e-3)
+    peft_model = PeftModel.from_pretrained(make_tiny_model("mixtral")[0], str(tmp_path / "mixed"))
+    torch.testing.assert_close(logits(peft_model, tok), want, atol=1e-5, rtol=1e-5)
+    tf_model, _ = make_tiny_model("mixtral")
+    tf_model.load_adapter(str(tmp_path / "mixed"))
+    torch.testing.assert_close(logits(tf_model, tok), want, atol=1e-5, rtol=1e-5)
+    back = EditSet.from_pretrained(tmp_path / "mixed")
+    assert back.layouts == es.layouts and back.num_experts == {EXPERTS: 4}
+    assert all(torch.equal(back.deltas[p].A, d.A) and torch.equal(back.deltas[p].B, d.B) for p, d in es.deltas.items())
+
+
+def test_an_adapter_peft_made_on_the_experts_loads_with_peft_logits(tmp_path):
+    """A PEFT LoRA on an experts parameter with random factors (each expert its own lora_B block, scaling
+    lora_alpha / r = 3), given a minimal knowedit_config.json: hf_knowedit loads it as the exact per-expert
+    delta of rank r·E, hooked and merged, and gives PEFT's logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    peft_cfg = LoraConfig(
+        r=2, lora_alpha=6, target_modules=[], target_parameters=[f"{EXPERTS}.down_proj"], init_lora_weights=False
+    )
+    get_peft_model(make_tiny_model("mixtral", seed=5)[0], peft_cfg).save_pretrained(tmp_path / "peft")
+    (tmp_path / "peft" / "knowedit_config.json").write_text(json.dumps({"modules": {EXPERTS: {"layout": "experts"}}}))
+
+    peft_model, tok = make_tiny_model("mixtral")
+    peft_model = PeftModel.from_pretrained(peft_model, str(tmp_path / "peft"))
+    want = logits(peft_model, tok)
+    assert not torch.allclose(want, logits(make_tiny_model("mixtral")[0], tok), atol=1e-3)
+
+    es = EditSet.from_pretrained(tmp_path / "peft")
+    assert es.num_experts == {EXPERTS: 4} and es.deltas[EXPERTS].rank == 2 * 4 and es.layouts == {EXPERTS: "experts"}
+    delta = peft_model.base_model.model.get_submodule(EXPERTS).get_delta_weight("default")  # [E, d, I]
+    torch.testing.assert_close(to_param(es.deltas[EXPERTS].delta(), "experts", (4, 32, 48)), delta, atol=1e-6, rtol=0)
+    for merge in (False, True):
+        model, _ = make_tiny_model("mixtral")
+        hf_knowedit.load_edits(model, tmp_path / "peft", merge=merge)
+        torch.testing.assert_close(logits(model, tok), want, atol=1e-5, rtol=1e-5)
+
+
+def test_truncated_experts_set_is_the_peft_adapter_of_its_factors(tmp_path):
+    from peft import PeftModel
+
+    model, tok, es = edited("mixtral", layers=[1], rank=3)
+    model.revert_edits()
+    small = es.truncate(1)
+    assert small.num_experts == es.num_experts and small.deltas[EXPERTS].rank == 1
+    small.save_pretrained(tmp_path / "r1")
+    hooked, _ = make_tiny_model("mixtral")
+    hf_knowedit.load_edits(hooked, small, merge=False)
+    peft_model = PeftModel.from_pretrained(make_tiny_model("mixtral")[0], str(tmp_path / "r1"))
+    torch.testing.assert_close(logits(peft_model, tok), logits(hooked, tok), atol=1e-5, rtol=1e-5)
+
+
+def test_wrong_expert_count_and_inconsistent_experts_files_are_refused(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok, es = edited("mixtral", layers=[1])
+    model.revert_edits()
+    good = tmp_path / "good"
+    es.save_pretrained(good)
+    files = _files(good)
+
+    # 8 experts of 24: the same [32, 192] matrix, another split; refused even with force=True
+    torch.manual_seed(0)
+    eight = AutoModelForCausalLM.from_config(
+        tiny_config("mixtral", num_experts=8, num_local_experts=8, intermediate_size=24)
+    ).eval()
+    assert from_param(eight.get_parameter(f"{EXPERTS}.down_proj"), "experts").shape == es.deltas[EXPERTS].shape
+    before = snapshot(eight)
+    for force in (False, True):
+        with pytest.raises(BaseModelMismatchError, match="4 routed experts, the model has 8 experts"):
+            hf_knowedit.load_edits(eight, good, force=force)
+        assert_untouched(eight, before)
+    assert _files(good) == files
+    fresh, _ = make_tiny_model("mixtral")
+    before = snapshot(fresh)
+    for count in (5, 2.0):  # not a divisor of ΔW's 192 columns; not an int
+        with pytest.raises(InvalidArgumentError, match="num_experts"):
+            hf_knowedit.load_edits(fresh, dataclasses.replace(es, num_experts={EXPERTS: count}))
+        assert_untouched(fresh, before)
+
+    def broken(name, edit):
+        d = _copy(good, tmp_path / name)
+        edit(d)
+        return d
+
+    def meta(**changes):
+        return lambda d: _rewrite_json(
+            d / "knowedit_config.json",
+            modules={
+                EXPERTS: {**json.loads((good / "knowedit_config.json").read_text())["modules"][EXPERTS], **changes}
+            },
+        )
+
+    def peft_cfg(**changes):
+        return lambda d: _rewrite_json(d / "adapter_config.json", **changes)
+
+    def one_expert_b_changed(d):
+        key = f"base_model.model.{EXPERTS}.lora_B.weight"
+        with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors[key][:, 2] += 1.0  # expert 2's column of rank 0
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(d / "adapter_model.safetensors"))
+        _rewrite_json(d / "knowedit_config.json", files={})  # so that only the content is wrong, not the hash
+
+    for name, edit, match in [
+        ("count", meta(num_experts=8), "routed experts"),
+        ("shape", meta(shape=[32, 96]), "routed experts"),
+        ("rank", meta(rank=1), "rank-1"),
+        ("blocks", one_expert_b_changed, "lora_B blocks differ"),
+        ("gate", peft_cfg(target_parameters=[f"{EXPERTS}.gate_up_proj"]), "'down_proj' parameter only"),
+        ("as_module", peft_cfg(target_modules=[EXPERTS], target_parameters=[]), "do not name the modules"),
+        ("fan_in", peft_cfg(fan_in_fan_out=True), "fan_in_fan_out"),
+        ("layout", meta(layout="linear"), "do not name the modules"),
+    ]:
+        d = broken(name, edit)
+        bad = _files(d)
+        fresh, _ = make_tiny_model("mixtral")
+        before = snapshot(fresh)
+        with pytest.raises(AdapterFormatError, match=match):
+            hf_knowedit.load_edits(fresh, d)
+        assert_untouched(fresh, before)
+        assert _files(d) == bad, name
+
+    # an experts set that does not know its expert count cannot be written
+    es.num_experts = {}
+    with pytest.raises(AdapterFormatError, match="num_experts"):
+        es.save_pretrained(tmp_path / "no-count")
+    assert not (tmp_path / "no-count").exists()
 
 
 # -- bad input: typed errors, model untouched -------------------------------------------------------
@@ -384,8 +598,6 @@ def test_other_base_model_and_shape_mismatch(saved, tmp_path, caplog):
 
     # same module names, other shape: a llama with a wider MLP
     from transformers import AutoModelForCausalLM
-
-    from tests.tiny_models import tiny_config
 
     wide = AutoModelForCausalLM.from_config(tiny_config("llama", intermediate_size=64))
     hf_knowedit.attach(wide, tok)

@@ -98,6 +98,33 @@ def test_other_modules_and_undeclared_architectures_are_refused(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_routed_experts_edits_are_refused_before_anything_is_written(tmp_path, capsys):
+    from hf_knowedit.export_gguf import merge_to_gguf
+
+    model, _ = make_tiny_model("mixtral")
+    path = mlp_out_path(get_architecture(model), 1)
+    experts = EditSet(
+        deltas={path: ModuleDelta(A=torch.ones(1, 4 * 48), B=torch.ones(32, 1))},
+        requests=[],
+        method="test",
+        layouts={path: "experts"},
+        num_experts={path: 4},
+    )
+    experts.save_pretrained(tmp_path / "adapter")
+    model.config.save_pretrained(tmp_path / "model")
+    # refused as routed experts, also where the row (here: llama's, passed instead) declares llama.cpp names
+    for target in (model, "llama"):
+        with pytest.raises(UnsupportedArchitectureError, match="routed-experts edits"):
+            export_gguf_lora(experts, tmp_path / "e.gguf", target)
+        with pytest.raises(UnsupportedArchitectureError, match="routed-experts edits"):
+            merge_to_gguf(experts, tmp_path / "m.gguf", target, tmp_path / "base.gguf")
+    args = ["export", str(tmp_path / "adapter"), "--gguf-lora", str(tmp_path / "e.gguf")]
+    assert main([*args, "--model", str(tmp_path / "model")]) == 1
+    err = capsys.readouterr().err
+    assert "routed-experts edits" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "model"]
+
+
 def test_half_declared_row_is_invalid():
     with pytest.raises(InvalidConfigError, match="gguf_arch and gguf_mlp_out"):
         dataclasses.replace(ARCHITECTURES["llama"], gguf_mlp_out=None)
