@@ -35,9 +35,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .architectures import get_module, read_tensor
 from .errors import UnsupportedArchitectureError
 
-__all__ = ["routed_keys", "module_key", "traced_key"]
+__all__ = ["routed_keys", "module_key", "traced_key", "gate_up_of"]
+
+#: the experts' parameter holding ``[G_e; U_e]`` for every expert ``e``: ``[E, 2I, d]``
+GATE_UP = "gate_up_proj"
 
 
 def _inputs(args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,11 +54,18 @@ def _inputs(args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return args[0], args[1], args[2]
 
 
-def routed_keys(experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def routed_keys(
+    experts: nn.Module,
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``κ(x)`` for every row of ``hidden`` ``[N, d]`` (module docstring): ``[N, E·I]`` float32, expert ``e``'s
     block ``g_e(x) · act(G_e x) ⊙ (U_e x)`` where ``e`` is among the row's ``index`` (``[N, k]``, with the
-    weights ``[N, k]``), zero elsewhere. Computed with the experts' own weights and activation."""
-    gate_up = experts.gate_up_proj
+    weights ``[N, k]``), zero elsewhere. Computed with the experts' own activation and ``gate_up`` (default:
+    their ``gate_up_proj``; pass :func:`gate_up_of` where accelerate may have offloaded it)."""
+    gate_up = getattr(experts, GATE_UP) if gate_up is None else gate_up
     n_experts, two_inner, _ = gate_up.shape
     inner = two_inner // 2
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -71,14 +82,23 @@ def routed_keys(experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, w
     return keys.reshape(hidden.shape[0], n_experts * inner)
 
 
-def module_key(layout: str, module: nn.Module, args: tuple) -> Any:
+def module_key(layout: str, module: nn.Module, args: tuple, gate_up: torch.Tensor | None = None) -> Any:
     """The key an edited module ``mlp_out`` acts on in one forward, from its positional ``args``: its input
-    (``linear``, ``conv1d``), or the routed keys (``experts``: :func:`routed_keys`)."""
+    (``linear``, ``conv1d``), or the routed keys (``experts``: :func:`routed_keys`, with ``gate_up``)."""
     if layout == "experts":
-        return routed_keys(module, *_inputs(args))
+        return routed_keys(module, *_inputs(args), gate_up=gate_up)
     return args[0]
 
 
-def traced_key(layout: str, module: nn.Module, trace: Any) -> torch.Tensor:
-    """The key ``module`` acted on in a forward a :class:`~hf_knowedit.hooks.Trace` with ``retain_input`` saw."""
-    return module_key(layout, module, trace.args) if layout == "experts" else trace.input
+def traced_key(layout: str, model: nn.Module, path: str, trace: Any) -> torch.Tensor:
+    """The key module ``path`` of ``model`` acted on in a forward a :class:`~hf_knowedit.hooks.Trace` with
+    ``retain_input`` saw."""
+    if layout != "experts":
+        return trace.input
+    return module_key(layout, get_module(model, path), trace.args, gate_up_of(model, path))
+
+
+def gate_up_of(model: nn.Module, path: str) -> torch.Tensor:
+    """The ``gate_up_proj`` values of the experts module ``path``, also where accelerate offloaded it (outside
+    a forward its parameters are then on the meta device: :func:`~hf_knowedit.architectures.read_tensor`)."""
+    return read_tensor(model, f"{path}.{GATE_UP}")

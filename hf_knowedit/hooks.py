@@ -47,7 +47,7 @@ from torch import nn
 
 from .architectures import ArchitectureSpec, get_module
 from .errors import NotPicklableError
-from .experts import module_key
+from .experts import gate_up_of, module_key
 
 #: what to do instead of pickling a model that carries hf_knowedit state
 PICKLE_HINT = (
@@ -237,7 +237,8 @@ class LowRankHook:
     ``owner=threading.get_ident()`` makes it act only in that thread (updates in progress inside a
     method); without it, it acts in every thread (hooked edit sets). ``layout``: the module's
     ``mlp_out_layout``; for ``"experts"`` the factors act on the routed keys (:mod:`hf_knowedit.experts`),
-    not on the first input.
+    not on the first input, computed with ``gate_up()`` where given (an offloaded module's
+    ``gate_up_proj``: :func:`hf_knowedit.experts.gate_up_of`).
 
         >>> handle = module.register_forward_hook(LowRankHook([(B, A)]))
     """
@@ -248,9 +249,11 @@ class LowRankHook:
         active: Callable[[], bool] | None = None,
         owner: int | None = None,
         layout: str = "linear",
+        gate_up: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         self.factors: list[tuple[torch.Tensor, torch.Tensor]] = list(factors)
         self.layout = layout
+        self.gate_up = gate_up
         self.active = active
         self.owner = owner
         self._on: dict[Any, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -268,10 +271,19 @@ class LowRankHook:
             return None
         if self.active is not None and not self.active():
             return None
-        x = module_key(self.layout, module, args)
+        x = module_key(self.layout, module, args, None if self.gate_up is None else self.gate_up())
         x = x.to(output.device).float()  # under accelerate the input may still be on the previous device
         extra = sum((x @ A.t()) @ B.t() for B, A in self._factors_on(x.device))
         return output + extra.to(output.dtype)
+
+
+def module_hook(
+    model: nn.Module, path: str, layout: str, factors: Sequence[tuple[torch.Tensor, torch.Tensor]], **kwargs: Any
+) -> LowRankHook:
+    """A :class:`LowRankHook` for module ``path`` of ``model`` stored in ``layout`` (routed experts read their
+    ``gate_up_proj`` through :func:`~hf_knowedit.experts.gate_up_of`, so an offloaded module works)."""
+    gate_up = (lambda: gate_up_of(model, path)) if layout == "experts" else None
+    return LowRankHook(factors, layout=layout, gate_up=gate_up, **kwargs)
 
 
 class PrivateWeights:

@@ -101,7 +101,7 @@ from .errors import (
     NonFiniteUpdateError,
     NotPicklableError,
 )
-from .hooks import PICKLE_HINT, LowRankHook, ModelGate, PrivateWeights, remove_hooks
+from .hooks import PICKLE_HINT, LowRankHook, ModelGate, PrivateWeights, module_hook, remove_hooks
 from .requests import EditRequest
 
 logger = logging.getLogger(__name__)
@@ -341,7 +341,7 @@ def _plan(model: nn.Module, state: KnowEditState, sets: OrderedDict[str, tuple[E
         active = plan.sets[name] = _Active(es, merged, digest, list(state.sets[name].hooks) if kept else [])
         if not merged and not kept:
             for p, d in es.deltas.items():
-                hook = LowRankHook([(d.B, d.A)], active=state.hooks_active, layout=es.layouts.get(p, "linear"))
+                hook = module_hook(model, p, es.layouts.get(p, "linear"), [(d.B, d.A)], active=state.hooks_active)
                 plan.hook.append((active, get_module(model, p), hook))
     for name, old in state.sets.items():
         if not (name in sets and _kept(state, name, *sets[name][:2])):

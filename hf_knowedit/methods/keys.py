@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import get_architecture, get_module, mlp_out_dims, mlp_out_path, model_device
+from ..architectures import get_architecture, mlp_out_dims, mlp_out_path, model_device
 from ..errors import InvalidConfigError
 from ..experts import traced_key
 from ..hooks import Trace, hidden
@@ -102,7 +102,6 @@ def compute_keys(
     spec = get_architecture(model)
     d_in, _ = mlp_out_dims(model, spec, layer)  # raises LayerOutOfRangeError
     path = mlp_out_path(spec, layer)
-    module = get_module(model, path)
     device = model_device(model)
     prompts = []
     for req in requests:
@@ -115,7 +114,7 @@ def compute_keys(
             ids, mask, _, _ = pad_batch([prompts[i] for i in group], 0, "right", device)
             with Trace(model, path, retain_input=True, retain_output=False, stop=True) as tr:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
-            x = traced_key(spec.mlp_out_layout, module, tr).reshape(ids.shape[0], ids.shape[1], d_in)  # OPT flattens
+            x = traced_key(spec.mlp_out_layout, model, path, tr).reshape(ids.shape[0], ids.shape[1], d_in)  # OPT
             last = mask.sum(1) - 1
             rows = x[torch.arange(len(group), device=x.device), last.to(x.device)]  # x: on the module's device
             keys[torch.tensor(group, device=device)] = rows.to(device, torch.float32)

@@ -71,7 +71,7 @@ from ..architectures import (
 )
 from ..deltas import ModuleDelta
 from ..errors import BatchTooLargeError, InvalidConfigError, UnsupportedArchitectureError
-from ..hooks import LowRankHook, remove_hooks
+from ..hooks import LowRankHook, module_hook, remove_hooks
 from ..requests import EditRequest
 from ..tracing import suggest_layers
 from .config import EditConfig, option, with_aliases
@@ -220,8 +220,9 @@ class PendingDeltas:
 
     def add(self, layer: int, B: torch.Tensor, A: torch.Tensor) -> None:
         if layer not in self.hooks:
-            self.hooks[layer] = LowRankHook([], owner=threading.get_ident(), layout=self.arch.mlp_out_layout)
-            module = get_module(self.model, mlp_out_path(self.arch, layer))
+            path = mlp_out_path(self.arch, layer)
+            self.hooks[layer] = module_hook(self.model, path, self.arch.mlp_out_layout, [], owner=threading.get_ident())
+            module = get_module(self.model, path)
             self._handles.append(module.register_forward_hook(self.hooks[layer]))
         self.hooks[layer].factors.append((B.float(), A.float()))
 

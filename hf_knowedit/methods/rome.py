@@ -40,7 +40,7 @@ from torch import nn
 from ..architectures import from_param, get_architecture, get_module, mlp_out_path, num_layers, read_tensor
 from ..deltas import ModuleDelta
 from ..errors import LayerOutOfRangeError, NonFiniteUpdateError
-from ..hooks import LowRankHook, remove_hooks
+from ..hooks import module_hook, remove_hooks
 from ..moments import SecondMoment
 from ..requests import EditRequest
 from ..stack import effective_weight
@@ -209,7 +209,7 @@ def compute(ctx: EditContext) -> MethodResult:
             # the next request sees this edit (hooked, the weights stay untouched until the set is pushed)
             handles.append(
                 get_module(model, path).register_forward_hook(
-                    LowRankHook([(update.B, update.A)], owner=threading.get_ident(), layout=spec.mlp_out_layout)
+                    module_hook(model, path, spec.mlp_out_layout, [(update.B, update.A)], owner=threading.get_ident())
                 )
             )
     finally:

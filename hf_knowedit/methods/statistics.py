@@ -477,7 +477,7 @@ def _accumulate(
             ids, mask, _, _ = pad_batch(batch, 0, "right", model_device(model))
             with Trace(model, module, retain_input=True, retain_output=False, stop=True) as tr:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
-            keys = traced_key(layout, get_module(model, module), tr).to(device).reshape(-1, d_in)
+            keys = traced_key(layout, model, module, tr).to(device).reshape(-1, d_in)
             keys = keys[mask.reshape(-1).bool().to(device)].to(dtype)  # no pads
             add_outer_blocks(total, keys, blocks)
             count += keys.shape[0]
