@@ -40,7 +40,7 @@ from tests.test_behaviour_matrix import FACT, PROBE, settings  # noqa: E402
 from tests.tiny_models import make_tiny_model  # noqa: E402
 
 import hf_knowedit  # noqa: E402
-from hf_knowedit.architectures import ARCHITECTURES, get_architecture, layer_path, num_layers  # noqa: E402
+from hf_knowedit.architectures import ARCHITECTURES, attention_layers, get_architecture, layer_path, num_layers  # noqa: E402
 from hf_knowedit.errors import KnowEditError  # noqa: E402
 from hf_knowedit.methods.memit import MassEditConfig  # noqa: E402
 from hf_knowedit.methods.registry import get_method  # noqa: E402
@@ -63,8 +63,11 @@ class Mismatch(Exception):
 
 
 def kind(model_type: str) -> str:
+    """Labels from the table's columns; "recurrent state" for rows whose caches hold more than keys and values
+    (``prefix_cache="off"``: the hybrid stacks)."""
     spec = ARCHITECTURES[model_type]
     labels = [label for label, columns in KINDS if any(getattr(spec, c) is not None for c in columns)]
+    labels += ["recurrent state (hybrid)"] if spec.prefix_cache == "off" else []
     return ", ".join(labels) or "text decoder"
 
 
@@ -90,8 +93,12 @@ def check_attach(model, tok) -> None:
 
 
 def check_trace(model, tok) -> None:
+    """Finite scores, but for attention cells whose window holds no attention block (hybrid stacks: NaN)."""
     result = hf_knowedit.trace_fact(model, tok, *TRACE, samples=2, window=2, noise=0.5)
-    if not all(torch.isfinite(s).all() for s in result.scores.values()):
+    attention = set(attention_layers(model, get_architecture(model)))
+    with_attention = [l for l in range(result.scores["attn"].shape[1]) if {l - 1, l} & attention]
+    scores = dict(result.scores, attn=result.scores["attn"][:, with_attention])
+    if not all(torch.isfinite(s).all() for s in scores.values()):
         raise Mismatch("non-finite scores")
 
 

@@ -399,6 +399,12 @@ _TABLE: list[ArchitectureSpec] = [
     S("lfm2",              "model",              "model.layers",               "feed_forward.w2",     "linear", "self_attn.out_proj",         "model.embed_tokens",             "model.embedding_norm",               "lm_head", prefix_cache="off"),
     # Bamba: Mamba2 blocks (mamba.out_proj) and attention blocks
     S("bamba",             "model",              "model.layers",               "feed_forward.down_proj", "linear", "self_attn.o_proj",         "model.embed_tokens",             "model.final_layernorm",              "lm_head", prefix_cache="off"),
+    # --- hybrid stacks with mixture-of-experts blocks (prefix_cache "off" as above)
+    # Qwen3-Next: Gated DeltaNet blocks beside attention blocks; a Qwen2-MoE block (gated shared expert)
+    S("qwen3_next",        "model",              "model.layers",               "mlp.shared_expert.down_proj", "linear", "self_attn.o_proj",   "model.embed_tokens",             "model.norm",                         "lm_head", prefix_cache="off", mlp="mlp", mlp_out_gate="mlp.shared_expert_gate", experts="mlp.experts"),
+    # Granite 4 (hybrid): Mamba2 blocks beside attention blocks; the block adds block_sparse_moe(x) + shared_mlp(x)
+    # with no module holding both, so the shared MLP is edited and tracing's "mlp" restores its output only
+    S("granitemoehybrid",  "model",              "model.layers",               "shared_mlp.output_linear", "linear", "self_attn.o_proj",      "model.embed_tokens",             "model.norm",                         "lm_head", prefix_cache="off", experts="block_sparse_moe.experts", logit_divisor="logits_scaling", residual_multiplier="residual_multiplier"),
     # --- multimodal wrappers (*ForConditionalGeneration): the text decoder is model.language_model, the
     # LM head the wrapper's own; the vision tower (model.vision_tower / model.visual) is never touched.
     # Gemma3ForConditionalGeneration applies no final-logit soft-cap (Gemma 3 sets none), so no column.

@@ -47,7 +47,7 @@ except ImportError:  # tests/ imported as a package
 
 PROMPT = "The Eiffel Tower is located in the city of"
 #: the blocks with attention of the tiny hybrid stacks whose other blocks have none (tests/tiny_models.py)
-HYBRID_ATTENTION = {"lfm2": [1, 3], "bamba": [1, 3]}
+HYBRID_ATTENTION = {"lfm2": [1, 3], "bamba": [1, 3], "qwen3_next": [1, 3], "granitemoehybrid": [1, 3]}
 
 
 @functools.cache
@@ -207,9 +207,9 @@ def test_residual_scale_is_how_the_block_adds_its_mlp_output(model_type):
     clean, moved = (h.reshape(-1, HIDDEN) for h in outputs)
     scale = residual_scale(model, spec)
     # falcon_h1: mlp_multipliers[1]
-    assert scale == {"granite": 0.5, "granitemoe": 0.5, "falcon_h1": 0.5}.get(model_type, 1.0)
+    assert scale == {"granite": 0.5, "granitemoe": 0.5, "granitemoehybrid": 0.5, "falcon_h1": 0.5}.get(model_type, 1.0)
     if gate_path is not None:
-        assert model_type == "qwen2_moe" and len(gates) == 2
+        assert model_type in ("qwen2_moe", "qwen3_next") and len(gates) == 2
         scale = scale * torch.sigmoid(gates[0].reshape(-1, 1))
         assert not torch.allclose(scale, torch.ones_like(scale), atol=0.1)  # the gate does scale
     torch.testing.assert_close(moved - clean, (scale * u).expand_as(clean), rtol=1e-4, atol=1e-5)

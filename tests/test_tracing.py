@@ -66,7 +66,7 @@ def test_trace_every_architecture(model_type, caplog):
     assert set(result.scores) == {"hidden", "mlp", "attn"}
     # window 2: layers l - 1 and l; a window of a hybrid stack without an attention block has no attention cell
     no_attention = [l for l in range(L) if not {l - 1, l} & set(tracer.attention_layers)]
-    assert no_attention == ([0] if model_type in ("lfm2", "bamba") else [])
+    assert no_attention == ([0] if model_type in ("lfm2", "bamba", "qwen3_next", "granitemoehybrid") else [])
     for kind, scores in result.scores.items():
         assert scores.shape == (T, L)
         traced = [l for l in range(L) if kind != "attn" or l not in no_attention]

@@ -379,6 +379,38 @@ _TINY: dict[str, tuple[bool, dict[str, Any]]] = {
     ),
     # Bamba: Mamba2 blocks 0, 2 and attention blocks 1, 3
     "bamba": (True, dict(_LLAMA_LIKE, **_MAMBA2, attn_layer_indices=[1, 3])),
+    # --- hybrid stacks with mixture-of-experts blocks
+    # Qwen3-Next: Gated DeltaNet (linear attention) blocks 0, 2 and attention blocks 1, 3; a gated shared expert
+    "qwen3_next": (
+        False,
+        dict(
+            _LLAMA_LIKE,
+            **_MOE,
+            norm_topk_prob=True,
+            shared_expert_intermediate_size=INNER,
+            layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+            linear_num_value_heads=2,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+        ),
+    ),
+    # Granite 4 (hybrid): Mamba2 blocks 0, 2 and attention blocks 1, 3; routed experts beside a shared MLP
+    "granitemoehybrid": (
+        True,
+        dict(
+            _LLAMA_LIKE,
+            **_MOE,
+            **_MAMBA2,
+            intermediate_size=INNER // 2,
+            shared_intermediate_size=INNER,
+            layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+            logits_scaling=4.0,
+            residual_multiplier=0.5,
+            embedding_multiplier=3.0,
+            attention_multiplier=0.25,
+        ),
+    ),
     # --- multimodal wrappers: a tiny text decoder (text_config) and a tiny vision tower (vision_config)
     "gemma3": (
         True,
@@ -452,7 +484,7 @@ TINY_MODEL_TYPES: list[str] = list(_TINY)
 #: the multimodal wrappers (``*ForConditionalGeneration``, built with ``AutoModelForImageTextToText``)
 TINY_WRAPPERS: frozenset[str] = frozenset(t for t, (_, kwargs) in _TINY.items() if "text_config" in kwargs)
 #: the hybrid stacks (attention mixed with Mamba2 / short-convolution mixers; caches with recurrent state)
-TINY_HYBRIDS: frozenset[str] = frozenset({"falcon_h1", "lfm2", "bamba"})
+TINY_HYBRIDS: frozenset[str] = frozenset({"falcon_h1", "lfm2", "bamba", "qwen3_next", "granitemoehybrid"})
 
 # The MLP inner size (input dim of the rewritten projection) of each tiny model.
 # Bloom and MPT hard-code 4 * hidden.
