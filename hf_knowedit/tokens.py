@@ -129,6 +129,24 @@ def chars_to_tokens(offsets: Sequence[tuple[int, int]], char_span: Span) -> Span
     return hits[0], hits[-1] + 1
 
 
+#: the prompt of a tokenizer without a chat template
+QA_FORM = "Q: {}\nA:"
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_prompt(tokenizer: Any, question: str) -> str:
+    """``question`` as one user turn of the tokenizer's chat template, ready for the assistant's answer;
+    ``"Q: {question}\\nA:"`` for a tokenizer without a template."""
+    if not has_chat_template(tokenizer):
+        return QA_FORM.format(question)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+
+
 def encode(tokenizer: Any, text: str) -> dict:
     """Tokenize one string the way the model will see it, with offsets."""
     _require_fast(tokenizer)

@@ -40,6 +40,7 @@ from statistics import fmean
 from typing import Any
 
 from ..errors import InvalidConfigError, InvalidDataError
+from ..tokens import QA_FORM, chat_prompt, has_chat_template  # noqa: F401  (part of this module's API)
 from . import generative as G
 from .datasets import EvalRecord, find_data_file
 
@@ -50,9 +51,6 @@ GROUPS = ("rewrite", "paraphrase", "neighborhood", "keep")
 
 #: the question table shipped with the package
 QUESTIONS_FILE = Path(__file__).parent / "data" / "relation_questions.json"
-
-#: the prompt of a tokenizer without a chat template
-QA_FORM = "Q: {}\nA:"
 
 _ZSRE_LOC_PREFIX = "nq question: "
 
@@ -109,20 +107,6 @@ def names(answer: str, obj: str, *, subject: str | None = None, aliases: Sequenc
         drop = {i + k for i in at for k in range(len(subj))}
         words = [w for i, w in enumerate(words) if i not in drop]
     return any(_runs(words, c) for c in candidates if c)
-
-
-def has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def chat_prompt(tokenizer: Any, question: str) -> str:
-    """``question`` as one user turn of the tokenizer's chat template, ready for the assistant's answer;
-    ``"Q: {question}\\nA:"`` for a tokenizer without a template."""
-    if not has_chat_template(tokenizer):
-        return QA_FORM.format(question)
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
 
 
 def stop_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -210,6 +210,13 @@ class EditConfig:
         "templates",
     )
     context_length: int = option(10, "new tokens per generated prefix (int context_templates)", "int>=1")
+    chat_context: int = option(
+        0,
+        "that many chat-form templates besides: the prompt as the start of the assistant's reply to a generic user "
+        "turn, through the tokenizer's chat template ('Q: ... A:' without one); their own group "
+        "(hf_knowedit.methods.context.chat_templates)",
+        "int>=0",
+    )
     context_template_length_params: list[list[int]] | None = option(
         None,
         "[[length, count], ...] of context_templates='reference' (None: the method's reference pairs)",

@@ -28,6 +28,14 @@ MEMIT-family keys are averaged within each group, then across groups, as the ref
 ROME averages all templates uniformly (its ``compute_u`` gets a flat list), and the ``z`` / ``v*``
 optimisation uses every template once (flat) in both.
 
+**Chat form** (``chat_context`` = ``n`` > 0, any method): users ask instruct models through their chat
+template, where the answer starts an assistant turn. :func:`chat_templates` puts the prompt at the start of
+the assistant's reply to a generic user turn (:data:`CHAT_TURNS`, cycled), through the tokenizer's chat template
+(``"Q: ... A: "`` without one), e.g. ``"<|im_start|>user\nTell me a fact.<|im_end|>\n<|im_start|>assistant\n{}"``.
+They form a group of their own, so keys and the v*/z loss see the fact as the model says it in a chat. Cost:
+``n`` more prompts per request in the v*/z optimisation and the keys (the chat template's tokens included).
+Off by default (the papers' objective).
+
 Generated templates are cached per model in ``get_state(model).history`` (no module-level caches).
 
 >>> context_templates(model, tok, n=5, length=10)
@@ -46,6 +54,7 @@ from torch import nn
 from ..errors import InvalidConfigError
 from ..generation import generate_texts
 from ..stack import base_view, get_state
+from ..tokens import chat_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +165,28 @@ def reference_templates(
     return [list(g) for g in cache[key]]
 
 
+#: the user turns of the chat-form templates (``chat_context``): generic, so that the fact itself is what
+#: the assistant's reply is about
+CHAT_TURNS = ("Tell me a fact.", "Tell me something you know.", "Say something true.", "What do you know?")
+
+
+def chat_templates(tokenizer: Any, n: int) -> list[str]:
+    """``n`` templates that put the prompt at the start of the assistant's reply to a user turn of
+    :data:`CHAT_TURNS` (cycled): ``chat_prompt(tokenizer, turn) + "{}"`` (:func:`hf_knowedit.tokens.chat_prompt`:
+    the tokenizer's chat template, or ``"Q: {turn}\\nA: {}"``). A beginning-of-text token the template writes is
+    left out where the tokenizer adds it itself (prompts are encoded with special tokens)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    adds_bos = bool(bos) and list(tokenizer("")["input_ids"]) == [getattr(tokenizer, "bos_token_id", None)]
+    out = []
+    for i in range(n):
+        head = chat_prompt(tokenizer, CHAT_TURNS[i % len(CHAT_TURNS)])
+        if adds_bos and head.startswith(bos):
+            head = head[len(bos) :]
+        head = head.replace("{}", "{ }")  # the prompt goes at the one "{}" (keys.prefixed)
+        out.append(head + ("" if head.endswith((" ", "\n")) else " ") + "{}")
+    return out
+
+
 def template_groups(model: nn.Module, tokenizer: Any, config: Any) -> list[list[str]]:
     """The context templates ``config`` asks for, as groups: ``[["{}"], ...]`` (see module docstring).
 
@@ -171,6 +202,7 @@ def template_groups(model: nn.Module, tokenizer: Any, config: Any) -> list[list[
         groups = [["{}"], [t for t in value if t != "{}"]]
     else:
         groups = [["{}"], context_templates(model, tokenizer, n=value, length=config.context_length)[1:]]
+    groups.append(chat_templates(tokenizer, getattr(config, "chat_context", 0)))
     return [g for g in groups if g]
 
 
@@ -183,6 +215,12 @@ def flatten(groups: Sequence[Sequence[str]] | Sequence[str]) -> list[str]:
 
 def template_reserve(tokenizer: Any, config: Any) -> int:
     """Tokens a context-template prefix may add to a prompt (for the length check before any forward)."""
+    chat = chat_templates(tokenizer, min(getattr(config, "chat_context", 0), len(CHAT_TURNS)))
+    chat_reserve = max((len(tokenizer(t.replace("{}", ""))["input_ids"]) + 1 for t in chat), default=0)
+    return max(chat_reserve, _prefix_reserve(tokenizer, config))
+
+
+def _prefix_reserve(tokenizer: Any, config: Any) -> int:
     value = getattr(config, "context_templates", 0)
     if isinstance(value, str):
         recipe = getattr(type(config), "reference_context", "memit")
