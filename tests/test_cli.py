@@ -1,4 +1,4 @@
-"""The command line: every subcommand through ``main([...])`` on a tiny in-process model (``cli.load_model``
+"""The command line: every subcommand through ``main([...])`` on a tiny in-process model (``cli.common.load_model``
 replaced), bad input (one line on stderr, exit 2 / 1, nothing written, the model never loaded), ``--help``
 without torch, and ``apply --merge-to`` reloaded with plain transformers."""
 
@@ -31,14 +31,14 @@ FACT = ["--prompt", "{} is located in", "--subject", "The Eiffel Tower", "--targ
 
 @pytest.fixture
 def tiny(monkeypatch):
-    """``cli.load_model`` returns a fresh tiny Llama (the same weights every call); records the calls."""
+    """``cli.common.load_model`` returns a fresh tiny Llama (the same weights every call); records the calls."""
     calls = []
 
     def load(args):
         calls.append(args.model)
         return make_tiny_model("llama", seed=1 if args.model == "other" else 0)
 
-    monkeypatch.setattr(cli, "load_model", load)
+    monkeypatch.setattr(cli.common, "load_model", load)
     return calls
 
 
@@ -49,7 +49,7 @@ def no_model(monkeypatch):
     def load(args):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(cli, "load_model", load)
+    monkeypatch.setattr(cli.common, "load_model", load)
 
 
 def run(capsys, *argv):
@@ -280,7 +280,7 @@ def test_bad_input_fails_before_loading_the_model(capsys, no_model, bad_files, c
 
 
 def test_trace_one_fact(capsys, tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "MIN_EFFECT_SHARE", float("-inf"))  # a random model's trace is all noise
+    monkeypatch.setattr(cli.trace, "MIN_EFFECT_SHARE", float("-inf"))  # a random model's trace is all noise
     plot, saved = tmp_path / "trace.png", tmp_path / "trace.json"
     code, out, _ = run(
         capsys,
@@ -336,7 +336,7 @@ def test_trace_rng_reference_maps_to_trace_config(capsys, tiny):
 
 
 def test_trace_facts_file_plots_the_average_and_suggests_layers(capsys, tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "MIN_EFFECT_SHARE", float("-inf"))  # a random model's trace is all noise
+    monkeypatch.setattr(cli.trace, "MIN_EFFECT_SHARE", float("-inf"))  # a random model's trace is all noise
     facts = [
         {"prompt": "The Eiffel Tower is located in", "subject": "The Eiffel Tower", "attribute": "Paris"},
         {"template": "{} is the capital of", "subject": "Berlin", "attribute": "Germany"},
@@ -605,7 +605,7 @@ def test_apply_merge_to_reloads_with_plain_transformers(capsys, tiny, tmp_path):
 def test_routed_experts_adapter_shows_and_merges_to_a_plain_checkpoint(capsys, monkeypatch, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    monkeypatch.setattr(cli, "load_model", lambda args: make_tiny_model("mixtral"))
+    monkeypatch.setattr(cli.common, "load_model", lambda args: make_tiny_model("mixtral"))
     edited, tok = make_tiny_model("mixtral")
     fact = {"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": "Rome"}
     cheap = dict(mom2="identity", context_templates=0, v_num_grad_steps=5, v_lr=0.5, mom2_update_weight=1e-3)
@@ -738,12 +738,12 @@ def test_trace_suggests_a_layer_only_when_the_effect_stands_above_noise(capsys, 
     """A peak MLP effect under ``MIN_EFFECT_SHARE`` of the total effect suggests nothing and points to the
     measured defaults (a +0.0065 'peak' once suggested layer 14 on SmolLM2 against signal at 0-5)."""
     fact = ["--prompt", "{} is located in", "--subject", "The Eiffel Tower", "--samples", 2, "--kinds", "mlp"]
-    monkeypatch.setattr(cli, "MIN_EFFECT_SHARE", float("inf"))
+    monkeypatch.setattr(cli.trace, "MIN_EFFECT_SHARE", float("inf"))
     code, out, _ = run(capsys, "trace", *fact)
     assert code == 0 and "no MLP layer stands out" in out and "suggested layers" not in out
     assert "keep the measured defaults: rome --layers 1; memit --layers 0-2" in out  # 4 layers: round(0.2*3), band
     assert run_json(capsys, "trace", *fact)["suggested_layers"] == {}
-    monkeypatch.setattr(cli, "MIN_EFFECT_SHARE", float("-inf"))
+    monkeypatch.setattr(cli.trace, "MIN_EFFECT_SHARE", float("-inf"))
     data = run_json(capsys, "trace", *fact)
     assert len(data["suggested_layers"]["rome"]) == 1
 

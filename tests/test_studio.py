@@ -243,7 +243,7 @@ def no_model(monkeypatch):
     def load(args):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(cli, "load_model", load)
+    monkeypatch.setattr(cli.common, "load_model", load)
 
 
 def test_port_in_use_is_one_clear_line_before_the_model_loads(capsys, no_model):
@@ -265,8 +265,8 @@ def test_port_in_use_is_one_clear_line_before_the_model_loads(capsys, no_model):
 
 
 def test_studio_without_gradio_says_how_to_install(capsys, no_model, monkeypatch):
-    real = cli.importlib.util.find_spec
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "gradio" else real(name))
+    real = cli.webui.importlib.util.find_spec
+    monkeypatch.setattr(cli.webui.importlib.util, "find_spec", lambda name: None if name == "gradio" else real(name))
     assert cli.main(["studio"]) == 1
     assert "pip install 'hf_knowedit[studio]'" in capsys.readouterr().err
 
@@ -281,9 +281,9 @@ def test_studio_bad_port_is_a_usage_error(capsys, argv):
 def test_studio_subcommand_serves_the_loaded_model(monkeypatch, capsys):
     """``hf-knowedit studio --model X`` loads X with the CLI's loader and hands it to :func:`studio.launch`."""
     calls = {}
-    monkeypatch.setattr(cli, "load_model", lambda args: make_tiny_model("llama"))
-    monkeypatch.setattr(cli, "_check_model_arg", lambda args: None)
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(cli.common, "load_model", lambda args: make_tiny_model("llama"))
+    monkeypatch.setattr(cli.webui, "_check_model_arg", lambda args: None)
+    monkeypatch.setattr(cli.webui.importlib.util, "find_spec", lambda name: object())
 
     def fake_launch(app, *, host, port, block, quiet):
         calls.update(app=app, host=host, port=port, block=block)

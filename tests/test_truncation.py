@@ -181,7 +181,7 @@ def test_cli_truncate_and_apply_max_rank(capsys, tmp_path, monkeypatch):
     back = EditSet.from_pretrained(tmp_path / "a-r2")
     assert {d.rank for d in back.deltas.values()} == {2}
 
-    monkeypatch.setattr(cli, "load_model", lambda args: make_tiny_model("llama"))
+    monkeypatch.setattr(cli.common, "load_model", lambda args: make_tiny_model("llama"))
     code = main(["apply", str(tmp_path / "a"), "--max-rank", "3", "--json"])
     data = json.loads(capsys.readouterr().out)
     assert code == 0 and set(data["applied"][0]["ranks"].values()) == {3}
