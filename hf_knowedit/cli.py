@@ -630,6 +630,7 @@ def _edit_summary(es: Any) -> dict[str, Any]:
         "layers": list(es.layers),
         "ranks": {p: d.rank for p, d in es.deltas.items()},
         **({"num_experts": dict(es.num_experts)} if es.num_experts else {}),
+        **({"peft_targets": dict(es.peft_targets)} if es.peft_targets else {}),
         "base_model": es.base_model,
     }
 
@@ -1135,6 +1136,11 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
         out.say(
             f"  {path}: {experts} routed experts, rank {es.deltas[path].rank} "
             f"(LoRA on its {LAYOUT_PARAM['experts']} parameter: PEFT target_parameters)"
+        )
+    for path in sorted(p for p, target in es.peft_targets.items() if target == "parameter"):
+        out.say(
+            f"  {path}: rank {es.deltas[path].rank} "
+            f"(LoRA on its {LAYOUT_PARAM['linear']} parameter: PEFT target_parameters)"
         )
     for r in es.requests[: args.show]:
         out.say(f"  {r.text!r}: {r.target_true!r} -> {r.target_new!r}")
