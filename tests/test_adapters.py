@@ -455,7 +455,7 @@ def test_wrong_expert_count_and_inconsistent_experts_files_are_refused(tmp_path)
         ("shape", meta(shape=[32, 96]), "routed experts"),
         ("rank", meta(rank=1), "rank-1"),
         ("blocks", one_expert_b_changed, "lora_B blocks differ"),
-        ("gate", peft_cfg(target_parameters=[f"{EXPERTS}.gate_up_proj"]), "'down_proj' parameter only"),
+        ("gate", peft_cfg(target_parameters=[f"{EXPERTS}.gate_up_proj"]), "'down_proj' parameter and"),
         ("as_module", peft_cfg(target_modules=[EXPERTS], target_parameters=[]), "do not name the modules"),
         ("fan_in", peft_cfg(fan_in_fan_out=True), "fan_in_fan_out"),
         ("layout", meta(layout="linear"), "do not name the modules"),
