@@ -10,7 +10,8 @@ A saved edit set is a directory (or a Hub repo) with these files::
     adapter_model.safetensors   PEFT LoRA weights: base_model.model.<module>.lora_A.weight  [r, in]
                                                    base_model.model.<module>.lora_B.weight  [out, r]
     adapter_config.json         PEFT LoraConfig: peft_type LORA, exact target_modules (and
-                                target_parameters for routed experts), r = the largest rank,
+                                target_parameters for routed experts and for Linear modules
+                                of peft_target "parameter"), r = the largest rank,
                                 rank_pattern, alpha_pattern (alpha = rank, so the scaling is 1),
                                 fan_in_fan_out (GPT-2's Conv1D), base_model_name_or_path, revision
     knowedit_config.json        library version, method and its config, layers, the requests,
@@ -37,6 +38,14 @@ Reading takes ``A`` and ``B`` back bit for bit (:func:`from_peft_experts`); an a
 experts' ``lora_B`` blocks differ, loads as the exact per-expert delta of rank ``r·E``. ``rank_pattern`` /
 ``alpha_pattern`` name a parameter only where its rank differs from ``r`` (PEFT 0.21 warns, wrongly, that
 such keys match no module, though it applies them). Linear modules and routed experts mix in one adapter.
+
+Linear modules of rows with ``peft_target="parameter"`` in the architecture table (shared experts of the
+mixture-of-experts model types whose ``target_modules`` PEFT rewrites under transformers 5;
+:class:`~hf_knowedit.architectures.ArchitectureSpec`) are named by their weight, ``target_parameters:
+["<path>.weight"]``: PEFT's LoRA on a 2-D parameter is the module's LoRA (same keys ``<path>.lora_A.weight``
+``[r, in]`` and ``lora_B.weight`` ``[out, r]``, same update and merge), and PEFT leaves such names where they
+are. ``EditSet.peft_targets`` records it per module, ``knowedit_config.json`` as ``modules[path].peft_target``;
+reading checks it against ``adapter_config.json`` and takes the factors back bit for bit.
 
 Loading reads JSON and safetensors only: no pickle, no code from a repo, no ``trust_remote_code``.
 The Hub token is passed to ``huggingface_hub`` and never written to a file or a log.
@@ -66,7 +75,7 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .architectures import LAYOUT_PARAM, LAYOUTS, edited_param
+from .architectures import LAYOUT_PARAM, LAYOUTS, PEFT_TARGETS, edited_param
 from .deltas import ModuleDelta
 from .errors import AdapterFormatError, InvalidRequestError, KnowEditError
 from .moments import StatsKey
@@ -85,6 +94,9 @@ FORMAT_VERSION = 1
 _PREFIX = "base_model.model."
 #: the parameter of a routed-experts module that its edits change (PEFT's ``target_parameters`` name it)
 LAYOUT_NAME = LAYOUT_PARAM["experts"]
+#: the parameter of a Linear module that ``target_parameters`` names where the architecture table says
+#: ``peft_target="parameter"``
+LINEAR_NAME = LAYOUT_PARAM["linear"]
 _KNOWN_KEYS = {
     "format",
     "format_version",
@@ -123,16 +135,36 @@ def _expert_count(es: Any, path: str) -> int:
     return experts
 
 
-def _peft_target(path: str, layout: str) -> str:
-    """What PEFT's config names for module ``path``: the module (``target_modules``), or for routed experts
-    the parameter holding ``W`` (``target_parameters``, ``<path>.down_proj``)."""
-    return edited_param(path, layout) if layout == "experts" else path
+def _as_parameter(layout: str, peft_target: str | None) -> bool:
+    """Whether PEFT's config names a module of ``layout`` by its parameter (``target_parameters``): routed experts
+    always, a Linear module where ``EditSet.peft_targets`` says ``"parameter"``."""
+    return layout == "experts" or peft_target == "parameter"
+
+
+def _peft_target(path: str, layout: str, peft_target: str | None = None) -> str:
+    """What PEFT's config names for module ``path``: the module (``target_modules``), or the parameter holding
+    ``W`` (``target_parameters``): ``<path>.down_proj`` for routed experts, ``<path>.weight`` for a Linear
+    module of ``peft_target`` ``"parameter"``."""
+    return edited_param(path, layout) if _as_parameter(layout, peft_target) else path
+
+
+def _peft_targets(es: Any, layouts: dict[str, str]) -> dict[str, str]:
+    """``es.peft_targets``, checked: module path -> ``"parameter"`` for Linear modules named by their weight."""
+    targets = dict(getattr(es, "peft_targets", None) or {})
+    for path, target in targets.items():
+        if path not in layouts or target not in PEFT_TARGETS or (target != "module" and layouts[path] != "linear"):
+            raise AdapterFormatError(
+                f"EditSet.peft_targets[{path!r}] is {target!r}; it must be one of {PEFT_TARGETS} for a module of "
+                f"the set ('parameter' only for layout 'linear'). Make the edit again, or fix the field, to save it."
+            )
+    return {p: t for p, t in targets.items() if t != "module"}
 
 
 def adapter_config(es: Any) -> dict[str, Any]:
     """PEFT's ``adapter_config.json`` for ``es``: one rank and ``lora_alpha = rank`` per module (routed experts:
     per parameter, written only where it differs from ``r``; see the module docstring)."""
     layouts = {p: es.layouts.get(p, "linear") for p in es.deltas}
+    targets = _peft_targets(es, layouts)
     if "conv1d" in layouts.values() and len(set(layouts.values())) > 1:
         raise AdapterFormatError(
             "This edit set mixes Conv1D modules with Linear or routed-experts ones, which one PEFT adapter cannot "
@@ -144,7 +176,9 @@ def adapter_config(es: Any) -> dict[str, Any]:
         _expert_count(es, path)
     ranks = {p: d.rank for p, d in es.deltas.items()}
     r = max(ranks.values(), default=1)
-    pattern = {_peft_target(p, layouts[p]): k for p, k in ranks.items() if layouts[p] != "experts" or k != r}
+    named = {p: _peft_target(p, layouts[p], targets.get(p)) for p in es.deltas}
+    params = {p for p in es.deltas if _as_parameter(layouts[p], targets.get(p))}
+    pattern = {named[p]: k for p, k in ranks.items() if p not in params or k != r}
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -153,10 +187,10 @@ def adapter_config(es: Any) -> dict[str, Any]:
         "inference_mode": True,
         "r": r,
         "lora_alpha": r,
-        "target_modules": sorted(p for p in es.deltas if layouts[p] != "experts"),
+        "target_modules": sorted(named[p] for p in es.deltas if p not in params),
     }
-    if experts:
-        config["target_parameters"] = [_peft_target(p, "experts") for p in experts]
+    if params:
+        config["target_parameters"] = sorted(named[p] for p in params)
     return config | {
         "rank_pattern": dict(sorted(pattern.items())),
         "alpha_pattern": dict(sorted(pattern.items())),
@@ -252,6 +286,8 @@ def _module_entry(es: Any, path: str) -> dict[str, Any]:
     entry = {"layout": layout, "dense": bool(d.dense), "rank": d.rank, "shape": list(d.shape)}
     if layout == "experts":
         entry["num_experts"] = _expert_count(es, path)
+    if (getattr(es, "peft_targets", None) or {}).get(path, "module") != "module":
+        entry["peft_target"] = es.peft_targets[path]
     return entry | {"fingerprint": es.fingerprints.get(path)}
 
 
@@ -536,6 +572,12 @@ def model_card(
             "PEFT >= 0.19), one rank-r update per expert."
             if es.num_experts
             else ""
+        )
+        + (
+            " Shared-expert modules are a LoRA on their `weight` parameter (PEFT's `target_parameters`), which "
+            "PEFT's conversion of mixture-of-experts targets under transformers 5 leaves in place."
+            if any(t == "parameter" for t in (getattr(es, "peft_targets", None) or {}).values())
+            else ""
         ),
         "",
         "## Edited facts",
@@ -733,11 +775,11 @@ def _check_peft(peft: dict[str, Any], path: Path) -> None:
     params = _optional(peft, "target_parameters", lambda v: isinstance(v, list), path, "a list of parameter names")
     for i, name in enumerate(params or []):
         _check_module_name(path, f"target_parameters[{i}]", name)
-        if name.rpartition(".")[2] != LAYOUT_NAME:
+        if name.rpartition(".")[2] not in (LAYOUT_NAME, LINEAR_NAME):
             raise AdapterFormatError(
                 f"{path}: target_parameters[{i}] is {_show(name)}; hf_knowedit reads LoRA on the routed experts' "
-                f"{LAYOUT_NAME!r} parameter only (what its edits change). Load this adapter with "
-                "peft.PeftModel.from_pretrained instead."
+                f"{LAYOUT_NAME!r} parameter and on a Linear module's {LINEAR_NAME!r} only (what its edits change). "
+                "Load this adapter with peft.PeftModel.from_pretrained instead."
             )
     targets = peft.get("target_modules")
     if targets is None and params:
@@ -819,6 +861,18 @@ def _check_meta(meta: dict[str, Any], path: Path) -> None:
             raise _invalid(path, field, "an object {layout, dense, rank, shape, fingerprint}", info)
         _optional(info, "layout", lambda v: v in LAYOUTS, path, " or ".join(map(repr, LAYOUTS)), f"{field}.layout")
         _optional(info, "num_experts", lambda v: _is_int(v, 1), path, "an int >= 1", f"{field}.num_experts")
+        _optional(
+            info,
+            "peft_target",
+            lambda v: v in PEFT_TARGETS,
+            path,
+            " or ".join(map(repr, PEFT_TARGETS)),
+            f"{field}.peft_target",
+        )
+        layout = info.get("layout") or "linear"
+        if info.get("peft_target", "module") != "module" and layout != "linear":
+            want = f"'module' for layout {layout!r} (only a 'linear' module is named by its weight)"
+            raise _invalid(path, f"{field}.peft_target", want, info["peft_target"])
         _optional(info, "dense", lambda v: isinstance(v, bool), path, "true or false", f"{field}.dense")
         _optional(info, "rank", lambda v: _is_int(v, 1), path, "an int >= 1", f"{field}.rank")
         _optional(
@@ -867,14 +921,17 @@ def read_adapter(directory: str | Path) -> dict[str, Any]:
     modules = meta["modules"]
     params = peft.get("target_parameters") or []
     layouts = {p: (info.get("layout") or "linear") for p, info in modules.items()}
-    named = {p: _peft_target(p, layout) for p, layout in layouts.items()}
-    if sorted(peft.get("target_modules") or []) != sorted(n for p, n in named.items() if layouts[p] != "experts") or (
-        sorted(params) != sorted(n for p, n in named.items() if layouts[p] == "experts")
+    peft_targets = {p: info["peft_target"] for p, info in modules.items() if info.get("peft_target") == "parameter"}
+    named = {p: _peft_target(p, layout, peft_targets.get(p)) for p, layout in layouts.items()}
+    as_params = {p for p, layout in layouts.items() if _as_parameter(layout, peft_targets.get(p))}
+    if sorted(peft.get("target_modules") or []) != sorted(n for p, n in named.items() if p not in as_params) or (
+        sorted(params) != sorted(n for p, n in named.items() if p in as_params)
     ):
         raise AdapterFormatError(
             f"target_modules ({peft.get('target_modules')}) and target_parameters ({params}) in {ADAPTER_CONFIG} "
             f"do not name the modules in {KNOWEDIT_CONFIG} ({sorted(modules)}; routed experts by their "
-            f"'{LAYOUT_NAME}' parameter, the others by module); save the adapter again."
+            f"'{LAYOUT_NAME}' parameter, modules with peft_target 'parameter' by their '{LINEAR_NAME}', the "
+            "others by module); save the adapter again."
         )
     if params and peft.get("fan_in_fan_out"):
         raise AdapterFormatError(
@@ -935,6 +992,7 @@ def read_adapter(directory: str | Path) -> dict[str, Any]:
         state=state,
         name=meta.get("name"),
         num_experts=num_experts,
+        peft_targets=peft_targets,
     )
 
 

@@ -67,6 +67,7 @@ __all__ = [
     "ARCHITECTURES",
     "LAYOUTS",
     "LAYOUT_PARAM",
+    "PEFT_TARGETS",
     "edited_param",
     "to_param",
     "from_param",
@@ -102,6 +103,9 @@ __all__ = [
 LAYOUTS = ("linear", "conv1d", "experts")
 #: the parameter of ``mlp_out`` that holds ``W`` in each layout
 LAYOUT_PARAM = {"linear": "weight", "conv1d": "weight", "experts": "down_proj"}
+#: how a PEFT adapter names ``mlp_out`` (ArchitectureSpec.peft_target): the module (``target_modules``) or its
+#: weight parameter (``target_parameters``)
+PEFT_TARGETS = ("module", "parameter")
 #: how the v*/z steps may skip the positions before the subject (ArchitectureSpec.prefix_cache)
 PREFIX_CACHE = ("rows", "common", "off")
 
@@ -191,6 +195,17 @@ class ArchitectureSpec:
             output too; Falcon-H1: ``mlp_multipliers[1]``, its MLP's down multiplier), or None.
             The MEMIT family's residual targets are divided by it before they are written into ``mlp_out``
             (``methods/memit.py``); NAS's ``v0`` is the MLP output times it.
+        peft_target: how PEFT adapters of this model type name a ``"linear"`` ``mlp_out``: ``"module"`` (in
+            ``target_modules``) or ``"parameter"`` (its ``weight`` in ``target_parameters``, a 2-D LoRA that PEFT
+            computes and merges like the module's; :mod:`hf_knowedit.adapter_files`). ``"parameter"`` is for rows
+            whose ``mlp_out`` PEFT would otherwise retarget: under transformers 5, PEFT (0.21) rewrites the
+            ``target_modules`` of model types that transformers converts from the v4 per-expert checkpoint layout
+            (DeepSeek-V2/V3, GLM-4.5, dots1, ERNIE-4.5-MoE, Hunyuan-MoE) so that every name ending in
+            ``.down_proj`` (meant for v4's per-expert Linear modules) becomes the routed experts' ``down_proj``
+            parameter in every layer; a shared expert's ``down_proj`` named there would load as a LoRA on the
+            routed experts instead. ``target_parameters`` are not rewritten. Qwen2-MoE and Llama 4 keep
+            ``"module"`` (PEFT does not rewrite their targets; ``tests/test_adapters.py`` checks every
+            mixture-of-experts row), which engines that read only ``target_modules`` (vLLM) can also load.
     """
 
     model_type: str
@@ -216,6 +231,7 @@ class ArchitectureSpec:
     mlp: str | None = None
     mlp_out_gate: str | None = None
     experts: str | None = None
+    peft_target: str = "module"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_type, str) or not self.model_type.strip():
@@ -233,6 +249,12 @@ class ArchitectureSpec:
                 f"('linear': nn.Linear, weight [out, in]; 'conv1d': transformers Conv1D, weight [in, out]; "
                 f"'experts': a mixture-of-experts block's routed experts, down_proj [E, out, I]), "
                 f"got {self.mlp_out_layout!r}"
+            )
+        if self.peft_target not in PEFT_TARGETS or (self.peft_target != "module" and self.mlp_out_layout != "linear"):
+            raise InvalidConfigError(
+                f"ArchitectureSpec({self.model_type!r}).peft_target must be one of {PEFT_TARGETS} ('parameter' only "
+                f"with mlp_out_layout 'linear': PEFT adapters name mlp_out's weight in target_parameters), got "
+                f"{self.peft_target!r} with layout {self.mlp_out_layout!r}"
             )
         if self.mlp_post_norm is not None and not (
             isinstance(self.mlp_post_norm, str) and _PATH_RE.match(self.mlp_post_norm)
@@ -294,8 +316,9 @@ _POST_FFN_NORM = "post_feedforward_layernorm"
 #: multimodal wrappers keep the text decoder's settings in this sub-config
 _TEXT = "text_config"
 _GEMMA_POST_FFN_NORM = dict(mlp_post_norm=_POST_FFN_NORM, mlp_post_norm_eps="eps", mlp_post_norm_gain_offset=1.0)
-#: a mixture-of-experts block at ``mlp`` with routed experts and ungated shared experts
-_MOE_SHARED_EXPERTS = dict(mlp="mlp", experts="mlp.experts")
+#: a mixture-of-experts block at ``mlp`` with routed experts and ungated shared experts, of a model type whose
+#: PEFT targets PEFT rewrites (ArchitectureSpec.peft_target)
+_MOE_SHARED_EXPERTS = dict(mlp="mlp", experts="mlp.experts", peft_target="parameter")
 #: a mixture-of-experts block at ``mlp`` whose routed experts are the edited module
 _MOE_ROUTED = dict(mlp="mlp", experts="mlp.experts")
 #: llama.cpp's name of the MLP output projection in one block (``blk.{i}.ffn_down.weight``)
@@ -373,13 +396,14 @@ _TABLE: list[ArchitectureSpec] = [
     # --- mixture-of-experts blocks with a shared expert: edits write into the shared expert's down projection
     # (every token passes it; the routed experts and the routers are not written), tracing's "mlp" is the
     # whole block (shared + routed experts). Blocks that hold a dense MLP instead (DeepSeek's and GLM-4.5's
-    # first `first_k_dense_replace` layers, Llama 4's non-MoE layers) have no shared expert to edit.
+    # first `first_k_dense_replace` layers, Llama 4's non-MoE layers) have no shared expert to edit. Adapters name
+    # the shared expert's weight in PEFT's target_parameters where PEFT would retarget a module name (peft_target).
     S("deepseek_v2",       "model",              "model.layers",               "mlp.shared_experts.down_proj", "linear", "self_attn.o_proj",  "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_SHARED_EXPERTS),
     S("deepseek_v3",       "model",              "model.layers",               "mlp.shared_experts.down_proj", "linear", "self_attn.o_proj",  "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_SHARED_EXPERTS),
     S("glm4_moe",          "model",              "model.layers",               "mlp.shared_experts.down_proj", "linear", "self_attn.o_proj",  "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_SHARED_EXPERTS),
     S("dots1",             "model",              "model.layers",               "mlp.shared_experts.down_proj", "linear", "self_attn.o_proj",  "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_SHARED_EXPERTS),
     S("ernie4_5_moe",      "model",              "model.layers",               "mlp.shared_experts.down_proj", "linear", "self_attn.o_proj",  "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_SHARED_EXPERTS),
-    S("hunyuan_v1_moe",    "model",              "model.layers",               "mlp.shared_mlp.down_proj", "linear", "self_attn.o_proj",      "model.embed_tokens",             "model.norm",                         "lm_head", mlp="mlp", experts="mlp.experts"),
+    S("hunyuan_v1_moe",    "model",              "model.layers",               "mlp.shared_mlp.down_proj", "linear", "self_attn.o_proj",      "model.embed_tokens",             "model.norm",                         "lm_head", mlp="mlp", experts="mlp.experts", peft_target="parameter"),
     S("llama4_text",       "model",              "model.layers",               "feed_forward.shared_expert.down_proj", "linear", "self_attn.o_proj", "model.embed_tokens",      "model.norm",                         "lm_head", mlp="feed_forward", experts="feed_forward.experts"),
     # --- mixture-of-experts blocks without a shared expert: edits write the routed experts' down_proj as one
     # matrix [W_0 … W_{E-1}] on the routing-weighted keys (layout "experts", hf_knowedit/experts.py)

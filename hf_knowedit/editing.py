@@ -127,5 +127,6 @@ def apply_edits(
             stats_key=result.stats_key,
             state=result.state,
             num_experts=expert_counts(model, layouts),
+            peft_targets={p: arch.peft_target for p in result.deltas if arch.peft_target != "module"},
         )
         return push_edit_set(model, es, merge=merge, name=name, allow_conflicts=allow_conflicts, commit=result.commit)

@@ -45,6 +45,9 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
         num_experts: module path -> the number of routed experts ``E`` of an ``"experts"`` module (its
             ``ΔW [d, E·I]`` is ``E`` blocks of ``I`` columns, one per expert); checked against the model on load,
             needed to save the set as an adapter.
+        peft_targets: module path -> ``"parameter"`` for a ``"linear"`` module that the adapter names by its
+            ``weight`` in PEFT's ``target_parameters`` (the architecture table's ``peft_target``, recorded when
+            the edit is made); the other modules are named in ``target_modules``.
     """
 
     deltas: dict[str, ModuleDelta]
@@ -61,6 +64,7 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     name: str | None = None
     num_experts: dict[str, int] = field(default_factory=dict)
+    peft_targets: dict[str, str] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         ranks = {m.split(".")[-3] if m.count(".") >= 3 else m: d.rank for m, d in self.deltas.items()}

@@ -78,6 +78,7 @@ from torch import nn
 from .architectures import (
     LAYOUT_PARAM,
     LAYOUTS,
+    PEFT_TARGETS,
     check_dispatch,
     edited_param,
     from_param,
@@ -546,6 +547,8 @@ def check_edit_set(es: Any) -> None:
         raise InvalidArgumentError("EditSet.deltas must be a non-empty dict of module path -> ModuleDelta.")
     if not isinstance(es.num_experts, dict) or not set(es.num_experts) <= set(es.deltas):
         raise InvalidArgumentError("EditSet.num_experts must be a dict keyed by module paths of EditSet.deltas.")
+    if not isinstance(es.peft_targets, dict) or not set(es.peft_targets) <= set(es.deltas):
+        raise InvalidArgumentError("EditSet.peft_targets must be a dict keyed by module paths of EditSet.deltas.")
     for path, d in es.deltas.items():
         if not isinstance(path, str) or not isinstance(d, ModuleDelta):
             raise InvalidArgumentError(f"EditSet.deltas[{path!r}] must be a ModuleDelta keyed by a module path.")
@@ -562,6 +565,12 @@ def check_edit_set(es: Any) -> None:
             raise InvalidArgumentError(
                 f"EditSet.num_experts[{path!r}] must be the expert count (an int >= 1 dividing ΔW's {d.shape[1]} "
                 f"columns) of a module of layout 'experts'; got {experts!r} for layout {es.layouts.get(path)!r}."
+            )
+        target = es.peft_targets.get(path, "module")
+        if target not in PEFT_TARGETS or (target != "module" and es.layouts.get(path, "linear") != "linear"):
+            raise InvalidArgumentError(
+                f"EditSet.peft_targets[{path!r}] must be one of {PEFT_TARGETS} ('parameter' only for layout "
+                f"'linear'); got {target!r} for layout {es.layouts.get(path, 'linear')!r}."
             )
         fp = es.fingerprints.get(path)
         if fp is not None and not (isinstance(fp, dict) and {"shape", "sha256", "sketch"} <= set(fp)):

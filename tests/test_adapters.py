@@ -26,12 +26,17 @@ from hf_knowedit.architectures import (
 )
 from hf_knowedit.deltas import ModuleDelta, fingerprint
 from hf_knowedit.editset import EditSet
-from hf_knowedit.errors import AdapterFormatError, BaseModelMismatchError, InvalidArgumentError
+from hf_knowedit.errors import (
+    AdapterFormatError,
+    BaseModelMismatchError,
+    InvalidArgumentError,
+    InvalidConfigError,
+)
 from hf_knowedit.methods.registry import MethodResult, register_method
 from hf_knowedit.requests import EditRequest
 from tests.helpers import assert_untouched, logits, snapshot
 from tests.test_stack import random_set
-from tests.tiny_models import TINY_ROUTED_MOE, assert_same, make_tiny_model, tiny_config, weights
+from tests.tiny_models import TINY_ROUTED_MOE, TINY_SHARED_MOE, assert_same, make_tiny_model, tiny_config, weights
 
 ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "knowedit_config.json"]
 
@@ -238,7 +243,7 @@ def test_load_edits_from_an_edit_set_and_functional_form(tmp_path):
 # -- PEFT and transformers interop ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama", *HYBRIDS, *TINY_ROUTED_MOE])  # Conv1D, Linear, experts
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", *HYBRIDS, *TINY_ROUTED_MOE, *TINY_SHARED_MOE])
 def test_peft_and_transformers_give_the_same_logits(model_type, tmp_path):
     from peft import PeftModel
 
@@ -450,7 +455,7 @@ def test_wrong_expert_count_and_inconsistent_experts_files_are_refused(tmp_path)
         ("shape", meta(shape=[32, 96]), "routed experts"),
         ("rank", meta(rank=1), "rank-1"),
         ("blocks", one_expert_b_changed, "lora_B blocks differ"),
-        ("gate", peft_cfg(target_parameters=[f"{EXPERTS}.gate_up_proj"]), "'down_proj' parameter only"),
+        ("gate", peft_cfg(target_parameters=[f"{EXPERTS}.gate_up_proj"]), "'down_proj' parameter and"),
         ("as_module", peft_cfg(target_modules=[EXPERTS], target_parameters=[]), "do not name the modules"),
         ("fan_in", peft_cfg(fan_in_fan_out=True), "fan_in_fan_out"),
         ("layout", meta(layout="linear"), "do not name the modules"),
@@ -469,6 +474,123 @@ def test_wrong_expert_count_and_inconsistent_experts_files_are_refused(tmp_path)
     with pytest.raises(AdapterFormatError, match="num_experts"):
         es.save_pretrained(tmp_path / "no-count")
     assert not (tmp_path / "no-count").exists()
+
+
+# -- shared experts of model types whose targets PEFT rewrites: LoRA on the Linear's weight (target_parameters) --
+
+SHARED = "model.layers.1.mlp.shared_experts.down_proj"  # the tiny DeepSeek-V2's shared expert at layer 1: [32, 96]
+
+
+def test_peft_keeps_every_rows_adapter_targets_as_written():
+    """For every row of the table, PEFT's conversion of adapter configs for transformers 5 (run by
+    ``PeftModel.from_pretrained`` and ``model.load_adapter`` before any module is wrapped) leaves the targets of
+    hf_knowedit's adapter as written: rows whose ``mlp_out`` PEFT would retarget declare ``peft_target="parameter"``."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig
+
+    convert = pytest.importorskip("peft.utils.transformers_weight_conversion").convert_peft_config_for_transformers
+    for model_type, spec in hf_knowedit.ARCHITECTURES.items():
+        path = f"{spec.layers}.1.{spec.mlp_out}"
+        es = EditSet(
+            deltas={path: ModuleDelta(A=torch.ones(1, 4), B=torch.ones(4, 1))},
+            requests=[],
+            method="x",
+            layouts={path: spec.mlp_out_layout},
+            num_experts={path: 2} if spec.mlp_out_layout == "experts" else {},
+            peft_targets={path: spec.peft_target},
+        )
+        cfg = adapters.adapter_config(es)
+        peft_cfg = LoraConfig(**{k: cfg[k] for k in ("r", "lora_alpha", "target_modules", "rank_pattern")})
+        peft_cfg.target_parameters = cfg.get("target_parameters")
+        convert(peft_cfg, SimpleNamespace(config=SimpleNamespace(model_type=model_type)), None)
+        assert sorted(peft_cfg.target_modules or []) == cfg["target_modules"], model_type
+        assert sorted(peft_cfg.target_parameters or []) == cfg.get("target_parameters", []), model_type
+
+
+def test_parameter_targeted_linear_format_is_what_peft_writes_and_reads_back_bit_exactly(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok, es = edited("deepseek_v2", layers=[1, 2], rank=3)
+    model.revert_edits()
+    paths = sorted(es.deltas)
+    assert es.peft_targets == {p: "parameter" for p in paths} and set(es.layouts.values()) == {"linear"}
+    es.save_pretrained(tmp_path / "ours")
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == [] and cfg["target_parameters"] == [f"{p}.weight" for p in paths]
+    assert cfg["r"] == cfg["lora_alpha"] == 3 and cfg["rank_pattern"] == cfg["alpha_pattern"] == {}
+    meta = json.loads((tmp_path / "ours" / "knowedit_config.json").read_text())
+    assert {p: (m["layout"], m["peft_target"]) for p, m in meta["modules"].items()} == {
+        p: ("linear", "parameter") for p in paths
+    }
+
+    # PEFT's own adapter on the same parameters has the same keys (the module's), shapes and dtype
+    peft_cfg = LoraConfig(r=3, lora_alpha=3, target_modules=[], target_parameters=cfg["target_parameters"])
+    get_peft_model(make_tiny_model("deepseek_v2")[0], peft_cfg).save_pretrained(tmp_path / "peft")
+
+    def shapes(d):
+        with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
+            return {k: (tuple(f.get_tensor(k).shape), f.get_tensor(k).dtype) for k in f.keys()}
+
+    assert shapes(tmp_path / "ours") == shapes(tmp_path / "peft")
+    assert set(shapes(tmp_path / "ours")) == {f"base_model.model.{p}.lora_{ab}.weight" for p in paths for ab in "AB"}
+    with safe_open(str(tmp_path / "ours" / "adapter_model.safetensors"), "pt") as f:  # lora_A = A, lora_B = B
+        for p, d in es.deltas.items():
+            assert torch.equal(f.get_tensor(f"base_model.model.{p}.lora_A.weight"), d.A)
+            assert torch.equal(f.get_tensor(f"base_model.model.{p}.lora_B.weight"), d.B)
+
+    back = EditSet.from_pretrained(tmp_path / "ours")
+    assert back.peft_targets == es.peft_targets and back.layouts == es.layouts
+    for p, d in es.deltas.items():
+        assert torch.equal(back.deltas[p].A, d.A) and torch.equal(back.deltas[p].B, d.B)
+    back.save_pretrained(tmp_path / "again")
+    assert _files(tmp_path / "again") == _files(tmp_path / "ours")
+
+
+def test_damaged_parameter_targeted_files_are_refused_and_leave_everything_as_it_was(tmp_path):
+    model, tok, es = edited("deepseek_v2", layers=[1])
+    model.revert_edits()
+    good = tmp_path / "good"
+    es.save_pretrained(good)
+    entry = json.loads((good / "knowedit_config.json").read_text())["modules"][SHARED]
+
+    def meta(**changes):
+        return lambda d: _rewrite_json(d / "knowedit_config.json", modules={SHARED: {**entry, **changes}})
+
+    def peft_cfg(**changes):
+        return lambda d: _rewrite_json(d / "adapter_config.json", **changes)
+
+    for name, edit, match in [
+        ("no_target", meta(peft_target="module"), "do not name the modules"),
+        ("value", meta(peft_target="weight"), "peft_target"),
+        ("conv1d", meta(layout="conv1d"), "only a 'linear' module is named by its weight"),
+        ("bias", peft_cfg(target_parameters=[f"{SHARED}.bias"]), "'weight' only"),
+        ("as_module", peft_cfg(target_modules=[SHARED], target_parameters=[]), "do not name the modules"),
+        ("fan_in", peft_cfg(fan_in_fan_out=True), "fan_in_fan_out"),
+    ]:
+        d = _copy(good, tmp_path / name)
+        edit(d)
+        bad = _files(d)
+        fresh, _ = make_tiny_model("deepseek_v2")
+        before = snapshot(fresh)
+        with pytest.raises(AdapterFormatError, match=match):
+            hf_knowedit.load_edits(fresh, d)
+        assert_untouched(fresh, before)
+        assert _files(d) == bad, name
+
+    # an edit set naming a module's weight where no Linear is: refused on load and on save, nothing written
+    fresh, _ = make_tiny_model("deepseek_v2")
+    before = snapshot(fresh)
+    for targets, layouts in [({SHARED: "weight"}, es.layouts), (es.peft_targets, {SHARED: "conv1d"})]:
+        wrong = dataclasses.replace(es, peft_targets=targets, layouts=layouts)
+        with pytest.raises(InvalidArgumentError, match="peft_targets"):
+            hf_knowedit.load_edits(fresh, wrong)
+        assert_untouched(fresh, before)
+        with pytest.raises(AdapterFormatError, match="peft_targets"):
+            wrong.save_pretrained(tmp_path / "wrong")
+        assert not (tmp_path / "wrong").exists()
+    with pytest.raises(InvalidConfigError, match="peft_target"):
+        dataclasses.replace(hf_knowedit.ARCHITECTURES["gpt2"], peft_target="parameter")
 
 
 # -- bad input: typed errors, model untouched -------------------------------------------------------

@@ -164,6 +164,8 @@ FIELDS = [
     (META, ("modules",), [], "modules"),
     (META, ("modules", M), "linear", "modules"),
     (META, ("modules", M, "layout"), "conv2d", "layout"),
+    (META, ("modules", M, "peft_target"), "weight", "peft_target"),
+    (META, ("modules", M, "peft_target"), True, "peft_target"),
     (META, ("modules", M, "dense"), "no", "dense"),
     (META, ("modules", M, "rank"), 0, "rank"),
     (META, ("modules", M, "rank"), "2", "rank"),

@@ -490,6 +490,17 @@ TINY_HYBRIDS: frozenset[str] = frozenset({"falcon_h1", "lfm2", "bamba", "qwen3_n
 # Bloom and MPT hard-code 4 * hidden.
 #: The routed experts' edited matrix [W_0 … W_3] takes the keys of all 4 experts of inner size INNER // 2.
 TINY_ROUTED_MOE = ("mixtral", "qwen3_moe", "olmoe", "phimoe", "minimax_m2", "granitemoe")
+#: mixture-of-experts models whose edited ``mlp_out`` is a shared expert's down projection (a Linear)
+TINY_SHARED_MOE = (
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4_moe",
+    "dots1",
+    "ernie4_5_moe",
+    "hunyuan_v1_moe",
+    "llama4_text",
+    "qwen2_moe",
+)
 TINY_MLP_INNER: dict[str, int] = (
     {t: INNER for t in _TINY}
     | {"bloom": 4 * HIDDEN, "mpt": 4 * HIDDEN}

@@ -292,6 +292,11 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
             f"  {path}: {experts} routed experts, rank {es.deltas[path].rank} "
             f"(LoRA on its {LAYOUT_PARAM['experts']} parameter: PEFT target_parameters)"
         )
+    for path in sorted(p for p, target in es.peft_targets.items() if target == "parameter"):
+        out.say(
+            f"  {path}: rank {es.deltas[path].rank} "
+            f"(LoRA on its {LAYOUT_PARAM['linear']} parameter: PEFT target_parameters)"
+        )
     for r in es.requests[: args.show]:
         out.say(f"  {r.text!r}: {r.target_true!r} -> {r.target_new!r}")
     if len(es.requests) > args.show:

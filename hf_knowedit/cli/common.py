@@ -360,6 +360,7 @@ def _edit_summary(es: Any) -> dict[str, Any]:
         "layers": list(es.layers),
         "ranks": {p: d.rank for p, d in es.deltas.items()},
         **({"num_experts": dict(es.num_experts)} if es.num_experts else {}),
+        **({"peft_targets": dict(es.peft_targets)} if es.peft_targets else {}),
         "base_model": es.base_model,
     }
 
