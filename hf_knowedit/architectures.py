@@ -200,7 +200,7 @@ class ArchitectureSpec:
             computes and merges like the module's; :mod:`hf_knowedit.adapter_files`). ``"parameter"`` is for rows
             whose ``mlp_out`` PEFT would otherwise retarget: under transformers 5, PEFT (0.21) rewrites the
             ``target_modules`` of model types that transformers converts from the v4 per-expert checkpoint layout
-            (DeepSeek-V2/V3, GLM-4.5, dots1, ERNIE-4.5-MoE, Hunyuan-MoE) so that every name ending in
+            (DeepSeek-V2/V3, GLM-4.5, dots1, ERNIE-4.5-MoE, Hunyuan-MoE, Qwen3-Next) so that every name ending in
             ``.down_proj`` (meant for v4's per-expert Linear modules) becomes the routed experts' ``down_proj``
             parameter in every layer; a shared expert's ``down_proj`` named there would load as a LoRA on the
             routed experts instead. ``target_parameters`` are not rewritten. Qwen2-MoE and Llama 4 keep
@@ -425,7 +425,7 @@ _TABLE: list[ArchitectureSpec] = [
     S("bamba",             "model",              "model.layers",               "feed_forward.down_proj", "linear", "self_attn.o_proj",         "model.embed_tokens",             "model.final_layernorm",              "lm_head", prefix_cache="off"),
     # --- hybrid stacks with mixture-of-experts blocks (prefix_cache "off" as above)
     # Qwen3-Next: Gated DeltaNet blocks beside attention blocks; a Qwen2-MoE block (gated shared expert)
-    S("qwen3_next",        "model",              "model.layers",               "mlp.shared_expert.down_proj", "linear", "self_attn.o_proj",   "model.embed_tokens",             "model.norm",                         "lm_head", prefix_cache="off", mlp="mlp", mlp_out_gate="mlp.shared_expert_gate", experts="mlp.experts"),
+    S("qwen3_next",        "model",              "model.layers",               "mlp.shared_expert.down_proj", "linear", "self_attn.o_proj",   "model.embed_tokens",             "model.norm",                         "lm_head", prefix_cache="off", mlp="mlp", mlp_out_gate="mlp.shared_expert_gate", experts="mlp.experts", peft_target="parameter"),
     # Granite 4 (hybrid): Mamba2 blocks beside attention blocks; the block adds block_sparse_moe(x) + shared_mlp(x)
     # with no module holding both, so the shared MLP is edited and tracing's "mlp" restores its output only
     S("granitemoehybrid",  "model",              "model.layers",               "shared_mlp.output_linear", "linear", "self_attn.o_proj",      "model.embed_tokens",             "model.norm",                         "lm_head", prefix_cache="off", experts="block_sparse_moe.experts", logit_divisor="logits_scaling", residual_multiplier="residual_multiplier"),

@@ -488,8 +488,7 @@ def test_peft_keeps_every_rows_adapter_targets_as_written():
     from types import SimpleNamespace
 
     from peft import LoraConfig
-
-    convert = pytest.importorskip("peft.utils.transformers_weight_conversion").convert_peft_config_for_transformers
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers as convert
     for model_type, spec in hf_knowedit.ARCHITECTURES.items():
         path = f"{spec.layers}.1.{spec.mlp_out}"
         es = EditSet(
