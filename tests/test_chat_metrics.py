@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import hf_knowedit
-from hf_knowedit.errors import InvalidConfigError, InvalidDataError
+from hf_knowedit.errors import InvalidDataError
 from hf_knowedit.evaluation import chat as C
 from hf_knowedit.evaluation.datasets import load_records
 from hf_knowedit.evaluation.protocols import Scorer, encode_record
@@ -244,17 +244,6 @@ def test_bad_input_is_refused_before_anything_is_generated(tmp_path, monkeypatch
         hf_knowedit.evaluate(model, tok, [with_relation(cf_record(), "P9999")], method="evaltest-harm", **kw)
     with pytest.raises(InvalidDataError, match="relation_id' is None"):
         hf_knowedit.evaluate(model, tok, [cf_record()], **kw)
-    flat = {
-        "prompt": "The Eiffel Tower is located in",
-        "subject": "The Eiffel Tower",
-        "target_new": "Rome",
-        "ground_truth": "Paris",
-        "rephrase_prompt": "The Eiffel Tower is in",
-        "locality_prompt": "The Louvre is in",
-        "locality_ground_truth": "Paris",
-    }
-    with pytest.raises(InvalidConfigError, match="relation_id or zsRE's questions"):
-        hf_knowedit.evaluate(model, tok, [flat], **kw)
     monkeypatch.setenv("HF_KNOWEDIT_DATA", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InvalidDataError, match="chat_known=None"):
@@ -281,3 +270,47 @@ def test_zsre_records_are_asked_their_own_questions():
     ]
     assert probes["neighborhood"] == [C.Probe("who sang nice day for a white wedding?", None, "Billy Idol")]
     assert probes["keep"] == [C.Probe("In which country is Toyota located?", "Toyota", "Rome")]
+
+
+FLAT = {
+    "prompt": "Danielle Darrieux was born in",
+    "subject": "Danielle Darrieux",
+    "target_new": "London",
+    "ground_truth": "Paris",
+    "rephrase_prompt": "Danielle Darrieux, who was born in",
+    "locality_prompt": "Michel Rocard was born in",
+    "locality_ground_truth": "Courbevoie",
+}
+
+
+def test_a_statement_template_names_its_relation_only_when_one_relation_has_it():
+    assert C.relation_of_statement("{} was born in") == "P19"
+    assert C.relation_of_statement(" {} was born in ") == "P19"
+    assert C.relation_of_statement("{} is located in") is None  # P17's, P30's and P276's
+    assert C.relation_of_statement("{} likes cheese") is None
+
+
+def test_flat_counterfact_records_are_asked_their_relations_questions():
+    rec = load_records([FLAT])[0]
+    rel = C.question_table()["P19"]
+    probes = C.record_probes(rec)
+    assert [p.question for p in probes["rewrite"]] == [rel["question"].format("Danielle Darrieux")]
+    assert [p.question for p in probes["paraphrase"]] == [rel["paraphrase"].format("Danielle Darrieux")]
+    assert [(p.question, p.answer) for p in probes["neighborhood"]] == [
+        (rel["question"].format("Michel Rocard"), "Courbevoie")
+    ]
+
+
+def test_a_flat_record_of_no_single_relation_gets_only_its_unrelated_questions():
+    ambiguous = dict(FLAT, prompt="Danielle Darrieux is located in", locality_prompt="Paris is located in")
+    known = [C.KnownFact("Toyota", "Japan", "P17")]
+    probes = C.record_probes(load_records([ambiguous])[0], known, n_keep=1)
+    assert probes["rewrite"] == probes["paraphrase"] == probes["neighborhood"] == []
+    assert [p.subject for p in probes["keep"]] == ["Toyota"]
+    assert C.chat_case(probes, {g: ["Japan"] * len(probes[g]) for g in C.GROUPS}, "London") == {"chat_keep": 1.0}
+
+
+def test_evaluate_asks_flat_records_in_chat_form():
+    model, tok = make_tiny_model("llama")
+    res = hf_knowedit.evaluate(model, tok, [FLAT], fluency=False, chat=True, chat_known=None, progress=False)
+    assert {"chat_ES", "chat_PS", "chat_NS"} <= set(res.records[0]["pre"])

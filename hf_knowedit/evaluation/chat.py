@@ -8,6 +8,12 @@ Every record is turned into questions:
   ``paraphrase`` about it; each neighbourhood prompt becomes ``question`` about *its* subject, found by
   matching the prompt against the relation's CounterFact statement templates (``statements``, the
   longest template that matches wins: :func:`neighbour_subject`; a prompt that matches none is left out).
+* **flat CounterFact** (``counterfact_flat``, no ``relation_id``): the relation is the one whose statement
+  templates include the record's prompt (subject as ``{}``), when exactly one relation's do
+  (:func:`relation_of_statement`); then as CounterFact, the neighbour from ``locality_prompt``. A record whose
+  prompt is no relation's statement, or several relations' (``"{} is located in"`` is P17's, P30's and P276's),
+  gets no edit, paraphrase or neighbour question (about 21 % of the first 1,000 records of
+  ``counterfact_flat_edit_10000.json``); its unrelated known questions are asked all the same.
 * **zsRE**: its own questions (``src``, ``rephrase``; the neighbour is ``loc`` without ``"nq question: "``).
 * Unrelated known questions (``chat_keep``): ``known_1000.json`` facts (ROME's facts GPT-2 XL knew), asked
   with their relation's question; record ``i`` takes ``n_keep`` of them, from position ``i * n_keep``
@@ -70,6 +76,22 @@ def _relation(relation_id: str | None, where: str, field: str) -> dict[str, Any]
             f"(known: {', '.join(table)}); add one there or evaluate without chat."
         )
     return table[relation_id]
+
+
+@functools.cache
+def _statement_relations() -> dict[str, frozenset[str]]:
+    table: dict[str, set[str]] = {}
+    for relation_id, rel in question_table().items():
+        for template in rel["statements"]:
+            table.setdefault(template, set()).add(relation_id)
+    return {t: frozenset(r) for t, r in table.items()}
+
+
+def relation_of_statement(template: str) -> str | None:
+    """The ``relation_id`` whose CounterFact statement templates include ``template`` (a prompt with ``{}`` for
+    the subject), when exactly one relation's do; ``None`` when none or several do."""
+    found = _statement_relations().get(template.strip(), frozenset())
+    return next(iter(found)) if len(found) == 1 else None
 
 
 def neighbour_subject(prompt: str, relation_id: str) -> str | None:
@@ -172,11 +194,14 @@ def record_probes(rec: EvalRecord, known: Sequence[KnownFact] = (), n_keep: int 
     """The questions of one record, per metric group (see the module docstring); typed errors name the
     record and field before anything is generated."""
     subject = rec.request.subject
-    if rec.schema == "counterfact":
-        rel = _relation(rec.relation_id, rec.where, "requested_rewrite.relation_id")
+    relation_id = relation_of_statement(rec.request.prompt) if rec.schema == "counterfact_flat" else rec.relation_id
+    if rec.schema == "counterfact_flat" and relation_id is None:  # its relation is not known: no such questions
+        out: dict[str, list[Probe]] = {"rewrite": [], "paraphrase": [], "neighborhood": []}
+    elif rec.schema in ("counterfact", "counterfact_flat"):
+        rel = _relation(relation_id, rec.where, "requested_rewrite.relation_id")
         neighbours = []
         for p in rec.neighborhood_prompts:
-            s = neighbour_subject(p, rec.relation_id)
+            s = neighbour_subject(p, relation_id)
             if s is not None:
                 neighbours.append(Probe(rel["question"].format(s), s, rec.neighborhood_target))
         out = {
@@ -195,8 +220,9 @@ def record_probes(rec: EvalRecord, known: Sequence[KnownFact] = (), n_keep: int 
         }
     else:
         raise InvalidConfigError(
-            f"chat metrics need CounterFact's relation_id or zsRE's questions; the {rec.schema!r} schema has "
-            "neither. Evaluate counterfact_500.json (full schema) or zsRE records, or leave chat off."
+            f"chat metrics need CounterFact records (a relation_id, or a flat record's statement) or zsRE's "
+            f"questions; the {rec.schema!r} schema has neither. Evaluate CounterFact or zsRE records, or leave chat "
+            "off."
         )
     keep: list[Probe] = []
     if known and n_keep:
