@@ -36,6 +36,20 @@ def test_targets_table_marks_each_missed_target():
     assert rows["| b"] == "| b | 1500 | 89.9 ✗ | 11.0 ✗ | +6.0 % ✗ | +10.3 % ✗ | 6 ✗ | — |"
 
 
+def test_streams_measured_in_chat_form_get_the_generation_targets_too():
+    r0 = {"n_edits": 0, "ES": 30.0, "NS": 70.0, "GE": 500.0, "ppl": 30.0, "known_acc": 20.0}
+    r0 |= {"gen_ES": 2.0, "chat_ES": 0.0}
+    last = {**r0, "n_edits": 1000, "ES": 95.0, "gen_ES": 81.0, "chat_ES": 65.0, "known_acc": 16.0}
+    plain = {k: v for k, v in r0.items() if k not in ("gen_ES", "chat_ES")}
+    table = bench_lifelong.targets_table(
+        [LifelongResult("chat", [r0, last], {}), LifelongResult("plain", [plain, {**plain, "n_edits": 1000}], {})]
+    )
+    head, chat = table.split("## Targets in generation and chat form")
+    assert "| chat |" in head and "| plain |" in head
+    assert "| plain |" not in chat  # measured without --chat: no chat_ES to judge
+    assert "| chat | 1000 | 81.0 | 65.0 ✗ | 4 | — |" in chat
+
+
 def test_a_collapsed_perplexity_reads_as_a_factor():
     assert bench_lifelong.change(1.097) == "+9.7 %"
     assert bench_lifelong.change(0.9) == "-10.0 %"
