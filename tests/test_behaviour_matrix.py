@@ -48,8 +48,9 @@ CHEAP = dict(mom2="identity", context_templates=0, chat_context=1, v_num_grad_st
 SETTINGS = {
     "rome": dict(layers=[1]),
     "memit": dict(layers=[1, 2], mom2_update_weight=1e-3),  # small λ with C = I: an update of visible size
-    # with C = I every singular value (1) is below the threshold: P = I, the whole space is free
-    "alphaedit": dict(layers=[1, 2], nullspace_threshold=2.0, l2=0.5),
+    # with C = I every singular value (1) is below the threshold: P = I, the whole space is free; l2 small so
+    # that the update is visible through a post-MLP norm (OLMo 2/3) with the chat-form template too
+    "alphaedit": dict(layers=[1, 2], nullspace_threshold=2.0, l2=0.1),
     "emmet": dict(layers=[1, 2]),
     "encore": dict(layers=[1, 2], mom2_update_weight=1e-3),
     "rlsedit": dict(layers=[1, 2], mom2_update_weight=1e-3),
