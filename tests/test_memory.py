@@ -115,6 +115,7 @@ def test_rlsedit_update_and_state_are_in_the_model():
         "total": 48 * d_in**2,
     }
     assert memory.state_bytes(d_in, 3, "memit") == {"total": 0}
+    assert memory.state_bytes(d_in, 3, "encore")["total"] == 48 * d_in**2
 
 
 def test_the_rlsedit_history_holds_the_state_the_model_predicts():
@@ -129,3 +130,32 @@ def test_the_rlsedit_history_holds_the_state_the_model_predicts():
     )
     P = get_state(model).history[rlsedit.HISTORY_KEY].P
     assert sum(p.numel() * p.element_size() for p in P.values()) == memory.state_bytes(INNER, 2)["kept"]
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "encore"])
+def test_the_key_histories_hold_the_state_the_model_predicts(method):
+    """AlphaEdit's and ENCORE's ``Σ K_p K_pᵀ`` per layer (and AlphaEdit's cached null-space bases) are what
+    ``state_bytes(..., method)["kept"]`` (+ ``"null-space basis"``) says."""
+    import hf_knowedit
+    from hf_knowedit.stack import get_state
+    from tests.test_memit import FAST, facts
+
+    model, tok = make_tiny_model("llama")
+    fast = {k: v for k, v in FAST.items() if k != "mom2_update_weight"}  # AlphaEdit has no λ
+    hf_knowedit.apply_edits(
+        model, tok, facts(2), method=method, layers=[1, 2], v_num_grad_steps=2, context_templates=0, **fast
+    )
+    history = get_state(model).history[method]
+    kept = sum(p.numel() * p.element_size() for p in history.prior.values())
+    predicted = memory.state_bytes(INNER, 2, method)
+    assert kept == predicted["kept"]
+    if method == "alphaedit":
+        bases = list(history.projectors.values())
+        assert len(bases) == 2
+        rank = bases[0].shape[1]
+        assert all(b.shape == (INNER, rank) for b in bases)
+        basis_bytes = sum(b.numel() * b.element_size() for b in bases)
+        assert basis_bytes == memory.state_bytes(INNER, 2, method, null_rank=rank)["null-space basis"]
+        assert basis_bytes <= predicted["null-space basis"]  # the worst case, r = d_in
+    else:
+        assert "null-space basis" not in predicted

@@ -195,19 +195,28 @@ def solve_bytes(d_in: int, d_out: int, n: int, method: str = "memit") -> dict[st
     return _total({"d_in² matrices": 3 * 8 * d_in * d_in, "vectors": vectors})
 
 
-def state_bytes(d_in: int, layers: int, method: str = "rlsedit") -> dict[str, int]:
-    """The ``d_in²`` state a lifelong method keeps for a band of ``layers`` layers, at the peak of a call:
+def state_bytes(d_in: int, layers: int, method: str = "rlsedit", null_rank: int | None = None) -> dict[str, int]:
+    """The ``d_in²`` state a lifelong method keeps for a band of ``layers`` layers, at the peak of a call. It
+    is held in the model's history between calls and so written into every lifelong checkpoint
+    (:func:`hf_knowedit.evaluation.lifelong.run_lifelong` saves the history; it keeps the latest only):
 
-    * ``rlsedit``: ``kept``: ``P = (λC + Σ K Kᵀ)⁻¹`` per layer, ``8 d_in²`` each (float64), held in the
-      model's history between calls and so written into every lifelong checkpoint
-      (:func:`hf_knowedit.evaluation.lifelong.run_lifelong` saves the history; it keeps the latest only);
-      ``during a call``: the new ``P`` of every layer, held next to the old one until the edit set is
-      committed, as much again.
+    * ``rlsedit``: ``kept``: ``P = (λC + Σ K Kᵀ)⁻¹`` per layer, ``8 d_in²`` each (float64); ``during a call``:
+      the new ``P`` of every layer, held next to the old one until the edit set is committed, as much again.
+    * ``alphaedit``: ``kept``: the earlier batches' ``Σ K_p K_pᵀ`` per layer (float64, ``8 d_in²``,
+      :mod:`~hf_knowedit.methods.key_history`) and the cached null-space basis ``U`` (float32, ``4 d_in r``,
+      ``r = null_rank``, at most ``d_in``: the worst case when not given); ``during a call``: the updated sums,
+      as much again as the sums.
+    * ``encore``: ``kept``: ``Σ K_p K_pᵀ`` per layer as AlphaEdit's; ``during a call``: as much again.
 
-    Other methods: ``{"total": 0}``."""
-    if method != "rlsedit":
-        return _total({})
-    return _total({"kept": layers * 8 * d_in * d_in, "during a call": layers * 8 * d_in * d_in})
+    Other methods keep none: ``{"total": 0}``."""
+    if method == "rlsedit":
+        return _total({"kept": layers * 8 * d_in * d_in, "during a call": layers * 8 * d_in * d_in})
+    if method in ("alphaedit", "encore"):
+        terms = {"kept": layers * 8 * d_in * d_in, "during a call": layers * 8 * d_in * d_in}
+        if method == "alphaedit":
+            terms["null-space basis"] = layers * 4 * d_in * (d_in if null_rank is None else null_rank)
+        return _total(terms)
+    return _total({})
 
 
 def model_shape(model: nn.Module, layer: int) -> dict[str, Any]:
