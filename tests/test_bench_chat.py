@@ -1,0 +1,33 @@
+"""The chat benchmark's own logic: variant options and the table with its targets (the runs are benchmarks)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_chat  # noqa: E402
+
+
+def test_variants_are_method_options():
+    assert bench_chat.variant_options("default") == {}
+    assert bench_chat.variant_options("chat_context=2,mom2=identity") == {"chat_context": 2, "mom2": "identity"}
+    with pytest.raises(SystemExit, match="bad variant"):
+        bench_chat.variant_options("chat_context")
+
+
+def test_the_table_names_each_missed_target():
+    pre = dict.fromkeys(bench_chat.COLUMNS, 0.0) | {"NS": 80.0, "chat_keep": 96.0}
+    good = {"ES": 100.0, "PS": 90.0, "NS": 78.0, "gen_ES": 95.0, "gen_PS": 75.0, "gen_ES_prefix": 90.0}
+    good |= {"chat_ES": 92.0, "chat_PS": 71.0, "chat_NS": 60.0, "chat_keep": 96.0}
+    bad = good | {"chat_ES": 89.0, "NS": 70.0}
+    rows = [
+        {"method": "rome", "variant": v, "records": 2, "pre": pre, "post": post, "seconds": 1.0}
+        for v, post in (("default", bad), ("chat_context=2", good))
+    ]
+    lines = bench_chat.table("m", rows).splitlines()
+    assert lines[4].startswith("| unedited | – | 0 | 0 | 80 |")
+    assert lines[5].endswith("| chat_ES ≥ 90, NS drop ≤ 5 | 1 |")
+    assert lines[6].endswith("| none | 1 |")
