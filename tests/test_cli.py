@@ -632,7 +632,7 @@ def test_shared_expert_adapter_named_by_its_weight_shows_and_merges_to_a_plain_c
 ):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    monkeypatch.setattr(cli, "load_model", lambda args: make_tiny_model("deepseek_v2"))
+    monkeypatch.setattr(cli.common, "load_model", lambda args: make_tiny_model("deepseek_v2"))
     edited, tok = make_tiny_model("deepseek_v2")
     fact = {"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": "Rome"}
     cheap = dict(mom2="identity", context_templates=0, v_num_grad_steps=5, v_lr=0.5, mom2_update_weight=1e-3)
