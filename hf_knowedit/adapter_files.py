@@ -38,6 +38,10 @@ Reading takes ``A`` and ``B`` back bit for bit (:func:`from_peft_experts`); an a
 experts' ``lora_B`` blocks differ, loads as the exact per-expert delta of rank ``r·E``. ``rank_pattern`` /
 ``alpha_pattern`` name a parameter only where its rank differs from ``r`` (PEFT 0.21 warns, wrongly, that
 such keys match no module, though it applies them). Linear modules and routed experts mix in one adapter.
+Experts stored transposed (layout ``experts_t``, GPT-OSS: ``down_proj [E, I, d]`` holds ``W_eᵀ``) are saved
+the same way, with the same keys and factors: PEFT reads the module's ``is_transposed`` and then takes the
+parameter's last dimension as its output, so ``lora_A`` is again ``[r·E, I]``, ``lora_B`` ``[d, r·E]``, and it adds
+``(B @ A_e)ᵀ`` to ``down_proj[e]``: again ``ΔW_e = B @ A_e``.
 
 Linear modules of rows with ``peft_target="parameter"`` in the architecture table (shared experts of the
 mixture-of-experts model types whose ``target_modules`` PEFT rewrites under transformers 5;
@@ -75,7 +79,7 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .architectures import LAYOUT_PARAM, LAYOUTS, PEFT_TARGETS, edited_param
+from .architectures import EXPERT_LAYOUTS, LAYOUT_PARAM, LAYOUTS, PEFT_TARGETS, edited_param
 from .deltas import ModuleDelta
 from .errors import AdapterFormatError, InvalidRequestError, KnowEditError
 from .moments import StatsKey
@@ -92,8 +96,10 @@ MODEL_CARD = "README.md"
 #: version of the knowedit_config.json layout; a newer one still loads (with a warning)
 FORMAT_VERSION = 1
 _PREFIX = "base_model.model."
-#: the parameter of a routed-experts module that its edits change (PEFT's ``target_parameters`` name it)
+#: the parameter of a routed-experts module that its edits change (PEFT's ``target_parameters`` name it), in
+#: both routed-experts layouts
 LAYOUT_NAME = LAYOUT_PARAM["experts"]
+assert all(LAYOUT_PARAM[layout] == LAYOUT_NAME for layout in EXPERT_LAYOUTS)
 #: the parameter of a Linear module that ``target_parameters`` names where the architecture table says
 #: ``peft_target="parameter"``
 LINEAR_NAME = LAYOUT_PARAM["linear"]
@@ -129,8 +135,8 @@ def _expert_count(es: Any, path: str) -> int:
     experts, columns = (getattr(es, "num_experts", None) or {}).get(path), es.deltas[path].shape[1]
     if not _is_int(experts, 1) or columns % experts:
         raise AdapterFormatError(
-            f"{path} has layout 'experts' but EditSet.num_experts[{path!r}] is {experts!r}; set it to the model's "
-            f"number of routed experts (an int dividing ΔW's {columns} columns) to save the set as an adapter."
+            f"{path} has a routed-experts layout but EditSet.num_experts[{path!r}] is {experts!r}; set it to the "
+            f"model's number of routed experts (an int dividing ΔW's {columns} columns) to save the set as an adapter."
         )
     return experts
 
@@ -138,7 +144,7 @@ def _expert_count(es: Any, path: str) -> int:
 def _as_parameter(layout: str, peft_target: str | None) -> bool:
     """Whether PEFT's config names a module of ``layout`` by its parameter (``target_parameters``): routed experts
     always, a Linear module where ``EditSet.peft_targets`` says ``"parameter"``."""
-    return layout == "experts" or peft_target == "parameter"
+    return layout in EXPERT_LAYOUTS or peft_target == "parameter"
 
 
 def _peft_target(path: str, layout: str, peft_target: str | None = None) -> str:
@@ -171,7 +177,7 @@ def adapter_config(es: Any) -> dict[str, Any]:
             "express (fan_in_fan_out is global, and PEFT's LoRA on parameters refuses it); save the modules of "
             "each layout as separate edit sets."
         )
-    experts = sorted(p for p, layout in layouts.items() if layout == "experts")
+    experts = sorted(p for p, layout in layouts.items() if layout in EXPERT_LAYOUTS)
     for path in experts:
         _expert_count(es, path)
     ranks = {p: d.rank for p, d in es.deltas.items()}
@@ -234,7 +240,7 @@ def adapter_tensors(es: Any) -> dict[str, torch.Tensor]:
     out = {}
     for path, d in sorted(es.deltas.items()):
         A, B = d.A.detach().float().cpu(), d.B.detach().float().cpu()
-        if es.layouts.get(path, "linear") == "experts":
+        if es.layouts.get(path, "linear") in EXPERT_LAYOUTS:
             A, B = to_peft_experts(A, B, _expert_count(es, path))
         out[f"{_PREFIX}{path}.lora_A.weight"] = A.contiguous().clone()
         out[f"{_PREFIX}{path}.lora_B.weight"] = B.contiguous().clone()
@@ -284,7 +290,7 @@ def _stats_key(value: Any) -> Any:
 def _module_entry(es: Any, path: str) -> dict[str, Any]:
     d, layout = es.deltas[path], es.layouts.get(path, "linear")
     entry = {"layout": layout, "dense": bool(d.dense), "rank": d.rank, "shape": list(d.shape)}
-    if layout == "experts":
+    if layout in EXPERT_LAYOUTS:
         entry["num_experts"] = _expert_count(es, path)
     if (getattr(es, "peft_targets", None) or {}).get(path, "module") != "module":
         entry["peft_target"] = es.peft_targets[path]
@@ -955,7 +961,7 @@ def read_adapter(directory: str | Path) -> dict[str, Any]:
                 f"{path}: lora_A / lora_B hold {A.dtype} / {B.dtype}, not floating-point numbers; "
                 "save the adapter again."
             )
-        if layout == "experts":
+        if layout in EXPERT_LAYOUTS:
             A, B, dense, num_experts[path] = _experts_factors(path, A, B, r, info)
         else:
             _check_factors(path, A, B, r, info)

@@ -34,9 +34,10 @@ Four kinds of models are listed:
   block has a shared expert that every token passes (DeepSeek-V2/V3, GLM-4.5, dots1, ERNIE-4.5,
   Hunyuan, Llama 4, Qwen2-MoE), ``mlp_out`` is that expert's down projection and the routed experts
   are not written (Qwen2-MoE gates it per token: ``mlp_out_gate``). Otherwise (Mixtral, Qwen3-MoE,
-  OLMoE, PhiMoE, MiniMax-M2, GraniteMoE) ``mlp_out`` is the routed experts module itself, edited as
-  one matrix on the routing-weighted keys of all its experts (``mlp_out_layout="experts"``,
-  :mod:`hf_knowedit.experts`). The routers are never written.
+  OLMoE, PhiMoE, MiniMax-M2, GraniteMoE, GPT-OSS) ``mlp_out`` is the routed experts module itself, edited
+  as one matrix on the routing-weighted keys of all its experts (``mlp_out_layout="experts"``; GPT-OSS, whose
+  experts are stored transposed and carry biases: ``"experts_t"``; :mod:`hf_knowedit.experts`). The routers
+  and the experts' biases are never written.
 
 Every setting read from the model's config (soft-cap, logit scales, residual multiplier, heads,
 vocabulary, sliding window) is read through :func:`decoder_config`. To add a model, describe it
@@ -66,6 +67,7 @@ __all__ = [
     "ArchitectureSpec",
     "ARCHITECTURES",
     "LAYOUTS",
+    "EXPERT_LAYOUTS",
     "LAYOUT_PARAM",
     "PEFT_TARGETS",
     "edited_param",
@@ -99,10 +101,14 @@ __all__ = [
 
 #: how ``mlp_out`` stores the matrix ``W [out, in]`` the methods edit: nn.Linear's ``weight`` is ``W``; transformers'
 #: Conv1D ``weight`` is ``Wᵀ``; ``"experts"``: ``mlp_out`` is a mixture-of-experts block's routed experts
-#: (:mod:`hf_knowedit.experts`) whose ``down_proj [E, out, I]`` holds ``W = [W_0 … W_{E-1}]``, ``in = E·I``
-LAYOUTS = ("linear", "conv1d", "experts")
+#: (:mod:`hf_knowedit.experts`) whose ``down_proj [E, out, I]`` holds ``W = [W_0 … W_{E-1}]``, ``in = E·I``;
+#: ``"experts_t"``: routed experts stored transposed, with biases (GPT-OSS), whose ``down_proj [E, I, out]`` holds
+#: ``W_eᵀ`` for every expert ``e``
+LAYOUTS = ("linear", "conv1d", "experts", "experts_t")
+#: the layouts of routed experts: ``mlp_out`` holds one 3-D ``down_proj`` and acts on routed keys
+EXPERT_LAYOUTS = ("experts", "experts_t")
 #: the parameter of ``mlp_out`` that holds ``W`` in each layout
-LAYOUT_PARAM = {"linear": "weight", "conv1d": "weight", "experts": "down_proj"}
+LAYOUT_PARAM = {"linear": "weight", "conv1d": "weight", "experts": "down_proj", "experts_t": "down_proj"}
 #: how a PEFT adapter names ``mlp_out`` (ArchitectureSpec.peft_target): the module (``target_modules``) or its
 #: weight parameter (``target_parameters``)
 PEFT_TARGETS = ("module", "parameter")
@@ -138,9 +144,10 @@ class ArchitectureSpec:
             (``last_hidden_state``) is the final-normed hidden state fed to ``lm_head``.
         layers: path from the ``*ForCausalLM`` to the ``nn.ModuleList`` of decoder blocks.
         mlp_out: path, relative to one block, of the MLP output projection (the edited weight).
-        mlp_out_layout: ``"linear"`` (weight ``[out, in]``), ``"conv1d"`` (weight ``[in, out]``) or ``"experts"``
+        mlp_out_layout: ``"linear"`` (weight ``[out, in]``), ``"conv1d"`` (weight ``[in, out]``), ``"experts"``
             (``mlp_out`` is the routed experts module of a mixture-of-experts block, edited as one matrix
-            ``[W_0 … W_{E-1}]`` acting on the routing-weighted keys of all experts: :mod:`hf_knowedit.experts`).
+            ``[W_0 … W_{E-1}]`` acting on the routing-weighted keys of all experts: :mod:`hf_knowedit.experts`) or
+            ``"experts_t"`` (the same, for experts stored transposed with biases, GPT-OSS: ``down_proj [E, I, out]``).
         attn_out: path, relative to one block, of the attention output projection. In hybrid stacks only the
             attention blocks have it (:func:`attention_layers`).
         embed: path from the ``*ForCausalLM`` to the token embedding.
@@ -247,7 +254,8 @@ class ArchitectureSpec:
             raise InvalidConfigError(
                 f"ArchitectureSpec({self.model_type!r}).mlp_out_layout must be one of {LAYOUTS} "
                 f"('linear': nn.Linear, weight [out, in]; 'conv1d': transformers Conv1D, weight [in, out]; "
-                f"'experts': a mixture-of-experts block's routed experts, down_proj [E, out, I]), "
+                f"'experts': a mixture-of-experts block's routed experts, down_proj [E, out, I]; 'experts_t': "
+                f"routed experts stored transposed with biases, down_proj [E, I, out]), "
                 f"got {self.mlp_out_layout!r}"
             )
         if self.peft_target not in PEFT_TARGETS or (self.peft_target != "module" and self.mlp_out_layout != "linear"):
@@ -412,6 +420,10 @@ _TABLE: list[ArchitectureSpec] = [
     S("olmoe",             "model",              "model.layers",               "mlp.experts",         "experts", "self_attn.o_proj",          "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_ROUTED),
     S("phimoe",            "model",              "model.layers",               "mlp.experts",         "experts", "self_attn.o_proj",          "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_ROUTED),
     S("minimax_m2",        "model",              "model.layers",               "mlp.experts",         "experts", "self_attn.o_proj",          "model.embed_tokens",             "model.norm",                         "lm_head", **_MOE_ROUTED),
+    # GPT-OSS: experts stored transposed with biases (layout "experts_t"), its own clamped SwiGLU; sliding-window
+    # attention every other block masks by index distance (prefix_cache "common", as GPT-Neo), and its cache keeps a
+    # window there, which is no plain DynamicCache: the v*/z steps then run every position (as Mistral's)
+    S("gpt_oss",           "model",              "model.layers",               "mlp.experts",         "experts_t", "self_attn.o_proj",        "model.embed_tokens",             "model.norm",                         "lm_head", prefix_cache="common", **_MOE_ROUTED),
     S("granitemoe",        "model",              "model.layers",               "block_sparse_moe.experts", "experts", "self_attn.o_proj",     "model.embed_tokens",             "model.norm",                         "lm_head", mlp="block_sparse_moe", experts="block_sparse_moe.experts", logit_divisor="logits_scaling", residual_multiplier="residual_multiplier"),
     # --- hybrid stacks: attention mixed with state-space (Mamba2) or short-convolution blocks, a dense MLP in every
     # block. Blocks without attention have no attn_out module (attention_layers). Their caches hold recurrent / conv
@@ -652,12 +664,15 @@ def mlp_out_dims(model: nn.Module, spec: ArchitectureSpec, layer: int) -> tuple[
     path = mlp_out_path(spec, layer)
     name = LAYOUT_PARAM[spec.mlp_out_layout]
     weight = getattr(get_module(model, path), name, None)
-    dims = 3 if spec.mlp_out_layout == "experts" else 2
+    dims = 3 if spec.mlp_out_layout in EXPERT_LAYOUTS else 2
     if not isinstance(weight, torch.Tensor) or weight.dim() != dims:
         shape = None if weight is None else tuple(getattr(weight, "shape", ()))
         raise InvalidConfigError(f"{path} has no {dims}-D {name} (got shape {shape}); cannot edit it")
     if spec.mlp_out_layout == "experts":
         experts, out, inner = weight.shape
+        return experts * inner, out
+    if spec.mlp_out_layout == "experts_t":
+        experts, inner, out = weight.shape
         return experts * inner, out
     rows, cols = weight.shape
     return (cols, rows) if spec.mlp_out_layout == "linear" else (rows, cols)
@@ -671,12 +686,16 @@ def edited_param(path: str, layout: str) -> str:
 
 def to_param(delta: torch.Tensor, layout: str, shape: Sequence[int]) -> torch.Tensor:
     """``ΔW [out, in]`` arranged as a change of the parameter of ``shape`` that stores ``W`` in ``layout``:
-    itself (``linear``), transposed (``conv1d``), or ``[E, out, I]`` blocks (``experts``). Exact (no arithmetic)."""
+    itself (``linear``), transposed (``conv1d``), ``[E, out, I]`` blocks (``experts``) or ``[E, I, out]`` transposed
+    blocks (``experts_t``). Exact (no arithmetic)."""
     if layout == "conv1d":
         return delta.t()
     if layout == "experts":
         experts, out, inner = shape
         return delta.reshape(out, experts, inner).permute(1, 0, 2)
+    if layout == "experts_t":
+        experts, inner, out = shape
+        return delta.reshape(out, experts, inner).permute(1, 2, 0)
     return delta
 
 
@@ -687,6 +706,9 @@ def from_param(param: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "experts":
         experts, out, inner = param.shape
         return param.permute(1, 0, 2).reshape(out, experts * inner)
+    if layout == "experts_t":
+        experts, inner, out = param.shape
+        return param.permute(2, 0, 1).reshape(out, experts * inner)
     return param
 
 

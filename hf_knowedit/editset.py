@@ -36,13 +36,14 @@ class EditSet(ModelHubMixin, library_name="hf_knowedit", tags=["knowledge-editin
         method: e.g. ``"rome"``; ``config``: the method's hyper-parameters as a dict.
         layers: the edited layer indices.
         fingerprints: module path -> :func:`fingerprint` of the weights the deltas were computed on.
-        layouts: module path -> ``"linear"`` / ``"conv1d"`` / ``"experts"`` (how the weight stores ``ΔW``).
+        layouts: module path -> ``"linear"`` / ``"conv1d"`` / ``"experts"`` / ``"experts_t"`` (how the weight
+            stores ``ΔW``).
         base_model: name or path of the base model, and ``revision`` if known.
         stats_key: identity of the second-moment statistics used, if any.
         metrics: evaluation results, when available.
         state: method state that must travel with the set (e.g. AlphaEdit's accumulated keys).
         name: the name under which the set is active on a model.
-        num_experts: module path -> the number of routed experts ``E`` of an ``"experts"`` module (its
+        num_experts: module path -> the number of routed experts ``E`` of a routed-experts module (its
             ``ΔW [d, E·I]`` is ``E`` blocks of ``I`` columns, one per expert); checked against the model on load,
             needed to save the set as an adapter.
         peft_targets: module path -> ``"parameter"`` for a ``"linear"`` module that the adapter names by its

@@ -25,6 +25,18 @@ The table's ``mlp_out_layout="experts"`` declares this form: ``mlp_out`` is a mo
 ``(hidden_states [N, d], top_k_index [N, k], top_k_weights [N, k]) -> [N, d]`` that returns the sum above
 (transformers' standard experts module, e.g. Mixtral, Qwen3-MoE, OLMoE). Forms that weight an expert's
 input rather than its output (Llama 4) are not of this kind.
+
+``mlp_out_layout="experts_t"`` declares GPT-OSS's form, the same sum with biases and parameters stored
+transposed: ``gate_up_proj [E, d, 2I]`` (gate and up columns interleaved), ``gate_up_proj_bias [E, 2I]``,
+``down_proj [E, I, d]`` (``W_eᵀ``), ``down_proj_bias [E, d]``, and the module's own gate ``_apply_gate``
+(GPT-OSS: a clamped SwiGLU with ``up + 1``)::
+
+    m(x) = Σ_{e ∈ T(x)} g_e(x) · (W_e k_e(x) + b_e),
+    k_e(x) = _apply_gate(x @ gate_up_proj[e] + gate_up_proj_bias[e])
+
+The routed key is computed with that ``_apply_gate``, so it is the model's own arithmetic. ``ΔW`` acts on
+``κ(x)`` only: the experts' down biases ``b_e`` (their routing-weighted sum ``Σ g_e b_e`` is a part of the
+output that no key carries) and the gate / up biases are never edited.
 """
 
 from __future__ import annotations
@@ -35,13 +47,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .architectures import get_module, read_tensor
+from .architectures import EXPERT_LAYOUTS, get_module, read_tensor
 from .errors import UnsupportedArchitectureError
 
 __all__ = ["routed_keys", "module_key", "traced_key", "gate_up_of"]
 
-#: the experts' parameter holding ``[G_e; U_e]`` for every expert ``e``: ``[E, 2I, d]``
+#: the experts' parameter holding ``[G_e; U_e]`` for every expert ``e``: ``[E, 2I, d]`` (``experts_t``: ``[E, d, 2I]``)
 GATE_UP = "gate_up_proj"
+#: the experts' parameters a routed key reads, per layout (``experts_t``: the gate / up bias too)
+KEY_PARAMS = {"experts": (GATE_UP,), "experts_t": (GATE_UP, "gate_up_proj_bias")}
 
 
 def _inputs(args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,9 +63,18 @@ def _inputs(args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise UnsupportedArchitectureError(
             "a routed experts module must be called as experts(hidden_states, top_k_index, top_k_weights) "
             f"(positionally), but got {len(args)} positional argument(s); this architecture's experts are not of "
-            "the form the table's mlp_out_layout='experts' declares (hf_knowedit.experts)."
+            "the form the table's mlp_out_layout='experts' / 'experts_t' declares (hf_knowedit.experts)."
         )
     return args[0], args[1], args[2]
+
+
+def _expert_keys(experts: nn.Module, layout: str, params: tuple, e: int, x: torch.Tensor) -> torch.Tensor:
+    """``k_e(x)`` for the rows ``x`` routed to expert ``e`` (module docstring), in the experts' own arithmetic."""
+    if layout == "experts_t":
+        gate_up, bias = (p[e].to(x.device) for p in params)
+        return experts._apply_gate(x @ gate_up + bias)
+    gate, up = F.linear(x, params[0][e].to(x.device)).chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
 
 
 def routed_keys(
@@ -59,15 +82,19 @@ def routed_keys(
     hidden: torch.Tensor,
     index: torch.Tensor,
     weights: torch.Tensor,
-    gate_up: torch.Tensor | None = None,
+    gate_up: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    layout: str = "experts",
 ) -> torch.Tensor:
     """``κ(x)`` for every row of ``hidden`` ``[N, d]`` (module docstring): ``[N, E·I]`` float32, expert ``e``'s
-    block ``g_e(x) · act(G_e x) ⊙ (U_e x)`` where ``e`` is among the row's ``index`` (``[N, k]``, with the
-    weights ``[N, k]``), zero elsewhere. Computed with the experts' own activation and ``gate_up`` (default:
-    their ``gate_up_proj``; pass :func:`gate_up_of` where accelerate may have offloaded it)."""
-    gate_up = getattr(experts, GATE_UP) if gate_up is None else gate_up
-    n_experts, two_inner, _ = gate_up.shape
-    inner = two_inner // 2
+    block ``g_e(x) · k_e(x)`` where ``e`` is among the row's ``index`` (``[N, k]``, with the weights ``[N, k]``),
+    zero elsewhere. Computed with the experts' own activation (``experts_t``: their ``_apply_gate``) and the
+    parameters ``layout`` reads (:data:`KEY_PARAMS`; default: the module's own; pass :func:`gate_up_of` where
+    accelerate may have offloaded them; a lone tensor is the ``gate_up_proj`` of the ``experts`` layout)."""
+    if gate_up is None:
+        gate_up = tuple(getattr(experts, name) for name in KEY_PARAMS[layout])
+    params = (gate_up,) if isinstance(gate_up, torch.Tensor) else tuple(gate_up)
+    n_experts = params[0].shape[0]
+    inner = params[0].shape[2 if layout == "experts_t" else 1] // 2
     hidden = hidden.reshape(-1, hidden.shape[-1])
     index = index.reshape(hidden.shape[0], -1).to(hidden.device)
     weights = weights.reshape(hidden.shape[0], -1).to(hidden.device)
@@ -76,29 +103,30 @@ def routed_keys(
         if not 0 <= e < n_experts:  # transformers marks dropped slots with index E
             continue
         rows, slot = torch.where(index == e)
-        gate, up = F.linear(hidden[rows], gate_up[e].to(hidden.device)).chunk(2, dim=-1)
-        key = experts.act_fn(gate) * up
+        key = _expert_keys(experts, layout, params, e, hidden[rows])
         keys[rows, e] += key.float() * weights[rows, slot, None].float()
     return keys.reshape(hidden.shape[0], n_experts * inner)
 
 
-def module_key(layout: str, module: nn.Module, args: tuple, gate_up: torch.Tensor | None = None) -> Any:
+def module_key(layout: str, module: nn.Module, args: tuple, gate_up: Any = None) -> Any:
     """The key an edited module ``mlp_out`` acts on in one forward, from its positional ``args``: its input
-    (``linear``, ``conv1d``), or the routed keys (``experts``: :func:`routed_keys`, with ``gate_up``)."""
-    if layout == "experts":
-        return routed_keys(module, *_inputs(args), gate_up=gate_up)
+    (``linear``, ``conv1d``), or the routed keys (``experts``, ``experts_t``: :func:`routed_keys`, with
+    ``gate_up``)."""
+    if layout in EXPERT_LAYOUTS:
+        return routed_keys(module, *_inputs(args), gate_up=gate_up, layout=layout)
     return args[0]
 
 
 def traced_key(layout: str, model: nn.Module, path: str, trace: Any) -> torch.Tensor:
     """The key module ``path`` of ``model`` acted on in a forward a :class:`~hf_knowedit.hooks.Trace` with
     ``retain_input`` saw."""
-    if layout != "experts":
+    if layout not in EXPERT_LAYOUTS:
         return trace.input
-    return module_key(layout, get_module(model, path), trace.args, gate_up_of(model, path))
+    return module_key(layout, get_module(model, path), trace.args, gate_up_of(model, path, layout))
 
 
-def gate_up_of(model: nn.Module, path: str) -> torch.Tensor:
-    """The ``gate_up_proj`` values of the experts module ``path``, also where accelerate offloaded it (outside
-    a forward its parameters are then on the meta device: :func:`~hf_knowedit.architectures.read_tensor`)."""
-    return read_tensor(model, f"{path}.{GATE_UP}")
+def gate_up_of(model: nn.Module, path: str, layout: str = "experts") -> tuple[torch.Tensor, ...]:
+    """The values of the parameters a routed key of the experts module ``path`` reads in ``layout``
+    (:data:`KEY_PARAMS`: ``gate_up_proj``, and for ``experts_t`` its bias), also where accelerate offloaded them
+    (outside a forward its parameters are then on the meta device: :func:`~hf_knowedit.architectures.read_tensor`)."""
+    return tuple(read_tensor(model, f"{path}.{name}") for name in KEY_PARAMS[layout])

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .architectures import ArchitectureSpec, get_architecture
+from .architectures import EXPERT_LAYOUTS, ArchitectureSpec, get_architecture
 from .deltas import ModuleDelta, matches_weight
 from .errors import BaseModelMismatchError, InvalidConfigError, OutputPathError, UnsupportedArchitectureError
 from .version import __version__
@@ -214,7 +214,7 @@ def _start(es: Any, model: Any, path: str | Path, choice: tuple[str, str, tuple]
         raise InvalidConfigError(f"{name} must be one of {allowed}, got {value!r}.")
     if not es.deltas:
         raise InvalidConfigError(f"The edit set changes no module; there is nothing to {what}.")
-    experts = sorted(p for p in es.deltas if es.layouts.get(p, "linear") == "experts")
+    experts = sorted(p for p in es.deltas if es.layouts.get(p, "linear") in EXPERT_LAYOUTS)
     if experts:
         raise UnsupportedArchitectureError(
             f"GGUF export of routed-experts edits is not supported ({', '.join(experts)}): llama.cpp keeps a "
@@ -248,7 +248,7 @@ def export_gguf_lora(
 
     Raises :class:`~hf_knowedit.errors.UnsupportedArchitectureError` when the row declares no
     llama.cpp names, a module is not its ``mlp_out``, or the set edits routed experts (layout
-    ``experts``); ``BaseModelMismatchError`` for a wrong base; ``InvalidConfigError`` for an unknown
+    ``experts`` or ``experts_t``); ``BaseModelMismatchError`` for a wrong base; ``InvalidConfigError`` for an unknown
     dtype or an empty edit set. Returns the path written.
     """
     gguf, spec, out = _start(es, model, path, ("dtype", dtype, LORA_DTYPES), "export")

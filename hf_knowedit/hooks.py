@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import ArchitectureSpec, get_module
+from .architectures import EXPERT_LAYOUTS, ArchitectureSpec, get_module
 from .errors import NotPicklableError
 from .experts import gate_up_of, module_key
 
@@ -236,9 +236,9 @@ class LowRankHook:
     ``factors`` may grow while the hook is registered (MEMIT adds each layer's update as it goes).
     ``owner=threading.get_ident()`` makes it act only in that thread (updates in progress inside a
     method); without it, it acts in every thread (hooked edit sets). ``layout``: the module's
-    ``mlp_out_layout``; for ``"experts"`` the factors act on the routed keys (:mod:`hf_knowedit.experts`),
-    not on the first input, computed with ``gate_up()`` where given (an offloaded module's
-    ``gate_up_proj``: :func:`hf_knowedit.experts.gate_up_of`).
+    ``mlp_out_layout``; for routed experts (``"experts"``, ``"experts_t"``) the factors act on the routed keys
+    (:mod:`hf_knowedit.experts`), not on the first input, computed with ``gate_up()`` where given (an offloaded
+    module's ``gate_up_proj`` and, for ``"experts_t"``, its bias: :func:`hf_knowedit.experts.gate_up_of`).
 
         >>> handle = module.register_forward_hook(LowRankHook([(B, A)]))
     """
@@ -249,7 +249,7 @@ class LowRankHook:
         active: Callable[[], bool] | None = None,
         owner: int | None = None,
         layout: str = "linear",
-        gate_up: Callable[[], torch.Tensor] | None = None,
+        gate_up: Callable[[], tuple[torch.Tensor, ...]] | None = None,
     ) -> None:
         self.factors: list[tuple[torch.Tensor, torch.Tensor]] = list(factors)
         self.layout = layout
@@ -282,7 +282,7 @@ def module_hook(
 ) -> LowRankHook:
     """A :class:`LowRankHook` for module ``path`` of ``model`` stored in ``layout`` (routed experts read their
     ``gate_up_proj`` through :func:`~hf_knowedit.experts.gate_up_of`, so an offloaded module works)."""
-    gate_up = (lambda: gate_up_of(model, path)) if layout == "experts" else None
+    gate_up = (lambda: gate_up_of(model, path, layout)) if layout in EXPERT_LAYOUTS else None
     return LowRankHook(factors, layout=layout, gate_up=gate_up, **kwargs)
 
 

@@ -76,6 +76,7 @@ import torch
 from torch import nn
 
 from .architectures import (
+    EXPERT_LAYOUTS,
     LAYOUT_PARAM,
     LAYOUTS,
     PEFT_TARGETS,
@@ -252,9 +253,11 @@ def _param_shape(delta_shape: tuple, layout: str, shape: tuple) -> tuple | None:
     out, d_in = delta_shape
     if layout == "conv1d":
         return (d_in, out)
-    if layout == "experts":
+    if layout in EXPERT_LAYOUTS:
         experts = shape[0] if len(shape) == 3 else 0
-        return (experts, out, d_in // experts) if experts and d_in % experts == 0 else None
+        if not experts or d_in % experts:
+            return None
+        return (experts, out, d_in // experts) if layout == "experts" else (experts, d_in // experts, out)
     return (out, d_in)
 
 
@@ -455,7 +458,7 @@ def _layout_of(state: KnowEditState, sets: Any, path: str) -> str:
 def _fingerprinted(weight: torch.Tensor, layout: str) -> torch.Tensor:
     """What a fingerprint of ``weight`` is taken of: the parameter itself, or for routed experts the matrix
     ``[out, E·I]`` it holds (a fingerprint sketches a 2-D matrix)."""
-    return from_param(weight, layout) if layout == "experts" else weight
+    return from_param(weight, layout) if layout in EXPERT_LAYOUTS else weight
 
 
 def check_compatible(model: nn.Module, es: EditSet, force: bool = False) -> None:
@@ -468,7 +471,7 @@ def check_compatible(model: nn.Module, es: EditSet, force: bool = False) -> None
             raise BaseModelMismatchError(
                 f"The edit set touches {path!r}, which this model does not have; it was made for another architecture."
             ) from err
-        experts = es.num_experts.get(path) if layout == "experts" else None
+        experts = es.num_experts.get(path) if layout in EXPERT_LAYOUTS else None
         if experts is not None and (w.dim() != 3 or w.shape[0] != experts):
             have = f"{w.shape[0]} experts" if w.dim() == 3 else f"a weight of shape {tuple(w.shape)}"
             raise BaseModelMismatchError(
@@ -494,8 +497,9 @@ def check_compatible(model: nn.Module, es: EditSet, force: bool = False) -> None
 
 
 def expert_counts(model: nn.Module, layouts: dict[str, str]) -> dict[str, int]:
-    """The number of routed experts of every ``experts``-layout module in ``layouts`` (recorded in a new edit set)."""
-    return {p: int(_weight(model, p, "experts").shape[0]) for p, layout in layouts.items() if layout == "experts"}
+    """The number of routed experts of every routed-experts module (:data:`EXPERT_LAYOUTS`) in ``layouts`` (recorded
+    in a new edit set)."""
+    return {p: int(_weight(model, p, layout).shape[0]) for p, layout in layouts.items() if layout in EXPERT_LAYOUTS}
 
 
 def weight_fingerprints(
@@ -556,7 +560,7 @@ def check_edit_set(es: Any) -> None:
             raise InvalidArgumentError(f"EditSet.layouts[{path!r}] must be one of {LAYOUTS}.")
         experts = es.num_experts.get(path)
         if experts is not None and (
-            es.layouts.get(path) != "experts"
+            es.layouts.get(path) not in EXPERT_LAYOUTS
             or isinstance(experts, bool)
             or not isinstance(experts, int)
             or experts < 1
@@ -564,7 +568,8 @@ def check_edit_set(es: Any) -> None:
         ):
             raise InvalidArgumentError(
                 f"EditSet.num_experts[{path!r}] must be the expert count (an int >= 1 dividing ΔW's {d.shape[1]} "
-                f"columns) of a module of layout 'experts'; got {experts!r} for layout {es.layouts.get(path)!r}."
+                f"columns) of a module of layout 'experts' or 'experts_t'; got {experts!r} for layout "
+                f"{es.layouts.get(path)!r}."
             )
         target = es.peft_targets.get(path, "module")
         if target not in PEFT_TARGETS or (target != "module" and es.layouts.get(path, "linear") != "linear"):

@@ -16,6 +16,7 @@ from safetensors import safe_open
 import hf_knowedit
 from hf_knowedit import adapter_files as adapters
 from hf_knowedit.architectures import (
+    EXPERT_LAYOUTS,
     edited_param,
     from_param,
     get_architecture,
@@ -284,10 +285,11 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(directory.iterdir())}
 
 
-def test_experts_format_is_what_peft_writes_and_reads_back_bit_exactly(tmp_path):
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])  # down_proj [E, d, I]; transposed, [E, I, d]
+def test_experts_format_is_what_peft_writes_and_reads_back_bit_exactly(model_type, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    model, tok, es = edited("mixtral", layers=[1, 2], rank=3)
+    model, tok, es = edited(model_type, layers=[1, 2], rank=3)
     model.revert_edits()
     es.save_pretrained(tmp_path / "ours")
     paths = sorted(es.deltas)
@@ -296,12 +298,12 @@ def test_experts_format_is_what_peft_writes_and_reads_back_bit_exactly(tmp_path)
     assert cfg["r"] == cfg["lora_alpha"] == 3 and cfg["rank_pattern"] == cfg["alpha_pattern"] == {}
     meta = json.loads((tmp_path / "ours" / "knowedit_config.json").read_text())
     assert {p: (m["layout"], m["num_experts"], m["shape"]) for p, m in meta["modules"].items()} == {
-        p: ("experts", 4, [32, 4 * 48]) for p in paths
+        p: (get_architecture(model).mlp_out_layout, 4, [32, 4 * 48]) for p in paths
     }
 
     # PEFT's own adapter on the same parameters has the same keys, shapes and dtype, and the same config
     peft_cfg = LoraConfig(r=3, lora_alpha=3, target_modules=[], target_parameters=cfg["target_parameters"])
-    get_peft_model(make_tiny_model("mixtral")[0], peft_cfg).save_pretrained(tmp_path / "peft")
+    get_peft_model(make_tiny_model(model_type)[0], peft_cfg).save_pretrained(tmp_path / "peft")
 
     def shapes(d):
         with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
@@ -489,6 +491,7 @@ def test_peft_keeps_every_rows_adapter_targets_as_written():
 
     from peft import LoraConfig
     from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers as convert
+
     for model_type, spec in hf_knowedit.ARCHITECTURES.items():
         path = f"{spec.layers}.1.{spec.mlp_out}"
         es = EditSet(
@@ -496,7 +499,7 @@ def test_peft_keeps_every_rows_adapter_targets_as_written():
             requests=[],
             method="x",
             layouts={path: spec.mlp_out_layout},
-            num_experts={path: 2} if spec.mlp_out_layout == "experts" else {},
+            num_experts={path: 2} if spec.mlp_out_layout in EXPERT_LAYOUTS else {},
             peft_targets={path: spec.peft_target},
         )
         cfg = adapters.adapter_config(es)

@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_knowedit.architectures import (
     ARCHITECTURES,
+    EXPERT_LAYOUTS,
     LAYOUT_PARAM,
     attention_layers,
     attn_out_path,
@@ -116,7 +117,9 @@ def test_named_modules_exist(model_type):
     assert isinstance(get_module(model, spec.final_norm), nn.Module)
 
     # routed experts: a module holding 3-D expert weights (tests/test_experts.py checks their form)
-    layout_class = {"linear": nn.Linear, "conv1d": Conv1D, "experts": nn.Module}[spec.mlp_out_layout]
+    layout_class = {"linear": nn.Linear, "conv1d": Conv1D, "experts": nn.Module, "experts_t": nn.Module}[
+        spec.mlp_out_layout
+    ]
     attention = attention_layers(model, spec)
     assert attention == HYBRID_ATTENTION.get(model_type, list(range(LAYERS)))
     for i in range(len(layers)):
@@ -124,7 +127,7 @@ def test_named_modules_exist(model_type):
         assert mlp_out_path(spec, i) in names
         assert (attn_out_path(spec, i) in names) == (i in attention)
         assert isinstance(get_module(model, mlp_out_path(spec, i)), layout_class)
-        if spec.mlp_out_layout == "experts":
+        if spec.mlp_out_layout in EXPERT_LAYOUTS:
             assert get_module(model, mlp_out_path(spec, i)).down_proj.dim() == 3
         assert get_module(layers[i], spec.mlp_out) is get_module(model, mlp_out_path(spec, i))
         if i in attention:
@@ -227,7 +230,7 @@ def test_hooks_on_mlp_out_and_attn_out(model_type):
 
     def on_mlp(module, args, output):  # clone: Falcon adds the attention output to it in place
         key = module_key(spec.mlp_out_layout, module, args)  # routed experts: the routing-weighted keys
-        seen["k"], seen["v"] = key.detach().clone(), output.detach().clone()
+        seen["k"], seen["v"], seen["args"] = key.detach().clone(), output.detach().clone(), args
 
     def on_attn(module, args, output):
         seen["attn"] = output[0] if isinstance(output, tuple) else output
@@ -247,11 +250,17 @@ def test_hooks_on_mlp_out_and_attn_out(model_type):
     assert seen["attn"].shape[-1] == HIDDEN
 
     # the declared layout reproduces the module: v = k W^T + b, W read from the parameter as the layout says
-    # (linear: the weight; conv1d: its transpose; experts: [W_0 … W_{E-1}] from down_proj [E, d, I])
+    # (linear: the weight; conv1d: its transpose; experts: [W_0 … W_{E-1}] from down_proj [E, d, I]; experts_t:
+    # from down_proj [E, I, d], plus the experts' down biases Σ_e g_e b_e, which no key carries)
     weight = from_param(getattr(mlp_out, LAYOUT_PARAM[spec.mlp_out_layout]), spec.mlp_out_layout)
     expected = k.to(weight.dtype) @ weight.T
     if getattr(mlp_out, "bias", None) is not None:
         expected = expected + mlp_out.bias
+    if spec.mlp_out_layout == "experts_t":
+        _, index, gates = seen["args"]
+        routed_bias = (gates[..., None] * mlp_out.down_proj_bias[index]).sum(-2)
+        assert routed_bias.norm() > 0.1 * v.norm()  # the tiny model's biases bite
+        expected = expected + routed_bias
     torch.testing.assert_close(expected, v, rtol=1e-5, atol=1e-6)
 
     # the module is on the forward path: changing its output changes the logits

@@ -272,11 +272,11 @@ def test_evaluate_on_a_dispatched_model_matches(base, tmp_path):
             assert getattr(got, part)[k] == pytest.approx(v, abs=1e-3), (part, k)
 
 
-@pytest.mark.parametrize("model_type", ["falcon_h1", "lfm2", "bamba", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", ["falcon_h1", "lfm2", "bamba", "mixtral", "gpt_oss", "qwen2_moe"])
 def test_an_edit_on_a_dispatched_hybrid_stack_equals_the_undispatched_edit(model_type, tmp_path):
     """The hybrid stacks (Mamba2 / convolution blocks beside attention) and mixture-of-experts blocks (routed
-    experts, whose keys need their offloaded gate_up_proj; a shared expert) with the edited blocks on disk:
-    MEMIT's update, merged and hooked logits, and a bit-exact revert of what accelerate loads."""
+    experts, whose keys need their offloaded gate_up_proj, GPT-OSS's its bias too; a shared expert) with the edited
+    blocks on disk: MEMIT's update, merged and hooked logits, and a bit-exact revert of what accelerate loads."""
     model, tok = make_tiny_model(model_type)
     spec = get_architecture(model)
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", spec.final_norm: "cpu", "lm_head": "cpu"}

@@ -128,6 +128,8 @@ PREFIX_MODES = {"llama": "rows", "gpt2": "rows", "gpt_neox": "rows", "gemma": "r
 PREFIX_MODES |= {"gpt_neo": "common", "bloom": "common", "mistral": "off"}
 # the hybrid stacks' caches hold recurrent / convolution state: the table turns the prefix cache off
 PREFIX_MODES |= {"falcon_h1": "off", "lfm2": "off", "bamba": "off"}
+# GPT-OSS: sliding-window cache layers (as Mistral's), beside full-attention ones
+PREFIX_MODES |= {"gpt_oss": "off"}
 
 
 @pytest.mark.parametrize("model_type", list(PREFIX_MODES))

@@ -337,6 +337,26 @@ _TINY: dict[str, tuple[bool, dict[str, Any]]] = {
     "olmoe": (True, dict(_LLAMA_LIKE, **_MOE, intermediate_size=INNER // 2)),
     "phimoe": (True, dict(_LLAMA_LIKE, **_MOE, intermediate_size=INNER // 2)),
     "minimax_m2": (True, dict(_LLAMA_LIKE, **_MOE, intermediate_size=INNER // 2)),
+    # GPT-OSS: experts stored transposed with biases (layout "experts_t"); sliding-window blocks 0, 2 with a window
+    # of 8 tokens, so that the window bites in the tests' prompts
+    "gpt_oss": (
+        False,
+        dict(
+            _LLAMA_LIKE,
+            **_MOE,
+            intermediate_size=INNER // 2,
+            sliding_window=8,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=150000.0,
+                factor=4.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                truncate=False,
+                original_max_position_embeddings=MAX_POSITIONS // 4,
+            ),
+        ),
+    ),
     "granitemoe": (
         True,
         dict(
@@ -489,7 +509,7 @@ TINY_HYBRIDS: frozenset[str] = frozenset({"falcon_h1", "lfm2", "bamba", "qwen3_n
 # The MLP inner size (input dim of the rewritten projection) of each tiny model.
 # Bloom and MPT hard-code 4 * hidden.
 #: The routed experts' edited matrix [W_0 … W_3] takes the keys of all 4 experts of inner size INNER // 2.
-TINY_ROUTED_MOE = ("mixtral", "qwen3_moe", "olmoe", "phimoe", "minimax_m2", "granitemoe")
+TINY_ROUTED_MOE = ("mixtral", "qwen3_moe", "olmoe", "phimoe", "minimax_m2", "granitemoe", "gpt_oss")
 #: mixture-of-experts models whose edited ``mlp_out`` is a shared expert's down projection (a Linear)
 TINY_SHARED_MOE = (
     "deepseek_v2",
@@ -506,6 +526,11 @@ TINY_MLP_INNER: dict[str, int] = (
     | {"bloom": 4 * HIDDEN, "mpt": 4 * HIDDEN}
     | {t: 4 * (INNER // 2) for t in TINY_ROUTED_MOE}
 )
+
+
+#: parameters a model type initialises to zero that its tiny model draws at random (normal, std 0.1), so that
+#: forgetting them shows: GPT-OSS's experts' biases
+_DRAWN: dict[str, tuple[str, ...]] = {"gpt_oss": ("gate_up_proj_bias", "down_proj_bias")}
 
 
 def tiny_config(model_type: str, **overrides: Any):
@@ -535,6 +560,10 @@ def make_tiny_model(
     torch.manual_seed(seed)
     auto = AutoModelForImageTextToText if model_type in TINY_WRAPPERS else AutoModelForCausalLM
     model = auto.from_config(config, dtype=dtype, attn_implementation="eager")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.rpartition(".")[2] in _DRAWN.get(model_type, ()):
+                param.normal_(std=0.1)
     model.eval()
     return model, make_tiny_tokenizer(_TINY[model_type][0])
 

@@ -11,7 +11,9 @@ disturbs other keys least (in the metric of their second moment ``C = E[k kᵀ]`
 3. ``v*``: the projection's output plus a vector ``δ`` optimised so that the model says ``o*``
    (:func:`~hf_knowedit.methods.targets.optimize_targets`, ``site="mlp"``).
 4. ``Λ = (v* − W k) / (uᵀ k)`` and ``Ŵ = W + Λ uᵀ``, a rank-one update: ``A = uᵀ`` (``[1, d_in]``),
-   ``B = Λ`` (``[d_out, 1]``), so that ``Ŵ k = v*``.
+   ``B = Λ`` (``[d_out, 1]``), so that ``Ŵ k = v*``. ``W k`` includes the module's bias; for routed experts
+   with biases (``experts_t``, GPT-OSS) that is the routing-weighted sum of the experts' down biases at the
+   first prompt's subject (its output there less ``W κ``), which the update leaves unchanged.
 
 r-ROME (Gupta et al. 2024) uses ``k = k*`` in step 4. The original code used the key of the
 un-prefixed prompt there (``k = k(s)``), which occasionally makes ``uᵀ k`` tiny and the update
@@ -147,7 +149,12 @@ def rank_one_update(
     v_star = target.targets[0].double()
     # 4. Λ = (v* − W k) / (uᵀ k)
     k = (keys[0] if config.original_implementation else k_star).double()
-    w_k = current_value(model, mlp_out_path(spec, layer), spec.mlp_out_layout, k, prior)
+    path = mlp_out_path(spec, layer)
+    w_k = current_value(model, path, spec.mlp_out_layout, k, prior)
+    if spec.mlp_out_layout == "experts_t":
+        # the experts' down biases Σ g_e b_e (hf_knowedit.experts), which no key carries: what the module's output
+        # v_init at the first prompt holds beyond W κ there, so that v* − w_k is what ΔW must add
+        w_k = w_k + target.init[0].to(w_k) - current_value(model, path, spec.mlp_out_layout, keys[0].double(), prior)
     denominator = torch.dot(u.to(k.device), k)
     lam = (v_star.to(w_k.device) - w_k) / denominator
     A, B = u.unsqueeze(0).float(), lam.unsqueeze(1).float()
