@@ -36,7 +36,9 @@ TARGETS = (
     ("gen_PS ≥ 70", lambda r, r0: r["gen_PS"] >= 70),
     ("gen_ES_prefix ≥ 85", lambda r, r0: r["gen_ES_prefix"] >= 85),
     ("NS drop ≤ 5", lambda r, r0: r0["NS"] - r["NS"] <= 5),
-    ("chat_keep ≥ 95", lambda r, r0: r["chat_keep"] >= 95),
+    # chat_keep counts the unrelated known questions answered right, so "answered as before" is against the
+    # unedited model's own count (a 135M model answers under half of them)
+    ("chat_keep ≥ 95 % of unedited", lambda r, r0: r["chat_keep"] >= 0.95 * r0["chat_keep"]),
 )
 
 

@@ -30,4 +30,6 @@ def test_the_table_names_each_missed_target():
     lines = bench_chat.table("m", rows).splitlines()
     assert lines[4].startswith("| unedited | – | 0 | 0 | 80 |")
     assert lines[5].endswith("| chat_ES ≥ 90, NS drop ≤ 5 | 1 |")
+    worse = {**rows[1], "post": good | {"chat_keep": 91.0}}  # 91 < 0.95 · 96
+    assert bench_chat.table("m", [worse]).splitlines()[5].endswith("| chat_keep ≥ 95 % of unedited | 1 |")
     assert lines[6].endswith("| none | 1 |")
