@@ -25,12 +25,11 @@ from hf_knowedit.errors import UnsupportedArchitectureError
 from hf_knowedit.evaluation.routing import routing_change, routing_snapshot
 from hf_knowedit.experts import module_key, routed_keys
 from hf_knowedit.hooks import Trace, module_hook
-from hf_knowedit.methods import memit
 from hf_knowedit.methods.keys import output_at_subject
 from hf_knowedit.methods.rome import rank_one_update
 from hf_knowedit.methods.statistics import compute_second_moment, second_moment_for
 from hf_knowedit.requests import EditRequest
-from tests.test_scaled_models import REQUEST, block_output
+from tests.test_scaled_models import memit_miss, one_layer_target
 from tests.tiny_models import TINY_ROUTED_MOE, make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread", "stats_cache")
@@ -120,35 +119,13 @@ def test_the_second_moment_of_routed_experts_is_over_tokens_as_routed():
     torch.testing.assert_close(moment.matrix.double(), keys.T @ keys / keys.shape[0], rtol=1e-6, atol=1e-12)
 
 
-def _memit_reaches(model, tok, layer, z, change):
-    es = hf_knowedit.apply_edits(
-        model,
-        tok,
-        [REQUEST],
-        method="memit",
-        layers=[layer],
-        config=dict(mom2="identity", mom2_update_weight=1e-6, context_templates=0),
-    )
-    try:
-        return float((block_output(model, tok, layer) - z[0]).norm() / change.norm())
-    finally:
-        hf_knowedit.revert_edits(model, es.name)
-
-
-def _target(model, tok, layer):
-    h0 = memit.block_output_at_subject(model, tok, [REQUEST], layer)
-    change = 0.5 * h0.norm() * torch.randn(h0.shape, generator=torch.Generator().manual_seed(1)) / h0.shape[1] ** 0.5
-    return h0 + change, change
-
-
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_one_layer_memit_through_routed_experts_lands_on_its_target(model_type, monkeypatch):
     """The routed experts add ``Σ g_e W_e k_e = W κ`` at the subject's last token: a MEMIT update of ``W``
     on the key ``κ`` moves the block output to ``z`` (the routing of that layer does not move)."""
     model, tok = make_tiny_model(model_type)
-    z, change = _target(model, tok, 1)
-    monkeypatch.setattr(memit, "optimize_z", lambda ctx, requests, layer, templates: z.clone())
-    assert _memit_reaches(model, tok, 1, z, change) < 0.01
+    z, change = one_layer_target(model, tok, 1, monkeypatch)
+    assert memit_miss(model, tok, 1, z, change) < 0.01
 
 
 def test_one_layer_memit_through_a_gated_shared_expert_lands_on_its_target(monkeypatch):
@@ -156,12 +133,11 @@ def test_one_layer_memit_through_a_gated_shared_expert_lands_on_its_target(monke
     model, tok = make_tiny_model("qwen2_moe")
     spec = get_architecture(model)
     assert spec.mlp_out_gate is not None
-    z, change = _target(model, tok, 1)
-    monkeypatch.setattr(memit, "optimize_z", lambda ctx, requests, layer, templates: z.clone())
-    assert _memit_reaches(model, tok, 1, z, change) < 0.01
+    z, change = one_layer_target(model, tok, 1, monkeypatch)
+    assert memit_miss(model, tok, 1, z, change) < 0.01
     # without the table's gate the block moves only by the gate's share (a sigmoid: well short of the target)
     monkeypatch.setitem(ARCHITECTURES, "qwen2_moe", dataclasses.replace(spec, mlp_out_gate=None))
-    assert _memit_reaches(model, tok, 1, z, change) > 0.1
+    assert memit_miss(model, tok, 1, z, change) > 0.1
 
 
 @pytest.mark.parametrize("model_type", TINY_ROUTED_MOE)

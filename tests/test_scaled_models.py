@@ -44,6 +44,33 @@ def block_output(model, tok, layer):
     return captured["h"][0, subject_last]
 
 
+def one_layer_target(model, tok, layer: int, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A target ``z`` for block ``layer``'s output at :data:`REQUEST`'s subject, half its norm away, that MEMIT's
+    z step is made to return; returns ``(z, change)``."""
+    h0 = memit.block_output_at_subject(model, tok, [REQUEST], layer)
+    change = 0.5 * h0.norm() * torch.randn(h0.shape, generator=torch.Generator().manual_seed(1)) / h0.shape[1] ** 0.5
+    z = h0 + change
+    monkeypatch.setattr(memit, "optimize_z", lambda ctx, requests, layer, templates: z.clone())
+    return z, change
+
+
+def memit_miss(model, tok, layer: int, z: torch.Tensor, change: torch.Tensor) -> float:
+    """How far (relative to ``change``) a one-layer MEMIT edit of :data:`REQUEST` (C = I, tiny λ, so the key's
+    target is met) leaves block ``layer``'s output from ``z``; the edit is reverted."""
+    es = hf_knowedit.apply_edits(
+        model,
+        tok,
+        [REQUEST],
+        method="memit",
+        layers=[layer],
+        config=dict(mom2="identity", mom2_update_weight=1e-6, context_templates=0),
+    )
+    try:
+        return float((block_output(model, tok, layer) - z[0]).norm() / change.norm())
+    finally:
+        hf_knowedit.revert_edits(model, es.name)
+
+
 @pytest.mark.parametrize("model_type", ["granite", "falcon_h1"])
 def test_one_layer_memit_moves_a_scaled_block_output_to_its_target(model_type, monkeypatch):
     """The block adds ``m · ΔW k`` to the stream, so MEMIT writes ``R / m`` (Granite: ``m = residual_multiplier``;
@@ -52,30 +79,11 @@ def test_one_layer_memit_moves_a_scaled_block_output_to_its_target(model_type, m
     spec = get_architecture(model)
     assert residual_scale(model, spec) == 0.5
     assert (model.config.residual_multiplier if model_type == "granite" else model.config.mlp_multipliers[1]) == 0.5
-    layer = 1
-    h0 = memit.block_output_at_subject(model, tok, [REQUEST], layer)
-    change = 0.5 * h0.norm() * torch.randn(h0.shape, generator=torch.Generator().manual_seed(1)) / h0.shape[1] ** 0.5
-    z = h0 + change
-    monkeypatch.setattr(memit, "optimize_z", lambda ctx, requests, layer, templates: z.clone())
-
-    def reached():
-        es = hf_knowedit.apply_edits(
-            model,
-            tok,
-            [REQUEST],
-            method="memit",
-            layers=[layer],
-            config=dict(mom2="identity", mom2_update_weight=1e-6, context_templates=0),
-        )
-        try:
-            return block_output(model, tok, layer)
-        finally:
-            hf_knowedit.revert_edits(model, es.name)
-
-    assert float((reached() - z[0]).norm() / change.norm()) < 0.01
+    z, change = one_layer_target(model, tok, 1, monkeypatch)
+    assert memit_miss(model, tok, 1, z, change) < 0.01
     # without the table's residual_multiplier the block moves only half way
     monkeypatch.setitem(ARCHITECTURES, model_type, dataclasses.replace(spec, residual_multiplier=None))
-    assert float((reached() - z[0]).norm() / change.norm()) > 0.4
+    assert memit_miss(model, tok, 1, z, change) > 0.4
 
 
 def test_falcon_h1_logits_are_its_head_times_lm_head_multiplier():
