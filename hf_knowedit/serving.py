@@ -8,12 +8,17 @@ pad nothing, so every module is scaled by 1 there too. The adapter's ``r`` must 
 ``--max-lora-rank``, which takes only the values of ``MaxLoRARanks`` in ``vllm/config/lora.py`` and
 defaults to 16. vLLM loads LoRA only on the module names its model class lists as LoRA modules; for the
 Llama, Mistral, Qwen2/3, Gemma 2/3 and Phi-3 families the MLP output projection ``down_proj`` is one.
+Adapters that name a module by its parameter (PEFT's ``target_parameters``: the routed experts' 3-D
+``down_proj``, and the shared experts PEFT itself would retarget, :mod:`hf_knowedit.adapter_files`) are
+outside what ``PEFTHelper`` reads (``target_modules``); such an edit is served merged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from .architectures import EXPERT_LAYOUTS
 
 #: ``--max-lora-rank`` values vLLM accepts (``MaxLoRARanks``, ``vllm/config/lora.py``) and its default
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -27,19 +32,29 @@ class VLLMCheck:
     """Whether vLLM serves an edit set as a LoRA adapter, and with which flags.
 
     ``rank``: the adapter's ``r`` (its largest module rank). ``max_lora_rank``: the smallest value vLLM
-    accepts that holds it, ``None`` when none does. ``modules``: the last names of the edited modules."""
+    accepts that holds it, ``None`` when none does. ``modules``: the last names of the edited modules.
+    ``by_parameter``: the edited modules the adapter names by their parameter (``target_parameters``)."""
 
     rank: int
     max_lora_rank: int | None
     modules: tuple[str, ...]
+    by_parameter: tuple[str, ...] = ()
 
     @property
     def fits(self) -> bool:
-        return self.max_lora_rank is not None
+        """Whether vLLM loads it as a LoRA adapter: a rank it accepts, every module named in ``target_modules``."""
+        return self.max_lora_rank is not None and not self.by_parameter
 
     def advice(self, source: str = "ADAPTER") -> str:
         """One paragraph a user can act on: the flags that load it, or how to make it fit."""
-        if not self.fits:
+        if self.by_parameter:
+            return (
+                f"vLLM: does not load as a LoRA: {', '.join(self.by_parameter)} "
+                f"{'is' if len(self.by_parameter) == 1 else 'are'} named by parameter (PEFT target_parameters: "
+                "routed experts, or a shared expert PEFT would retarget), which vLLM's PEFT reader does not take. "
+                f"Merge it (hf-knowedit apply {source} --merge-to DIR) and serve the merged checkpoint."
+            )
+        if self.max_lora_rank is None:
             cap = VLLM_MAX_LORA_RANKS[-1]
             return (
                 f"vLLM: does not load as a LoRA: rank {self.rank} exceeds vLLM's largest --max-lora-rank {cap}. "
@@ -69,4 +84,8 @@ def check_vllm(es: Any) -> VLLMCheck:
     rank = max(d.rank for d in es.deltas.values())
     fitting = [r for r in VLLM_MAX_LORA_RANKS if r >= rank]
     modules = tuple(sorted({path.rsplit(".", 1)[-1] for path in es.deltas}))
-    return VLLMCheck(rank, fitting[0] if fitting else None, modules)
+    layouts, targets = getattr(es, "layouts", {}), getattr(es, "peft_targets", {})
+    by_parameter = tuple(
+        sorted(p for p in es.deltas if layouts.get(p) in EXPERT_LAYOUTS or targets.get(p) == "parameter")
+    )
+    return VLLMCheck(rank, fitting[0] if fitting else None, modules, by_parameter)

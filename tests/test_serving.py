@@ -39,3 +39,23 @@ def test_advice_gives_the_flags_or_the_way_to_fit():
     assert "hf-knowedit truncate edits/x --rank 512" in dense and "--merge-to" in dense
     gpt2 = check_vllm(edit_set({"transformer.h.3.mlp.c_proj": 1})).advice()
     assert "c_proj" in gpt2 and "check that vLLM" in gpt2
+
+
+def test_modules_named_by_parameter_are_served_merged():
+    experts = SimpleNamespace(
+        deltas={"model.layers.1.mlp.experts": SimpleNamespace(rank=1)},
+        layouts={"model.layers.1.mlp.experts": "experts"},
+        peft_targets={},
+    )
+    shared = SimpleNamespace(
+        deltas={"model.layers.1.mlp.shared_experts.down_proj": SimpleNamespace(rank=1)},
+        layouts={"model.layers.1.mlp.shared_experts.down_proj": "linear"},
+        peft_targets={"model.layers.1.mlp.shared_experts.down_proj": "parameter"},
+    )
+    for es in (experts, shared):
+        check = check_vllm(es)
+        assert check.max_lora_rank == 1 and not check.fits
+        advice = check.advice("edits/moe")
+        assert "target_parameters" in advice and "hf-knowedit apply edits/moe --merge-to" in advice
+    plain = SimpleNamespace(deltas=shared.deltas, layouts=shared.layouts, peft_targets={})
+    assert check_vllm(plain).fits
