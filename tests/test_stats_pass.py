@@ -34,6 +34,29 @@ def test_blocked_upper_triangle_accumulation_is_the_full_product(d_in, block, dt
     assert torch.allclose(total.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("block", [4, 6, 7])
+def test_rows_zero_in_a_block_are_left_out_of_its_products_and_the_sum_is_the_same(block, monkeypatch):
+    """Routed experts' keys: each row non-zero only in the blocks of its 2 of 4 experts (6 columns each)."""
+    gen = torch.Generator().manual_seed(block)
+    keys = torch.randn(40, 24, generator=gen, dtype=torch.float64)
+    routed = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(40)])
+    mask = torch.zeros(40, 4, dtype=torch.bool).scatter_(1, routed, True).repeat_interleave(6, dim=1)
+    keys = keys * mask
+    blocks = [(i, min(i + block, 24)) for i in range(0, 24, block)]
+    rows_seen = []
+    real_addmm = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda t, a, b: (rows_seen.append(a.shape[1]), real_addmm(t, a, b))[1])
+    total = torch.zeros(24, 24, dtype=torch.float64)
+    add_outer_blocks(total, keys, blocks)
+    mirror_upper(total, blocks)
+    torch.testing.assert_close(total, keys.t() @ keys, rtol=1e-12, atol=1e-12)
+    assert sum(rows_seen) < 0.8 * 40 * len(rows_seen)  # zero rows were skipped
+    dense = torch.randn(40, 24, generator=gen, dtype=torch.float64)
+    rows_seen.clear()
+    add_outer_blocks(torch.zeros(24, 24, dtype=torch.float64), dense, blocks)
+    assert set(rows_seen) == {40}  # dense keys: every product on all rows, as before
+
+
 def test_a_pass_with_several_blocks_matches_keys_collected_by_hand(monkeypatch):
     monkeypatch.setattr(stats, "STATS_BLOCK", 20)  # d_in 96: five blocks, the last one narrower
     model, tok = make_tiny_model("llama")

@@ -338,11 +338,21 @@ def add_outer_blocks(total: torch.Tensor, keys: torch.Tensor, blocks: Sequence[t
     ``(b + 1) / 2b`` of the multiply-adds of the full product (62.5 % at 4 blocks, ~50 % for many),
     writes each product straight into ``total`` (``addmm_``: no ``d_in × d_in`` temporary per batch,
     whatever ``total``'s dtype), and needs nothing but ``total`` itself and the batch's keys.
-    :func:`mirror_upper` fills the lower triangle once at the end."""
+    :func:`mirror_upper` fills the lower triangle once at the end.
+
+    A pair of blocks takes only the rows non-zero in both (all rows, as they are, when every row is): routed
+    experts' keys (:mod:`hf_knowedit.experts`) are zero outside the experts a token is routed to, so a block of
+    one expert sees the tokens routed there, a pair of experts' blocks the tokens routed to both."""
+    live = [keys[:, a0:a1].ne(0).any(dim=1) for a0, a1 in blocks]  # rows with a non-zero in each block
     for i, (a0, a1) in enumerate(blocks):
-        left = keys[:, a0:a1].t()
-        for b0, b1 in blocks[i:]:
-            total[a0:a1, b0:b1].addmm_(left, keys[:, b0:b1])
+        for j in range(i, len(blocks)):
+            b0, b1 = blocks[j]
+            rows = live[i] & live[j]
+            if bool(rows.all()):
+                total[a0:a1, b0:b1].addmm_(keys[:, a0:a1].t(), keys[:, b0:b1])
+            elif bool(rows.any()):
+                sub = keys[rows]
+                total[a0:a1, b0:b1].addmm_(sub[:, a0:a1].t(), sub[:, b0:b1])
 
 
 def mirror_upper(total: torch.Tensor, blocks: Sequence[tuple[int, int]]) -> None:
