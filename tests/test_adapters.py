@@ -276,6 +276,18 @@ def test_peft_and_transformers_give_the_same_logits(model_type, tmp_path):
     torch.testing.assert_close(logits(tf_model, tok), ours, atol=1e-5, rtol=1e-5)
 
 
+def refused_untouched(model_type: str, folder, match: str, name: str) -> None:
+    """Loading the damaged adapter ``folder`` into a fresh ``model_type`` raises an ``AdapterFormatError``
+    matching ``match`` and leaves the model and the files as they were."""
+    bad = _files(folder)
+    fresh, _ = make_tiny_model(model_type)
+    before = snapshot(fresh)
+    with pytest.raises(AdapterFormatError, match=match):
+        hf_knowedit.load_edits(fresh, folder)
+    assert_untouched(fresh, before)
+    assert _files(folder) == bad, name
+
+
 # -- routed experts: PEFT's LoRA on the experts' 3-D down_proj (target_parameters) -------------------
 
 EXPERTS = "model.layers.1.mlp.experts"  # the tiny Mixtral's experts module at layer 1: down_proj [4, 32, 48]
@@ -463,13 +475,7 @@ def test_wrong_expert_count_and_inconsistent_experts_files_are_refused(tmp_path)
         ("layout", meta(layout="linear"), "do not name the modules"),
     ]:
         d = broken(name, edit)
-        bad = _files(d)
-        fresh, _ = make_tiny_model("mixtral")
-        before = snapshot(fresh)
-        with pytest.raises(AdapterFormatError, match=match):
-            hf_knowedit.load_edits(fresh, d)
-        assert_untouched(fresh, before)
-        assert _files(d) == bad, name
+        refused_untouched("mixtral", d, match, name)
 
     # an experts set that does not know its expert count cannot be written
     es.num_experts = {}
@@ -572,13 +578,7 @@ def test_damaged_parameter_targeted_files_are_refused_and_leave_everything_as_it
     ]:
         d = _copy(good, tmp_path / name)
         edit(d)
-        bad = _files(d)
-        fresh, _ = make_tiny_model("deepseek_v2")
-        before = snapshot(fresh)
-        with pytest.raises(AdapterFormatError, match=match):
-            hf_knowedit.load_edits(fresh, d)
-        assert_untouched(fresh, before)
-        assert _files(d) == bad, name
+        refused_untouched("deepseek_v2", d, match, name)
 
     # an edit set naming a module's weight where no Linear is: refused on load and on save, nothing written
     fresh, _ = make_tiny_model("deepseek_v2")

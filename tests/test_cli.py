@@ -602,54 +602,43 @@ def test_apply_merge_to_reloads_with_plain_transformers(capsys, tiny, tmp_path):
     assert "| memit |" not in (merged / "README.md").read_text()
 
 
-def test_routed_experts_adapter_shows_and_merges_to_a_plain_checkpoint(capsys, monkeypatch, tmp_path):
+MOE_SHOWN = {
+    # model type: (a line `show` prints, the `show --json` entry and its value)
+    "mixtral": (
+        "model.layers.1.mlp.experts: 4 routed experts, rank 1",
+        "num_experts",
+        {"model.layers.1.mlp.experts": 4, "model.layers.2.mlp.experts": 4},
+    ),
+    "deepseek_v2": (
+        "model.layers.1.mlp.shared_experts.down_proj: rank 1 (LoRA on its weight parameter: PEFT target_parameters)",
+        "peft_targets",
+        {f"model.layers.{i}.mlp.shared_experts.down_proj": "parameter" for i in (1, 2)},
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", list(MOE_SHOWN))  # routed experts; a shared expert named by its weight
+def test_moe_adapter_shows_and_merges_to_a_plain_checkpoint(model_type, capsys, monkeypatch, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    monkeypatch.setattr(cli.common, "load_model", lambda args: make_tiny_model("mixtral"))
-    edited, tok = make_tiny_model("mixtral")
+    line, field, value = MOE_SHOWN[model_type]
+    monkeypatch.setattr(cli.common, "load_model", lambda args: make_tiny_model(model_type))
+    edited, tok = make_tiny_model(model_type)
     fact = {"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": "Rome"}
     cheap = dict(mom2="identity", context_templates=0, v_num_grad_steps=5, v_lr=0.5, mom2_update_weight=1e-3)
     es = hf_knowedit.apply_edits(edited, tok, fact, "memit", layers=[1, 2], merge=False, **cheap)
     es.save_pretrained(tmp_path / "a")
 
     code, out, _ = run(capsys, "show", tmp_path / "a")
-    assert code == 0 and "model.layers.1.mlp.experts: 4 routed experts, rank 1" in out
-    assert run_json(capsys, "show", tmp_path / "a")["num_experts"] == {
-        "model.layers.1.mlp.experts": 4,
-        "model.layers.2.mlp.experts": 4,
-    }
+    assert code == 0 and line in out
+    assert run_json(capsys, "show", tmp_path / "a")[field] == value
 
     merged = tmp_path / "merged"
     assert run_json(capsys, "apply", tmp_path / "a", "--merge-to", merged)["merged_to"] == str(merged)
     reloaded = AutoModelForCausalLM.from_pretrained(merged).eval()
     want = _logits(edited, tok)  # the hooked edit
     assert torch.allclose(_logits(reloaded, AutoTokenizer.from_pretrained(merged)), want, atol=1e-5)
-    assert not torch.allclose(_logits(make_tiny_model("mixtral")[0], tok), want, atol=1e-4)
-
-
-def test_shared_expert_adapter_named_by_its_weight_shows_and_merges_to_a_plain_checkpoint(
-    capsys, monkeypatch, tmp_path
-):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    monkeypatch.setattr(cli.common, "load_model", lambda args: make_tiny_model("deepseek_v2"))
-    edited, tok = make_tiny_model("deepseek_v2")
-    fact = {"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": "Rome"}
-    cheap = dict(mom2="identity", context_templates=0, v_num_grad_steps=5, v_lr=0.5, mom2_update_weight=1e-3)
-    es = hf_knowedit.apply_edits(edited, tok, fact, "memit", layers=[1, 2], merge=False, **cheap)
-    es.save_pretrained(tmp_path / "a")
-    shared = [f"model.layers.{i}.mlp.shared_experts.down_proj" for i in (1, 2)]
-
-    code, out, _ = run(capsys, "show", tmp_path / "a")
-    assert code == 0 and f"{shared[0]}: rank 1 (LoRA on its weight parameter: PEFT target_parameters)" in out
-    assert run_json(capsys, "show", tmp_path / "a")["peft_targets"] == {p: "parameter" for p in shared}
-
-    merged = tmp_path / "merged"
-    assert run_json(capsys, "apply", tmp_path / "a", "--merge-to", merged)["merged_to"] == str(merged)
-    reloaded = AutoModelForCausalLM.from_pretrained(merged).eval()
-    want = _logits(edited, tok)  # the hooked edit
-    assert torch.allclose(_logits(reloaded, AutoTokenizer.from_pretrained(merged)), want, atol=1e-5)
-    assert not torch.allclose(_logits(make_tiny_model("deepseek_v2")[0], tok), want, atol=1e-4)
+    assert not torch.allclose(_logits(make_tiny_model(model_type)[0], tok), want, atol=1e-4)
 
 
 def test_apply_refuses_an_adapter_for_another_base_model(capsys, tiny, tmp_path):
