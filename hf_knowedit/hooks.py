@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import sys
 import threading
 from collections import OrderedDict
@@ -281,8 +282,10 @@ def module_hook(
     model: nn.Module, path: str, layout: str, factors: Sequence[tuple[torch.Tensor, torch.Tensor]], **kwargs: Any
 ) -> LowRankHook:
     """A :class:`LowRankHook` for module ``path`` of ``model`` stored in ``layout`` (routed experts read their
-    ``gate_up_proj`` through :func:`~hf_knowedit.experts.gate_up_of`, so an offloaded module works)."""
-    gate_up = (lambda: gate_up_of(model, path, layout)) if layout in EXPERT_LAYOUTS else None
+    ``gate_up_proj`` through :func:`~hf_knowedit.experts.gate_up_of`, so an offloaded module works). The reader is a
+    ``functools.partial`` over ``model``, not a closure: a ``copy.deepcopy`` of the model gives its hook a reader of
+    the copy's parameters."""
+    gate_up = functools.partial(gate_up_of, model, path, layout) if layout in EXPERT_LAYOUTS else None
     return LowRankHook(factors, layout=layout, gate_up=gate_up, **kwargs)
 
 

@@ -165,3 +165,29 @@ def test_rome_rewrites_only_the_routed_experts_and_keeps_the_routing_up_to_its_l
     change = routing_change(before, after)
     assert change.per_layer[0] == change.per_layer[1] == 0.0  # routers and their inputs up to layer 1 unchanged
     hf_knowedit.revert_edits(model)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_a_deep_copy_of_a_hooked_routed_experts_edit_reads_its_own_experts(model_type):
+    """The hook of a routed-experts edit set computes keys with the experts' ``gate_up_proj``; in a deep copy it
+    must read the copy's parameters, so that the copy is independent of the original."""
+    import copy
+
+    model, tok = make_tiny_model(model_type)
+    request = EditRequest("{} is located in", "Eiffel Tower", "Rome", "Paris")
+    hf_knowedit.apply_edits(
+        model,
+        tok,
+        [request],
+        method="rome",
+        layers=[1],
+        config=dict(mom2="identity", context_templates=0),
+        merge=False,
+    )
+    twin = copy.deepcopy(model)
+    ids = tok(TEXTS[0], return_tensors="pt")
+    with torch.no_grad():
+        edited = twin(**ids).logits
+        experts = get_module(model, mlp_out_path(get_architecture(model), 1))
+        experts.gate_up_proj.mul_(0.5)  # the original's experts change; the copy's must not notice
+        assert torch.equal(twin(**ids).logits, edited)
