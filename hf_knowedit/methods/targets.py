@@ -28,6 +28,13 @@ convolution state that cannot be cut at each row's subject (the table's ``prefix
 runs on each path. ``fast=False`` runs the whole model with full logits at every step (the
 reference's cost; for benchmarks).
 
+NAMET's noise (``v_position_noise=True``, Dai et al. 2025; :func:`position_noise`): δ goes where the authors'
+left-padded ``compute_z`` puts it, ``L_max − len(row)`` tokens before each row's subject (on no token where that
+is before the row), and the target is ``init + δ`` plus the mean, over the non-bare template rows δ reaches, of
+(the unedited value where δ goes − the value at the subject), as their ``opt_zs − cur_zs``. No extra prompts or
+tokens; rows δ reaches early, or not at all, are run from there (from 0) at each step. Their other changes
+(templates, weight decay, clamp radius) are not part of it (``docs/design.md``).
+
 Batching (``batched=True``): all requests are optimised together, in chunks of at most
 ``batch_tokens`` padded tokens. Losses of different requests are independent, Adam is applied per
 request row with its own moments, and a request that stops early is frozen exactly, so batched and
