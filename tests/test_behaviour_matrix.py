@@ -43,8 +43,9 @@ OTHER = {"prompt": "The official language of {}", "subject": "Japan", "target_ne
 
 # v_lr absolute: the default rate is relative to the site's RMS, which on random tiny models is ~1e-3, so two
 # steps would barely move z (and a post-MLP norm, as OLMo 2's, then passes only that small change on)
-# chat_context=1: the chat-form template (here "Q: ... A: {}": the tiny tokenizer has no chat template) on every row
-CHEAP = dict(mom2="identity", context_templates=0, chat_context=1, v_num_grad_steps=2, v_lr=0.5)
+# chat_context=1: the chat-form template (here "Q: ... A: {}": the tiny tokenizer has no chat template) on every row;
+# v_position_noise (NAMET): the bare prompt and the essence prompt, shorter than the chat form, get no delta
+CHEAP = dict(mom2="identity", context_templates=0, chat_context=1, v_position_noise=True, v_num_grad_steps=2, v_lr=0.5)
 SETTINGS = {
     "rome": dict(layers=[1]),
     "memit": dict(layers=[1, 2], mom2_update_weight=1e-3),  # small λ with C = I: an update of visible size

@@ -202,6 +202,14 @@ class EditConfig:
     kl_factor: float = option(0.0625, "weight of KL(current || initial) at the essence prompt '{} is a'", "num>=0")
     clamp_norm_factor: float = option(4.0, "delta stays in the ball of radius clamp_norm_factor * ||init||", "num>0")
     early_stop: float = option(0.05, "stop optimising a request once its loss is below this", "num>=0")
+    v_position_noise: bool = option(
+        False,
+        "NAMET (Dai et al. 2025): in each request's v*/z rows, delta goes as many tokens before the subject's last "
+        "token as the row is shorter than the request's longest row (none where that is before the row's start), "
+        "and the target adds the mean over the context-template rows of (value there - value at the subject) "
+        "(hf_knowedit.methods.targets.position_noise)",
+        "bool",
+    )
     # context templates
     context_templates: int | list[str] | str = option(
         5,

@@ -28,6 +28,13 @@ convolution state that cannot be cut at each row's subject (the table's ``prefix
 runs on each path. ``fast=False`` runs the whole model with full logits at every step (the
 reference's cost; for benchmarks).
 
+NAMET's noise (``v_position_noise=True``, Dai et al. 2025; :func:`position_noise`): δ goes where the authors'
+left-padded ``compute_z`` puts it, ``L_max − len(row)`` tokens before each row's subject (on no token where that
+is before the row), and the target is ``init + δ`` plus the mean, over the non-bare template rows δ reaches, of
+(the unedited value where δ goes − the value at the subject), as their ``opt_zs − cur_zs``. No extra prompts or
+tokens; rows δ reaches early, or not at all, are run from there (from 0) at each step. Their other changes
+(templates, weight decay, clamp radius) are not part of it (``docs/design.md``).
+
 Batching (``batched=True``): all requests are optimised together, in chunks of at most
 ``batch_tokens`` padded tokens. Losses of different requests are independent, Adam is applied per
 request row with its own moments, and a request that stops early is frozen exactly, so batched and
@@ -132,10 +139,27 @@ class TargetResult:
 @dataclass
 class _Request:
     rows: list[list[int]]  # rewriting rows, then the essence row(s)
-    lookups: list[int]
+    lookups: list[int]  # where δ goes (the subject's last token, unless position_noise moves it)
     n_rewrite: int
     targets: list[tuple[int, int, int]] = field(default_factory=list)  # (row, position, token id)
     checked: list[bool] = field(default_factory=list)  # per rewriting row: does MPES's arg-max test read it?
+    subjects: list[int] = field(default_factory=list)  # the subject's last token per row
+    weights: list[float] = field(default_factory=list)  # 1: δ is added at lookups; 0: not at all
+
+
+def position_noise(rows: Sequence[Sequence[int]], subjects: Sequence[int]) -> tuple[list[int], list[float]]:
+    """NAMET's noise (Dai et al. 2025, the authors' ``compute_z`` with left padding): where δ goes in each row
+    of one request, and whether at all.
+
+    The authors left-pad the request's rows (its rewriting prompts and essence prompt) to the longest one and
+    add δ at each row's subject-last index counted in the *unpadded* row, so in a row ``s = L_max − len(row)``
+    tokens shorter than the longest δ lands ``s`` tokens before the subject's last token: ``subject − s``. Where
+    that is before the row's start it lands on padding, which no token attends to: δ has no effect on that row
+    (weight 0; its position is then 0, unused). The longest rows get δ at the subject as without noise.
+    """
+    longest = max(len(r) for r in rows)
+    at = [subject - (longest - len(row)) for row, subject in zip(rows, subjects)]
+    return [max(a, 0) for a in at], [1.0 if a >= 0 else 0.0 for a in at]
 
 
 def _cache_argument(backbone: nn.Module) -> str | None:
@@ -168,7 +192,9 @@ def _cache_mode(model: nn.Module, spec: ArchitectureSpec, backbone: nn.Module) -
     return "rows"
 
 
-def _build(tokenizer: Any, req: EditRequest, templates: Sequence[str], kl_prompts: Sequence[str]) -> _Request:
+def _build(
+    tokenizer: Any, req: EditRequest, templates: Sequence[str], kl_prompts: Sequence[str], noise: bool = False
+) -> _Request:
     rows, lookups, targets = [], [], []
     for t in templates:
         text = prefixed(t, req)
@@ -183,7 +209,9 @@ def _build(tokenizer: Any, req: EditRequest, templates: Sequence[str], kl_prompt
         rows.append(enc.input_ids)
         lookups.append(enc.subject_last)
     checked = [t != "{}" for t in templates]  # MPES leaves out the bare prompt, unless it is the only one
-    return _Request(rows, lookups, len(templates), targets, checked if any(checked) else [True] * len(templates))
+    checked = checked if any(checked) else [True] * len(templates)
+    at, weights = position_noise(rows, lookups) if noise else (list(lookups), [1.0] * len(rows))
+    return _Request(rows, at, len(templates), targets, checked, lookups, weights)
 
 
 def _structure(output: Any) -> Any:
@@ -305,7 +333,8 @@ def optimize_targets(
         )
     spec = get_architecture(model)
     _, d_out = mlp_out_dims(model, spec, layer)  # raises LayerOutOfRangeError
-    built = [_build(tokenizer, r, templates, kl_prompts) for r in requests]
+    noise = bool(getattr(hp, "v_position_noise", False))
+    built = [_build(tokenizer, r, templates, kl_prompts, noise) for r in requests]
     sizes = [len(b.rows) * max(len(row) for row in b.rows) for b in built]
     chunks = [
         _Chunk(model, spec, layer, site, [(i, built[i]) for i in group]) for group in group_by_size(sizes, batch_tokens)
@@ -313,6 +342,7 @@ def optimize_targets(
     n, device = len(requests), model_device(model)
     delta = torch.zeros(n, d_out, device=device, requires_grad=True)
     init = torch.zeros(n, d_out, device=device)
+    offset = torch.zeros_like(init)  # position noise's term (zero without it)
     m, v = torch.zeros_like(init), torch.zeros_like(init)
     t = torch.zeros(n, dtype=torch.float64, device=device)
     active = torch.ones(n, dtype=torch.bool, device=device)
@@ -337,6 +367,8 @@ def optimize_targets(
                     loss_i = c.loss(delta, local, hp.kl_factor, hp.v_weight_decay, fast)  # iteration 0 records init
                     if it == 0:
                         init[c.index] = c.init
+                        if c.offset is not None:
+                            offset[c.index] = c.offset
                     losses[c.index[local]] = loss_i.detach().double()
                     top1_steps[c.index[local]] += c.top1.long()
                     mean_prob[c.index[local]] = c.mean_prob.double()
@@ -370,7 +402,7 @@ def optimize_targets(
     unfinished = [i for i in range(n) if not bool(by_mpes[i])]  # MPES stops on purpose above early_stop
     warn_unfinished(*([seq[i] for i in unfinished] for seq in (requests, final, steps_taken)), hp.early_stop)
     work = {k: sum(c.work.get(k, 0) for c in chunks) for k in ("full", "replayed", "cached")} if fast else {}
-    return TargetResult((init + delta).float(), init.float(), steps_taken, final, work)
+    return TargetResult((init + offset + delta).float(), init.float(), steps_taken, final, work)
 
 
 def step_size(hp: EditConfig, init: torch.Tensor) -> float | torch.Tensor:
@@ -414,13 +446,15 @@ class _Chunk:
     ) -> None:
         self.model, self.spec, self.layer, self.site, self.items = model, spec, layer, site, items
         device = model_device(model)
-        rows, owner, lookups, kind = [], [], [], []
+        rows, owner, lookups, kind, subjects, weights = [], [], [], [], [], []
         tgt_row, tgt_pos, tgt_tok = [], [], []
         for j, (_, req) in enumerate(items):
             base = len(rows)
             rows += req.rows
             owner += [j] * len(req.rows)
             lookups += req.lookups
+            subjects += req.subjects
+            weights += req.weights
             kind += [0] * req.n_rewrite + [1] * (len(req.rows) - req.n_rewrite)
             for r, p, tok in req.targets:
                 tgt_row.append(base + r)
@@ -429,6 +463,9 @@ class _Chunk:
         self.ids, self.mask, _, _ = pad_batch(rows, 0, "right", device)
         self.owner = torch.tensor(owner, device=device)
         self.lookups = torch.tensor(lookups, device=device)
+        self.subjects = torch.tensor(subjects, device=device)
+        self.weights = torch.tensor(weights, device=device)
+        self.moved = bool((self.lookups != self.subjects).any() or (self.weights != 1).any())
         self.is_kl = torch.tensor(kind, device=device).bool()
         self.checked = torch.tensor(
             [c for _, req in items for c in req.checked + [False] * (len(req.rows) - req.n_rewrite)], device=device
@@ -451,6 +488,7 @@ class _Chunk:
         self.cache_argument = "cache"  # the backbone's name for it (:func:`_cache_argument`)
         self.work: dict[str, int] = {}
         self.init: torch.Tensor | None = None
+        self.offset: torch.Tensor | None = None  # position noise's term of the target (optimize_targets)
         self.kl_init: torch.Tensor | None = None
 
     # -- what δ cannot change, once ---------------------------------------------
@@ -567,21 +605,21 @@ class _Chunk:
         ids, mask, lookups = self.ids[rows], self.mask[rows], self.lookups[rows]
         suffix = self._suffix(rows) if fast and self.kv is not None else None
         offset = suffix["cut"] if suffix is not None else torch.zeros_like(lookups)
-        at = lookups - offset  # the subject's last token in the positions this pass runs
+        at = lookups - offset  # where δ goes (the subject's last token) in the positions this pass runs
+        subject = self.subjects[rows] - offset
+        weight = self.weights[rows].unsqueeze(1)
         width = suffix["src"].shape[1] if suffix is not None else ids.shape[1]
         seen: dict[str, torch.Tensor] = {}
 
         def edit(output: Any, _path: str) -> Any:
             h = hidden(output)
             flat = h.dim() == 2  # OPT's fc2 sees [batch * seq, d]
-            index = (
-                (torch.arange(len(rows), device=h.device) * width + at,)
-                if flat
-                else (torch.arange(len(rows), device=h.device), at)
-            )
+            r = torch.arange(len(rows), device=h.device)
+            index = (r * width + at,) if flat else (r, at)
             if record_init:
-                seen["init"] = h[index].detach().float().clone()
-            return replace_hidden(output, h.index_put(index, delta_rows.to(h.dtype), accumulate=True))
+                seen["at"] = h[index].detach().float().clone()
+                seen["init"] = h[(r * width + subject,) if flat else (r, subject)].detach().float().clone()
+            return replace_hidden(output, h.index_put(index, (weight * delta_rows).to(h.dtype), accumulate=True))
 
         src = suffix["src"] if suffix is not None else None
         stubs = self._stubs(rows, src) if fast and self.prefix is not None else {}
@@ -628,7 +666,14 @@ class _Chunk:
         if first:  # δ = 0 here: the unedited site values and essence distributions
             if len(rows) != len(self.ids):
                 raise RuntimeError("the first pass must include every request")
-            self.init = self._seen.pop("init")[self.first_row]
+            self.init = self._seen["init"][self.first_row]
+            if self.moved:  # position noise: mean over the non-bare rewriting rows δ reaches of (at δ − at subject)
+                use = (self.checked & (self.weights > 0)).float().unsqueeze(1)
+                diff = (self._seen["at"] - self._seen["init"]) * use
+                n_used = torch.zeros(len(self.items), device=device).index_add(0, self.owner, use.squeeze(1))
+                total = torch.zeros_like(self.init).index_add(0, self.owner, diff)
+                self.offset = total / n_used.clamp_min(1).unsqueeze(1)
+            self._seen = {}
             self.kl_init = torch.log_softmax(kl_logits.detach(), dim=-1)
         keep = row_mask[self.tgt_row]
         logp = torch.log_softmax(tgt_logits, dim=-1).gather(1, self.tgt_tok[keep].unsqueeze(1)).squeeze(1)
