@@ -114,11 +114,14 @@ def compute(ctx: EditContext) -> MethodResult:
         reached = keys.reshape(keys.shape[0], -1, inner).ne(0).any(dim=2).any(dim=0).nonzero().flatten().tolist()
         U = {e: basis(layer, e).to(keys.device) for e in reached}
         U = {e: u for e, u in U.items() if u.shape[1] > 0}
+        dims = [u.shape[1] for u in U.values()] or [0]
         logger.info(
-            "MoEEdit layer %d: %d experts reached, null spaces of dimension %s / %d",
+            "MoEEdit layer %d: %d experts reached, %d with a null space (dimension %d to %d of %d)",
             layer,
             len(reached),
-            sorted(u.shape[1] for u in U.values()),
+            len(U),
+            min(dims),
+            max(dims),
             inner,
         )
         if not U:
