@@ -11,7 +11,8 @@ routed ones). Design choices compared, each on the same CounterFact records as t
 
 Per variant: ROME on ``--rome`` records (one at a time, reverted in between), MEMIT and AlphaEdit (its null-space
 projection is the routing-stability constraint: unrelated keys keep their outputs, so later routers their
-inputs) on ``--memit`` records in one call; ES/PS/NS from :func:`hf_knowedit.evaluate`, and the routing
+inputs) and, on the ``*/routed`` variants, MoEEdit (the same constraint per expert) on ``--memit`` records in one
+call; ES/PS/NS from :func:`hf_knowedit.evaluate`, and the routing
 change: the fraction of (token, MoE block) pairs of unrelated text (``--unrelated`` facts of
 ``known_1000.json`` that name no edited subject, as sentences) whose top-k set of experts differs after the
 edit (ROME: after each of its first ``--rome-routing`` edits, averaged). Each variant × method is saved as it
@@ -37,7 +38,9 @@ from benchlib import ROOT, data_dir, machine_info, write_markdown
 logger = logging.getLogger("bench_moe")
 N_TOKENS = 20_000
 VARIANTS = ("dense", "mixtral/routed", "qwen2_moe/shared", "qwen2_moe/routed")
-METHODS = ("rome", "memit", "alphaedit")
+METHODS = ("rome", "memit", "alphaedit", "moeedit")
+#: methods that edit routed experts only: run on the ``*/routed`` variants
+ROUTED_ONLY = ("moeedit",)
 #: the issue's targets for the MoE test bed (against the dense model on the same records)
 TARGETS = "ES ≥ 95, PS within 10 points of dense, NS drop ≤ 10, routing change on unrelated text ≤ 1 % of tokens"
 
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     try:
         for variant in args.variants:
-            todo = [m for m in args.methods if (variant, m) not in done]
+            routed = variant.endswith("/routed")
+            todo = [m for m in args.methods if (variant, m) not in done and (routed or m not in ROUTED_ONLY)]
             if not todo:
                 continue
             model = build(variant, dense, tok, args.perturb)
@@ -192,8 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     rows.sort(key=lambda r: order[(r["variant"], r["method"])])
     body = (
         f"SmolLM2-135M-Instruct upcycled into 4-expert, top-2 MoE models (experts perturbed by {args.perturb}); "
-        f"ROME on the first {args.rome} records of `counterfact_500.json` (one at a time), MEMIT and AlphaEdit on "
-        f"the first {args.memit} in one call; default layers; statistics from {N_TOKENS} tokens; context "
+        f"ROME on the first {args.rome} records of `counterfact_500.json` (one at a time), MEMIT, AlphaEdit and "
+        f"MoEEdit (routed experts only) on the first {args.memit} in one call; default layers; statistics from "
+        f"{N_TOKENS} tokens; context "
         f"templates {args.context_templates}. Routing change: percent of (token, MoE block) pairs of "
         f"{len(texts)} unrelated known facts whose top-2 experts change (ROME: mean over its first "
         f"{args.rome_routing} edits, each alone). Targets: {TARGETS}.\n\n" + table(rows)

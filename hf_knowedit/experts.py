@@ -41,6 +41,7 @@ output that no key carries) and the gate / up biases are never edited.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ from torch.nn import functional as F
 from .architectures import EXPERT_LAYOUTS, get_module, read_tensor
 from .errors import UnsupportedArchitectureError
 
-__all__ = ["routed_keys", "module_key", "traced_key", "gate_up_of"]
+__all__ = ["routed_keys", "routing_inputs", "expert_keys", "expert_dims", "module_key", "traced_key", "gate_up_of"]
 
 #: the experts' parameter holding ``[G_e; U_e]`` for every expert ``e``: ``[E, 2I, d]`` (``experts_t``: ``[E, d, 2I]``)
 GATE_UP = "gate_up_proj"
@@ -58,7 +59,7 @@ GATE_UP = "gate_up_proj"
 KEY_PARAMS = {"experts": (GATE_UP,), "experts_t": (GATE_UP, "gate_up_proj_bias")}
 
 
-def _inputs(args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def routing_inputs(args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if len(args) < 3:
         raise UnsupportedArchitectureError(
             "a routed experts module must be called as experts(hidden_states, top_k_index, top_k_weights) "
@@ -90,22 +91,46 @@ def routed_keys(
     zero elsewhere. Computed with the experts' own activation (``experts_t``: their ``_apply_gate``) and the
     parameters ``layout`` reads (:data:`KEY_PARAMS`; default: the module's own; pass :func:`gate_up_of` where
     accelerate may have offloaded them; a lone tensor is the ``gate_up_proj`` of the ``experts`` layout)."""
-    if gate_up is None:
-        gate_up = tuple(getattr(experts, name) for name in KEY_PARAMS[layout])
-    params = (gate_up,) if isinstance(gate_up, torch.Tensor) else tuple(gate_up)
-    n_experts = params[0].shape[0]
-    inner = params[0].shape[2 if layout == "experts_t" else 1] // 2
+    n_experts, inner = expert_dims(experts, gate_up, layout)
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    index = index.reshape(hidden.shape[0], -1).to(hidden.device)
     weights = weights.reshape(hidden.shape[0], -1).to(hidden.device)
     keys = torch.zeros(hidden.shape[0], n_experts, inner, dtype=torch.float32, device=hidden.device)
+    for e, rows, slot, key in expert_keys(experts, hidden, index, gate_up, layout):
+        keys[rows, e] += key.float() * weights[rows, slot, None].float()
+    return keys.reshape(hidden.shape[0], n_experts * inner)
+
+
+def _params(experts: nn.Module, gate_up: Any, layout: str) -> tuple[torch.Tensor, ...]:
+    if gate_up is None:
+        return tuple(getattr(experts, name) for name in KEY_PARAMS[layout])
+    return (gate_up,) if isinstance(gate_up, torch.Tensor) else tuple(gate_up)
+
+
+def expert_dims(experts: nn.Module, gate_up: Any = None, layout: str = "experts") -> tuple[int, int]:
+    """``(E, I)``: the number of experts and their inner size (the key dimension of one expert)."""
+    params = _params(experts, gate_up, layout)
+    return params[0].shape[0], params[0].shape[2 if layout == "experts_t" else 1] // 2
+
+
+def expert_keys(
+    experts: nn.Module,
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    gate_up: Any = None,
+    layout: str = "experts",
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each expert ``e`` some row of ``hidden`` ``[N, d]`` is routed to (``index`` ``[N, k]``):
+    ``(e, rows, slots, k_e(hidden[rows]))``, the *un-gated* keys (no routing weight) of the rows routed to ``e``
+    (``index[rows, slots] == e``), in the experts' own arithmetic (arguments as :func:`routed_keys`)."""
+    params = _params(experts, gate_up, layout)
+    n_experts = params[0].shape[0]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    index = index.reshape(hidden.shape[0], -1).to(hidden.device)
     for e in index.unique().tolist():
         if not 0 <= e < n_experts:  # transformers marks dropped slots with index E
             continue
         rows, slot = torch.where(index == e)
-        key = _expert_keys(experts, layout, params, e, hidden[rows])
-        keys[rows, e] += key.float() * weights[rows, slot, None].float()
-    return keys.reshape(hidden.shape[0], n_experts * inner)
+        yield e, rows, slot, _expert_keys(experts, layout, params, e, hidden[rows])
 
 
 def module_key(layout: str, module: nn.Module, args: tuple, gate_up: Any = None) -> Any:
@@ -113,7 +138,7 @@ def module_key(layout: str, module: nn.Module, args: tuple, gate_up: Any = None)
     (``linear``, ``conv1d``), or the routed keys (``experts``, ``experts_t``: :func:`routed_keys`, with
     ``gate_up``)."""
     if layout in EXPERT_LAYOUTS:
-        return routed_keys(module, *_inputs(args), gate_up=gate_up, layout=layout)
+        return routed_keys(module, *routing_inputs(args), gate_up=gate_up, layout=layout)
     return args[0]
 
 

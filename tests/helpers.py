@@ -65,6 +65,10 @@ def logprob(model: nn.Module, tok: Any, prompt: str, target: str) -> float:
 SHIPPED_METHODS = [
     m for m in hf_knowedit.available_methods() if get_method(m).compute.__module__.startswith("hf_knowedit.")
 ]
+#: shipped methods that edit routed mixture-of-experts blocks only (refused on dense rows)
+ROUTED_ONLY_METHODS = ("moeedit",)
+#: the shipped methods that edit every architecture (the dense-model tests run these)
+DENSE_METHODS = [m for m in SHIPPED_METHODS if m not in ROUTED_ONLY_METHODS]
 #: one fact and, per method, layers and strengths that give an update of visible size on a 4-layer tiny model
 #: with ``mom2="identity"`` (the dispatch and half-precision tests)
 CAPITAL_FACT = {"prompt": "The capital city of {}", "subject": "Italy", "target_new": "Paris", "target_true": "Rome"}

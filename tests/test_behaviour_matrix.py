@@ -27,14 +27,16 @@ from hf_knowedit.editset import EditSet
 from hf_knowedit.errors import KnowEditError, LayerOutOfRangeError, SubjectNotFoundError
 from hf_knowedit.hooks import count_forward_hooks
 from hf_knowedit.methods.registry import get_method
-from tests.helpers import assert_untouched, logits, snapshot
-from tests.tiny_models import LAYERS, TINY_MODEL_TYPES, assert_same, make_tiny_model, weights
+from tests.helpers import ROUTED_ONLY_METHODS, assert_untouched, logits, snapshot
+from tests.tiny_models import LAYERS, TINY_MODEL_TYPES, TINY_ROUTED_MOE, assert_same, make_tiny_model, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread", "stats_cache")
 
 #: the methods hf_knowedit ships (other test modules register their own test methods)
 METHODS = [m for m in hf_knowedit.available_methods() if get_method(m).compute.__module__.startswith("hf_knowedit.")]
-CASES = [(arch, method) for arch in TINY_MODEL_TYPES for method in METHODS]
+#: MoEEdit edits routed experts only (other rows refuse it: tests/test_moeedit.py)
+ONLY_ON = {method: TINY_ROUTED_MOE for method in ROUTED_ONLY_METHODS}
+CASES = [(arch, method) for arch in TINY_MODEL_TYPES for method in METHODS if arch in ONLY_ON.get(method, (arch,))]
 IDS = [f"{arch}-{method}" for arch, method in CASES]
 
 FACT = {"prompt": "The capital city of {}", "subject": "Italy", "target_new": "Paris", "target_true": "Rome"}
@@ -55,6 +57,8 @@ SETTINGS = {
     "emmet": dict(layers=[1, 2]),
     "encore": dict(layers=[1, 2], mom2_update_weight=1e-3),
     "rlsedit": dict(layers=[1, 2], mom2_update_weight=1e-3),
+    # as AlphaEdit's: C_e = I is below the threshold, P_e = I; a small λ for the tiny models' small keys
+    "moeedit": dict(layers=[1, 2], nullspace_threshold=2.0, lambda_reg=1e-3),
 }
 
 
@@ -101,7 +105,9 @@ def _assert_edited(edited: torch.Tensor, base: torch.Tensor) -> None:
 
 def test_every_architecture_and_method_is_in_the_matrix():
     assert set(METHODS) >= {"rome", "memit", "alphaedit", "emmet"}
-    assert len(CASES) == len(TINY_MODEL_TYPES) * len(METHODS) and len(set(CASES)) == len(CASES)
+    assert set(METHODS) >= {"moeedit"} and {(arch, "moeedit") for arch in TINY_ROUTED_MOE} <= set(CASES)
+    rows = len(TINY_MODEL_TYPES) * (len(METHODS) - len(ONLY_ON)) + sum(map(len, ONLY_ON.values()))
+    assert len(CASES) == rows and len(set(CASES)) == len(CASES)
 
 
 @pytest.mark.parametrize("arch,method", CASES, ids=IDS)

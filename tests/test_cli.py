@@ -103,7 +103,8 @@ def test_module_entry_point_runs_as_a_subprocess():
         [sys.executable, "-m", "hf_knowedit", "info"], capture_output=True, text=True, timeout=120, env=subprocess_env()
     )
     assert done.returncode == 0, done.stderr
-    assert "architectures:" in done.stdout and "methods: alphaedit, emmet, encore, memit, rlsedit, rome" in done.stdout
+    assert "architectures:" in done.stdout
+    assert "methods: alphaedit, emmet, encore, memit, moeedit, rlsedit, rome" in done.stdout
 
 
 def test_help_does_not_import_torch():
@@ -139,7 +140,7 @@ print("HEAVY", heavy)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout
     assert done.stdout.count("examples:") == 10  # every help page has copy-paste examples
-    assert "{rome,memit,alphaedit,emmet,encore,rlsedit}" in done.stdout
+    assert "{rome,memit,alphaedit,emmet,encore,rlsedit,moeedit}" in done.stdout
 
 
 def test_builtin_method_choices_are_the_registry_builtins():

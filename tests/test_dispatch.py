@@ -19,12 +19,12 @@ from accelerate import dispatch_model
 import hf_knowedit
 from hf_knowedit.architectures import get_architecture
 from hf_knowedit.errors import DeviceMapError
-from tests.helpers import CAPITAL_FACT, SHIPPED_METHODS, TINY_METHOD_SETTINGS, logits
+from tests.helpers import CAPITAL_FACT, DENSE_METHODS, TINY_METHOD_SETTINGS, logits
 from tests.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread", "stats_cache")
 
-METHODS = SHIPPED_METHODS
+METHODS = DENSE_METHODS
 FACT = CAPITAL_FACT
 PROBE = "The capital city of Italy is"
 CHEAP = dict(mom2="identity", context_templates=0, v_num_grad_steps=2)

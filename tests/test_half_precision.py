@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import hf_knowedit
-from tests.helpers import CAPITAL_FACT, SHIPPED_METHODS, TINY_METHOD_SETTINGS
+from tests.helpers import CAPITAL_FACT, DENSE_METHODS, TINY_METHOD_SETTINGS
 from tests.tiny_models import make_tiny_model, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread", "stats_cache")
 
 DTYPES = [torch.float16, torch.bfloat16]
 IDS = ["fp16", "bf16"]
-METHODS = SHIPPED_METHODS
+METHODS = DENSE_METHODS
 FACT = CAPITAL_FACT
 CHEAP = dict(mom2="identity", context_templates=0, v_num_grad_steps=3)
 SETTINGS = TINY_METHOD_SETTINGS

@@ -16,7 +16,7 @@ from .webui import cmd_studio
 
 #: the editing methods shipped with hf_knowedit (``methods.registry.BUILTIN``; kept here so that
 #: ``--help`` needs no torch; a test checks that the two agree)
-BUILTIN_METHODS = ("rome", "memit", "alphaedit", "emmet", "encore", "rlsedit")
+BUILTIN_METHODS = ("rome", "memit", "alphaedit", "emmet", "encore", "rlsedit", "moeedit")
 PROTOCOLS = ("single", "batch", "sequential")
 TRACE_KINDS = ("hidden", "mlp", "attn")
 DTYPES = ("float32", "bfloat16", "float16", "auto")

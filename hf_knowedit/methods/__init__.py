@@ -8,7 +8,8 @@
   computing second moments ``C``; :mod:`~hf_knowedit.methods.solvers`: the closed-form solves.
 * The methods: :mod:`~hf_knowedit.methods.rome`, :mod:`~hf_knowedit.methods.memit`,
   :mod:`~hf_knowedit.methods.alphaedit`, :mod:`~hf_knowedit.methods.emmet`,
-  :mod:`~hf_knowedit.methods.encore` and :mod:`~hf_knowedit.methods.rlsedit` (lifelong);
+  :mod:`~hf_knowedit.methods.encore`, :mod:`~hf_knowedit.methods.rlsedit` (lifelong) and
+  :mod:`~hf_knowedit.methods.moeedit` (routed mixture-of-experts blocks);
   NAS (:mod:`~hf_knowedit.methods.nas`) is an option of the MEMIT family.
 
 Adding a method = one file here ending in ``register_method(...)`` and its name in
@@ -21,6 +22,7 @@ from .config import EditConfig, ReferenceConfig
 from .emmet import EMMETConfig
 from .encore import ENCOREConfig
 from .memit import MassEditConfig, MEMITConfig
+from .moeedit import MoEEditConfig
 from .registry import EditContext, MethodResult, available_methods, get_method, register_method
 from .rlsedit import RLSEditConfig
 from .rome import ROMEConfig
@@ -33,6 +35,7 @@ __all__ = [
     "EditContext",
     "MEMITConfig",
     "MassEditConfig",
+    "MoEEditConfig",
     "MethodResult",
     "RLSEditConfig",
     "ROMEConfig",

@@ -185,6 +185,9 @@ class EditConfig:
 
     #: the reference recipe ``context_templates="reference"`` means (:data:`hf_knowedit.methods.context.RECIPES`)
     reference_context: ClassVar[str] = "memit"
+    #: the ``context_templates`` :meth:`from_reference` sets (the reference code's recipe, unless a method's
+    #: reference uses none: ``0``)
+    reference_templates: ClassVar[Any] = "reference"
     #: below this many multiples of d_in keys (``mom2_n_keys``) a warning says C is too coarse for the method
     #: (``docs/results/minimal_precomputation.md``)
     min_n_keys: ClassVar[float] = 2.0
@@ -329,6 +332,7 @@ _SAME = (
     "add_prev_edits",
     "nullspace_threshold",
     "original_implementation",
+    "lambda_reg",
 )
 _RENAMED = {"L2": "l2"}
 _MODULE_PATHS = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp")
@@ -350,6 +354,15 @@ _WHY = {
     "dynamic_multiplier": "unused by the reference's ENCORE update",
     "random_vector_preservation": "unused by the reference's ENCORE update",
     "sequential": "the reference ENCORE's switch for its key cache; add_prev_edits decides here",
+    "num_passes": "MoEEdit's RP-BCD passes: its objective is solved exactly here (methods/moeedit.py)",
+    "optimization_method": "MoEEdit's solver: its objective is solved exactly here (methods/moeedit.py)",
+    "projection_threshold": "unused by the reference MoEEdit (its projections use nullspace_threshold, 2e-2)",
+    "num_samples": "counts Wikipedia articles; mom2_n_tokens counts tokens",
+    "target_layer_for_unified_vector": "z is optimised at the last edited layer (the reference's default)",
+    **{
+        k: "read from the model"
+        for k in ("num_layers", "num_experts", "num_experts_per_tok", "d_model", "d_hidden", "auto_infer_dims")
+    },
 }
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -465,8 +478,12 @@ def _map_reference(cls: type, data: dict[str, Any], source: str, overrides: dict
             ignored[key] = _WHY[key]
         else:
             ignored[key] = "unknown to hf_knowedit"
-    values["context_templates"] = "reference"  # the reference code's recipe (hard-coded in MEMIT's)
-    mapped.setdefault("(context templates)", "`context_templates` = 'reference' (the reference code's recipe)")
+    values["context_templates"] = cls.reference_templates  # the reference code's recipe (hard-coded in MEMIT's)
+    mapped.setdefault(
+        "(context templates)",
+        f"`context_templates` = {cls.reference_templates!r} "
+        + ("(the reference code's recipe)" if cls.reference_templates == "reference" else "(as the reference code)"),
+    )
     if "original_implementation" in names and "original_implementation" not in values:
         ignored["(original_implementation)"] = (
             "absent: the reference ROME code is the original implementation; pass original_implementation=True "

@@ -94,7 +94,7 @@ def get_method(name: str) -> MethodSpec:
 
 
 #: the methods shipped with hf_knowedit, imported on first use
-BUILTIN = ("rome", "memit", "alphaedit", "emmet", "encore", "rlsedit")
+BUILTIN = ("rome", "memit", "alphaedit", "emmet", "encore", "rlsedit", "moeedit")
 
 
 def _load_builtin_methods() -> None:

@@ -21,6 +21,9 @@ Formulas (paper notation, columns are vectors):
 * AlphaEdit (Fang et al. 2025): ``ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹`` with the null-space
   projector ``P`` of ``C`` and the earlier edits' keys ``K_p`` → ``B = R``,
   ``A = ((P (KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K)ᵀ``.
+* MoEEdit (Gu et al. 2026), per-expert projectors ``P_e = U_e U_eᵀ`` on routed keys: AlphaEdit's update without
+  earlier keys for the block-diagonal ``P = diag(P_0 … P_{E-1})`` and ``α = λ``, solved in ``n``-space expert by
+  expert (:func:`expert_nullspace_factors`; ``diag(U_e)`` is never formed).
 * EMMET (Gupta et al. 2024): ``ΔW = R D⁻¹ Kᵀ C⁻¹``, ``D = Kᵀ C⁻¹ K (+ λ_E I)`` → ``B = R D⁻¹``,
   ``A = (C⁻¹ K)ᵀ``; with ``λ_E = 0`` the edits hold exactly: ``ΔW K = R``.
 
@@ -47,6 +50,7 @@ __all__ = [
     "alphaedit_factors",
     "cached_inverse",
     "emmet_factors",
+    "expert_nullspace_factors",
     "memit_factors",
     "nullspace_basis",
     "nullspace_projector",
@@ -273,6 +277,41 @@ def _alphaedit_in_basis(keys: torch.Tensor, basis: torch.Tensor, prior: torch.Te
 
 
 _ALPHA = "AlphaEdit's system P(KKᵀ + K_pK_pᵀ) + αI"
+
+
+def expert_nullspace_factors(
+    keys: torch.Tensor,
+    resid: torch.Tensor,
+    bases: dict[int, torch.Tensor],
+    l2: float,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ΔW = R (K̃ᵀK̃ + λI)⁻¹ K̃ᵀ`` over routed keys with one null-space projector per expert, as factors.
+
+    ``keys`` ``[n, E·I]`` are routed keys (expert ``e``'s block ``g_e k_e``, :mod:`hf_knowedit.experts`);
+    ``K̃`` projects expert ``e``'s block by ``P_e = U_e U_eᵀ`` (``bases[e]``, ``[I, r_e]``,
+    :func:`nullspace_basis` of the expert's statistics; an expert not in ``bases`` has ``P_e = 0``). With
+    ``K̃`` this is the minimiser of ``‖R − ΔW K̃‖² + λ‖ΔW‖²`` and equals :func:`alphaedit_factors` with
+    ``basis = diag(U_0 … U_{E-1})``, ``l2 = λ`` and no earlier keys: its ``n × n`` system
+    ``Σ_e Y_eᵀ Y_e + λI`` (``Y_e = U_eᵀ K_e``) is solved once, and expert ``e``'s block of ``A`` is
+    ``(Σ Y_eᵀY_e + λI)⁻¹ Y_eᵀ U_eᵀ``: it lies in the span of ``U_e``, so ``ΔW_e = ΔW_e P_e``."""
+    _check_shapes(keys, resid)
+    if not l2 > 0:
+        raise SingularSystemError(f"The per-expert ridge K̃ᵀK̃ + λI needs λ > 0, got {l2}; use a positive lambda_reg.")
+    n = keys.shape[0]
+    inner = next(iter(bases.values())).shape[0] if bases else 1
+    if keys.shape[1] % inner or any(U.dim() != 2 or U.shape[0] != inner for U in bases.values()):
+        raise ValueError(f"bases must be [I, r_e] with I dividing the key dimension {keys.shape[1]}")
+    K = keys.double().reshape(n, -1, inner)
+    Y = {e: K[:, e] @ U.double().to(K.device) for e, U in bases.items()}  # [n, r_e]
+    eye = torch.eye(n, dtype=torch.float64, device=K.device)
+    gram = sum((y @ y.t() for y in Y.values()), torch.zeros_like(eye))
+    X = _spd_solve((gram + gram.t()) / 2 + l2 * eye, eye, "MoEEdit's system K̃ᵀK̃ + λI", "raise lambda_reg.")
+    A = torch.zeros_like(K)
+    for e, y in Y.items():
+        A[:, e] = X @ y @ bases[e].double().to(K.device).t()
+    return resid.double().t().to(dtype), A.reshape(n, -1).to(dtype)
 
 
 def emmet_factors(

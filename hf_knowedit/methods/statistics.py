@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from huggingface_hub.utils import tqdm
 from torch import nn
 
 from ..architectures import (
+    EXPERT_LAYOUTS,
     edited_param,
     execution_device,
     get_architecture,
@@ -47,8 +48,8 @@ from ..architectures import (
     num_layers,
     read_tensor,
 )
-from ..errors import InvalidConfigError
-from ..experts import traced_key
+from ..errors import InvalidConfigError, UnsupportedArchitectureError
+from ..experts import expert_dims, expert_keys, gate_up_of, routing_inputs, traced_key
 from ..generation import generate_texts, max_positions
 from ..hooks import Trace, frozen
 from ..moments import DTYPES, SecondMoment, StatsCache, StatsKey, identity_moment
@@ -364,6 +365,16 @@ def mirror_upper(total: torch.Tensor, blocks: Sequence[tuple[int, int]]) -> None
             total[b0:b1, a0:a1].copy_(total[a0:a1, b0:b1].t())
 
 
+def _check_pass_args(owner: str, n_tokens: int, batch_tokens: int, max_length: int) -> None:
+    for name, value, low in (
+        ("n_tokens", n_tokens, 1),
+        ("batch_tokens", batch_tokens, 1),
+        ("max_length", max_length, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidConfigError(f"{owner}: {name} must be an int >= {low}, got {value!r}.")
+
+
 @locked
 def compute_second_moment(
     model: nn.Module,
@@ -397,40 +408,123 @@ def compute_second_moment(
     other threads keep serving the edited model), in eval mode without gradients, and stop right after
     the edited module. Results are reused from memory, then from ``cache``.
     """
-    for name, value, low in (
-        ("n_tokens", n_tokens, 1),
-        ("batch_tokens", batch_tokens, 1),
-        ("max_length", max_length, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InvalidConfigError(f"compute_second_moment: {name} must be an int >= {low}, got {value!r}.")
-    dtype_name = _dtype_name(dtype)
+    _check_pass_args("compute_second_moment", n_tokens, batch_tokens, max_length)
+    dtype = DTYPES[_dtype_name(dtype)]
     spec = get_architecture(model)
     d_in, _ = mlp_out_dims(model, spec, layer)  # validates the layer
     module = mlp_out_path(spec, layer)
+
+    def accumulate(source: Any, keys: list[StatsKey]) -> list[SecondMoment]:
+        return [
+            _accumulate(
+                model, tokenizer, layer, module, d_in, source, n_tokens, dtype, batch_tokens, max_length, keys[0]
+            )
+        ]
+
+    args = (corpus, n_tokens, dtype, cache, max_length, revision, seed)
+    return _cached(model, tokenizer, layer, [module], accumulate, *args)[0]
+
+
+def expert_module_name(module: str, expert: int | str) -> str:
+    """The :class:`~hf_knowedit.moments.StatsKey` module of expert ``expert``'s own statistics
+    (:func:`compute_expert_moments`), distinct from the joint ``C`` of the experts module ``module``."""
+    return f"{module}[{expert}]:ungated"
+
+
+@locked
+def compute_expert_moments(
+    model: nn.Module,
+    tokenizer: Any,
+    layer: int,
+    *,
+    corpus: Corpus = None,
+    n_tokens: int = DEFAULT_N_TOKENS,
+    dtype: Any = torch.float32,
+    cache: StatsCache | str | Path | None | bool = None,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    revision: str | None = None,
+    seed: int = 0,
+) -> list[SecondMoment]:
+    """Per-expert statistics of a routed-experts block (``mlp_out_layout`` ``"experts"`` / ``"experts_t"``):
+    for each expert ``e``, ``C_e = E[k_e k_eᵀ]`` of its *un-gated* key ``k_e(x)`` (:mod:`hf_knowedit.experts`,
+    no routing weight) over the corpus tokens routed to ``e``: ``E`` matrices ``[I, I]`` (memory ``E·I²``, not
+    the joint ``C``'s ``(E·I)²``). An expert no token reached gets ``C_e = I`` with ``n_tokens = 0`` (as
+    MoEEdit's reference code). Arguments, base model and caching as :func:`compute_second_moment`; each expert
+    is one cache entry, its key's module :func:`expert_module_name` (``n_tokens`` is the whole pass's, the
+    entry's ``n_tokens`` the tokens routed to the expert)."""
+    _check_pass_args("compute_expert_moments", n_tokens, batch_tokens, max_length)
+    dtype = DTYPES[_dtype_name(dtype)]
+    spec = get_architecture(model)
+    if spec.mlp_out_layout not in EXPERT_LAYOUTS:
+        raise UnsupportedArchitectureError(
+            f"compute_expert_moments: {spec.model_type}'s edited module is not a routed-experts block "
+            f"(mlp_out_layout={spec.mlp_out_layout!r}); use compute_second_moment."
+        )
+    module = mlp_out_path(spec, layer)
+    mlp_out_dims(model, spec, layer)  # validates the layer
+    n_experts, _ = expert_dims(
+        get_module(model, module), gate_up_of(model, module, spec.mlp_out_layout), spec.mlp_out_layout
+    )
+
+    def accumulate(source: Any, keys: list[StatsKey]) -> list[SecondMoment]:
+        return _accumulate_experts(
+            model, tokenizer, layer, module, source, n_tokens, dtype, batch_tokens, max_length, keys
+        )
+
+    names = [expert_module_name(module, e) for e in range(n_experts)]
+    return _cached(
+        model, tokenizer, layer, names, accumulate, corpus, n_tokens, dtype, cache, max_length, revision, seed
+    )
+
+
+def _cached(
+    model: nn.Module,
+    tokenizer: Any,
+    layer: int,
+    names: list[str],
+    accumulate: Callable[[Any, list[StatsKey]], list[SecondMoment]],
+    corpus: Corpus,
+    n_tokens: int,
+    dtype: torch.dtype,
+    cache: StatsCache | str | Path | None | bool,
+    max_length: int,
+    revision: str | None,
+    seed: int,
+) -> list[SecondMoment]:
+    """The entries named ``names`` (key modules) at ``layer``: from memory, else from the disk cache (all of
+    them), else ``accumulate(corpus source, keys)`` over the corpus, then kept in both."""
+    module = mlp_out_path(get_architecture(model), layer)
     device = execution_device(get_module(model, module))
     memory = get_state(model).history.setdefault(_MEM_KEY, {})
     disk = None if cache is False else cache if isinstance(cache, StatsCache) else StatsCache(cache)
+    dtype_name = _dtype_name(dtype)
 
-    def key_for(corpus_id: str) -> StatsKey:
-        return StatsKey(model_identity(model, layer, revision=revision), layer, module, corpus_id, n_tokens, dtype_name)
+    def keys_for(corpus_id: str) -> list[StatsKey]:
+        ident = model_identity(model, layer, revision=revision)
+        return [StatsKey(ident, layer, name, corpus_id, n_tokens, dtype_name) for name in names]
 
-    def cached(key: StatsKey) -> SecondMoment | None:
-        if key in memory:
-            return memory[key]
-        hit = disk.get(key, device=device) if disk is not None else None
-        if hit is not None:
-            logger.info("Second moment for %s loaded from %s.", module, disk.path(key))
-            memory[key] = hit
-        return hit
+    def cached(keys: list[StatsKey]) -> list[SecondMoment] | None:
+        hits = []
+        for key in keys:
+            hit = memory.get(key)
+            if hit is None and disk is not None:
+                hit = disk.get(key, device=device)
+                if hit is not None:
+                    logger.info("Second moment for %s loaded from %s.", key.module, disk.path(key))
+            if hit is None:
+                return None
+            hits.append(hit)
+        memory.update((hit.key, hit) for hit in hits)
+        return hits
 
     # the default corpus: a cached wikitext entry is used without loading (or downloading) the dataset
-    hit = cached(key_for(wiki_identity(max_length))) if corpus is None else None
+    hit = cached(keys_for(wiki_identity(max_length))) if corpus is None else None
     if hit is not None:
         return hit
     source, corpus_id = resolve_corpus(model, tokenizer, corpus, n_tokens, max_length, seed)
-    key = key_for(corpus_id)
-    hit = cached(key)
+    keys = keys_for(corpus_id)
+    hit = cached(keys)
     if hit is not None:
         return hit
 
@@ -438,19 +532,57 @@ def compute_second_moment(
         source = sampled_corpus(
             model, tokenizer, n_tokens, seed=seed, directory=disk.directory if disk is not None else None
         )
-    entry = _accumulate(
-        model, tokenizer, layer, module, d_in, source, n_tokens, DTYPES[dtype_name], batch_tokens, max_length, key
-    )
+    entries = accumulate(source, keys)
     rank, world = process_group()
-    if disk is not None and rank == 0:  # one process writes the cache entry for all
-        path = disk.put(entry)
-        logger.info("Second moment for %s saved to %s.", module, path)
+    if disk is not None and rank == 0:  # one process writes the cache entries for all
+        for entry in entries:
+            logger.info("Second moment for %s saved to %s.", entry.key.module, disk.put(entry))
     if world > 1:
         import torch.distributed as dist
 
-        dist.barrier()  # the entry is on disk before any process goes on
-    memory[key] = entry
-    return entry
+        dist.barrier()  # the entries are on disk before any process goes on
+    memory.update((entry.key, entry) for entry in entries)
+    return entries
+
+
+def _corpus_traces(
+    model: nn.Module,
+    tokenizer: Any,
+    layer: int,
+    module: str,
+    corpus: Any,
+    n_tokens: int,
+    batch_tokens: int,
+    max_length: int,
+) -> Iterator[tuple[Trace, torch.Tensor]]:
+    """The statistics pass: for each batch of the corpus's first ``n_tokens`` tokens that this process handles
+    (every world-th under a launcher), the :class:`~hf_knowedit.hooks.Trace` of ``module`` (its input retained,
+    the forward stopped there) and the batch's non-pad mask ``[B·T]`` (bool). On the base model, frozen, without
+    gradients."""
+    rank, world = process_group()
+    with (
+        frozen(model),
+        base_view(model),
+        torch.no_grad(),
+        tqdm(total=n_tokens, desc=f"second moment L{layer}", unit="tok", leave=False) as bar,
+    ):
+        for i, batch in enumerate(_batches(tokenizer, _texts(corpus), max_length, batch_tokens, n_tokens)):
+            bar.update(sum(map(len, batch)))
+            if i % world != rank:
+                continue  # another process's batch
+            ids, mask, _, _ = pad_batch(batch, 0, "right", model_device(model))
+            with Trace(model, module, retain_input=True, retain_output=False, stop=True) as tr:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            yield tr, mask.reshape(-1).bool()
+
+
+def _sum_over_processes(*sums: torch.Tensor) -> None:
+    """Under a launcher every process saw every world-th batch: sum the sums (in place)."""
+    if process_group()[1] > 1:
+        import torch.distributed as dist
+
+        for total in sums:
+            dist.all_reduce(total)
 
 
 def _accumulate(
@@ -469,44 +601,76 @@ def _accumulate(
 ) -> SecondMoment:
     block = block or STATS_BLOCK
     layout = get_architecture(model).mlp_out_layout
-    rank, world = process_group()
     device = execution_device(get_module(model, module))  # C is accumulated where the module computes
     total = torch.zeros(d_in, d_in, dtype=dtype, device=device)
     blocks = [(i, min(i + block, d_in)) for i in range(0, d_in, block)]
-    count = 0
-    with (
-        frozen(model),
-        base_view(model),
-        torch.no_grad(),
-        tqdm(total=n_tokens, desc=f"second moment L{layer}", unit="tok", leave=False) as bar,
-    ):
-        for i, batch in enumerate(_batches(tokenizer, _texts(corpus), max_length, batch_tokens, n_tokens)):
-            if i % world != rank:
-                bar.update(sum(map(len, batch)))  # another process's batch
-                continue
-            ids, mask, _, _ = pad_batch(batch, 0, "right", model_device(model))
-            with Trace(model, module, retain_input=True, retain_output=False, stop=True) as tr:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            keys = traced_key(layout, model, module, tr).to(device).reshape(-1, d_in)
-            keys = keys[mask.reshape(-1).bool().to(device)].to(dtype)  # no pads
-            add_outer_blocks(total, keys, blocks)
-            count += keys.shape[0]
-            bar.update(keys.shape[0])
-    if world > 1:  # every process saw every world-th batch: sum the sums
-        import torch.distributed as dist
-
-        counted = torch.tensor([count], dtype=torch.float64, device=device)
-        dist.all_reduce(total)
-        dist.all_reduce(counted)
-        count = int(counted.item())
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for tr, mask in _corpus_traces(model, tokenizer, layer, module, corpus, n_tokens, batch_tokens, max_length):
+        keys = traced_key(layout, model, module, tr).to(device).reshape(-1, d_in)
+        keys = keys[mask.to(device)].to(dtype)  # no pads
+        add_outer_blocks(total, keys, blocks)
+        count += keys.shape[0]
+    _sum_over_processes(total, count)
     mirror_upper(total, blocks)
-    if count == 0:
+    used = int(count.item())
+    _check_count(used, n_tokens)
+    return SecondMoment(total / used, used, key)
+
+
+def _check_count(used: int, n_tokens: int) -> None:
+    if used == 0:
         raise InvalidConfigError("The statistics corpus produced no tokens; pass a non-empty corpus.")
-    if count < n_tokens:
+    if used < n_tokens:
         logger.warning(
-            "The statistics corpus ran out after %d of %d tokens; C is averaged over %d.", count, n_tokens, count
+            "The statistics corpus ran out after %d of %d tokens; C is averaged over %d.", used, n_tokens, used
         )
-    return SecondMoment(total / count, count, key)
+
+
+def _accumulate_experts(
+    model: nn.Module,
+    tokenizer: Any,
+    layer: int,
+    module: str,
+    corpus: Any,
+    n_tokens: int,
+    dtype: torch.dtype,
+    batch_tokens: int,
+    max_length: int,
+    keys: list[StatsKey],
+) -> list[SecondMoment]:
+    """:func:`compute_expert_moments`' pass: ``Σ k_e k_eᵀ`` per expert over the tokens routed to it."""
+    layout = get_architecture(model).mlp_out_layout
+    experts = get_module(model, module)
+    device = execution_device(experts)
+    gate_up = gate_up_of(model, module, layout)
+    n_experts, inner = expert_dims(experts, gate_up, layout)
+    totals = torch.zeros(n_experts, inner, inner, dtype=dtype, device=device)
+    counts = torch.zeros(n_experts, dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    for tr, mask in _corpus_traces(model, tokenizer, layer, module, corpus, n_tokens, batch_tokens, max_length):
+        hidden, index, _ = routing_inputs(tr.args)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        mask = mask.to(hidden.device)
+        index = index.reshape(hidden.shape[0], -1)[mask]
+        tokens += int(mask.sum())
+        for e, _, _, k in expert_keys(experts, hidden[mask], index, gate_up, layout):
+            k = k.to(device, dtype)
+            totals[e].addmm_(k.t(), k)
+            counts[e] += k.shape[0]
+    _sum_over_processes(totals, counts, tokens)
+    _check_count(int(tokens.item()), n_tokens)
+    out = []
+    for e, key in enumerate(keys):
+        n = int(counts[e].item())
+        matrix = totals[e] / n if n else torch.eye(inner, dtype=dtype, device=device)
+        out.append(SecondMoment(matrix, n, key))
+    if not all(counts):
+        logger.warning(
+            "No statistics token was routed to experts %s of layer %d: their C_e is the identity.",
+            [e for e in range(n_experts) if not counts[e]],
+            layer,
+        )
+    return out
 
 
 #: (config class, mom2_n_keys) pairs already warned about (once per process, not once per layer)
@@ -544,6 +708,32 @@ def second_moment_for(model: nn.Module, tokenizer: Any, layer: int, config: Any)
     if config.mom2 == "identity":
         return identity_moment(model, layer)
     return compute_second_moment(
+        model,
+        tokenizer,
+        layer,
+        corpus=config.mom2_corpus,
+        n_tokens=n_tokens_for(model, layer, config),
+        dtype=getattr(torch, config.mom2_dtype),
+        batch_tokens=getattr(config, "mom2_batch_tokens", DEFAULT_BATCH_TOKENS),
+    )
+
+
+def expert_moments_for(model: nn.Module, tokenizer: Any, layer: int, config: Any) -> list[SecondMoment]:
+    """The per-expert statistics ``C_e`` at ``layer`` (:func:`compute_expert_moments`) as a method config asks
+    (the fields of :func:`second_moment_for`); ``mom2="identity"``: ``C_e = I`` for every expert."""
+    if config.mom2 == "identity":
+        spec = get_architecture(model)
+        module = mlp_out_path(spec, layer)
+        mlp_out_dims(model, spec, layer)  # validates the layer
+        n_experts, inner = expert_dims(
+            get_module(model, module), gate_up_of(model, module, spec.mlp_out_layout), spec.mlp_out_layout
+        )
+        eye = torch.eye(inner, dtype=torch.float64)
+        keys = [
+            StatsKey("any", layer, expert_module_name(module, e), "identity", 0, "float64") for e in range(n_experts)
+        ]
+        return [SecondMoment(eye, 0, key) for key in keys]
+    return compute_expert_moments(
         model,
         tokenizer,
         layer,
