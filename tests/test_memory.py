@@ -159,3 +159,25 @@ def test_the_key_histories_hold_the_state_the_model_predicts(method):
         assert basis_bytes <= predicted["null-space basis"]  # the worst case, r = d_in
     else:
         assert "null-space basis" not in predicted
+
+
+def test_moeedit_solve_and_statistics_are_linear_in_the_experts():
+    """MoEEdit's solve of one layer (every expert's null-space basis, then the ridge in the edits) allocates
+    what ``solve_bytes(I, d, n, "moeedit", experts=E)`` says (within 20 %, worst case: every direction of
+    every expert is null); its statistics are ``E`` blocks of ``I²``, not the joint ``(E·I)²``."""
+    from hf_knowedit.methods.solvers import expert_nullspace_factors, nullspace_basis
+
+    E, inner, d_out, n = 4, 300, 64, 8
+    g = torch.Generator().manual_seed(0)
+    moments = [1e-3 * torch.eye(inner) for _ in range(E)]  # every eigenvalue below the threshold: r_e = I
+    keys, resid = torch.randn(n, E * inner, generator=g), torch.randn(n, d_out, generator=g)
+
+    def step():
+        bases = {e: nullspace_basis(C, 2e-2).float() for e, C in enumerate(moments)}
+        return expert_nullspace_factors(keys, resid, bases, 1.0)
+
+    predicted = memory.solve_bytes(inner, d_out, n, "moeedit", experts=E)
+    measured = memory.measure_peak(step)
+    assert 0.8 * measured <= predicted["total"] <= 1.2 * measured, (measured, predicted)
+    assert memory.statistics_bytes(768, 2048, 768, 32, 4096, 512, experts=128)["C"] == 4 * 128 * 768**2
+    assert memory.statistics_bytes(768 * 128, 2048, 768, 32, 4096, 512)["C"] == 4 * (128 * 768) ** 2

@@ -57,6 +57,7 @@ def statistics_bytes(
     s: int = 4,
     s_C: int = 4,
     eager: bool = True,
+    experts: int | None = None,
 ) -> dict[str, int]:
     """One statistics pass (:func:`hf_knowedit.methods.statistics.compute_second_moment`):
 
@@ -66,10 +67,15 @@ def statistics_bytes(
       accumulation dtype ``s_C T d_in``;
     * ``forward``: the activations of the block being run (:func:`forward_activation_bytes`); the pass
       stops after the edited module, so nothing above it is computed.
+
+    ``experts=E``: MoEEdit's per-expert pass (:func:`~hf_knowedit.methods.statistics.compute_expert_moments`)
+    with ``d_in`` the expert's inner size ``I``: ``C`` is ``E`` blocks, ``s_C E I²`` (not the joint ``(E·I)²``),
+    and ``keys`` are one expert's at a time (at most ``T`` rows).
     """
+    blocks = 1 if experts is None else int(experts)
     return _total(
         {
-            "C": s_C * d_in * d_in,
+            "C": s_C * blocks * d_in * d_in,
             "keys": (2 * s + s_C) * tokens * d_in,
             "forward": forward_activation_bytes(tokens, d_model, d_ff, heads, longest, s, eager),
         }
@@ -167,7 +173,7 @@ def targets_bytes_for(
     )
 
 
-def solve_bytes(d_in: int, d_out: int, n: int, method: str = "memit") -> dict[str, int]:
+def solve_bytes(d_in: int, d_out: int, n: int, method: str = "memit", experts: int | None = None) -> dict[str, int]:
     """One layer's closed-form solve, all in float64 (:mod:`hf_knowedit.methods.solvers`):
 
     * ``rome``: the Cholesky factor of ``C`` (cached on the ``SecondMoment``), the float64 copy of ``C``,
@@ -177,8 +183,25 @@ def solve_bytes(d_in: int, d_out: int, n: int, method: str = "memit") -> dict[st
     * ``emmet``: ``C`` and its factor ``2 · 8 d_in²`` plus the ``n × n`` system ``2 · 8 n²``;
     * ``rlsedit``: on top of the layer's ``P`` (:func:`state_bytes`), the updated ``P`` and its symmetrised
       copy ``2 · 8 d_in²`` (on a model's first batch: the identity and ``P₀ = (λC)⁻¹``, as many), the
-      ``n × n`` system ``8 n²`` and ``K``, ``PK``, the gain and the residuals ``8 n (3 d_in + d_out)``.
+      ``n × n`` system ``8 n²`` and ``K``, ``PK``, the gain and the residuals ``8 n (3 d_in + d_out)``;
+    * ``moeedit`` (``d_in`` = an expert's inner size ``I``, ``experts=E``): one expert's eigen-decomposition
+      (its ``C_e`` in float64, symmetrised, the eigenvectors and the kept ones, about ``3 · 8 I²`` at once),
+      the null-space bases of the experts the edits reach (float32, at most ``E`` of at most ``I × I``:
+      ``4 E I²``), the
+      routed keys and the update's right factor over all experts (float64 both, and the factor in float32:
+      ``20 n E I``), the ``n × n`` system ``3 · 8 n²`` and the residuals ``8 n d_out``.
     """
+    if method == "moeedit":
+        E = 1 if experts is None else int(experts)
+        return _total(
+            {
+                "eigen-decomposition of one C_e (float64)": 3 * 8 * d_in * d_in,
+                "null-space bases (float32, experts reached)": E * 4 * d_in * d_in,
+                "routed keys and factor": 20 * n * E * d_in,
+                "n×n system": 3 * 8 * n * n,
+                "vectors": 8 * n * d_out,
+            }
+        )
     vectors = 8 * n * (2 * d_in + d_out)
     if method == "rome":
         return _total({"C, I, C + jitter·I, factor (float64)": 4 * 8 * d_in * d_in, "vectors": 8 * (2 * d_in + d_out)})
