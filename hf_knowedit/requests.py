@@ -34,6 +34,9 @@ class EditRequest:
         target_true: the current object, if known (used for conflicts and evaluation).
         paraphrases / neighborhood: optional evaluation prompts carried along (filled strings).
         case_id: optional identifier from a dataset.
+        relation_id: optional relation identifier, e.g. CounterFact's Wikidata ``"P17"`` (read from
+            ``requested_rewrite.relation_id`` or a dict's ``relation_id``); ``chat_questions`` asks the
+            relation's question by it.
     """
 
     prompt: str
@@ -43,6 +46,7 @@ class EditRequest:
     paraphrases: tuple[str, ...] = ()
     neighborhood: tuple[str, ...] = ()
     case_id: Any | None = None
+    relation_id: str | None = None
 
     @property
     def text(self) -> str:
@@ -72,6 +76,7 @@ _EXAMPLES = {
     "target_true": "target_true='Africa' (or None)",
     "paraphrases": "paraphrases=['Angola lies in']",
     "neighborhood": "neighborhood=['Kenya is located in']",
+    "relation_id": "relation_id='P30' (or None)",
 }
 
 
@@ -170,6 +175,7 @@ def to_request(item: Any) -> EditRequest:
             paraphrases=item.paraphrases,
             neighborhood=item.neighborhood,
             case_id=item.case_id,
+            relation_id=item.relation_id,
         )
     elif isinstance(item, Mapping):
         if "requested_rewrite" in item:  # CounterFact, full schema
@@ -187,6 +193,7 @@ def to_request(item: Any) -> EditRequest:
                 paraphrases=item.get("paraphrase_prompts"),
                 neighborhood=item.get("neighborhood_prompts"),
                 case_id=item.get("case_id"),
+                relation_id=rw.get("relation_id"),
             )
         else:  # our own keys, or EasyEdit's flat records
             fields = dict(
@@ -197,6 +204,7 @@ def to_request(item: Any) -> EditRequest:
                 paraphrases=_first(item, "rephrase_prompt", "paraphrases"),
                 neighborhood=_first(item, "locality_prompt", "neighborhood"),
                 case_id=item.get("case_id"),
+                relation_id=item.get("relation_id"),
             )
     else:
         raise InvalidRequestError(
@@ -215,6 +223,7 @@ def to_request(item: Any) -> EditRequest:
         _prompts(fields["paraphrases"], "paraphrases"),
         _prompts(fields["neighborhood"], "neighborhood"),
         _case_id(fields["case_id"]),
+        _text(fields["relation_id"], "relation_id", required=False) or None,
     )
     validate(req)
     return req
