@@ -228,6 +228,14 @@ class EditConfig:
         "(hf_knowedit.methods.context.chat_templates)",
         "int>=0",
     )
+    chat_questions: bool = option(
+        False,
+        "one more v*/z rewriting row per request: its relation's question (relation_questions.json, by the "
+        "request's relation_id or its CounterFact statement) as a user turn of the chat template ('Q: ... A:' "
+        "without one), the new object as the answer's first words, written as given; requests whose relation "
+        "has no question get none (hf_knowedit.methods.context.question_template)",
+        "bool",
+    )
     context_template_length_params: list[list[int]] | None = option(
         None,
         "[[length, count], ...] of context_templates='reference' (None: the method's reference pairs)",

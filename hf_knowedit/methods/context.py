@@ -36,6 +36,11 @@ They form a group of their own, so keys and the v*/z loss see the fact as the mo
 ``n`` more prompts per request in the v*/z optimisation and the keys (the chat template's tokens included).
 Off by default (the papers' objective).
 
+**Questions** (``chat_questions=True``): the v*/z objective gets one more row per request, the question of its
+relation (:func:`request_question`) as a user turn, then the new object as the answer's first words
+(:func:`question_template`; ``docs/design.md`` gives the target-form rule). Cost: one row per request that has
+a question, in the v*/z steps only.
+
 Generated templates are cached per model in ``get_state(model).history`` (no module-level caches).
 
 >>> context_templates(model, tok, n=5, length=10)
@@ -170,21 +175,67 @@ def reference_templates(
 CHAT_TURNS = ("Tell me a fact.", "Tell me something you know.", "Say something true.", "What do you know?")
 
 
+def _reply_head(tokenizer: Any, turn: str) -> str:
+    """``turn`` as one user turn, ready for the assistant's reply (:func:`hf_knowedit.tokens.chat_prompt`), without a
+    beginning-of-text token the tokenizer adds itself, and with ``"{}"`` written ``"{ }"`` (templates take the prompt
+    at their one ``"{}"``)."""
+    head = chat_prompt(tokenizer, turn)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and head.startswith(bos) and list(tokenizer("")["input_ids"]) == [getattr(tokenizer, "bos_token_id", None)]:
+        head = head[len(bos) :]
+    return head.replace("{}", "{ }")
+
+
 def chat_templates(tokenizer: Any, n: int) -> list[str]:
     """``n`` templates that put the prompt at the start of the assistant's reply to a user turn of
     :data:`CHAT_TURNS` (cycled): ``chat_prompt(tokenizer, turn) + "{}"`` (:func:`hf_knowedit.tokens.chat_prompt`:
     the tokenizer's chat template, or ``"Q: {turn}\\nA: {}"``). A beginning-of-text token the template writes is
     left out where the tokenizer adds it itself (prompts are encoded with special tokens)."""
-    bos = getattr(tokenizer, "bos_token", None)
-    adds_bos = bool(bos) and list(tokenizer("")["input_ids"]) == [getattr(tokenizer, "bos_token_id", None)]
     out = []
     for i in range(n):
-        head = chat_prompt(tokenizer, CHAT_TURNS[i % len(CHAT_TURNS)])
-        if adds_bos and head.startswith(bos):
-            head = head[len(bos) :]
-        head = head.replace("{}", "{ }")  # the prompt goes at the one "{}" (keys.prefixed)
+        head = _reply_head(tokenizer, CHAT_TURNS[i % len(CHAT_TURNS)])
         out.append(head + ("" if head.endswith((" ", "\n")) else " ") + "{}")
     return out
+
+
+#: stands for the subject while a question goes through the chat template (a private-use character)
+_SUBJECT = "\ue000"
+
+
+def question_template(tokenizer: Any, question: str) -> str:
+    """``question`` (``"{}"`` where the subject goes) as one user turn ready for the assistant's answer, through the
+    tokenizer's chat template (``"Q: ...\\nA:"`` without one), with ``"{}"`` still where the subject goes:
+    ``"<|im_start|>user\\nWhere is {} located?<|im_end|>\\n<|im_start|>assistant\\n"``. The answer is written
+    after it as the target is after any prompt (:func:`hf_knowedit.tokens.split_prompt_target`): directly after a
+    header that ends in whitespace, after one space otherwise (``"A: Rome"``)."""
+    return _reply_head(tokenizer, question.replace("{}", _SUBJECT, 1)).replace(_SUBJECT, "{}", 1)
+
+
+def request_question(request: Any) -> str | None:
+    """The edit question of the request's relation (``"Where is {} located?"``) from the chat evaluation's table
+    (:func:`hf_knowedit.evaluation.chat.question_table`): the relation is the request's ``relation_id`` if it
+    carries one, else the one whose CounterFact statements include its prompt
+    (:func:`~hf_knowedit.evaluation.chat.relation_of_statement`); ``None`` when no relation, or none with a
+    question, is found."""
+    from ..evaluation.chat import question_table, relation_of_statement  # evaluation imports the methods
+
+    relation = getattr(request, "relation_id", None) or relation_of_statement(request.prompt)
+    entry = question_table().get(relation) if relation else None
+    return entry["question"] if entry and "{}" in entry["question"] else None
+
+
+def question_templates(tokenizer: Any, requests: Sequence[Any]) -> list[str | None]:
+    """Per request, its question as a chat turn ready for the answer (:func:`question_template` of
+    :func:`request_question`), or ``None`` (logged once per call, naming the requests) where none is known."""
+    questions = [request_question(r) for r in requests]
+    missing = [r.text for r, q in zip(requests, questions) if q is None]
+    if missing:
+        logger.info(
+            "chat_questions: no question is known for the relation of %d request(s), which get no question row: %s",
+            len(missing),
+            missing[:10] + (["..."] if len(missing) > 10 else []),
+        )
+    return [None if q is None else question_template(tokenizer, q) for q in questions]
 
 
 def template_groups(model: nn.Module, tokenizer: Any, config: Any) -> list[list[str]]:
@@ -216,6 +267,10 @@ def flatten(groups: Sequence[Sequence[str]] | Sequence[str]) -> list[str]:
 def template_reserve(tokenizer: Any, config: Any) -> int:
     """Tokens a context-template prefix may add to a prompt (for the length check before any forward)."""
     chat = chat_templates(tokenizer, min(getattr(config, "chat_context", 0), len(CHAT_TURNS)))
+    if getattr(config, "chat_questions", False):  # a question row holds no statement: its turn counts whole
+        from ..evaluation.chat import question_table
+
+        chat += [question_template(tokenizer, r["question"]) for r in question_table().values()]
     chat_reserve = max((len(tokenizer(t.replace("{}", ""))["input_ids"]) + 1 for t in chat), default=0)
     return max(chat_reserve, _prefix_reserve(tokenizer, config))
 

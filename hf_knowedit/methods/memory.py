@@ -143,15 +143,19 @@ def targets_bytes_for(
     templates: Any = ("{}",),
     kl_prompts: Any = None,
     prefix_cache: bool = True,
+    chat_questions: bool = False,
 ) -> dict[str, int]:
     """:func:`targets_bytes` for these requests, as :func:`~hf_knowedit.methods.targets.optimize_targets`
     would batch them in one chunk (rows and their lengths from the same tokenisation; the cut at each
-    row's subject last token when ``prefix_cache``)."""
+    row's subject last token when ``prefix_cache``; the question rows with ``chat_questions``)."""
     from ..requests import to_request
+    from .context import question_templates
     from .targets import KL_PROMPT, _build
 
     shape = model_shape(model, layer)
-    built = [_build(tokenizer, to_request(r), templates, kl_prompts or (KL_PROMPT,)) for r in requests]
+    reqs = [to_request(r) for r in requests]
+    asked = question_templates(tokenizer, reqs) if chat_questions else [None] * len(reqs)
+    built = [_build(tokenizer, r, templates, kl_prompts or (KL_PROMPT,), question=q) for r, q in zip(reqs, asked)]
     lengths = [len(row) for b in built for row in b.rows]
     cuts = [c for b in built for c in b.lookups] if prefix_cache else [0] * len(lengths)
     width = max(n - c for n, c in zip(lengths, cuts))

@@ -10,6 +10,12 @@ stops once its loss is below ``early_stop`` (or by ENCORE's MPES rule, :func:`mp
 adds ``δ`` to the output of ``mlp_out`` (ROME's v*), ``site="residual"`` to the block output (MEMIT's z);
 ``init`` is the unedited value there.
 
+Question rows (``chat_questions=True``): each request whose relation has a question
+(:func:`hf_knowedit.methods.context.request_question`) gets one more rewriting row, the question as a user turn of
+the chat template followed by the new object as the first words of the answer
+(:func:`hf_knowedit.methods.context.question_template`); δ goes at the subject's last token in the question, and
+the row counts in the NLL mean and in MPES's arg-max check like any other rewriting row.
+
 Speed (``fast=True``, the default): ``δ`` enters at the edited layer, so the blocks below it run
 once per optimisation: their output is recorded and, during the steps, replayed by stand-in blocks
 (:func:`hf_knowedit.hooks.replaced_blocks`). The loss reads logits only at the target positions and
@@ -75,6 +81,7 @@ from ..hooks import ReplayBlock, Trace, first_input, hidden, replace_hidden, rep
 from ..requests import EditRequest
 from ..tokens import encode_template, pad_batch, split_prompt_target
 from .config import EditConfig, make_config
+from .context import question_templates
 from .keys import DEFAULT_BATCH_TOKENS, group_by_size, prefixed
 
 logger = logging.getLogger(__name__)
@@ -193,11 +200,19 @@ def _cache_mode(model: nn.Module, spec: ArchitectureSpec, backbone: nn.Module) -
 
 
 def _build(
-    tokenizer: Any, req: EditRequest, templates: Sequence[str], kl_prompts: Sequence[str], noise: bool = False
+    tokenizer: Any,
+    req: EditRequest,
+    templates: Sequence[str],
+    kl_prompts: Sequence[str],
+    noise: bool = False,
+    question: str | None = None,
 ) -> _Request:
+    """The request's rows: one rewriting row per template (the prompt in it, then the target), then its
+    ``question`` row (a chat turn with ``{}`` for the subject, then the target as the answer's start:
+    :func:`hf_knowedit.methods.context.question_template`) if given, then the essence rows."""
     rows, lookups, targets = [], [], []
-    for t in templates:
-        text = prefixed(t, req)
+    texts = [prefixed(t, req) for t in templates] + ([question] if question is not None else [])
+    for text in texts:
         enc = encode_template(tokenizer, text, req.subject)
         prompt_ids, target_ids = split_prompt_target(tokenizer, enc.text, req.target_new)
         row = len(rows)
@@ -209,9 +224,9 @@ def _build(
         rows.append(enc.input_ids)
         lookups.append(enc.subject_last)
     checked = [t != "{}" for t in templates]  # MPES leaves out the bare prompt, unless it is the only one
-    checked = checked if any(checked) else [True] * len(templates)
+    checked = (checked if any(checked) else [True] * len(templates)) + [True] * (len(texts) - len(templates))
     at, weights = position_noise(rows, lookups) if noise else (list(lookups), [1.0] * len(rows))
-    return _Request(rows, at, len(templates), targets, checked, lookups, weights)
+    return _Request(rows, at, len(texts), targets, checked, lookups, weights)
 
 
 def _structure(output: Any) -> Any:
@@ -251,9 +266,9 @@ def mpes_stop(top1_steps: torch.Tensor, mean_prob: torch.Tensor, prob_cutoff: fl
     requests stop at this forward pass (before its Adam step).
 
     ``prob_cutoff = −N`` (a negative whole number): once the forward passes at which the new object is the
-    arg-max at every target token of every rewriting prompt but the bare ``"{}"`` one number ``N``
-    (``top1_steps``, counted along the run, not reset when a pass misses): ``−1`` stops at the first such
-    pass, ``−N`` allows up to ``N − 1`` more Adam steps. ``0 < prob_cutoff < 1``: once ``mean_prob``, the new
+    arg-max at every target token of every rewriting prompt but the bare ``"{}"`` one (question rows included)
+    number ``N`` (``top1_steps``, counted along the run, not reset when a pass misses): ``−1`` stops at the first
+    such pass, ``−N`` allows up to ``N − 1`` more Adam steps. ``0 < prob_cutoff < 1``: once ``mean_prob``, the new
     object's probability (``exp`` of the token-averaged NLL) averaged over all rewriting prompts, exceeds it.
     """
     if prob_cutoff < 0:
@@ -334,7 +349,8 @@ def optimize_targets(
     spec = get_architecture(model)
     _, d_out = mlp_out_dims(model, spec, layer)  # raises LayerOutOfRangeError
     noise = bool(getattr(hp, "v_position_noise", False))
-    built = [_build(tokenizer, r, templates, kl_prompts, noise) for r in requests]
+    asked = question_templates(tokenizer, requests) if hp.chat_questions else [None] * len(requests)
+    built = [_build(tokenizer, r, templates, kl_prompts, noise, q) for r, q in zip(requests, asked)]
     sizes = [len(b.rows) * max(len(row) for row in b.rows) for b in built]
     chunks = [
         _Chunk(model, spec, layer, site, [(i, built[i]) for i in group]) for group in group_by_size(sizes, batch_tokens)
