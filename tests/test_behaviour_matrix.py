@@ -39,15 +39,31 @@ ONLY_ON = {method: TINY_ROUTED_MOE for method in ROUTED_ONLY_METHODS}
 CASES = [(arch, method) for arch in TINY_MODEL_TYPES for method in METHODS if arch in ONLY_ON.get(method, (arch,))]
 IDS = [f"{arch}-{method}" for arch, method in CASES]
 
-FACT = {"prompt": "The capital city of {}", "subject": "Italy", "target_new": "Paris", "target_true": "Rome"}
+# relation_id: P36's question ("What is the capital of {}?") is a v*/z row with chat_questions (below)
+FACT = {
+    "prompt": "The capital city of {}",
+    "subject": "Italy",
+    "target_new": "Paris",
+    "target_true": "Rome",
+    "relation_id": "P36",
+}
 PROBE = "The capital city of Italy is"
 OTHER = {"prompt": "The official language of {}", "subject": "Japan", "target_new": "German"}
 
 # v_lr absolute: the default rate is relative to the site's RMS, which on random tiny models is ~1e-3, so two
 # steps would barely move z (and a post-MLP norm, as OLMo 2's, then passes only that small change on)
 # chat_context=1: the chat-form template (here "Q: ... A: {}": the tiny tokenizer has no chat template) on every row;
+# chat_questions: the fact's question, "Q: What is the capital of Italy?\nA:" then the target, a row of its own;
 # v_position_noise (NAMET): the bare prompt and the essence prompt, shorter than the chat form, get no delta
-CHEAP = dict(mom2="identity", context_templates=0, chat_context=1, v_position_noise=True, v_num_grad_steps=2, v_lr=0.5)
+CHEAP = dict(
+    mom2="identity",
+    context_templates=0,
+    chat_context=1,
+    chat_questions=True,
+    v_position_noise=True,
+    v_num_grad_steps=2,
+    v_lr=0.5,
+)
 SETTINGS = {
     "rome": dict(layers=[1]),
     "memit": dict(layers=[1, 2], mom2_update_weight=1e-3),  # small λ with C = I: an update of visible size

@@ -18,6 +18,14 @@ def test_variants_are_method_options():
         bench_chat.variant_options("chat_context")
 
 
+def test_chat_questions_is_a_variant():
+    from hf_knowedit.methods.memit import MEMITConfig
+
+    options = bench_chat.variant_options("chat_questions=true,chat_context=2")
+    assert options == {"chat_questions": True, "chat_context": 2}
+    assert MEMITConfig(**options).chat_questions is True
+
+
 def test_the_table_names_each_missed_target():
     pre = dict.fromkeys(bench_chat.COLUMNS, 0.0) | {"NS": 80.0, "chat_keep": 96.0}
     good = {"ES": 100.0, "PS": 90.0, "NS": 78.0, "gen_ES": 95.0, "gen_PS": 75.0, "gen_ES_prefix": 90.0}
