@@ -235,3 +235,21 @@ def test_the_authors_settings_load_through_from_reference():
     assert (c.lambda_reg, c.nullspace_threshold, c.context_templates) == (1, 2e-2, 0)
     assert (c.v_lr, c.v_num_grad_steps, c.clamp_norm_factor, c.v_weight_decay) == (0.1, 25, 0.75, 0.5)
     assert "num_passes" in ref.ignored and "projection_threshold" in ref.ignored
+
+
+@pytest.mark.parametrize("limit, warned", [(0, True), (1 << 30, False)])
+def test_a_large_joint_second_moment_of_routed_experts_warns_and_names_moeedit(monkeypatch, caplog, limit, warned):
+    """Before the joint ``(E·I)²`` statistics of a routed-experts block above ``JOINT_WARN_BYTES`` are computed, the
+    log says their size and MoEEdit's per-expert size; the per-expert pass itself never warns."""
+    from hf_knowedit.methods import statistics
+
+    model, tok = make_tiny_model("mixtral")
+    monkeypatch.setattr(statistics, "JOINT_WARN_BYTES", limit)
+    texts = ["The Eiffel Tower is located in Paris."] * 4
+    with caplog.at_level("WARNING", logger="hf_knowedit.methods.statistics"):
+        compute_second_moment(model, tok, 1, corpus=texts, n_tokens=16, cache=False)
+        compute_expert_moments(model, tok, 1, corpus=texts, n_tokens=16, cache=False)
+    said = [r.getMessage() for r in caplog.records if "moeedit" in r.getMessage()]
+    assert len(said) == int(warned)
+    if warned:
+        assert "(4 experts of 48)" in said[0] and "48 x 48" in said[0]

@@ -415,6 +415,8 @@ def compute_second_moment(
     module = mlp_out_path(spec, layer)
 
     def accumulate(source: Any, keys: list[StatsKey]) -> list[SecondMoment]:
+        if spec.mlp_out_layout in EXPERT_LAYOUTS:
+            _warn_joint_size(model, module, spec.mlp_out_layout, d_in, dtype)
         return [
             _accumulate(
                 model, tokenizer, layer, module, d_in, source, n_tokens, dtype, batch_tokens, max_length, keys[0]
@@ -429,6 +431,32 @@ def expert_module_name(module: str, expert: int | str) -> str:
     """The :class:`~hf_knowedit.moments.StatsKey` module of expert ``expert``'s own statistics
     (:func:`compute_expert_moments`), distinct from the joint ``C`` of the experts module ``module``."""
     return f"{module}[{expert}]:ungated"
+
+
+#: a routed-experts block's joint second moment above this size (bytes) is computed with a warning that names MoEEdit
+JOINT_WARN_BYTES = 1 << 30
+
+
+def _warn_joint_size(model: nn.Module, module: str, layout: str, d_in: int, dtype: torch.dtype) -> None:
+    """Warn before a joint ``C`` of routed experts (``(E·I)²``) larger than :data:`JOINT_WARN_BYTES` is built."""
+    size = torch.empty((), dtype=dtype).element_size() * d_in * d_in
+    if size <= JOINT_WARN_BYTES:
+        return
+    n_experts, inner = expert_dims(get_module(model, module), gate_up_of(model, module, layout), layout)
+    per_expert = torch.empty((), dtype=dtype).element_size() * n_experts * inner * inner
+    logger.warning(
+        "The second moment of %s's routed keys is %d x %d (%d experts of %d): %.1f GiB for this layer, held while "
+        "it is computed and solved. method='moeedit' keeps one %d x %d block per expert instead (%.0f MiB).",
+        module,
+        d_in,
+        d_in,
+        n_experts,
+        inner,
+        size / 2**30,
+        inner,
+        inner,
+        per_expert / 2**20,
+    )
 
 
 @locked
