@@ -62,7 +62,8 @@ def variant_options(spec: str) -> dict[str, Any]:
 def run_one(model: Any, tok: Any, cases: list, method: str, variant: str, args: Any) -> dict[str, Any]:
     import hf_knowedit
 
-    config = dict(mom2_n_tokens=N_TOKENS, context_templates=args.context_templates, **variant_options(variant))
+    # a variant's options override the run's (e.g. context_templates=5 in one variant)
+    config = {**dict(mom2_n_tokens=N_TOKENS, context_templates=args.context_templates), **variant_options(variant)}
     t0 = time.perf_counter()
     res = hf_knowedit.evaluate(
         model,

@@ -41,3 +41,24 @@ def test_the_table_names_each_missed_target():
     worse = {**rows[1], "post": good | {"chat_keep": 91.0}}  # 91 < 0.95 · 96
     assert bench_chat.table("m", [worse]).splitlines()[5].endswith("| chat_keep ≥ 95 % of unedited | 1 |")
     assert lines[6].endswith("| none | 1 |")
+
+
+def test_a_variant_overrides_the_runs_options(monkeypatch):
+    """``context_templates=5`` in a variant replaces ``--context-templates`` (it used to be a duplicate keyword)."""
+    import types
+
+    import hf_knowedit
+
+    seen = {}
+
+    def fake_evaluate(model, tok, cases, **kwargs):
+        seen.update(kwargs["config"])
+        scores = dict.fromkeys(bench_chat.COLUMNS, 1.0)
+        return types.SimpleNamespace(pre=scores, post=scores)
+
+    monkeypatch.setattr(hf_knowedit, "evaluate", fake_evaluate)
+    args = types.SimpleNamespace(context_templates=0)
+    row = bench_chat.run_one(None, None, [1, 2], "memit", "context_templates=5,v_position_noise=true", args)
+    assert seen["context_templates"] == 5 and seen["v_position_noise"] is True and row["records"] == 2
+    bench_chat.run_one(None, None, [1], "rome", "default", args)
+    assert seen["context_templates"] == 0
