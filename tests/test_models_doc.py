@@ -50,7 +50,9 @@ def test_a_wrong_mlp_out_path_shows_the_error_class_not_a_crash(monkeypatch):
     monkeypatch.setitem(ARCHITECTURES, "llama", ARCHITECTURES["llama"])  # put back afterwards
     register_architecture(dataclasses.replace(ARCHITECTURES["llama"], mlp_out="mlp.nope"), overwrite=True)
     row = gen_models.row("llama")
-    family = f"InvalidConfigError ({', '.join(gen_models.MEMIT_FAMILY)})"
+    family = f"InvalidConfigError ({', '.join(gen_models.family_for('llama'))})"
+    assert "moeedit" in gen_models.MEMIT_FAMILY and "moeedit" not in gen_models.family_for("llama")
+    assert "moeedit" in gen_models.family_for("mixtral")
     assert {c: row[c] for c in CAPABILITIES} == {
         "attach": "✓",  # attaching reads no path
         "trace": "InvalidConfigError",

@@ -35,17 +35,16 @@ Metrics (per record a fraction over its questions; :func:`~.metrics.aggregate` r
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from statistics import fmean
 from typing import Any
 
 from ..errors import InvalidConfigError, InvalidDataError
+from ..relations import QUESTIONS_FILE, question_table, relation_of_statement  # noqa: F401  (part of this API)
 from ..tokens import QA_FORM, chat_prompt, has_chat_template  # noqa: F401  (part of this module's API)
 from . import generative as G
 from .datasets import EvalRecord, find_data_file
@@ -55,17 +54,7 @@ CHAT_METRICS = ("chat_ES", "chat_PS", "chat_NS", "chat_keep")
 #: the question groups of a record, in the order of :data:`CHAT_METRICS`
 GROUPS = ("rewrite", "paraphrase", "neighborhood", "keep")
 
-#: the question table shipped with the package
-QUESTIONS_FILE = Path(__file__).parent / "data" / "relation_questions.json"
-
 _ZSRE_LOC_PREFIX = "nq question: "
-
-
-@functools.cache
-def question_table() -> dict[str, dict[str, Any]]:
-    """``relation_id -> {"relation", "question", "paraphrase", "statements"}`` (templates with ``{}``)."""
-    with open(QUESTIONS_FILE, encoding="utf-8") as f:
-        return json.load(f)["relations"]
 
 
 def _relation(relation_id: str | None, where: str, field: str) -> dict[str, Any]:
@@ -76,22 +65,6 @@ def _relation(relation_id: str | None, where: str, field: str) -> dict[str, Any]
             f"(known: {', '.join(table)}); add one there or evaluate without chat."
         )
     return table[relation_id]
-
-
-@functools.cache
-def _statement_relations() -> dict[str, frozenset[str]]:
-    table: dict[str, set[str]] = {}
-    for relation_id, rel in question_table().items():
-        for template in rel["statements"]:
-            table.setdefault(template, set()).add(relation_id)
-    return {t: frozenset(r) for t, r in table.items()}
-
-
-def relation_of_statement(template: str) -> str | None:
-    """The ``relation_id`` whose CounterFact statement templates include ``template`` (a prompt with ``{}`` for
-    the subject), when exactly one relation's do; ``None`` when none or several do."""
-    found = _statement_relations().get(template.strip(), frozenset())
-    return next(iter(found)) if len(found) == 1 else None
 
 
 def neighbour_subject(prompt: str, relation_id: str) -> str | None:

@@ -58,6 +58,7 @@ from torch import nn
 
 from ..errors import InvalidConfigError
 from ..generation import generate_texts
+from ..relations import question_table, relation_of_statement
 from ..stack import base_view, get_state
 from ..tokens import chat_prompt
 
@@ -213,11 +214,10 @@ def question_template(tokenizer: Any, question: str) -> str:
 
 def request_question(request: Any) -> str | None:
     """The edit question of the request's relation (``"Where is {} located?"``) from the chat evaluation's table
-    (:func:`hf_knowedit.evaluation.chat.question_table`): the relation is the request's ``relation_id`` if it
+    (:func:`hf_knowedit.relations.question_table`): the relation is the request's ``relation_id`` if it
     carries one, else the one whose CounterFact statements include its prompt
-    (:func:`~hf_knowedit.evaluation.chat.relation_of_statement`); ``None`` when no relation, or none with a
+    (:func:`~hf_knowedit.relations.relation_of_statement`); ``None`` when no relation, or none with a
     question, is found."""
-    from ..evaluation.chat import question_table, relation_of_statement  # evaluation imports the methods
 
     relation = getattr(request, "relation_id", None) or relation_of_statement(request.prompt)
     entry = question_table().get(relation) if relation else None
@@ -268,8 +268,6 @@ def template_reserve(tokenizer: Any, config: Any) -> int:
     """Tokens a context-template prefix may add to a prompt (for the length check before any forward)."""
     chat = chat_templates(tokenizer, min(getattr(config, "chat_context", 0), len(CHAT_TURNS)))
     if getattr(config, "chat_questions", False):  # a question row holds no statement: its turn counts whole
-        from ..evaluation.chat import question_table
-
         chat += [question_template(tokenizer, r["question"]) for r in question_table().values()]
     chat_reserve = max((len(tokenizer(t.replace("{}", ""))["input_ids"]) + 1 for t in chat), default=0)
     return max(chat_reserve, _prefix_reserve(tokenizer, config))
