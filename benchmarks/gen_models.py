@@ -221,7 +221,8 @@ with the cheap settings of the behaviour matrix (`tests/test_behaviour_matrix.py
 steps), so it says what runs and agrees, not how well an edit takes on a real model (`docs/results/`).
 **attach**: `hf_knowedit.attach`; **trace**: `trace_fact` on a short prompt; **ROME**: one edit that changes
 the logits; **MEMIT family**: the same with each of {", ".join(MEMIT_FAMILY)}
-({", ".join(ROUTED_ONLY_METHODS)}: routed-experts rows only); **PEFT load**: the ROME edit saved as an adapter and loaded with `peft.PeftModel.from_pretrained` gives the hooked edit's logits;
+({", ".join(ROUTED_ONLY_METHODS)}: routed-experts rows only); **PEFT load**: the ROME edit saved as an adapter
+and loaded with `peft.PeftModel.from_pretrained` gives the hooked edit's logits;
 **dispatched**: the ROME edit on the model dispatched by `accelerate.dispatch_model`, the edited layer
 offloaded to disk, gives the undispatched edit's logits. ✓: it works; a class name: the typed error
 (`hf_knowedit.errors`) it raised; ✗: a wrong result or an untyped error, a bug. **kind** is read from the
