@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from benchlib import ROOT, data_dir, machine_info, write_markdown
+from benchlib import ROOT, data_dir, machine_info, method_options, write_markdown
 
 logger = logging.getLogger("bench_lifelong")
 #: tokens of the second-moment statistics (as bench_memit; cached on disk after the first run)
@@ -90,25 +90,6 @@ COLUMNS = (
 def change(ratio: float) -> str:
     """A ratio as a signed percent change, or as a factor once it is 10× or more (a collapsed model's perplexity)."""
     return f"×{ratio:.3g}" if ratio >= 10 else f"{100 * (ratio - 1):+.1f} %"
-
-
-def method_options(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"alphaedit+nas"`` -> ``("alphaedit", {"nas": True})``; ``"encore+norm_anchor=original"`` ->
-    ``("encore", {"norm_anchor": "original"})`` (a value is read as JSON when it parses, else kept as text)."""
-    name, *flags = spec.split("+")
-    options: dict[str, Any] = {}
-    for flag in flags:
-        key, sep, value = flag.partition("=")
-        if not sep:
-            if key != "nas":
-                raise SystemExit(f"unknown method flag {flag!r} in {spec!r}: use '+nas' or '+option=value'")
-            options["nas"] = True
-            continue
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return name, options
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from benchlib import ROOT, data_dir, machine_info, write_markdown
+from benchlib import ROOT, data_dir, machine_info, method_options, write_markdown
 
 logger = logging.getLogger("bench_moe")
 N_TOKENS = 20_000
@@ -93,14 +93,15 @@ def run_one(variant: str, method: str, model: Any, tok: Any, cases: list, texts:
     import hf_knowedit
     from hf_knowedit.requests import to_request
 
+    method, options = method_options(spec := method)  # "moeedit+nullspace_threshold=0.002": a method's options
     protocol = "single" if method == "rome" else "batch"
     n = args.rome if method == "rome" else args.memit
-    config = dict(mom2_n_tokens=N_TOKENS, context_templates=args.context_templates)
+    config = dict(mom2_n_tokens=N_TOKENS, context_templates=args.context_templates) | options
     t0 = time.perf_counter()
     res = hf_knowedit.evaluate(
         model, tok, cases[:n], method=method, protocol=protocol, config=config, fluency=False, progress=False
     )
-    row = {"variant": variant, "method": method, "records": n, "edit_s": res.timing.get("edit_s")}
+    row = {"variant": variant, "method": spec, "records": n, "edit_s": res.timing.get("edit_s")}
     row |= {f"pre_{k}": res.pre[k] for k in ("ES", "PS", "NS")} | {k: res.post[k] for k in ("ES", "PS", "NS")}
     if variant != "dense":
         requests = [to_request(c) for c in cases[:n]]
@@ -147,7 +148,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"{', '.join(METHODS)}, each +option=value")
     p.add_argument("--rome", type=int, default=50)
     p.add_argument("--memit", type=int, default=100)
     p.add_argument("--rome-routing", type=int, default=5)
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--state", type=Path, default=ROOT / "runs" / "moe.json")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "moe_smollm2.md")
     args = p.parse_args(argv)
+    if bad := [m for m in args.methods if method_options(m)[0] not in METHODS]:
+        p.error(f"unknown method(s) {bad}: choose from {', '.join(METHODS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,7 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for variant in args.variants:
             routed = variant.endswith("/routed")
-            todo = [m for m in args.methods if (variant, m) not in done and (routed or m not in ROUTED_ONLY)]
+            todo = [
+                m
+                for m in args.methods
+                if (variant, m) not in done and (routed or method_options(m)[0] not in ROUTED_ONLY)
+            ]
             if not todo:
                 continue
             model = build(variant, dense, tok, args.perturb)
@@ -193,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         ARCHITECTURES["qwen2_moe"] = qwen_row
     order = {(v, m): i for i, (v, m) in enumerate((v, m) for v in VARIANTS for m in METHODS)}
-    rows.sort(key=lambda r: order[(r["variant"], r["method"])])
+    rows.sort(key=lambda r: (order[(r["variant"], method_options(r["method"])[0])], r["method"]))
     body = (
         f"SmolLM2-135M-Instruct upcycled into 4-expert, top-2 MoE models (experts perturbed by {args.perturb}); "
         f"ROME on the first {args.rome} records of `counterfact_500.json` (one at a time), MEMIT, AlphaEdit and "

@@ -3,6 +3,7 @@ as markdown (the table, the command that reproduces it, the machine and versions
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -92,3 +93,22 @@ def write_markdown(
     )
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def method_options(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"alphaedit+nas"`` -> ``("alphaedit", {"nas": True})``; ``"encore+norm_anchor=original"`` ->
+    ``("encore", {"norm_anchor": "original"})`` (a value is read as JSON when it parses, else kept as text)."""
+    name, *flags = spec.split("+")
+    options: dict[str, Any] = {}
+    for flag in flags:
+        key, sep, value = flag.partition("=")
+        if not sep:
+            if key != "nas":
+                raise SystemExit(f"unknown method flag {flag!r} in {spec!r}: use '+nas' or '+option=value'")
+            options["nas"] = True
+            continue
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
