@@ -62,3 +62,11 @@ def test_a_variant_overrides_the_runs_options(monkeypatch):
     assert seen["context_templates"] == 5 and seen["v_position_noise"] is True and row["records"] == 2
     bench_chat.run_one(None, None, [1], "rome", "default", args)
     assert seen["context_templates"] == 0
+
+
+def test_the_default_context_templates_are_the_librarys():
+    """The benchmark measures what users get unless told otherwise: the library's default context templates."""
+    from hf_knowedit.methods.memit import MEMITConfig
+    from hf_knowedit.methods.rome import ROMEConfig
+
+    assert bench_chat.LIBRARY_TEMPLATES == MEMITConfig().context_templates == ROMEConfig().context_templates
