@@ -10,6 +10,7 @@ Corpus: prompts of records the benchmark never edits (CounterFact records 100-49
     python benchmarks/bench_minimal_stats.py --out docs/results/minimal_precomputation.md
     python benchmarks/bench_minimal_stats.py --rome-records 10 --memit-records 30 --memit-tokens 20000  # reduced
     python benchmarks/bench_minimal_stats.py --tiny   # smoke test on a tiny random model (seconds)
+    python benchmarks/bench_minimal_stats.py --model gemma3 --keys 10 --rome-records 20 --memit-records 50
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from benchlib import data_dir, machine_info, rows_table, write_markdown
 
 logger = logging.getLogger("bench_minimal_stats")
 FLAT = "counterfact_flat_edit_10000.json"
+MODELS = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma-3-270M"}
 
 
 def corpus(folder: Path) -> list[str]:
@@ -49,9 +52,9 @@ def run(args: argparse.Namespace, on_row: Any = None) -> tuple[list[dict[str, An
 
         model, tok = make_tiny_model("llama")
     else:
-        from hf_knowedit._bundled import load_smollm2
+        from hf_knowedit import _bundled
 
-        model, tok = load_smollm2()
+        model, tok = _bundled.load_gemma3() if args.model == "gemma3" else _bundled.load_smollm2()
     texts = corpus(folder)
     cf = json.loads((folder / "counterfact_500.json").read_text())[: args.rome_records]
     flat = json.loads((folder / FLAT).read_text())[: args.memit_records]
@@ -60,7 +63,8 @@ def run(args: argparse.Namespace, on_row: Any = None) -> tuple[list[dict[str, An
     memit_layers = default_band(num_layers(model), hf_knowedit.MEMITConfig().band_size)
     d_in = mlp_out_dims(model, spec, rome_layer)[0]
     # (label, mom2_n_keys, tokens): the first two through the documented setting, mom2_n_keys
-    settings = [("2·d_in", 2, 2 * d_in), ("10·d_in", 10, 10 * d_in), (f"{args.tokens:,} tokens", None, args.tokens)]
+    settings = [(f"{k:g}·d_in", k, math.ceil(k * d_in)) for k in args.keys]
+    settings.append((f"{args.tokens:,} tokens", None, args.tokens))
     rows: list[dict[str, Any]] = []
 
     def stats_pass(layer: int, n_tokens: int) -> float:
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace, on_row: Any = None) -> tuple[list[dict[str, An
 
     def info(pre_rome: Any, pre_memit: Any) -> dict[str, Any]:
         return {
-            "model": "tiny random llama" if args.tiny else "SmolLM2-135M-Instruct (bundled, float32)",
+            "model": "tiny random llama" if args.tiny else f"{MODELS[args.model]} (bundled, float32)",
             "d_in": d_in,
             "ROME layer": rome_layer,
             "MEMIT layers": memit_layers,
@@ -127,6 +131,8 @@ def table(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2", help="bundled model")
+    parser.add_argument("--keys", type=float, nargs="+", default=[2, 10], help="multiples of d_in to compare")
     parser.add_argument("--rome-records", type=int, default=50)
     parser.add_argument("--memit-records", type=int, default=100)
     parser.add_argument("--tokens", type=int, default=100_000, help="the many-token setting")
