@@ -15,8 +15,10 @@ inputs) and, on the ``*/routed`` variants, MoEEdit (the same constraint per expe
 call; ES/PS/NS from :func:`hf_knowedit.evaluate`, and the routing
 change: the fraction of (token, MoE block) pairs of unrelated text (``--unrelated`` facts of
 ``known_1000.json`` that name no edited subject, as sentences) whose top-k set of experts differs after the
-edit (ROME: after each of its first ``--rome-routing`` edits, averaged). Each variant × method is saved as it
-finishes (``--state``); a rerun skips what is saved.
+edit (ROME: after each of its first ``--rome-routing`` edits, averaged). ``--floor``: per MoE variant, the
+routing change of the *unedited* model served in bfloat16 and in float16 against float32 (the precision noise
+every served model carries), rows ``unedited in <dtype>``. Each variant × method is saved as it finishes
+(``--state``); a rerun skips what is saved.
 
     python benchmarks/bench_moe.py [--rome 50] [--memit 100] [--threads 1]
 """
@@ -89,6 +91,25 @@ def routing_moved(model: Any, tok: Any, texts: list[str], apply: Any) -> float:
         hf_knowedit.revert_edits(model, es.name)
 
 
+#: pseudo-methods of ``--floor``: the unedited model cast to these dtypes
+FLOOR_DTYPES = ("bfloat16", "float16")
+
+
+def floor_row(variant: str, model: Any, tok: Any, texts: list[str], dtype: str) -> dict:
+    """Percent of unrelated (token, block) pairs whose top-k experts differ between the unedited model in
+    float32 and a copy of it in ``dtype``: the routing noise of serving in that precision, no edit."""
+    import copy
+
+    from hf_knowedit.evaluation.routing import routing_change, routing_snapshot
+
+    t0 = time.perf_counter()
+    before = routing_snapshot(model, tok, texts)
+    cast = copy.deepcopy(model).to(getattr(torch, dtype))
+    change = 100 * routing_change(before, routing_snapshot(cast, tok, texts)).fraction
+    return {"variant": variant, "method": f"unedited in {dtype}", "records": 0, "routing_change": change,
+            "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
 def run_one(variant: str, method: str, model: Any, tok: Any, cases: list, texts: list[str], args: Any) -> dict:
     import hf_knowedit
     from hf_knowedit.requests import to_request
@@ -133,6 +154,10 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if not r["records"]:  # a --floor row: routing only
+            lines.append(f"| {r['variant']} | {r['method']} | – | – | – | – | – | – | – | "
+                         f"{r['routing_change']:.2f} | {r['seconds']:.0f} |")  # fmt: skip
+            continue
         d = dense.get(r["method"])
         gap = "–" if d is None else f"{r['PS'] - d['PS']:+.1f}"
         drop = r["pre_NS"] - r["NS"]
@@ -154,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rome-routing", type=int, default=5)
     p.add_argument("--unrelated", type=int, default=100)
     p.add_argument("--perturb", type=float, default=0.01)
+    p.add_argument("--floor", action="store_true", help="also the routing change of bf16 / fp16 serving, unedited")
     p.add_argument("--context-templates", type=int, default=0, help="context templates (CPU: 0)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--data", type=Path, default=None)
@@ -188,19 +214,25 @@ def main(argv: list[str] | None = None) -> None:
                 for m in args.methods
                 if (variant, m) not in done and (routed or method_options(m)[0] not in ROUTED_ONLY)
             ]
+            floors = [d for d in FLOOR_DTYPES if args.floor and variant != "dense"]
+            floors = [d for d in floors if (variant, f"unedited in {d}") not in done]
+            todo += floors
             if not todo:
                 continue
             model = build(variant, dense, tok, args.perturb)
             for method in todo:
-                rows.append(run_one(variant, method, model, tok, cases, texts, args))
+                if method in FLOOR_DTYPES:
+                    rows.append(floor_row(variant, model, tok, texts, method))
+                else:
+                    rows.append(run_one(variant, method, model, tok, cases, texts, args))
                 args.state.parent.mkdir(parents=True, exist_ok=True)
                 args.state.write_text(json.dumps(rows, indent=1))
             ARCHITECTURES["qwen2_moe"] = qwen_row
             del model
     finally:
         ARCHITECTURES["qwen2_moe"] = qwen_row
-    order = {(v, m): i for i, (v, m) in enumerate((v, m) for v in VARIANTS for m in METHODS)}
-    rows.sort(key=lambda r: (order[(r["variant"], method_options(r["method"])[0])], r["method"]))
+    order = {(v, m): i for i, (v, m) in enumerate((v, m) for v in VARIANTS for m in ("unedited", *METHODS))}
+    rows.sort(key=lambda r: (order[(r["variant"], method_options(r["method"].split()[0])[0])], r["method"]))
     body = (
         f"SmolLM2-135M-Instruct upcycled into 4-expert, top-2 MoE models (experts perturbed by {args.perturb}); "
         f"ROME on the first {args.rome} records of `counterfact_500.json` (one at a time), MEMIT, AlphaEdit and "
