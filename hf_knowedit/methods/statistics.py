@@ -55,7 +55,7 @@ from ..hooks import Trace, frozen
 from ..moments import DTYPES, SecondMoment, StatsCache, StatsKey, identity_moment
 from ..stack import base_view, get_state, locked
 from ..tokens import pad_batch
-from .config import DEFAULT_N_TOKENS
+from .config import DEFAULT_N_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -382,7 +382,7 @@ def compute_second_moment(
     layer: int,
     *,
     corpus: Corpus = None,
-    n_tokens: int = DEFAULT_N_TOKENS,
+    n_tokens: int | None = None,
     dtype: Any = torch.float32,
     cache: StatsCache | str | Path | None | bool = None,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
@@ -395,7 +395,8 @@ def compute_second_moment(
     Args:
         corpus: a list of texts, a ``datasets`` dataset (``"text"`` column), or None (default corpus,
             see module docstring).
-        n_tokens: how many token positions (key vectors) to average.
+        n_tokens: how many token positions (key vectors) to average; None: ``ceil(10 · d_in)`` of the layer
+            (:data:`~hf_knowedit.methods.config.DEFAULT_N_KEYS`).
         dtype: accumulation and storage dtype, ``torch.float32`` or ``torch.float64``.
         cache: a :class:`StatsCache` or a directory; None uses :func:`default_cache_dir`; False keeps
             the result in memory only.
@@ -408,10 +409,11 @@ def compute_second_moment(
     other threads keep serving the edited model), in eval mode without gradients, and stop right after
     the edited module. Results are reused from memory, then from ``cache``.
     """
-    _check_pass_args("compute_second_moment", n_tokens, batch_tokens, max_length)
-    dtype = DTYPES[_dtype_name(dtype)]
     spec = get_architecture(model)
     d_in, _ = mlp_out_dims(model, spec, layer)  # validates the layer
+    n_tokens = keys_to_tokens(DEFAULT_N_KEYS, d_in) if n_tokens is None else n_tokens
+    _check_pass_args("compute_second_moment", n_tokens, batch_tokens, max_length)
+    dtype = DTYPES[_dtype_name(dtype)]
     module = mlp_out_path(spec, layer)
 
     def accumulate(source: Any, keys: list[StatsKey]) -> list[SecondMoment]:
@@ -466,7 +468,7 @@ def compute_expert_moments(
     layer: int,
     *,
     corpus: Corpus = None,
-    n_tokens: int = DEFAULT_N_TOKENS,
+    n_tokens: int | None = None,
     dtype: Any = torch.float32,
     cache: StatsCache | str | Path | None | bool = None,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
@@ -481,8 +483,6 @@ def compute_expert_moments(
     MoEEdit's reference code). Arguments, base model and caching as :func:`compute_second_moment`; each expert
     is one cache entry, its key's module :func:`expert_module_name` (``n_tokens`` is the whole pass's, the
     entry's ``n_tokens`` the tokens routed to the expert)."""
-    _check_pass_args("compute_expert_moments", n_tokens, batch_tokens, max_length)
-    dtype = DTYPES[_dtype_name(dtype)]
     spec = get_architecture(model)
     if spec.mlp_out_layout not in EXPERT_LAYOUTS:
         raise UnsupportedArchitectureError(
@@ -490,7 +490,10 @@ def compute_expert_moments(
             f"(mlp_out_layout={spec.mlp_out_layout!r}); use compute_second_moment."
         )
     module = mlp_out_path(spec, layer)
-    mlp_out_dims(model, spec, layer)  # validates the layer
+    d_in, _ = mlp_out_dims(model, spec, layer)  # validates the layer
+    n_tokens = keys_to_tokens(DEFAULT_N_KEYS, d_in) if n_tokens is None else n_tokens
+    _check_pass_args("compute_expert_moments", n_tokens, batch_tokens, max_length)
+    dtype = DTYPES[_dtype_name(dtype)]
     n_experts, _ = expert_dims(
         get_module(model, module), gate_up_of(model, module, spec.mlp_out_layout), spec.mlp_out_layout
     )
@@ -705,14 +708,19 @@ def _accumulate_experts(
 _WARNED_N_KEYS: set[tuple[str, float]] = set()
 
 
+def keys_to_tokens(multiple: float, d_in: int) -> int:
+    """``ceil(multiple · d_in)``, at least 1: the tokens of ``multiple`` key dimensions' worth of keys."""
+    return max(1, math.ceil(multiple * d_in))
+
+
 def n_tokens_for(model: nn.Module, layer: int, config: Any) -> int:
-    """Tokens averaged into ``C``: ``mom2_n_tokens``, or with ``mom2_n_keys`` (minimal precomputation,
-    "Efficient Knowledge Editing via Minimal Precomputation", ACL 2025) ``ceil(mom2_n_keys · d_in)``:
-    a few multiples of the key dimension instead of millions of tokens. ``C`` needs at least ``d_in``
-    keys to be invertible; the paper's FastROME / FastMEMIT use 2-10 × d_in."""
-    multiple = getattr(config, "mom2_n_keys", None)
-    if multiple is None:
+    """Tokens averaged into ``C``: ``mom2_n_tokens`` when set, else ``ceil(mom2_n_keys · d_in)`` of ``layer``
+    (minimal precomputation, "Efficient Knowledge Editing via Minimal Precomputation", ACL 2025): a few
+    multiples of the key dimension instead of millions of tokens. ``C`` needs at least ``d_in`` keys to be
+    invertible; the paper's FastROME / FastMEMIT use 2-10 × d_in, and the default is 10."""
+    if config.mom2_n_tokens is not None:
         return config.mom2_n_tokens
+    multiple = DEFAULT_N_KEYS if config.mom2_n_keys is None else config.mom2_n_keys
     least = getattr(config, "min_n_keys", 0.0)
     if multiple < least and (type(config).__name__, multiple) not in _WARNED_N_KEYS:
         _WARNED_N_KEYS.add((type(config).__name__, multiple))
@@ -726,11 +734,11 @@ def n_tokens_for(model: nn.Module, layer: int, config: Any) -> int:
             least,
         )
     d_in, _ = mlp_out_dims(model, get_architecture(model), layer)
-    return max(1, math.ceil(multiple * d_in))
+    return keys_to_tokens(multiple, d_in)
 
 
 def second_moment_for(model: nn.Module, tokenizer: Any, layer: int, config: Any) -> SecondMoment:
-    """``C`` at ``layer`` as a method config asks (``mom2``, ``mom2_corpus``, ``mom2_n_tokens`` or
+    """``C`` at ``layer`` as a method config asks (``mom2``, ``mom2_corpus``, ``mom2_n_tokens`` or else
     ``mom2_n_keys``, ``mom2_dtype``, ``mom2_batch_tokens``): from a corpus (cached in memory and on disk)
     or the identity."""
     if config.mom2 == "identity":
