@@ -56,6 +56,7 @@ from ..moments import DTYPES, SecondMoment, StatsCache, StatsKey, identity_momen
 from ..stack import base_view, get_state, locked
 from ..tokens import pad_batch
 from .config import DEFAULT_N_KEYS
+from .memory import kv_cache_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -174,15 +175,26 @@ def _wikitext() -> Any:
 
 SAMPLED_LENGTH = 128
 SAMPLED_STARTS = ("The", "In", "A", "It", "This", "He", "She", "After", "There", "According to", "When", "On")
-#: the sampled corpus grows by whole blocks of this many texts (every start 4 times), one batch each, so
-#: text ``i`` depends on ``(seed, i)`` alone: never on how many texts were asked for, or when
+#: the sampled corpus grows by whole blocks of this many texts (every start 4 times), so text ``i`` depends
+#: on ``(seed, i)`` alone (up to the float rounding of how many rows share a batch): never on how many texts
+#: were asked for, or when
 SAMPLED_BLOCK = 4 * len(SAMPLED_STARTS)
+#: KV-cache budget of one sampling batch: as many whole blocks share a batch as fit (bigger batches are faster
+#: on a CPU; ``docs/results/first_run.md``)
+SAMPLED_KV_BYTES = 1 << 30
 
 
 def _row_seed(seed: int, i: int) -> int:
     """Text ``i``'s generator seed, distinct for every ``(seed, i)`` with ``i < 2**20`` (a CPU generator
     keeps only a seed's low 32 bits, so ``seed`` takes the 12 bits above ``i``)."""
     return (int(seed) % 4096) * (1 << 20) + i
+
+
+def sampling_batch(model: nn.Module, length: int) -> int:
+    """Texts per sampling batch: the most whole :data:`SAMPLED_BLOCK` blocks whose KV cache (``length`` new
+    tokens and a few prompt tokens per text) fits in :data:`SAMPLED_KV_BYTES`, at least one block."""
+    per_block = kv_cache_bytes(model, SAMPLED_BLOCK * (length + 8))
+    return SAMPLED_BLOCK * max(1, SAMPLED_KV_BYTES // per_block)
 
 
 def sampled_corpus(
@@ -237,7 +249,7 @@ def sampled_corpus(
                 max_new_tokens=length,
                 row_seeds=[_row_seed(seed, i) for i in rows],
                 top_k=50,
-                batch_size=SAMPLED_BLOCK,
+                batch_size=sampling_batch(model, length),
             )
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
