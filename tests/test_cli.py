@@ -405,14 +405,15 @@ def test_edit_layers_auto_traces_first(capsys, tiny, caplog):
 
 
 def test_edit_statistics_default_is_cheap_and_says_so(capsys, tiny, tmp_path, caplog, monkeypatch):
-    """Without --mom2-n-tokens the CLI asks for 20,000 tokens (not the library's 100,000) and logs how to go cheaper;
-    --corpus and --mom2-n-tokens reach the method config."""
+    """Without --mom2-n-tokens the CLI asks for the library's default (10 × d_in tokens, so that the CLI and Python
+    share one cache entry) and logs how many and how to go cheaper; --corpus and --mom2-n-tokens reach the
+    method config."""
     monkeypatch.setenv("HF_KNOWEDIT_STATS_CACHE", str(tmp_path / "stats"))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The Eiffel Tower is in Paris.\n\nBerlin is the capital of Germany.\n" * 20)
     args = build_parser().parse_args(["edit", *FACT, "--corpus", str(corpus)])
     cfg, config = cli._edit_config(args, "rome")
-    assert config.mom2_n_tokens == cli.CLI_N_TOKENS and len(cfg["mom2_corpus"]) == 40
+    assert config.mom2_n_tokens is None and config.mom2_n_keys == 10 and len(cfg["mom2_corpus"]) == 40
     args = build_parser().parse_args(["edit", *FACT, "--mom2-n-tokens", "300"])
     assert cli._edit_config(args, "memit")[1].mom2_n_tokens == 300
     with caplog.at_level(logging.INFO, logger="hf_knowedit"):
@@ -453,7 +454,7 @@ def test_edit_statistics_default_is_cheap_and_says_so(capsys, tiny, tmp_path, ca
             "--corpus",
             corpus,
         )
-    assert "20,000 tokens (the CLI's default; the library's is 100,000)" in caplog.text
+    assert "960 tokens (10 × the key size d_in = 96: the default)" in caplog.text  # the tiny Llama's d_in
 
 
 def test_edit_push_to_the_hub(capsys, tiny, hub):

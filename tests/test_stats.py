@@ -237,6 +237,27 @@ def test_the_sampled_corpus_grows_and_its_texts_never_depend_on_the_count_asked(
     assert calls[-1] == 2 * block
 
 
+def test_sampling_batches_hold_as_many_whole_blocks_as_the_kv_budget_allows(monkeypatch):
+    """Sampling batches whole blocks, as many as fit in ``SAMPLED_KV_BYTES`` of KV cache (the model's own
+    layers, KV width and dtype), never less than one block; ``sampled_corpus`` generates with that batch."""
+    import hf_knowedit.methods.statistics as stats
+    from hf_knowedit.methods.memory import kv_cache_bytes
+
+    model, tok = make_tiny_model("llama")
+    block = stats.SAMPLED_BLOCK
+    per_block = kv_cache_bytes(model, block * (12 + 8))
+    cfg = model.config
+    assert per_block == 2 * cfg.num_hidden_layers * block * 20 * cfg.num_key_value_heads * cfg.head_dim * 4
+    for budget, blocks in ((1, 1), (per_block, 1), (3 * per_block + 1, 3)):
+        monkeypatch.setattr(stats, "SAMPLED_KV_BYTES", budget)
+        assert stats.sampling_batch(model, 12) == blocks * block
+    seen = []
+    real = stats.generate_texts
+    monkeypatch.setattr(stats, "generate_texts", lambda *a, **k: seen.append(k["batch_size"]) or real(*a, **k))
+    stats.sampled_corpus(model, tok, 12 * block, length=12)
+    assert seen == [3 * block]
+
+
 def test_sampled_corpora_of_two_seeds_differ_and_so_do_texts_sharing_a_start():
     """Each text is sampled, not decoded greedily: texts with the same start differ, and so do seeds (a seed
     once shifted past the generator's 32 bits gave every seed the same corpus)."""

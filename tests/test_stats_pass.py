@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import hf_knowedit.methods.statistics as stats
-from hf_knowedit.architectures import get_architecture, mlp_out_path
+from hf_knowedit.architectures import get_architecture, mlp_out_dims, mlp_out_path
 from hf_knowedit.methods.statistics import add_outer_blocks, compute_second_moment, mirror_upper, model_identity
 from hf_knowedit.moments import SecondMoment, StatsCache, StatsKey
 from tests.test_stats import CORPUS, _keys_by_hand
@@ -130,6 +131,30 @@ def test_mom2_n_keys_takes_a_multiple_of_d_in_tokens(stats_cache):
     for bad in (0, -1, float("nan"), "2x", True):
         with pytest.raises(InvalidConfigError, match="mom2_n_keys"):
             ROMEConfig(mom2_n_keys=bad)
+
+
+def test_default_statistics_size_is_ten_key_dimensions(stats_cache):
+    """With neither ``mom2_n_tokens`` nor ``mom2_n_keys`` given, C averages ``ceil(10 · d_in)`` tokens, in the
+    configs, in ``compute_second_moment`` and in ``compute_expert_moments``; an explicit ``mom2_n_tokens`` wins
+    over ``mom2_n_keys``."""
+    from hf_knowedit.methods.config import DEFAULT_N_KEYS
+    from hf_knowedit.methods.memit import MEMITConfig
+    from hf_knowedit.methods.moeedit import MoEEditConfig
+    from hf_knowedit.methods.rome import ROMEConfig
+
+    assert DEFAULT_N_KEYS == 10
+    model, tok = make_tiny_model("llama")  # d_in 96
+    for config in (ROMEConfig(), MEMITConfig(), ROMEConfig(mom2_n_keys=None)):
+        assert config.mom2_n_tokens is None and stats.n_tokens_for(model, 1, config) == 960
+    assert stats.n_tokens_for(model, 1, ROMEConfig(mom2_n_tokens=500, mom2_n_keys=2)) == 500
+    assert stats.n_tokens_for(model, 1, ROMEConfig(mom2_n_keys=2.5)) == 240
+    sm = compute_second_moment(model, tok, 1, corpus=CORPUS * 20)
+    assert sm.key.n_tokens == 960 == sm.n_tokens
+    assert MoEEditConfig().mom2_n_tokens is None
+    moe, moe_tok = make_tiny_model("mixtral")
+    d_in = mlp_out_dims(moe, get_architecture(moe), 1)[0]
+    entries = stats.compute_expert_moments(moe, moe_tok, 1, corpus=CORPUS * 200)
+    assert {e.key.n_tokens for e in entries} == {math.ceil(10 * d_in)}
 
 
 def test_too_few_keys_for_the_memit_family_warns_once(caplog, monkeypatch):

@@ -48,7 +48,6 @@ from .adapters import (
 )
 from .common import (
     BUNDLED,
-    CLI_N_TOKENS,
     PROG,
     Output,
     UsageError,
@@ -70,7 +69,6 @@ __all__ = [
     "BUILTIN_METHODS",
     "BUNDLED",
     "CARD_MAX_FACTS",
-    "CLI_N_TOKENS",
     "DTYPES",
     "EPILOGS",
     "MIN_EFFECT_SHARE",

@@ -23,9 +23,19 @@ logger = logging.getLogger("hf_knowedit.cli")
 
 PROG = "hf-knowedit"
 BUNDLED = "bundled"
-#: second-moment tokens when the CLI gets no --mom2-n-tokens / --n-tokens (the library's default is 100,000)
-CLI_N_TOKENS = 20_000
 _ADAPTER_MARKER = "knowedit_config.json"
+
+
+def statistics_size(model: Any, layer: int, n_tokens: int | None, multiple: float) -> str:
+    """How many tokens the statistics of ``layer`` average, in words: ``n_tokens``, or when it is None the
+    library's default ``ceil(multiple · d_in)``."""
+    from ..architectures import get_architecture, mlp_out_dims
+    from ..methods.statistics import keys_to_tokens
+
+    if n_tokens is not None:
+        return f"{n_tokens:,} tokens"
+    d_in, _ = mlp_out_dims(model, get_architecture(model), layer)
+    return f"{keys_to_tokens(multiple, d_in):,} tokens ({multiple:g} × the key size d_in = {d_in:,}: the default)"
 
 
 class UsageError(Exception):

@@ -13,7 +13,6 @@ from typing import Any
 
 from ..errors import InvalidDataError
 from .common import (
-    CLI_N_TOKENS,
     Output,
     UsageError,
     _check_adapter_dir,
@@ -32,6 +31,7 @@ from .common import (
     logger,
     read_corpus,
     read_records,
+    statistics_size,
 )
 
 
@@ -100,25 +100,23 @@ def _edit_config(args: argparse.Namespace, method: str) -> tuple[dict[str, Any],
     if args.corpus is not None:
         cfg["mom2_corpus"] = read_corpus(args.corpus)
     spec = get_method(method)
-    config = make_config(spec.config_cls, cfg, {}, spec.name)
-    if getattr(config, "mom2", None) == "corpus" and "mom2_n_tokens" not in cfg:
-        cfg["mom2_n_tokens"] = CLI_N_TOKENS
-        config = make_config(spec.config_cls, cfg, {}, spec.name)
-    return cfg, config
+    return cfg, make_config(spec.config_cls, cfg, {}, spec.name)
 
 
-def _statistics_plan(method: str, config: Any, cfg: dict[str, Any], explicit_tokens: bool) -> None:
+def _statistics_plan(model: Any, method: str, config: Any, cfg: dict[str, Any], layers: Any) -> None:
     if getattr(config, "mom2", None) != "corpus":
         return
-    default = "" if explicit_tokens else " (the CLI's default; the library's is 100,000)"
+    from ..methods.config import DEFAULT_N_KEYS
+    from ..methods.rome import default_layer
+
+    layer = layers[0] if isinstance(layers, list) and layers else default_layer(model)
     logger.info(
         "%s needs second-moment statistics C = E[k kᵀ] of each edited layer: unless already cached (%s), they "
-        "are computed once from %s tokens%s of %s. Pass --mom2-n-tokens N or --corpus FILE to make it cheaper, "
+        "are computed once from %s of %s. Pass --mom2-n-tokens N or --corpus FILE to make it cheaper, "
         "--config mom2=identity to skip it, or precompute with 'hf-knowedit stats compute'.",
         method,
         _stats_dir(None),
-        f"{config.mom2_n_tokens:,}",
-        default,
+        statistics_size(model, layer, config.mom2_n_tokens, config.mom2_n_keys or DEFAULT_N_KEYS),
         _corpus_description(cfg.get("mom2_corpus")),
     )
 
@@ -141,9 +139,7 @@ def cmd_edit(args: argparse.Namespace, out: Output) -> int:
         raise UsageError(f"--push {args.push!r} is not a Hub repo id (e.g. 'user/angola-edit')")
     _check_model_arg(args)
     model, tok = _model(args)
-    _statistics_plan(
-        args.method, config, cfg, args.mom2_n_tokens is not None or "mom2_n_tokens" in _parse_config(args.config)
-    )
+    _statistics_plan(model, args.method, config, cfg, layers)
     if layers == "auto":
         facts = trace_facts or [(r.text, r.subject, r.target_true) for r in requests]
         logger.info(
@@ -196,8 +192,7 @@ def cmd_eval(args: argparse.Namespace, out: Output) -> int:
     _check_model_arg(args)
     model, tok = _model(args)
     if args.method is not None:
-        explicit = args.mom2_n_tokens is not None or "mom2_n_tokens" in _parse_config(args.config)
-        _statistics_plan(args.method, config, cfg, explicit)
+        _statistics_plan(model, args.method, config, cfg, kwargs["layers"])
     fluency = not args.no_fluency and any(r.generation_prompts for r in records)
     logger.info(
         "Evaluating %d %s records (%s protocol%s)%s.%s",

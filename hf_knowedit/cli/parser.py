@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from ..version import __version__
 from .adapters import cmd_apply, cmd_export, cmd_list, cmd_show, cmd_truncate
-from .common import BUNDLED, CLI_N_TOKENS, PROG
+from .common import BUNDLED, PROG
 from .edit import cmd_edit, cmd_eval
 from .info import cmd_info
 from .stats import cmd_stats_compute, cmd_stats_pull, cmd_stats_push, cmd_stats_show
@@ -79,8 +79,9 @@ Run 'hf-knowedit COMMAND --help' for a command's options and more examples.""",
       --mom2-n-tokens 5000 --config context_templates=0 --layers auto --push me/messi-edit
 
 statistics: ROME-family methods need C = E[k kᵀ] at each edited layer, computed once and cached
-(hf-knowedit stats show). Without --corpus the CLI uses 20,000 tokens of the default corpus
-(text sampled from the model when offline); pass --mom2-n-tokens N or --corpus FILE to change it.""",
+(hf-knowedit stats show). By default they average 10 x the layer's key size d_in tokens (15,360 on
+SmolLM2-135M) of the default corpus (text sampled from the model when offline), as the library does;
+pass --mom2-n-tokens N or --corpus FILE to change it.""",
     "eval": """examples:
   hf-knowedit eval counterfact_500.json --limit 20                     # the unedited model
   hf-knowedit eval counterfact_500.json --method rome --limit 10 --no-fluency
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mom2-n-tokens",
         type=_positive_int,
         metavar="N",
-        help=f"tokens averaged into the second-moment statistics (default {CLI_N_TOKENS:,})",
+        help="tokens averaged into the second-moment statistics (default: 10 × the edited layer's key size d_in)",
     )
     g.add_argument("--corpus", metavar="FILE", help="texts for the statistics: one per line, or JSON/JSONL")
     g.add_argument("--layers", help="layer(s) to edit: 6 | 4,5,6 | 4-8 | auto (default: the method's)")
@@ -278,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = stats_action("compute", "compute C = E[k kᵀ] at some layers and cache it", [model_opts])
     q.add_argument("--layers", required=True, help="6 | 4,5,6 | 4-8")
-    q.add_argument("--n-tokens", type=_positive_int, metavar="N", help=f"tokens to average (default {CLI_N_TOKENS:,})")
+    q.add_argument("--n-tokens", type=_positive_int, metavar="N", help="tokens to average (default: 10 × d_in)")
     q.add_argument("--corpus", metavar="FILE", help="texts: one per line, or JSON/JSONL (default: the default corpus)")
     q.add_argument("--stats-dtype", choices=("float32", "float64"), default="float32", help="accumulation dtype")
     q.add_argument("--cache-dir", metavar="DIR", help="statistics cache (default $HF_KNOWEDIT_STATS_CACHE or ~/.cache)")

@@ -8,7 +8,6 @@ from typing import Any
 
 from ..errors import InvalidDataError
 from .common import (
-    CLI_N_TOKENS,
     Output,
     UsageError,
     _check_model_arg,
@@ -18,6 +17,7 @@ from .common import (
     _stats_dir,
     logger,
     read_corpus,
+    statistics_size,
 )
 
 
@@ -51,6 +51,7 @@ def _say_stats(out: Output, info: dict[str, Any]) -> None:
 def cmd_stats_compute(args: argparse.Namespace, out: Output) -> int:
     import torch
 
+    from ..methods.config import DEFAULT_N_KEYS
     from ..methods.statistics import compute_second_moment
     from ..moments import StatsCache
 
@@ -58,23 +59,27 @@ def cmd_stats_compute(args: argparse.Namespace, out: Output) -> int:
     if layers == "auto" or not layers:
         raise UsageError("stats compute: --layers takes layer indices (6, 4,5,6 or 4-8)")
     corpus = read_corpus(args.corpus) if args.corpus else None
-    n_tokens = args.n_tokens if args.n_tokens is not None else CLI_N_TOKENS
     _check_model_arg(args)
     model, tok = _model(args)
     cache = StatsCache(args.cache_dir)
     logger.info(
-        "Second moments at layer(s) %s from %s tokens%s of %s, cached in %s (files already there are reused). "
+        "Second moments at layer(s) %s from %s of %s, cached in %s (files already there are reused). "
         "Pass --n-tokens N or --corpus FILE to make it cheaper.",
         layers,
-        f"{n_tokens:,}",
-        "" if args.n_tokens is not None else " (the CLI's default)",
+        statistics_size(model, layers[0], args.n_tokens, DEFAULT_N_KEYS) + (" each" if len(layers) > 1 else ""),
         _corpus_description(corpus),
         cache.directory,
     )
     entries = []
     for layer in layers:
         entry = compute_second_moment(
-            model, tok, layer, corpus=corpus, n_tokens=n_tokens, dtype=getattr(torch, args.stats_dtype), cache=cache
+            model,
+            tok,
+            layer,
+            corpus=corpus,
+            n_tokens=args.n_tokens,
+            dtype=getattr(torch, args.stats_dtype),
+            cache=cache,
         )
         info = _stats_entry(entry, cache.path(entry.key))
         _say_stats(out, info)

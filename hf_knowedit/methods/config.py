@@ -34,8 +34,10 @@ from ..errors import InvalidConfigError
 
 logger = logging.getLogger(__name__)
 
-#: second-moment tokens when a config does not say (``mom2_n_tokens``)
-DEFAULT_N_TOKENS = 100_000
+#: second-moment keys per key dimension when a config does not say: ``C`` averages ``ceil(10 · d_in)`` tokens
+#: (``mom2_n_keys``; ``docs/results/minimal_precomputation.md`` compares it with 100,000 tokens on both bundled
+#: families)
+DEFAULT_N_KEYS = 10.0
 
 #: old name -> reference name (kept working for one release)
 ALIASES = {
@@ -248,11 +250,13 @@ class EditConfig:
         "None (default corpus, see hf_knowedit.methods.statistics), a list of texts, "
         "or a datasets dataset with a 'text' column",
     )
-    mom2_n_tokens: int = option(DEFAULT_N_TOKENS, "tokens averaged into C", "int>=1")
+    mom2_n_tokens: int | None = option(
+        None, "tokens averaged into C; None: ceil(mom2_n_keys * d_in) of the edited layer", "?int>=1"
+    )
     mom2_n_keys: float | None = option(
-        None,
-        "minimal precomputation (FastROME / FastMEMIT, ACL 2025): C from this many multiples of d_in keys "
-        "(e.g. 2 or 10: ceil(mom2_n_keys * d_in) tokens), instead of mom2_n_tokens; None: mom2_n_tokens",
+        DEFAULT_N_KEYS,
+        "when mom2_n_tokens is None, C averages ceil(mom2_n_keys * d_in) tokens: multiples of the key dimension "
+        "(minimal precomputation, FastROME / FastMEMIT, ACL 2025); None: the default, 10",
         "?num>0",
     )
     mom2_dtype: str = option("float32", "accumulation dtype of C", "choice:float32|float64")

@@ -107,8 +107,8 @@ class MassEditConfig(EditConfig):
     * The band is ``band_size=5`` layers from ``round(L / 8)``: ``[4..8]`` on Llama-3-8B as theirs, on GPT-J
       ``[4..8]`` against their ``[3..8]``.
     * All ``z`` are optimised in one batch (``serial_targets=True``: one request at a time, as theirs).
-    * ``C`` averages ``mom2_n_tokens`` = 100,000 tokens of the default corpus; theirs 100,000 Wikipedia
-      articles (``mom2_n_samples``).
+    * ``C`` averages ``ceil(10 · d_in)`` tokens of the default corpus (``mom2_n_keys``); theirs 100,000
+      Wikipedia articles (``mom2_n_samples``).
     * ``context_templates=5`` are five prefixes of ``context_length`` new tokens from seeded sampling;
       ``"reference"`` follows their recipe (lengths counting the start word).
 

@@ -134,6 +134,21 @@ def targets_bytes(
     )
 
 
+def kv_width(model: nn.Module, shape: dict[str, Any] | None = None) -> int:
+    """Elements of one position's keys (or values) in one attention layer: ``kv_heads · head_dim``."""
+    shape = shape or model_shape(model, 0)
+    config = decoder_config(model)
+    kv_heads = getattr(config, "num_key_value_heads", None) or shape["heads"]
+    return int(getattr(config, "head_dim", None) or shape["d_model"] // shape["heads"]) * int(kv_heads)
+
+
+def kv_cache_bytes(model: nn.Module, positions: int) -> int:
+    """Bytes of a KV cache holding ``positions`` positions (rows × length) in every layer, in the model's
+    dtype: ``2 · layers · positions · kv_width · s``."""
+    shape = model_shape(model, 0)
+    return 2 * num_layers(model) * positions * kv_width(model, shape) * shape["s"]
+
+
 def targets_bytes_for(
     model: nn.Module,
     tokenizer: Any,
@@ -159,9 +174,6 @@ def targets_bytes_for(
     lengths = [len(row) for b in built for row in b.rows]
     cuts = [c for b in built for c in b.lookups] if prefix_cache else [0] * len(lengths)
     width = max(n - c for n, c in zip(lengths, cuts))
-    config = decoder_config(model)
-    kv_heads = getattr(config, "num_key_value_heads", None) or shape["heads"]
-    d_kv = int(getattr(config, "head_dim", None) or shape["d_model"] // shape["heads"]) * int(kv_heads)
     return targets_bytes(
         shape["d_model"],
         shape["d_ff"],
@@ -172,7 +184,7 @@ def targets_bytes_for(
         layers_above=shape["layers_above"],
         rows=sum(len(b.targets) + len(b.rows) - b.n_rewrite for b in built),
         s=shape["s"],
-        kv=2 * num_layers(model) * len(lengths) * max(cuts) * d_kv,
+        kv=2 * num_layers(model) * len(lengths) * max(cuts) * kv_width(model, shape),
         eager=shape["eager"],
     )
 

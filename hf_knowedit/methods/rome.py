@@ -73,8 +73,8 @@ class ROMEConfig(EditConfig):
     * r-ROME by default (``original_implementation=True``: the reference's update);
     * Adam's rate is relative: ``v_lr=None`` means ``v_lr_relative · RMS(v's init)`` per request; theirs is an
       absolute 0.5, which ``v_lr=0.5`` restores;
-    * ``C`` averages ``mom2_n_tokens`` = 100,000 tokens of the default corpus; theirs 100,000 Wikipedia
-      articles (``mom2_n_samples``);
+    * ``C`` averages ``ceil(10 · d_in)`` tokens of the default corpus (``mom2_n_keys``); theirs 100,000
+      Wikipedia articles (``mom2_n_samples``);
     * ``context_templates=5``: five prefixes of 10 new tokens; theirs 10 of 5 and 10 of 10 tokens sampled from
       the beginning of text (``context_templates="reference"``);
     * the layer (``layers=None``) is :func:`default_layer`, not a config field.

@@ -55,7 +55,8 @@ from ..hooks import Trace, frozen
 from ..moments import DTYPES, SecondMoment, StatsCache, StatsKey, identity_moment
 from ..stack import base_view, get_state, locked
 from ..tokens import pad_batch
-from .config import DEFAULT_N_TOKENS
+from .config import DEFAULT_N_KEYS
+from .memory import kv_cache_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -174,15 +175,26 @@ def _wikitext() -> Any:
 
 SAMPLED_LENGTH = 128
 SAMPLED_STARTS = ("The", "In", "A", "It", "This", "He", "She", "After", "There", "According to", "When", "On")
-#: the sampled corpus grows by whole blocks of this many texts (every start 4 times), one batch each, so
-#: text ``i`` depends on ``(seed, i)`` alone: never on how many texts were asked for, or when
+#: the sampled corpus grows by whole blocks of this many texts (every start 4 times), so text ``i`` depends
+#: on ``(seed, i)`` alone (up to the float rounding of how many rows share a batch): never on how many texts
+#: were asked for, or when
 SAMPLED_BLOCK = 4 * len(SAMPLED_STARTS)
+#: KV-cache budget of one sampling batch: as many whole blocks share a batch as fit (bigger batches are faster
+#: on a CPU; ``docs/results/first_run.md``)
+SAMPLED_KV_BYTES = 1 << 30
 
 
 def _row_seed(seed: int, i: int) -> int:
     """Text ``i``'s generator seed, distinct for every ``(seed, i)`` with ``i < 2**20`` (a CPU generator
     keeps only a seed's low 32 bits, so ``seed`` takes the 12 bits above ``i``)."""
     return (int(seed) % 4096) * (1 << 20) + i
+
+
+def sampling_batch(model: nn.Module, length: int) -> int:
+    """Texts per sampling batch: the most whole :data:`SAMPLED_BLOCK` blocks whose KV cache (``length`` new
+    tokens and a few prompt tokens per text) fits in :data:`SAMPLED_KV_BYTES`, at least one block."""
+    per_block = kv_cache_bytes(model, SAMPLED_BLOCK * (length + 8))
+    return SAMPLED_BLOCK * max(1, SAMPLED_KV_BYTES // per_block)
 
 
 def sampled_corpus(
@@ -237,7 +249,7 @@ def sampled_corpus(
                 max_new_tokens=length,
                 row_seeds=[_row_seed(seed, i) for i in rows],
                 top_k=50,
-                batch_size=SAMPLED_BLOCK,
+                batch_size=sampling_batch(model, length),
             )
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -382,7 +394,7 @@ def compute_second_moment(
     layer: int,
     *,
     corpus: Corpus = None,
-    n_tokens: int = DEFAULT_N_TOKENS,
+    n_tokens: int | None = None,
     dtype: Any = torch.float32,
     cache: StatsCache | str | Path | None | bool = None,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
@@ -395,7 +407,8 @@ def compute_second_moment(
     Args:
         corpus: a list of texts, a ``datasets`` dataset (``"text"`` column), or None (default corpus,
             see module docstring).
-        n_tokens: how many token positions (key vectors) to average.
+        n_tokens: how many token positions (key vectors) to average; None: ``ceil(10 · d_in)`` of the layer
+            (:data:`~hf_knowedit.methods.config.DEFAULT_N_KEYS`).
         dtype: accumulation and storage dtype, ``torch.float32`` or ``torch.float64``.
         cache: a :class:`StatsCache` or a directory; None uses :func:`default_cache_dir`; False keeps
             the result in memory only.
@@ -408,10 +421,11 @@ def compute_second_moment(
     other threads keep serving the edited model), in eval mode without gradients, and stop right after
     the edited module. Results are reused from memory, then from ``cache``.
     """
-    _check_pass_args("compute_second_moment", n_tokens, batch_tokens, max_length)
-    dtype = DTYPES[_dtype_name(dtype)]
     spec = get_architecture(model)
     d_in, _ = mlp_out_dims(model, spec, layer)  # validates the layer
+    n_tokens = keys_to_tokens(DEFAULT_N_KEYS, d_in) if n_tokens is None else n_tokens
+    _check_pass_args("compute_second_moment", n_tokens, batch_tokens, max_length)
+    dtype = DTYPES[_dtype_name(dtype)]
     module = mlp_out_path(spec, layer)
 
     def accumulate(source: Any, keys: list[StatsKey]) -> list[SecondMoment]:
@@ -466,7 +480,7 @@ def compute_expert_moments(
     layer: int,
     *,
     corpus: Corpus = None,
-    n_tokens: int = DEFAULT_N_TOKENS,
+    n_tokens: int | None = None,
     dtype: Any = torch.float32,
     cache: StatsCache | str | Path | None | bool = None,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
@@ -481,8 +495,6 @@ def compute_expert_moments(
     MoEEdit's reference code). Arguments, base model and caching as :func:`compute_second_moment`; each expert
     is one cache entry, its key's module :func:`expert_module_name` (``n_tokens`` is the whole pass's, the
     entry's ``n_tokens`` the tokens routed to the expert)."""
-    _check_pass_args("compute_expert_moments", n_tokens, batch_tokens, max_length)
-    dtype = DTYPES[_dtype_name(dtype)]
     spec = get_architecture(model)
     if spec.mlp_out_layout not in EXPERT_LAYOUTS:
         raise UnsupportedArchitectureError(
@@ -490,7 +502,10 @@ def compute_expert_moments(
             f"(mlp_out_layout={spec.mlp_out_layout!r}); use compute_second_moment."
         )
     module = mlp_out_path(spec, layer)
-    mlp_out_dims(model, spec, layer)  # validates the layer
+    d_in, _ = mlp_out_dims(model, spec, layer)  # validates the layer
+    n_tokens = keys_to_tokens(DEFAULT_N_KEYS, d_in) if n_tokens is None else n_tokens
+    _check_pass_args("compute_expert_moments", n_tokens, batch_tokens, max_length)
+    dtype = DTYPES[_dtype_name(dtype)]
     n_experts, _ = expert_dims(
         get_module(model, module), gate_up_of(model, module, spec.mlp_out_layout), spec.mlp_out_layout
     )
@@ -705,14 +720,19 @@ def _accumulate_experts(
 _WARNED_N_KEYS: set[tuple[str, float]] = set()
 
 
+def keys_to_tokens(multiple: float, d_in: int) -> int:
+    """``ceil(multiple · d_in)``, at least 1: the tokens of ``multiple`` key dimensions' worth of keys."""
+    return max(1, math.ceil(multiple * d_in))
+
+
 def n_tokens_for(model: nn.Module, layer: int, config: Any) -> int:
-    """Tokens averaged into ``C``: ``mom2_n_tokens``, or with ``mom2_n_keys`` (minimal precomputation,
-    "Efficient Knowledge Editing via Minimal Precomputation", ACL 2025) ``ceil(mom2_n_keys · d_in)``:
-    a few multiples of the key dimension instead of millions of tokens. ``C`` needs at least ``d_in``
-    keys to be invertible; the paper's FastROME / FastMEMIT use 2-10 × d_in."""
-    multiple = getattr(config, "mom2_n_keys", None)
-    if multiple is None:
+    """Tokens averaged into ``C``: ``mom2_n_tokens`` when set, else ``ceil(mom2_n_keys · d_in)`` of ``layer``
+    (minimal precomputation, "Efficient Knowledge Editing via Minimal Precomputation", ACL 2025): a few
+    multiples of the key dimension instead of millions of tokens. ``C`` needs at least ``d_in`` keys to be
+    invertible; the paper's FastROME / FastMEMIT use 2-10 × d_in, and the default is 10."""
+    if config.mom2_n_tokens is not None:
         return config.mom2_n_tokens
+    multiple = DEFAULT_N_KEYS if config.mom2_n_keys is None else config.mom2_n_keys
     least = getattr(config, "min_n_keys", 0.0)
     if multiple < least and (type(config).__name__, multiple) not in _WARNED_N_KEYS:
         _WARNED_N_KEYS.add((type(config).__name__, multiple))
@@ -726,11 +746,11 @@ def n_tokens_for(model: nn.Module, layer: int, config: Any) -> int:
             least,
         )
     d_in, _ = mlp_out_dims(model, get_architecture(model), layer)
-    return max(1, math.ceil(multiple * d_in))
+    return keys_to_tokens(multiple, d_in)
 
 
 def second_moment_for(model: nn.Module, tokenizer: Any, layer: int, config: Any) -> SecondMoment:
-    """``C`` at ``layer`` as a method config asks (``mom2``, ``mom2_corpus``, ``mom2_n_tokens`` or
+    """``C`` at ``layer`` as a method config asks (``mom2``, ``mom2_corpus``, ``mom2_n_tokens`` or else
     ``mom2_n_keys``, ``mom2_dtype``, ``mom2_batch_tokens``): from a corpus (cached in memory and on disk)
     or the identity."""
     if config.mom2 == "identity":
