@@ -516,7 +516,7 @@ def test_first_per_fact_keeps_each_facts_first_record_in_order():
         (
             "References\n\nCategory:Populated places in the Moses Kotane Local Municipality Cologne is a twin city of",
             "Cologne",
-            "Category:Populated places in the Moses Kotane Local Municipality Cologne is a twin city of",
+            "Cologne is a twin city of",
         ),
         (
             'Agent who was first seen in "Puppy Unplugged". What is the twin city of Cologne? It is',
@@ -529,6 +529,16 @@ def test_first_per_fact_keeps_each_facts_first_record_in_order():
             "Institut Polaire, created in",
         ),
         ("Palgrave Macmillan, 2013. Shanghai is a twin city of", "Shanghai", "Shanghai is a twin city of"),
+        (  # a wiki category line is never part of the sentence: it starts at the subject
+            "References \n\nCategory:Populated places in Torbat-e Jam County Norway's capital is",
+            "Norway",
+            "Norway's capital is",
+        ),
+        (
+            "players\nCategory:Association football midfielders Norway, which has the capital city",
+            "Norway",
+            "Norway, which has the capital city",
+        ),
         ("  The Eiffel Tower is in", "Eiffel Tower", "The Eiffel Tower is in"),
         ("The Eiffel Tower, a landmark, stands in", "Eiffel Tower", "The Eiffel Tower, a landmark, stands in"),
         ("  no subject here ", "Paris", "no subject here"),

@@ -279,12 +279,15 @@ def readable_prompt(prompt: str, subject: str) -> str:
     CounterFact's paraphrase prompts begin with unrelated generated text (``"References\n\nCategory:…
     Cologne is a twin city of"``); scoring uses them whole, as the paper does, and only what is shown is
     cut. The sentence starts after the last ``". "``, ``"? "``, ``"! "`` or newline before the subject's
-    first mention; a prompt without the subject is returned stripped."""
+    first mention, or at the subject itself where what lies between is a wiki category line
+    (``"Category:…"``); a prompt without the subject is returned stripped."""
     at = prompt.find(subject)
     if at < 0:
         return prompt.strip()
     head = prompt[:at]
     start = max([head.rfind(mark) + len(mark) for mark in (". ", "? ", "! ", "\n") if mark in head] + [0])
+    if "Category:" in prompt[start:at]:
+        start = at
     return prompt[start:].strip()
 
 
