@@ -4,9 +4,9 @@ second moment ``C`` as before, and how long the README's first edit takes on an 
 Three measurements on the bundled SmolLM2-135M-Instruct (float32), each against a baseline in the same run:
 
 1. **Sampling speed.** The library's sampler (:func:`~hf_knowedit.methods.statistics.sampled_corpus`: one
-   seeded generator per text, batches of whole 48-text blocks up to a 1 GiB KV cache) against (a) a plain forward over the same tokens
-   (full model, no cache, same rows: the target is a ratio ≥ 0.5) and (b) the previous sampler (one global
-   seed, batches of 64 texts).
+   seeded generator per text, batches of whole 48-text blocks up to a 1 GiB KV cache) against (a) a plain
+   forward over the same tokens (full model, no cache, same rows: the target is a ratio ≥ 0.5) and (b) the
+   previous sampler (one global seed, batches of 64 texts).
 2. **Same C within noise.** ``C`` at the default ROME layer from ``--c-tokens`` tokens of the new sampler
    (seeds 0 and 1) and of the previous sampler (seed 0): the relative Frobenius distance between samplers is
    compared with the distance between two seeds of the same sampler (the noise).
