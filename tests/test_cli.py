@@ -796,3 +796,25 @@ def test_show_vllm_says_how_vllm_serves_the_adapter(capsys, tiny, tmp_path):
     code, out, _ = run(capsys, "show", out_dir, "--vllm")
     assert code == 0 and "vLLM: loads with --enable-lora; rank 1: the default --max-lora-rank 16 holds it" in out
     assert run_json(capsys, "show", out_dir, "--vllm")["vllm"] == {"fits": True, "rank": 1, "max_lora_rank": 1}
+
+
+def test_statistics_size_names_what_the_method_config_will_average():
+    """The plan line's token count is the one the statistics pass uses (``n_tokens_for``), for every way of
+    setting it: the default multiple, an explicit ``mom2_n_keys``, an explicit ``mom2_n_tokens``."""
+    from types import SimpleNamespace
+
+    from hf_knowedit.cli.common import statistics_size
+    from hf_knowedit.methods.statistics import n_tokens_for
+
+    model, _ = make_tiny_model("llama")
+    for cfg, words in [
+        (hf_knowedit.ROMEConfig(), "960 tokens (10 × the key size d_in = 96: the default)"),
+        (hf_knowedit.ROMEConfig(mom2_n_keys=3), "288 tokens (3 × the key size d_in = 96)"),
+        (hf_knowedit.MEMITConfig(mom2_n_tokens=500, mom2_n_keys=3), "500 tokens"),
+        (
+            SimpleNamespace(mom2_n_tokens=None, mom2_n_keys=None),
+            "960 tokens (10 × the key size d_in = 96: the default)",
+        ),
+    ]:
+        assert statistics_size(model, 1, cfg) == words
+        assert words.startswith(f"{n_tokens_for(model, 1, cfg):,} tokens")

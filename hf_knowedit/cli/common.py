@@ -26,16 +26,20 @@ BUNDLED = "bundled"
 _ADAPTER_MARKER = "knowedit_config.json"
 
 
-def statistics_size(model: Any, layer: int, n_tokens: int | None, multiple: float) -> str:
-    """How many tokens the statistics of ``layer`` average, in words: ``n_tokens``, or when it is None the
-    library's default ``ceil(multiple · d_in)``."""
+def statistics_size(model: Any, layer: int, config: Any) -> str:
+    """How many tokens the statistics of ``layer`` average for a method config (``mom2_n_tokens``, else
+    ``mom2_n_keys`` or the library's default multiple of d_in: :func:`~hf_knowedit.methods.statistics.n_tokens_for`),
+    in words."""
     from ..architectures import get_architecture, mlp_out_dims
-    from ..methods.statistics import keys_to_tokens
+    from ..methods.config import DEFAULT_N_KEYS
+    from ..methods.statistics import n_tokens_for
 
-    if n_tokens is not None:
+    n_tokens = n_tokens_for(model, layer, config)
+    if config.mom2_n_tokens is not None:
         return f"{n_tokens:,} tokens"
     d_in, _ = mlp_out_dims(model, get_architecture(model), layer)
-    return f"{keys_to_tokens(multiple, d_in):,} tokens ({multiple:g} × the key size d_in = {d_in:,}: the default)"
+    default = ": the default" if config.mom2_n_keys in (None, DEFAULT_N_KEYS) else ""
+    return f"{n_tokens:,} tokens ({round(n_tokens / d_in, 2):g} × the key size d_in = {d_in:,}{default})"
 
 
 class UsageError(Exception):

@@ -106,7 +106,6 @@ def _edit_config(args: argparse.Namespace, method: str) -> tuple[dict[str, Any],
 def _statistics_plan(model: Any, method: str, config: Any, cfg: dict[str, Any], layers: Any) -> None:
     if getattr(config, "mom2", None) != "corpus":
         return
-    from ..methods.config import DEFAULT_N_KEYS
     from ..methods.rome import default_layer
 
     layer = layers[0] if isinstance(layers, list) and layers else default_layer(model)
@@ -116,7 +115,7 @@ def _statistics_plan(model: Any, method: str, config: Any, cfg: dict[str, Any], 
         "--config mom2=identity to skip it, or precompute with 'hf-knowedit stats compute'.",
         method,
         _stats_dir(None),
-        statistics_size(model, layer, config.mom2_n_tokens, config.mom2_n_keys or DEFAULT_N_KEYS),
+        statistics_size(model, layer, config),
         _corpus_description(cfg.get("mom2_corpus")),
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from ..errors import InvalidDataError
@@ -51,7 +52,6 @@ def _say_stats(out: Output, info: dict[str, Any]) -> None:
 def cmd_stats_compute(args: argparse.Namespace, out: Output) -> int:
     import torch
 
-    from ..methods.config import DEFAULT_N_KEYS
     from ..methods.statistics import compute_second_moment
     from ..moments import StatsCache
 
@@ -66,7 +66,8 @@ def cmd_stats_compute(args: argparse.Namespace, out: Output) -> int:
         "Second moments at layer(s) %s from %s of %s, cached in %s (files already there are reused). "
         "Pass --n-tokens N or --corpus FILE to make it cheaper.",
         layers,
-        statistics_size(model, layers[0], args.n_tokens, DEFAULT_N_KEYS) + (" each" if len(layers) > 1 else ""),
+        statistics_size(model, layers[0], SimpleNamespace(mom2_n_tokens=args.n_tokens, mom2_n_keys=None))
+        + (" each" if len(layers) > 1 else ""),
         _corpus_description(corpus),
         cache.directory,
     )
