@@ -16,6 +16,14 @@ efficacy (the new target beats the old on the rewrite prompt) is reported as a c
     python benchmarks/bench_gpu.py --out docs/results/gpu.md
     python benchmarks/bench_gpu.py --models llama-8b --memit 1000,10000
     python benchmarks/bench_gpu.py --smoke          # the same code path on tiny models on the CPU
+    python benchmarks/bench_gpu.py --vllm           # an edit served by vLLM as a LoRA (needs the vllm package)
+
+``--vllm``: the bundled SmolLM2-135M-Instruct (real weights) saved as a float16 checkpoint, ``--vllm-edits``
+CounterFact records edited with ROME and saved as a PEFT LoRA; vLLM (``LLM(enable_lora=True,
+max_lora_rank=check_vllm(es).max_lora_rank)``) generates greedily from each rewrite prompt with and without
+the adapter (``LoRARequest``), and so does transformers with the edit on and off. The row counts the prompts
+whose vLLM continuation starts with the new object with the adapter, the old one without it, and the
+continuations identical to transformers'. Without a GPU or without ``vllm`` the row says why it was not run.
 """
 
 from __future__ import annotations
@@ -215,6 +223,81 @@ def _efficacy(model: Any, tok: Any, record: dict) -> int:
     return int(new.mean_nll < true.mean_nll)
 
 
+def _hf_continuations(model: Any, tok: Any, prompts: list[str], n_tokens: int) -> list[str]:
+    """Greedy continuations (``n_tokens`` tokens, whitespace-normalised) in transformers."""
+    from hf_knowedit.generation import generate_texts
+
+    texts = generate_texts(model, tok, prompts, max_new_tokens=n_tokens, seed=None)
+    return [" ".join(t[len(p) :].split()) for t, p in zip(texts, prompts)]
+
+
+def vllm_case(args: argparse.Namespace, folder: Path, work: Path) -> dict:
+    """The ``--vllm`` row: an edit served by vLLM as a LoRA adapter, against transformers (see the module
+    docstring). Returns ``{"case": "vllm", "not run": why}`` when CUDA or the ``vllm`` package is missing."""
+    import importlib.util
+
+    why = (
+        "no GPU (torch.cuda.is_available() is False)"
+        if not torch.cuda.is_available()
+        else "the vllm package is not installed"
+        if importlib.util.find_spec("vllm") is None
+        else None
+    )
+    if why is not None:
+        logger.warning("bench_gpu --vllm: not run: %s.", why)
+        return {"case": "vllm", "not run": why}
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    import hf_knowedit
+    from hf_knowedit._bundled import load_smollm2
+    from hf_knowedit.evaluation.generative import starts_with
+    from hf_knowedit.requests import to_request
+    from hf_knowedit.serving import check_vllm
+
+    records = json.loads((folder / "counterfact_500.json").read_text())[: args.vllm_edits]
+    model, tok = load_smollm2(dtype=torch.float16, device=torch.device("cuda", torch.cuda.current_device()))
+    base = work / "smollm2-f16"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    requests = [to_request(r) for r in records]
+    prompts = [r.text for r in requests]
+    hf_before = _hf_continuations(model, tok, prompts, args.vllm_tokens)
+    es = hf_knowedit.apply_edits(model, tok, records, method="rome", name="vllm-case")
+    hf_after = _hf_continuations(model, tok, prompts, args.vllm_tokens)
+    es.save(work / "edit")
+    check = check_vllm(es)
+    model.to("cpu")  # the GPU's memory goes to vLLM
+    torch.cuda.empty_cache()
+    llm = LLM(
+        model=str(base),
+        dtype="float16",
+        enable_lora=True,
+        max_lora_rank=check.max_lora_rank,
+        max_loras=1,
+        enforce_eager=True,
+        gpu_memory_utilization=0.3,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=args.vllm_tokens)
+    lora = LoRARequest("edit", 1, str(work / "edit"))
+    before = [" ".join(o.outputs[0].text.split()) for o in llm.generate(prompts, params)]
+    after = [" ".join(o.outputs[0].text.split()) for o in llm.generate(prompts, params, lora_request=lora)]
+    n = len(requests)
+    return {
+        "case": "vllm",
+        "edits": n,
+        "max_lora_rank": check.max_lora_rank,
+        "new object with the adapter (vLLM)": sum(starts_with(a, r.target_new) for a, r in zip(after, requests)),
+        "old object without it (vLLM)": sum(starts_with(b, r.target_true or "") for b, r in zip(before, requests)),
+        "new object with the edit (transformers)": sum(
+            starts_with(a, r.target_new) for a, r in zip(hf_after, requests)
+        ),
+        "same continuation as transformers, edited": sum(a == h for a, h in zip(after, hf_after)),
+        "same continuation as transformers, unedited": sum(b == h for b, h in zip(before, hf_before)),
+        "example": f"{prompts[0]!r}: vLLM {before[0]!r} -> {after[0]!r}; transformers -> {hf_after[0]!r}",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=None)
@@ -223,9 +306,21 @@ def main() -> None:
     parser.add_argument("--rome", type=int, default=10, help="ROME records")
     parser.add_argument("--memit", default="1000,10000", help="MEMIT edits per call, comma-separated")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU (checks the code path)")
+    parser.add_argument("--vllm", action="store_true", help="only the vLLM case: an edit served as a LoRA")
+    parser.add_argument("--vllm-edits", type=int, default=10, help="ROME edits in the vLLM case")
+    parser.add_argument("--vllm-tokens", type=int, default=8, help="tokens generated per prompt in the vLLM case")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.vllm:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bench_gpu_vllm_") as work:
+            row = vllm_case(args, data_dir(args.data), Path(work))
+        logger.info("\n%s", rows_table([row]))
+        if args.out and "not run" not in row:
+            write_markdown(args.out, "An edit served by vLLM (LoRA)", rows_table([row]), machine_info(), 0.0)
+        sys.exit(0)
     if not args.smoke and not torch.cuda.is_available():
         logger.warning("bench_gpu: no GPU here (torch.cuda.is_available() is False); nothing to measure, skipped.")
         sys.exit(0)
