@@ -265,7 +265,7 @@ def vllm_case(args: argparse.Namespace, folder: Path, work: Path) -> dict:
     hf_before = _hf_continuations(model, tok, prompts, args.vllm_tokens)
     es = hf_knowedit.apply_edits(model, tok, records, method="rome", name="vllm-case")
     hf_after = _hf_continuations(model, tok, prompts, args.vllm_tokens)
-    es.save(work / "edit")
+    es.save_pretrained(work / "edit")
     check = check_vllm(es)
     model.to("cpu")  # the GPU's memory goes to vLLM
     torch.cuda.empty_cache()

@@ -269,6 +269,8 @@ def _portable_config(config: dict[str, Any]) -> dict[str, Any]:
             out["mom2_corpus"] = f"<{type(corpus).__name__} of {len(corpus)} texts; see stats_key>"
         except TypeError:
             out["mom2_corpus"] = f"<{type(corpus).__name__}; see stats_key>"
+    if out.get("mom2_preserve") is not None:
+        out["mom2_preserve"] = f"<{len(out['mom2_preserve'])} texts; see stats_key>"
     return out
 
 

@@ -61,7 +61,8 @@ def check_value(owner: str, name: str, value: Any, rule: str) -> None:
 
     Rules: ``"int>=N"``; ``"num>0"`` / ``"num>=0"`` (finite int or float); ``"(0,1]"``;
     ``"bool"``; ``"choice:a|b"``; ``"templates"`` (:func:`check_context_templates`); ``"pairs"``
-    (:func:`check_length_params`); ``"?"`` prefix: ``None`` is allowed too.
+    (:func:`check_length_params`); ``"texts"`` (a non-empty list of non-empty strings); ``"?"`` prefix: ``None``
+    is allowed too.
     """
     if rule.startswith("?"):
         if value is None:
@@ -84,6 +85,9 @@ def check_value(owner: str, name: str, value: Any, rule: str) -> None:
     elif rule == "pairs":
         check_length_params(owner, value)
         return
+    elif rule == "texts":
+        ok = isinstance(value, (list, tuple)) and bool(value) and all(isinstance(t, str) and t.strip() for t in value)
+        want = "a non-empty list of non-empty texts"
     elif rule.startswith("choice:"):
         choices = rule[7:].split("|")
         ok, want = isinstance(value, str) and value in choices, " or ".join(repr(c) for c in choices)
@@ -250,6 +254,13 @@ class EditConfig:
         "None (default corpus, see hf_knowedit.methods.statistics), a list of texts, "
         "or a datasets dataset with a 'text' column",
     )
+    mom2_preserve: Any = option(
+        None,
+        "texts the edit should leave alone (e.g. ordinary prompts whose MoE routing must hold): the keys of all "
+        "their tokens are added to C with weight mom2_preserve_weight",
+        "?texts",
+    )
+    mom2_preserve_weight: float = option(10.0, "w in C + w * E_preserve[k kᵀ] (mom2_preserve)", "num>0")
     mom2_n_tokens: int | None = option(
         None, "tokens averaged into C; None: ceil(mom2_n_keys * d_in) of the edited layer", "?int>=1"
     )

@@ -23,6 +23,7 @@ factorisation) per model in ``get_state(model).history`` and on disk by
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -752,23 +753,72 @@ def n_tokens_for(model: nn.Module, layer: int, config: Any) -> int:
 def second_moment_for(model: nn.Module, tokenizer: Any, layer: int, config: Any) -> SecondMoment:
     """``C`` at ``layer`` as a method config asks (``mom2``, ``mom2_corpus``, ``mom2_n_tokens`` or else
     ``mom2_n_keys``, ``mom2_dtype``, ``mom2_batch_tokens``): from a corpus (cached in memory and on disk)
-    or the identity."""
+    or the identity; with ``mom2_preserve``, plus the preserved texts' second moment (:func:`with_preserved`)."""
     if config.mom2 == "identity":
-        return identity_moment(model, layer)
-    return compute_second_moment(
+        moment = identity_moment(model, layer)
+    else:
+        moment = compute_second_moment(
+            model,
+            tokenizer,
+            layer,
+            corpus=config.mom2_corpus,
+            n_tokens=n_tokens_for(model, layer, config),
+            dtype=getattr(torch, config.mom2_dtype),
+            batch_tokens=getattr(config, "mom2_batch_tokens", DEFAULT_BATCH_TOKENS),
+        )
+    return with_preserved(model, tokenizer, layer, config, [moment], compute_second_moment)[0]
+
+
+def corpus_tokens(tokenizer: Any, texts: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH) -> int:
+    """Token positions of ``texts`` as the statistics pass reads them (special tokens, truncation)."""
+    return sum(
+        len(tokenizer(t, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]) for t in texts
+    )
+
+
+def with_preserved(
+    model: nn.Module, tokenizer: Any, layer: int, config: Any, moments: list[SecondMoment], compute: Callable
+) -> list[SecondMoment]:
+    """``moments`` with ``w · E_p[k kᵀ]`` added, ``E_p`` over every token of ``config.mom2_preserve`` and ``w``
+    ``config.mom2_preserve_weight``; unchanged when ``mom2_preserve`` is None.
+
+    ``compute`` is :func:`compute_second_moment` (one joint ``C``) or :func:`compute_expert_moments` (one ``C_e``
+    per expert, each added to its own): the preserved texts go through the same pass, cached the same way. The
+    sum's :class:`~hf_knowedit.moments.StatsKey` names both parts, so an edit set's provenance says what ``C``
+    was. Methods that solve against ``C`` (ROME, MEMIT, EMMET, ENCORE, RLSEdit) then weigh a change of those
+    texts' outputs ``w`` times as much as the corpus's; methods that project onto ``C``'s null space (AlphaEdit,
+    MoEEdit) add their directions to the protected space."""
+    texts = getattr(config, "mom2_preserve", None)
+    if not texts:
+        return moments
+    texts = list(texts)
+    kept = compute(
         model,
         tokenizer,
         layer,
-        corpus=config.mom2_corpus,
-        n_tokens=n_tokens_for(model, layer, config),
+        corpus=texts,
+        n_tokens=corpus_tokens(tokenizer, texts),
         dtype=getattr(torch, config.mom2_dtype),
         batch_tokens=getattr(config, "mom2_batch_tokens", DEFAULT_BATCH_TOKENS),
     )
+    kept = kept if isinstance(kept, list) else [kept]
+    w = config.mom2_preserve_weight
+    out = []
+    for moment, extra in zip(moments, kept, strict=True):
+        key = dataclasses.replace(
+            moment.key,
+            corpus=f"{moment.key.corpus} + {w:g} x preserve[{extra.key.corpus}]",
+            n_tokens=moment.n_tokens + extra.n_tokens,
+        )
+        matrix = moment.matrix + w * extra.matrix.to(moment.matrix.device, moment.matrix.dtype)
+        out.append(SecondMoment(matrix, moment.n_tokens + extra.n_tokens, key))
+    return out
 
 
 def expert_moments_for(model: nn.Module, tokenizer: Any, layer: int, config: Any) -> list[SecondMoment]:
     """The per-expert statistics ``C_e`` at ``layer`` (:func:`compute_expert_moments`) as a method config asks
-    (the fields of :func:`second_moment_for`); ``mom2="identity"``: ``C_e = I`` for every expert."""
+    (the fields of :func:`second_moment_for`, ``mom2_preserve`` included); ``mom2="identity"``: ``C_e = I`` for
+    every expert."""
     if config.mom2 == "identity":
         spec = get_architecture(model)
         module = mlp_out_path(spec, layer)
@@ -780,13 +830,15 @@ def expert_moments_for(model: nn.Module, tokenizer: Any, layer: int, config: Any
         keys = [
             StatsKey("any", layer, expert_module_name(module, e), "identity", 0, "float64") for e in range(n_experts)
         ]
-        return [SecondMoment(eye, 0, key) for key in keys]
-    return compute_expert_moments(
-        model,
-        tokenizer,
-        layer,
-        corpus=config.mom2_corpus,
-        n_tokens=n_tokens_for(model, layer, config),
-        dtype=getattr(torch, config.mom2_dtype),
-        batch_tokens=getattr(config, "mom2_batch_tokens", DEFAULT_BATCH_TOKENS),
-    )
+        moments = [SecondMoment(eye, 0, key) for key in keys]
+    else:
+        moments = compute_expert_moments(
+            model,
+            tokenizer,
+            layer,
+            corpus=config.mom2_corpus,
+            n_tokens=n_tokens_for(model, layer, config),
+            dtype=getattr(torch, config.mom2_dtype),
+            batch_tokens=getattr(config, "mom2_batch_tokens", DEFAULT_BATCH_TOKENS),
+        )
+    return with_preserved(model, tokenizer, layer, config, moments, compute_expert_moments)
