@@ -55,12 +55,14 @@ OTHER = {"prompt": "The official language of {}", "subject": "Japan", "target_ne
 # chat_context=1: the chat-form template (here "Q: ... A: {}": the tiny tokenizer has no chat template) on every row;
 # chat_questions: the fact's question, "Q: What is the capital of Italy?\nA:" then the target, a row of its own;
 # v_position_noise (NAMET): the bare prompt and the essence prompt, shorter than the chat form, get no delta
+# mom2_preserve: C = I + 10 · E_p[k kᵀ] over two unrelated sentences (joint, or per expert for MoEEdit)
 CHEAP = dict(
     mom2="identity",
     context_templates=0,
     chat_context=1,
     chat_questions=True,
     v_position_noise=True,
+    mom2_preserve=["Tokyo is a large city in Japan.", "Water boils at one hundred degrees."],
     v_num_grad_steps=2,
     v_lr=0.5,
 )
