@@ -17,7 +17,9 @@ change: the fraction of (token, MoE block) pairs of unrelated text (``--unrelate
 ``known_1000.json`` that name no edited subject, as sentences) whose top-k set of experts differs after the
 edit (ROME: after each of its first ``--rome-routing`` edits, averaged). ``--floor``: per MoE variant, the
 routing change of the *unedited* model served in bfloat16 and in float16 against float32 (the precision noise
-every served model carries), rows ``unedited in <dtype>``. Each variant × method is saved as it finishes
+every served model carries), rows ``unedited in <dtype>``. A method's ``+preserve=N`` passes ``mom2_preserve``: ``N``
+other known facts, disjoint from the measured ones by subject (:func:`preserved_texts`), e.g.
+``memit+preserve=500+mom2_preserve_weight=10``. Each variant × method is saved as it finishes
 (``--state``); a rerun skips what is saved.
 
     python benchmarks/bench_moe.py [--rome 50] [--memit 100] [--threads 1]
@@ -77,6 +79,24 @@ def unrelated_texts(data: Path, subjects: set[str], n: int) -> list[str]:
     return out
 
 
+def preserved_texts(data: Path, subjects: set[str], measured: list[str], n: int) -> list[str]:
+    """``n`` known facts (as sentences) for ``mom2_preserve``: none names an edited subject, none is about a
+    subject of the ``measured`` unrelated texts, so the routing change is measured on text the edit did not see."""
+    facts = json.loads((data / "known_1000.json").read_text())
+    measured = set(measured)
+    seen = {f["subject"] for f in facts if f"{f['prompt']} {f['attribute']}." in measured}
+    out = [
+        f"{f['prompt']} {f['attribute']}."
+        for f in facts
+        if f["subject"] not in seen and not any(s in f["prompt"] for s in subjects)
+    ]
+    if len(out) < n:
+        raise SystemExit(
+            f"+preserve={n}: only {len(out)} known facts are disjoint from the edits and the measured texts"
+        )
+    return out[:n]
+
+
 def routing_moved(model: Any, tok: Any, texts: list[str], apply: Any) -> float:
     """Percent of unrelated (token, block) pairs whose top-k experts change when ``apply()`` edits (it returns
     the edit set, reverted here)."""
@@ -115,6 +135,10 @@ def run_one(variant: str, method: str, model: Any, tok: Any, cases: list, texts:
     from hf_knowedit.requests import to_request
 
     method, options = method_options(spec := method)  # "moeedit+nullspace_threshold=0.002": a method's options
+    if "preserve" in options:  # "memit+preserve=500": mom2_preserve = 500 held-out known facts
+        n_keep = int(options.pop("preserve"))
+        subjects = {c["requested_rewrite"]["subject"] for c in cases[: max(args.rome, args.memit)]}
+        options["mom2_preserve"] = preserved_texts(data_dir(args.data), subjects, texts, n_keep)
     protocol = "single" if method == "rome" else "batch"
     n = args.rome if method == "rome" else args.memit
     config = dict(mom2_n_tokens=N_TOKENS, context_templates=args.context_templates) | options

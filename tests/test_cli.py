@@ -818,3 +818,23 @@ def test_statistics_size_names_what_the_method_config_will_average():
     ]:
         assert statistics_size(model, 1, cfg) == words
         assert words.startswith(f"{n_tokens_for(model, 1, cfg):,} tokens")
+
+
+def test_preserve_file_reaches_the_method_config(tmp_path):
+    """``--preserve FILE``: the texts become ``mom2_preserve`` (weight from ``--config``); given twice, or a
+    missing file, is refused before any model loads."""
+    keep = tmp_path / "keep.txt"
+    keep.write_text("Tokyo is a large city in Japan.\n\nWater boils at one hundred degrees.\n")
+    config = cli._edit_config(build_parser().parse_args(["edit", *FACT, "--preserve", str(keep)]), "memit")[1]
+    assert config.mom2_preserve == ["Tokyo is a large city in Japan.", "Water boils at one hundred degrees."]
+    assert config.mom2_preserve_weight == 10.0
+    args = build_parser().parse_args(
+        ["edit", *FACT, "--preserve", str(keep), "--config", "mom2_preserve_weight=3", "--method", "rome"]
+    )
+    assert cli._edit_config(args, "rome")[1].mom2_preserve_weight == 3
+    args = build_parser().parse_args(["edit", *FACT, "--preserve", str(keep), "--config", "mom2_preserve=x"])
+    with pytest.raises(cli.common.UsageError, match="give --preserve or --config mom2_preserve"):
+        cli._edit_config(args, "memit")
+    args = build_parser().parse_args(["edit", *FACT, "--preserve", str(tmp_path / "missing.txt")])
+    with pytest.raises(hf_knowedit.errors.KnowEditError, match="missing.txt"):
+        cli._edit_config(args, "memit")

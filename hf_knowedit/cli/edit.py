@@ -83,7 +83,7 @@ def _parse_config(pairs: Sequence[str] | None) -> dict[str, Any]:
 
 
 def _edit_config(args: argparse.Namespace, method: str) -> tuple[dict[str, Any], Any]:
-    """The method's config as a dict from ``--config``, ``--mom2-n-tokens`` and ``--corpus``, validated
+    """The method's config as a dict from ``--config``, ``--mom2-n-tokens``, ``--corpus`` and ``--preserve``, validated
     (unknown names and bad values fail here, before the model loads); the CLI's statistics default added."""
     from ..methods.config import make_config
     from ..methods.registry import get_method
@@ -92,6 +92,7 @@ def _edit_config(args: argparse.Namespace, method: str) -> tuple[dict[str, Any],
     for flag, key, value in (
         ("--mom2-n-tokens", "mom2_n_tokens", args.mom2_n_tokens),
         ("--corpus", "mom2_corpus", args.corpus),
+        ("--preserve", "mom2_preserve", args.preserve),
     ):
         if key in cfg and value is not None:
             raise UsageError(f"give {flag} or --config {key}=..., not both")
@@ -99,6 +100,8 @@ def _edit_config(args: argparse.Namespace, method: str) -> tuple[dict[str, Any],
         cfg["mom2_n_tokens"] = args.mom2_n_tokens
     if args.corpus is not None:
         cfg["mom2_corpus"] = read_corpus(args.corpus)
+    if args.preserve is not None:
+        cfg["mom2_preserve"] = read_corpus(args.preserve)
     spec = get_method(method)
     return cfg, make_config(spec.config_cls, cfg, {}, spec.name)
 

@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens averaged into the second-moment statistics (default: 10 × the edited layer's key size d_in)",
     )
     g.add_argument("--corpus", metavar="FILE", help="texts for the statistics: one per line, or JSON/JSONL")
+    g.add_argument(
+        "--preserve",
+        metavar="FILE",
+        help="texts the edit should leave alone, weighed into the statistics (mom2_preserve; weight: "
+        "--config mom2_preserve_weight=W, default 10): one per line, or JSON/JSONL",
+    )
     g.add_argument("--layers", help="layer(s) to edit: 6 | 4,5,6 | 4-8 | auto (default: the method's)")
 
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
