@@ -763,10 +763,17 @@ def second_moment_for(model: nn.Module, tokenizer: Any, layer: int, config: Any)
             layer,
             corpus=config.mom2_corpus,
             n_tokens=n_tokens_for(model, layer, config),
-            dtype=getattr(torch, config.mom2_dtype),
-            batch_tokens=getattr(config, "mom2_batch_tokens", DEFAULT_BATCH_TOKENS),
+            **_pass_options(config),
         )
     return with_preserved(model, tokenizer, layer, config, [moment], compute_second_moment)[0]
+
+
+def _pass_options(config: Any) -> dict[str, Any]:
+    """The statistics pass's accumulation dtype and batch size as a method config sets them."""
+    return {
+        "dtype": getattr(torch, config.mom2_dtype),
+        "batch_tokens": getattr(config, "mom2_batch_tokens", DEFAULT_BATCH_TOKENS),
+    }
 
 
 def corpus_tokens(tokenizer: Any, texts: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH) -> int:
@@ -798,8 +805,7 @@ def with_preserved(
         layer,
         corpus=texts,
         n_tokens=corpus_tokens(tokenizer, texts),
-        dtype=getattr(torch, config.mom2_dtype),
-        batch_tokens=getattr(config, "mom2_batch_tokens", DEFAULT_BATCH_TOKENS),
+        **_pass_options(config),
     )
     kept = kept if isinstance(kept, list) else [kept]
     w = config.mom2_preserve_weight
@@ -838,7 +844,6 @@ def expert_moments_for(model: nn.Module, tokenizer: Any, layer: int, config: Any
             layer,
             corpus=config.mom2_corpus,
             n_tokens=n_tokens_for(model, layer, config),
-            dtype=getattr(torch, config.mom2_dtype),
-            batch_tokens=getattr(config, "mom2_batch_tokens", DEFAULT_BATCH_TOKENS),
+            **_pass_options(config),
         )
     return with_preserved(model, tokenizer, layer, config, moments, compute_expert_moments)
