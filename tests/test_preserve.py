@@ -130,3 +130,12 @@ def test_identity_statistics_take_preserved_texts_too(stats_cache):
     eye = torch.eye(got.d_in, dtype=got.matrix.dtype)
     torch.testing.assert_close(got.matrix, eye + 10.0 * kept.matrix.to(got.matrix.dtype))
     assert not got.is_identity
+
+
+def test_the_sum_is_built_once_per_key_so_its_factor_is_reused(stats_cache):
+    model, tok = make_tiny_model("llama")
+    cfg = hf_knowedit.MEMITConfig(mom2_corpus=CORPUS, mom2_n_tokens=300, mom2_preserve=PRESERVE)
+    first = second_moment_for(model, tok, 1, cfg)
+    assert second_moment_for(model, tok, 1, cfg) is first
+    other = second_moment_for(model, tok, 1, hf_knowedit.MEMITConfig(**{**vars(cfg), "mom2_preserve_weight": 3.0}))
+    assert other is not first and other.key != first.key

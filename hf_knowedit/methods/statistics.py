@@ -768,6 +768,10 @@ def second_moment_for(model: nn.Module, tokenizer: Any, layer: int, config: Any)
     return with_preserved(model, tokenizer, layer, config, [moment], compute_second_moment)[0]
 
 
+#: ``get_state(model).history`` entry of the corpus + preserved-texts sums, so their factorisation is reused
+_PRESERVED_KEY = "stats.preserved"
+
+
 def _pass_options(config: Any) -> dict[str, Any]:
     """The statistics pass's accumulation dtype and batch size as a method config sets them."""
     return {
@@ -809,6 +813,7 @@ def with_preserved(
     )
     kept = kept if isinstance(kept, list) else [kept]
     w = config.mom2_preserve_weight
+    memory = get_state(model).history.setdefault(_PRESERVED_KEY, {})  # one sum (and its factor) per key
     out = []
     for moment, extra in zip(moments, kept, strict=True):
         key = dataclasses.replace(
@@ -816,8 +821,10 @@ def with_preserved(
             corpus=f"{moment.key.corpus} + {w:g} x preserve[{extra.key.corpus}]",
             n_tokens=moment.n_tokens + extra.n_tokens,
         )
-        matrix = moment.matrix + w * extra.matrix.to(moment.matrix.device, moment.matrix.dtype)
-        out.append(SecondMoment(matrix, moment.n_tokens + extra.n_tokens, key))
+        if key not in memory:
+            matrix = moment.matrix + w * extra.matrix.to(moment.matrix.device, moment.matrix.dtype)
+            memory[key] = SecondMoment(matrix, moment.n_tokens + extra.n_tokens, key)
+        out.append(memory[key])
     return out
 
 
