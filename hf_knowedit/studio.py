@@ -6,7 +6,8 @@ Hugging Face Space).
 
 Type a prompt and its subject: the model's top next tokens and the causal-trace heatmaps (hidden states,
 MLP and attention outputs) with the layer to edit. Rewrite the fact with a method and layer: top-k before
-and after on the prompt, a paraphrase and a neighbour, and a short greedy generation before and after.
+and after on the prompt, a paraphrase and a neighbour, a short greedy generation before and after, and the
+answer to a question about the fact asked through the model's chat template (``Q: … A:`` without one).
 List the edits, disable / enable each one, revert it, save it as a PEFT-LoRA adapter (optionally
 truncated to a maximum rank) or push it to the Hub.
 
@@ -45,7 +46,7 @@ STATS_SAMPLED = "sampled from the model (computed once per layer, cached)"
 DEFAULT_N_TOKENS = 5000
 #: the session of calls that name none (scripts, tests, one user)
 LOCAL = "local"
-#: (prompt, subject, new target, paraphrase, neighbour) shown as examples
+#: (prompt, subject, new target, paraphrase, neighbour, question) shown as examples
 EXAMPLES = [
     (
         "The Eiffel Tower is located in the city of",
@@ -53,6 +54,7 @@ EXAMPLES = [
         "Rome",
         "The Eiffel Tower, a famous landmark, stands in the city of",
         "The Louvre museum is located in the city of",
+        "In which city is the Eiffel Tower?",
     ),
     (
         "The mother tongue of Danielle Darrieux is",
@@ -60,6 +62,7 @@ EXAMPLES = [
         "English",
         "Danielle Darrieux grew up speaking",
         "The mother tongue of Thomas Mann is",
+        "What is the mother tongue of Danielle Darrieux?",
     ),
     (
         "Lionel Messi plays the sport of",
@@ -67,6 +70,7 @@ EXAMPLES = [
         "basketball",
         "Lionel Messi is a professional player of",
         "Michael Jordan plays the sport of",
+        "Which sport does Lionel Messi play?",
     ),
 ]
 
@@ -184,13 +188,23 @@ class EditView:
     rows: list[dict[str, Any]]  # what, prompt, before, after (top-k lists)
     generation_before: str
     generation_after: str
+    question: str = ""  # asked in chat form before and after ("": none asked)
+    answer_before: str = ""
+    answer_after: str = ""
+    target: str = ""
+    #: whether the answer after the edit names the new target (:func:`~.evaluation.chat.names`); None: no question
+    answer_names_target: bool | None = None
 
     def summary(self) -> str:
         top = self.rows[0]["after"][0][0].strip() if self.rows and self.rows[0]["after"] else "?"
-        return (
+        text = (
             f"Applied **{self.name}** ({self.method}, layer(s) {', '.join(map(str, self.layers))}) in "
             f"{self.seconds:.1f} s. The top prediction for the prompt is now **{top}**."
         )
+        if self.answer_names_target is not None:
+            verdict = "names" if self.answer_names_target else "does **not** name"
+            text += f" Asked as a question, the answer {verdict} **{self.target}**."
+        return text
 
     def table(self) -> list[list[str]]:
         return [[r["what"], r["prompt"], fmt_top(r["before"]), fmt_top(r["after"])] for r in self.rows]
@@ -279,6 +293,29 @@ class Studio:
             )[0]
         return text.replace("\n", " ").strip()
 
+    def ask(self, question: str, max_new_tokens: int | None = None, *, session: str = LOCAL) -> str:
+        """The greedy answer of ``session``'s model to ``question``, asked as one user turn through the tokenizer's
+        chat template (``"Q: {question}\\nA:"`` without one) and cut at the end of the turn (the first line in
+        ``Q:/A:`` form), as the chat metrics ask (:mod:`~.evaluation.chat`)."""
+        from .evaluation import chat
+        from .generation import generate_texts
+
+        question = self._text(question, "a question", "e.g. 'In which city is the Eiffel Tower?'")
+        prompt = chat.chat_prompt(self.tokenizer, question)
+        templated = chat.has_chat_template(self.tokenizer)
+        with self.lock:
+            self._use(session)
+            text = generate_texts(
+                self.model,
+                self.tokenizer,
+                [prompt],
+                max_new_tokens=max_new_tokens or self.gen_tokens,
+                seed=None,
+                stop_ids=chat.stop_ids(self.model, self.tokenizer),
+                add_special_tokens=not templated,
+            )[0]
+        return chat.answer_of(text[len(prompt) :], templated)
+
     def trace(self, prompt: str, subject: str, *, samples: int = 3, kinds: Sequence[str] = KINDS,
               progress: Progress = _no_progress, session: str = LOCAL) -> TraceView:  # fmt: skip
         """Causal trace of ``session``'s model's answer to ``prompt`` with ``subject`` corrupted; heatmaps as a
@@ -325,18 +362,22 @@ class Studio:
         context_templates: int = 0,
         paraphrase: str = "",
         neighbour: str = "",
+        question: str = "",
         progress: Progress = _no_progress,
         session: str = LOCAL,
         **config: Any,
     ) -> EditView:
         """Rewrite ``subject``'s fact in ``prompt`` to ``target`` on ``session``'s model (the new set is that
-        session's) and compare before / after.
+        session's) and compare before / after: top-k on the prompt, ``paraphrase`` and ``neighbour``, a greedy
+        generation of the prompt, and (when given) :meth:`ask`'s answer to ``question``, with whether the answer
+        after the edit names ``target`` (the chat metrics' matching rules, the subject's mentions ignored).
 
         ``stats``: :data:`STATS_IDENTITY` (``mom2="identity"``: no statistics) or :data:`STATS_SAMPLED`
         (``n_tokens`` tokens of text sampled from the model, computed once per layer and cached on disk).
         ``**config`` sets further method options (e.g. ``v_num_grad_steps``)."""
         import hf_knowedit
 
+        from .evaluation.chat import names
         from .stack import get_state
 
         prompt = self._text(prompt, "a prompt", "the fact to rewrite, e.g. 'The Eiffel Tower is located in'")
@@ -362,6 +403,8 @@ class Studio:
             progress(0.0, "Predictions before the edit")
             before = [self.predict(p, session=session) for _, p in probes]
             gen_before = self.generate(prompt, session=session)
+            asked = question.strip() if isinstance(question, str) else ""
+            answer_before = self.ask(asked, session=session) if asked else ""
             what = (
                 "statistics skipped"
                 if stats == STATS_IDENTITY
@@ -377,8 +420,11 @@ class Studio:
             progress(0.85, "Predictions after the edit")
             after = [self.predict(p, session=session) for _, p in probes]
             gen_after = self.generate(prompt, session=session)
+            answer_after = self.ask(asked, session=session) if asked else ""
         rows = [{"what": w, "prompt": p, "before": b, "after": a} for (w, p), b, a in zip(probes, before, after)]
-        return EditView(es.name, es.method, list(es.layers), seconds, rows, gen_before, gen_after)
+        named = names(answer_after, target, subject=subject) if asked else None
+        return EditView(es.name, es.method, list(es.layers), seconds, rows, gen_before, gen_after, asked,
+                        answer_before, answer_after, target, named)  # fmt: skip
 
     # -- the edits ------------------------------------------------------------------------------
 
@@ -628,11 +674,11 @@ def build_app(studio: Studio, *, title: str = "hf_knowedit Edit Studio") -> Any:
 
     @per_session
     def on_edit(prompt, subject, target, method, layers, stats, n_tokens, templates, paraphrase, neighbour,
-                request, progress=gr.Progress(track_tqdm=True)):  # fmt: skip
+                question, request, progress=gr.Progress(track_tqdm=True)):  # fmt: skip
         with shown_errors():
             view = studio.edit(
                 prompt, subject, target, method=method, layers=layers, stats=stats, n_tokens=n_tokens,
-                context_templates=int(templates), paraphrase=paraphrase, neighbour=neighbour,
+                context_templates=int(templates), paraphrase=paraphrase, neighbour=neighbour, question=question,
                 progress=lambda f, d: progress(f, desc=d), session=sid(request),
             )  # fmt: skip
             table, choice = edits_update(sid(request), view.name)
@@ -643,6 +689,8 @@ def build_app(studio: Studio, *, title: str = "hf_knowedit Edit Studio") -> Any:
                 view.table(),
                 view.generation_before,
                 view.generation_after,
+                view.answer_before,
+                view.answer_after,
                 table,
                 choice,
             )
@@ -709,7 +757,10 @@ def build_app(studio: Studio, *, title: str = "hf_knowedit Edit Studio") -> Any:
         with gr.Row():
             paraphrase = gr.Textbox(label="Paraphrase (should change too)", value=first[3], elem_id="paraphrase")
             neighbour = gr.Textbox(label="Neighbour (should not change)", value=first[4], elem_id="neighbour")
-        gr.Examples([list(e) for e in EXAMPLES], [prompt, subject, target, paraphrase, neighbour], label="Examples")
+            question = gr.Textbox(label="Question (asked in chat form; blank: none)", value=first[5],
+                                  elem_id="question")  # fmt: skip
+        gr.Examples([list(e) for e in EXAMPLES], [prompt, subject, target, paraphrase, neighbour, question],
+                    label="Examples")  # fmt: skip
         edit_btn = gr.Button("Apply edit", variant="primary", elem_id="edit-btn")
         edit_info = gr.Markdown(elem_id="edit-info")
         with gr.Row():
@@ -725,6 +776,9 @@ def build_app(studio: Studio, *, title: str = "hf_knowedit Edit Studio") -> Any:
         with gr.Row():
             gen_before = gr.Textbox(label="Greedy generation before", lines=3, elem_id="gen-before")
             gen_after = gr.Textbox(label="Greedy generation after", lines=3, elem_id="gen-after")
+        with gr.Row():
+            answer_before = gr.Textbox(label="Answer to the question before", lines=2, elem_id="answer-before")
+            answer_after = gr.Textbox(label="Answer to the question after", lines=2, elem_id="answer-after")
 
         gr.Markdown("## 3 · Manage the edits")
         edits_table = gr.Dataframe(headers=["name", "method", "facts", "layers", "status"], interactive=False,
@@ -745,8 +799,8 @@ def build_app(studio: Studio, *, title: str = "hf_knowedit Edit Studio") -> Any:
         trace_btn.click(on_trace, [prompt, subject, samples, kinds], [top, heatmap, trace_info])
         edit_btn.click(
             on_edit,
-            [prompt, subject, target, method, layers, stats, n_tokens, templates, paraphrase, neighbour],
-            [edit_info, before, after, compare, gen_before, gen_after, edits_table, name],
+            [prompt, subject, target, method, layers, stats, n_tokens, templates, paraphrase, neighbour, question],
+            [edit_info, before, after, compare, gen_before, gen_after, answer_before, answer_after, edits_table, name],
         )
         toggle_btn.click(on_toggle, [name], [manage_info, edits_table, name])
         revert_btn.click(on_revert, [name], [manage_info, edits_table, name])

@@ -101,6 +101,51 @@ def test_edit_shows_before_and_after(app):
     assert es.name == "rome-1"
 
 
+QUESTION = "What is the mother tongue of Thomas Mann?"
+
+
+@pytest.mark.parametrize("template", [False, True])
+def test_ask_asks_through_the_chat_template(app, monkeypatch, template):
+    from hf_knowedit import generation
+
+    if template:
+        app.tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    calls, real = [], generation.generate_texts
+    monkeypatch.setattr(generation, "generate_texts", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
+    answer = app.ask(f"  {QUESTION} ", max_new_tokens=6)
+    ((args, kw),) = calls
+    prompt = "<user>" + QUESTION + "<assistant>" if template else f"Q: {QUESTION}\nA:"
+    assert args[2] == [prompt] and kw["max_new_tokens"] == 6 and kw["seed"] is None  # greedy
+    assert kw["add_special_tokens"] is not template  # a rendered template carries its own special tokens
+    assert app.tokenizer.eos_token_id in kw["stop_ids"]
+    continuation = real(*args, **kw)[0][len(prompt) :].strip()
+    assert answer == (continuation if template else continuation.split("\n")[0].strip())
+    assert answer == app.ask(QUESTION, max_new_tokens=6)
+    with pytest.raises(InvalidRequestError, match="question"):
+        app.ask("  ")
+
+
+def test_edit_asks_the_question_before_and_after(app):
+    from hf_knowedit.evaluation.chat import names
+
+    before = app.ask(QUESTION)
+    view = edit(app, question=QUESTION)
+    assert view.question == QUESTION and view.answer_before == before and view.answer_after == app.ask(QUESTION)
+    assert view.answer_names_target is names(view.answer_after, TARGET, subject=SUBJECT)
+    assert "Asked as a question, the answer" in view.summary()
+    app.revert(view.name)
+    blank = edit(app, question=" ")
+    assert (blank.question, blank.answer_before, blank.answer_after, blank.answer_names_target) == ("", "", "", None)
+    assert "Asked as a question" not in blank.summary()
+
+
+def test_the_summary_says_whether_the_answer_names_the_target():
+    view = studio.EditView("rome-1", "rome", [1], 1.0, [], "", "", "Where?", "Paris.", "Rome, Italy.", "Rome", True)
+    assert "the answer names **Rome**" in view.summary()
+    view.answer_names_target = False
+    assert "the answer does **not** name **Rome**" in view.summary()
+
+
 def test_edit_config_statistics_and_layers(app, monkeypatch):
     seen = {}
     real = hf_knowedit.apply_edits
@@ -421,9 +466,10 @@ def test_the_app_gives_each_browser_session_its_own_edits(app):
     try:
         a, b = Client(url, verbose=False), Client(url, verbose=False)
         base = a.predict(PROMPT, api_name="/on_predict")["label"]
-        out = a.predict(PROMPT, SUBJECT, TARGET, "rome", "1", studio.STATS_IDENTITY, 10, 0, "", "",
+        out = a.predict(PROMPT, SUBJECT, TARGET, "rome", "1", studio.STATS_IDENTITY, 10, 0, "", "", QUESTION,
                         api_name="/on_edit")  # fmt: skip
-        assert out[2]["label"] == TARGET and out[6]["data"][0][0] == "rome-1"
+        assert out[2]["label"] == TARGET and out[8]["data"][0][0] == "rome-1"
+        assert out[7] == app.ask(QUESTION, session=next(iter(app.sessions)))  # the answer after the edit
         assert b.predict(PROMPT, api_name="/on_predict")["label"] == base
         assert a.predict(PROMPT, api_name="/on_predict")["label"] == TARGET
         assert b.predict(api_name="/on_load")[0]["data"] in ([], [[]], [["", "", "", "", ""]])

@@ -16,7 +16,7 @@ import torch
 
 import hf_knowedit
 from hf_knowedit.studio import Studio, free_port, launch
-from tests.test_studio import PROMPT, SUBJECT, TARGET, TINY_EDIT
+from tests.test_studio import PROMPT, QUESTION, SUBJECT, TARGET, TINY_EDIT
 from tests.tiny_models import make_tiny_model, weights
 
 pytestmark = pytest.mark.slow
@@ -98,13 +98,15 @@ def test_trace_edit_disable_revert_in_the_browser(browser, served):
     info = wait_text(page, "#trace-info", r"Suggested layer: \d+")
     layer = re.search(r"Suggested layer: (\d+)", info).group(1)
     assert f"type {layer} there" in info and page.locator("#layers textarea").input_value() == ""
-    assert page.locator("#heatmap img").first.is_visible()
+    page.locator("#heatmap img").first.wait_for(state="visible", timeout=STEP_MS)  # the image follows the text
     top = app.predict(PROMPT)[0][0].strip()
     assert text(page, "#top [data-testid='label-output-value']") == top != TARGET
 
     # 2. edit (at layer 1, where a tiny model's edit wins the top-1): before / after side by side
     fill(page, "target", TARGET)
     fill(page, "layers", 1)
+    fill(page, "question", QUESTION)
+    answer_before = app.ask(QUESTION)
     page.click("#edit-btn")
     wait_text(page, "#edit-info", rf"Applied rome-1 .* now {TARGET}\.")
     assert text(page, "#before [data-testid='label-output-value']") == top
@@ -112,6 +114,9 @@ def test_trace_edit_disable_revert_in_the_browser(browser, served):
     compare = text(page, "#compare")
     assert "edit prompt" in compare and "paraphrase" in compare and "neighbour" in compare
     assert page.locator("#gen-after textarea").input_value().startswith(PROMPT)
+    assert page.locator("#answer-before textarea").input_value() == answer_before  # asked in chat form
+    (tab,) = [s for s in app.sessions if s != "local"]  # the browser tab's session holds the edit
+    assert page.locator("#answer-after textarea").input_value() == app.ask(QUESTION, session=tab) != answer_before
     edits = wait_text(page, "#edits", r"rome-1")
     assert f"{SUBJECT} → {TARGET}" in edits and "active (merged)" in edits
     assert page.locator("#edit-name input").input_value() == "rome-1"
