@@ -135,18 +135,7 @@ def compute(ctx: EditContext) -> MethodResult:
         return alphaedit_factors(keys, resid, None, old, l2=cfg.l2, basis=U_of[layer].to(keys.device))
 
     deltas = mass_edit(ctx, chunks, layers, templates, solve, on_keys=prior.remember)
-    new_history = prior.updated(len(ctx.requests), projectors={**cached, **projectors})
-
-    def commit() -> None:  # the last step of the stack's switch, once the set is active: one assignment
-        ctx.history[HISTORY_KEY] = new_history
-
-    return MethodResult(
-        deltas=deltas,
-        layers=layers,
-        stats_key={l: s.key for l, s in stats.items()},
-        state=prior.state(),
-        commit=commit,
-    )
+    return prior.result(ctx, deltas, layers, stats, projectors={**cached, **projectors})
 
 
 register_method("alphaedit", compute, AlphaEditConfig)

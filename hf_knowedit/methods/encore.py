@@ -200,18 +200,7 @@ def compute(ctx: EditContext) -> MethodResult:
         return encore_update(keys, resid, cov, lam, norm_alpha(cfg, lam, cov), drift, prior=earlier)
 
     deltas = mass_edit(ctx, chunks, layers, templates, solve, on_keys=prior.remember)
-    new_history = prior.updated(len(ctx.requests))
-
-    def commit() -> None:  # runs inside the stack's switch: one assignment, nothing half-done
-        ctx.history[HISTORY_KEY] = new_history
-
-    return MethodResult(
-        deltas=deltas,
-        layers=layers,
-        stats_key={l: s.key for l, s in stats.items()},
-        state=prior.state(),
-        commit=commit,
-    )
+    return prior.result(ctx, deltas, layers, stats)
 
 
 register_method("encore", compute, ENCOREConfig)

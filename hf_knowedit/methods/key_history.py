@@ -21,6 +21,7 @@ from torch import nn
 from ..editset import EditSet
 from ..errors import InvalidConfigError
 from ..stack import get_state
+from .registry import EditContext, MethodResult
 
 
 @dataclass
@@ -74,6 +75,22 @@ class PriorKeys:
         :class:`KeyHistory` subclass)."""
         return dataclasses.replace(
             self.history, prior={**self.history.prior, **self.prior}, edits=self.history.edits + n_edits, **changes
+        )
+
+    def result(self, ctx: EditContext, deltas: dict, layers: list[int], stats: dict, **changes: object) -> MethodResult:
+        """The call's :class:`MethodResult`: its ``deltas``, this call's keys as its state, and a commit that stores
+        :meth:`updated` (``changes`` included) in ``ctx.history`` in one assignment, once the set is active."""
+        history = self.updated(len(ctx.requests), **changes)
+
+        def commit() -> None:  # the last step of the stack's switch: nothing half-done
+            ctx.history[self.method] = history
+
+        return MethodResult(
+            deltas=deltas,
+            layers=layers,
+            stats_key={layer: s.key for layer, s in stats.items()},
+            state=self.state(),
+            commit=commit,
         )
 
 
