@@ -5,6 +5,7 @@ uninterrupted run; bad arguments fail typed and leave the model untouched."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -295,11 +296,9 @@ def test_fluency_and_known_helpers_match_their_definitions(one_thread):
         lifelong.load_known([{"prompt": "x"}], 5)
 
 
-def test_chat_rows_on_the_generation_sample(stats_cache, one_thread):
-    """``chat=True`` adds the chat metrics to every row, from the sampled records edited so far; row 0 holds
-    the unedited model's numbers on the whole sample, as ``evaluate(chat=True)`` gives them."""
-    model, tok = tiny("llama")
-    recs = [
+def chat_stream():
+    """Four CounterFact records (full schema, relation P17): questions for the chat metrics."""
+    return [
         {
             "case_id": i,
             "requested_rewrite": {
@@ -314,16 +313,60 @@ def test_chat_rows_on_the_generation_sample(stats_cache, one_thread):
         }
         for i, r in enumerate(facts(4))
     ]
-    known = [
-        {"prompt": "Mount Fuji is located in", "subject": "Mount Fuji", "attribute": "Japan", "relation_id": "P17"}
-    ]
-    res = lifelong.run_lifelong(
-        model, tok, recs, method="memit", batch_size=2, checkpoint_every=2, gen_sample=4, known=known, n_known=0,
-        n_heldout=0, chat=True, gen_max_new_tokens=4, progress=False, v_num_grad_steps=2, context_templates=0, **FAST,
-    )  # fmt: skip
+
+
+CHAT_KNOWN = [
+    {"prompt": "Mount Fuji is located in", "subject": "Mount Fuji", "attribute": "Japan", "relation_id": "P17"}
+]
+
+
+def chat_run(model, tok, **kw):
+    args = dict(method="memit", batch_size=2, checkpoint_every=2, gen_sample=4, known=CHAT_KNOWN, n_known=0,
+                n_heldout=0, gen_max_new_tokens=4, progress=False, v_num_grad_steps=2, context_templates=0)  # fmt: skip
+    return lifelong.run_lifelong(model, tok, chat_stream(), **{**args, **FAST, **kw})
+
+
+def test_chat_rows_on_the_generation_sample(stats_cache, one_thread):
+    """``chat=True`` adds the chat metrics to every row, from the sampled records edited so far; row 0 holds
+    the unedited model's numbers on the whole sample, as ``evaluate(chat=True)`` gives them."""
+    model, tok = tiny("llama")
+    recs, known = chat_stream(), CHAT_KNOWN
+    res = chat_run(model, tok, chat=True)
     assert all({"chat_ES", "chat_PS", "chat_NS", "chat_keep"} <= set(r) for r in res.rows)
     assert res.settings["chat"] is True and "chat_ES" in res.to_markdown()
     unedited = hf_knowedit.evaluate(model, tok, recs, fluency=False, chat=True, chat_known=known, progress=False)
     assert {k: res.rows[0][k] for k in ("chat_ES", "chat_PS", "chat_NS", "chat_keep")} == {
         k: unedited.pre[k] for k in ("chat_ES", "chat_PS", "chat_NS", "chat_keep")
     }
+
+
+def test_a_stream_saved_without_chat_gets_the_chat_metrics_on_resume(stats_cache, one_thread, tmp_path, monkeypatch):
+    """A finished stream saved without ``chat``, called again with ``chat=True``: its saved sets are reloaded up to
+    each row (no edit recomputed) and the rows get the chat metrics an uninterrupted chat stream has."""
+    model, tok = tiny("llama")
+    asked, real = [], lifelong.Scorer.chat_metrics
+
+    def recording(self, idx):  # which edit sets are on the model when each row's questions are asked
+        if self.chat:
+            asked.append(([e.name for e in hf_knowedit.list_edits(self.model)], list(idx)))
+        return real(self, idx)
+
+    monkeypatch.setattr(lifelong.Scorer, "chat_metrics", recording)
+    whole = chat_run(model, tok, chat=True, state_dir=tmp_path / "whole")
+    plain = chat_run(model, tok, state_dir=tmp_path / "plain")
+    assert not any("chat_ES" in r for r in plain.rows) and hf_knowedit.list_edits(model) == []
+    assert [names for names, _ in asked] == [[], ["lifelong-00000"], ["lifelong-00000", "lifelong-00001"]]
+
+    def no_edits(*args, **kwargs):
+        raise AssertionError("the replay recomputed an edit")
+
+    monkeypatch.setattr(lifelong, "apply_edits", no_edits)
+    added = chat_run(model, tok, chat=True, state_dir=tmp_path / "plain")
+    assert asked[3:] == asked[:3]  # each row's questions asked on the same sets as in the chat stream
+    assert stable(added.rows) == stable(whole.rows) and added.settings["chat"] is True
+    assert hf_knowedit.list_edits(model) == []  # reverted at the end, as every stream
+    saved = json.loads((tmp_path / "plain" / "progress.json").read_text())
+    assert saved["settings"]["chat"] is True and stable(saved["rows"]) == stable(whole.rows)
+    # the other way round is refused: a chat stream is not resumed without chat
+    with pytest.raises(InvalidConfigError, match="chat"):
+        chat_run(model, tok, state_dir=tmp_path / "whole")

@@ -41,7 +41,9 @@ rows last; the unedited model's scores of all records (row 0, and locality's ref
 ``baseline.json``, keyed by the records and a hash of every weight of the model. A run called again with the
 same ``state_dir`` and settings on the *unedited* model loads the sets (merged, or hooked when the stream runs
 with ``merge=False``) and the history of its last checkpoint and continues from there: the rows are those of an
-uninterrupted run (seconds aside). At the end the stream's edits are reverted (``keep_edits=False``), as
+uninterrupted run (seconds aside). A stream saved without ``chat`` and called again with ``chat=True`` first
+adds the chat metrics to its saved rows, reloading its saved sets up to each row (no edit is recomputed), then
+goes on with them. At the end the stream's edits are reverted (``keep_edits=False``), as
 ``evaluate`` does.
 """
 
@@ -390,17 +392,23 @@ def run_lifelong(
     fluency_prompts = [p for i in sample for p in (recs[i].generation_prompts or recs[i].rewrite_prompts)]
     pre = _baseline(state_path, settings, scorer, n)  # the unedited scores (locality's reference)
 
+    def sampled(done: int) -> list[int]:
+        """The sample's records edited once ``done`` edits are (row 0: the whole sample)."""
+        return [k for k, i in enumerate(sample) if i < done] if done else list(range(len(sample)))
+
+    def chat_row(done: int) -> dict[str, float]:
+        return M.aggregate([c for c in gen_scorer.chat_metrics(sampled(done)) if c])
+
     def checkpoint(done: int, edit_s: float, failed: int, touched: set[str]) -> dict[str, float]:
         t = time.perf_counter()
         idx = list(range(done)) if done else list(range(n))
         now = scorer.scores(idx) if done else pre  # row 0 is the unedited model: its scores are ``pre``
         cases = [case_metrics(recs[i], s, pre[i]) for i, s in zip(idx, now)]
-        sample_now = [k for k, i in enumerate(sample) if i < done] if done else list(range(len(sample)))
-        gens = [g for g in gen_scorer.gen(sample_now) if g]
+        gens = [g for g in gen_scorer.gen(sampled(done)) if g]
         row: dict[str, float] = {"n_edits": done, **M.aggregate(cases), **M.aggregate(gens)}
         if gens:
             row["gen_ES_neg_n"] = sum("gen_ES_neg" in g for g in gens)  # the records it is computed on
-        row.update(M.aggregate([c for c in gen_scorer.chat_metrics(sample_now) if c]))
+        row.update(chat_row(done))
         if fluency_prompts:
             row["GE"] = fluency(model, tokenizer, fluency_prompts, seed, fluency_new_tokens)
         if text:
@@ -413,21 +421,35 @@ def run_lifelong(
 
     names: list[str] = []
     touched: set[str] = set()
+    batches = [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
+
+    def reload(name: str) -> None:
+        es = load_edits(model, state_path / "sets" / name, name=name, merge=edit_kwargs.get("merge", True))
+        names.append(name)
+        touched.update(es.deltas)
+
     if saved is not None:
         rows, edit_s, failed = saved["rows"], saved["edit_s"], saved["failed"]
-        for name in saved["sets"]:
-            es = load_edits(model, state_path / "sets" / name, name=name, merge=edit_kwargs.get("merge", True))
-            names.append(name)
-            touched |= set(es.deltas)
+        todo = list(saved["sets"])
+        replay = chat and not saved["settings"].get("chat")
+        if replay:  # rows saved without the chat metrics: add them, reloading the sets up to each row
+            logger.info("Adding the chat metrics to the %d saved rows of %s.", len(rows), state_path)
+            for row in rows:
+                while todo and batches[int(todo[0].rsplit("-", 1)[1])][-1] < row["n_edits"]:
+                    reload(todo.pop(0))
+                row.update(chat_row(row["n_edits"]))
+        for name in todo:
+            reload(name)
         history = torch.load(state_path / saved["history"], weights_only=False)
         get_state(model).history.clear()
         get_state(model).history.update(history)
+        if replay:
+            _save(state_path, settings, rows, names, [], model, edit_s, failed)
         logger.info("Resuming %s at %d edits from %s.", method, rows[-1]["n_edits"], state_path)
     else:
         rows, edit_s, failed = [checkpoint(0, 0.0, 0, touched)], 0.0, 0
         _save(state_path, settings, rows, names, [], model, edit_s, failed)
 
-    batches = [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
     start = rows[-1]["n_edits"] // batch_size if rows[-1]["n_edits"] < n else len(batches)
     since: list[str] = []
     try:
@@ -510,8 +532,11 @@ def _read_progress(path: Path | None, settings: dict[str, Any]) -> dict[str, Any
         return None
     with open(path / "progress.json", encoding="utf-8") as f:
         saved = json.load(f)
-    if saved["settings"] != json.loads(json.dumps(settings)):
-        diff = sorted(k for k in settings if saved["settings"].get(k) != json.loads(json.dumps(settings[k])))
+    want = json.loads(json.dumps(settings))
+    if want.get("chat") and "chat" not in saved["settings"]:
+        del want["chat"]  # saved without the chat metrics: the resume adds them to its rows
+    if saved["settings"] != want:
+        diff = sorted(k for k in {*want, *saved["settings"]} if saved["settings"].get(k) != want.get(k))
         raise InvalidConfigError(
             f"{path} holds a stream with other settings ({', '.join(diff)}); resume with the same arguments "
             "or use a new state_dir."
