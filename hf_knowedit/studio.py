@@ -294,27 +294,14 @@ class Studio:
         return text.replace("\n", " ").strip()
 
     def ask(self, question: str, max_new_tokens: int | None = None, *, session: str = LOCAL) -> str:
-        """The greedy answer of ``session``'s model to ``question``, asked as one user turn through the tokenizer's
-        chat template (``"Q: {question}\\nA:"`` without one) and cut at the end of the turn (the first line in
-        ``Q:/A:`` form), as the chat metrics ask (:mod:`~.evaluation.chat`)."""
-        from .evaluation import chat
-        from .generation import generate_texts
+        """The greedy answer of ``session``'s model to ``question``, asked as the chat metrics ask
+        (:func:`~.evaluation.chat.ask`: one user turn through the chat template, ``Q: … A:`` without one)."""
+        from .evaluation.chat import ask
 
         question = self._text(question, "a question", "e.g. 'In which city is the Eiffel Tower?'")
-        prompt = chat.chat_prompt(self.tokenizer, question)
-        templated = chat.has_chat_template(self.tokenizer)
         with self.lock:
             self._use(session)
-            text = generate_texts(
-                self.model,
-                self.tokenizer,
-                [prompt],
-                max_new_tokens=max_new_tokens or self.gen_tokens,
-                seed=None,
-                stop_ids=chat.stop_ids(self.model, self.tokenizer),
-                add_special_tokens=not templated,
-            )[0]
-        return chat.answer_of(text[len(prompt) :], templated)
+            return ask(self.model, self.tokenizer, [question], max_new_tokens=max_new_tokens or self.gen_tokens)[0]
 
     def trace(self, prompt: str, subject: str, *, samples: int = 3, kinds: Sequence[str] = KINDS,
               progress: Progress = _no_progress, session: str = LOCAL) -> TraceView:  # fmt: skip

@@ -165,6 +165,19 @@ def test_answers_stop_at_the_first_stop_token():
     assert generate_texts(model, tok, [prompt], max_new_tokens=3, seed=None) == [prompt + " Rome Paris."]
 
 
+def test_ask_answers_in_either_form_and_stops_at_the_end_of_the_turn():
+    tok = make_tiny_tokenizer(False)
+    model = chain_lm(tok, {":": " Rome", " is": " Paris", " Rome": ".", " Paris": ".", ".": " Rome"})
+    model.generation_config.eos_token_id = [EOS_ID, *tok(".")["input_ids"]]  # "." ends the turn
+    questions = ["Where is the Eiffel Tower?", "Where is the Louvre?", "Where is Toyota based?"]
+    # "Q: ...\nA:" ends in ":" -> " Rome", then "." stops it; the template ends in " is" -> " Paris"
+    assert C.ask(model, tok, questions, max_new_tokens=6) == ["Rome"] * 3
+    assert C.ask(model, templated(tok), questions, max_new_tokens=6) == ["Paris"] * 3
+    assert C.ask(model, tok, questions, max_new_tokens=6, batch_size=1) == ["Rome"] * 3
+    model.generation_config.eos_token_id = [EOS_ID]  # no end of turn: the answer runs its full length
+    assert C.ask(model, tok, questions[:1], max_new_tokens=4) == ["Rome. Rome."]
+
+
 # ----------------------------------------------------------------------------- evaluate(chat=True)
 
 KNOWN = [

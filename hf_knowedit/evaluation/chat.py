@@ -44,6 +44,7 @@ from statistics import fmean
 from typing import Any
 
 from ..errors import InvalidConfigError, InvalidDataError
+from ..generation import generate_texts
 from ..relations import QUESTIONS_FILE, question_table, relation_of_statement  # noqa: F401  (part of this API)
 from ..tokens import QA_FORM, chat_prompt, has_chat_template  # noqa: F401  (part of this module's API)
 from . import generative as G
@@ -120,6 +121,26 @@ def answer_of(continuation: str, chat: bool) -> str:
     """The answer in a generated continuation: the whole turn in chat form, the first line in ``Q:/A:`` form."""
     text = continuation.strip()
     return text if chat else text.split("\n", 1)[0].strip()
+
+
+def ask(model: Any, tokenizer: Any, questions: Sequence[str], *, max_new_tokens: int = 32,
+        batch_size: int = 64) -> list[str]:  # fmt: skip
+    """The model's greedy answer to each question, asked as one user turn through the chat template
+    (:func:`chat_prompt`; ``Q: … A:`` without one), stopped at the end of the turn (:func:`stop_ids`) and cut
+    by :func:`answer_of`; answers do not depend on ``batch_size``."""
+    prompts = [chat_prompt(tokenizer, q) for q in questions]
+    templated = has_chat_template(tokenizer)
+    texts = generate_texts(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        seed=None,
+        batch_size=batch_size,
+        stop_ids=stop_ids(model, tokenizer),
+        add_special_tokens=not templated,  # a rendered template carries its own special tokens
+    )
+    return [answer_of(t[len(p) :], templated) for p, t in zip(prompts, texts)]
 
 
 # ----------------------------------------------------------------------------- questions of a record

@@ -245,19 +245,10 @@ class Scorer:
             return [None] * len(idx)
         probes = [self.chat_probes[i] for i in idx]
         questions = [p.question for g in probes for group in C.GROUPS for p in g[group]]
-        prompts = [C.chat_prompt(self.tokenizer, q) for q in questions]
-        templated = C.has_chat_template(self.tokenizer)
-        texts = generate_texts(
-            self.model,
-            self.tokenizer,
-            prompts,
-            max_new_tokens=self.chat_max_new_tokens,
-            seed=None,
-            batch_size=self.gen_batch_size,
-            stop_ids=C.stop_ids(self.model, self.tokenizer),
-            add_special_tokens=not templated,
-        )
-        answers = iter(C.answer_of(t[len(p) :], templated) for p, t in zip(prompts, texts))
+        answers = iter(
+            C.ask(self.model, self.tokenizer, questions, max_new_tokens=self.chat_max_new_tokens,
+                  batch_size=self.gen_batch_size)
+        )  # fmt: skip
         return [
             C.chat_case(
                 g, {group: [next(answers) for _ in g[group]] for group in C.GROUPS}, self.encoded[i].record.target_new
