@@ -5,7 +5,8 @@
 Takes one CounterFact record (the first of counterfact_500.json's records 0-99 that the model
 predicts correctly, or a built-in fact when no data path is given) and shows: the architecture
 entry, the subject's token span, the model's top-5 next tokens; a causal trace of the fact
-(heatmap PNG); a ROME edit, its new prediction, revert and the old one; the edit saved as a
+(heatmap PNG); a ROME edit, its new prediction, the fact asked as a question through the chat
+template before and after, revert and the old prediction; the edit saved as a
 PEFT-compatible adapter, reloaded into a fresh model, and its model card; a MEMIT batch of 10
 facts (``--batch``) and their efficacy.
 """
@@ -23,7 +24,9 @@ import torch
 
 import hf_knowedit
 from hf_knowedit._bundled import load_smollm2
+from hf_knowedit.evaluation.chat import ask
 from hf_knowedit.evaluation.datasets import readable_prompt
+from hf_knowedit.relations import question_table
 from hf_knowedit.tokens import subject_token_span
 
 N_TOKENS = 5_000  # tokens of statistics corpus (a demo: small, so the first run is quick on a CPU)
@@ -35,6 +38,7 @@ FALLBACK = {
         "subject": "The Eiffel Tower",
         "target_new": {"str": "Rome"},
         "target_true": {"str": "Paris"},
+        "relation_id": "P276",
     },
     "paraphrase_prompts": ["The Eiffel Tower, a landmark, stands in the city of"],
     "neighborhood_prompts": ["The Louvre is located in the city of"],
@@ -144,6 +148,13 @@ def main() -> None:
     # cleanest of the record's paraphrases
     for para in sorted(record.get("paraphrase_prompts", []), key=lambda p: len(readable_prompt(p, rw["subject"])))[:1]:
         show_top(f"paraphrase {readable_prompt(para, rw['subject'])!r}", top_k(model, tok, para, 3))
+    rel = question_table().get(rw.get("relation_id"))
+    if rel:  # what a user of the instruct model sees: the fact asked in chat, greedy answer, end of turn
+        question = rel["question"].format(rw["subject"])
+        after = ask(model, tok, [question])[0]
+        with model.disable_edits():
+            before = ask(model, tok, [question])[0]
+        print(f"  asked in chat {question!r}\n    before: {before!r}\n    after:  {after!r}")
     with model.disable_edits():
         show_top("disabled", top_k(model, tok, prompt))
 
