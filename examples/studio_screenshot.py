@@ -34,15 +34,16 @@ def main() -> None:
     model, tok = load_smollm2()
     app = Studio(model, tok, model_name="SmolLM2-135M-Instruct (bundled)")
     blocks, url = launch(app, port=free_port(), block=False, quiet=True)
-    prompt, subject, target, paraphrase, neighbour = EXAMPLES[0]
+    prompt, subject, target, paraphrase, neighbour, question = EXAMPLES[0]
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium)
             page = browser.new_page(viewport={"width": args.width, "height": 1000}, device_scale_factor=1)
             page.goto(url)
             page.wait_for_selector("#prompt textarea")
-            for elem_id, value in (("prompt", prompt), ("subject", subject), ("target", target),
-                                   ("paraphrase", paraphrase), ("neighbour", neighbour)):  # fmt: skip
+            fields = {"prompt": prompt, "subject": subject, "target": target, "paraphrase": paraphrase,
+                      "neighbour": neighbour, "question": question}  # fmt: skip
+            for elem_id, value in fields.items():
                 page.locator(f"#{elem_id} textarea").fill(value)
             page.locator("#samples input[type=number]").fill(str(args.samples))
             page.locator("#samples input[type=number]").press("Enter")
