@@ -127,3 +127,20 @@ def test_reproduce_line_is_a_command_a_shell_runs_as_given(tmp_path, monkeypatch
     command = line.split("`")[1]
     expected = ["python", "benchmarks/bench_sweep.py", "--bands", "", "--methods", "encore+norm_anchor=original"]
     assert shlex.split(command) == expected
+
+
+def test_prose_perplexity_probe_judges_each_text_by_the_same_target():
+    import probe_lifelong_ppl as probe
+
+    r0 = {"n_edits": 0, "ES": 30.0, "ppl": 30.0, "ppl_prose": 20.0}
+    rows = [
+        r0,
+        {**r0, "n_edits": 500, "ES": 95.0, "ppl": 32.9, "ppl_prose": 21.0},  # +9.7 %, +5 %
+        {**r0, "n_edits": 1000, "ES": 94.0, "ppl": 45.0, "ppl_prose": 21.9},  # +50 %, +9.5 %
+        {**r0, "n_edits": 1500, "ES": 93.0, "ppl": 46.0, "ppl_prose": 22.1},  # prose +10.5 %: missed
+    ]
+    assert probe.met_until(rows, "ppl") == 500 and probe.met_until(rows, "ppl_prose") == 1000
+    assert probe.met_until([r0, {**r0, "n_edits": 500, "ppl": 40.0}], "ppl") is None
+    text = probe.table("encore", rows)
+    assert "| 1000 | 94.0 | 45.0 | +50.0 % | 21.90 | +9.5 % |" in text
+    assert text.endswith("ppl ≤ +10 % held up to: 500 edits (facts), 1000 (prose).\n")

@@ -13,7 +13,7 @@ import torch
 
 import hf_knowedit
 from hf_knowedit.architectures import get_module
-from hf_knowedit.errors import InvalidConfigError
+from hf_knowedit.errors import InvalidConfigError, InvalidDataError
 from hf_knowedit.evaluation import lifelong
 from hf_knowedit.evaluation import metrics as M
 
@@ -370,3 +370,41 @@ def test_a_stream_saved_without_chat_gets_the_chat_metrics_on_resume(stats_cache
     # the other way round is refused: a chat stream is not resumed without chat
     with pytest.raises(InvalidConfigError, match="chat"):
         chat_run(model, tok, state_dir=tmp_path / "whole")
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_replay_walks_a_saved_stream_row_by_row(stats_cache, one_thread, tmp_path, monkeypatch, merge):
+    """``replay_stream``: at each saved row the model holds the sets it held when the row was measured (so the
+    row's perplexity is measured again exactly), no edit is recomputed, and the walk ends on the unedited model,
+    also when it is left early; a wrong model or folder fails typed before anything is loaded."""
+    model, tok = tiny("llama")
+    before = snapshot(model)
+    res = run(model, tok, state_dir=tmp_path / "s", merge=merge)
+    assert_untouched(model, before)
+
+    def no_edits(*args, **kwargs):
+        raise AssertionError("the replay recomputed an edit")
+
+    monkeypatch.setattr(lifelong, "apply_edits", no_edits)
+    seen = []
+    for row in lifelong.replay_stream(model, tmp_path / "s"):
+        names = [e.name for e in hf_knowedit.list_edits(model)]
+        seen.append((names, row, lifelong.perplexity(model, tok, HELDOUT)))
+    sets = [f"lifelong-{b:05d}" for b in range(4)]
+    assert [names for names, _, _ in seen] == [[], sets[:2], sets]
+    assert [row for _, row, _ in seen] == res.rows
+    assert all(ppl == pytest.approx(row["ppl"], rel=1e-5) for _, row, ppl in seen)
+    assert_untouched(model, before)
+    walk = lifelong.replay_stream(model, tmp_path / "s")
+    next(walk), next(walk)
+    assert [e.name for e in hf_knowedit.list_edits(model)] == sets[:2]
+    walk.close()  # left early: what it loaded is reverted
+    assert_untouched(model, before)
+    with pytest.raises(InvalidDataError, match="no saved lifelong stream"):
+        lifelong.replay_stream(model, tmp_path / "nothing")
+    hf_knowedit.load_edits(model, tmp_path / "s" / "sets" / "lifelong-00000", merge=merge)
+    # merged: the weights differ from the stream's model; hooked: the set is already there
+    with pytest.raises(InvalidConfigError, match="another model" if merge else "already holds"):
+        lifelong.replay_stream(model, tmp_path / "s")
+    hf_knowedit.revert_edits(model)
+    assert_untouched(model, before)

@@ -24,7 +24,8 @@ Metrics (see :mod:`hf_knowedit.evaluation.metrics` for the exact definitions):
 
 Modules: :mod:`.scoring` (batched, padding-side-exact target scoring), :mod:`.datasets` (loaders),
 :mod:`.metrics`, :mod:`.protocols` (single / batch / sequential), :mod:`.results` (:class:`EvalResult`).
-Lifelong streams (checkpoint rows, resumable): :mod:`.lifelong` (:func:`run_lifelong`).
+Lifelong streams (checkpoint rows, resumable): :mod:`.lifelong` (:func:`run_lifelong`; :func:`replay_stream` walks a
+saved one).
 The guide is ``docs/evaluation.md``.
 """
 
@@ -41,7 +42,7 @@ from ..generation import generate_texts
 from . import chat as chat_forms
 from . import generative, metrics
 from .datasets import SCHEMAS, EvalRecord, load_records
-from .lifelong import LifelongResult, plot_lifelong, run_lifelong
+from .lifelong import LifelongResult, plot_lifelong, replay_stream, run_lifelong
 from .metrics import aggregate
 from .protocols import PROTOCOLS, Scorer, encode_record, run_protocol
 from .results import EvalResult
@@ -206,6 +207,7 @@ __all__ = [
     "load_records",
     "metrics",
     "plot_lifelong",
+    "replay_stream",
     "run_lifelong",
     "score_targets",
 ]

@@ -44,7 +44,8 @@ with ``merge=False``) and the history of its last checkpoint and continues from 
 uninterrupted run (seconds aside). A stream saved without ``chat`` and called again with ``chat=True`` first
 adds the chat metrics to its saved rows, reloading its saved sets up to each row (no edit is recomputed), then
 goes on with them. At the end the stream's edits are reverted (``keep_edits=False``), as
-``evaluate`` does.
+``evaluate`` does. :func:`replay_stream` walks a saved stream's rows on the model as it was at each, to measure
+something the stream did not.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -435,7 +436,7 @@ def run_lifelong(
         if replay:  # rows saved without the chat metrics: add them, reloading the sets up to each row
             logger.info("Adding the chat metrics to the %d saved rows of %s.", len(rows), state_path)
             for row in rows:
-                while todo and batches[int(todo[0].rsplit("-", 1)[1])][-1] < row["n_edits"]:
+                while todo and batches[_batch_of(todo[0])][-1] < row["n_edits"]:
                     reload(todo.pop(0))
                 row.update(chat_row(row["n_edits"]))
         for name in todo:
@@ -479,6 +480,57 @@ def run_lifelong(
             for name in reversed(names):
                 revert_edits(model, name)
     return LifelongResult(method, rows, {k: v for k, v in settings.items() if k != "case_ids"})
+
+
+def replay_stream(model: nn.Module, state_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """Walk a saved stream (the ``state_dir`` of :func:`run_lifelong`) on ``model``, its unedited model.
+
+    Yields a copy of each saved row once ``model`` holds exactly the stream's sets that were on it when the row was
+    measured (row 0: none), loaded merged or hooked as the stream ran; no edit is recomputed. The caller measures
+    what it likes at each row (another held-out text, a new metric) on the model as it was. When the walk ends
+    (exhausted, closed or raised), every set it loaded is reverted.
+
+    Raises (at the call, before any set is loaded):
+        InvalidDataError: ``state_dir`` holds no saved stream.
+        InvalidConfigError: ``model`` is not the model the stream started from (its ``baseline.json`` key), or
+            already holds one of the stream's sets.
+    """
+    path = Path(state_dir)
+    if not (path / "progress.json").exists():
+        raise InvalidDataError(f"{path} holds no saved lifelong stream (no progress.json): pass a run_lifelong folder.")
+    saved = json.loads((path / "progress.json").read_text(encoding="utf-8"))
+    if (path / "baseline.json").exists():
+        key = json.loads((path / "baseline.json").read_text(encoding="utf-8"))["key"]
+        if key.get("model") != weights_sha256(model):
+            raise InvalidConfigError(
+                f"{path} was measured on another model (or this one already edited): load the unedited model it "
+                "started from, without edits, and replay again."
+            )
+    held = {e.name for e in list_edits(model)} & set(saved["sets"])
+    if held:
+        raise InvalidConfigError(f"The model already holds {sorted(held)} of {path}: revert them before a replay.")
+    return _walk(model, path, saved)
+
+
+def _walk(model: nn.Module, path: Path, saved: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    n, size = saved["settings"]["n_edits"], saved["settings"]["batch_size"]
+    merge = saved["settings"].get("edit_kwargs", {}).get("merge", "True") != "False"
+    todo, loaded = list(saved["sets"]), []
+    try:
+        for row in saved["rows"]:
+            while todo and min(n, (_batch_of(todo[0]) + 1) * size) <= row["n_edits"]:
+                name = todo.pop(0)
+                load_edits(model, path / "sets" / name, name=name, merge=merge)
+                loaded.append(name)
+            yield dict(row)
+    finally:
+        for name in reversed(loaded):
+            revert_edits(model, name)
+
+
+def _batch_of(name: str) -> int:
+    """The batch index of a stream's set (``lifelong-00012`` → 12)."""
+    return int(name.rsplit("-", 1)[1])
 
 
 def _baseline(path: Path | None, settings: dict[str, Any], scorer: Scorer, n: int) -> list[Any]:
