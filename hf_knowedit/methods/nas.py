@@ -34,12 +34,12 @@ Deliberate differences from the authors' code:
   ENCORE's MPES.
 * **The cache.** The authors keep ν in memory and in a JSON file per model name; here it is kept in the
   model's state (``get_state(model).history``), keyed by a fingerprint of the original weights, the layer,
-  those settings and the request-set size, for the life of the model object (not on disk: it depends on
-  the request set).
+  those settings and the request-set size, for the life of the model object (not in a file of its own: it
+  depends on the request set); a lifelong stream's checkpoints save it with the rest of the history.
 
 ``z_to_hidden_norm=True`` (:func:`rescale_to_hidden_norm`, not NAS) is the form this library shipped as
-``nas`` before: the whole ``z`` rescaled to ``‖h‖``. The measurements under ``+nas`` in
-``docs/results/lifelong_smollm2*.md`` are of that form.
+``nas`` before: the whole ``z`` rescaled to ``‖h‖``; ``docs/design.md`` says which ``+nas`` results in
+``docs/results/`` are of that form.
 """
 
 from __future__ import annotations
