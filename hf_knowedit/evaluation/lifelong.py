@@ -436,7 +436,7 @@ def run_lifelong(
         if replay:  # rows saved without the chat metrics: add them, reloading the sets up to each row
             logger.info("Adding the chat metrics to the %d saved rows of %s.", len(rows), state_path)
             for row in rows:
-                while todo and batches[_batch_of(todo[0])][-1] < row["n_edits"]:
+                while todo and _edits_with(todo[0], n, batch_size) <= row["n_edits"]:
                     reload(todo.pop(0))
                 row.update(chat_row(row["n_edits"]))
         for name in todo:
@@ -518,7 +518,7 @@ def _walk(model: nn.Module, path: Path, saved: dict[str, Any]) -> Iterator[dict[
     todo, loaded = list(saved["sets"]), []
     try:
         for row in saved["rows"]:
-            while todo and min(n, (_batch_of(todo[0]) + 1) * size) <= row["n_edits"]:
+            while todo and _edits_with(todo[0], n, size) <= row["n_edits"]:
                 name = todo.pop(0)
                 load_edits(model, path / "sets" / name, name=name, merge=merge)
                 loaded.append(name)
@@ -528,9 +528,10 @@ def _walk(model: nn.Module, path: Path, saved: dict[str, Any]) -> Iterator[dict[
             revert_edits(model, name)
 
 
-def _batch_of(name: str) -> int:
-    """The batch index of a stream's set (``lifelong-00012`` → 12)."""
-    return int(name.rsplit("-", 1)[1])
+def _edits_with(name: str, n: int, batch_size: int) -> int:
+    """How many edits of an ``n``-edit stream are done once its set ``name`` is on (``lifelong-00012``, batches
+    of 100: 1,300): the rows from that many edits on were measured with it."""
+    return min(n, (int(name.rsplit("-", 1)[1]) + 1) * batch_size)
 
 
 def _baseline(path: Path | None, settings: dict[str, Any], scorer: Scorer, n: int) -> list[Any]:
